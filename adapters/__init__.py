@@ -1,0 +1,1 @@
+"""fhirbridge: adapters package."""

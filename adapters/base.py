@@ -1,0 +1,165 @@
+"""The adapter interface (public API; documented in docs/adapters.md).
+
+An adapter turns the raw bytes of one export (an HL7 v2 file, a C-CDA document, a CSV export, ...)
+into FHIR R4 transaction bundles. It never talks to Kafka and never does I/O beyond what it is given.
+
+Contract:
+
+* ``convert(data, source, filename=...)`` yields one :class:`Outcome` per record in the input: a
+  :class:`ConvertedBundle` when the record converted, or a :class:`RejectedRecord` carrying a located
+  :class:`~adapters.errors.ParseError` and the record's raw bytes when it did not. A bad record never
+  aborts the rest of the input, and nothing is dropped silently.
+* Output is deterministic: the same bytes and ``SourceInfo`` give byte-identical bundles
+  (see :mod:`adapters.ids` and :func:`adapters.bundle.canonical_json`).
+* Each bundle holds a Provenance naming the source organisation, the adapter name and version, and
+  the SHA-256 of the raw input. Use :class:`adapters.bundle.BundleBuilder`, which does this and
+  validates once against the R4B models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from adapters.errors import Location, ParseError
+
+FHIRBRIDGE_SYSTEM_BASE = "urn:fhirbridge"
+
+
+@dataclass(frozen=True, slots=True)
+class SourceInfo:
+    """Who sent the data and how its identifiers are named.
+
+    ``org_id`` is the sending organisation's id in fhirbridge (e.g. ``"st-mary"``). ``mrn_system`` and
+    ``encounter_system`` are the identifier systems of its MRNs and visit numbers; they default to
+    ``urn:fhirbridge:<org_id>:mrn`` and ``urn:fhirbridge:<org_id>:encounter``. ``timezone`` is the IANA zone
+    used for local times that carry no offset. ``assigning_authorities`` maps an HL7 v2 assigning
+    authority (CX-4) or a CDA ``@root`` to the FHIR identifier system to use for it.
+    """
+
+    org_id: str
+    mrn_system: str | None = None
+    encounter_system: str | None = None
+    timezone: str = "UTC"
+    name: str | None = None
+    assigning_authorities: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.org_id or any(c in self.org_id for c in "|/ \t\r\n"):
+            raise ValueError(f"invalid source org id {self.org_id!r}: use letters, digits, '-', '.', '_'")
+
+    @property
+    def mrn_system_uri(self) -> str:
+        return self.mrn_system or f"{FHIRBRIDGE_SYSTEM_BASE}:{self.org_id}:mrn"
+
+    @property
+    def encounter_system_uri(self) -> str:
+        return self.encounter_system or f"{FHIRBRIDGE_SYSTEM_BASE}:{self.org_id}:encounter"
+
+    def system_for(self, authority: str | None, kind: str = "id") -> str:
+        """The identifier system for an assigning authority, else one scoped to this source."""
+        if authority:
+            for key, system in self.assigning_authorities:
+                if key == authority:
+                    return system
+            if authority[:1].isdigit() and all(p.isdigit() for p in authority.split(".")):
+                return f"urn:oid:{authority}"
+            return f"{FHIRBRIDGE_SYSTEM_BASE}:{self.org_id}:{kind}:{authority}"
+        return f"{FHIRBRIDGE_SYSTEM_BASE}:{self.org_id}:{kind}"
+
+
+@dataclass(frozen=True, slots=True)
+class ConversionWarning:
+    """Something the adapter could not map faithfully. Recorded in the bundle and in the logs."""
+
+    code: str  # short machine code, e.g. "unknown-code-system", "unmapped-segment"
+    message: str
+    location: Location = field(default_factory=Location)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "location": self.location.to_dict()}
+
+
+@dataclass(frozen=True, slots=True)
+class ConvertedBundle:
+    """One validated R4 transaction bundle and what the streaming layer needs to route it.
+
+    ``body`` is the canonical JSON (sorted keys, compact, UTF-8) of ``bundle``; ``sha256`` is its hex
+    digest. ``routing_key`` is the source patient key (used as the Kafka record key), ``message_id``
+    the record's id in the source system (MSH-10, CDA id, CSV line) when it has one.
+    """
+
+    bundle: dict[str, Any]
+    body: bytes
+    sha256: str
+    routing_key: str
+    message_id: str | None
+    input_sha256: str
+    warnings: tuple[ConversionWarning, ...] = ()
+    location: Location = field(default_factory=Location)
+
+
+@dataclass(frozen=True, slots=True)
+class RejectedRecord:
+    """A record that could not be converted: the located error and the record's original bytes."""
+
+    error: ParseError
+    raw: bytes
+    message_id: str | None = None
+
+
+Outcome = ConvertedBundle | RejectedRecord
+
+
+class Adapter(ABC):
+    """Base class of every adapter. Subclasses set ``name`` and ``version`` and implement ``convert``.
+
+    Adapters are registered through the ``fhirbridge.adapters`` entry-point group, built-in ones
+    included, and are instantiated with no arguments.
+    """
+
+    name: ClassVar[str]
+    version: ClassVar[str]
+
+    def __init__(self, **options: str) -> None:
+        """Adapters take string options (``--option key=value`` on the command line).
+
+        Subclasses that accept options override this, validate them, and raise
+        :class:`~adapters.errors.AdapterError` with a clear message for a bad or unknown one.
+        """
+        if options:
+            from adapters.errors import AdapterError
+
+            raise AdapterError(f"adapter {self.name!r} takes no options; got {', '.join(sorted(options))}")
+    #: Human description shown by ``fhirbridge adapters list``.
+    description: ClassVar[str] = ""
+    #: File suffixes this adapter usually reads (a hint for tooling, not enforced).
+    suffixes: ClassVar[tuple[str, ...]] = ()
+
+    @abstractmethod
+    def convert(self, data: bytes, source: SourceInfo, *, filename: str | None = None) -> Iterator[Outcome]:
+        """Convert ``data``; yield one outcome per record. Never raise for bad input records.
+
+        An input so broken that no record can be found (e.g. not XML at all) yields a single
+        :class:`RejectedRecord` for the whole input.
+        """
+
+    def convert_path(self, path: Path, source: SourceInfo) -> Iterator[Outcome]:
+        """Convert a file (or, for adapters that support it, a directory). Default: read the bytes."""
+        if path.is_dir():
+            yield RejectedRecord(
+                self.error("this adapter reads files, not directories", Location(file=str(path))), b""
+            )
+            return
+        yield from self.convert(path.read_bytes(), source, filename=str(path))
+
+    def error(self, message: str, location: Location | None = None) -> ParseError:
+        return ParseError(message, adapter=self.name, location=location)
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

@@ -1,0 +1,1 @@
+"""fhirbridge: bridge package."""
