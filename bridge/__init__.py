@@ -1,1 +1,3 @@
-"""fhirbridge: bridge package."""
+"""fhirbridge: bridge package (streaming, index, query service)."""
+
+__version__ = "0.1.0"

@@ -18,3 +18,7 @@ class ConfigError(FhirbridgeError):
 
 class BrokerUnavailable(FhirbridgeError):
     """No Kafka-compatible broker could be reached or started."""
+
+
+class TransientError(FhirbridgeError):
+    """A dependency (database, broker) is down for now. Consumers pause, back off and retry; nothing is skipped."""

@@ -1,0 +1,125 @@
+"""Configuration from environment variables (12-factor). Every knob is listed in the README.
+
+Defaults give a self-contained single-machine setup: SQLite files under ``FHIRBRIDGE_DATA_DIR`` and a
+local Kafka-compatible broker when ``KAFKA_BOOTSTRAP_SERVERS`` is unset.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from bridge.errors import ConfigError
+
+
+def _int(env: dict[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    bundles: str = "fhir.bundles"
+    deadletter: str = "fhir.deadletter"
+    receipts: str = "ledger.receipts"
+    partitions: int = 3
+    replication: int = 1
+    retention_ms: int = -1  # keep forever: the topic is the replay source of truth
+    max_message_bytes: int = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything a fhirbridge process needs to know. Build with :meth:`from_env`."""
+
+    data_dir: Path = Path("var")
+    bootstrap_servers: str | None = None
+    local_broker: str = "noida"  # noida | tansu: which local broker to start when there is no cluster
+    topics: Topics = field(default_factory=Topics)
+    ledger_url: str = ""
+    index_url: str = ""
+    mpi_url: str = ""
+    ledger_origin: str = "fhirbridge.example/ledger"
+    ledger_key_file: Path | None = None
+    ledger_checkpoint_every: int = 1000
+    ledger_checkpoint_interval_ms: int = 1000
+    trust_registry_file: Path | None = None
+    signing_keys_dir: Path | None = None
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    public_base_url: str | None = None
+    session_timeout_ms: int = 6000
+    heartbeat_interval_ms: int = 1500
+    consumer_batch_size: int = 500
+    max_request_size: int = 8 * 1024 * 1024
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+        env = dict(os.environ if environ is None else environ)
+        data_dir = Path(env.get("FHIRBRIDGE_DATA_DIR", "var")).resolve()
+        topics = Topics(
+            bundles=env.get("FHIRBRIDGE_TOPIC_BUNDLES", "fhir.bundles"),
+            deadletter=env.get("FHIRBRIDGE_TOPIC_DEADLETTER", "fhir.deadletter"),
+            receipts=env.get("FHIRBRIDGE_TOPIC_RECEIPTS", "ledger.receipts"),
+            partitions=_int(env, "FHIRBRIDGE_PARTITIONS", 3),
+            replication=_int(env, "FHIRBRIDGE_REPLICATION", 1),
+            retention_ms=_int(env, "FHIRBRIDGE_RETENTION_MS", -1),
+            max_message_bytes=_int(env, "FHIRBRIDGE_MAX_MESSAGE_BYTES", 8 * 1024 * 1024),
+        )
+        local = env.get("FHIRBRIDGE_LOCAL_BROKER", "noida")
+        if local not in ("noida", "tansu"):
+            raise ConfigError(f"FHIRBRIDGE_LOCAL_BROKER must be 'noida' or 'tansu', got {local!r}")
+        key_file = env.get("FHIRBRIDGE_LEDGER_KEY_FILE")
+        trust = env.get("FHIRBRIDGE_TRUST_REGISTRY")
+        signing = env.get("FHIRBRIDGE_SIGNING_KEYS_DIR")
+        return cls(
+            data_dir=data_dir,
+            bootstrap_servers=env.get("KAFKA_BOOTSTRAP_SERVERS") or None,
+            local_broker=local,
+            topics=topics,
+            ledger_url=env.get("FHIRBRIDGE_LEDGER_URL") or f"sqlite://{data_dir / 'ledger.db'}",
+            index_url=env.get("FHIRBRIDGE_INDEX_URL") or f"sqlite://{data_dir / 'index.db'}",
+            mpi_url=env.get("FHIRBRIDGE_MPI_URL") or f"sqlite://{data_dir / 'mpi.db'}",
+            ledger_origin=env.get("FHIRBRIDGE_LEDGER_ORIGIN", "fhirbridge.example/ledger"),
+            ledger_key_file=Path(key_file) if key_file else data_dir / "ledger.key",
+            ledger_checkpoint_every=_int(env, "FHIRBRIDGE_CHECKPOINT_EVERY", 1000),
+            ledger_checkpoint_interval_ms=_int(env, "FHIRBRIDGE_CHECKPOINT_INTERVAL_MS", 1000),
+            trust_registry_file=Path(trust) if trust else None,
+            signing_keys_dir=Path(signing) if signing else None,
+            http_host=env.get("FHIRBRIDGE_HTTP_HOST", "127.0.0.1"),
+            http_port=_int(env, "FHIRBRIDGE_HTTP_PORT", 8080),
+            public_base_url=env.get("FHIRBRIDGE_PUBLIC_URL") or None,
+            session_timeout_ms=_int(env, "FHIRBRIDGE_SESSION_TIMEOUT_MS", 6000),
+            heartbeat_interval_ms=_int(env, "FHIRBRIDGE_HEARTBEAT_INTERVAL_MS", 1500),
+            consumer_batch_size=_int(env, "FHIRBRIDGE_CONSUMER_BATCH", 500),
+            max_request_size=_int(env, "FHIRBRIDGE_MAX_REQUEST_SIZE", 8 * 1024 * 1024),
+        )
+
+    def with_bootstrap(self, bootstrap: str) -> Settings:
+        return replace(self, bootstrap_servers=bootstrap)
+
+    def require_bootstrap(self) -> str:
+        if not self.bootstrap_servers:
+            raise ConfigError(
+                "KAFKA_BOOTSTRAP_SERVERS is not set. Point it at a Kafka cluster, or start the embedded "
+                "broker with `fhirbridge broker start` and export the address it prints."
+            )
+        return self.bootstrap_servers
+
+    def ledger_signer_key(self) -> str | None:
+        """The ledger's signed-note private key, read from ``ledger_key_file`` when it exists."""
+        if self.ledger_key_file and self.ledger_key_file.is_file():
+            return self.ledger_key_file.read_text(encoding="utf-8").strip()
+        return None
+
+    def ledger_verifier_key(self) -> str | None:
+        pub = self.ledger_key_file.with_suffix(".pub") if self.ledger_key_file else None
+        if pub and pub.is_file():
+            return pub.read_text(encoding="utf-8").strip()
+        return None

@@ -1,0 +1,247 @@
+"""One consumer runtime shared by every sink (ledger, index, and any future one).
+
+Guarantees (docs/streams.md):
+
+* **At-least-once delivery, exactly-once effect.** Offsets are committed manually, only after the sink
+  has made the batch durable and every poison record of the batch has been acknowledged on the
+  dead-letter topic. Sinks are idempotent, so a redelivered batch changes nothing.
+* **Poison records** (the sink says *this record* cannot be processed) go to ``fhir.deadletter`` with
+  the original key, value and headers plus error class, message, consumer, topic, partition and
+  offset; the consumer moves on.
+* **Backpressure.** When the sink raises :class:`~bridge.errors.TransientError` (database down) or the
+  dead-letter produce fails (broker down), the runtime pauses its partitions, keeps polling so that it
+  stays in the group, and retries the same batch with exponential backoff. Nothing is skipped.
+* **Graceful shutdown.** ``stop`` (SIGTERM/SIGINT) lets the current batch finish, commits, and leaves
+  the group.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import structlog
+from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import CommitFailedError, KafkaError
+from kafka.structs import OffsetAndMetadata
+
+from bridge.config import Settings
+from bridge.errors import TransientError
+from bridge.logging import get_logger
+from bridge.metrics import ConsumerMetrics
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    topic: str
+    partition: int
+    offset: int
+    timestamp: int  # ms since the epoch (the producer's CreateTime on Kafka and noida)
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]] = field(default_factory=list)
+
+    @property
+    def timestamp_iso(self) -> str:
+        return datetime.fromtimestamp(self.timestamp / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+    @classmethod
+    def from_kafka(cls, m: Any) -> Record:
+        return cls(m.topic, m.partition, m.offset, m.timestamp, m.key, m.value, list(m.headers or ()))
+
+
+class Sink(Protocol):
+    """What a consumer writes into."""
+
+    name: str
+
+    def process(self, records: Sequence[Record]) -> list[tuple[Record, BaseException]]:
+        """Durably apply ``records``; return the poison ones with their error.
+
+        Must be idempotent. Raise :class:`~bridge.errors.TransientError` when a dependency is down:
+        the whole batch is retried later.
+        """
+        ...
+
+    def close(self) -> None: ...
+
+
+class DeadLetterSink(Protocol):
+    def dead_letter(
+        self,
+        value: bytes | None,
+        *,
+        key: bytes | None = ...,
+        headers: list[tuple[str, bytes]] | None = ...,
+        error: BaseException,
+        stage: str,
+        origin: tuple[str, int, int] | None = ...,
+    ) -> Any: ...
+
+    def flush(self, timeout: float | None = None) -> None: ...
+
+
+def consumer_config(settings: Settings, bootstrap: str, group_id: str | None, **overrides: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "bootstrap_servers": bootstrap,
+        "group_id": group_id,
+        "client_id": f"fhirbridge-{group_id or 'reader'}",
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        # Never the 45 s default: a group join is held about session_timeout_ms / 2.
+        "session_timeout_ms": settings.session_timeout_ms,
+        "heartbeat_interval_ms": settings.heartbeat_interval_ms,
+        "max_poll_records": settings.consumer_batch_size,
+        "max_partition_fetch_bytes": settings.topics.max_message_bytes + 64 * 1024,
+        "fetch_max_bytes": max(52428800, settings.topics.max_message_bytes * 2),
+        "max_poll_interval_ms": 300000,
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+class ConsumerRuntime:
+    """Polls ``topics`` as ``group_id`` and feeds batches to ``sink``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        bootstrap: str,
+        sink: Sink,
+        dead_letters: DeadLetterSink,
+        *,
+        group_id: str,
+        topics: Sequence[str] | None = None,
+        consumer: KafkaConsumer | None = None,
+        metrics: ConsumerMetrics | None = None,
+        max_backoff: float = 30.0,
+    ) -> None:
+        self.settings = settings
+        self.sink = sink
+        self.dead_letters = dead_letters
+        self.group_id = group_id
+        self.topics = list(topics or [settings.topics.bundles])
+        self.consumer = consumer or KafkaConsumer(*self.topics, **consumer_config(settings, bootstrap, group_id))
+        self.metrics = metrics or ConsumerMetrics(group_id)
+        self.max_backoff = max_backoff
+        self._stop = threading.Event()
+        self.processed = 0
+        self.dead_lettered = 0
+
+    # -- control --------------------------------------------------------------------------------
+    def stop(self, *_: Any) -> None:
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    # -- main loop ------------------------------------------------------------------------------
+    def run(self, *, until: Callable[[], bool] | None = None, poll_timeout_ms: int = 500) -> None:
+        """Consume until :meth:`stop` (or ``until()`` returns True after a batch or an idle poll)."""
+        log.info("consumer.start", group=self.group_id, topics=self.topics, sink=self.sink.name)
+        try:
+            while not self._stop.is_set():
+                polled = self.consumer.poll(timeout_ms=poll_timeout_ms, max_records=self.settings.consumer_batch_size)
+                records = [Record.from_kafka(m) for msgs in polled.values() for m in msgs]
+                if records:
+                    self.handle_batch(records)
+                self._update_lag()
+                if until is not None and until():
+                    break
+        finally:
+            self.close()
+
+    def handle_batch(self, records: list[Record]) -> None:
+        """Process one batch with retry, dead-letter its poison records, then commit."""
+        self.metrics.consumed(records)
+        delay = 0.2
+        paused = False
+        while True:
+            try:
+                poison = self.sink.process(records)
+                self._dead_letter(poison)
+                break
+            except (TransientError, KafkaError) as exc:
+                if not paused:
+                    self.consumer.pause(*self.consumer.assignment())
+                    paused = True
+                log.warning("consumer.backoff", sink=self.sink.name, error=str(exc), retry_in=round(delay, 2))
+                self.metrics.backoff()
+                # keep polling (partitions paused: returns nothing) so heartbeats continue and we stay in the group
+                end = time.monotonic() + delay
+                while time.monotonic() < end:
+                    self.consumer.poll(timeout_ms=min(200, int(delay * 1000)))
+                delay = min(delay * 2, self.max_backoff)
+        if paused:
+            self.consumer.resume(*self.consumer.paused())
+            log.info("consumer.resumed", sink=self.sink.name)
+        self.processed += len(records) - len(poison)
+        self.dead_lettered += len(poison)
+        self._commit(records)
+
+    def _dead_letter(self, poison: list[tuple[Record, BaseException]]) -> None:
+        if not poison:
+            return
+        futures = []
+        for rec, err in poison:
+            with structlog.contextvars.bound_contextvars(topic=rec.topic, partition=rec.partition, offset=rec.offset):
+                log.warning("record.dead_lettered", sink=self.sink.name, error_class=type(err).__name__, error=str(err))
+            futures.append(
+                self.dead_letters.dead_letter(
+                    rec.value,
+                    key=rec.key,
+                    headers=rec.headers,
+                    error=err,
+                    stage=f"{self.sink.name}:{self.group_id}",
+                    origin=(rec.topic, rec.partition, rec.offset),
+                )
+            )
+        self.dead_letters.flush(30)
+        for fut in futures:
+            fut.get(timeout=30)  # raises KafkaError when the broker did not take it: retried by the caller
+        self.metrics.dead_lettered(rec for rec, _ in poison)
+
+    def _commit(self, records: list[Record]) -> None:
+        last: dict[TopicPartition, int] = {}
+        for r in records:
+            tp = TopicPartition(r.topic, r.partition)
+            last[tp] = max(last.get(tp, -1), r.offset)
+        offsets = {tp: OffsetAndMetadata(off + 1, "", -1) for tp, off in last.items()}
+        try:
+            self.consumer.commit(offsets)
+        except CommitFailedError as exc:
+            # The group rebalanced while we worked: the new owner will redeliver; the sink is idempotent.
+            log.warning("consumer.commit_failed", error=str(exc))
+            return
+        self.metrics.committed(offsets)
+
+    def _update_lag(self) -> None:
+        for tp in self.consumer.assignment():
+            high = self.consumer.highwater(tp)
+            if high is None:
+                continue
+            try:
+                pos = self.consumer.position(tp)
+            except KafkaError:
+                continue
+            self.metrics.lag(tp.topic, tp.partition, max(0, high - pos))
+
+    def close(self) -> None:
+        try:
+            self.consumer.close(autocommit=False)
+        except Exception as exc:  # closing must not mask the reason we stopped
+            log.warning("consumer.close_failed", error=str(exc))
+        self.sink.close()
+        log.info("consumer.stopped", group=self.group_id, processed=self.processed, dead_lettered=self.dead_lettered)

@@ -1,0 +1,131 @@
+"""A very small database layer so that one SQL text serves SQLite and PostgreSQL.
+
+SQL is written with ``?`` placeholders and the ``ON CONFLICT`` upsert syntax both engines share. Lost
+or refused connections surface as :class:`bridge.errors.TransientError`, and the next call reconnects,
+so consumers can pause and retry while PostgreSQL restarts.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from bridge.errors import ConfigError, TransientError
+
+_PLACEHOLDER = re.compile(r"\?")
+
+
+class Database:
+    """One connection (per process or thread) to ``sqlite:///path`` or ``postgresql://...``."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        if url.startswith("sqlite:///"):
+            self.kind = "sqlite"
+            # sqlite:///abs/path.db -> /abs/path.db (the part after "sqlite://" is the path)
+            self.path = Path(url[len("sqlite://") :])
+        elif url.startswith(("postgresql://", "postgres://")):
+            self.kind = "postgres"
+        else:
+            raise ConfigError(f"unsupported database URL {url!r}: use sqlite:///PATH or postgresql://...")
+        self._conn: Any = None
+
+    # -- connection -----------------------------------------------------------------------------
+    def connect(self) -> Any:
+        if self._conn is not None:
+            return self._conn
+        if self.kind == "sqlite":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=30000")
+            conn.execute("PRAGMA foreign_keys=ON")
+        else:
+            import psycopg
+
+            try:
+                conn = psycopg.connect(self.url, autocommit=True, connect_timeout=5)
+            except psycopg.OperationalError as exc:
+                raise TransientError(f"PostgreSQL unavailable: {exc}") from exc
+        self._conn = conn
+        return conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            finally:
+                self._conn = None
+
+    def _sql(self, sql: str) -> str:
+        return _PLACEHOLDER.sub("%s", sql) if self.kind == "postgres" else sql
+
+    def _translate(self, exc: BaseException) -> BaseException:
+        if self.kind == "postgres":
+            import psycopg
+
+            if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+                self._conn = None
+                return TransientError(f"PostgreSQL unavailable: {exc}")
+        elif isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+            return TransientError(f"SQLite busy: {exc}")
+        return exc
+
+    # -- statements -----------------------------------------------------------------------------
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        try:
+            return self.connect().execute(self._sql(sql), params)
+        except Exception as exc:
+            err = self._translate(exc)
+            if err is exc:
+                raise
+            raise err from exc
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        try:
+            conn = self.connect()
+            if self.kind == "postgres":
+                with conn.cursor() as cur:
+                    cur.executemany(self._sql(sql), list(rows))
+            else:
+                conn.executemany(sql, rows)
+        except Exception as exc:
+            err = self._translate(exc)
+            if err is exc:
+                raise
+            raise err from exc
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return list(self.execute(sql, params).fetchall())
+
+    def script(self, statements: str) -> None:
+        for stmt in (s.strip() for s in statements.split(";")):
+            if stmt:
+                self.execute(stmt)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Database]:
+        """One atomic, durable write (BEGIN IMMEDIATE on SQLite)."""
+        conn = self.connect()
+        try:
+            if self.kind == "sqlite":
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+            else:
+                with conn.transaction():
+                    yield self
+        except Exception as exc:
+            err = self._translate(exc)
+            if err is exc:
+                raise
+            raise err from exc

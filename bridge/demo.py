@@ -1,0 +1,185 @@
+"""``fhirbridge demo``: the whole stack on one machine, with our own demo data.
+
+Starts the embedded broker (noida-db), creates signing keys for the demo hospitals and the ledger,
+runs the ledger consumer, the index consumer and the HTTP service as separate processes, ingests the
+shipped HL7 v2 feeds (``deploy/demo/data``), waits until everything is logged and queryable, and
+prints the URLs to open. Ctrl-C stops every process it started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+DEMO_DATA = Path(__file__).resolve().parents[1] / "deploy" / "demo" / "data"
+
+
+def _env(data_dir: Path, bootstrap: str, port: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "FHIRBRIDGE_DATA_DIR": str(data_dir),
+            "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+            "FHIRBRIDGE_HTTP_PORT": str(port),
+            "FHIRBRIDGE_LOG_FORMAT": "json",
+            "FHIRBRIDGE_CHECKPOINT_INTERVAL_MS": "500",
+        }
+    )
+    return env
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "bridge.cli", *args]
+
+
+def _get_json(url: str, timeout: float = 5) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback URL we built
+        return json.loads(resp.read())
+
+
+class DemoFailed(Exception):
+    pass
+
+
+def _wait(predicate: Any, timeout: float, what: str, children: list[Any] = ()) -> None:  # type: ignore[assignment]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for child in children:
+            if child.poll() is not None:
+                raise DemoFailed(f"{child.args[3]} exited with code {child.returncode} while waiting for {what}")
+        try:
+            if predicate():
+                return
+        except Exception:  # not ready yet
+            pass
+        time.sleep(0.3)
+    raise DemoFailed(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def run_demo(data_dir: Path, port: int, *, data: Path = DEMO_DATA, exit_when_ready: bool = False) -> int:
+    from bridge.broker import free_port, start_local
+    from bridge.config import Settings
+    from bridge.index.store import IndexStore
+    from ledger.log import Ledger
+    from ledger.note import generate_key
+
+    if data_dir.exists():
+        shutil.rmtree(data_dir)
+    data_dir.mkdir(parents=True)
+    logs = data_dir / "logs"
+    logs.mkdir()
+    port = port or free_port()
+    print(f"fhirbridge demo: data in {data_dir}")
+    broker = start_local("noida", data_dir)
+    print(f"  broker      noida-db at {broker.bootstrap} (pid {broker.pid})")
+    env = _env(data_dir, broker.bootstrap, port)
+    settings = Settings.from_env(env)
+    children: list[subprocess.Popen[bytes]] = []
+
+    def spawn(name: str, *args: str) -> None:
+        out = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+        children.append(subprocess.Popen(_cli(*args), env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+        out.close()
+        print(f"  {name:<11} pid {children[-1].pid}, log {logs / (name + '.log')}")
+
+    def stop_all(*_: Any) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in children:
+            try:
+                child.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        broker.stop()
+
+    try:
+        orgs = sorted(p.name for p in data.iterdir() if p.is_dir())
+        for org in orgs:
+            subprocess.run(_cli("keys", "create", "--org", org), env=env, check=True, stdout=subprocess.DEVNULL)
+        skey, vkey = generate_key(settings.ledger_origin)
+        assert settings.ledger_key_file is not None
+        settings.ledger_key_file.write_text(skey + "\n")
+        settings.ledger_key_file.chmod(0o600)
+        settings.ledger_key_file.with_suffix(".pub").write_text(vkey + "\n")
+        subprocess.run(_cli("topics", "create"), env=env, check=True, stdout=subprocess.DEVNULL)
+        spawn("ledger", "ledger", "run")
+        spawn("index", "index", "run")
+        spawn("serve", "serve")
+        base = f"http://127.0.0.1:{port}"
+        _wait(lambda: _get_json(f"{base}/metadata")["resourceType"] == "CapabilityStatement", 30, "the HTTP service", children)
+        files_total = 0
+        for org in orgs:
+            files = sorted((data / org).glob("*.hl7"))
+            files_total += len(files)
+            print(f"  ingest      {org}: {len(files)} files")
+            subprocess.run(_cli("ingest", "--adapter", "hl7v2", "--source", org, "--timezone", "America/Chicago",
+                                *map(str, files)), env=env, check=True)
+        expected = _count_messages(data)
+        index = IndexStore.open(settings.index_url)
+        ledger = Ledger.open(settings.ledger_url, origin=settings.ledger_origin)
+        _wait(lambda: index.counts()["bundles"] >= expected and ledger.size() >= expected, 120,
+              f"{expected} bundles in the index and the ledger", children)
+        shared = _shared_patient(index)
+        index.close()
+        ledger.close()
+        print(f"\nReady: {expected} ADT messages from {len(orgs)} hospitals are logged and queryable.\n")
+        print(f"  Home                 {base}/")
+        print(f"  Capability statement {base}/metadata")
+        print(f"  Signed checkpoint    {base}/ledger/checkpoint")
+        print(f"  OpenAPI              {base}/openapi.json")
+        if shared:
+            pid, system, value = shared
+            print(f"  Merged history       {base}/Patient/{pid}/$everything")
+            print(f"  With ledger proofs   {base}/Patient/{pid}/$everything?_proof=true")
+            print(f"  Same SSN, all sites  {base}/Patient?identifier={system}|{value}")
+            print(f"  Person (MPI)         {base}/Person/{pid}")
+        if exit_when_ready:
+            return 0
+        print("\nPress Ctrl-C to stop.")
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        while all(c.poll() is None for c in children):
+            time.sleep(1)
+        print("a demo process exited; see the logs above", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    except (DemoFailed, subprocess.CalledProcessError) as exc:
+        print(f"fhirbridge demo: failed: {exc}", file=sys.stderr)
+        for log_file in sorted(logs.glob("*.log")):
+            tail = log_file.read_text(errors="replace").strip().splitlines()[-5:]
+            if tail:
+                print(f"--- last lines of {log_file}", *tail, sep="\n", file=sys.stderr)
+        return 1
+    finally:
+        stop_all()
+
+
+def _count_messages(data: Path) -> int:
+    return sum(p.read_bytes().count(b"MSH|") for p in data.rglob("*.hl7"))
+
+
+def _shared_patient(index: Any) -> tuple[str, str, str] | None:
+    """A patient whose SSN appears at more than one hospital."""
+    rows = index.db.query(
+        """SELECT a.patient_id, a.system, a.value FROM patient_identifiers a
+           JOIN patient_identifiers b ON a.system = b.system AND a.value = b.value AND a.patient_id < b.patient_id
+           WHERE a.system LIKE '%ssn%' ORDER BY a.value LIMIT 1"""
+    )
+    return (rows[0][0], rows[0][1], rows[0][2]) if rows else None
+
+
+def register_demo(sub: Any) -> None:
+    p = sub.add_parser("demo", help="run the whole stack locally with the shipped demo data")
+    p.add_argument("--data-dir", type=Path, default=Path(".demo"))
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--exit-when-ready", action="store_true", help="stop everything once the data is queryable")
+    p.set_defaults(func=lambda a: run_demo(a.data_dir.resolve(), a.port, exit_when_ready=a.exit_when_ready))

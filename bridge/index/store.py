@@ -1,0 +1,296 @@
+"""The index store: resources by deterministic id, with the provenance of every bundle that carried them.
+
+Writes come from the index consumer, in batches, one transaction each. A resource is replaced only by
+a version from a record at least as recent (Kafka record timestamp), so replaying old records over a
+full store changes nothing. ``meta.lastUpdated`` is that timestamp, which also makes a rebuilt index
+identical to the original.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from bridge.db import Database
+from bridge.index.rules import clinical_date, dedupe_key, patient_of
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS resources (
+    resource_type TEXT NOT NULL,
+    id TEXT NOT NULL,
+    source_org TEXT NOT NULL,
+    patient_id TEXT,
+    clinical_date TEXT,
+    last_updated TEXT NOT NULL,
+    dedupe_key TEXT,
+    bundle_sha256 TEXT NOT NULL,
+    body TEXT NOT NULL,
+    PRIMARY KEY (resource_type, id)
+);
+CREATE INDEX IF NOT EXISTS resources_patient ON resources (patient_id, resource_type);
+CREATE INDEX IF NOT EXISTS resources_updated ON resources (last_updated);
+CREATE TABLE IF NOT EXISTS patient_identifiers (
+    system TEXT NOT NULL,
+    value TEXT NOT NULL,
+    patient_id TEXT NOT NULL,
+    PRIMARY KEY (system, value, patient_id)
+);
+CREATE INDEX IF NOT EXISTS patient_identifiers_patient ON patient_identifiers (patient_id);
+CREATE TABLE IF NOT EXISTS resource_sources (
+    resource_type TEXT NOT NULL,
+    id TEXT NOT NULL,
+    bundle_sha256 TEXT NOT NULL,
+    source_org TEXT NOT NULL,
+    source_patient TEXT,
+    topic TEXT NOT NULL,
+    kafka_partition INTEGER NOT NULL,
+    kafka_offset BIGINT NOT NULL,
+    received_at TEXT NOT NULL,
+    PRIMARY KEY (resource_type, id, bundle_sha256)
+);
+CREATE TABLE IF NOT EXISTS bundles (
+    bundle_sha256 TEXT NOT NULL,
+    source_org TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    kafka_partition INTEGER NOT NULL,
+    kafka_offset BIGINT NOT NULL,
+    received_at TEXT NOT NULL,
+    PRIMARY KEY (bundle_sha256, source_org)
+)
+"""
+
+TABLES = ("resources", "patient_identifiers", "resource_sources", "bundles")
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingBundle:
+    """A bundle as the index consumer hands it over."""
+
+    bundle: dict[str, Any]
+    bundle_sha256: str
+    source_org: str
+    source_patient: str | None
+    topic: str
+    partition: int
+    offset: int
+    received_at: str  # RFC 3339 UTC, from the Kafka record timestamp
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResource:
+    resource_type: str
+    id: str
+    source_org: str
+    patient_id: str | None
+    clinical_date: str | None
+    last_updated: str
+    dedupe_key: str | None
+    bundle_sha256: str
+    body: bytes
+
+
+class IndexStore:
+    def __init__(self, url: str) -> None:
+        self.db = Database(url)
+        self.db.script(SCHEMA)
+
+    @classmethod
+    def open(cls, url: str) -> IndexStore:
+        return cls(url)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- writes ---------------------------------------------------------------------------------
+    def apply(self, bundles: Sequence[IncomingBundle]) -> int:
+        """Upsert every resource of every bundle, atomically. Returns the number of resources written."""
+        res_rows: list[tuple[Any, ...]] = []
+        src_rows: list[tuple[Any, ...]] = []
+        ident_rows: list[tuple[Any, ...]] = []
+        bundle_rows: list[tuple[Any, ...]] = []
+        for b in bundles:
+            bundle_rows.append((b.bundle_sha256, b.source_org, b.topic, b.partition, b.offset, b.received_at))
+            for entry in b.bundle.get("entry") or ():
+                resource = entry.get("resource") if isinstance(entry, dict) else None
+                if not isinstance(resource, dict) or "id" not in resource:
+                    continue
+                rtype = resource["resourceType"]
+                meta = dict(resource.get("meta") or {})
+                meta["lastUpdated"] = b.received_at
+                resource = {**resource, "meta": meta}
+                res_rows.append(
+                    (
+                        rtype,
+                        resource["id"],
+                        b.source_org,
+                        patient_of(resource),
+                        clinical_date(resource),
+                        b.received_at,
+                        dedupe_key(resource),
+                        b.bundle_sha256,
+                        orjson.dumps(resource).decode(),
+                    )
+                )
+                src_rows.append(
+                    (rtype, resource["id"], b.bundle_sha256, b.source_org, b.source_patient, b.topic, b.partition, b.offset, b.received_at)
+                )
+                if rtype == "Patient":
+                    for ident in resource.get("identifier") or ():
+                        if isinstance(ident, dict) and ident.get("system") and ident.get("value"):
+                            ident_rows.append((ident["system"], ident["value"], resource["id"]))
+        with self.db.transaction() as db:
+            db.executemany(
+                """INSERT INTO resources (resource_type, id, source_org, patient_id, clinical_date, last_updated,
+                       dedupe_key, bundle_sha256, body)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                   ON CONFLICT (resource_type, id) DO UPDATE SET
+                       source_org = excluded.source_org, patient_id = excluded.patient_id,
+                       clinical_date = excluded.clinical_date, last_updated = excluded.last_updated,
+                       dedupe_key = excluded.dedupe_key, bundle_sha256 = excluded.bundle_sha256, body = excluded.body
+                   WHERE excluded.last_updated >= resources.last_updated""",
+                res_rows,
+            )
+            db.executemany(
+                """INSERT INTO resource_sources (resource_type, id, bundle_sha256, source_org, source_patient, topic,
+                       kafka_partition, kafka_offset, received_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING""",
+                src_rows,
+            )
+            db.executemany(
+                "INSERT INTO patient_identifiers (system, value, patient_id) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                ident_rows,
+            )
+            db.executemany(
+                """INSERT INTO bundles (bundle_sha256, source_org, topic, kafka_partition, kafka_offset, received_at)
+                   VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING""",
+                bundle_rows,
+            )
+        return len(res_rows)
+
+    def reset(self) -> None:
+        """Empty the index (``fhirbridge replay --rebuild``)."""
+        with self.db.transaction() as db:
+            for table in TABLES:
+                db.execute(f"DELETE FROM {table}")
+
+    # -- reads ----------------------------------------------------------------------------------
+    def get(self, resource_type: str, rid: str) -> dict[str, Any] | None:
+        rows = self.db.query("SELECT body FROM resources WHERE resource_type = ? AND id = ?", (resource_type, rid))
+        return orjson.loads(rows[0][0]) if rows else None
+
+    def patients_by_identifier(self, system: str | None, value: str) -> list[str]:
+        if system:
+            rows = self.db.query(
+                "SELECT DISTINCT patient_id FROM patient_identifiers WHERE system = ? AND value = ? ORDER BY patient_id",
+                (system, value),
+            )
+        else:
+            rows = self.db.query(
+                "SELECT DISTINCT patient_id FROM patient_identifiers WHERE value = ? ORDER BY patient_id", (value,)
+            )
+        return [r[0] for r in rows]
+
+    def identifier_linked(self, patient_id: str) -> list[str]:
+        """Patients sharing any identifier (system and value) with ``patient_id``, transitively, itself included."""
+        seen = {patient_id}
+        frontier = [patient_id]
+        while frontier:
+            marks = ",".join("?" * len(frontier))
+            rows = self.db.query(
+                f"""SELECT DISTINCT b.patient_id FROM patient_identifiers a
+                    JOIN patient_identifiers b ON a.system = b.system AND a.value = b.value
+                    WHERE a.patient_id IN ({marks})""",
+                frontier,
+            )
+            frontier = [r[0] for r in rows if r[0] not in seen]
+            seen.update(frontier)
+        return sorted(seen)
+
+    def resources_for_patients(
+        self,
+        patient_ids: Iterable[str],
+        *,
+        types: Sequence[str] | None = None,
+        since: str | None = None,
+    ) -> list[StoredResource]:
+        ids = list(patient_ids)
+        if not ids:
+            return []
+        sql = (
+            "SELECT resource_type, id, source_org, patient_id, clinical_date, last_updated, dedupe_key, bundle_sha256, body "
+            f"FROM resources WHERE patient_id IN ({','.join('?' * len(ids))})"
+        )
+        params: list[Any] = list(ids)
+        if types:
+            sql += f" AND resource_type IN ({','.join('?' * len(types))})"
+            params += list(types)
+        if since:
+            sql += " AND last_updated >= ?"
+            params.append(since)
+        sql += " ORDER BY resource_type, clinical_date, id"
+        return [
+            StoredResource(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8].encode() if isinstance(r[8], str) else r[8])
+            for r in self.db.query(sql, params)
+        ]
+
+    def sources_of(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+        """Every bundle that delivered each (type, id), oldest first."""
+        out: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        if not keys:
+            return out
+        chunk = 400
+        for i in range(0, len(keys), chunk):
+            part = keys[i : i + chunk]
+            cond = " OR ".join("(resource_type = ? AND id = ?)" for _ in part)
+            params = [x for k in part for x in k]
+            rows = self.db.query(
+                f"""SELECT resource_type, id, bundle_sha256, source_org, source_patient, topic, kafka_partition,
+                           kafka_offset, received_at FROM resource_sources WHERE {cond}
+                    ORDER BY received_at, kafka_offset""",
+                params,
+            )
+            for r in rows:
+                out.setdefault((r[0], r[1]), []).append(
+                    {
+                        "bundle_sha256": r[2],
+                        "source_org": r[3],
+                        "source_patient": r[4],
+                        "topic": r[5],
+                        "partition": r[6],
+                        "offset": r[7],
+                        "received_at": r[8],
+                    }
+                )
+        return out
+
+    def counts(self) -> dict[str, int]:
+        return {t: int(self.db.query(f"SELECT COUNT(*) FROM {t}")[0][0]) for t in TABLES}
+
+    def fingerprint(self) -> str:
+        """A digest of the whole index content, to compare a rebuilt index with the original."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for r in self.db.query("SELECT resource_type, id, last_updated, body FROM resources ORDER BY resource_type, id"):
+            h.update("\x1f".join(str(x) for x in r).encode())
+        for r in self.db.query(
+            "SELECT resource_type, id, bundle_sha256, source_org FROM resource_sources ORDER BY resource_type, id, bundle_sha256"
+        ):
+            h.update("\x1e".join(str(x) for x in r).encode())
+        return h.hexdigest()
+
+    def search_patients(self, *, name: str | None = None, birthdate: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+        """Patients whose JSON mentions ``name`` / ``birthdate``; callers refine the match."""
+        sql = "SELECT body FROM resources WHERE resource_type = 'Patient'"
+        params: list[Any] = []
+        if name:
+            sql += " AND lower(body) LIKE ?"
+            params.append(f"%{name.lower()}%")
+        if birthdate:
+            sql += " AND body LIKE ?"
+            params.append(f'%"birthDate":"{birthdate}%')
+        sql += f" ORDER BY id LIMIT {int(limit)}"
+        return [orjson.loads(r[0]) for r in self.db.query(sql, params)]

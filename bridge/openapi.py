@@ -1,0 +1,60 @@
+"""An OpenAPI 3.1 document for every HTTP endpoint, built from the app's routes (``GET /openapi.json``)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from aiohttp import web
+
+from bridge import __version__
+from bridge.httputil import json_response
+
+DESCRIPTIONS: dict[tuple[str, str], str] = {
+    ("GET", "/metadata"): "FHIR R4 CapabilityStatement.",
+    ("GET", "/metrics"): "Prometheus metrics.",
+    ("GET", "/Patient"): "Search patients by identifier (system|value), name, birthdate.",
+    ("GET", "/Patient/{id}/$everything"): "Merged cross-provider history: start, end, _since, _type, _count, _offset, _proof.",
+    ("GET", "/{type}/{id}"): "Read one indexed resource.",
+    ("GET", "/ledger/checkpoint"): "Latest signed checkpoint (C2SP signed note, text/plain).",
+    ("GET", "/ledger/entries/{index}"): "One ledger entry.",
+    ("GET", "/ledger/proof/inclusion"): "RFC 9162 inclusion proof (leaf_hash or index, size).",
+    ("GET", "/ledger/proof/consistency"): "RFC 9162 consistency proof (from, to).",
+    ("GET", "/Person/{id}"): "A linked person: member patients with link states and scores.",
+}
+
+
+def build_openapi(app: web.Application) -> dict[str, Any]:
+    paths: dict[str, Any] = {}
+    for route in app.router.routes():
+        info = route.resource.get_info() if route.resource is not None else {}
+        path = info.get("path") or info.get("formatter")
+        if not path or route.method == "HEAD":
+            continue
+        path = re.sub(r"\{(\w+):[^}]+\}", r"{\1}", path)
+        params = [
+            {"name": p, "in": "path", "required": True, "schema": {"type": "string"}} for p in re.findall(r"\{(\w+)\}", path)
+        ]
+        op: dict[str, Any] = {
+            "summary": DESCRIPTIONS.get((route.method, path), (route.handler.__doc__ or "").strip().split("\n")[0]),
+            "responses": {
+                "200": {"description": "OK"},
+                "4XX": {"description": "OperationOutcome", "content": {"application/fhir+json": {}}},
+            },
+        }
+        if params:
+            op["parameters"] = params
+        paths.setdefault(path, {})[route.method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "fhirbridge query service", "version": __version__},
+        "paths": dict(sorted(paths.items())),
+    }
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    return json_response(build_openapi(request.app))
+
+
+def setup_openapi_routes(app: web.Application) -> None:
+    app.router.add_get("/openapi.json", openapi_json)

@@ -1,0 +1,300 @@
+"""FHIR read/search routes and the merged ``Patient/$everything``.
+
+``$everything`` (docs/query.md):
+
+* gathers every Patient linked to ``{id}`` (MPI MATCH links; possible matches are never merged into
+  the view), then every resource in their compartments;
+* honours ``start``/``end`` (the clinical date, per type in :mod:`bridge.index.rules`), ``_since``
+  (``meta.lastUpdated``), ``_type``, ``_count`` with searchset paging; any other parameter yields an
+  OperationOutcome warning entry: never silently ignored;
+* merges resources stating the same clinical fact (:func:`bridge.index.rules.dedupe_key`) into one
+  entry that lists every source;
+* gives each entry its provenance (source org, source patient, bundle SHA-256, ledger leaf index);
+  ``_proof=true`` adds an RFC 9162 inclusion proof per source against the latest signed checkpoint,
+  which travels in ``Bundle.meta``.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlencode
+
+import orjson
+from aiohttp import web
+
+from bridge.httputil import FhirHTTPError, fhir_response, operation_outcome
+from bridge.index.store import StoredResource
+
+PROVENANCE_EXT = "https://fhirbridge.dev/fhir/StructureDefinition/entry-provenance"
+CHECKPOINT_EXT = "https://fhirbridge.dev/fhir/StructureDefinition/ledger-checkpoint"
+EVERYTHING_PARAMS = {"start", "end", "_since", "_type", "_count", "_offset", "_proof", "_format"}
+DEFAULT_COUNT = 100
+MAX_COUNT = 1000
+_DATE = re.compile(r"^\d{4}(-\d{2}(-\d{2}(T\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:\d{2})?)?)?)?$")
+
+
+@dataclass
+class MergedEntry:
+    resource: StoredResource
+    duplicates: list[StoredResource] = field(default_factory=list)
+
+    @property
+    def keys(self) -> list[tuple[str, str]]:
+        return [(r.resource_type, r.id) for r in (self.resource, *self.duplicates)]
+
+
+def _date_param(request: web.Request, name: str) -> str | None:
+    value = request.query.get(name)
+    if value is None:
+        return None
+    if not _DATE.match(value):
+        raise FhirHTTPError(400, "invalid", f"parameter {name}: {value!r} is not a FHIR date or dateTime")
+    return value
+
+
+def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise FhirHTTPError(400, "invalid", f"parameter {name}: {raw!r} is not an integer") from None
+    if not lo <= value <= hi:
+        raise FhirHTTPError(400, "invalid", f"parameter {name} must be between {lo} and {hi}")
+    return value
+
+
+def in_range(clinical: str | None, start: str | None, end: str | None) -> bool:
+    """Whether a clinical date falls in [start, end]; both bounds inclusive at their own precision."""
+    if start is None and end is None:
+        return True
+    if not clinical:
+        return False
+    if start is not None and clinical[: len(start)] < start and clinical < start:
+        return False
+    return not (end is not None and clinical[: len(end)] > end)
+
+
+def merge_duplicates(resources: list[StoredResource]) -> list[MergedEntry]:
+    """One entry per clinical fact; the earliest-received copy leads (stable for a given index)."""
+    merged: list[MergedEntry] = []
+    by_key: dict[str, MergedEntry] = {}
+    for r in sorted(resources, key=lambda r: (r.last_updated, r.resource_type, r.id)):
+        if r.dedupe_key is not None:
+            existing = by_key.get(r.dedupe_key)
+            if existing is not None:
+                existing.duplicates.append(r)
+                continue
+        entry = MergedEntry(r)
+        merged.append(entry)
+        if r.dedupe_key is not None:
+            by_key[r.dedupe_key] = entry
+    merged.sort(key=lambda m: (m.resource.resource_type != "Patient", m.resource.clinical_date or "", m.resource.resource_type, m.resource.id))
+    return merged
+
+
+def everything(backend: Any, patient_id: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Compute a page of ``$everything`` (runs in the DB thread pool)."""
+    index = backend.index()
+    if index.get("Patient", patient_id) is None:
+        raise FhirHTTPError(404, "not-found", f"Patient/{patient_id} is not known")
+    mpi = backend.mpi()
+    linked = mpi.linked_patient_ids(patient_id) if mpi is not None else index.identifier_linked(patient_id)
+    if patient_id not in linked:
+        linked = [patient_id, *linked]
+    resources = index.resources_for_patients(linked, types=params["types"], since=params["since"])
+    start, end = params["start"], params["end"]
+    if start or end:
+        resources = [r for r in resources if r.resource_type == "Patient" or in_range(r.clinical_date, start, end)]
+    resources = [r for r in resources if r.resource_type != "Provenance"]
+    merged = merge_duplicates(resources)
+    total = len(merged)
+    page = merged[params["offset"] : params["offset"] + params["count"]]
+    sources = index.sources_of([k for m in page for k in m.keys])
+    ledger = backend.ledger()
+    checkpoint = _checkpoint(ledger) if (ledger is not None and params["proof"]) else None
+    leaf_cache: dict[tuple[str, str], int | None] = {}
+    entries = []
+    for m in page:
+        body = orjson.loads(m.resource.body)
+        exts = []
+        seen: set[tuple[str, str]] = set()
+        for key in m.keys:
+            for src in sources.get(key, []):
+                ident = (src["bundle_sha256"], src["source_org"])
+                if ident in seen:
+                    continue
+                seen.add(ident)
+                exts.append(_provenance_ext(src, ledger, leaf_cache, checkpoint))
+        entry: dict[str, Any] = {
+            "fullUrl": f"{params['base']}/{m.resource.resource_type}/{m.resource.id}",
+            "resource": body,
+            "search": {"mode": "match"},
+        }
+        if exts:
+            entry["extension"] = exts
+        entries.append(entry)
+    return {"entries": entries, "total": total, "linked": linked, "checkpoint": checkpoint}
+
+
+def _checkpoint(ledger: Any) -> dict[str, Any] | None:
+    note = ledger.latest_checkpoint()
+    if not note:
+        return None
+    lines = note.split("\n")
+    return {"note": note, "size": int(lines[1])}
+
+
+def _provenance_ext(
+    src: dict[str, Any], ledger: Any, cache: dict[tuple[str, str], int | None], checkpoint: dict[str, Any] | None
+) -> dict[str, Any]:
+    sub: list[dict[str, Any]] = [
+        {"url": "sourceOrg", "valueString": src["source_org"]},
+        {"url": "bundleSha256", "valueString": src["bundle_sha256"]},
+        {"url": "receivedAt", "valueInstant": src["received_at"]},
+    ]
+    if src.get("source_patient"):
+        sub.insert(1, {"url": "sourcePatient", "valueString": src["source_patient"]})
+    if ledger is not None:
+        key = (src["bundle_sha256"], src["source_org"])
+        if key not in cache:
+            cache[key] = ledger.find(*key)
+        index = cache[key]
+        if index is not None:
+            sub.append({"url": "ledgerIndex", "valueInteger": index})
+            if checkpoint is not None and index < checkpoint["size"]:
+                from ledger.merkle import leaf_hash
+
+                leaf = ledger.entry(index).canonical()
+                proof = ledger.inclusion_proof(index, checkpoint["size"])
+                sub += [
+                    {"url": "ledgerEntry", "valueBase64Binary": base64.b64encode(leaf).decode()},
+                    {"url": "leafHash", "valueBase64Binary": base64.b64encode(leaf_hash(leaf)).decode()},
+                    {"url": "treeSize", "valueInteger": checkpoint["size"]},
+                    *({"url": "proofHash", "valueBase64Binary": base64.b64encode(h).decode()} for h in proof),
+                ]
+    return {"url": PROVENANCE_EXT, "extension": sub}
+
+
+async def patient_everything(request: web.Request) -> web.Response:
+    from bridge.service import backend_of, base_url
+
+    pid = request.match_info["id"]
+    warnings = [
+        operation_outcome("warning", "not-supported", f"parameter {name!r} is not supported by $everything and was ignored")
+        for name in request.query
+        if name not in EVERYTHING_PARAMS
+    ]
+    types_raw = request.query.get("_type")
+    params = {
+        "start": _date_param(request, "start"),
+        "end": _date_param(request, "end"),
+        "since": _date_param(request, "_since"),
+        "types": [t.strip() for t in types_raw.split(",") if t.strip()] if types_raw else None,
+        "count": _int_param(request, "_count", DEFAULT_COUNT, 1, MAX_COUNT),
+        "offset": _int_param(request, "_offset", 0, 0, 10**9),
+        "proof": request.query.get("_proof", "false").lower() == "true",
+        "base": base_url(request),
+    }
+    backend = backend_of(request)
+    result = await backend.run(everything, backend, pid, params)
+    self_url = f"{params['base']}/Patient/{pid}/$everything"
+    query = {k: v for k, v in request.query.items() if k != "_offset"}
+    links = [{"relation": "self", "url": f"{self_url}?{urlencode({**query, '_offset': params['offset']})}"}]
+    if params["offset"] + params["count"] < result["total"]:
+        links.append({"relation": "next", "url": f"{self_url}?{urlencode({**query, '_offset': params['offset'] + params['count']})}"})
+    if params["offset"] > 0:
+        prev = max(0, params["offset"] - params["count"])
+        links.append({"relation": "previous", "url": f"{self_url}?{urlencode({**query, '_offset': prev})}"})
+    bundle: dict[str, Any] = {
+        "resourceType": "Bundle",
+        "id": str(uuid.uuid4()),
+        "type": "searchset",
+        "total": result["total"],
+        "link": links,
+        "entry": result["entries"]
+        + [{"resource": w, "search": {"mode": "outcome"}} for w in warnings],
+    }
+    if result["checkpoint"] is not None:
+        bundle["meta"] = {"extension": [{"url": CHECKPOINT_EXT, "valueString": result["checkpoint"]["note"]}]}
+    return fhir_response(bundle)
+
+
+def _search_patients(backend: Any, identifier: str | None, name: str | None, birthdate: str | None) -> list[dict[str, Any]]:
+    index = backend.index()
+    if identifier:
+        system, sep, value = identifier.partition("|")
+        ids = index.patients_by_identifier(system if sep else None, value if sep else identifier)
+        patients = [p for p in (index.get("Patient", i) for i in ids) if p is not None]
+    else:
+        patients = index.search_patients(name=name, birthdate=birthdate)
+    if name:
+        needle = name.casefold()
+        patients = [p for p in patients if any(needle in s.casefold() for s in _name_strings(p))]
+    if birthdate:
+        patients = [p for p in patients if str(p.get("birthDate", "")).startswith(birthdate)]
+    return patients
+
+
+def _name_strings(patient: dict[str, Any]) -> list[str]:
+    out = []
+    for n in patient.get("name") or ():
+        out += [n.get("family", ""), *n.get("given", []), n.get("text", "")]
+    return [s for s in out if s]
+
+
+async def patient_search(request: web.Request) -> web.Response:
+    from bridge.service import backend_of, base_url
+
+    supported = {"identifier", "name", "birthdate", "_format"}
+    identifier = request.query.get("identifier")
+    name = request.query.get("name")
+    birthdate = _date_param(request, "birthdate")
+    if not (identifier or name or birthdate):
+        raise FhirHTTPError(400, "required", "give at least one of identifier, name, birthdate")
+    backend = backend_of(request)
+    patients = await backend.run(_search_patients, backend, identifier, name, birthdate)
+    base = base_url(request)
+    entries: list[dict[str, Any]] = [
+        {"fullUrl": f"{base}/Patient/{p['id']}", "resource": p, "search": {"mode": "match"}} for p in patients
+    ]
+    entries += [
+        {
+            "resource": operation_outcome("warning", "not-supported", f"search parameter {k!r} is not supported and was ignored"),
+            "search": {"mode": "outcome"},
+        }
+        for k in request.query
+        if k not in supported
+    ]
+    return fhir_response(
+        {
+            "resourceType": "Bundle",
+            "id": str(uuid.uuid4()),
+            "type": "searchset",
+            "total": len(patients),
+            "link": [{"relation": "self", "url": str(request.url)}],
+            "entry": entries,
+        }
+    )
+
+
+async def read_resource(request: web.Request) -> web.Response:
+    from bridge.service import backend_of
+
+    rtype, rid = request.match_info["type"], request.match_info["id"]
+    backend = backend_of(request)
+    resource = await backend.run(lambda: backend.index().get(rtype, rid))
+    if resource is None:
+        raise FhirHTTPError(404, "not-found", f"{rtype}/{rid} is not known")
+    return fhir_response(resource)
+
+
+def setup_query_routes(app: web.Application) -> None:
+    app.router.add_get("/Patient", patient_search)
+    app.router.add_get(r"/Patient/{id}/$everything", patient_everything)
+    app.router.add_get(r"/{type:[A-Z][A-Za-z]+}/{id:[A-Za-z0-9\-\.]{1,64}}", read_resource)

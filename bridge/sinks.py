@@ -1,0 +1,182 @@
+"""The ledger and index sinks, both driven by :class:`bridge.consumer.ConsumerRuntime`.
+
+Both check every record's envelope (headers present, value hash matches, signature by a trusted org
+key) before using it; a record that fails goes to the dead letters with the reason, never into the
+ledger as valid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from bridge import envelope
+from bridge.consumer import Record
+from bridge.errors import FhirbridgeError, TransientError
+from bridge.index.store import IncomingBundle, IndexStore
+from bridge.logging import get_logger
+
+if TYPE_CHECKING:
+    from bridge.mpi import PersonIndex
+    from ledger.log import Ledger
+
+log = get_logger(__name__)
+
+
+class BadBundle(FhirbridgeError):
+    """The record's value is not a FHIR Bundle we can read."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def parse_bundle(value: bytes) -> dict[str, Any]:
+    try:
+        bundle = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        raise BadBundle(f"value is not JSON: {exc}", field="value") from None
+    if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
+        raise BadBundle("value is not a FHIR Bundle", field="resourceType")
+    entries = bundle.get("entry")
+    if not isinstance(entries, list):
+        raise BadBundle("bundle has no entry array", field="entry")
+    for i, e in enumerate(entries):
+        r = e.get("resource") if isinstance(e, dict) else None
+        if not isinstance(r, dict) or not isinstance(r.get("resourceType"), str) or not isinstance(r.get("id"), str):
+            raise BadBundle(f"entry[{i}] has no resource with resourceType and id", field=f"entry[{i}]")
+    return bundle
+
+
+class EnvelopeChecker:
+    """Parse and authenticate a record's envelope against the trust registry."""
+
+    def __init__(self, trust: envelope.TrustRegistry | None) -> None:
+        self.trust = trust
+
+    def check(self, rec: Record) -> envelope.Envelope:
+        env = envelope.parse(rec.headers, rec.value)
+        if self.trust is None:
+            raise envelope.SignatureError("no trust registry configured: refusing unauthenticated records", field="fb-signature")
+        self.trust.verify(env)
+        return env
+
+
+class LedgerSink:
+    """Appends one leaf per bundle (hash and provenance metadata, no PHI); dedupes by (hash, source)."""
+
+    name = "ledger"
+
+    def __init__(self, ledger: Ledger, checker: EnvelopeChecker, receipts: Any | None = None, receipts_topic: str = "ledger.receipts") -> None:
+        self.ledger = ledger
+        self.checker = checker
+        self.receipts = receipts
+        self.receipts_topic = receipts_topic
+
+    def process(self, records: Sequence[Record]) -> list[tuple[Record, BaseException]]:
+        from ledger.errors import EntryTooLarge, InvalidEntry, StorageUnavailable
+        from ledger.log import LedgerEntry
+
+        poison: list[tuple[Record, BaseException]] = []
+        entries: list[LedgerEntry] = []
+        kept: list[Record] = []
+        for rec in records:
+            try:
+                env = self.checker.check(rec)
+                assert rec.value is not None
+                parse_bundle(rec.value)
+                entry = LedgerEntry(
+                    bundle_sha256=env.bundle_sha256,
+                    source_org=env.source_org,
+                    adapter=env.adapter,
+                    adapter_version=env.adapter_version,
+                    topic=rec.topic,
+                    partition=rec.partition,
+                    offset=rec.offset,
+                    ingested_at=rec.timestamp_iso,
+                    message_id=env.message_id or None,
+                )
+                entry.canonical()  # raises EntryTooLarge over 64 KB
+            except (envelope.EnvelopeError, BadBundle, EntryTooLarge, InvalidEntry) as exc:
+                poison.append((rec, exc))
+                continue
+            entries.append(entry)
+            kept.append(rec)
+        if entries:
+            try:
+                indices = self.ledger.append(entries)
+            except StorageUnavailable as exc:
+                raise TransientError(str(exc)) from exc
+            if self.receipts is not None:
+                futures = [
+                    self.receipts.send(
+                        self.receipts_topic,
+                        key=e.bundle_sha256.encode(),
+                        value=orjson.dumps(
+                            {"bundle_sha256": e.bundle_sha256, "source_org": e.source_org, "leaf_index": idx,
+                             "topic": r.topic, "partition": r.partition, "offset": r.offset}
+                        ),
+                    )
+                    for e, idx, r in zip(entries, indices, kept, strict=True)
+                ]
+                self.receipts.flush(30)
+                for f in futures:
+                    f.get(timeout=30)
+        return poison
+
+    def close(self) -> None:
+        self.ledger.close()
+
+
+class IndexSink:
+    """Upserts every resource by its deterministic id, with the bundle's provenance; feeds the MPI."""
+
+    name = "index"
+
+    def __init__(self, store: IndexStore, checker: EnvelopeChecker, mpi: PersonIndex | None = None) -> None:
+        self.store = store
+        self.checker = checker
+        self.mpi = mpi
+
+    def process(self, records: Sequence[Record]) -> list[tuple[Record, BaseException]]:
+        poison: list[tuple[Record, BaseException]] = []
+        incoming: list[IncomingBundle] = []
+        patients: list[tuple[str, dict[str, Any]]] = []
+        for rec in records:
+            try:
+                env = self.checker.check(rec)
+                assert rec.value is not None
+                bundle = parse_bundle(rec.value)
+            except (envelope.EnvelopeError, BadBundle) as exc:
+                poison.append((rec, exc))
+                continue
+            incoming.append(
+                IncomingBundle(
+                    bundle=bundle,
+                    bundle_sha256=env.bundle_sha256,
+                    source_org=env.source_org,
+                    source_patient=rec.key.decode("utf-8", "replace") if rec.key else None,
+                    topic=rec.topic,
+                    partition=rec.partition,
+                    offset=rec.offset,
+                    received_at=rec.timestamp_iso,
+                )
+            )
+            for e in bundle["entry"]:
+                if e["resource"]["resourceType"] == "Patient":
+                    patients.append((env.source_org, e["resource"]))
+        if incoming:
+            self.store.apply(incoming)  # TransientError propagates: the runtime backs off
+        if self.mpi is not None and patients:
+            try:
+                self.mpi.upsert_patients(patients)
+            except TransientError:
+                raise
+        return poison
+
+    def close(self) -> None:
+        self.store.close()
+        if self.mpi is not None:
+            self.mpi.close()

@@ -1,0 +1,52 @@
+"""Topic administration: create the bridge's topics with their final partition counts and configs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kafka import KafkaAdminClient
+from kafka.admin import NewTopic
+from kafka.errors import TopicAlreadyExistsError
+
+from bridge.config import Topics
+from bridge.logging import get_logger
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    replication: int
+    configs: dict[str, str]
+
+
+def topic_specs(topics: Topics) -> list[TopicSpec]:
+    common = {"max.message.bytes": str(topics.max_message_bytes), "retention.ms": str(topics.retention_ms)}
+    return [
+        TopicSpec(topics.bundles, topics.partitions, topics.replication, common),
+        TopicSpec(topics.deadletter, 1, topics.replication, common),
+        TopicSpec(topics.receipts, topics.partitions, topics.replication, {"retention.ms": str(topics.retention_ms)}),
+    ]
+
+
+def ensure_topics(bootstrap: str, topics: Topics) -> list[str]:
+    """Create any missing topic; returns the names created. Existing topics are left as they are."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="fhirbridge-admin", request_timeout_ms=15000)
+    created: list[str] = []
+    try:
+        existing = set(admin.list_topics())
+        for spec in topic_specs(topics):
+            if spec.name in existing:
+                continue
+            new = NewTopic(spec.name, spec.partitions, spec.replication, topic_configs=spec.configs)
+            try:
+                admin.create_topics([new], timeout_ms=15000)
+            except TopicAlreadyExistsError:
+                continue
+            created.append(spec.name)
+            log.info("topic.created", topic=spec.name, partitions=spec.partitions)
+    finally:
+        admin.close()
+    return created
