@@ -44,16 +44,50 @@ def source_uri(org_id: str) -> str:
 
 
 _bundle_model: Any = None
+_model_for: Any = None
+#: Digests of resource bodies that already passed R4B validation in this process (bounded).
+_validated: dict[bytes, None] = {}
+_VALIDATED_MAX = 200_000
 
 
 def validate_bundle(bundle: dict[str, Any]) -> None:
-    """Validate against the R4B models. Raises pydantic's ValidationError."""
-    global _bundle_model
+    """Validate against the R4B models. Raises pydantic's ValidationError, located in the bundle.
+
+    Equivalent to ``Bundle.model_validate(bundle)``, but a resource body identical to one already
+    validated in this process (the same Practitioner, Organization or Location in every message of
+    a feed) is not validated again: the bundle shell is validated, then each new resource body with
+    its own R4B model. On any failure the whole bundle is validated, so the error's location is
+    the same as without the cache.
+    """
+    global _bundle_model, _model_for
     if _bundle_model is None:
+        from fhir.resources.R4B import get_fhir_model_class
         from fhir.resources.R4B.bundle import Bundle
 
-        _bundle_model = Bundle
-    _bundle_model.model_validate(bundle)
+        _bundle_model, _model_for = Bundle, get_fhir_model_class
+    entries = bundle.get("entry")
+    if not isinstance(entries, list):
+        _bundle_model.model_validate(bundle)
+        return
+    try:
+        shell = {**bundle, "entry": [{k: v for k, v in e.items() if k != "resource"} for e in entries]}
+        _bundle_model.model_validate(shell)
+        fresh: list[bytes] = []
+        for e in entries:
+            resource = e.get("resource")
+            if resource is None:
+                continue
+            digest = hashlib.blake2b(orjson.dumps(resource, option=orjson.OPT_SORT_KEYS), digest_size=16).digest()
+            if digest in _validated:
+                continue
+            _model_for(resource["resourceType"]).model_validate(resource)
+            fresh.append(digest)
+    except (ValidationError, KeyError, TypeError, AttributeError, LookupError):
+        _bundle_model.model_validate(bundle)  # raises with the error located in the bundle
+        raise
+    if len(_validated) + len(fresh) > _VALIDATED_MAX:
+        _validated.clear()
+    _validated.update(dict.fromkeys(fresh))
 
 
 class BundleBuilder:

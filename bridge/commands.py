@@ -164,14 +164,6 @@ def _kv(option: str) -> tuple[str, str]:
 
 
 # -- consumers ------------------------------------------------------------------------------------
-def _checker(settings: Any) -> Any:
-    from bridge.envelope import TrustRegistry
-    from bridge.sinks import EnvelopeChecker
-
-    path = settings.trust_registry_file or settings.data_dir / "trust.json"
-    return EnvelopeChecker(TrustRegistry.load(path) if path.is_file() else None)
-
-
 def _run_consumer(args: argparse.Namespace, sink_factory: Any, default_group: str) -> int:
     from bridge.broker import resolve_bootstrap
     from bridge.consumer import ConsumerRuntime
@@ -211,41 +203,15 @@ def _run_consumer(args: argparse.Namespace, sink_factory: Any, default_group: st
 
 
 def cmd_ledger_run(args: argparse.Namespace) -> int:
-    def factory(settings: Any, bootstrap: str) -> Any:
-        from kafka import KafkaProducer
+    from bridge.sinks import build_ledger_sink
 
-        from bridge.publish import producer_config
-        from bridge.sinks import LedgerSink
-        from ledger.log import Ledger
-
-        ledger = Ledger.open(
-            settings.ledger_url,
-            origin=settings.ledger_origin,
-            signer_key=settings.ledger_signer_key(),
-            checkpoint_every=settings.ledger_checkpoint_every,
-            checkpoint_interval_ms=settings.ledger_checkpoint_interval_ms,
-        )
-        receipts = KafkaProducer(**producer_config(settings, bootstrap, client_id="fhirbridge-ledger-receipts"))
-        return LedgerSink(ledger, _checker(settings), receipts, settings.topics.receipts)
-
-    return _run_consumer(args, factory, "fhirbridge-ledger")
+    return _run_consumer(args, build_ledger_sink, "fhirbridge-ledger")
 
 
 def cmd_index_run(args: argparse.Namespace) -> int:
-    def factory(settings: Any, bootstrap: str) -> Any:
-        from bridge.index.store import IndexStore
-        from bridge.sinks import IndexSink
+    from bridge.sinks import build_index_sink
 
-        mpi = None
-        try:
-            from bridge.mpi import PersonIndex
-        except ImportError:
-            PersonIndex = None
-        if PersonIndex is not None:
-            mpi = PersonIndex.open(settings.mpi_url)
-        return IndexSink(IndexStore.open(settings.index_url), _checker(settings), mpi)
-
-    return _run_consumer(args, factory, "fhirbridge-index")
+    return _run_consumer(args, lambda settings, bootstrap: build_index_sink(settings), "fhirbridge-index")
 
 
 # -- service, broker, topics, keys ----------------------------------------------------------------

@@ -112,8 +112,12 @@ def adt_message(h: Hospital, trigger: str, control_id: str, when: datetime, mrn:
 
 
 def generate(n_people: int, *, hospitals: int = 2, overlap: float = 0.35, seed: int = 7,
-             messages_per_patient: int = 2, start: datetime | None = None) -> dict[str, list[str]]:
-    """ADT messages per hospital org id. ``overlap`` of the people are seen by more than one hospital."""
+             messages_per_patient: int = 2, start: datetime | None = None,
+             max_messages: int | None = None) -> dict[str, list[str]]:
+    """ADT messages per hospital org id. ``overlap`` of the people are seen by more than one hospital.
+
+    ``max_messages`` stops the feed at exactly that many messages in all.
+    """
     rng = random.Random(seed)
     start = start or datetime(2026, 3, 2, 8, 0, 0)
     hs = HOSPITALS[:hospitals]
@@ -130,6 +134,8 @@ def generate(n_people: int, *, hospitals: int = 2, overlap: float = 0.35, seed: 
             when = start + timedelta(minutes=rng.randint(0, 60 * 24 * 60))
             doctor = rng.choice(DOCTORS)
             for m in range(messages_per_patient):
+                if max_messages is not None and sum(counters.values()) >= max_messages:
+                    return out
                 counters[h.org_id] += 1
                 trigger = ("A04", "A08", "A03")[m % 3] if m else rng.choice(["A01", "A04"])
                 visit = f"V{h.mrn_prefix}{i:06d}{m // 3:02d}"

@@ -170,13 +170,46 @@ class IndexSink:
         if incoming:
             self.store.apply(incoming)  # TransientError propagates: the runtime backs off
         if self.mpi is not None and patients:
-            try:
-                self.mpi.upsert_patients(patients)
-            except TransientError:
-                raise
+            self.mpi.upsert_patients(patients)
         return poison
 
     def close(self) -> None:
         self.store.close()
         if self.mpi is not None:
             self.mpi.close()
+
+
+# -- construction shared by the CLI, the demo, replay and the tests --------------------------------
+def load_checker(settings: Any) -> EnvelopeChecker:
+    """The envelope checker over the configured trust registry (none configured: every record is refused)."""
+    path = settings.trust_registry_file or settings.data_dir / "trust.json"
+    return EnvelopeChecker(envelope.TrustRegistry.load(path) if path.is_file() else None)
+
+
+def open_ledger(settings: Any, *, signer: bool = True) -> Ledger:
+    from ledger.log import Ledger
+
+    return Ledger.open(
+        settings.ledger_url,
+        origin=settings.ledger_origin,
+        signer_key=settings.ledger_signer_key() if signer else None,
+        checkpoint_every=settings.ledger_checkpoint_every,
+        checkpoint_interval_ms=settings.ledger_checkpoint_interval_ms,
+    )
+
+
+def build_ledger_sink(settings: Any, bootstrap: str, *, receipts: bool = True) -> LedgerSink:
+    producer = None
+    if receipts:
+        from kafka import KafkaProducer
+
+        from bridge.publish import producer_config
+
+        producer = KafkaProducer(**producer_config(settings, bootstrap, client_id="fhirbridge-ledger-receipts"))
+    return LedgerSink(open_ledger(settings), load_checker(settings), producer, settings.topics.receipts)
+
+
+def build_index_sink(settings: Any) -> IndexSink:
+    from bridge.mpi import PersonIndex
+
+    return IndexSink(IndexStore.open(settings.index_url), load_checker(settings), PersonIndex.open(settings.mpi_url))

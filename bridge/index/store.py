@@ -2,12 +2,15 @@
 
 Writes come from the index consumer, in batches, one transaction each. A resource is replaced only by
 a version from a record at least as recent (Kafka record timestamp), so replaying old records over a
-full store changes nothing. ``meta.lastUpdated`` is that timestamp, which also makes a rebuilt index
-identical to the original.
+full store changes nothing, and only when its content differs (ignoring ``meta.lastUpdated``), so
+re-ingesting the same files changes nothing either. ``meta.lastUpdated`` is the timestamp of the
+record that first carried the current content, which also makes a rebuilt index identical to the
+original.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +30,7 @@ CREATE TABLE IF NOT EXISTS resources (
     last_updated TEXT NOT NULL,
     dedupe_key TEXT,
     bundle_sha256 TEXT NOT NULL,
+    content_sha256 TEXT NOT NULL,
     body TEXT NOT NULL,
     PRIMARY KEY (resource_type, id)
 );
@@ -119,6 +123,8 @@ class IndexStore:
                     continue
                 rtype = resource["resourceType"]
                 meta = dict(resource.get("meta") or {})
+                meta.pop("lastUpdated", None)
+                content_sha = hashlib.sha256(orjson.dumps({**resource, "meta": meta}, option=orjson.OPT_SORT_KEYS)).hexdigest()
                 meta["lastUpdated"] = b.received_at
                 resource = {**resource, "meta": meta}
                 res_rows.append(
@@ -131,6 +137,7 @@ class IndexStore:
                         b.received_at,
                         dedupe_key(resource),
                         b.bundle_sha256,
+                        content_sha,
                         orjson.dumps(resource).decode(),
                     )
                 )
@@ -144,13 +151,15 @@ class IndexStore:
         with self.db.transaction() as db:
             db.executemany(
                 """INSERT INTO resources (resource_type, id, source_org, patient_id, clinical_date, last_updated,
-                       dedupe_key, bundle_sha256, body)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                       dedupe_key, bundle_sha256, content_sha256, body)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                    ON CONFLICT (resource_type, id) DO UPDATE SET
                        source_org = excluded.source_org, patient_id = excluded.patient_id,
                        clinical_date = excluded.clinical_date, last_updated = excluded.last_updated,
-                       dedupe_key = excluded.dedupe_key, bundle_sha256 = excluded.bundle_sha256, body = excluded.body
-                   WHERE excluded.last_updated >= resources.last_updated""",
+                       dedupe_key = excluded.dedupe_key, bundle_sha256 = excluded.bundle_sha256,
+                       content_sha256 = excluded.content_sha256, body = excluded.body
+                   WHERE excluded.last_updated >= resources.last_updated
+                     AND excluded.content_sha256 <> resources.content_sha256""",
                 res_rows,
             )
             db.executemany(
@@ -271,8 +280,6 @@ class IndexStore:
 
     def fingerprint(self) -> str:
         """A digest of the whole index content, to compare a rebuilt index with the original."""
-        import hashlib
-
         h = hashlib.sha256()
         for r in self.db.query("SELECT resource_type, id, last_updated, body FROM resources ORDER BY resource_type, id"):
             h.update("\x1f".join(str(x) for x in r).encode())

@@ -1,0 +1,167 @@
+"""End-to-end throughput of the demo stack, with raw kafka-python as the peer (issues 2 and 6).
+
+Generates N ADT messages (our synthetic feeds, 2 hospitals), starts a fresh noida-db broker, runs
+the ledger and index consumers as separate processes exactly as ``fhirbridge demo`` does, and
+measures:
+
+* ingest: ``fhirbridge ingest`` wall time (process start, parse, map, R4B validation, sign, produce
+  with acks=all) -> messages/s;
+* seconds from the start of ingest until every bundle is in the ledger and in the index (queryable);
+* peer, same run: producing the same bundle bytes with a bare kafka-python producer (same acks=all,
+  idempotent config) and consuming them back with a bare consumer;
+* bridge producer alone: publishing pre-converted bundles through ``bridge.publish.Publisher``
+  (signing included), for the "producer >= 70% of raw" goal.
+
+Usage: python benchmarks/bench_e2e.py [--messages 10000] [--broker noida|tansu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kafka import KafkaConsumer, KafkaProducer  # noqa: E402
+
+from adapters import registry  # noqa: E402
+from adapters.base import ConvertedBundle, SourceInfo  # noqa: E402
+from bridge.broker import start_local  # noqa: E402
+from bridge.config import Settings, Topics  # noqa: E402
+from bridge.demodata import generate, write_files  # noqa: E402
+from bridge.index.store import IndexStore  # noqa: E402
+from bridge.publish import Publisher, producer_config  # noqa: E402
+from bridge.topics import ensure_topics  # noqa: E402
+from ledger.log import Ledger  # noqa: E402
+from ledger.note import generate_key  # noqa: E402
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "bridge.cli", *args]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--messages", type=int, default=10_000)
+    ap.add_argument("--broker", default="noida", choices=["noida", "tansu"])
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="fhirbridge-bench-"))
+    data_dir = work / "data"
+    broker = start_local(args.broker, data_dir)
+    try:
+        env = dict(os.environ, FHIRBRIDGE_DATA_DIR=str(data_dir), KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap,
+                   FHIRBRIDGE_LOG_LEVEL="warning", FHIRBRIDGE_LOG_FORMAT="json")
+        settings = Settings.from_env(env)
+        people = max(1, args.messages // 2)
+        feeds = generate(people, hospitals=2, overlap=0.35, seed=99, messages_per_patient=2, max_messages=args.messages)
+        total = sum(len(v) for v in feeds.values())
+        files = write_files(work / "feeds", feeds, per_file=500)
+        size = sum(p.stat().st_size for fs in files.values() for p in fs)
+        print(f"broker {args.broker} at {broker.bootstrap}; {total} ADT messages, {size / 1e6:.1f} MB of ER7")
+
+        for org in feeds:
+            subprocess.run(cli("keys", "create", "--org", org), env=env, check=True, stdout=subprocess.DEVNULL)
+        skey, vkey = generate_key(settings.ledger_origin)
+        assert settings.ledger_key_file is not None
+        settings.ledger_key_file.write_text(skey)
+        ensure_topics(broker.bootstrap, settings.topics)
+
+        # -- convert once in-process to get the exact bundle bytes for the raw peers
+        adapter = registry.get("hl7v2")
+        converted: list[tuple[str, ConvertedBundle]] = []
+        t0 = time.perf_counter()
+        for org, paths in files.items():
+            for p in paths:
+                for o in adapter.convert_path(p, SourceInfo(org, timezone="America/Chicago")):
+                    assert isinstance(o, ConvertedBundle), o
+                    converted.append((org, o))
+        convert_s = time.perf_counter() - t0
+        payload = sum(len(c.body) for _, c in converted)
+        print(f"convert+validate in-process: {len(converted) / convert_s:,.0f} msgs/s ({payload / 1e6:.1f} MB of bundles)")
+
+        # -- peer: raw kafka-python produce of the same bytes
+        raw_topic = Topics(bundles="bench.raw", deadletter="bench.raw.dl", receipts="bench.raw.rc", partitions=3)
+        ensure_topics(broker.bootstrap, raw_topic)
+        prod = KafkaProducer(**producer_config(settings, broker.bootstrap))
+        t0 = time.perf_counter()
+        futs = [prod.send("bench.raw", key=c.routing_key.encode(), value=c.body) for _, c in converted]
+        prod.flush()
+        for f in futs:
+            f.get(30)
+        raw_s = time.perf_counter() - t0
+        prod.close()
+        raw_rate = len(converted) / raw_s
+        print(f"peer raw kafka-python produce (acks=all, idempotent): {raw_rate:,.0f} msgs/s, {payload / raw_s / 1e6:.1f} MB/s")
+
+        cons = KafkaConsumer("bench.raw", bootstrap_servers=broker.bootstrap, auto_offset_reset="earliest",
+                             enable_auto_commit=False, group_id=None, consumer_timeout_ms=5000,
+                             max_partition_fetch_bytes=settings.topics.max_message_bytes)
+        t0 = time.perf_counter()
+        n = 0
+        for _ in cons:
+            n += 1
+            if n >= len(converted):
+                break
+        raw_cons_s = time.perf_counter() - t0
+        cons.close()
+        print(f"peer raw kafka-python consume: {n / raw_cons_s:,.0f} msgs/s")
+
+        # -- bridge publisher alone (signing + envelope), same bytes
+        pub_settings = replace(settings, topics=Topics(bundles="bench.pub", deadletter="bench.pub.dl", receipts="bench.pub.rc"))
+        ensure_topics(broker.bootstrap, pub_settings.topics)
+        pub = Publisher(pub_settings, broker.bootstrap)
+        t0 = time.perf_counter()
+        futs = [pub.publish(c, adapter, SourceInfo(org)) for org, c in converted]
+        pub.flush()
+        for f in futs:
+            f.get(30)
+        pub_s = time.perf_counter() - t0
+        pub.close()
+        pub_rate = len(converted) / pub_s
+        print(f"bridge Publisher (sign + produce): {pub_rate:,.0f} msgs/s = {pub_rate / raw_rate:.0%} of raw")
+
+        # -- the demo stack end to end
+        logs = work / "logs"
+        logs.mkdir()
+        procs = []
+        for name in ("ledger", "index"):
+            out = open(logs / f"{name}.log", "wb")  # noqa: SIM115
+            procs.append(subprocess.Popen(cli(name, "run"), env=env, stdout=out, stderr=subprocess.STDOUT))
+        index = IndexStore.open(settings.index_url)
+        ledger = Ledger.open(settings.ledger_url, origin=settings.ledger_origin)
+        time.sleep(4)  # let both consumers join their groups before the clock starts
+        t0 = time.perf_counter()
+        for org, paths in files.items():
+            subprocess.run(cli("ingest", "--adapter", "hl7v2", "--source", org, "--timezone", "America/Chicago",
+                               "--no-progress", *map(str, paths)), env=env, check=True, stderr=subprocess.DEVNULL)
+        ingest_s = time.perf_counter() - t0
+        ledger_done = index_done = None
+        while time.perf_counter() - t0 < 600 and (ledger_done is None or index_done is None):
+            now = time.perf_counter() - t0
+            if ledger_done is None and ledger.size() >= total:
+                ledger_done = now
+            if index_done is None and index.counts()["bundles"] >= total:
+                index_done = now
+            time.sleep(0.05)
+        for p in procs:
+            p.terminate()
+            p.wait(30)
+        print(f"ingest (fhirbridge ingest, 2 processes, incl. start-up): {total / ingest_s:,.0f} msgs/s ({ingest_s:.1f}s)")
+        print(f"all {total} in the ledger after {ledger_done:.1f}s; all queryable (index) after {index_done:.1f}s")
+        print(f"end to end: {total / max(ledger_done or 0, index_done or 0):,.0f} msgs/s from first ingest to last queryable")
+        print(f"ratio ingest / raw produce: {total / ingest_s / raw_rate:.2f}")
+    finally:
+        broker.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

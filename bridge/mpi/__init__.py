@@ -1,0 +1,34 @@
+"""Master patient index: Fellegi–Sunter record linkage of Patient records into persons.
+
+Public API::
+
+    from bridge.mpi import PersonIndex, MatchState, MpiConfig
+    mpi = PersonIndex.open("sqlite:///mpi.db")
+    mpi.upsert_patients([("org-a", patient_resource), ...])
+    mpi.linked_patient_ids("patient-1")
+
+See docs/mpi.md for the matching model, the thresholds and the storage layout.
+"""
+
+from __future__ import annotations
+
+from bridge.mpi.config import (
+    MatchState,
+    MpiConfig,
+    MpiConflict,
+    MpiError,
+    MpiInputError,
+    MpiNotFound,
+)
+from bridge.mpi.store import PersonIndex, person_id_for
+
+__all__ = [
+    "MatchState",
+    "MpiConfig",
+    "MpiConflict",
+    "MpiError",
+    "MpiInputError",
+    "MpiNotFound",
+    "PersonIndex",
+    "person_id_for",
+]

@@ -1,0 +1,222 @@
+"""A thin portability layer over sqlite3 and psycopg 3 for the MPI store.
+
+SQL is written once with ``?`` placeholders and portable syntax (``INSERT ... ON CONFLICT``); the
+PostgreSQL connection rewrites placeholders to ``%s``. Writes run in :meth:`Database.write`, which
+serialises writers: ``BEGIN IMMEDIATE`` on SQLite, a transaction-scoped advisory lock on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from bridge.mpi.config import MpiError
+
+_ADVISORY_KEY = 0x6D7069  # "mpi"
+CHUNK = 500
+
+SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS mpi_patient (
+        patient_id TEXT PRIMARY KEY,
+        source_org TEXT NOT NULL,
+        person_id TEXT NOT NULL,
+        features TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        updated_at TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS mpi_patient_person ON mpi_patient (person_id)",
+    """CREATE TABLE IF NOT EXISTS mpi_block (
+        bkey TEXT NOT NULL,
+        patient_id TEXT NOT NULL,
+        PRIMARY KEY (bkey, patient_id))""",
+    "CREATE INDEX IF NOT EXISTS mpi_block_patient ON mpi_block (patient_id)",
+    """CREATE TABLE IF NOT EXISTS mpi_pair (
+        patient_a TEXT NOT NULL,
+        patient_b TEXT NOT NULL,
+        state TEXT NOT NULL,
+        score DOUBLE PRECISION,
+        origin TEXT NOT NULL,
+        actor TEXT,
+        reason TEXT,
+        updated_at TEXT NOT NULL,
+        PRIMARY KEY (patient_a, patient_b))""",
+    "CREATE INDEX IF NOT EXISTS mpi_pair_b ON mpi_pair (patient_b)",
+    "CREATE INDEX IF NOT EXISTS mpi_pair_state ON mpi_pair (state, score)",
+    """CREATE TABLE IF NOT EXISTS mpi_alias (
+        old_id TEXT PRIMARY KEY,
+        person_id TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS mpi_history (
+        seq {serial},
+        at TEXT NOT NULL,
+        action TEXT NOT NULL,
+        patient_a TEXT,
+        patient_b TEXT,
+        person_id TEXT,
+        other_person_id TEXT,
+        actor TEXT,
+        reason TEXT,
+        score DOUBLE PRECISION,
+        detail TEXT)""",
+    "CREATE INDEX IF NOT EXISTS mpi_history_a ON mpi_history (patient_a)",
+    "CREATE INDEX IF NOT EXISTS mpi_history_b ON mpi_history (patient_b)",
+    "CREATE INDEX IF NOT EXISTS mpi_history_person ON mpi_history (person_id)",
+    "CREATE INDEX IF NOT EXISTS mpi_history_other ON mpi_history (other_person_id)",
+    """CREATE TABLE IF NOT EXISTS mpi_tf (
+        field TEXT NOT NULL,
+        value TEXT NOT NULL,
+        n BIGINT NOT NULL,
+        PRIMARY KEY (field, value))""",
+    """CREATE TABLE IF NOT EXISTS mpi_meta (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL)""",
+]
+TABLES = ("mpi_patient", "mpi_block", "mpi_pair", "mpi_alias", "mpi_history", "mpi_tf", "mpi_meta")
+
+
+def chunks(items: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+class Database:
+    """One connection to the MPI database. Thread-safe (a lock serialises use of the connection)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._lock = threading.RLock()
+        self._pg: Any = None
+        self._lite: sqlite3.Connection | None = None
+        if url.startswith(("postgresql://", "postgres://")):
+            try:
+                import psycopg
+            except ImportError as exc:  # pragma: no cover - psycopg is a dependency
+                raise MpiError("PostgreSQL support needs psycopg 3") from exc
+            try:
+                self._pg = psycopg.connect(url, autocommit=True, connect_timeout=10)
+            except psycopg.Error as exc:
+                raise MpiError(f"cannot connect to the MPI database: {exc}") from exc
+            self.kind = "postgresql"
+        elif url.startswith("sqlite:///") or url == "sqlite://":
+            path = url[len("sqlite:///") :] if url != "sqlite://" else ""
+            target = path or ":memory:"
+            if path:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self._lite = sqlite3.connect(
+                    target, isolation_level=None, check_same_thread=False, timeout=30
+                )
+            except sqlite3.Error as exc:
+                raise MpiError(f"cannot open the MPI database {path!r}: {exc}") from exc
+            self._lite.execute("PRAGMA journal_mode=WAL")
+            self._lite.execute("PRAGMA synchronous=NORMAL")
+            self._lite.execute("PRAGMA busy_timeout=30000")
+            self.kind = "sqlite"
+        else:
+            raise MpiError(f"unsupported MPI database URL {url!r}: use sqlite:///PATH or postgresql://...")
+        self._in_write = False
+        self._create_schema()
+
+    def _sql(self, sql: str) -> str:
+        return sql.replace("%", "%%").replace("?", "%s") if self._pg is not None else sql
+
+    def _create_schema(self) -> None:
+        serial = "BIGSERIAL PRIMARY KEY" if self._pg is not None else "INTEGER PRIMARY KEY AUTOINCREMENT"
+        with self.write():
+            for stmt in SCHEMA:
+                self.execute(stmt.replace("{serial}", serial))
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        with self._lock:
+            if self._pg is not None:
+                return self._pg.execute(self._sql(sql), params)
+            assert self._lite is not None
+            return self._lite.execute(sql, params)
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        rows = list(rows)
+        if not rows:
+            return
+        with self._lock:
+            if self._pg is not None:
+                with self._pg.cursor() as cur:
+                    cur.executemany(self._sql(sql), rows)
+            else:
+                assert self._lite is not None
+                self._lite.executemany(sql, rows)
+
+    def all(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return [tuple(r) for r in self.execute(sql, params).fetchall()]
+
+    def one(self, sql: str, params: Sequence[Any] = ()) -> tuple[Any, ...] | None:
+        with self._lock:
+            row = self.execute(sql, params).fetchone()
+            return tuple(row) if row is not None else None
+
+    def all_in(self, sql: str, values: Sequence[Any], extra: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run ``sql`` (containing one ``{in}``) for ``values`` in chunks; ``extra`` params come first."""
+        out: list[tuple[Any, ...]] = []
+        for part in chunks(list(values)):
+            marks = ",".join("?" * len(part))
+            out.extend(self.all(sql.replace("{in}", marks), [*extra, *part]))
+        return out
+
+    def exec_in(self, sql: str, values: Sequence[Any], extra: Sequence[Any] = ()) -> None:
+        """Execute a statement without results (containing one ``{in}``) for ``values`` in chunks."""
+        for part in chunks(list(values)):
+            marks = ",".join("?" * len(part))
+            self.execute(sql.replace("{in}", marks), [*extra, *part])
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        """A write transaction; writers (in any process) are serialised. Re-entrant within a thread."""
+        with self._lock:
+            if self._in_write:
+                yield
+                return
+            self._in_write = True
+            try:
+                if self._pg is not None:
+                    with self._pg.transaction():
+                        self._pg.execute("SELECT pg_advisory_xact_lock(%s)", (_ADVISORY_KEY,))
+                        yield
+                else:
+                    assert self._lite is not None
+                    self._lite.execute("BEGIN IMMEDIATE")
+                    try:
+                        yield
+                    except BaseException:
+                        self._lite.execute("ROLLBACK")
+                        raise
+                    self._lite.execute("COMMIT")
+            finally:
+                self._in_write = False
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        """A consistent read snapshot (several queries see the same state)."""
+        with self._lock:
+            if self._in_write:
+                yield
+            elif self._pg is not None:
+                with self._pg.transaction():
+                    self._pg.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                    yield
+            else:
+                assert self._lite is not None
+                self._lite.execute("BEGIN")
+                try:
+                    yield
+                finally:
+                    self._lite.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pg is not None:
+                self._pg.close()
+            if self._lite is not None:
+                self._lite.close()

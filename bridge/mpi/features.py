@@ -1,0 +1,177 @@
+"""Normalised matching features of a FHIR R4 Patient.
+
+A feature record is a small JSON-serialisable ``dict`` (stored as is by the index) with these keys, each a
+string (``""`` when unknown) unless said otherwise:
+
+``g``/``f``  first given name / family name: lower case, accents removed, letters only;
+``gn``/``gm``/``fn``/``fm``  NYSIIS and Metaphone codes of the given and family names;
+``b``  birth date as ``YYYYMMDD`` (or ``YYYYMM``/``YYYY`` for partial dates);
+``s``  administrative gender (``male``/``female``/``other``; ``unknown`` is treated as missing);
+``a``  first address line(s), lower case, single-spaced; ``c`` city; ``z`` postal code (alphanumerics);
+``t``  phone: digits of the first phone number, last 10 kept;
+``i``  strong identifiers: sorted list of ``[system, value]`` (value with spaces and dashes removed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jellyfish
+import orjson
+
+from bridge.mpi.config import MpiInputError
+
+Features = dict[str, Any]
+
+_NON_LETTER = re.compile(r"[^a-z]")
+_NON_ALNUM_SPACE = re.compile(r"[^a-z0-9 ]")
+_NON_ALNUM = re.compile(r"[^a-z0-9]")
+_SPACES = re.compile(r"\s+")
+_NON_DIGIT = re.compile(r"[^0-9]")
+_ID_NOISE = re.compile(r"[\s\-./]")
+_DATE = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?")
+
+STRING_KEYS = ("g", "f", "gn", "gm", "fn", "fm", "b", "s", "a", "c", "z", "t")
+
+
+def _fold(text: str) -> str:
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(ch for ch in decomposed if not unicodedata.combining(ch)).lower()
+
+
+def norm_name(text: Any) -> str:
+    """Lower-case ASCII letters only (``"O'Brien-Smith"`` -> ``"obriensmith"``)."""
+    if not isinstance(text, str):
+        return ""
+    return _NON_LETTER.sub("", _fold(text))
+
+
+def norm_text(text: Any) -> str:
+    if not isinstance(text, str):
+        return ""
+    return _SPACES.sub(" ", _NON_ALNUM_SPACE.sub(" ", _fold(text))).strip()
+
+
+def norm_birth_date(value: Any) -> str:
+    """``YYYY-MM-DD`` (or a partial FHIR date / dateTime) -> ``YYYYMMDD`` / ``YYYYMM`` / ``YYYY``."""
+    if not isinstance(value, str):
+        return ""
+    m = _DATE.match(value.strip())
+    if not m:
+        return ""
+    return "".join(part for part in m.groups() if part)
+
+
+def _pick_name(names: Any) -> Mapping[str, Any]:
+    if not isinstance(names, list):
+        return {}
+    candidates = [n for n in names if isinstance(n, Mapping)]
+    for use in ("official", "usual", None):
+        for n in candidates:
+            if use is None or n.get("use") == use:
+                return n
+    return {}
+
+
+def _first_str(values: Any) -> str:
+    if isinstance(values, list):
+        for v in values:
+            if isinstance(v, str) and v.strip():
+                return v
+    return ""
+
+
+def _pick_address(addresses: Any) -> Mapping[str, Any]:
+    if not isinstance(addresses, list):
+        return {}
+    candidates = [a for a in addresses if isinstance(a, Mapping)]
+    for a in candidates:
+        if a.get("use") == "home" and not (a.get("period") or {}).get("end"):
+            return a
+    return candidates[0] if candidates else {}
+
+
+def _phone(telecom: Any) -> str:
+    if not isinstance(telecom, list):
+        return ""
+    for t in telecom:
+        if (
+            isinstance(t, Mapping)
+            and t.get("system") in ("phone", "sms", None)
+            and isinstance(t.get("value"), str)
+        ):
+            digits = _NON_DIGIT.sub("", t["value"])
+            if len(digits) >= 6:
+                return digits[-10:]
+    return ""
+
+
+def phonetic(name: str) -> tuple[str, str]:
+    """(NYSIIS, Metaphone) codes of a normalised name; empty strings for an empty name."""
+    if not name:
+        return "", ""
+    return jellyfish.nysiis(name), jellyfish.metaphone(name)
+
+
+def extract_features(patient: Mapping[str, Any], strong_systems: Iterable[str]) -> Features:
+    """Return the feature record of a FHIR Patient resource.
+
+    Raises :class:`MpiInputError` when ``patient`` is not a Patient resource with a string ``id``.
+    Missing or malformed demographic elements simply become unknown features.
+    """
+    if not isinstance(patient, Mapping) or patient.get("resourceType") != "Patient":
+        raise MpiInputError("resource is not a FHIR Patient")
+    pid = patient.get("id")
+    if not isinstance(pid, str) or not pid:
+        raise MpiInputError("Patient has no id")
+    name = _pick_name(patient.get("name"))
+    given = norm_name(_first_str(name.get("given")))
+    family = norm_name(name.get("family"))
+    if not given and not family and isinstance(name.get("text"), str):
+        parts = norm_text(name["text"]).split()
+        if parts:
+            given, family = norm_name(parts[0]), norm_name(parts[-1]) if len(parts) > 1 else ""
+    gn, gm = phonetic(given)
+    fn, fm = phonetic(family)
+    gender = patient.get("gender")
+    sex = gender if gender in ("male", "female", "other") else ""
+    addr = _pick_address(patient.get("address"))
+    lines = addr.get("line")
+    line = norm_text(" ".join(x for x in lines if isinstance(x, str))) if isinstance(lines, list) else ""
+    strong = set(strong_systems)
+    ids: set[tuple[str, str]] = set()
+    raw_ids = patient.get("identifier")
+    for ident in raw_ids if isinstance(raw_ids, list) else ():
+        if not isinstance(ident, Mapping):
+            continue
+        system, value = ident.get("system"), ident.get("value")
+        if system in strong and isinstance(value, str):
+            v = _ID_NOISE.sub("", value).upper()
+            if v:
+                ids.add((system, v))
+    return {
+        "g": given,
+        "f": family,
+        "gn": gn,
+        "gm": gm,
+        "fn": fn,
+        "fm": fm,
+        "b": norm_birth_date(patient.get("birthDate")),
+        "s": sex,
+        "a": line,
+        "c": norm_text(addr.get("city")),
+        "z": _NON_ALNUM.sub(
+            "", _fold(addr.get("postalCode") or "") if isinstance(addr.get("postalCode"), str) else ""
+        ),
+        "t": _phone(patient.get("telecom")),
+        "i": sorted([list(p) for p in ids]),
+    }
+
+
+def features_digest(features: Features) -> str:
+    """A stable digest of a feature record (used to make re-upserts idempotent)."""
+    return hashlib.sha256(orjson.dumps(features, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]

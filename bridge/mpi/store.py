@@ -1,0 +1,850 @@
+"""The incremental master patient index (:class:`PersonIndex`) on SQLite or PostgreSQL.
+
+Persons are the connected components of MATCH links (automatic and manual), cut by manual unlinks:
+a component is rebuilt by union-find that applies manual links first, then automatic MATCH links by
+descending score, skipping any automatic link that would join two records a person has manually
+declared different. A person's id is derived from its oldest record (``uuid5`` of that record's id),
+so it is stable while records are added; after a merge the older person's id survives (the other id is
+kept as an alias), and after a split the part holding the oldest record keeps it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import orjson
+
+from bridge.logging import get_logger
+from bridge.mpi.blocking import blocking_keys, candidate_pairs
+from bridge.mpi.compare import FeatureTable
+from bridge.mpi.config import MatchState, MpiConfig, MpiConflict, MpiError, MpiInputError, MpiNotFound
+from bridge.mpi.db import TABLES, Database
+from bridge.mpi.features import Features, extract_features, features_digest
+from bridge.mpi.matcher import TF_KEYS, TermFrequencies, fit_model, score_pairs
+from bridge.mpi.model import FSModel
+from bridge.mpi.unionfind import UnionFind
+
+log = get_logger(__name__)
+
+_PERSON_NS = uuid.UUID("5b0f6a3e-3c1f-4b55-9d1e-6d70690a0001")
+MATCH = MatchState.MATCH.value
+POSSIBLE = MatchState.POSSIBLE_MATCH.value
+NO_MATCH = MatchState.NO_MATCH.value
+
+
+def person_id_for(patient_id: str) -> str:
+    """The person id a record founds (a FHIR-id-safe UUID derived from the record id)."""
+    return str(uuid.uuid5(_PERSON_NS, patient_id))
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _pair(a: str, b: str) -> tuple[str, str]:
+    return (a, b) if a < b else (b, a)
+
+
+class PersonIndex:
+    """The master patient index. Open with :meth:`open`; every public method is one transaction.
+
+    Writers (the index consumer, the review API) are serialised across processes; readers see
+    committed state. Raises :class:`~bridge.mpi.config.MpiError` subclasses on bad input, unknown ids
+    and contradictory manual decisions.
+    """
+
+    def __init__(self, db: Database, config: MpiConfig) -> None:
+        self.db = db
+        self.config = config
+        self._model: FSModel | None = None
+        self._model_version: str | None = None
+
+    @classmethod
+    def open(cls, url: str, config: MpiConfig | None = None) -> PersonIndex:
+        """Open (creating tables if needed) the index at ``sqlite:///path.db`` or ``postgresql://...``."""
+        return cls(Database(url), config or MpiConfig())
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> PersonIndex:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ model
+
+    def model(self) -> FSModel:
+        """The current Fellegi–Sunter parameters (EM-fitted once enough records exist, else priors)."""
+        row = self.db.one("SELECT value FROM mpi_meta WHERE key = 'model'")
+        if row is None:
+            return FSModel.prior()
+        if row[0] != self._model_version or self._model is None:
+            self._model = FSModel.from_json(orjson.loads(row[0]))
+            self._model_version = row[0]
+        return self._model
+
+    def _maybe_fit(self, total: int) -> None:
+        cfg = self.config
+        if total < cfg.em_min_records:
+            return
+        row = self.db.one("SELECT value FROM mpi_meta WHERE key = 'model'")
+        fitted_on = 0
+        if row is not None:
+            fitted_on = int(orjson.loads(row[0]).get("fitted_on_records", 0))
+        if fitted_on and total < fitted_on * cfg.em_refit_factor:
+            return
+        self.fit(total=total)
+
+    def fit(self, *, total: int | None = None) -> FSModel:
+        """Re-estimate m/u/lambda by EM on (a sample of) the stored records and persist them.
+
+        Existing decisions are not re-scored; new comparisons use the new parameters.
+        """
+        with self.db.write():
+            if total is None:
+                total = int(self.db.one("SELECT COUNT(*) FROM mpi_patient")[0])  # type: ignore[index]
+            step = max(1, -(-total // self.config.em_sample_records))
+            rows = self.db.all("SELECT features FROM mpi_patient WHERE seq % ? = 0 ORDER BY seq", (step,))
+            records = [orjson.loads(r[0]) for r in rows]
+            table = FeatureTable(records)
+            ia, ib, _ = candidate_pairs([blocking_keys(r) for r in records], self.config.max_block_size)
+            model = fit_model(table, ia, ib, self.config)
+            model.fitted_on_records = total
+            blob = orjson.dumps(model.to_json()).decode()
+            self._set_meta("model", blob)
+            log.info(
+                "mpi_em_fit",
+                records=total,
+                sampled=len(records),
+                pairs=len(ia),
+                iterations=model.iterations,
+                match_rate=round(model.lam, 4),
+            )
+            return model
+
+    def _set_meta(self, key: str, value: str) -> None:
+        self.db.execute(
+            "INSERT INTO mpi_meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    # ------------------------------------------------------------------ ingest
+
+    def upsert_patients(self, patients: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        """Index a batch of ``(source_org, Patient)`` in one transaction.
+
+        New and changed records are blocked and scored against the index; MATCH pairs are linked
+        (persons merge), POSSIBLE_MATCH pairs go to the review queue; pairs with a manual decision are
+        left alone. Re-upserting identical demographics is a no-op; a changed record loses its
+        automatic pairs and is re-scored. Raises :class:`MpiInputError` (naming the batch position) if
+        an item is not a Patient with an id or lacks a source organisation; nothing is written then.
+        """
+        batch: dict[str, tuple[str, Features]] = {}
+        systems = self.config.strong_identifier_systems
+        for i, item in enumerate(patients):
+            try:
+                org, resource = item
+            except (TypeError, ValueError):
+                raise MpiInputError(
+                    "expected a (source_org, Patient) pair", location=f"patients[{i}]"
+                ) from None
+            if not isinstance(org, str) or not org:
+                raise MpiInputError("source_org must be a non-empty string", location=f"patients[{i}]")
+            try:
+                feats = extract_features(resource, systems)
+            except MpiInputError as exc:
+                raise MpiInputError(str(exc), location=f"patients[{i}]") from None
+            batch[resource["id"]] = (org, feats)
+        if not batch:
+            return
+        with self.db.write():
+            self._upsert(batch)
+
+    def _upsert(self, batch: dict[str, tuple[str, Features]]) -> None:
+        db = self.db
+        now = _now()
+        ids = list(batch)
+        existing = {
+            r[0]: r[1:]
+            for r in db.all_in(
+                "SELECT patient_id, digest, source_org, features, person_id FROM mpi_patient WHERE patient_id IN ({in})",
+                ids,
+            )
+        }
+        changed: list[str] = []
+        digests: dict[str, str] = {}
+        for pid, (org, feats) in batch.items():
+            digests[pid] = features_digest(feats)
+            old = existing.get(pid)
+            if old is None or old[0] != digests[pid] or old[1] != org:
+                changed.append(pid)
+        if not changed:
+            return
+        seeds: set[str] = set(changed)
+        updated = [pid for pid in changed if pid in existing]
+        tf_delta: dict[tuple[str, str], int] = defaultdict(int)
+        if updated:
+            for pid in updated:
+                old_feats = orjson.loads(existing[pid][2])
+                for k in TF_KEYS:
+                    if old_feats.get(k):
+                        tf_delta[(k, old_feats[k])] -= 1
+            db.exec_in("DELETE FROM mpi_block WHERE patient_id IN ({in})", updated)
+            dropped = db.all_in(
+                "SELECT patient_a, patient_b FROM mpi_pair WHERE origin = 'auto' AND patient_a IN ({in})",
+                updated,
+            ) + db.all_in(
+                "SELECT patient_a, patient_b FROM mpi_pair WHERE origin = 'auto' AND patient_b IN ({in})",
+                updated,
+            )
+            for a, b in dropped:
+                seeds.update((a, b))
+            db.exec_in("DELETE FROM mpi_pair WHERE origin = 'auto' AND patient_a IN ({in})", updated)
+            db.exec_in("DELETE FROM mpi_pair WHERE origin = 'auto' AND patient_b IN ({in})", updated)
+            for pid in updated:
+                self._history(
+                    "record-updated", pid, None, existing[pid][3], None, None, None, {"digest": digests[pid]}
+                )
+        max_seq = int(db.one("SELECT COALESCE(MAX(seq), 0) FROM mpi_patient")[0])  # type: ignore[index]
+        rows = []
+        for pid in changed:
+            org, feats = batch[pid]
+            if pid in existing:
+                db.execute(
+                    "UPDATE mpi_patient SET source_org = ?, features = ?, digest = ?, updated_at = ? WHERE patient_id = ?",
+                    (org, orjson.dumps(feats).decode(), digests[pid], now, pid),
+                )
+            else:
+                max_seq += 1
+                rows.append(
+                    (pid, org, person_id_for(pid), orjson.dumps(feats).decode(), digests[pid], max_seq, now)
+                )
+            for k in TF_KEYS:
+                if feats.get(k):
+                    tf_delta[(k, feats[k])] += 1
+        db.executemany(
+            "INSERT INTO mpi_patient (patient_id, source_org, person_id, features, digest, seq, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+        keys_of = {pid: blocking_keys(batch[pid][1]) for pid in changed}
+        db.executemany(
+            "INSERT INTO mpi_block (bkey, patient_id) VALUES (?, ?) ON CONFLICT DO NOTHING",
+            [(k, pid) for pid, ks in keys_of.items() for k in ks],
+        )
+        db.executemany(
+            "INSERT INTO mpi_tf (field, value, n) VALUES (?, ?, ?) "
+            "ON CONFLICT (field, value) DO UPDATE SET n = mpi_tf.n + excluded.n",
+            [(k, v, d) for (k, v), d in tf_delta.items() if d],
+        )
+        total = max_seq if not updated else int(db.one("SELECT COUNT(*) FROM mpi_patient")[0])  # type: ignore[index]
+        self._maybe_fit(total)
+        self._score_new(changed, keys_of, batch, total, now, seeds)
+        self._recluster(seeds, now)
+
+    def _score_new(
+        self,
+        changed: list[str],
+        keys_of: dict[str, list[str]],
+        batch: dict[str, tuple[str, Features]],
+        total: int,
+        now: str,
+        seeds: set[str],
+    ) -> None:
+        db = self.db
+        all_keys = sorted({k for ks in keys_of.values() for k in ks})
+        members: dict[str, list[str]] = defaultdict(list)
+        for k, pid in db.all_in("SELECT bkey, patient_id FROM mpi_block WHERE bkey IN ({in})", all_keys):
+            members[k].append(pid)
+        changed_set = set(changed)
+        cand: set[tuple[str, str]] = set()
+        cap = self.config.max_block_size
+        for pid in changed:
+            for k in keys_of[pid]:
+                group = members.get(k, ())
+                if len(group) > cap:
+                    continue
+                for other in group:
+                    if other == pid or (other in changed_set and other < pid):
+                        continue
+                    cand.add((pid, other))
+        if not cand:
+            return
+        others = sorted({o for _, o in cand if o not in changed_set})
+        feats: dict[str, Features] = {pid: batch[pid][1] for pid in changed}
+        for pid, blob in db.all_in(
+            "SELECT patient_id, features FROM mpi_patient WHERE patient_id IN ({in})", others
+        ):
+            feats[pid] = orjson.loads(blob)
+        order = list(feats)
+        row_of = {pid: i for i, pid in enumerate(order)}
+        table = FeatureTable([feats[pid] for pid in order])
+        cand_list = sorted(cand)
+        ia = np.array([row_of[a] for a, _ in cand_list], dtype=np.int64)
+        ib = np.array([row_of[b] for _, b in cand_list], dtype=np.int64)
+        tf = self._term_frequencies(table, total) if self.config.term_frequency else None
+        scored = score_pairs(table, ia, ib, self.model(), self.config, tf)
+        keep = np.nonzero(scored.state != NO_MATCH)[0]
+        if len(keep) == 0:
+            return
+        pairs = [(_pair(*cand_list[k]), str(scored.state[k]), float(scored.prob[k])) for k in keep]
+        involved = sorted({p for (a, b), _, _ in pairs for p in (a, b)})
+        manual = {
+            (a, b)
+            for a, b in db.all_in(
+                "SELECT patient_a, patient_b FROM mpi_pair WHERE origin = 'manual' AND patient_a IN ({in})",
+                involved,
+            )
+        }
+        rows = []
+        history = []
+        for (a, b), state, score in pairs:
+            if (a, b) in manual:
+                continue
+            rows.append((a, b, state, round(score, 6), "auto", None, None, now))
+            history.append(
+                (
+                    now,
+                    "auto-match" if state == MATCH else "possible-match",
+                    a,
+                    b,
+                    None,
+                    None,
+                    "matcher",
+                    None,
+                    round(score, 6),
+                    None,
+                )
+            )
+            if state == MATCH:
+                seeds.update((a, b))
+        db.executemany(
+            "INSERT INTO mpi_pair (patient_a, patient_b, state, score, origin, actor, reason, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (patient_a, patient_b) DO UPDATE SET "
+            "state = excluded.state, score = excluded.score, updated_at = excluded.updated_at "
+            "WHERE mpi_pair.origin = 'auto'",
+            rows,
+        )
+        db.executemany(
+            "INSERT INTO mpi_history (at, action, patient_a, patient_b, person_id, other_person_id, actor, reason, "
+            "score, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            history,
+        )
+
+    def _term_frequencies(self, table: FeatureTable, total: int) -> TermFrequencies:
+        counts: dict[str, dict[str, int]] = {}
+        for k in TF_KEYS:
+            values = sorted({v for v in table.cols[k] if v})
+            counts[k] = {
+                v: int(n)
+                for v, n in self.db.all_in(
+                    "SELECT value, n FROM mpi_tf WHERE field = ? AND value IN ({in})", values, extra=(k,)
+                )
+            }
+        sum_sq = {
+            k: int(s or 0) for k, s in self.db.all("SELECT field, SUM(n * n) FROM mpi_tf GROUP BY field")
+        }
+        return TermFrequencies(counts, total, sum_sq)
+
+    # ------------------------------------------------------------------ persons
+
+    def _component(self, seeds: Iterable[str]) -> set[str]:
+        """All records connected to ``seeds`` through current persons or MATCH pairs."""
+        db = self.db
+        nodes: set[str] = set()
+        frontier = set(seeds)
+        while frontier:
+            nodes |= frontier
+            f = sorted(frontier)
+            persons = {
+                r[0] for r in db.all_in("SELECT person_id FROM mpi_patient WHERE patient_id IN ({in})", f)
+            }
+            found = {
+                r[0]
+                for r in db.all_in(
+                    "SELECT patient_id FROM mpi_patient WHERE person_id IN ({in})", sorted(persons)
+                )
+            }
+            for _a, b in db.all_in(
+                f"SELECT patient_a, patient_b FROM mpi_pair WHERE state = '{MATCH}' AND "
+                "patient_a IN ({in})",
+                f,
+            ):
+                found.add(b)
+            for a, _b in db.all_in(
+                f"SELECT patient_a, patient_b FROM mpi_pair WHERE state = '{MATCH}' AND "
+                "patient_b IN ({in})",
+                f,
+            ):
+                found.add(a)
+            frontier = found - nodes
+        return nodes
+
+    def _recluster(self, seeds: Iterable[str], now: str, *, actor: str = "matcher") -> dict[str, str]:
+        """Rebuild the persons of the components around ``seeds``; returns patient -> person id."""
+        db = self.db
+        nodes = sorted(self._component(seeds))
+        if not nodes:
+            return {}
+        info = {
+            r[0]: (r[1], int(r[2]))
+            for r in db.all_in(
+                "SELECT patient_id, person_id, seq FROM mpi_patient WHERE patient_id IN ({in})", nodes
+            )
+        }
+        node_set = set(info)
+        pairs = [
+            r
+            for r in db.all_in(
+                "SELECT patient_a, patient_b, state, score, origin FROM mpi_pair WHERE patient_a IN ({in})",
+                nodes,
+            )
+            if r[1] in node_set
+        ]
+        uf: UnionFind[str] = UnionFind(sorted(info, key=lambda p: info[p][1]))
+        members: dict[str, set[str]] = {p: {p} for p in info}
+        cannot: dict[str, set[str]] = defaultdict(set)
+        for a, b, state, _score, origin in pairs:
+            if origin == "manual" and state == NO_MATCH:
+                cannot[a].add(b)
+                cannot[b].add(a)
+
+        def join(a: str, b: str, *, check: bool) -> bool:
+            ra, rb = uf.find(a), uf.find(b)
+            if ra == rb:
+                return True
+            if check:
+                small, big = (
+                    (members[ra], members[rb])
+                    if len(members[ra]) <= len(members[rb])
+                    else (members[rb], members[ra])
+                )
+                if any(cannot[x] & big for x in small):
+                    return False
+            root = uf.union(a, b)
+            other = rb if root == ra else ra
+            members[root] |= members.pop(other)
+            return True
+
+        for a, b, state, _score, origin in pairs:
+            if origin == "manual" and state == MATCH:
+                join(a, b, check=False)
+        autos = sorted(
+            (p for p in pairs if p[4] == "auto" and p[2] == MATCH), key=lambda p: (-(p[3] or 0), p[0], p[1])
+        )
+        for a, b, _state, _score, _origin in autos:
+            join(a, b, check=True)
+        result: dict[str, str] = {}
+        moves: dict[tuple[str, str], list[str]] = defaultdict(list)
+        live_ids: set[str] = set()
+        for group in uf.groups():
+            oldest = min(group, key=lambda p: info[p][1])
+            new_id = person_id_for(oldest)
+            live_ids.add(new_id)
+            for p in group:
+                result[p] = new_id
+                if info[p][0] != new_id:
+                    moves[(info[p][0], new_id)].append(p)
+        if not moves:
+            return result
+        db.executemany(
+            "UPDATE mpi_patient SET person_id = ? WHERE patient_id = ?",
+            [(new, p) for (_old, new), ps in moves.items() for p in ps],
+        )
+        old_ids = sorted({old for old, _new in moves} - live_ids)
+        still_used = {
+            r[0]
+            for r in db.all_in(
+                "SELECT DISTINCT person_id FROM mpi_patient WHERE person_id IN ({in})", old_ids
+            )
+        }
+        retired = [o for o in old_ids if o not in still_used]
+        founders = {person_id_for(p): p for p in info}
+        for old in retired:
+            founder = founders.get(old)
+            target = result[founder] if founder else next(new for (o, new) in moves if o == old)
+            db.execute(
+                "INSERT INTO mpi_alias (old_id, person_id) VALUES (?, ?) ON CONFLICT (old_id) DO UPDATE "
+                "SET person_id = excluded.person_id",
+                (old, target),
+            )
+            db.execute("UPDATE mpi_alias SET person_id = ? WHERE person_id = ?", (target, old))
+        db.exec_in("DELETE FROM mpi_alias WHERE old_id IN ({in})", sorted(live_ids))
+        history = []
+        for (old, new), ps in sorted(moves.items()):
+            action = "person-merged" if old in retired else "person-split"
+            history.append(
+                (
+                    now,
+                    action,
+                    None,
+                    None,
+                    new,
+                    old,
+                    actor,
+                    None,
+                    None,
+                    orjson.dumps({"patients": sorted(ps)}).decode(),
+                )
+            )
+        db.executemany(
+            "INSERT INTO mpi_history (at, action, patient_a, patient_b, person_id, other_person_id, actor, reason, "
+            "score, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            history,
+        )
+        return result
+
+    def _history(
+        self,
+        action: str,
+        a: str | None,
+        b: str | None,
+        person: str | None,
+        actor: str | None,
+        reason: str | None,
+        score: float | None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        self.db.execute(
+            "INSERT INTO mpi_history (at, action, patient_a, patient_b, person_id, other_person_id, actor, reason, "
+            "score, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                _now(),
+                action,
+                a,
+                b,
+                person,
+                None,
+                actor,
+                reason,
+                score,
+                orjson.dumps(detail).decode() if detail is not None else None,
+            ),
+        )
+
+    # ------------------------------------------------------------------ manual decisions
+
+    def _require(self, *patient_ids: str) -> None:
+        found = {
+            r[0]
+            for r in self.db.all_in(
+                "SELECT patient_id FROM mpi_patient WHERE patient_id IN ({in})", list(patient_ids)
+            )
+        }
+        for pid in patient_ids:
+            if pid not in found:
+                raise MpiNotFound("Patient", pid)
+
+    def _manual(self, a: str, b: str, state: str, actor: str, reason: str | None) -> None:
+        if not isinstance(actor, str) or not actor.strip():
+            raise MpiInputError("a manual decision needs an actor")
+        if a == b:
+            raise MpiInputError("a record cannot be linked to or unlinked from itself")
+        self._require(a, b)
+        x, y = _pair(a, b)
+        now = _now()
+        prev = self.db.one(
+            "SELECT state, score, origin FROM mpi_pair WHERE patient_a = ? AND patient_b = ?", (x, y)
+        )
+        self.db.execute(
+            "INSERT INTO mpi_pair (patient_a, patient_b, state, score, origin, actor, reason, updated_at) "
+            "VALUES (?, ?, ?, ?, 'manual', ?, ?, ?) ON CONFLICT (patient_a, patient_b) DO UPDATE SET "
+            "state = excluded.state, origin = 'manual', actor = excluded.actor, reason = excluded.reason, "
+            "updated_at = excluded.updated_at",
+            (x, y, state, prev[1] if prev else None, actor, reason, now),
+        )
+        detail = {"previous_state": prev[0], "previous_origin": prev[2]} if prev else None
+        self._history(
+            "link" if state == MATCH else "unlink",
+            x,
+            y,
+            None,
+            actor,
+            reason,
+            prev[1] if prev else None,
+            detail,
+        )
+
+    def link(self, patient_a: str, patient_b: str, actor: str, reason: str | None = None) -> None:
+        """Manually declare two records the same person (their persons merge). The matcher never undoes it.
+
+        Raises :class:`MpiNotFound` for an unknown record, :class:`MpiInputError` without an actor.
+        """
+        with self.db.write():
+            self._manual(patient_a, patient_b, MATCH, actor, reason)
+            persons = self._recluster([patient_a, patient_b], _now(), actor=actor)
+            if persons.get(patient_a) != persons.get(
+                patient_b
+            ):  # pragma: no cover - manual links always join
+                raise MpiError("internal error: a manual link did not join the records")
+
+    def unlink(self, patient_a: str, patient_b: str, actor: str, reason: str | None = None) -> None:
+        """Manually declare two records different people; automatic links joining them are cut.
+
+        Raises :class:`MpiNotFound` for an unknown record and :class:`MpiConflict` if other *manual*
+        links still join the two (unlink those first); nothing changes then.
+        """
+        with self.db.write():
+            self._manual(patient_a, patient_b, NO_MATCH, actor, reason)
+            persons = self._recluster([patient_a, patient_b], _now(), actor=actor)
+            if persons.get(patient_a) == persons.get(patient_b):
+                raise MpiConflict(
+                    f"records {patient_a!r} and {patient_b!r} are still joined by other manual links; unlink those first"
+                )
+
+    # ------------------------------------------------------------------ reads
+
+    def person_id(self, patient_id: str) -> str | None:
+        """The person id of a record, or None if the record is not indexed."""
+        row = self.db.one("SELECT person_id FROM mpi_patient WHERE patient_id = ?", (patient_id,))
+        return row[0] if row else None
+
+    def resolve_person(self, person_id: str) -> str | None:
+        """The live person id for ``person_id`` (following merge aliases), or None if unknown."""
+        if self.db.one("SELECT 1 FROM mpi_patient WHERE person_id = ? LIMIT 1", (person_id,)):
+            return person_id
+        row = self.db.one("SELECT person_id FROM mpi_alias WHERE old_id = ?", (person_id,))
+        return row[0] if row else None
+
+    def linked_patient_ids(self, patient_id: str, include_possible: bool = False) -> list[str]:
+        """Record ids of the same person as ``patient_id`` (itself included, first); sorted otherwise.
+
+        With ``include_possible`` the records of persons joined to it by an unresolved POSSIBLE_MATCH
+        are added too. An unindexed record yields ``[patient_id]``.
+        """
+        with self.db.read():
+            person = self.person_id(patient_id)
+            if person is None:
+                return [patient_id]
+            members = {
+                r[0] for r in self.db.all("SELECT patient_id FROM mpi_patient WHERE person_id = ?", (person,))
+            }
+            if include_possible:
+                ms = sorted(members)
+                extra = {
+                    b
+                    for _a, b in self.db.all_in(
+                        f"SELECT patient_a, patient_b FROM mpi_pair WHERE state = '{POSSIBLE}' AND patient_a IN ({{in}})",
+                        ms,
+                    )
+                }
+                extra |= {
+                    a
+                    for a, _b in self.db.all_in(
+                        f"SELECT patient_a, patient_b FROM mpi_pair WHERE state = '{POSSIBLE}' AND patient_b IN ({{in}})",
+                        ms,
+                    )
+                }
+                extra -= members
+                if extra:
+                    persons = {
+                        r[0]
+                        for r in self.db.all_in(
+                            "SELECT person_id FROM mpi_patient WHERE patient_id IN ({in})", sorted(extra)
+                        )
+                    }
+                    members |= {
+                        r[0]
+                        for r in self.db.all_in(
+                            "SELECT patient_id FROM mpi_patient WHERE person_id IN ({in})", sorted(persons)
+                        )
+                    }
+            members.discard(patient_id)
+            return [patient_id, *sorted(members)]
+
+    def person(self, person_id: str) -> dict[str, Any]:
+        """The link set of a person: records (with source org), pairs among them and open possible matches.
+
+        Follows merge aliases (``id`` is the live id; ``requested_id`` what was asked). Raises
+        :class:`MpiNotFound` for an unknown id.
+        """
+        with self.db.read():
+            live = self.resolve_person(person_id)
+            if live is None:
+                raise MpiNotFound("Person", person_id)
+            recs = self.db.all(
+                "SELECT patient_id, source_org, seq, updated_at FROM mpi_patient WHERE person_id = ? "
+                "ORDER BY seq",
+                (live,),
+            )
+            ids = [r[0] for r in recs]
+            idset = set(ids)
+            pairs = self.db.all_in(
+                "SELECT patient_a, patient_b, state, score, origin, actor, reason, updated_at "
+                "FROM mpi_pair WHERE patient_a IN ({in})",
+                ids,
+            )
+            pairs += [
+                r
+                for r in self.db.all_in(
+                    "SELECT patient_a, patient_b, state, score, origin, actor, reason, "
+                    "updated_at FROM mpi_pair WHERE patient_b IN ({in})",
+                    ids,
+                )
+                if r[0] not in idset
+            ]
+            others = sorted({p for r in pairs for p in r[:2]} - idset)
+            person_of = {
+                r[0]: r[1]
+                for r in self.db.all_in(
+                    "SELECT patient_id, person_id FROM mpi_patient WHERE patient_id IN ({in})", others
+                )
+            }
+        links = []
+        for a, b, state, score, origin, actor, reason, updated in sorted(pairs):
+            inside = a in idset and b in idset
+            entry: dict[str, Any] = {
+                "patient_a": a,
+                "patient_b": b,
+                "state": state,
+                "score": score,
+                "origin": origin,
+                "updated_at": updated,
+            }
+            if origin == "manual":
+                entry["actor"] = actor
+                if reason:
+                    entry["reason"] = reason
+            if not inside:
+                if state != POSSIBLE:
+                    continue
+                entry["other_person_id"] = person_of.get(b if a in idset else a)
+            links.append(entry)
+        return {
+            "id": live,
+            "requested_id": person_id,
+            "patients": [{"patient_id": r[0], "source_org": r[1], "updated_at": r[3]} for r in recs],
+            "links": links,
+        }
+
+    def review_queue(self, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        """Open POSSIBLE_MATCH pairs (records still in different persons), best score first.
+
+        Each item has both record ids, source orgs, person ids, the score and the compared demographics.
+        Raises :class:`MpiInputError` for a negative limit/offset.
+        """
+        if limit < 0 or offset < 0:
+            raise MpiInputError("limit and offset must not be negative")
+        rows = self.db.all(
+            "SELECT p.patient_a, p.patient_b, p.score, p.updated_at, a.source_org, b.source_org, a.person_id, "
+            "b.person_id, a.features, b.features FROM mpi_pair p "
+            "JOIN mpi_patient a ON a.patient_id = p.patient_a JOIN mpi_patient b ON b.patient_id = p.patient_b "
+            f"WHERE p.state = '{POSSIBLE}' AND a.person_id <> b.person_id "
+            "ORDER BY p.score DESC, p.patient_a, p.patient_b LIMIT ? OFFSET ?",
+            (limit, offset),
+        )
+        out = []
+        for a, b, score, updated, org_a, org_b, per_a, per_b, fa, fb in rows:
+            out.append(
+                {
+                    "patient_a": a,
+                    "patient_b": b,
+                    "score": score,
+                    "updated_at": updated,
+                    "source_a": org_a,
+                    "source_b": org_b,
+                    "person_a": per_a,
+                    "person_b": per_b,
+                    "demographics_a": _public(orjson.loads(fa)),
+                    "demographics_b": _public(orjson.loads(fb)),
+                }
+            )
+        return out
+
+    def history(self, person_or_patient_id: str) -> list[dict[str, Any]]:
+        """Link changes touching a record, or a person (its current records and its id), oldest first."""
+        with self.db.read():
+            live = self.resolve_person(person_or_patient_id)
+            if live is not None:
+                members = [
+                    r[0]
+                    for r in self.db.all("SELECT patient_id FROM mpi_patient WHERE person_id = ?", (live,))
+                ]
+                ids = {person_or_patient_id, live}
+                ids |= {
+                    r[0] for r in self.db.all("SELECT old_id FROM mpi_alias WHERE person_id = ?", (live,))
+                }
+                rows = self.db.all_in("SELECT * FROM mpi_history WHERE patient_a IN ({in})", members)
+                rows += self.db.all_in("SELECT * FROM mpi_history WHERE patient_b IN ({in})", members)
+                rows += self.db.all_in("SELECT * FROM mpi_history WHERE person_id IN ({in})", sorted(ids))
+                rows += self.db.all_in(
+                    "SELECT * FROM mpi_history WHERE other_person_id IN ({in})", sorted(ids)
+                )
+            else:
+                if self.person_id(person_or_patient_id) is None:
+                    raise MpiNotFound("Patient or Person", person_or_patient_id)
+                rows = self.db.all(
+                    "SELECT * FROM mpi_history WHERE patient_a = ? OR patient_b = ?",
+                    (person_or_patient_id, person_or_patient_id),
+                )
+                rows += [
+                    r
+                    for r in self.db.all(
+                        "SELECT * FROM mpi_history WHERE detail LIKE ?", (f'%"{person_or_patient_id}"%',)
+                    )
+                ]
+        seen: dict[int, dict[str, Any]] = {}
+        for seq, at, action, a, b, person, other, actor, reason, score, detail in rows:
+            entry: dict[str, Any] = {"seq": int(seq), "at": at, "action": action}
+            for k, v in (
+                ("patient_a", a),
+                ("patient_b", b),
+                ("person_id", person),
+                ("other_person_id", other),
+                ("actor", actor),
+                ("reason", reason),
+                ("score", score),
+            ):
+                if v is not None:
+                    entry[k] = v
+            if detail:
+                entry["detail"] = orjson.loads(detail)
+            seen[int(seq)] = entry
+        return [seen[k] for k in sorted(seen)]
+
+    def stats(self) -> dict[str, Any]:
+        """Counts of records, persons, pairs by state, and the model's provenance."""
+        records = int(self.db.one("SELECT COUNT(*) FROM mpi_patient")[0])  # type: ignore[index]
+        persons = int(self.db.one("SELECT COUNT(DISTINCT person_id) FROM mpi_patient")[0])  # type: ignore[index]
+        by_state = {s: int(n) for s, n in self.db.all("SELECT state, COUNT(*) FROM mpi_pair GROUP BY state")}
+        m = self.model()
+        return {
+            "records": records,
+            "persons": persons,
+            "pairs": by_state,
+            "model": m.source,
+            "model_fitted_on_records": m.fitted_on_records,
+        }
+
+    def reset(self) -> None:
+        """Delete everything (records, persons, pairs, history, parameters)."""
+        with self.db.write():
+            for t in TABLES:
+                self.db.execute(f"DELETE FROM {t}")
+        self._model = None
+        self._model_version = None
+
+
+def _public(f: Features) -> dict[str, Any]:
+    """The human-readable part of a feature record, for reviewers."""
+    keys = {
+        "g": "given",
+        "f": "family",
+        "b": "birth_date",
+        "s": "sex",
+        "a": "address",
+        "c": "city",
+        "z": "postal_code",
+        "t": "phone",
+    }
+    out: dict[str, Any] = {name: f[k] for k, name in keys.items() if f.get(k)}
+    if f.get("i"):
+        out["identifiers"] = [{"system": s, "value": v} for s, v in f["i"]]
+    return out
