@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import re
 import uuid
+from datetime import UTC, datetime, timedelta
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
@@ -53,6 +54,10 @@ def _date_param(request: web.Request, name: str) -> str | None:
         return None
     if not _DATE.match(value):
         raise FhirHTTPError(400, "invalid", f"parameter {name}: {value!r} is not a FHIR date or dateTime")
+    try:
+        date_range(value)
+    except ValueError:
+        raise FhirHTTPError(400, "invalid", f"parameter {name}: {value!r} is not a valid date") from None
     return value
 
 
@@ -69,15 +74,43 @@ def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) 
     return value
 
 
+def date_range(value: str) -> tuple[datetime, datetime]:
+    """The half-open UTC interval a FHIR date/dateTime denotes (a year, a month, a day or an instant).
+
+    Values without an offset are taken as UTC. Raises ValueError for a malformed value.
+    """
+    if len(value) == 4:
+        lo = datetime(int(value), 1, 1, tzinfo=UTC)
+        return lo, lo.replace(year=lo.year + 1)
+    if len(value) == 7:
+        lo = datetime(int(value[:4]), int(value[5:7]), 1, tzinfo=UTC)
+        return lo, (lo.replace(year=lo.year + 1, month=1) if lo.month == 12 else lo.replace(month=lo.month + 1))
+    if len(value) == 10:
+        lo = datetime.fromisoformat(value).replace(tzinfo=UTC)
+        return lo, lo + timedelta(days=1)
+    dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    dt = dt.astimezone(UTC)
+    return dt, dt + timedelta(seconds=1)
+
+
 def in_range(clinical: str | None, start: str | None, end: str | None) -> bool:
-    """Whether a clinical date falls in [start, end]; both bounds inclusive at their own precision."""
+    """Whether a clinical date overlaps [start, end], each taken at its own precision (FHIR search semantics).
+
+    A resource without a clinical date never matches a date filter.
+    """
     if start is None and end is None:
         return True
     if not clinical:
         return False
-    if start is not None and clinical[: len(start)] < start and clinical < start:
+    try:
+        lo, hi = date_range(clinical)
+    except ValueError:
         return False
-    return not (end is not None and clinical[: len(end)] > end)
+    if start is not None and hi <= date_range(start)[0]:
+        return False
+    return not (end is not None and lo >= date_range(end)[1])
 
 
 def merge_duplicates(resources: list[StoredResource]) -> list[MergedEntry]:

@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+from bridge.index.rules import clinical_date, dedupe_key, patient_of
+
+
+def _obs(**kw: object) -> dict[str, object]:
+    base: dict[str, object] = {
+        "resourceType": "Observation",
+        "id": "o1",
+        "subject": {"reference": "Patient/p1"},
+        "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7"}]},
+        "effectiveDateTime": "2026-01-02T10:00:00Z",
+        "valueQuantity": {"value": 5.4, "unit": "mmol/L", "system": "http://unitsofmeasure.org", "code": "mmol/L"},
+    }
+    base.update(kw)
+    return base
+
+
+def test_patient_of_by_type() -> None:
+    assert patient_of({"resourceType": "Patient", "id": "p9"}) == "p9"
+    assert patient_of(_obs()) == "p1"
+    assert patient_of({"resourceType": "Immunization", "patient": {"reference": "Patient/p2"}}) == "p2"
+    appt = {"resourceType": "Appointment", "participant": [{"actor": {"reference": "Practitioner/x"}}, {"actor": {"reference": "Patient/p3"}}]}
+    assert patient_of(appt) == "p3"
+    assert patient_of({"resourceType": "Practitioner", "id": "x"}) is None
+    assert patient_of({"resourceType": "Observation", "subject": {"reference": "Group/g"}}) is None
+
+
+def test_clinical_date_preference_order() -> None:
+    assert clinical_date(_obs()) == "2026-01-02T10:00:00Z"
+    assert clinical_date(_obs(effectiveDateTime=None, effectivePeriod={"start": "2025-12-31"})) == "2025-12-31"
+    assert clinical_date({"resourceType": "Encounter", "period": {"start": "2026-03-01T08:00:00-06:00"}}) == "2026-03-01T08:00:00-06:00"
+    assert clinical_date({"resourceType": "Patient"}) is None
+
+
+def test_same_observation_from_two_sources_has_same_key() -> None:
+    a = _obs(id="a", meta={"source": "urn:fhirbridge:st-mary"})
+    b = _obs(id="b", meta={"source": "urn:fhirbridge:riverside"}, subject={"reference": "Patient/p2"})
+    assert dedupe_key(a) == dedupe_key(b) is not None
+
+
+def test_different_value_unit_or_time_is_not_the_same_fact() -> None:
+    base = dedupe_key(_obs())
+    assert dedupe_key(_obs(valueQuantity={"value": 5.5, "unit": "mmol/L"})) != base
+    assert dedupe_key(_obs(effectiveDateTime="2026-01-02T11:00:00Z")) != base
+    assert dedupe_key(_obs(valueQuantity={"value": 5.4, "unit": "mg/dL", "code": "mg/dL"})) != base
+
+
+def test_types_without_a_safe_rule_never_merge() -> None:
+    assert dedupe_key({"resourceType": "Encounter", "period": {"start": "2026-01-01"}}) is None
+    assert dedupe_key(_obs(code={"text": "no coding"})) is None

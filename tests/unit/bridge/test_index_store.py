@@ -1,0 +1,105 @@
+"""The index store, run against SQLite and PostgreSQL alike."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge.index.store import IncomingBundle, IndexStore
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[IndexStore]:
+    url = f"sqlite://{tmp_path / 'index.db'}" if request.param == "sqlite" else request.getfixturevalue("pg_dsn")
+    s = IndexStore.open(url)
+    yield s
+    s.close()
+
+
+def _patient(pid: str, ssn: str, family: str = "DOE") -> dict[str, Any]:
+    return {
+        "resourceType": "Patient",
+        "id": pid,
+        "identifier": [{"system": "http://hl7.org/fhir/sid/us-ssn", "value": ssn}],
+        "name": [{"family": family, "given": ["JANE"]}],
+        "birthDate": "1980-02-14",
+    }
+
+
+def _bundle(sha: str, org: str, *resources: dict[str, Any], ts: str = "2026-01-01T00:00:00.000Z", offset: int = 0) -> IncomingBundle:
+    return IncomingBundle(
+        bundle={"resourceType": "Bundle", "type": "transaction", "entry": [{"resource": r} for r in resources]},
+        bundle_sha256=sha, source_org=org, source_patient=f"{org}|mrn", topic="t", partition=0, offset=offset, received_at=ts,
+    )
+
+
+def _enc(eid: str, pid: str, start: str) -> dict[str, Any]:
+    return {"resourceType": "Encounter", "id": eid, "status": "finished", "class": {"code": "IMP"},
+            "subject": {"reference": f"Patient/{pid}"}, "period": {"start": start}}
+
+
+def test_apply_is_idempotent_and_keeps_provenance(store: IndexStore) -> None:
+    b = _bundle("h1", "st-mary", _patient("p1", "111"), _enc("e1", "p1", "2026-01-01"))
+    store.apply([b])
+    fp = store.fingerprint()
+    store.apply([b])
+    assert store.fingerprint() == fp
+    assert store.counts()["resources"] == 2
+    rows = store.resources_for_patients(["p1"])
+    assert {r.resource_type for r in rows} == {"Patient", "Encounter"}
+    assert store.sources_of([("Encounter", "e1")])[("Encounter", "e1")][0]["source_org"] == "st-mary"
+
+
+def test_older_record_never_overwrites_newer(store: IndexStore) -> None:
+    store.apply([_bundle("h2", "st-mary", _patient("p1", "111", "NEW"), ts="2026-02-01T00:00:00.000Z")])
+    store.apply([_bundle("h1", "st-mary", _patient("p1", "111", "OLD"), ts="2026-01-01T00:00:00.000Z")])
+    patient = store.get("Patient", "p1")
+    assert patient is not None and patient["name"][0]["family"] == "NEW"
+
+
+def test_same_content_again_does_not_bump_last_updated(store: IndexStore) -> None:
+    store.apply([_bundle("h1", "st-mary", _patient("p1", "111"), ts="2026-01-01T00:00:00.000Z")])
+    store.apply([_bundle("h1", "st-mary", _patient("p1", "111"), ts="2026-03-01T00:00:00.000Z", offset=9)])
+    patient = store.get("Patient", "p1")
+    assert patient is not None and patient["meta"]["lastUpdated"] == "2026-01-01T00:00:00.000Z"
+
+
+def test_changed_content_updates(store: IndexStore) -> None:
+    store.apply([_bundle("h1", "st-mary", _patient("p1", "111", "A"), ts="2026-01-01T00:00:00.000Z")])
+    store.apply([_bundle("h2", "st-mary", _patient("p1", "111", "B"), ts="2026-03-01T00:00:00.000Z")])
+    patient = store.get("Patient", "p1")
+    assert patient is not None and patient["name"][0]["family"] == "B"
+    assert patient["meta"]["lastUpdated"] == "2026-03-01T00:00:00.000Z"
+    assert len(store.sources_of([("Patient", "p1")])[("Patient", "p1")]) == 2
+
+
+def test_identifier_linking_is_transitive(store: IndexStore) -> None:
+    a = _patient("a", "111")
+    b = _patient("b", "111")
+    b["identifier"].append({"system": "urn:dl", "value": "D1"})
+    c = {**_patient("c", "999"), "identifier": [{"system": "urn:dl", "value": "D1"}]}
+    store.apply([_bundle("h1", "x", a), _bundle("h2", "y", b), _bundle("h3", "z", c), _bundle("h4", "z", _patient("d", "222"))])
+    assert store.identifier_linked("a") == ["a", "b", "c"]
+    assert store.patients_by_identifier("http://hl7.org/fhir/sid/us-ssn", "111") == ["a", "b"]
+
+
+def test_reset_then_rebuild_gives_same_fingerprint(store: IndexStore) -> None:
+    bundles = [_bundle(f"h{i}", "st-mary", _patient(f"p{i}", str(i)), _enc(f"e{i}", f"p{i}", "2026-01-01"), offset=i) for i in range(20)]
+    store.apply(bundles)
+    fp = store.fingerprint()
+    store.reset()
+    assert store.counts()["resources"] == 0
+    store.apply(bundles[:7])
+    store.apply(bundles[7:])
+    assert store.fingerprint() == fp
+
+
+def test_filters(store: IndexStore) -> None:
+    store.apply([_bundle("h1", "st-mary", _patient("p1", "1"), _enc("e1", "p1", "2026-01-01"), ts="2026-01-05T00:00:00.000Z")])
+    store.apply([_bundle("h2", "st-mary", _enc("e2", "p1", "2026-02-01"), ts="2026-02-05T00:00:00.000Z")])
+    assert [r.id for r in store.resources_for_patients(["p1"], types=["Encounter"])] == ["e1", "e2"]
+    assert [r.id for r in store.resources_for_patients(["p1"], since="2026-02-01")] == ["e2"]
+    assert [p["id"] for p in store.search_patients(name="doe")] == ["p1"]
