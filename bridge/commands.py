@@ -54,8 +54,10 @@ def register(sub: Any, groups: dict[str, Any]) -> None:
     p.set_defaults(func=cmd_keys_create)
 
     from bridge.demo import register_demo
+    from bridge.replay import register as register_replay
 
     register_demo(sub)
+    register_replay(sub)
 
 
 def _consumer_args(p: argparse.ArgumentParser) -> None:

@@ -1,11 +1,15 @@
 """The index store: resources by deterministic id, with the provenance of every bundle that carried them.
 
-Writes come from the index consumer, in batches, one transaction each. A resource is replaced only by
-a version from a record at least as recent (Kafka record timestamp), so replaying old records over a
-full store changes nothing, and only when its content differs (ignoring ``meta.lastUpdated``), so
-re-ingesting the same files changes nothing either. ``meta.lastUpdated`` is the timestamp of the
-record that first carried the current content, which also makes a rebuilt index identical to the
-original.
+Writes come from the index consumer, in batches, one transaction each. The stored state does not
+depend on the order records arrive in, only on the set of records, so replays, rebuilds and
+re-ingests are idempotent and a rebuilt index is identical to the original:
+
+* a resource's content is that of the record with the newest *source* time (``Bundle.timestamp``, the
+  time the source produced the message, e.g. MSH-7; ties broken by the content hash), so a late or
+  re-sent older message never overwrites newer content (the classic out-of-order ADT problem);
+* its ``meta.lastUpdated`` is the timestamp of the earliest record carrying that same content, so
+  re-ingesting unchanged data changes nothing;
+* the provenance tables are sets: every bundle that delivered a resource, once.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -28,6 +33,7 @@ CREATE TABLE IF NOT EXISTS resources (
     patient_id TEXT,
     clinical_date TEXT,
     last_updated TEXT NOT NULL,
+    version_time TEXT NOT NULL,
     dedupe_key TEXT,
     bundle_sha256 TEXT NOT NULL,
     content_sha256 TEXT NOT NULL,
@@ -67,6 +73,19 @@ CREATE TABLE IF NOT EXISTS bundles (
 """
 
 TABLES = ("resources", "patient_identifiers", "resource_sources", "bundles")
+
+
+def source_time(value: object) -> str | None:
+    """A bundle timestamp as a sortable UTC string (millisecond precision), or None."""
+    if not isinstance(value, str) or len(value) < 10:
+        return None
+    try:
+        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return dt.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +135,7 @@ class IndexStore:
         ident_rows: list[tuple[Any, ...]] = []
         bundle_rows: list[tuple[Any, ...]] = []
         for b in bundles:
+            version_time = source_time(b.bundle.get("timestamp")) or b.received_at
             bundle_rows.append((b.bundle_sha256, b.source_org, b.topic, b.partition, b.offset, b.received_at))
             for entry in b.bundle.get("entry") or ():
                 resource = entry.get("resource") if isinstance(entry, dict) else None
@@ -135,6 +155,7 @@ class IndexStore:
                         patient_of(resource),
                         clinical_date(resource),
                         b.received_at,
+                        version_time,
                         dedupe_key(resource),
                         b.bundle_sha256,
                         content_sha,
@@ -151,15 +172,19 @@ class IndexStore:
         with self.db.transaction() as db:
             db.executemany(
                 """INSERT INTO resources (resource_type, id, source_org, patient_id, clinical_date, last_updated,
-                       dedupe_key, bundle_sha256, content_sha256, body)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                       version_time, dedupe_key, bundle_sha256, content_sha256, body)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                    ON CONFLICT (resource_type, id) DO UPDATE SET
                        source_org = excluded.source_org, patient_id = excluded.patient_id,
                        clinical_date = excluded.clinical_date, last_updated = excluded.last_updated,
-                       dedupe_key = excluded.dedupe_key, bundle_sha256 = excluded.bundle_sha256,
+                       version_time = excluded.version_time, dedupe_key = excluded.dedupe_key, bundle_sha256 = excluded.bundle_sha256,
                        content_sha256 = excluded.content_sha256, body = excluded.body
-                   WHERE excluded.last_updated >= resources.last_updated
-                     AND excluded.content_sha256 <> resources.content_sha256""",
+                   WHERE (excluded.content_sha256 <> resources.content_sha256
+                          AND (excluded.version_time > resources.version_time
+                               OR (excluded.version_time = resources.version_time
+                                   AND excluded.content_sha256 > resources.content_sha256)))
+                      OR (excluded.content_sha256 = resources.content_sha256
+                          AND excluded.last_updated < resources.last_updated)""",
                 res_rows,
             )
             db.executemany(

@@ -77,7 +77,7 @@ def write_feeds(tmp: Path, n_people: int, seed: int = 11) -> dict[str, list[Path
     from bridge.demodata import generate, write_files
 
     feeds = generate(n_people, hospitals=2, overlap=0.5, seed=seed, messages_per_patient=2)
-    return write_files(tmp / "feeds", feeds, per_file=10)
+    return {org: paths for org, paths in write_files(tmp / "feeds", feeds, per_file=10).items() if paths}
 
 
 def count_messages(files: dict[str, list[Path]]) -> int:

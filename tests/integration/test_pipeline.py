@@ -111,11 +111,14 @@ async def test_two_hospitals_end_to_end(stack: Stack, tmp_path: Path) -> None:
 def test_malformed_hl7_is_located_and_dead_lettered(stack: Stack, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from kafka import KafkaConsumer
 
-    good = write_feeds(tmp_path, 2)["st-mary"][0].read_text()
+    good = next(iter(write_feeds(tmp_path, 2).values()))[0].read_text().split("\n")[0]
     bad = tmp_path / "bad.hl7"
     # second message: PID-7 birth date is not a date
-    broken = good.split("\n")[0].replace("|19", "|1X", 1)
-    bad.write_text(good.split("\n")[0] + "\n" + broken + "\n")
+    segments = good.split("\r")
+    pid = segments[2].split("|")
+    pid[7] = "1X800101"
+    segments[2] = "|".join(pid)
+    bad.write_text(good + "\n" + "\r".join(segments) + "\n")
     rc = stack.cli("ingest", "--adapter", "hl7v2", "--source", "st-mary", "--no-progress", str(bad))
     err = capsys.readouterr().err
     assert rc == 1

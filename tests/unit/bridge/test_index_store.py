@@ -29,9 +29,14 @@ def _patient(pid: str, ssn: str, family: str = "DOE") -> dict[str, Any]:
     }
 
 
-def _bundle(sha: str, org: str, *resources: dict[str, Any], ts: str = "2026-01-01T00:00:00.000Z", offset: int = 0) -> IncomingBundle:
+def _bundle(
+    sha: str, org: str, *resources: dict[str, Any], ts: str = "2026-01-01T00:00:00.000Z", offset: int = 0, source_ts: str | None = None
+) -> IncomingBundle:
+    bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "transaction", "entry": [{"resource": r} for r in resources]}
+    if source_ts:
+        bundle["timestamp"] = source_ts
     return IncomingBundle(
-        bundle={"resourceType": "Bundle", "type": "transaction", "entry": [{"resource": r} for r in resources]},
+        bundle=bundle,
         bundle_sha256=sha, source_org=org, source_patient=f"{org}|mrn", topic="t", partition=0, offset=offset, received_at=ts,
     )
 
@@ -56,6 +61,14 @@ def test_apply_is_idempotent_and_keeps_provenance(store: IndexStore) -> None:
 def test_older_record_never_overwrites_newer(store: IndexStore) -> None:
     store.apply([_bundle("h2", "st-mary", _patient("p1", "111", "NEW"), ts="2026-02-01T00:00:00.000Z")])
     store.apply([_bundle("h1", "st-mary", _patient("p1", "111", "OLD"), ts="2026-01-01T00:00:00.000Z")])
+    patient = store.get("Patient", "p1")
+    assert patient is not None and patient["name"][0]["family"] == "NEW"
+
+
+def test_late_older_message_does_not_overwrite_newer_by_source_time(store: IndexStore) -> None:
+    # the A08 (newer at the source) arrives first; the older A01 is re-sent later
+    store.apply([_bundle("h2", "st-mary", _patient("p1", "111", "NEW"), ts="2026-01-01T00:00:00.000Z", source_ts="2026-01-01T10:00:00-06:00")])
+    store.apply([_bundle("h1", "st-mary", _patient("p1", "111", "OLD"), ts="2026-02-01T00:00:00.000Z", source_ts="2026-01-01T09:00:00-06:00")])
     patient = store.get("Patient", "p1")
     assert patient is not None and patient["name"][0]["family"] == "NEW"
 
