@@ -57,6 +57,8 @@ class Settings:
     session_timeout_ms: int = 6000
     heartbeat_interval_ms: int = 1500
     consumer_batch_size: int = 500
+    max_poll_interval_ms: int = 20000
+    consumer_instance_id: str | None = None
     max_request_size: int = 8 * 1024 * 1024
 
     @classmethod
@@ -98,6 +100,8 @@ class Settings:
             session_timeout_ms=_int(env, "FHIRBRIDGE_SESSION_TIMEOUT_MS", 6000),
             heartbeat_interval_ms=_int(env, "FHIRBRIDGE_HEARTBEAT_INTERVAL_MS", 1500),
             consumer_batch_size=_int(env, "FHIRBRIDGE_CONSUMER_BATCH", 500),
+            max_poll_interval_ms=_int(env, "FHIRBRIDGE_MAX_POLL_INTERVAL_MS", 20000),
+            consumer_instance_id=env.get("FHIRBRIDGE_CONSUMER_INSTANCE_ID") or None,
             max_request_size=_int(env, "FHIRBRIDGE_MAX_REQUEST_SIZE", 8 * 1024 * 1024),
         )
 

@@ -88,6 +88,19 @@ class DeadLetterSink(Protocol):
     def flush(self, timeout: float | None = None) -> None: ...
 
 
+def instance_id(settings: Settings, group_id: str) -> str:
+    """The static group member id of this process (``FHIRBRIDGE_CONSUMER_INSTANCE_ID``, else group@host).
+
+    Static membership lets a consumer restarted after a crash take over its own partitions at once
+    instead of waiting for the dead member to time out; on noida-db 0.2.3 a dead dynamic member is
+    never evicted at all, so without it a ``kill -9`` stalls the group. Two consumers of one group on
+    one host need distinct ids.
+    """
+    import socket
+
+    return settings.consumer_instance_id or f"{group_id}@{socket.gethostname()}"
+
+
 def consumer_config(settings: Settings, bootstrap: str, group_id: str | None, **overrides: Any) -> dict[str, Any]:
     cfg: dict[str, Any] = {
         "bootstrap_servers": bootstrap,
@@ -101,8 +114,12 @@ def consumer_config(settings: Settings, bootstrap: str, group_id: str | None, **
         "max_poll_records": settings.consumer_batch_size,
         "max_partition_fetch_bytes": settings.topics.max_message_bytes + 64 * 1024,
         "fetch_max_bytes": max(52428800, settings.topics.max_message_bytes * 2),
-        "max_poll_interval_ms": 300000,
+        # Also the rebalance timeout: a member killed with SIGKILL holds up the group's next join
+        # this long on some brokers. The runtime polls even while it backs off, so this can be short.
+        "max_poll_interval_ms": settings.max_poll_interval_ms,
     }
+    if group_id is not None:
+        cfg["group_instance_id"] = instance_id(settings, group_id)
     cfg.update(overrides)
     return cfg
 

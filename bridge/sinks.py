@@ -7,7 +7,8 @@ ledger as valid.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -135,10 +136,17 @@ class IndexSink:
 
     name = "index"
 
-    def __init__(self, store: IndexStore, checker: EnvelopeChecker, mpi: PersonIndex | None = None) -> None:
+    def __init__(
+        self,
+        store: IndexStore,
+        checker: EnvelopeChecker,
+        mpi: PersonIndex | None = None,
+        mpi_factory: Callable[[], PersonIndex] | None = None,
+    ) -> None:
         self.store = store
         self.checker = checker
         self.mpi = mpi
+        self.mpi_factory = mpi_factory
 
     def process(self, records: Sequence[Record]) -> list[tuple[Record, BaseException]]:
         poison: list[tuple[Record, BaseException]] = []
@@ -169,9 +177,25 @@ class IndexSink:
                     patients.append((env.source_org, e["resource"]))
         if incoming:
             self.store.apply(incoming)  # TransientError propagates: the runtime backs off
-        if self.mpi is not None and patients:
-            self.mpi.upsert_patients(patients)
+        if patients and (self.mpi is not None or self.mpi_factory is not None):
+            self._upsert_mpi(patients)
         return poison
+
+    def _upsert_mpi(self, patients: list[tuple[str, dict[str, Any]]]) -> None:
+        """Feed the MPI; a lost database connection is transient: reopen the MPI on the next try."""
+        try:
+            if self.mpi is None:
+                assert self.mpi_factory is not None
+                self.mpi = self.mpi_factory()
+            self.mpi.upsert_patients(patients)
+        except Exception as exc:
+            if not _is_connection_error(exc):
+                raise
+            if self.mpi is not None:
+                with contextlib.suppress(Exception):
+                    self.mpi.close()
+            self.mpi = None if self.mpi_factory is not None else self.mpi
+            raise TransientError(f"MPI database unavailable: {type(exc).__name__}: {exc}") from exc
 
     def close(self) -> None:
         self.store.close()
@@ -212,4 +236,22 @@ def build_ledger_sink(settings: Any, bootstrap: str, *, receipts: bool = True) -
 def build_index_sink(settings: Any) -> IndexSink:
     from bridge.mpi import PersonIndex
 
-    return IndexSink(IndexStore.open(settings.index_url), load_checker(settings), PersonIndex.open(settings.mpi_url))
+    def mpi_factory() -> PersonIndex:
+        return PersonIndex.open(settings.mpi_url)
+
+    return IndexSink(IndexStore.open(settings.index_url), load_checker(settings), mpi_factory(), mpi_factory)
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    """A database connection lost, refused or locked: worth retrying, never the record's fault."""
+    import sqlite3
+
+    if isinstance(exc, TransientError):
+        return True
+    if isinstance(exc, sqlite3.OperationalError):
+        return "locked" in str(exc) or "busy" in str(exc)
+    try:
+        import psycopg
+    except ImportError:  # pragma: no cover - psycopg is a dependency
+        return False
+    return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
