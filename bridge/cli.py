@@ -15,6 +15,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 REGISTRARS = (
     "bridge.commands",
@@ -35,7 +36,7 @@ GROUPS = {
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # exit 2 with a one-line message, never a traceback
+    def error(self, message: str) -> NoReturn:  # exit 2 with a one-line message, never a traceback
         self.print_usage(sys.stderr)
         self.exit(2, f"{self.prog}: error: {message}\n")
 
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default=None, help="debug, info, warning, error (env FHIRBRIDGE_LOG_LEVEL)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    groups: dict[str, argparse._SubParsersAction[argparse.ArgumentParser]] = {}
+    groups: dict[str, Any] = {}
     for name, help_text in GROUPS.items():
         gp = sub.add_parser(name, help=help_text, description=help_text)
         gsub = gp.add_subparsers(dest=f"{name}_command", metavar="SUBCOMMAND", parser_class=_Parser)

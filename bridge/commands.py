@@ -195,7 +195,7 @@ def _run_consumer(args: argparse.Namespace, sink_factory: Any, default_group: st
             if runtime.processed + runtime.dead_lettered != idle["seen"]:
                 idle["seen"] = runtime.processed + runtime.dead_lettered
                 idle["since"] = time.monotonic()
-            return time.monotonic() - idle["since"] > args.exit_when_idle
+            return bool(time.monotonic() - idle["since"] > args.exit_when_idle)
 
     try:
         runtime.run(until=until)

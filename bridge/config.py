@@ -49,6 +49,7 @@ class Settings:
     ledger_key_file: Path | None = None
     ledger_checkpoint_every: int = 1000
     ledger_checkpoint_interval_ms: int = 1000
+    ledger_witness_keys: tuple[str, ...] = ()
     trust_registry_file: Path | None = None
     signing_keys_dir: Path | None = None
     http_host: str = "127.0.0.1"
@@ -92,6 +93,7 @@ class Settings:
             ledger_key_file=Path(key_file) if key_file else data_dir / "ledger.key",
             ledger_checkpoint_every=_int(env, "FHIRBRIDGE_CHECKPOINT_EVERY", 1000),
             ledger_checkpoint_interval_ms=_int(env, "FHIRBRIDGE_CHECKPOINT_INTERVAL_MS", 1000),
+            ledger_witness_keys=tuple(k for k in env.get("FHIRBRIDGE_LEDGER_WITNESS_KEYS", "").split(",") if k.strip()),
             trust_registry_file=Path(trust) if trust else None,
             signing_keys_dir=Path(signing) if signing else None,
             http_host=env.get("FHIRBRIDGE_HTTP_HOST", "127.0.0.1"),

@@ -72,6 +72,8 @@ class Sink(Protocol):
 
     def close(self) -> None: ...
 
+    # Optional: ``idle() -> None``, called when a poll returned nothing.
+
 
 class DeadLetterSink(Protocol):
     def dead_letter(
@@ -174,6 +176,8 @@ class ConsumerRuntime:
                 records = [Record.from_kafka(m) for msgs in polled.values() for m in msgs]
                 if records:
                     self.handle_batch(records)
+                else:
+                    self._idle()
                 self._update_lag()
                 if until is not None and until():
                     break
@@ -207,6 +211,16 @@ class ConsumerRuntime:
         self.processed += len(records) - len(poison)
         self.dead_lettered += len(poison)
         self._commit(records)
+
+    def _idle(self) -> None:
+        """Give the sink a chance to do deferred work (the ledger signs the tail of a burst)."""
+        idle = getattr(self.sink, "idle", None)
+        if idle is None:
+            return
+        try:
+            idle()
+        except TransientError as exc:
+            log.warning("consumer.idle_failed", sink=self.sink.name, error=str(exc))
 
     def _dead_letter(self, poison: list[tuple[Record, BaseException]]) -> None:
         if not poison:

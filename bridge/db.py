@@ -38,6 +38,7 @@ class Database:
     def connect(self) -> Any:
         if self._conn is not None:
             return self._conn
+        conn: Any
         if self.kind == "sqlite":
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)

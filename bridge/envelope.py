@@ -218,7 +218,7 @@ class OrgSigner:
 
 
 def _fields(env: Envelope) -> dict[str, Any]:
-    return {f: getattr(env, f) for f in Envelope.__slots__}  # type: ignore[attr-defined]
+    return {f: getattr(env, f) for f in Envelope.__slots__}
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,8 +19,8 @@ from __future__ import annotations
 import base64
 import re
 import uuid
-from datetime import UTC, datetime, timedelta
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
 
@@ -36,6 +36,18 @@ EVERYTHING_PARAMS = {"start", "end", "_since", "_type", "_count", "_offset", "_p
 DEFAULT_COUNT = 100
 MAX_COUNT = 1000
 _DATE = re.compile(r"^\d{4}(-\d{2}(-\d{2}(T\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:\d{2})?)?)?)?$")
+
+
+@dataclass(frozen=True, slots=True)
+class EverythingParams:
+    start: str | None
+    end: str | None
+    since: str | None
+    types: list[str] | None
+    count: int
+    offset: int
+    proof: bool
+    base: str
 
 
 @dataclass
@@ -131,7 +143,7 @@ def merge_duplicates(resources: list[StoredResource]) -> list[MergedEntry]:
     return merged
 
 
-def everything(backend: Any, patient_id: str, params: dict[str, Any]) -> dict[str, Any]:
+def everything(backend: Any, patient_id: str, params: EverythingParams) -> dict[str, Any]:
     """Compute a page of ``$everything`` (runs in the DB thread pool)."""
     index = backend.index()
     if index.get("Patient", patient_id) is None:
@@ -140,17 +152,17 @@ def everything(backend: Any, patient_id: str, params: dict[str, Any]) -> dict[st
     linked = mpi.linked_patient_ids(patient_id) if mpi is not None else index.identifier_linked(patient_id)
     if patient_id not in linked:
         linked = [patient_id, *linked]
-    resources = index.resources_for_patients(linked, types=params["types"], since=params["since"])
-    start, end = params["start"], params["end"]
+    resources = index.resources_for_patients(linked, types=params.types, since=params.since)
+    start, end = params.start, params.end
     if start or end:
         resources = [r for r in resources if r.resource_type == "Patient" or in_range(r.clinical_date, start, end)]
     resources = [r for r in resources if r.resource_type != "Provenance"]
     merged = merge_duplicates(resources)
     total = len(merged)
-    page = merged[params["offset"] : params["offset"] + params["count"]]
+    page = merged[params.offset : params.offset + params.count]
     sources = index.sources_of([k for m in page for k in m.keys])
     ledger = backend.ledger()
-    checkpoint = _checkpoint(ledger) if (ledger is not None and params["proof"]) else None
+    checkpoint = _checkpoint(ledger) if (ledger is not None and params.proof) else None
     leaf_cache: dict[tuple[str, str], int | None] = {}
     entries = []
     for m in page:
@@ -165,7 +177,7 @@ def everything(backend: Any, patient_id: str, params: dict[str, Any]) -> dict[st
                 seen.add(ident)
                 exts.append(_provenance_ext(src, ledger, leaf_cache, checkpoint))
         entry: dict[str, Any] = {
-            "fullUrl": f"{params['base']}/{m.resource.resource_type}/{m.resource.id}",
+            "fullUrl": f"{params.base}/{m.resource.resource_type}/{m.resource.id}",
             "resource": body,
             "search": {"mode": "match"},
         }
@@ -224,25 +236,25 @@ async def patient_everything(request: web.Request) -> web.Response:
         if name not in EVERYTHING_PARAMS
     ]
     types_raw = request.query.get("_type")
-    params = {
-        "start": _date_param(request, "start"),
-        "end": _date_param(request, "end"),
-        "since": _date_param(request, "_since"),
-        "types": [t.strip() for t in types_raw.split(",") if t.strip()] if types_raw else None,
-        "count": _int_param(request, "_count", DEFAULT_COUNT, 1, MAX_COUNT),
-        "offset": _int_param(request, "_offset", 0, 0, 10**9),
-        "proof": request.query.get("_proof", "false").lower() == "true",
-        "base": base_url(request),
-    }
+    params = EverythingParams(
+        start=_date_param(request, "start"),
+        end=_date_param(request, "end"),
+        since=_date_param(request, "_since"),
+        types=[t.strip() for t in types_raw.split(",") if t.strip()] if types_raw else None,
+        count=_int_param(request, "_count", DEFAULT_COUNT, 1, MAX_COUNT),
+        offset=_int_param(request, "_offset", 0, 0, 10**9),
+        proof=request.query.get("_proof", "false").lower() == "true",
+        base=base_url(request),
+    )
     backend = backend_of(request)
     result = await backend.run(everything, backend, pid, params)
-    self_url = f"{params['base']}/Patient/{pid}/$everything"
+    self_url = f"{params.base}/Patient/{pid}/$everything"
     query = {k: v for k, v in request.query.items() if k != "_offset"}
-    links = [{"relation": "self", "url": f"{self_url}?{urlencode({**query, '_offset': params['offset']})}"}]
-    if params["offset"] + params["count"] < result["total"]:
-        links.append({"relation": "next", "url": f"{self_url}?{urlencode({**query, '_offset': params['offset'] + params['count']})}"})
-    if params["offset"] > 0:
-        prev = max(0, params["offset"] - params["count"])
+    links = [{"relation": "self", "url": f"{self_url}?{urlencode({**query, '_offset': params.offset})}"}]
+    if params.offset + params.count < result["total"]:
+        links.append({"relation": "next", "url": f"{self_url}?{urlencode({**query, '_offset': params.offset + params.count})}"})
+    if params.offset > 0:
+        prev = max(0, params.offset - params.count)
         links.append({"relation": "previous", "url": f"{self_url}?{urlencode({**query, '_offset': prev})}"})
     bundle: dict[str, Any] = {
         "resourceType": "Bundle",

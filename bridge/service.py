@@ -159,11 +159,11 @@ def create_app(settings: Settings, backend: Backend | None = None) -> web.Applic
     app.router.add_get("/metrics", metrics)
     query.setup_query_routes(app)
     openapi.setup_openapi_routes(app)
-    if be.has_ledger and _module_available("bridge.ledger_routes"):
+    if be.has_ledger:
         from bridge.ledger_routes import setup_ledger_routes
 
         setup_ledger_routes(app, be.ledger)
-    if be.has_mpi and _module_available("bridge.mpi.routes"):
+    if be.has_mpi:
         from bridge.mpi.routes import setup_mpi_routes
 
         setup_mpi_routes(app, be.mpi)
@@ -177,23 +177,16 @@ def create_app(settings: Settings, backend: Backend | None = None) -> web.Applic
 
 def default_backend(settings: Settings) -> Backend:
     def ledger_factory() -> Any:
-        from ledger.log import Ledger
+        from bridge.sinks import open_ledger
 
-        return Ledger.open(settings.ledger_url, origin=settings.ledger_origin, signer_key=None)
+        return open_ledger(settings, signer=False)
 
     def mpi_factory() -> Any:
         from bridge.mpi import PersonIndex
 
         return PersonIndex.open(settings.mpi_url)
 
-    mpi = mpi_factory if _module_available("bridge.mpi") else None
-    return Backend(settings, ledger_factory=ledger_factory, mpi_factory=mpi)
-
-
-def _module_available(name: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(name) is not None
+    return Backend(settings, ledger_factory=ledger_factory, mpi_factory=mpi_factory)
 
 
 def run(settings: Settings) -> None:

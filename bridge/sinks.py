@@ -127,6 +127,15 @@ class LedgerSink:
                     f.get(timeout=30)
         return poison
 
+    def idle(self) -> None:
+        """Sign a checkpoint over entries appended since the last one, once the interval has passed."""
+        from ledger.errors import StorageUnavailable
+
+        try:
+            self.ledger.maybe_checkpoint()
+        except StorageUnavailable as exc:
+            raise TransientError(str(exc)) from exc
+
     def close(self) -> None:
         self.ledger.close()
 
@@ -219,6 +228,7 @@ def open_ledger(settings: Any, *, signer: bool = True) -> Ledger:
         signer_key=settings.ledger_signer_key() if signer else None,
         checkpoint_every=settings.ledger_checkpoint_every,
         checkpoint_interval_ms=settings.ledger_checkpoint_interval_ms,
+        witness_keys=list(settings.ledger_witness_keys),
     )
 
 
