@@ -97,8 +97,24 @@ class ParseError(AdapterError):
     def __str__(self) -> str:
         return f"{self.adapter}: {self.location}: {self.message}"
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # keyword-only arguments: the default exception pickling (cls(*args)) would lose them
+        return (_rebuild_parse_error, (type(self), self.message, self.adapter, self.location))
+
     def to_dict(self) -> dict[str, Any]:
         return {"adapter": self.adapter, "message": self.message, "location": self.location.to_dict()}
+
+
+class InternalAdapterError(ParseError):
+    """The adapter failed on this record because of a bug in the adapter, not in the input.
+
+    Reported like a :class:`ParseError` (located, never a traceback), but the conformance kit counts it
+    as a crash.
+    """
+
+
+def _rebuild_parse_error(cls: type[ParseError], message: str, adapter: str, location: Location) -> ParseError:
+    return cls(message, adapter=adapter, location=location)
 
 
 class ValidationFailed(AdapterError):

@@ -20,9 +20,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import multiprocessing
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -33,9 +35,11 @@ if TYPE_CHECKING:
     from adapters.base import Adapter, ConvertedBundle, SourceInfo
     from adapters.errors import ParseError
 
+
 def _log() -> Any:
     """The logger, looked up per use (a module-level cached proxy would pin a closed stream in tests)."""
     return get_logger("bridge.mllp")
+
 
 START = b"\x0b"
 END = b"\x1c\r"
@@ -50,8 +54,15 @@ def frame(message: bytes) -> bytes:
 
 def _esc(text: str) -> str:
     """Escape text for an ACK field (standard delimiters)."""
-    return (text.replace("\\", "\\E\\").replace("|", "\\F\\").replace("^", "\\S\\").replace("&", "\\T\\")
-            .replace("~", "\\R\\").replace("\r", " ").replace("\n", " "))
+    return (
+        text.replace("\\", "\\E\\")
+        .replace("|", "\\F\\")
+        .replace("^", "\\S\\")
+        .replace("&", "\\T\\")
+        .replace("~", "\\R\\")
+        .replace("\r", " ")
+        .replace("\n", " ")
+    )
 
 
 def _header_fields(message: bytes) -> dict[str, str]:
@@ -72,35 +83,66 @@ def _header_fields(message: bytes) -> dict[str, str]:
     comp = get(2)[:1] or "^"
     mtype = get(9).split(comp)
     return {
-        "sending_app": get(3), "sending_fac": get(4), "receiving_app": get(5), "receiving_fac": get(6),
-        "control_id": get(10), "processing_id": get(11) or "P", "version": (get(12).split(comp)[0] or "2.5"),
-        "trigger": mtype[1] if len(mtype) > 1 else "", "encoding": get(2) or "^~\\&",
+        "sending_app": get(3),
+        "sending_fac": get(4),
+        "receiving_app": get(5),
+        "receiving_fac": get(6),
+        "control_id": get(10),
+        "processing_id": get(11) or "P",
+        "version": (get(12).split(comp)[0] or "2.5"),
+        "trigger": mtype[1] if len(mtype) > 1 else "",
+        "encoding": get(2) or "^~\\&",
     }
 
 
-def build_ack(message: bytes, code: str, text: str = "", error: ParseError | None = None,
-              err_code: str | None = None) -> bytes:
+def build_ack(
+    message: bytes, code: str, text: str = "", error: ParseError | None = None, err_code: str | None = None
+) -> bytes:
     """An HL7 ACK for ``message`` with MSA-1 ``code`` (AA, AE or AR) and, for errors, an ERR segment."""
     h = _header_fields(message)
     now = datetime.now(UTC).strftime("%Y%m%d%H%M%S+0000")
     ctrl = f"ACK{int(time.time())}{next(_ack_counter):06d}"
-    msh = "|".join([
-        "MSH", "^~\\&", _esc(h.get("receiving_app", "")) or "FHIRBRIDGE", _esc(h.get("receiving_fac", "")),
-        _esc(h.get("sending_app", "")), _esc(h.get("sending_fac", "")), now, "",
-        f"ACK^{_esc(h.get('trigger', ''))}^ACK" if h.get("trigger") else "ACK", ctrl,
-        _esc(h.get("processing_id", "P")) or "P", _esc(h.get("version", "2.5")) or "2.5",
-    ])
+    msh = "|".join(
+        [
+            "MSH",
+            "^~\\&",
+            _esc(h.get("receiving_app", "")) or "FHIRBRIDGE",
+            _esc(h.get("receiving_fac", "")),
+            _esc(h.get("sending_app", "")),
+            _esc(h.get("sending_fac", "")),
+            now,
+            "",
+            f"ACK^{_esc(h.get('trigger', ''))}^ACK" if h.get("trigger") else "ACK",
+            ctrl,
+            _esc(h.get("processing_id", "P")) or "P",
+            _esc(h.get("version", "2.5")) or "2.5",
+        ]
+    )
     segs = [msh, f"MSA|{code}|{_esc(h.get('control_id', ''))}|{_esc(text[:200])}"]
     if code != "AA":
         erl = ""
         if error is not None:
             loc = error.location
-            erl = "^".join(_esc(str(x)) if x is not None else "" for x in (
-                loc.segment or "", loc.segment_index, loc.field, loc.repetition, loc.component, loc.subcomponent))
+            erl = "^".join(
+                _esc(str(x)) if x is not None else ""
+                for x in (
+                    loc.segment or "",
+                    loc.segment_index,
+                    loc.field,
+                    loc.repetition,
+                    loc.component,
+                    loc.subcomponent,
+                )
+            )
             erl = erl.rstrip("^")
         ecode = err_code or ("207" if code == "AR" else "100")
-        ename = {"100": "Segment sequence error", "101": "Required field missing", "102": "Data type error",
-                 "200": "Unsupported message type", "207": "Application internal error"}.get(ecode, "")
+        ename = {
+            "100": "Segment sequence error",
+            "101": "Required field missing",
+            "102": "Data type error",
+            "200": "Unsupported message type",
+            "207": "Application internal error",
+        }.get(ecode, "")
         msg = str(error) if error is not None else text
         segs.append(f"ERR||{erl}|{ecode}^{ename}^HL70357|E||||{_esc(msg[:500])}")
     return ("\r".join(segs) + "\r").encode("utf-8")
@@ -123,8 +165,17 @@ class MllpServer:
     :class:`~bridge.errors.BrokerUnavailable`.
     """
 
-    def __init__(self, adapter: Adapter, source: SourceInfo, publisher_factory: Callable[[], Any], *,
-                 dedup_window: float = 3600.0, ack_timeout: float = 30.0, max_dedup: int = 100_000) -> None:
+    def __init__(
+        self,
+        adapter: Adapter,
+        source: SourceInfo,
+        publisher_factory: Callable[[], Any],
+        *,
+        dedup_window: float = 3600.0,
+        ack_timeout: float = 30.0,
+        max_dedup: int = 100_000,
+        workers: int = 0,
+    ) -> None:
         self.adapter = adapter
         self.source = source
         self.publisher_factory = publisher_factory
@@ -135,11 +186,25 @@ class MllpServer:
         self._seen: OrderedDict[tuple[str, str, str], float] = OrderedDict()
         self._inflight: dict[tuple[str, str, str], asyncio.Future[bytes]] = {}
         self._lock = asyncio.Lock()
+        self._publisher_lock = asyncio.Lock()
         self.server: asyncio.Server | None = None
         self.stats = {"received": 0, "aa": 0, "ae": 0, "ar": 0, "duplicates": 0}
+        #: conversion is CPU-bound: with workers > 0 it runs in a pool of processes (spawned, so the
+        #: Kafka producer's threads are never forked) and the event loop only does I/O.
+        self._pool: ProcessPoolExecutor | None = None
+        self._workers = workers
+        if workers > 0:
+            self._pool = ProcessPoolExecutor(
+                max_workers=workers, mp_context=multiprocessing.get_context("spawn")
+            )
 
     # ------------------------------------------------------------------------------ networking
     async def start(self, host: str, port: int) -> asyncio.Server:
+        if self._pool is not None:  # spawn the workers and import the adapter before the first message
+            loop = asyncio.get_running_loop()
+            await asyncio.gather(
+                *(loop.run_in_executor(self._pool, _warm, type(self.adapter)) for _ in range(self._workers))
+            )
         self.server = await asyncio.start_server(self._client, host, port, limit=MAX_FRAME)
         return self.server
 
@@ -155,6 +220,9 @@ class MllpServer:
         if self._publisher is not None:
             pub, self._publisher = self._publisher, None
             await asyncio.get_running_loop().run_in_executor(None, _close_quietly, pub)
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            pool.shutdown(wait=False, cancel_futures=True)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
@@ -188,7 +256,13 @@ class MllpServer:
         from adapters.base import ConvertedBundle, RejectedRecord
 
         try:
-            outcomes = list(self.adapter.convert(message, self.source, filename="mllp"))
+            if self._pool is not None:
+                loop = asyncio.get_running_loop()
+                outcomes = await loop.run_in_executor(
+                    self._pool, convert_all, self.adapter, self.source, message
+                )
+            else:
+                outcomes = convert_all(self.adapter, self.source, message)
         except Exception as exc:  # a crashing adapter: report, do not drop the connection
             _log().exception("mllp.adapter_crash")
             self.stats["ar"] += 1
@@ -263,9 +337,11 @@ class MllpServer:
         loop = asyncio.get_running_loop()
         try:
             if self._publisher is None:
-                self._publisher = await loop.run_in_executor(None, self.publisher_factory)
+                async with self._publisher_lock:  # one producer, however many connections arrive at once
+                    if self._publisher is None:
+                        self._publisher = await loop.run_in_executor(None, self.publisher_factory)
             future = self._publisher.publish(cb, self.adapter, self.source)
-            await loop.run_in_executor(None, future.get, self.ack_timeout)
+            await asyncio.wait_for(_broker_ack(loop, future), self.ack_timeout)
         except FhirbridgeError as exc:
             return self._reject(message, exc, reset=isinstance(exc, BrokerUnavailable))
         except Exception as exc:  # kafka errors (timeouts, not enough replicas, ...) -> retryable AR
@@ -283,20 +359,74 @@ class MllpServer:
         return build_ack(message, "AR", f"not stored, retry later: {type(exc).__name__}: {exc}")
 
 
+def _warm(adapter_class: type) -> str:
+    """Runs in a pool worker at start-up: the adapter's modules (and R4B models) get imported."""
+    from adapters.bundle import validate_bundle
+
+    validate_bundle({"resourceType": "Bundle", "type": "transaction"})
+    return adapter_class.__name__
+
+
+def convert_all(adapter: Adapter, source: SourceInfo, message: bytes) -> list[Any]:
+    """All outcomes of one framed message (module-level so that a process pool can run it)."""
+    return list(adapter.convert(message, source, filename="mllp"))
+
+
+def _broker_ack(loop: asyncio.AbstractEventLoop, future: Any) -> asyncio.Future[Any]:
+    """An asyncio future resolved when kafka-python's produce future is (acks=all: all in-sync replicas).
+
+    Callbacks run on the producer's I/O thread; they hand the result to the event loop thread-safely,
+    so no executor thread is parked per in-flight message.
+    """
+    done: asyncio.Future[Any] = loop.create_future()
+
+    def settle(value: Any, exc: BaseException | None) -> None:
+        if done.done():  # timed out and cancelled meanwhile
+            return
+        if exc is None:
+            done.set_result(value)
+        else:
+            done.set_exception(exc)
+
+    def ok(value: Any) -> None:
+        loop.call_soon_threadsafe(settle, value, None)
+
+    def failed(exc: BaseException) -> None:
+        loop.call_soon_threadsafe(settle, None, exc)
+
+    future.add_callback(ok)
+    future.add_errback(failed)
+    return done
+
+
 def _close_quietly(pub: Any, timeout: float = 5) -> None:
     with contextlib.suppress(Exception):  # closing a broken producer must not mask the original problem
         pub.close(timeout)
 
 
-async def serve_forever(host: str, port: int, adapter: Adapter, source: SourceInfo, *,
-                        dedup_window: float = 3600.0, ack_timeout: float = 30.0) -> None:
+async def serve_forever(
+    host: str,
+    port: int,
+    adapter: Adapter,
+    source: SourceInfo,
+    *,
+    dedup_window: float = 3600.0,
+    ack_timeout: float = 30.0,
+    workers: int = 0,
+) -> None:
     """Run the listener with the configured Kafka publisher until cancelled."""
     from bridge.config import Settings
     from bridge.publish import Publisher
 
     settings = Settings.from_env()
-    server = MllpServer(adapter, source, lambda: Publisher.from_settings(settings), dedup_window=dedup_window,
-                        ack_timeout=ack_timeout)
+    server = MllpServer(
+        adapter,
+        source,
+        lambda: Publisher.from_settings(settings),
+        dedup_window=dedup_window,
+        ack_timeout=ack_timeout,
+        workers=workers,
+    )
     srv = await server.start(host, port)
     _log().info("mllp.listening", host=host, port=server.port, source=source.org_id)
     try:

@@ -3,7 +3,7 @@
 Public API::
 
     from bridge.mpi import PersonIndex, MatchState, MpiConfig
-    mpi = PersonIndex.open("sqlite:///mpi.db")
+    mpi = PersonIndex.open("sqlite:///var/lib/fhirbridge/mpi.db")
     mpi.upsert_patients([("org-a", patient_resource), ...])
     mpi.linked_patient_ids("patient-1")
 

@@ -3,15 +3,17 @@
 A pair is a candidate when the two records share at least one key. Keys are built so that one typo in
 any single field still leaves another key in common:
 
-``sf:``  Soundex(family) + birth year      ``sg:``  Soundex(given) + birth year
-``b:``   full birth date                    ``nm:``  the two NYSIIS name codes, sorted (survives swaps)
-``zf:``  postal code + family initial       ``md:``  birth month/day + family initial + given initial
-``i:``   each strong identifier             ``t:``   phone number
+``sf:``  Soundex(family) + birth year      ``b:``   full birth date
+``md:``  birth month/day + family initial + given initial
+``nm:``  the two NYSIIS name codes, sorted (survives given/family swaps)
+``zf:``  postal code + family initial       ``t:``   phone number
+``is:``  each strong identifier's characters sorted (equal values share it; so do transposed digits);
+         identifiers shorter than 6 characters use ``i:`` + the value itself
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+import functools
 from collections.abc import Sequence
 
 import jellyfish
@@ -19,16 +21,16 @@ import numpy as np
 
 from bridge.mpi.features import Features
 
+_soundex = functools.lru_cache(maxsize=65536)(jellyfish.soundex)
+
 
 def blocking_keys(f: Features) -> list[str]:
-    """The blocking keys of one feature record (no duplicates, stable order)."""
+    """The blocking keys of one feature record (distinct by construction, stable order)."""
     g, fam, b = f.get("g") or "", f.get("f") or "", f.get("b") or ""
     year = b[:4]
     keys: list[str] = []
     if fam and year:
-        keys.append(f"sf:{jellyfish.soundex(fam)}{year}")
-    if g and year:
-        keys.append(f"sg:{jellyfish.soundex(g)}{year}")
+        keys.append(f"sf:{_soundex(fam)}{year}")
     if len(b) == 8:
         keys.append(f"b:{b}")
         if fam and g:
@@ -39,36 +41,53 @@ def blocking_keys(f: Features) -> list[str]:
     if f.get("z") and fam:
         keys.append(f"zf:{f['z']}{fam[0]}")
     for system, value in f.get("i") or ():
-        keys.append(f"i:{system}|{value}")
+        if len(value) >= 6:  # sorted characters: equal values share it too
+            keys.append(f"is:{system}|{''.join(sorted(value))}")
+        else:
+            keys.append(f"i:{system}|{value}")
     if f.get("t"):
         keys.append(f"t:{f['t']}")
-    return list(dict.fromkeys(keys))
+    return keys
 
 
 def candidate_pairs(keys: Sequence[Sequence[str]], max_block_size: int) -> tuple[np.ndarray, np.ndarray, int]:
     """All row pairs ``(i, j)``, ``i < j``, sharing a key; blocks over ``max_block_size`` are skipped.
 
-    Returns ``(ia, ib, skipped_blocks)``.
+    Returns ``(ia, ib, skipped_blocks)``; pairs are unique and sorted.
     """
-    blocks: dict[str, list[int]] = defaultdict(list)
+    ids: dict[str, int] = {}
+    bids: list[int] = []
+    rows: list[int] = []
     for row, ks in enumerate(keys):
-        for k in dict.fromkeys(ks):
-            blocks[k].append(row)
+        for k in ks:
+            bids.append(ids.setdefault(k, len(ids)))
+        rows.extend([row] * len(ks))
+    empty = np.zeros(0, dtype=np.int64)
+    if not rows:
+        return empty, empty, 0
+    bid = np.asarray(bids, dtype=np.int64)
+    row_arr = np.asarray(rows, dtype=np.int64)
+    order = np.argsort(bid, kind="stable")
+    bid, row_arr = bid[order], row_arr[order]
+    # duplicate (key, row) entries would inflate block sizes: drop them
+    dup = np.zeros(len(bid), dtype=bool)
+    dup[1:] = (bid[1:] == bid[:-1]) & (row_arr[1:] == row_arr[:-1])
+    if dup.any():
+        bid, row_arr = bid[~dup], row_arr[~dup]
+    _, starts, sizes = np.unique(bid, return_index=True, return_counts=True)
+    skipped = int((sizes > max_block_size).sum())
     n = len(keys)
     chunks: list[np.ndarray] = []
-    skipped = 0
-    for rows in blocks.values():
-        size = len(rows)
-        if size < 2:
+    for size in np.unique(sizes):
+        if size < 2 or size > max_block_size:
             continue
-        if size > max_block_size:
-            skipped += 1
-            continue
-        r = np.asarray(rows, dtype=np.int64)
-        i, j = np.triu_indices(size, k=1)
-        chunks.append(r[i] * n + r[j])
+        s = starts[sizes == size]
+        i, j = np.triu_indices(int(size), k=1)
+        a = row_arr[(s[:, None] + i[None, :]).ravel()]
+        b = row_arr[(s[:, None] + j[None, :]).ravel()]
+        keep = a != b  # a record listing the same key twice
+        chunks.append(np.minimum(a, b)[keep] * n + np.maximum(a, b)[keep])
     if not chunks:
-        empty = np.zeros(0, dtype=np.int64)
         return empty, empty, skipped
     codes = np.unique(np.concatenate(chunks))
     return codes // n, codes % n, skipped

@@ -10,7 +10,8 @@ family      same levels as given. Given and family are compared crosswise too: w
 birth       0 other, 1 same year and month-or-day (or equal partial dates), 2 one typo or adjacent
             transposition (OSA distance 1) or day/month swapped, 3 exact full date
 sex         0 different, 1 equal
-address     0 token-sort ratio <75, 1 >=75, 2 >=90, 3 exact
+address     0 similarity <75, 1 >=75, 2 >=90, 3 exact; similarity = max(token-sort ratio, ratio of the
+            strings without spaces)
 city        0 JW<0.90, 1 JW>=0.90, 2 exact
 postal      0 other, 1 one typo or transposition, 2 exact
 phone       0 other, 1 one typo or transposition, 2 exact
@@ -63,6 +64,7 @@ class FeatureTable:
         for key in ("g", "f", "gn", "gm", "fn", "fm", "b", "s", "a", "c", "z", "t"):
             self.cols[key] = np.array([r.get(key) or "" for r in records], dtype=object)
         b = self.cols["b"]
+        self.cols["a_ns"] = np.array([x.replace(" ", "") for x in self.cols["a"]], dtype=object)
         self.cols["bswap"] = np.array(
             [x[:4] + x[6:8] + x[4:6] if len(x) == 8 else "" for x in b], dtype=object
         )
@@ -75,35 +77,96 @@ class FeatureTable:
             for system, value in r.get("i") or ():
                 d.setdefault(system, []).append(value)
             self.ids.append(d)
-
-
-def _present(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.asarray((a != "") & (b != ""), dtype=bool)
+        # fast path for the common case of exactly one strong identifier: "system|value" and its system
+        self.cols["id1"] = np.array(
+            [f"{r['i'][0][0]}|{r['i'][0][1]}" if len(r.get("i") or ()) == 1 else "" for r in records],
+            dtype=object,
+        )
+        self.cols["idsys"] = np.array(
+            [r["i"][0][0] if len(r.get("i") or ()) == 1 else "" for r in records], dtype=object
+        )
+        self.multi_id = np.array([len(r.get("i") or ()) > 1 for r in records], dtype=bool)
+        self.bfull = np.array([len(x) == 8 for x in b], dtype=bool)
+        # one shared vocabulary, so that codes of different columns compare (given vs family, ...)
+        vocab: dict[str, int] = {"": -1}
+        keys = list(self.cols)
+        every = np.concatenate([self.cols[k] for k in keys]) if keys else np.zeros(0, dtype=object)
+        setdefault = vocab.setdefault
+        flat = np.array([setdefault(x, len(vocab)) for x in every.tolist()], dtype=np.int64)
+        self.codes: dict[str, np.ndarray] = {
+            k: flat[i * self.n : (i + 1) * self.n] for i, k in enumerate(keys)
+        }
 
 
 def _sim(a: np.ndarray, b: np.ndarray, scorer: Any) -> np.ndarray:
     if len(a) == 0:
         return np.zeros(0, dtype=np.float64)
-    return np.asarray(process.cpdist(list(a), list(b), scorer=scorer, workers=1), dtype=np.float64)
+    return np.asarray(process.cpdist(a, b, scorer=scorer, workers=-1), dtype=np.float64)
 
 
-def _name_levels(a: np.ndarray, b: np.ndarray, jw: np.ndarray, phon: np.ndarray) -> np.ndarray:
-    lv = np.zeros(len(a), dtype=np.int8)
+class _Pairs:
+    """Row pairs of a table: integer codes for equality tests, strings only where a metric is needed."""
+
+    def __init__(self, t: FeatureTable, ia: np.ndarray, ib: np.ndarray) -> None:
+        self.t, self.ia, self.ib, self.n = t, ia, ib, len(ia)
+        self._codes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def codes(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        if key not in self._codes:
+            c = self.t.codes[key]
+            self._codes[key] = (c[self.ia], c[self.ib])
+        return self._codes[key]
+
+    def cross(self, key_a: str, key_b: str) -> tuple[np.ndarray, np.ndarray]:
+        return self.codes(key_a)[0], self.codes(key_b)[1]
+
+    def similarity(
+        self,
+        key_a: str,
+        key_b: str,
+        scorer: Any,
+        *,
+        equal: float,
+        missing: float,
+        rows: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """``scorer`` on the pairs whose strings are both present and differ (the only ones whose score
+        is unknown); ``equal`` / ``missing`` elsewhere. Restricted to ``rows`` if given."""
+        ca, cb = self.cross(key_a, key_b)
+        if rows is not None:
+            ca, cb = ca[rows], cb[rows]
+        present = (ca >= 0) & (cb >= 0)
+        eq = ca == cb
+        out = np.where(eq & present, equal, missing).astype(np.float64)
+        todo = np.nonzero(present & ~eq)[0]
+        if len(todo):
+            pa, pb = (self.ia, self.ib) if rows is None else (self.ia[rows], self.ib[rows])
+            out[todo] = _sim(self.t.cols[key_a][pa[todo]], self.t.cols[key_b][pb[todo]], scorer)
+        return out
+
+
+def _name_levels(ca: np.ndarray, cb: np.ndarray, jw: np.ndarray, phon: np.ndarray) -> np.ndarray:
+    lv = np.zeros(len(ca), dtype=np.int8)
     lv[jw >= 0.80] = 1
     lv[phon] = 2
     lv[jw >= 0.92] = 3
-    lv[a == b] = 4
-    lv[~_present(a, b)] = -1
+    lv[ca == cb] = 4
+    lv[(ca < 0) | (cb < 0)] = -1
     return lv
 
 
-def _typo_levels(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    lv = np.zeros(len(a), dtype=np.int8)
-    dist = _sim(a, b, OSA.distance)
+def _typo_levels(p: _Pairs, key: str) -> np.ndarray:
+    ca, cb = p.codes(key)
+    lv = np.zeros(p.n, dtype=np.int8)
+    dist = p.similarity(key, key, OSA.distance, equal=0.0, missing=99.0)
     lv[dist <= 1] = 1
-    lv[a == b] = 2
-    lv[~_present(a, b)] = -1
+    lv[ca == cb] = 2
+    lv[(ca < 0) | (cb < 0)] = -1
     return lv
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.asarray((a == b) & (a >= 0), dtype=bool)
 
 
 def compare_pairs(t: FeatureTable, ia: np.ndarray, ib: np.ndarray) -> np.ndarray:
@@ -112,75 +175,86 @@ def compare_pairs(t: FeatureTable, ia: np.ndarray, ib: np.ndarray) -> np.ndarray
     gamma = np.full((n, len(FIELDS)), -1, dtype=np.int8)
     if n == 0:
         return gamma
-    c = t.cols
+    p = _Pairs(t, ia, ib)
+    jw = JaroWinkler.normalized_similarity
 
-    def col(key: str) -> tuple[np.ndarray, np.ndarray]:
-        return c[key][ia], c[key][ib]
-
-    ga, gb = col("g")
-    fa, fb = col("f")
-    jw_gg = _sim(ga, gb, JaroWinkler.normalized_similarity)
-    jw_ff = _sim(fa, fb, JaroWinkler.normalized_similarity)
-    jw_gf = _sim(ga, fb, JaroWinkler.normalized_similarity)
-    jw_fg = _sim(fa, gb, JaroWinkler.normalized_similarity)
-    gna, gnb = col("gn")
-    gma, gmb = col("gm")
-    fna, fnb = col("fn")
-    fma, fmb = col("fm")
-    ph_g = ((gna == gnb) | (gma == gmb)) & (gna != "")
-    ph_f = ((fna == fnb) | (fma == fmb)) & (fna != "")
-    ph_gf = ((gna == fnb) | (gma == fmb)) & (gna != "")
-    ph_fg = ((fna == gnb) | (fma == gmb)) & (fna != "")
+    ga, gb = p.codes("g")
+    fa, fb = p.codes("f")
+    jw_gg = p.similarity("g", "g", jw, equal=1.0, missing=0.0)
+    jw_ff = p.similarity("f", "f", jw, equal=1.0, missing=0.0)
+    jw_gf = p.similarity("g", "f", jw, equal=1.0, missing=0.0)
+    # a swap needs both crosswise similarities >= 0.92: compute the second one only where the first is
+    jw_fg = np.zeros(n, dtype=np.float64)
+    maybe = np.nonzero(jw_gf >= 0.92)[0]
+    if len(maybe):
+        jw_fg[maybe] = p.similarity("f", "g", jw, equal=1.0, missing=0.0, rows=maybe)
+    gna, gnb = p.codes("gn")
+    gma, gmb = p.codes("gm")
+    fna, fnb = p.codes("fn")
+    fma, fmb = p.codes("fm")
+    ph_g = _same(gna, gnb) | _same(gma, gmb)
+    ph_f = _same(fna, fnb) | _same(fma, fmb)
     given = _name_levels(ga, gb, jw_gg, ph_g)
     family = _name_levels(fa, fb, jw_ff, ph_f)
     swapped = (jw_gf >= 0.92) & (jw_fg >= 0.92) & (jw_gf + jw_fg > jw_gg + jw_ff + 0.2)
     if swapped.any():
+        ph_gf = _same(gna, fnb) | _same(gma, fmb)
+        ph_fg = _same(fna, gnb) | _same(fma, gmb)
         given = np.where(swapped, _name_levels(ga, fb, jw_gf, ph_gf), given)
         family = np.where(swapped, _name_levels(fa, gb, jw_fg, ph_fg), family)
     gamma[:, GIVEN] = given
     gamma[:, FAMILY] = family
 
-    ba, bb = col("b")
-    full = np.array([len(x) == 8 for x in ba], dtype=bool) & np.array([len(x) == 8 for x in bb], dtype=bool)
-    bya, byb = col("by")
-    bma, bmb = col("bm")
-    bda, bdb = col("bd")
+    ba, bb = p.codes("b")
+    full = t.bfull[ia] & t.bfull[ib]
     lv = np.zeros(n, dtype=np.int8)
-    partial_eq = (bya == byb) & ((bma == bmb) | (bda == bdb))
+    partial_eq = _same(*p.codes("by")) & (_same(*p.codes("bm")) | _same(*p.codes("bd")))
     lv[partial_eq] = 1
-    osa = _sim(ba, bb, OSA.distance)
-    bswap_a = c["bswap"][ia]
-    lv[full & ((osa <= 1) | (bswap_a == bb))] = 2
+    osa = p.similarity("b", "b", OSA.distance, equal=0.0, missing=99.0)
+    lv[full & ((osa <= 1) | _same(*p.cross("bswap", "b")))] = 2
     lv[full & (ba == bb)] = 3
-    lv[~_present(ba, bb)] = -1
+    lv[(ba < 0) | (bb < 0)] = -1
     gamma[:, BIRTH] = lv
 
-    sa, sb = col("s")
-    gamma[:, SEX] = np.where(_present(sa, sb), (sa == sb).astype(np.int8), -1)
+    sa, sb = p.codes("s")
+    gamma[:, SEX] = np.where((sa >= 0) & (sb >= 0), (sa == sb).astype(np.int8), -1)
 
-    aa, ab = col("a")
-    ratio = _sim(aa, ab, fuzz.token_sort_ratio)
+    aa, ab = p.codes("a")
+    ratio = p.similarity("a", "a", fuzz.token_sort_ratio, equal=100.0, missing=0.0)  # words reordered
+    # a space typed in the wrong place
+    ratio = np.maximum(ratio, p.similarity("a_ns", "a_ns", fuzz.ratio, equal=100.0, missing=0.0))
     lv = np.zeros(n, dtype=np.int8)
     lv[ratio >= 75] = 1
     lv[ratio >= 90] = 2
     lv[aa == ab] = 3
-    lv[~_present(aa, ab)] = -1
+    lv[(aa < 0) | (ab < 0)] = -1
     gamma[:, ADDRESS] = lv
 
-    ca, cb = col("c")
-    jw = _sim(ca, cb, JaroWinkler.normalized_similarity)
+    ca, cb = p.codes("c")
+    jw_c = p.similarity("c", "c", jw, equal=1.0, missing=0.0)
     lv = np.zeros(n, dtype=np.int8)
-    lv[jw >= 0.90] = 1
+    lv[jw_c >= 0.90] = 1
     lv[ca == cb] = 2
-    lv[~_present(ca, cb)] = -1
+    lv[(ca < 0) | (cb < 0)] = -1
     gamma[:, CITY] = lv
 
-    gamma[:, POSTAL] = _typo_levels(*col("z"))
-    gamma[:, PHONE] = _typo_levels(*col("t"))
+    gamma[:, POSTAL] = _typo_levels(p, "z")
+    gamma[:, PHONE] = _typo_levels(p, "t")
 
-    ids = t.ids
     ident = gamma[:, IDENT]
-    for k in range(n):
+    ida, idb = p.codes("id1")
+    sya, syb = p.codes("idsys")
+    same = _same(sya, syb)
+    lv = np.full(n, -1, dtype=np.int8)
+    lv[same] = 0
+    near = np.nonzero(same & (ida != idb))[0]
+    if len(near):
+        dist = p.similarity("id1", "id1", OSA.distance, equal=0.0, missing=99.0, rows=near)
+        lv[near[dist <= 1]] = 1
+    lv[same & (ida == idb)] = 2
+    ident[:] = lv
+    ids = t.ids
+    for k in np.nonzero(t.multi_id[ia] | t.multi_id[ib])[0]:
         da, db = ids[ia[k]], ids[ib[k]]
         if not da or not db:
             continue

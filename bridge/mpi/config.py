@@ -98,3 +98,9 @@ class MpiConfig:
             )
         if self.max_block_size < 2:
             raise MpiError("max_block_size must be at least 2")
+        if self.prior_strength < 0 or self.em_min_records < 1 or self.em_sample_records < 2:
+            raise MpiError("prior_strength must be >= 0, em_min_records >= 1, em_sample_records >= 2")
+        if self.em_refit_factor <= 1.0:
+            raise MpiError("em_refit_factor must be greater than 1")
+        if not 0.0 <= self.identifier_corroboration <= 1.0 or self.tf_max_adjustment_bits < 0:
+            raise MpiError("identifier_corroboration must be in [0, 1] and tf_max_adjustment_bits >= 0")

@@ -7,6 +7,7 @@ serialises writers: ``BEGIN IMMEDIATE`` on SQLite, a transaction-scoped advisory
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -17,6 +18,7 @@ from typing import Any
 from bridge.mpi.config import MpiError
 
 _ADVISORY_KEY = 0x6D7069  # "mpi"
+_INSERT = re.compile(r"(?s)^\s*(INSERT INTO \w+ \([^)]*\)) VALUES \([?, ]+\)(.*)$")
 CHUNK = 500
 
 SCHEMA = [
@@ -101,7 +103,9 @@ class Database:
                 raise MpiError(f"cannot connect to the MPI database: {exc}") from exc
             self.kind = "postgresql"
         elif url.startswith("sqlite:///") or url == "sqlite://":
-            path = url[len("sqlite:///") :] if url != "sqlite://" else ""
+            # as bridge.db: the part after "sqlite://" is the path, so sqlite:///abs/path.db -> /abs/path.db;
+            # a bare "sqlite://" is an in-memory database
+            path = url[len("sqlite://") :]
             target = path or ":memory:"
             if path:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -157,8 +161,32 @@ class Database:
             row = self.execute(sql, params).fetchone()
             return tuple(row) if row is not None else None
 
+    def insert_many(self, sql: str, rows: Sequence[Sequence[Any]], types: Sequence[str]) -> None:
+        """``INSERT INTO t (cols) VALUES (?, ...) [ON CONFLICT ...]`` for many rows.
+
+        On PostgreSQL the rows travel as one array per column (``unnest``; ``types`` are the columns'
+        PostgreSQL types), i.e. one statement instead of one per row.
+        """
+        if not rows:
+            return
+        if self._pg is None:
+            self.executemany(sql, rows)
+            return
+        m = _INSERT.match(sql)
+        if m is None or len(types) != len(rows[0]):
+            raise MpiError(f"insert_many needs an INSERT ... VALUES statement matching its types: {sql[:60]}")
+        unnest = ", ".join(f"%b::{t}[]" for t in types)  # binary parameters: much faster array dumping
+        columns = [list(c) for c in zip(*rows, strict=True)]
+        with self._lock:
+            self._pg.execute(f"{m[1]} SELECT * FROM unnest({unnest}){m[2]}", columns)
+
     def all_in(self, sql: str, values: Sequence[Any], extra: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        """Run ``sql`` (containing one ``{in}``) for ``values`` in chunks; ``extra`` params come first."""
+        """Run ``sql`` (containing one ``IN ({in})``) for ``values`` (in chunks on SQLite, as one array
+        parameter on PostgreSQL); ``extra`` params come first."""
+        if self._pg is not None:
+            if not values:
+                return []
+            return self.all(sql.replace("IN ({in})", "= ANY(?)"), [*extra, list(values)])
         out: list[tuple[Any, ...]] = []
         for part in chunks(list(values)):
             marks = ",".join("?" * len(part))
@@ -166,7 +194,11 @@ class Database:
         return out
 
     def exec_in(self, sql: str, values: Sequence[Any], extra: Sequence[Any] = ()) -> None:
-        """Execute a statement without results (containing one ``{in}``) for ``values`` in chunks."""
+        """Execute a statement without results (containing one ``IN ({in})``) for ``values``."""
+        if self._pg is not None:
+            if values:
+                self.execute(sql.replace("IN ({in})", "= ANY(?)"), [*extra, list(values)])
+            return
         for part in chunks(list(values)):
             marks = ",".join("?" * len(part))
             self.execute(sql.replace("{in}", marks), [*extra, *part])

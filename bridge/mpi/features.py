@@ -14,6 +14,7 @@ string (``""`` when unknown) unless said otherwise:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import unicodedata
@@ -39,6 +40,8 @@ STRING_KEYS = ("g", "f", "gn", "gm", "fn", "fm", "b", "s", "a", "c", "z", "t")
 
 
 def _fold(text: str) -> str:
+    if text.isascii():
+        return text.lower()
     decomposed = unicodedata.normalize("NFKD", text)
     return "".join(ch for ch in decomposed if not unicodedata.combining(ch)).lower()
 
@@ -69,7 +72,7 @@ def norm_birth_date(value: Any) -> str:
 def _pick_name(names: Any) -> Mapping[str, Any]:
     if not isinstance(names, list):
         return {}
-    candidates = [n for n in names if isinstance(n, Mapping)]
+    candidates = [n for n in names if isinstance(n, dict)]
     for use in ("official", "usual", None):
         for n in candidates:
             if use is None or n.get("use") == use:
@@ -88,7 +91,7 @@ def _first_str(values: Any) -> str:
 def _pick_address(addresses: Any) -> Mapping[str, Any]:
     if not isinstance(addresses, list):
         return {}
-    candidates = [a for a in addresses if isinstance(a, Mapping)]
+    candidates = [a for a in addresses if isinstance(a, dict)]
     for a in candidates:
         if a.get("use") == "home" and not (a.get("period") or {}).get("end"):
             return a
@@ -100,7 +103,7 @@ def _phone(telecom: Any) -> str:
         return ""
     for t in telecom:
         if (
-            isinstance(t, Mapping)
+            isinstance(t, dict)
             and t.get("system") in ("phone", "sms", None)
             and isinstance(t.get("value"), str)
         ):
@@ -110,11 +113,17 @@ def _phone(telecom: Any) -> str:
     return ""
 
 
+@functools.lru_cache(maxsize=65536)
 def phonetic(name: str) -> tuple[str, str]:
     """(NYSIIS, Metaphone) codes of a normalised name; empty strings for an empty name."""
     if not name:
         return "", ""
     return jellyfish.nysiis(name), jellyfish.metaphone(name)
+
+
+@functools.lru_cache(maxsize=64)
+def _as_set(systems: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(systems)
 
 
 def extract_features(patient: Mapping[str, Any], strong_systems: Iterable[str]) -> Features:
@@ -123,7 +132,7 @@ def extract_features(patient: Mapping[str, Any], strong_systems: Iterable[str]) 
     Raises :class:`MpiInputError` when ``patient`` is not a Patient resource with a string ``id``.
     Missing or malformed demographic elements simply become unknown features.
     """
-    if not isinstance(patient, Mapping) or patient.get("resourceType") != "Patient":
+    if not isinstance(patient, Mapping) or patient.get("resourceType") != "Patient":  # JSON objects are dicts
         raise MpiInputError("resource is not a FHIR Patient")
     pid = patient.get("id")
     if not isinstance(pid, str) or not pid:
@@ -142,14 +151,14 @@ def extract_features(patient: Mapping[str, Any], strong_systems: Iterable[str]) 
     addr = _pick_address(patient.get("address"))
     lines = addr.get("line")
     line = norm_text(" ".join(x for x in lines if isinstance(x, str))) if isinstance(lines, list) else ""
-    strong = set(strong_systems)
+    strong = strong_systems if isinstance(strong_systems, frozenset) else _as_set(tuple(strong_systems))
     ids: set[tuple[str, str]] = set()
     raw_ids = patient.get("identifier")
     for ident in raw_ids if isinstance(raw_ids, list) else ():
-        if not isinstance(ident, Mapping):
+        if not isinstance(ident, dict):
             continue
         system, value = ident.get("system"), ident.get("value")
-        if system in strong and isinstance(value, str):
+        if isinstance(system, str) and system in strong and isinstance(value, str):
             v = _ID_NOISE.sub("", value).upper()
             if v:
                 ids.add((system, v))

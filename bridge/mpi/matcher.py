@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bridge.logging import get_logger
 from bridge.mpi.blocking import blocking_keys, candidate_pairs
 from bridge.mpi.compare import FIELDS, IDENT, FeatureTable, compare_pairs
 from bridge.mpi.config import MatchState, MpiConfig
@@ -16,6 +17,7 @@ from bridge.mpi.features import Features
 from bridge.mpi.model import FSModel, decide, em_fit, probability
 from bridge.mpi.unionfind import UnionFind
 
+log = get_logger(__name__)
 TF_KEYS = tuple(f.tf_key for f in FIELDS if f.tf_key)
 
 
@@ -43,8 +45,13 @@ class TermFrequencies:
         return cls(counts, total, sum_sq)
 
     def freq(self, key: str, values: np.ndarray) -> np.ndarray:
+        """Relative frequency of each value (0 if unseen)."""
         c = self.counts.get(key, {})
         return np.array([c.get(v, 0) for v in values], dtype=np.float64) / self.total
+
+    def row_frequencies(self, table: FeatureTable) -> dict[str, np.ndarray]:
+        """Per TF key, the frequency of each table row's value (computed once per row, not per pair)."""
+        return {k: self.freq(k, table.cols[k]) for k in TF_KEYS}
 
     def mean(self) -> dict[str, float]:
         """Per key: sum of squared relative frequencies, i.e. P(two random records agree on the field)."""
@@ -68,9 +75,10 @@ def weigh(
 ) -> Scored:
     """Weights -> probabilities -> states for already compared pairs (``ia`` gives the TF values' rows)."""
     if tf is not None and config.term_frequency:
-        tf_values = {k: table.cols[k][ia] for k in TF_KEYS}
+        row_freq = tf.row_frequencies(table)
+        tf_freq = {k: row_freq[k][ia] for k in TF_KEYS}
         weight = model.match_weight(
-            gamma, tf=tf.freq, tf_values=tf_values, tf_mean=tf.mean(), tf_cap=config.tf_max_adjustment_bits
+            gamma, tf_freq=tf_freq, tf_mean=tf.mean(), tf_cap=config.tf_max_adjustment_bits
         )
     else:
         weight = model.match_weight(gamma)
@@ -127,10 +135,21 @@ def fit_model(
     if len(ia) == 0:
         return start or FSModel.prior()
     gamma = compare_pairs(table, ia, ib)
+    return _em_or_fallback(gamma, table.n, config, start)
+
+
+def _em_or_fallback(gamma: np.ndarray, records: int, config: MpiConfig, start: FSModel | None) -> FSModel:
+    """EM on ``gamma``; if the estimate is implausible, log it and keep ``start`` (or the priors)."""
     model = em_fit(
         gamma, start=start, prior_strength=config.prior_strength, max_iterations=config.em_max_iterations
     )
-    model.fitted_on_records = table.n
+    model.fitted_on_records = records
+    problem = model.implausibility()
+    if problem is not None:
+        log.warning("mpi_em_rejected", reason=problem, pairs=len(gamma), records=records)
+        fallback = start or FSModel.prior()
+        fallback.fitted_on_records = records
+        return fallback
     return model
 
 
@@ -152,10 +171,7 @@ def link_records(
     gamma = compare_pairs(table, ia, ib)
     used = model or FSModel.prior()
     if fit and len(records) >= config.em_min_records and len(gamma):
-        used = em_fit(
-            gamma, start=model, prior_strength=config.prior_strength, max_iterations=config.em_max_iterations
-        )
-        used.fitted_on_records = len(records)
+        used = _em_or_fallback(gamma, len(records), config, model)
     tf = TermFrequencies.from_records(records) if config.term_frequency else None
     scored = weigh(gamma, ia, table, used, config, tf)
     return BatchResult(ia, ib, scored.prob, scored.state, used, len(ia), skipped)

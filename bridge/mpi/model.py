@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from bridge.mpi.compare import FIELDS, IDENT
+from bridge.mpi.compare import FIELD_INDEX, FIELDS, IDENT
 from bridge.mpi.config import MatchState, MpiConfig, MpiError
 
 # Priors: what a field's levels look like among true matches (m) and among candidate non-matches (u)
@@ -38,9 +37,6 @@ PRIOR_U: dict[str, list[float]] = {
 }
 PRIOR_LAMBDA = 0.05
 _EPS = 1e-6
-
-TfLookup = Callable[[str, np.ndarray], np.ndarray]
-"""``(feature key, values) -> relative frequency of each value`` in the population (0 if unseen)."""
 
 
 @dataclass
@@ -95,6 +91,23 @@ class FSModel:
             str(data.get("source", "em")),
         )
 
+    def implausibility(self) -> str | None:
+        """Why this model cannot be right (None if it is plausible).
+
+        EM can converge to a degenerate solution (the classes swapped, or "match" capturing some other
+        structure). Exact agreement on given name, family name and birth date must be evidence *for* a
+        match and their disagreement evidence against, and the match rate must not be extreme.
+        """
+        for name in ("given", "family", "birth"):
+            i = FIELD_INDEX[name]
+            if not self.m[i][-1] > self.u[i][-1]:
+                return f"exact {name} agreement is not more likely among matches"
+            if not self.m[i][0] < self.u[i][0]:
+                return f"{name} disagreement is not less likely among matches"
+        if not 1e-5 < self.lam < 0.999:
+            return f"match rate among candidates {self.lam:.6f} is extreme"
+        return None
+
     def bayes_factors(self) -> list[np.ndarray]:
         """log2(m/u) per field level; index ``levels`` (i.e. -1) is 0 for a missing field."""
         out = []
@@ -107,30 +120,29 @@ class FSModel:
         self,
         gamma: np.ndarray,
         *,
-        tf: TfLookup | None = None,
-        tf_values: dict[str, np.ndarray] | None = None,
+        tf_freq: dict[str, np.ndarray] | None = None,
         tf_mean: dict[str, float] | None = None,
         tf_cap: float = 4.0,
     ) -> np.ndarray:
         """Total log2 posterior odds of each pair (prior odds + field Bayes factors + TF adjustments).
 
-        ``tf_values[key]`` holds, per pair, the value on the left side for the TF-adjusted fields;
-        ``tf_mean[key]`` is the population's sum of squared relative frequencies (the average u of an
-        exact agreement on a random pair). An exact agreement on value ``v`` gets
-        ``log2(tf_mean / freq(v))`` more bits, clipped to ±``tf_cap``.
+        ``tf_freq[key]`` holds, per pair, the population frequency of the left record's value of a
+        TF-adjusted field; ``tf_mean[key]`` is the population's sum of squared relative frequencies (the
+        chance that two random records agree on the field). An exact agreement on a value of frequency
+        ``p`` gets ``log2(tf_mean / p)`` more bits, clipped to ±``tf_cap``.
         """
         w = np.full(len(gamma), math.log2(self.lam / (1.0 - self.lam)), dtype=np.float64)
         for i, bf in enumerate(self.bayes_factors()):
             w += bf[gamma[:, i]]
-        if tf is not None and tf_values is not None and tf_mean is not None:
+        if tf_freq is not None and tf_mean is not None:
             for i, f in enumerate(FIELDS):
-                if f.tf_key is None or f.tf_key not in tf_values:
+                if f.tf_key is None or f.tf_key not in tf_freq:
                     continue
                 mean = tf_mean.get(f.tf_key, 0.0)
                 exact = gamma[:, i] == f.levels - 1
                 if mean <= 0 or not exact.any():
                     continue
-                freq = tf(f.tf_key, tf_values[f.tf_key][exact])
+                freq = tf_freq[f.tf_key][exact]
                 adj = np.log2(mean / np.maximum(freq, mean / 2**tf_cap))
                 w[exact] += np.clip(adj, -tf_cap, tf_cap)
         return w
@@ -187,7 +199,12 @@ def em_fit(
         raise MpiError("EM needs at least one candidate pair")
     model = start or FSModel.prior()
     prior = FSModel.prior()
-    patterns, counts = np.unique(gamma, axis=0, return_counts=True)
+    # one int per comparison vector (levels + 1 as base-8 digits), much faster to unique than rows
+    codes = np.zeros(len(gamma), dtype=np.int64)
+    for i in range(gamma.shape[1]):
+        codes = codes * 8 + (gamma[:, i].astype(np.int64) + 1)
+    _, first, counts = np.unique(codes, return_index=True, return_counts=True)
+    patterns = gamma[first]
     counts = counts.astype(np.float64)
     m = [x.copy() for x in model.m]
     u = [x.copy() for x in model.u]
@@ -212,8 +229,10 @@ def em_fit(
             present = lv >= 0
             cm = np.bincount(lv[present], weights=wm[present], minlength=f.levels)
             cu = np.bincount(lv[present], weights=wu[present], minlength=f.levels)
-            nm = (cm + prior_strength * prior.m[i]) / (cm.sum() + prior_strength)
-            nu = (cu + prior_strength * prior.u[i]) / (cu.sum() + prior_strength)
+            dm, du = cm.sum() + prior_strength, cu.sum() + prior_strength
+            # a field with no observations (and no prior weight) keeps its current values
+            nm = (cm + prior_strength * prior.m[i]) / dm if dm > 0 else m[i]
+            nu = (cu + prior_strength * prior.u[i]) / du if du > 0 else u[i]
             new_m.append(nm)
             new_u.append(nu)
         new_lam = float(min(max(wm.sum() / counts.sum(), 1e-6), 1 - 1e-6))

@@ -11,6 +11,7 @@ kept as an alias), and after a split the part holding the oldest record keeps it
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -32,11 +33,13 @@ from bridge.mpi.unionfind import UnionFind
 log = get_logger(__name__)
 
 _PERSON_NS = uuid.UUID("5b0f6a3e-3c1f-4b55-9d1e-6d70690a0001")
+_HISTORY_TYPES = ("text",) * 8 + ("double precision", "text")
 MATCH = MatchState.MATCH.value
 POSSIBLE = MatchState.POSSIBLE_MATCH.value
 NO_MATCH = MatchState.NO_MATCH.value
 
 
+@functools.lru_cache(maxsize=131072)
 def person_id_for(patient_id: str) -> str:
     """The person id a record founds (a FHIR-id-safe UUID derived from the record id)."""
     return str(uuid.uuid5(_PERSON_NS, patient_id))
@@ -229,25 +232,28 @@ class PersonIndex:
             for k in TF_KEYS:
                 if feats.get(k):
                     tf_delta[(k, feats[k])] += 1
-        db.executemany(
+        db.insert_many(
             "INSERT INTO mpi_patient (patient_id, source_org, person_id, features, digest, seq, updated_at) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
             rows,
+            ("text", "text", "text", "text", "text", "bigint", "text"),
         )
         keys_of = {pid: blocking_keys(batch[pid][1]) for pid in changed}
-        db.executemany(
+        db.insert_many(
             "INSERT INTO mpi_block (bkey, patient_id) VALUES (?, ?) ON CONFLICT DO NOTHING",
             [(k, pid) for pid, ks in keys_of.items() for k in ks],
+            ("text", "text"),
         )
-        db.executemany(
+        db.insert_many(
             "INSERT INTO mpi_tf (field, value, n) VALUES (?, ?, ?) "
             "ON CONFLICT (field, value) DO UPDATE SET n = mpi_tf.n + excluded.n",
             [(k, v, d) for (k, v), d in tf_delta.items() if d],
+            ("text", "text", "bigint"),
         )
         total = max_seq if not updated else int(db.one("SELECT COUNT(*) FROM mpi_patient")[0])  # type: ignore[index]
         self._maybe_fit(total)
         self._score_new(changed, keys_of, batch, total, now, seeds)
-        self._recluster(seeds, now)
+        self._recluster(seeds, now, fresh=frozenset(r[2] for r in rows))
 
     def _score_new(
         self,
@@ -325,17 +331,19 @@ class PersonIndex:
             )
             if state == MATCH:
                 seeds.update((a, b))
-        db.executemany(
+        db.insert_many(
             "INSERT INTO mpi_pair (patient_a, patient_b, state, score, origin, actor, reason, updated_at) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (patient_a, patient_b) DO UPDATE SET "
             "state = excluded.state, score = excluded.score, updated_at = excluded.updated_at "
             "WHERE mpi_pair.origin = 'auto'",
             rows,
+            ("text", "text", "text", "double precision", "text", "text", "text", "text"),
         )
-        db.executemany(
+        db.insert_many(
             "INSERT INTO mpi_history (at, action, patient_a, patient_b, person_id, other_person_id, actor, reason, "
             "score, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             history,
+            _HISTORY_TYPES,
         )
 
     def _term_frequencies(self, table: FeatureTable, total: int) -> TermFrequencies:
@@ -387,7 +395,9 @@ class PersonIndex:
             frontier = found - nodes
         return nodes
 
-    def _recluster(self, seeds: Iterable[str], now: str, *, actor: str = "matcher") -> dict[str, str]:
+    def _recluster(
+        self, seeds: Iterable[str], now: str, *, actor: str = "matcher", fresh: frozenset[str] = frozenset()
+    ) -> dict[str, str]:
         """Rebuild the persons of the components around ``seeds``; returns patient -> person id."""
         db = self.db
         nodes = sorted(self._component(seeds))
@@ -454,10 +464,15 @@ class PersonIndex:
                     moves[(info[p][0], new_id)].append(p)
         if not moves:
             return result
-        db.executemany(
-            "UPDATE mpi_patient SET person_id = ? WHERE patient_id = ?",
-            [(new, p) for (_old, new), ps in moves.items() for p in ps],
-        )
+        updates = [(new, p) for (_old, new), ps in moves.items() for p in ps]
+        if db.kind == "postgresql":
+            db.execute(
+                "UPDATE mpi_patient AS p SET person_id = u.person FROM unnest(?::text[], ?::text[]) AS u(person, pid) "
+                "WHERE p.patient_id = u.pid",
+                [[u[0] for u in updates], [u[1] for u in updates]],
+            )
+        else:
+            db.executemany("UPDATE mpi_patient SET person_id = ? WHERE patient_id = ?", updates)
         old_ids = sorted({old for old, _new in moves} - live_ids)
         still_used = {
             r[0]
@@ -467,18 +482,25 @@ class PersonIndex:
         }
         retired = [o for o in old_ids if o not in still_used]
         founders = {person_id_for(p): p for p in info}
+        aliases = []
         for old in retired:
+            if old in fresh:
+                continue  # created and merged in this same transaction: nobody has seen it
             founder = founders.get(old)
             target = result[founder] if founder else next(new for (o, new) in moves if o == old)
-            db.execute(
-                "INSERT INTO mpi_alias (old_id, person_id) VALUES (?, ?) ON CONFLICT (old_id) DO UPDATE "
-                "SET person_id = excluded.person_id",
-                (old, target),
-            )
-            db.execute("UPDATE mpi_alias SET person_id = ? WHERE person_id = ?", (target, old))
+            aliases.append((old, target))
+        db.insert_many(
+            "INSERT INTO mpi_alias (old_id, person_id) VALUES (?, ?) ON CONFLICT (old_id) DO UPDATE "
+            "SET person_id = excluded.person_id",
+            aliases,
+            ("text", "text"),
+        )
+        db.executemany("UPDATE mpi_alias SET person_id = ? WHERE person_id = ?", [(t, o) for o, t in aliases])
         db.exec_in("DELETE FROM mpi_alias WHERE old_id IN ({in})", sorted(live_ids))
         history = []
         for (old, new), ps in sorted(moves.items()):
+            if old in fresh:
+                continue
             action = "person-merged" if old in retired else "person-split"
             history.append(
                 (
@@ -494,10 +516,11 @@ class PersonIndex:
                     orjson.dumps({"patients": sorted(ps)}).decode(),
                 )
             )
-        db.executemany(
+        db.insert_many(
             "INSERT INTO mpi_history (at, action, patient_a, patient_b, person_id, other_person_id, actor, reason, "
             "score, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             history,
+            _HISTORY_TYPES,
         )
         return result
 
@@ -619,6 +642,14 @@ class PersonIndex:
         With ``include_possible`` the records of persons joined to it by an unresolved POSSIBLE_MATCH
         are added too. An unindexed record yields ``[patient_id]``.
         """
+        if not include_possible:  # the hot path of $everything: one statement, no explicit transaction
+            rows = self.db.all(
+                "SELECT patient_id FROM mpi_patient WHERE person_id = "
+                "(SELECT person_id FROM mpi_patient WHERE patient_id = ?)",
+                (patient_id,),
+            )
+            others = sorted(r[0] for r in rows if r[0] != patient_id)
+            return [patient_id, *others]
         with self.db.read():
             person = self.person_id(patient_id)
             if person is None:

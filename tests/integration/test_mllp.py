@@ -20,8 +20,10 @@ from .conftest import settings_env
 pytestmark = pytest.mark.integration
 
 SRC = SourceInfo("st-mary")
-MSG = (b"MSH|^~\\&|EPIC|STM|FB|FB|20240101120000||ADT^A01^ADT_A01|CTRL-1|P|2.5.1\r"
-       b"PID|1||MRN-77^^^^MR||DOE^JANE||19800101|F\rPV1|1|I|||||||||||||||||V-9\r")
+MSG = (
+    b"MSH|^~\\&|EPIC|STM|FB|FB|20240101120000||ADT^A01^ADT_A01|CTRL-1|P|2.5.1\r"
+    b"PID|1||MRN-77^^^^MR||DOE^JANE||19800101|F\rPV1|1|I|||||||||||||||||V-9\r"
+)
 
 
 async def send(port: int, *messages: bytes) -> list[tuple[str, float]]:
@@ -39,9 +41,14 @@ async def send(port: int, *messages: bytes) -> list[tuple[str, float]]:
 
 
 def records(settings: Settings, expect: int, timeout: float = 20) -> list:
-    consumer = KafkaConsumer(settings.topics.bundles, bootstrap_servers=settings.bootstrap_servers,
-                             auto_offset_reset="earliest", enable_auto_commit=False, consumer_timeout_ms=1000,
-                             group_id=None)
+    consumer = KafkaConsumer(
+        settings.topics.bundles,
+        bootstrap_servers=settings.bootstrap_servers,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        consumer_timeout_ms=1000,
+        group_id=None,
+    )
     got: list = []
     deadline = time.monotonic() + timeout
     try:
@@ -63,8 +70,9 @@ async def test_aa_after_broker_ack_and_dedup(settings: Settings, monkeypatch: py
     assert main(["keys", "create", "--org", "st-mary"]) == 0
     assert main(["topics", "create"]) == 0
     assert settings.bootstrap_servers
-    server = MllpServer(HL7v2Adapter(), SRC, lambda: Publisher(settings, settings.bootstrap_servers or ""),
-                        ack_timeout=30)
+    server = MllpServer(
+        HL7v2Adapter(), SRC, lambda: Publisher(settings, settings.bootstrap_servers or ""), ack_timeout=30
+    )
     await server.start("127.0.0.1", 0)
     try:
         other = MSG.replace(b"CTRL-1", b"CTRL-2").replace(b"MRN-77", b"MRN-78")
@@ -74,4 +82,58 @@ async def test_aa_after_broker_ack_and_dedup(settings: Settings, monkeypatch: py
     assert [a for a, _ in acks] == ["AA", "AA", "AA", "AE"]
     assert server.stats["duplicates"] == 1
     got = records(settings, 2)
-    assert sorted(r.key for r in got) == [b"urn:fhirbridge:st-mary:mrn|MRN-77", b"urn:fhirbridge:st-mary:mrn|MRN-78"]
+    assert sorted(r.key for r in got) == [
+        b"urn:fhirbridge:st-mary:mrn|MRN-77",
+        b"urn:fhirbridge:st-mary:mrn|MRN-78",
+    ]
+
+
+async def test_cli_mllp_command(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fhirbridge mllp` as a process: listens, converts, publishes, acknowledges AA."""
+    import socket
+    import subprocess
+    import sys
+
+    env = settings_env(settings)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    assert main(["keys", "create", "--org", "st-mary"]) == 0
+    assert main(["topics", "create"]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bridge.cli",
+            "mllp",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--source",
+            "st-mary",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+                assert time.monotonic() < deadline, "mllp listener did not start"
+                await asyncio.sleep(0.2)
+        acks = await send(port, MSG.replace(b"CTRL-1", b"CLI-1"))
+        assert [a for a, _ in acks] == ["AA"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    got = records(settings, 1)
+    assert [r.key for r in got] == [b"urn:fhirbridge:st-mary:mrn|MRN-77"]

@@ -1,0 +1,1 @@
+"""Helpers shared by the C-CDA, Synthea CSV and mapped CSV adapters (code systems, dates)."""

@@ -1,0 +1,216 @@
+"""The ledger entry: a canonical JSON record of one ingested bundle, with no PHI."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from operator import attrgetter
+from typing import Any
+
+import orjson
+
+from ledger.errors import EntryTooLarge, InvalidEntry
+
+__all__ = ["MAX_ENTRY_BYTES", "LedgerEntry", "canonical_many"]
+
+MAX_ENTRY_BYTES = 64 * 1024
+_HEX_DIGITS = "0123456789abcdef"
+_RFC3339_UTC = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|\+00:00)")
+_STR_FIELDS = ("source_org", "adapter", "adapter_version", "topic")
+_TS = r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:Z|\+00:00)"
+_RFC3339_UTC_LINES = re.compile(f"(?:{_TS}\n)*{_TS}")  # n timestamps joined by newlines
+_U64_MAX = (1 << 64) - 1  # orjson refuses larger integers
+_FIELDS = attrgetter(
+    "adapter",
+    "adapter_version",
+    "bundle_sha256",
+    "ingested_at",
+    "message_id",
+    "offset",
+    "partition",
+    "source_org",
+    "topic",
+)
+# The canonical form of an entry whose strings are printable ASCII without '"' or '\\': for such strings
+# orjson's output is the string itself between quotes, so formatting gives the same bytes.
+_TEMPLATE = (
+    '{"adapter":"%s","adapter_version":"%s","bundle_sha256":"%s","ingested_at":"%s","message_id":%s,'
+    '"offset":%d,"partition":%d,"source_org":"%s","topic":"%s"}'
+)
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    """What the ledger records about one bundle. It holds identifiers and provenance only, never PHI.
+
+    ``ingested_at`` is RFC 3339 UTC (``Z`` or ``+00:00``); the consumer passes the Kafka record time so
+    that a replay produces the same entries and the same tree.
+    """
+
+    bundle_sha256: str
+    source_org: str
+    adapter: str
+    adapter_version: str
+    topic: str
+    partition: int
+    offset: int
+    ingested_at: str
+    message_id: str | None = None
+
+    def validate(self) -> None:
+        """Raise :class:`~ledger.errors.InvalidEntry` naming the first bad field."""
+        # Hot path (every append): exact type checks, one regex per pattern; the dataclass does not
+        # enforce its annotations, so values are treated as plain objects here.
+        bundle: object = self.bundle_sha256
+        if type(bundle) is not str or len(bundle) != 64 or bundle.strip(_HEX_DIGITS):
+            raise InvalidEntry("bundle_sha256 must be 64 lowercase hex characters")
+        so: object = self.source_org
+        ad: object = self.adapter
+        av: object = self.adapter_version
+        tp: object = self.topic
+        if not (
+            type(so) is str
+            and so
+            and type(ad) is str
+            and ad
+            and type(av) is str
+            and av
+            and type(tp) is str
+            and tp
+        ):
+            strs = (so, ad, av, tp)
+            bad = next(n for n, v in zip(_STR_FIELDS, strs, strict=True) if not (type(v) is str and v))
+            raise InvalidEntry(f"{bad} must be a non-empty string")
+        pa: object = self.partition
+        of: object = self.offset
+        if not (type(pa) is int and pa >= 0 and type(of) is int and of >= 0):
+            bad = "partition" if not (type(pa) is int and pa >= 0) else "offset"
+            raise InvalidEntry(f"{bad} must be a non-negative integer")
+        ingested: object = self.ingested_at
+        if type(ingested) is not str or not _RFC3339_UTC.fullmatch(ingested):
+            raise InvalidEntry("ingested_at must be an RFC 3339 UTC timestamp")
+        message_id: object = self.message_id
+        if message_id is not None and type(message_id) is not str:
+            raise InvalidEntry("message_id must be a string or None")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "adapter": self.adapter,
+            "adapter_version": self.adapter_version,
+            "bundle_sha256": self.bundle_sha256,
+            "ingested_at": self.ingested_at,
+            "message_id": self.message_id,
+            "offset": self.offset,
+            "partition": self.partition,
+            "source_org": self.source_org,
+            "topic": self.topic,
+        }
+
+    def canonical(self) -> bytes:
+        """Canonical JSON (sorted keys, compact, UTF-8): the bytes whose leaf hash the log commits to.
+
+        Raises :class:`~ledger.errors.InvalidEntry` for a bad field and
+        :class:`~ledger.errors.EntryTooLarge` above 64 KB.
+        """
+        self.validate()
+        try:
+            data = orjson.dumps(self.to_dict(), option=orjson.OPT_SORT_KEYS)
+        except TypeError as exc:  # e.g. a surrogate in a string
+            raise InvalidEntry("entry is not JSON-serialisable") from exc
+        if len(data) > MAX_ENTRY_BYTES:
+            raise EntryTooLarge(len(data), MAX_ENTRY_BYTES)
+        return data
+
+    @classmethod
+    def from_canonical(cls, data: bytes) -> LedgerEntry:
+        """Parse stored canonical JSON; raises :class:`~ledger.errors.InvalidEntry` if it is not one."""
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidEntry("stored entry is not JSON") from exc
+        if not isinstance(obj, dict):
+            raise InvalidEntry("stored entry is not a JSON object")
+        try:
+            entry = cls(**obj)
+        except TypeError as exc:
+            raise InvalidEntry("stored entry has unexpected or missing fields") from exc
+        entry.validate()
+        return entry
+
+
+def canonical_many(entries: Sequence[LedgerEntry]) -> list[bytes]:
+    """``[e.canonical() for e in entries]``, computed for the whole batch at once.
+
+    Same bytes and same errors as calling :meth:`LedgerEntry.canonical` on each entry in order (the
+    first invalid entry raises :class:`~ledger.errors.InvalidEntry` or
+    :class:`~ledger.errors.EntryTooLarge`); a non-entry raises :class:`~ledger.errors.InvalidEntry`.
+    The common batch (every string printable ASCII without quotes or backslashes) is validated with a
+    few C-level checks over the joined fields and formatted without a JSON encoder call per entry;
+    any other batch takes the per-entry path.
+    """
+    if not entries:
+        return []
+    try:
+        fast = _canonical_fast(entries)
+    except (AttributeError, TypeError):  # not LedgerEntry objects, or a field of the wrong type
+        fast = None
+    if fast is not None:
+        return fast
+    out = []
+    for e in entries:
+        if not isinstance(e, LedgerEntry):
+            raise InvalidEntry("append() takes LedgerEntry objects")
+        out.append(e.canonical())
+    return out
+
+
+def _canonical_fast(entries: Sequence[LedgerEntry]) -> list[bytes] | None:
+    """The canonical bytes if every entry passes the batch checks, else None (use the slow path)."""
+    if any(type(e) is not LedgerEntry for e in entries):
+        return None
+    rows = list(map(_FIELDS, entries))
+    n = len(rows)
+    ad, av, bundle, ts, mid, of, pa, so, tp = zip(*rows, strict=True)
+    # bundle_sha256: 64 lowercase hex characters each (join raises TypeError for a non-string).
+    bj = "".join(bundle)
+    if len(bj) != 64 * n or set(map(len, bundle)) != {64} or bj.strip(_HEX_DIGITS):
+        return None
+    # The other strings: non-empty, printable ASCII, no '"' or '\\' (so no JSON escaping is needed).
+    # Joined by '"', which may not occur inside them: n*4 - 1 separators, no two adjacent.
+    sj = '"'.join(ad + av + so + tp)
+    if (
+        not sj.isascii()
+        or not sj.isprintable()
+        or "\\" in sj
+        or sj.count('"') != 4 * n - 1
+        or '""' in sj
+        or sj[0] == '"'
+        or sj[-1] == '"'
+    ):
+        return None
+    # ingested_at: each matches the RFC 3339 UTC pattern (printable ASCII, so no newline inside).
+    tj = "\n".join(ts)
+    if not tj.isascii() or tj.count("\n") != n - 1 or not _RFC3339_UTC_LINES.fullmatch(tj):
+        return None
+    # message_id: None or a string (possibly empty) that needs no escaping.
+    if set(map(type, mid)) - {str, type(None)}:
+        return None
+    ids = [m for m in mid if m is not None]
+    if ids:
+        mj = "".join(ids)
+        if not mj.isascii() or not mj.isprintable() or '"' in mj or "\\" in mj:
+            return None
+    # partition, offset: exact ints in 0 .. 2**64 - 1.
+    if set(map(type, pa)) != {int} or set(map(type, of)) != {int}:
+        return None
+    if min(pa) < 0 or min(of) < 0 or max(pa) > _U64_MAX or max(of) > _U64_MAX:
+        return None
+    tmpl = _TEMPLATE
+    out = [
+        (tmpl % (r[0], r[1], r[2], r[3], "null" if r[4] is None else f'"{r[4]}"', r[5], r[6], r[7], r[8])).encode()
+        for r in rows
+    ]
+    if max(map(len, out)) > MAX_ENTRY_BYTES:
+        return None
+    return out

@@ -1,0 +1,310 @@
+"""Behaviour every PersonIndex backend must show; subclassed per backend with an ``mpi_url`` fixture."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import pytest
+from mpi_helpers import FAMILY, GIVEN, patient, population
+
+from bridge.mpi import (
+    MatchState,
+    MpiConfig,
+    MpiConflict,
+    MpiInputError,
+    MpiNotFound,
+    PersonIndex,
+    person_id_for,
+)
+
+ALICE_A = patient(
+    "a1",
+    "Alice",
+    "Andersen",
+    "1980-04-12",
+    "female",
+    line="12 Elm Street",
+    city="Metro",
+    postal="12345",
+    phone="+1 555 123 4567",
+    ssn="123-45-6789",
+)
+ALICE_B = patient(
+    "b1",
+    "Alicia",
+    "Andersen",
+    "1980-12-04",
+    "female",
+    line="12 Elm St",
+    city="Metro",
+    postal="12345",
+    phone="5551234567",
+    ssn="123456789",
+)
+BOB = patient(
+    "c1", "Bob", "Baptiste", "1975-01-30", "male", line="9 Oak Road", city="Northville", postal="54321"
+)
+# same person as ALICE_A by name and birth date but moved away, no identifiers: a possible match
+ALICE_C = patient(
+    "c2", "Alice", "Andersen", "1980-04-12", None, line="400 Harbour View", city="Portside", postal="99999"
+)
+
+
+class StoreContract:
+    @pytest.fixture
+    def mpi(self, mpi_url: str) -> Iterator[PersonIndex]:
+        idx = PersonIndex.open(mpi_url)
+        yield idx
+        idx.close()
+
+    def test_match_links_records_into_one_person(self, mpi: PersonIndex) -> None:
+        mpi.upsert_patients([("org-a", ALICE_A), ("org-b", ALICE_B), ("org-c", BOB)])
+        assert mpi.linked_patient_ids("a1") == ["a1", "b1"]
+        assert mpi.linked_patient_ids("b1") == ["b1", "a1"]
+        assert mpi.linked_patient_ids("c1") == ["c1"]
+        pid = mpi.person_id("a1")
+        assert pid == mpi.person_id("b1") == person_id_for("a1")
+        person = mpi.person(pid)
+        assert {p["patient_id"]: p["source_org"] for p in person["patients"]} == {
+            "a1": "org-a",
+            "b1": "org-b",
+        }
+        [link] = person["links"]
+        assert (link["patient_a"], link["patient_b"], link["state"], link["origin"]) == (
+            "a1",
+            "b1",
+            "MATCH",
+            "auto",
+        )
+        assert link["score"] > 0.95
+        assert [h["action"] for h in mpi.history("a1")][:1] == ["auto-match"]
+
+    def test_unknown_ids(self, mpi: PersonIndex) -> None:
+        assert mpi.person_id("nope") is None
+        assert mpi.linked_patient_ids("nope") == ["nope"]
+        with pytest.raises(MpiNotFound):
+            mpi.person("no-such-person")
+        with pytest.raises(MpiNotFound):
+            mpi.link("nope", "nada", actor="dr")
+        with pytest.raises(MpiNotFound):
+            mpi.history("nope")
+
+    def test_reupsert_is_idempotent(self, mpi: PersonIndex) -> None:
+        mpi.upsert_patients([("org-a", ALICE_A), ("org-b", ALICE_B)])
+        before = (mpi.history(mpi.person_id("a1") or ""), mpi.stats())
+        mpi.upsert_patients([("org-a", ALICE_A), ("org-b", ALICE_B)])
+        mpi.upsert_patients([("org-b", ALICE_B)])
+        assert (mpi.history(mpi.person_id("a1") or ""), mpi.stats()) == before
+
+    def test_updated_patient_is_rescored(self, mpi: PersonIndex) -> None:
+        mpi.upsert_patients([("org-a", ALICE_A), ("org-b", ALICE_B)])
+        moved = patient(
+            "b1", "Zed", "Zimmer", "2001-07-07", "male", line="1 Far Away", city="Elsewhere", postal="00001"
+        )
+        mpi.upsert_patients([("org-b", moved)])
+        assert mpi.linked_patient_ids("a1") == ["a1"]
+        assert mpi.person_id("b1") == person_id_for("b1")
+        actions = [h["action"] for h in mpi.history("b1")]
+        assert "record-updated" in actions and "person-split" in actions
+        mpi.upsert_patients([("org-b", ALICE_B)])
+        assert mpi.linked_patient_ids("a1") == ["a1", "b1"]
+
+    def test_possible_match_goes_to_review_not_to_the_person(self, mpi: PersonIndex) -> None:
+        mpi.upsert_patients([("org-a", ALICE_A), ("org-c", ALICE_C)])
+        assert mpi.linked_patient_ids("a1") == ["a1"]
+        assert mpi.linked_patient_ids("a1", include_possible=True) == ["a1", "c2"]
+        [item] = mpi.review_queue()
+        assert {item["patient_a"], item["patient_b"]} == {"a1", "c2"}
+        assert 0.30 <= item["score"] < 0.95
+        assert item["demographics_a"]["family"] == "andersen"
+        person = mpi.person(mpi.person_id("a1") or "")
+        assert [lk["state"] for lk in person["links"]] == ["POSSIBLE_MATCH"]
+        assert mpi.review_queue(offset=1) == []
+
+    def test_manual_link_and_unlink_with_history(self, mpi: PersonIndex) -> None:
+        mpi.upsert_patients([("org-a", ALICE_A), ("org-c", ALICE_C)])
+        mpi.link("c2", "a1", actor="dr.who", reason="same person, confirmed by phone")
+        assert mpi.linked_patient_ids("a1") == ["a1", "c2"]
+        assert mpi.review_queue() == []
+        # the matcher never overrides: a re-score of c2 keeps the manual link
+        mpi.upsert_patients([("org-c", {**ALICE_C, "gender": "female"})])
+        assert mpi.linked_patient_ids("c2") == ["c2", "a1"]
+        mpi.unlink("a1", "c2", actor="dr.who", reason="twins")
+        assert mpi.linked_patient_ids("a1") == ["a1"]
+        assert mpi.linked_patient_ids("a1", include_possible=True) == ["a1"]
+        assert mpi.person_id("c2") == person_id_for("c2")
+        hist = mpi.history("c2")
+        manual = [
+            (h["action"], h.get("actor"), h.get("reason")) for h in hist if h["action"] in ("link", "unlink")
+        ]
+        assert manual == [
+            ("link", "dr.who", "same person, confirmed by phone"),
+            ("unlink", "dr.who", "twins"),
+        ]
+        assert any(h["action"] == "person-merged" for h in mpi.history(person_id_for("a1")))
+
+    def test_unlink_cuts_automatic_match_and_matcher_respects_it(self, mpi: PersonIndex) -> None:
+        mpi.upsert_patients([("org-a", ALICE_A), ("org-b", ALICE_B)])
+        mpi.unlink("a1", "b1", actor="registrar")
+        assert mpi.linked_patient_ids("a1") == ["a1"]
+        mpi.upsert_patients([("org-b", {**ALICE_B, "gender": "female", "birthDate": "1980-04-12"})])
+        assert mpi.linked_patient_ids("a1") == ["a1"]
+        # a third record matching both cannot bridge the unlinked pair
+        third = {**ALICE_A, "id": "d1"}
+        mpi.upsert_patients([("org-d", third)])
+        assert mpi.person_id("a1") != mpi.person_id("b1")
+        assert "d1" in mpi.linked_patient_ids("a1") or "d1" in mpi.linked_patient_ids("b1")
+
+    def test_unlink_conflicting_with_manual_links_is_refused(self, mpi: PersonIndex) -> None:
+        mpi.upsert_patients([("org-a", ALICE_A), ("org-c", BOB), ("org-c", ALICE_C)])
+        mpi.link("a1", "c1", actor="u")
+        mpi.link("c1", "c2", actor="u")
+        with pytest.raises(MpiConflict):
+            mpi.unlink("a1", "c2", actor="u")
+        assert sorted(mpi.linked_patient_ids("a1")) == ["a1", "c1", "c2"]
+        assert not [h for h in mpi.history("a1") if h["action"] == "unlink"]
+        with pytest.raises(MpiInputError):
+            mpi.link("a1", "a1", actor="u")
+        with pytest.raises(MpiInputError):
+            mpi.link("a1", "c1", actor="")
+
+    def test_person_id_is_stable_and_aliases_follow_merges(self, mpi: PersonIndex) -> None:
+        mpi.upsert_patients([("org-a", ALICE_A)])
+        first = mpi.person_id("a1")
+        mpi.upsert_patients([("org-c", BOB)])
+        mpi.upsert_patients([("org-b", ALICE_B)])
+        assert mpi.person_id("a1") == mpi.person_id("b1") == first
+        bob = mpi.person_id("c1")
+        mpi.link("c1", "b1", actor="u")
+        assert mpi.person_id("c1") == first
+        assert mpi.person(bob or "")["id"] == first  # merged id still resolves
+        mpi.unlink("c1", "b1", actor="u")
+        assert mpi.person_id("c1") == bob
+        assert mpi.person(bob or "")["id"] == bob
+
+    def test_identifier_typo_does_not_link_different_people(self, mpi: PersonIndex) -> None:
+        carl = patient(
+            "x1",
+            "Carl",
+            "Novak",
+            "1950-02-02",
+            "male",
+            line="5 Lake Rd",
+            city="Metro",
+            postal="11111",
+            ssn="111-22-3333",
+        )
+        dana = patient(
+            "x2",
+            "Dana",
+            "Weber",
+            "1999-09-19",
+            "female",
+            line="77 Hill St",
+            city="Uptown",
+            postal="22222",
+            ssn="111-22-3333",
+        )
+        mpi.upsert_patients([("org-a", carl), ("org-b", dana)])
+        assert mpi.linked_patient_ids("x1") == ["x1"]
+        [item] = mpi.review_queue()
+        assert {item["patient_a"], item["patient_b"]} == {"x1", "x2"}
+        # same identifier and corroborating demographics despite two typos in the name: deterministic MATCH
+        carl2 = patient("x3", "Karl", "Nowak", "1950-02-02", None, ssn="111223333")
+        mpi.upsert_patients([("org-c", carl2)])
+        assert mpi.linked_patient_ids("x1") == ["x1", "x3"]
+
+    def test_bad_input_is_located_and_writes_nothing(self, mpi: PersonIndex) -> None:
+        with pytest.raises(MpiInputError, match=r"patients\[1\]"):
+            mpi.upsert_patients([("org-a", ALICE_A), ("org-b", {"resourceType": "Observation", "id": "o"})])
+        with pytest.raises(MpiInputError, match=r"patients\[0\].*id"):
+            mpi.upsert_patients([("org-a", {"resourceType": "Patient"})])
+        with pytest.raises(MpiInputError, match="source_org"):
+            mpi.upsert_patients([("", ALICE_A)])
+        assert mpi.stats()["records"] == 0
+
+    def test_em_runs_once_enough_records_and_is_persisted(self, mpi_url: str) -> None:
+        cfg = dataclasses.replace(MpiConfig(), em_min_records=60)
+        recs, truth = population(80)
+        with PersonIndex.open(mpi_url, cfg) as mpi:
+            mpi.upsert_patients(recs[:40])
+            assert mpi.model().source == "prior"
+            mpi.upsert_patients(recs[40:])
+            model = mpi.model()
+            assert model.source == "em" and model.fitted_on_records == len(recs)
+            found = {
+                frozenset((a, b))
+                for a, *_ in [(r[1]["id"],) for r in recs]
+                for b in mpi.linked_patient_ids(a)[1:]
+            }
+            assert len(found & truth) >= 0.9 * len(truth)
+            assert not (found - truth)
+        with PersonIndex.open(mpi_url, cfg) as again:
+            assert again.model().to_json() == model.to_json()
+            again.reset()
+            assert again.stats()["records"] == 0 and again.model().source == "prior"
+
+    def test_second_connection_sees_committed_state(self, mpi: PersonIndex, mpi_url: str) -> None:
+        with PersonIndex.open(mpi_url) as reader:
+            assert reader.linked_patient_ids("a1") == ["a1"]
+            mpi.upsert_patients([("org-a", ALICE_A), ("org-b", ALICE_B)])
+            assert reader.linked_patient_ids("a1") == ["a1", "b1"]
+            reader.link("a1", "b1", actor="reviewer")
+        assert mpi.person(mpi.person_id("a1") or "")["links"][0]["origin"] == "manual"
+
+    def test_review_queue_paging(self, mpi: PersonIndex) -> None:
+        recs = []
+        for i in range(5):
+            g, f, born = GIVEN[i * 4], FAMILY[i * 4], f"19{50 + i * 7}-0{i + 1}-1{i}"
+            recs.append(("org-a", patient(f"p{i}", g, f, born, None, city="A", postal=f"1000{i}")))
+            recs.append(
+                (
+                    "org-b",
+                    patient(f"q{i}", g, f, None, None, city="B", postal=f"2000{i}", line=f"{i} Other Rd"),
+                )
+            )
+        mpi.upsert_patients(recs)
+        full = mpi.review_queue(limit=100)
+        assert len(full) == 5
+        assert (
+            mpi.review_queue(limit=2) + mpi.review_queue(limit=2, offset=2) + mpi.review_queue(offset=4)
+            == full
+        )
+        assert [q["score"] for q in full] == sorted((q["score"] for q in full), reverse=True)
+        with pytest.raises(MpiInputError):
+            mpi.review_queue(limit=-1)
+
+
+def test_match_state_is_a_str_enum() -> None:
+    assert MatchState("MATCH") is MatchState.MATCH and str(MatchState.POSSIBLE_MATCH) == "POSSIBLE_MATCH"
+
+
+class ConcurrencyContract:
+    def test_concurrent_writers_are_serialised(self, mpi_url: str) -> None:
+        import threading
+
+        recs, truth = population(60, seed=9)
+        a_side = [r for r in recs if r[0] == "org-a"]
+        b_side = [r for r in recs if r[0] == "org-b"]
+        errors: list[BaseException] = []
+
+        def load(batch: list) -> None:
+            try:
+                with PersonIndex.open(mpi_url) as idx:
+                    for i in range(0, len(batch), 7):
+                        idx.upsert_patients(batch[i : i + 7])
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=load, args=(side,)) for side in (a_side, b_side)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        with PersonIndex.open(mpi_url) as idx:
+            assert idx.stats()["records"] == len(recs)
+            found = {frozenset((r[1]["id"], o)) for r in recs for o in idx.linked_patient_ids(r[1]["id"])[1:]}
+        assert not (found - truth)
+        assert len(found & truth) >= 0.9 * len(truth)

@@ -1,0 +1,131 @@
+from __future__ import annotations
+
+import numpy as np
+from mpi_helpers import patient
+
+from bridge.mpi.compare import (
+    ADDRESS,
+    BIRTH,
+    CITY,
+    FAMILY,
+    GIVEN,
+    IDENT,
+    PHONE,
+    POSTAL,
+    SEX,
+    FeatureTable,
+    compare_pairs,
+)
+from bridge.mpi.config import DEFAULT_STRONG_SYSTEMS
+from bridge.mpi.features import extract_features
+
+
+def gamma(a: dict, b: dict) -> np.ndarray:
+    t = FeatureTable(
+        [extract_features(a, DEFAULT_STRONG_SYSTEMS), extract_features(b, DEFAULT_STRONG_SYSTEMS)]
+    )
+    return compare_pairs(t, np.array([0]), np.array([1]))[0]
+
+
+def test_exact_agreement_is_top_level_everywhere() -> None:
+    p = patient(
+        "a",
+        "Maria",
+        "Schneider",
+        "1970-05-06",
+        "female",
+        line="1 Main St",
+        city="Bonn",
+        postal="53111",
+        phone="0228123456",
+        ssn="123456789",
+    )
+    g = gamma(p, {**p, "id": "b"})
+    assert g.tolist() == [4, 4, 3, 1, 3, 2, 2, 2, 2]
+
+
+def test_missing_fields_are_null() -> None:
+    g = gamma(patient("a", "Maria", None), patient("b", "Maria", "Schneider", "1970-05-06", "female"))
+    assert g[GIVEN] == 4
+    assert all(g[i] == -1 for i in (FAMILY, BIRTH, SEX, ADDRESS, CITY, POSTAL, PHONE, IDENT))
+
+
+def test_name_levels() -> None:
+    assert gamma(patient("a", "Catherine", "X"), patient("b", "Catherine", "X"))[GIVEN] == 4
+    assert gamma(patient("a", "Catherine", "X"), patient("b", "Cathreine", "X"))[GIVEN] == 3  # transposition
+    assert gamma(patient("a", "Stephen", "X"), patient("b", "Steven", "X"))[GIVEN] >= 2  # phonetic
+    assert gamma(patient("a", "Catherine", "X"), patient("b", "Zoe", "X"))[GIVEN] == 0
+
+
+def test_swapped_names_are_recognised() -> None:
+    g = gamma(patient("a", "Anderson", "Paul"), patient("b", "Paul", "Anderson"))
+    assert (g[GIVEN], g[FAMILY]) == (4, 4)
+
+
+def test_birth_date_tolerance() -> None:
+    def lv(a: str, b: str) -> int:
+        return int(gamma(patient("a", birth=a), patient("b", birth=b))[BIRTH])
+
+    assert lv("1980-04-12", "1980-04-12") == 3
+    assert lv("1980-04-12", "1980-12-04") == 2  # day/month swapped
+    assert lv("1980-04-12", "1980-04-21") == 2  # adjacent digits transposed
+    assert lv("1980-04-12", "1981-04-12") == 2  # one typo
+    assert lv("1980-04-12", "1990-04-22") == 0
+    assert lv("1980-04-12", "1980-04") == 1  # partial date, consistent
+    assert lv("1980-04-12", "1931-06-20") == 0
+
+
+def test_identifier_levels() -> None:
+    def lv(a: str, b: str) -> int:
+        return int(gamma(patient("a", ssn=a), patient("b", ssn=b))[IDENT])
+
+    assert lv("123-45-6789", "123456789") == 2
+    assert lv("123456789", "123456798") == 1
+    assert lv("123456789", "987654321") == 0
+    assert gamma(patient("a", ssn="1"), patient("b", mrn="1"))[IDENT] == -1
+
+
+def test_vectorised_equals_pairwise() -> None:
+    recs = [
+        patient(f"p{i}", n, f, d, s, postal=z)
+        for i, (n, f, d, s, z) in enumerate(
+            [
+                ("Ann", "Lee", "1990-01-02", "female", "111"),
+                ("Anne", "Lee", "1990-02-01", "female", "112"),
+                ("Bob", "Ray", "1950-07-07", "male", "999"),
+                ("Rob", "Rae", None, "male", "999"),
+            ]
+        )
+    ]
+    feats = [extract_features(r, ()) for r in recs]
+    t = FeatureTable(feats)
+    ia, ib = np.array([0, 0, 1, 2, 0]), np.array([1, 2, 3, 3, 3])
+    batch = compare_pairs(t, ia, ib)
+    for k in range(len(ia)):
+        assert batch[k].tolist() == gamma(recs[ia[k]], recs[ib[k]]).tolist()
+
+
+def test_identifier_fast_path_equals_general_path() -> None:
+    dl = "urn:oid:2.16.840.1.113883.4.3"
+
+    def rec(pid: str, ids: list[tuple[str, str]]) -> dict:
+        return {
+            "resourceType": "Patient",
+            "id": pid,
+            "identifier": [{"system": s, "value": v} for s, v in ids],
+        }
+
+    recs = [
+        rec("a", [("http://hl7.org/fhir/sid/us-ssn", "123456789")]),
+        rec("b", [("http://hl7.org/fhir/sid/us-ssn", "123456798")]),
+        rec("c", [("http://hl7.org/fhir/sid/us-ssn", "999999999"), (dl, "D1")]),
+        rec("d", [(dl, "D1")]),
+        rec("e", [(dl, "D2")]),
+        rec("f", []),
+    ]
+    t = FeatureTable([extract_features(r, DEFAULT_STRONG_SYSTEMS) for r in recs])
+    ia, ib = np.triu_indices(len(recs), k=1)
+    got = compare_pairs(t, ia, ib)[:, IDENT].tolist()
+    want = {(0, 1): 1, (0, 2): 0, (2, 3): 2, (3, 4): 1, (0, 3): -1, (1, 2): 0, (2, 4): 1}
+    for k, (i, j) in enumerate(zip(ia.tolist(), ib.tolist(), strict=True)):
+        assert got[k] == want.get((i, j), -1), (recs[i]["id"], recs[j]["id"])

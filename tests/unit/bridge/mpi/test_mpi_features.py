@@ -1,0 +1,123 @@
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from mpi_helpers import SSN, patient
+
+from bridge.mpi.config import DEFAULT_STRONG_SYSTEMS, MpiInputError
+from bridge.mpi.features import extract_features, features_digest, norm_birth_date, norm_name
+
+
+def test_normalisation() -> None:
+    p = patient(
+        "x",
+        "  José-María ",
+        "O'Brien Smith",
+        "1980-04-02",
+        "female",
+        line="12  Elm St.",
+        city="São Paulo",
+        postal="AB1 2CD",
+        phone="+44 (0)20 7946 0958",
+        ssn="123-45-6789",
+        mrn="M1",
+    )
+    f = extract_features(p, DEFAULT_STRONG_SYSTEMS)
+    assert f["g"] == "josemaria" and f["f"] == "obriensmith"
+    assert f["gn"] and f["fm"]
+    assert f["b"] == "19800402" and f["s"] == "female"
+    assert f["a"] == "12 elm st" and f["c"] == "sao paulo" and f["z"] == "ab12cd"
+    assert f["t"] == "0209460958"[-10:] or f["t"].endswith("79460958")
+    assert f["i"] == [[SSN, "123456789"]]  # the MRN is not a strong identifier
+
+
+def test_official_name_and_home_address_preferred() -> None:
+    p = {
+        "resourceType": "Patient",
+        "id": "x",
+        "name": [
+            {"use": "nickname", "given": ["Bo"], "family": "B"},
+            {"use": "official", "given": ["Robert"], "family": "Brown"},
+        ],
+        "address": [{"use": "work", "city": "Work"}, {"use": "home", "city": "Home"}],
+        "gender": "unknown",
+    }
+    f = extract_features(p, ())
+    assert (f["g"], f["f"], f["c"], f["s"]) == ("robert", "brown", "home", "")
+
+
+@pytest.mark.parametrize(
+    ("raw", "out"),
+    [
+        ("1980-04-02", "19800402"),
+        ("1980-04", "198004"),
+        ("1980", "1980"),
+        ("1980-04-02T10:00:00Z", "19800402"),
+        ("garbage", ""),
+        (None, ""),
+        (19800402, ""),
+    ],
+)
+def test_birth_dates(raw: Any, out: str) -> None:
+    assert norm_birth_date(raw) == out
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"resourceType": "Observation", "id": "o"},
+        {"resourceType": "Patient"},
+        {"resourceType": "Patient", "id": ""},
+        "Patient",
+        None,
+    ],
+)
+def test_not_a_patient(bad: Any) -> None:
+    with pytest.raises(MpiInputError):
+        extract_features(bad, ())
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3)
+    ),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    name=json_values,
+    address=json_values,
+    telecom=json_values,
+    identifier=json_values,
+    birth=json_values,
+    gender=json_values,
+)
+def test_malformed_elements_never_raise(
+    name: Any, address: Any, telecom: Any, identifier: Any, birth: Any, gender: Any
+) -> None:
+    p = {
+        "resourceType": "Patient",
+        "id": "p",
+        "name": name,
+        "address": address,
+        "telecom": telecom,
+        "identifier": identifier,
+        "birthDate": birth,
+        "gender": gender,
+    }
+    f = extract_features(p, (SSN,))
+    assert all(isinstance(f[k], str) for k in ("g", "f", "b", "s", "a", "c", "z", "t"))
+    assert len(features_digest(f)) == 32
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(max_size=20))
+def test_norm_name_is_idempotent_ascii(s: str) -> None:
+    n = norm_name(s)
+    assert n == norm_name(n) and n.isascii() and (n == "" or n.isalpha())

@@ -1,0 +1,29 @@
+"""The PersonIndex contract on SQLite (the same contract runs on PostgreSQL in tests/integration)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mpi_store_contract import ConcurrencyContract, StoreContract, test_match_state_is_a_str_enum
+
+from bridge.mpi import MpiError, PersonIndex
+
+__all__ = ["test_match_state_is_a_str_enum"]
+
+
+class TestSqlite(StoreContract, ConcurrencyContract):
+    @pytest.fixture
+    def mpi_url(self, tmp_path: Path) -> str:
+        return f"sqlite://{tmp_path / 'mpi.db'}"
+
+
+def test_unsupported_url() -> None:
+    with pytest.raises(MpiError, match="unsupported"):
+        PersonIndex.open("mysql://x")
+
+
+def test_wal_mode_and_url_is_the_path(tmp_path: Path) -> None:
+    with PersonIndex.open(f"sqlite://{tmp_path / 'sub' / 'w.db'}") as mpi:
+        assert mpi.db.one("PRAGMA journal_mode") == ("wal",)
+    assert (tmp_path / "sub" / "w.db").is_file()

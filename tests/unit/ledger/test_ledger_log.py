@@ -1,0 +1,471 @@
+"""The Ledger API; every test runs on SQLite and on PostgreSQL (marked ``postgres``)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import sqlite3
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from ledger import checkpoint, merkle, note
+from ledger.audit import audit
+from ledger.errors import (
+    EntryTooLarge,
+    InvalidEntry,
+    LedgerError,
+    OutOfRange,
+    StorageUnavailable,
+    VerificationError,
+)
+from ledger.log import Ledger, LedgerEntry
+
+ORIGIN = "fhirbridge.test/ledger"
+LOG_SKEY, LOG_VKEY = note.generate_key(ORIGIN)
+
+
+def make_entry(i: int, org: str = "org-a", offset: int | None = None) -> LedgerEntry:
+    return LedgerEntry(
+        bundle_sha256=hashlib.sha256(f"bundle-{i}".encode()).hexdigest(),
+        source_org=org,
+        adapter="hl7v2",
+        adapter_version="1.0.0",
+        topic="fhir.bundles",
+        partition=i % 3,
+        offset=i if offset is None else offset,
+        ingested_at="2024-05-01T12:00:00Z",
+        message_id=f"msg-{i}",
+    )
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/ledger.db"
+    return str(request.getfixturevalue("pg_dsn"))
+
+
+@pytest.fixture
+def led(url: str) -> Iterator[Ledger]:
+    ledger = Ledger.open(
+        url, origin=ORIGIN, signer_key=LOG_SKEY, checkpoint_every=100, checkpoint_interval_ms=3_600_000
+    )
+    yield ledger
+    ledger.close()
+
+
+def raw_exec(url: str, sql: str, params: tuple[Any, ...] = ()) -> None:
+    """Tamper with the database behind the ledger's back."""
+    if url.startswith("sqlite:///"):
+        conn = sqlite3.connect(url[len("sqlite://") :])
+        with conn:
+            conn.execute(sql, params)
+        conn.close()
+    else:
+        import psycopg
+
+        with psycopg.connect(url, autocommit=True) as pg:
+            pg.execute(sql.replace("?", "%s"), params)
+
+
+def leaf_hashes(n: int) -> list[bytes]:
+    return [merkle.leaf_hash(make_entry(i).canonical()) for i in range(n)]
+
+
+def test_append_returns_contiguous_indices_and_entries_roundtrip(led: Ledger) -> None:
+    assert led.size() == 0
+    assert led.append([make_entry(i) for i in range(5)]) == [0, 1, 2, 3, 4]
+    assert led.append([make_entry(5)]) == [5]
+    assert led.size() == 6
+    assert led.entry(3) == make_entry(3)
+    assert led.find(make_entry(4).bundle_sha256, "org-a") == 4
+    assert led.find(make_entry(4).bundle_sha256, "org-b") is None
+    assert led.append([]) == []
+
+
+def test_append_is_idempotent_across_and_within_batches(led: Ledger) -> None:
+    led.append([make_entry(i) for i in range(3)])
+    # Same bundle and source, other offset (a Kafka replay): existing index, nothing appended.
+    again = [make_entry(1, offset=99), make_entry(3), make_entry(3, offset=7), make_entry(1, org="org-b")]
+    assert led.append(again) == [1, 3, 3, 4]
+    assert led.size() == 5
+    assert led.entry(3).offset == 3
+
+
+def test_invalid_entries_are_rejected_before_anything_is_written(led: Ledger) -> None:
+    bad = LedgerEntry("XYZ", "org", "a", "1", "t", 0, 0, "2024-01-01T00:00:00Z")
+    with pytest.raises(InvalidEntry, match="bundle_sha256"):
+        led.append([make_entry(0), bad])
+    late = LedgerEntry(make_entry(0).bundle_sha256, "org", "a", "1", "t", 0, 0, "yesterday")
+    with pytest.raises(InvalidEntry, match="ingested_at"):
+        led.append([late])
+    huge = LedgerEntry(make_entry(0).bundle_sha256, "o" * 70_000, "a", "1", "t", 0, 0, "2024-01-01T00:00:00Z")
+    with pytest.raises(EntryTooLarge) as info:
+        led.append([huge])
+    assert info.value.limit == 65536
+    assert led.size() == 0
+
+
+@pytest.mark.parametrize("sizes", [[1], [3, 5], [255, 1, 1], [256, 300, 7]])
+def test_roots_and_proofs_match_the_in_memory_tree(url: str, sizes: list[int]) -> None:
+    led = Ledger.open(url, origin=ORIGIN)
+    total = 0
+    for n in sizes:
+        led.append([make_entry(i) for i in range(total, total + n)])
+        total += n
+    hashes = leaf_hashes(total)
+    for size in sorted({1, 2, 3, total // 2 or 1, total - 1 or 1, total, 255, 256, 257} - {0}):
+        if size > total:
+            continue
+        root = led.root_hash(size)
+        assert root == merkle.root_hash(hashes[:size])
+        for index in {0, size // 2, size - 1}:
+            proof = led.inclusion_proof(index, size)
+            assert proof == merkle.inclusion_proof(hashes, index, size)
+            merkle.verify_inclusion(hashes[index], index, size, proof, root)
+        for size1 in {1, size // 3 or 1, size}:
+            proof = led.consistency_proof(size1, size)
+            assert proof == merkle.consistency_proof(hashes, size1, size)
+            merkle.verify_consistency(size1, size, proof, merkle.root_hash(hashes[:size1]), root)
+    assert led.root_hash() == merkle.root_hash(hashes)
+    assert led.root_hash(0) == merkle.EMPTY_ROOT
+    led.close()
+
+
+def test_reopened_log_continues_the_same_tree(url: str) -> None:
+    led = Ledger.open(url, origin=ORIGIN)
+    led.append([make_entry(i) for i in range(300)])
+    led.close()
+    led = Ledger.open(url, origin=ORIGIN)
+    led.append([make_entry(i) for i in range(300, 530)])
+    assert led.root_hash() == merkle.root_hash(leaf_hashes(530))
+    led.close()
+
+
+def test_out_of_range_requests_raise_out_of_range(led: Ledger) -> None:
+    led.append([make_entry(i) for i in range(4)])
+    with pytest.raises(OutOfRange):
+        led.entry(4)
+    with pytest.raises(OutOfRange):
+        led.inclusion_proof(4, 4)
+    with pytest.raises(OutOfRange):
+        led.inclusion_proof(0, 5)
+    with pytest.raises(OutOfRange):
+        led.consistency_proof(0, 4)
+    with pytest.raises(OutOfRange):
+        led.consistency_proof(2, 5)
+    with pytest.raises(OutOfRange):
+        led.root_hash(5)
+
+
+def test_checkpoints_are_signed_every_n_entries(led: Ledger) -> None:
+    assert led.latest_checkpoint() is None
+    led.append([make_entry(i) for i in range(60)])
+    first = led.latest_checkpoint()  # the very first append signs (no previous checkpoint)
+    assert first is not None and checkpoint.open(first, [LOG_VKEY]).size == 60
+    led.append([make_entry(i) for i in range(60, 120)])
+    assert checkpoint.open(led.latest_checkpoint() or "", [LOG_VKEY]).size == 60  # only 60 since the last
+    led.append([make_entry(i) for i in range(120, 170)])
+    cp = checkpoint.open(led.latest_checkpoint() or "", [LOG_VKEY])
+    assert (cp.origin, cp.size, cp.root_hash) == (ORIGIN, 170, led.root_hash(170))
+
+
+def test_checkpoints_are_signed_after_the_interval(url: str) -> None:
+    led = Ledger.open(
+        url, origin=ORIGIN, signer_key=LOG_SKEY, checkpoint_every=10_000, checkpoint_interval_ms=0
+    )
+    led.append([make_entry(0)])
+    led.append([make_entry(1)])
+    assert checkpoint.open(led.latest_checkpoint() or "", [LOG_VKEY]).size == 2
+    led.close()
+
+
+def test_checkpoint_now_and_maybe_checkpoint(led: Ledger) -> None:
+    assert led.checkpoint_now() is None  # empty log
+    led.append([make_entry(i) for i in range(3)])
+    led.append([make_entry(3)])
+    assert checkpoint.open(led.latest_checkpoint() or "", [LOG_VKEY]).size == 3
+    signed = led.checkpoint_now()
+    assert signed is not None and checkpoint.open(signed, [LOG_VKEY]).size == 4
+    assert led.checkpoint_now() == signed  # same size: the stored one, not a new signature
+    assert led.maybe_checkpoint() is None
+
+
+def test_without_signer_no_checkpoints(url: str) -> None:
+    led = Ledger.open(url, origin=ORIGIN)
+    led.append([make_entry(0)])
+    assert led.checkpoint_now() is None
+    assert led.latest_checkpoint() is None
+    led.close()
+
+
+def test_a_reader_sees_the_writers_commits_without_reopening(url: str) -> None:
+    writer = Ledger.open(url, origin=ORIGIN, signer_key=LOG_SKEY, checkpoint_every=1)
+    reader = Ledger.open(url, origin=ORIGIN)
+    assert reader.size() == 0
+    writer.append([make_entry(i) for i in range(10)])
+    assert reader.size() == 10
+    assert reader.root_hash() == writer.root_hash()
+    writer.append([make_entry(10)])
+    assert reader.size() == 11
+    assert checkpoint.open(reader.latest_checkpoint() or "", [LOG_VKEY]).size == 11
+    assert reader.inclusion_proof(10, 11) == writer.inclusion_proof(10, 11)
+    writer.close()
+    reader.close()
+
+
+def test_two_writers_interleaving_stay_consistent(url: str) -> None:
+    a = Ledger.open(url, origin=ORIGIN)
+    b = Ledger.open(url, origin=ORIGIN)
+    a.append([make_entry(i) for i in range(5)])
+    b.append([make_entry(i) for i in range(3, 9)])  # b's right edge is stale: it must reload
+    a.append([make_entry(9)])
+    assert a.size() == 10
+    assert a.root_hash() == merkle.root_hash(leaf_hashes(10))
+    a.close()
+    b.close()
+
+
+def test_another_origin_is_refused(url: str) -> None:
+    Ledger.open(url, origin=ORIGIN).close()
+    with pytest.raises(LedgerError, match="holds the log"):
+        Ledger.open(url, origin="other.example/log")
+
+
+def test_reset_empties_the_log(led: Ledger) -> None:
+    led.append([make_entry(i) for i in range(300)])
+    led.reset()
+    assert led.size() == 0
+    assert led.latest_checkpoint() is None
+    assert led.find(make_entry(1).bundle_sha256, "org-a") is None
+    assert led.append([make_entry(7)]) == [0]
+    assert led.root_hash() == merkle.leaf_hash(make_entry(7).canonical())
+
+
+def test_a_reader_drops_its_tile_cache_when_another_process_resets(url: str) -> None:
+    writer = Ledger.open(url, origin=ORIGIN)
+    reader = Ledger.open(url, origin=ORIGIN)
+    writer.append([make_entry(i) for i in range(600)])
+    before = reader.inclusion_proof(5, 600)  # caches the complete tiles
+    writer.reset()
+    writer.append([make_entry(i, org="org-new") for i in range(600)])
+    after = reader.inclusion_proof(5, 600)
+    assert after != before
+    assert after == merkle.inclusion_proof(
+        [merkle.leaf_hash(make_entry(i, org="org-new").canonical()) for i in range(600)], 5, 600
+    )
+    writer.close()
+    reader.close()
+
+
+def test_a_writer_notices_a_reset_by_another_process_even_at_the_same_size(url: str) -> None:
+    a = Ledger.open(url, origin=ORIGIN)
+    b = Ledger.open(url, origin=ORIGIN)
+    a.append([make_entry(i) for i in range(300)])
+    b.reset()
+    b.append([make_entry(i, org="org-new") for i in range(300)])  # same size, other tree
+    a.append([make_entry(1000)])
+    hashes = [merkle.leaf_hash(make_entry(i, org="org-new").canonical()) for i in range(300)]
+    hashes.append(merkle.leaf_hash(make_entry(1000).canonical()))
+    assert a.root_hash() == merkle.root_hash(hashes)
+    a.close()
+    b.close()
+
+
+def test_prove_returns_a_verifiable_bundle_proof(led: Ledger) -> None:
+    led.append([make_entry(i) for i in range(20)])
+    proof = led.prove(make_entry(13).bundle_sha256, "org-a")
+    assert proof is not None
+    cp = checkpoint.open(proof["checkpoint"], [LOG_VKEY])
+    merkle.verify_inclusion(
+        base64.b64decode(proof["leaf_hash"]),
+        proof["index"],
+        proof["size"],
+        [base64.b64decode(p) for p in proof["proof"]],
+        cp.root_hash,
+    )
+    assert proof["entry"]["offset"] == 13
+    assert led.prove("0" * 64, "org-a") is None
+
+
+def test_find_leaf(led: Ledger) -> None:
+    led.append([make_entry(i) for i in range(4)])
+    assert led.find_leaf(leaf_hashes(4)[2]) == 2
+    assert led.find_leaf(b"\x00" * 32) is None
+
+
+def test_cosignatures_from_configured_witnesses_are_attached(url: str) -> None:
+    wskey, wvkey = note.generate_key("witness.test/w1", note.ALG_COSIGNATURE_V1)
+    led = Ledger.open(url, origin=ORIGIN, signer_key=LOG_SKEY, witness_keys=[wvkey])
+    led.append([make_entry(0)])
+    signed = led.latest_checkpoint() or ""
+    line = checkpoint.cosign(signed, LOG_VKEY, wskey)
+    assert led.add_cosignatures(signed + line) == 1
+    attached = led.latest_checkpoint() or ""
+    assert attached == signed + line
+    assert checkpoint.open(attached, [LOG_VKEY, wvkey]).signers == (ORIGIN, "witness.test/w1")
+    # An unconfigured witness is not accepted, nor a cosignature on a checkpoint the log never signed.
+    other_skey, _ = note.generate_key("witness.test/w2", note.ALG_COSIGNATURE_V1)
+    with pytest.raises(VerificationError):
+        led.add_cosignatures(signed + checkpoint.cosign(signed, LOG_VKEY, other_skey))
+    forged = checkpoint.sign(ORIGIN, 1, b"\x00" * 32, LOG_SKEY)
+    with pytest.raises(VerificationError):
+        led.add_cosignatures(forged + checkpoint.cosign(forged, LOG_VKEY, wskey))
+    led.close()
+
+
+# -- audit: tampering with the database directly ---------------------------------------------------
+
+
+@pytest.fixture
+def audited(url: str) -> Iterator[Ledger]:
+    led = Ledger.open(url, origin=ORIGIN, signer_key=LOG_SKEY, checkpoint_every=100)
+    for start in range(0, 600, 150):
+        led.append([make_entry(i) for i in range(start, start + 150)])
+    led.checkpoint_now()
+    yield led
+    led.close()
+
+
+def test_audit_of_an_untouched_log_passes(audited: Ledger) -> None:
+    report = audit(audited, [LOG_VKEY], batch=128)
+    assert report.ok, report.problems
+    assert report.entries_checked == 600
+    assert report.checkpoints_checked == 4  # 150, 300, 450, 600; checkpoint_now adds none at 600
+    assert report.tiles_checked >= 3
+
+
+def test_audit_reports_first_altered_entry(url: str, audited: Ledger) -> None:
+    tampered = make_entry(317, org="org-evil").canonical()
+    raw_exec(url, "UPDATE ledger_entries SET entry = ? WHERE idx = ?", (tampered, 317))
+    report = audit(audited, [LOG_VKEY])
+    assert not report.ok
+    assert report.first_bad_index == 317
+
+
+def test_audit_catches_entry_and_leaf_hash_rewritten_together(url: str, audited: Ledger) -> None:
+    tampered = make_entry(42, offset=4242).canonical()
+    raw_exec(
+        url,
+        "UPDATE ledger_entries SET entry = ?, leaf_hash = ? WHERE idx = ?",
+        (tampered, merkle.leaf_hash(tampered), 42),
+    )
+    report = audit(audited, [LOG_VKEY])
+    assert not report.ok
+    assert report.first_bad_index == 42  # the stored tile still commits to the original leaf
+
+
+def test_audit_catches_a_rewritten_history_with_recomputed_tiles(url: str, audited: Ledger) -> None:
+    # An attacker rewrites row 10 and rebuilds every tile: only the signed checkpoints betray it.
+    from ledger.storage import leaf_key
+    from ledger.tiles import TileBuilder, tile_key
+
+    tampered = make_entry(10, offset=1010).canonical()
+    leaf = merkle.leaf_hash(tampered)
+    raw_exec(
+        url,
+        "UPDATE ledger_entries SET entry = ?, leaf_hash = ?, lkey = ? WHERE idx = ?",
+        (tampered, leaf, leaf_key(leaf), 10),
+    )
+    hashes = leaf_hashes(600)
+    hashes[10] = merkle.leaf_hash(tampered)
+    builder = TileBuilder()
+    builder.append(hashes)
+    for tile in builder.take_dirty():
+        raw_exec(
+            url,
+            "UPDATE ledger_tiles SET hashes = ? WHERE tile_key = ?",
+            (tile.encode(), tile_key(tile.k, tile.t)),
+        )
+    report = audit(audited, [LOG_VKEY])
+    assert not report.ok
+    assert report.first_bad_index == 0  # the bad row lies before the first checkpoint (size 150)
+    assert any("checkpoint 150" in p for p in report.problems)
+
+
+def test_audit_catches_a_deleted_row(url: str, audited: Ledger) -> None:
+    raw_exec(url, "DELETE FROM ledger_entries WHERE idx = ?", (250,))
+    report = audit(audited, [LOG_VKEY])
+    assert not report.ok and report.first_bad_index == 250
+
+
+def test_audit_catches_a_tampered_tile(url: str, audited: Ledger) -> None:
+    from ledger.tiles import Tile, tile_key
+
+    stored = audited.storage.get_tiles({(0, 1)})[(0, 1)]
+    tile = Tile.decode(0, 1, stored[0], stored[1])
+    tile.levels[0][5] = b"\x00" * 32  # leaf 256 + 5
+    raw_exec(url, "UPDATE ledger_tiles SET hashes = ? WHERE tile_key = ?", (tile.encode(), tile_key(0, 1)))
+    report = audit(audited, [LOG_VKEY])
+    assert not report.ok
+    assert report.first_bad_index == 261
+    raw_exec(url, "UPDATE ledger_tiles SET hashes = ? WHERE tile_key = ?", (b"\x00" * 7, tile_key(0, 1)))
+    report = audit(audited, [LOG_VKEY])
+    assert not report.ok
+    assert report.first_bad_index == 256
+
+
+def test_audit_catches_a_forged_checkpoint(url: str, audited: Ledger) -> None:
+    other_skey, _ = note.generate_key(ORIGIN)
+    forged = checkpoint.sign(ORIGIN, 300, audited.root_hash(300), other_skey)
+    raw_exec(url, "UPDATE ledger_checkpoints SET note = ? WHERE size = ?", (forged, 300))
+    report = audit(audited, [LOG_VKEY])
+    assert not report.ok
+    assert any("checkpoint 300" in p for p in report.problems)
+
+
+def test_audit_with_a_trusted_checkpoint(audited: Ledger) -> None:
+    good = checkpoint.sign(ORIGIN, 123, audited.root_hash(123), LOG_SKEY)
+    assert audit(audited, [LOG_VKEY], trusted_checkpoint=good).ok
+    split = checkpoint.sign(ORIGIN, 123, b"\x01" * 32, LOG_SKEY)
+    report = audit(audited, [LOG_VKEY], trusted_checkpoint=split)
+    assert not report.ok and any("trusted checkpoint" in p for p in report.problems)
+
+
+def test_audit_with_the_wrong_key_fails(audited: Ledger) -> None:
+    _, other_vkey = note.generate_key(ORIGIN)
+    assert not audit(audited, [other_vkey]).ok
+
+
+# -- storage failures ---------------------------------------------------------------------------------
+
+
+def test_sqlite_unreachable_path_is_storage_unavailable(tmp_path: Any) -> None:
+    with pytest.raises(StorageUnavailable):
+        Ledger.open(f"sqlite:///{tmp_path}/missing-dir/x.db", origin=ORIGIN)
+
+
+def test_sqlite_locked_database_is_storage_unavailable_then_recovers(tmp_path: Any) -> None:
+    from ledger.storage import SqliteStorage
+
+    path = f"{tmp_path}/l.db"
+    led = Ledger(SqliteStorage(path, ORIGIN, busy_timeout_ms=50), origin=ORIGIN)
+    led.append([make_entry(0)])
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    with pytest.raises(StorageUnavailable):
+        led.append([make_entry(1)])
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    assert led.append([make_entry(1)]) == [1]
+    assert led.root_hash() == merkle.root_hash(leaf_hashes(2))
+    led.close()
+
+
+def test_a_corrupt_sqlite_file_is_a_ledger_error_not_a_raw_sqlite_error(tmp_path: Any) -> None:
+    path = tmp_path / "corrupt.db"
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(LedgerError):
+        Ledger.open(f"sqlite:///{path}", origin=ORIGIN)
+
+
+def test_append_of_non_entries_is_invalid_entry(led: Ledger) -> None:
+    with pytest.raises(InvalidEntry):
+        led.append([{"bundle_sha256": "x"}])  # type: ignore[list-item]
+
+
+def test_bad_url_is_a_ledger_error() -> None:
+    with pytest.raises(LedgerError):
+        Ledger.open("mysql://x", origin=ORIGIN)
