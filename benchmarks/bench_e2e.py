@@ -29,18 +29,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kafka import KafkaConsumer, KafkaProducer  # noqa: E402
+from kafka import KafkaConsumer, KafkaProducer
 
-from adapters import registry  # noqa: E402
-from adapters.base import ConvertedBundle, SourceInfo  # noqa: E402
-from bridge.broker import start_local  # noqa: E402
-from bridge.config import Settings, Topics  # noqa: E402
-from bridge.demodata import generate, write_files  # noqa: E402
-from bridge.index.store import IndexStore  # noqa: E402
-from bridge.publish import Publisher, producer_config  # noqa: E402
-from bridge.topics import ensure_topics  # noqa: E402
-from ledger.log import Ledger  # noqa: E402
-from ledger.note import generate_key  # noqa: E402
+from adapters import registry
+from adapters.base import ConvertedBundle, SourceInfo
+from bridge.broker import start_local
+from bridge.config import Settings, Topics
+from bridge.demodata import generate, write_files
+from bridge.index.store import IndexStore
+from bridge.publish import Publisher, producer_config
+from bridge.topics import ensure_topics
+from ledger.log import Ledger
+from ledger.note import generate_key
 
 
 def cli(*args: str) -> list[str]:
@@ -69,7 +69,7 @@ def main() -> None:
 
         for org in feeds:
             subprocess.run(cli("keys", "create", "--org", org), env=env, check=True, stdout=subprocess.DEVNULL)
-        skey, vkey = generate_key(settings.ledger_origin)
+        skey, _vkey = generate_key(settings.ledger_origin)
         assert settings.ledger_key_file is not None
         settings.ledger_key_file.write_text(skey)
         ensure_topics(broker.bootstrap, settings.topics)

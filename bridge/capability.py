@@ -34,7 +34,16 @@ def capability_statement(base: str) -> dict[str, Any]:
                             {"name": "everything", "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"}
                         ],
                     },
-                    {"type": "Person", "interaction": [{"code": "read"}]},
+                    {
+                        "type": "Person",
+                        "interaction": [{"code": "read"}],
+                        "operation": [
+                            {"name": "mpi-review-queue", "definition": f"{base}/openapi.json#/paths/~1Person~1$mpi-review-queue"},
+                            {"name": "mpi-link", "definition": f"{base}/openapi.json#/paths/~1Person~1$mpi-link"},
+                            {"name": "mpi-unlink", "definition": f"{base}/openapi.json#/paths/~1Person~1$mpi-unlink"},
+                            {"name": "mpi-history", "definition": f"{base}/openapi.json#/paths/~1Person~1$mpi-history"},
+                        ],
+                    },
                     *(
                         {"type": t, "interaction": [{"code": "read"}]}
                         for t in (

@@ -124,11 +124,16 @@ def _verify(args: argparse.Namespace) -> int:
     from ledger.errors import LedgerError
     from ledger.log import Ledger
 
-    if not args.url:
-        return _err(f"give --url or set {DEFAULT_URL_ENV}")
+    from bridge.config import Settings
+
+    settings = Settings.from_env()
+    url = args.url or settings.ledger_url
+    if url.startswith("sqlite://") and not Path(url[len("sqlite://") :]).is_file():
+        return _err(f"no ledger database at {url[len('sqlite://') :]} (give --url or set {DEFAULT_URL_ENV})")
+    configured = settings.ledger_verifier_key()
     keys = [_read_key(k) for k in args.key] or (
         [os.environ[PUBLIC_KEY_ENV].strip()] if os.environ.get(PUBLIC_KEY_ENV) else []
-    )
+    ) or ([configured] if configured else [])
     if not keys:
         return _err(f"give the log's verifier key with --key or {PUBLIC_KEY_ENV}")
     trusted = None
@@ -139,7 +144,7 @@ def _verify(args: argparse.Namespace) -> int:
             return _err(f"cannot read {args.from_checkpoint}: {exc.strerror}")
     try:
         origin = args.origin or _origin_from_keys(keys)
-        led = Ledger.open(args.url, origin=origin)
+        led = Ledger.open(url, origin=origin)
         try:
             report = audit(led, keys, trusted_checkpoint=trusted)
         finally:

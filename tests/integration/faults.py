@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -112,10 +113,8 @@ class PrivatePostgres:
         self._as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(self.dir), "-m", mode, "-w", "stop")
 
     def destroy(self) -> None:
-        try:
+        with contextlib.suppress(subprocess.CalledProcessError):  # not running
             self.stop("immediate")
-        except subprocess.CalledProcessError:
-            pass  # not running
         shutil.rmtree(self.base, ignore_errors=True)
 
     def dsn(self, db: str = "postgres") -> str:

@@ -46,6 +46,15 @@ def test_kill_9_consumers_during_ingest_loses_and_duplicates_nothing(stack: Stac
     rng = random.Random(4)
     logs = {k: tmp_path / f"{k}.log" for k in ("ledger", "index")}
     procs = {k: start_consumer(k, env, logs[k]) for k in logs}
+    try:
+        _kill_and_check(stack, producer, procs, env, logs, rng)
+    finally:
+        for p in procs.values():
+            kill9(p)
+
+
+def _kill_and_check(stack, producer, procs, env, logs, rng) -> None:  # type: ignore[no-untyped-def]
+    s = stack.settings
     kills = 0
     while producer.is_alive() or kills < 6:
         time.sleep(rng.uniform(0.5, 2.5))
@@ -72,7 +81,7 @@ def test_kill_9_consumers_during_ingest_loses_and_duplicates_nothing(stack: Stac
 
 
 @pytest.mark.skipif(not PrivatePostgres.available(), reason="needs PostgreSQL 15 server binaries to run a private cluster")
-def test_postgres_restart_pauses_and_resumes_without_loss(stack: Stack, tmp_path: Path) -> None:
+def test_postgres_restart_pauses_and_resumes_without_loss(stack: Stack, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     pg = PrivatePostgres()
     pg.start()
     try:
@@ -80,6 +89,7 @@ def test_postgres_restart_pauses_and_resumes_without_loss(stack: Stack, tmp_path
         env = settings_env(s)
         n = 3000
         procs = {k: start_consumer(k, env, tmp_path / f"{k}.log") for k in ("ledger", "index")}
+        request.addfinalizer(lambda: [kill9(p) for p in procs.values()])
         publish_synthetic(Publisher(s, s.bootstrap_servers or ""), "st-mary", n // 2)
         time.sleep(1.5)
         pg.stop("immediate")  # PostgreSQL goes away mid-stream
