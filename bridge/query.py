@@ -160,13 +160,14 @@ def everything(backend: Any, patient_id: str, params: EverythingParams) -> dict[
     merged = merge_duplicates(resources)
     total = len(merged)
     page = merged[params.offset : params.offset + params.count]
-    sources = index.sources_of([k for m in page for k in m.keys])
+    sources = index.sources_for_patients(linked) if len(page) > 50 else index.sources_of([k for m in page for k in m.keys])
     ledger = backend.ledger()
     checkpoint = _checkpoint(ledger) if (ledger is not None and params.proof) else None
     leaf_cache: dict[tuple[str, str], int | None] = {}
+    ext_cache: dict[tuple[str, str, str | None], dict[str, Any]] = {}  # one extension object per source bundle
     entries = []
     for m in page:
-        body = orjson.loads(m.resource.body)
+        body = orjson.Fragment(m.resource.body)  # stored JSON is spliced in as is: no parse, no re-serialise
         exts = []
         seen: set[tuple[str, str]] = set()
         for key in m.keys:
@@ -175,7 +176,11 @@ def everything(backend: Any, patient_id: str, params: EverythingParams) -> dict[
                 if ident in seen:
                     continue
                 seen.add(ident)
-                exts.append(_provenance_ext(src, ledger, leaf_cache, checkpoint))
+                ckey = (src["bundle_sha256"], src["source_org"], src.get("source_patient"))
+                ext = ext_cache.get(ckey)
+                if ext is None:
+                    ext = ext_cache[ckey] = _provenance_ext(src, ledger, leaf_cache, checkpoint)
+                exts.append(ext)
         entry: dict[str, Any] = {
             "fullUrl": f"{params.base}/{m.resource.resource_type}/{m.resource.id}",
             "resource": body,

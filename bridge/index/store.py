@@ -18,7 +18,7 @@ import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -59,8 +59,10 @@ CREATE TABLE IF NOT EXISTS resource_sources (
     kafka_partition INTEGER NOT NULL,
     kafka_offset BIGINT NOT NULL,
     received_at TEXT NOT NULL,
+    patient_id TEXT,
     PRIMARY KEY (resource_type, id, bundle_sha256)
 );
+CREATE INDEX IF NOT EXISTS resource_sources_patient ON resource_sources (patient_id);
 CREATE TABLE IF NOT EXISTS bundles (
     bundle_sha256 TEXT NOT NULL,
     source_org TEXT NOT NULL,
@@ -102,8 +104,7 @@ class IncomingBundle:
     received_at: str  # RFC 3339 UTC, from the Kafka record timestamp
 
 
-@dataclass(frozen=True, slots=True)
-class StoredResource:
+class StoredResource(NamedTuple):
     resource_type: str
     id: str
     source_org: str
@@ -147,12 +148,13 @@ class IndexStore:
                 content_sha = hashlib.sha256(orjson.dumps({**resource, "meta": meta}, option=orjson.OPT_SORT_KEYS)).hexdigest()
                 meta["lastUpdated"] = b.received_at
                 resource = {**resource, "meta": meta}
+                owner = patient_of(resource)
                 res_rows.append(
                     (
                         rtype,
                         resource["id"],
                         b.source_org,
-                        patient_of(resource),
+                        owner,
                         clinical_date(resource),
                         b.received_at,
                         version_time,
@@ -163,7 +165,8 @@ class IndexStore:
                     )
                 )
                 src_rows.append(
-                    (rtype, resource["id"], b.bundle_sha256, b.source_org, b.source_patient, b.topic, b.partition, b.offset, b.received_at)
+                    (rtype, resource["id"], b.bundle_sha256, b.source_org, b.source_patient, b.topic, b.partition, b.offset,
+                     b.received_at, owner)
                 )
                 if rtype == "Patient":
                     for ident in resource.get("identifier") or ():
@@ -189,8 +192,8 @@ class IndexStore:
             )
             db.executemany(
                 """INSERT INTO resource_sources (resource_type, id, bundle_sha256, source_org, source_patient, topic,
-                       kafka_partition, kafka_offset, received_at)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING""",
+                       kafka_partition, kafka_offset, received_at, patient_id)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING""",
                 src_rows,
             )
             db.executemany(
@@ -253,8 +256,9 @@ class IndexStore:
         ids = list(patient_ids)
         if not ids:
             return []
+        body = "CAST(body AS BLOB)" if self.db.kind == "sqlite" else "convert_to(body, 'UTF8')"
         sql = (
-            "SELECT resource_type, id, source_org, patient_id, clinical_date, last_updated, dedupe_key, bundle_sha256, body "
+            f"SELECT resource_type, id, source_org, patient_id, clinical_date, last_updated, dedupe_key, bundle_sha256, {body} "
             f"FROM resources WHERE patient_id IN ({','.join('?' * len(ids))})"
         )
         params: list[Any] = list(ids)
@@ -264,11 +268,25 @@ class IndexStore:
         if since:
             sql += " AND last_updated >= ?"
             params.append(since)
-        sql += " ORDER BY resource_type, clinical_date, id"
-        return [
-            StoredResource(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8].encode() if isinstance(r[8], str) else r[8])
-            for r in self.db.query(sql, params)
-        ]
+        return [StoredResource(*r[:8], bytes(r[8])) for r in self.db.query(sql, params)]
+
+    def sources_for_patients(self, patient_ids: Sequence[str]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+        """Every bundle that delivered each resource of these patients' compartments, oldest first."""
+        out: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        if not patient_ids:
+            return out
+        rows = self.db.query(
+            f"""SELECT resource_type, id, bundle_sha256, source_org, source_patient, topic, kafka_partition,
+                       kafka_offset, received_at FROM resource_sources WHERE patient_id IN ({",".join("?" * len(patient_ids))})
+                ORDER BY received_at, kafka_offset""",
+            list(patient_ids),
+        )
+        for r in rows:
+            out.setdefault((r[0], r[1]), []).append(
+                {"bundle_sha256": r[2], "source_org": r[3], "source_patient": r[4], "topic": r[5], "partition": r[6],
+                 "offset": r[7], "received_at": r[8]}
+            )
+        return out
 
     def sources_of(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
         """Every bundle that delivered each (type, id), oldest first."""

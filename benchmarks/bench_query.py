@@ -1,0 +1,258 @@
+"""Query-service benchmark (issue 7): $everything latency on a 2M-resource population, SQLite and PostgreSQL.
+
+Population: N people (default 100,000) seen by 3 providers with overlapping patients and demographic
+noise (bridge.demodata), about 20 resources per patient record (encounters, observations, conditions),
+so about 2,000,000 resources. One "heavy" person has about 1,000 resources over 3 linked records,
+with results duplicated across sources (the de-duplication path).
+
+Loading goes **directly into the index store and the MPI** (IndexStore.apply, PersonIndex.upsert_patients),
+not through Kafka, for speed; the pipeline's own throughput is measured by bench_e2e.py.
+
+Reported per backend:
+* load rate (resources/s) and MPI linking rate (records/s, incremental PersonIndex);
+* $everything over HTTP (aiohttp, loopback) for the heavy person, _count=1000: p50/p99;
+* $everything for random linked persons: p50/p99;
+* the raw SQL floor: the same rows with one query (SELECT body ... WHERE patient_id IN (...)), p50/p99,
+  and the ratio.
+
+Usage: python benchmarks/bench_query.py [--people 100000] [--backend sqlite|postgres|both] [--requests 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bridge.broker import free_port
+from bridge.config import Settings
+from bridge.demodata import HOSPITALS, _noisy, _person
+from bridge.index.store import IncomingBundle, IndexStore
+from bridge.mpi import PersonIndex
+
+LOINC = [("2345-7", "Glucose", "mg/dL", 70, 140), ("718-7", "Hemoglobin", "g/dL", 11, 17),
+         ("2160-0", "Creatinine", "mg/dL", 0.5, 1.4), ("2951-2", "Sodium", "mmol/L", 134, 146),
+         ("8480-6", "Systolic BP", "mm[Hg]", 95, 170), ("8462-4", "Diastolic BP", "mm[Hg]", 55, 100),
+         ("29463-7", "Body weight", "kg", 45, 120), ("8867-4", "Heart rate", "/min", 50, 110)]
+SNOMED = [("44054006", "Diabetes mellitus type 2"), ("38341003", "Hypertension"), ("195967001", "Asthma"),
+          ("13645005", "COPD"), ("49436004", "Atrial fibrillation")]
+
+
+def _pid(org: str, mrn: str) -> str:
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"{org}|Patient|{mrn}"))
+
+
+def patient(org: str, mrn: str, p: Any) -> dict[str, Any]:
+    return {
+        "resourceType": "Patient", "id": _pid(org, mrn), "meta": {"source": f"urn:fhirbridge:{org}"},
+        "identifier": [{"system": f"urn:fhirbridge:{org}:mrn", "value": mrn},
+                       {"system": "http://hl7.org/fhir/sid/us-ssn", "value": p.ssn.replace("-", "")}],
+        "name": [{"family": p.family, "given": [g for g in (p.given, p.middle) if g]}],
+        "gender": "female" if p.sex == "F" else "male",
+        "birthDate": f"{p.dob[:4]}-{p.dob[4:6]}-{p.dob[6:]}",
+        "address": [{"line": [p.street], "city": p.city[0], "state": p.city[1], "postalCode": p.city[2]}],
+        "telecom": [{"system": "phone", "value": p.phone}],
+    }
+
+
+def clinical(org: str, pid: str, rng: random.Random, n: int, shared: list[tuple[str, str, float]] | None = None) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    subject = {"reference": f"Patient/{pid}"}
+    for k in range(n):
+        rid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{org}|{pid}|{k}"))
+        day = f"20{rng.randint(15, 26)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}"
+        kind = k % 10
+        if kind == 0:
+            out.append({"resourceType": "Encounter", "id": rid, "status": "finished",
+                        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+                        "subject": subject, "period": {"start": f"{day}T09:00:00Z", "end": f"{day}T09:30:00Z"}})
+        elif kind == 1:
+            code, text = rng.choice(SNOMED)
+            out.append({"resourceType": "Condition", "id": rid, "subject": subject, "onsetDateTime": day,
+                        "code": {"coding": [{"system": "http://snomed.info/sct", "code": code, "display": text}]}})
+        else:
+            code, text, unit, lo, hi = rng.choice(LOINC)
+            value = round(rng.uniform(lo, hi), 1)
+            when = f"{day}T{rng.randint(6, 20):02d}:{rng.choice(['00', '15', '30', '45'])}:00Z"
+            if shared and rng.random() < 0.5:
+                code, when, value = shared[k % len(shared)]
+                text, unit = next((t, u) for c, t, u, _, _ in LOINC if c == code)
+            out.append({"resourceType": "Observation", "id": rid, "status": "final", "subject": subject,
+                        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "laboratory"}]}],
+                        "code": {"coding": [{"system": "http://loinc.org", "code": code, "display": text}]},
+                        "effectiveDateTime": when,
+                        "valueQuantity": {"value": value, "unit": unit, "system": "http://unitsofmeasure.org", "code": unit}})
+    return out
+
+
+def population(people: int, seed: int = 1) -> tuple[list[IncomingBundle], list[tuple[str, dict[str, Any]]], str]:
+    rng = random.Random(seed)
+    bundles: list[IncomingBundle] = []
+    patients: list[tuple[str, dict[str, Any]]] = []
+    heavy_pid = ""
+    offset = 0
+    for i in range(people):
+        person = _person(rng)
+        heavy = i == 0
+        seen = list(HOSPITALS) if heavy else (rng.sample(list(HOSPITALS), rng.choice([2, 3])) if rng.random() < 0.35 else [rng.choice(HOSPITALS)])
+        shared = [(c, f"2024-0{m % 9 + 1}-1{m % 9}T08:00:00Z", float(m)) for m, (c, *_rest) in enumerate(LOINC * 40)] if heavy else None
+        for j, h in enumerate(seen):
+            p = person if j == 0 else _noisy(person, rng)
+            mrn = f"{h.mrn_prefix}{i:07d}"
+            pat = patient(h.org_id, mrn, p)
+            n = 333 if heavy else rng.randint(6, 20)
+            resources = [pat, *clinical(h.org_id, pat["id"], rng, n, shared)]
+            offset += 1
+            bundles.append(IncomingBundle({"resourceType": "Bundle", "timestamp": "2026-01-01T00:00:00Z",
+                                           "entry": [{"resource": r} for r in resources]},
+                                          f"{offset:064x}", h.org_id, f"urn:fhirbridge:{h.org_id}:mrn|{mrn}",
+                                          "fhir.bundles", offset % 3, offset, "2026-01-02T00:00:00.000Z"))
+            patients.append((h.org_id, pat))
+            if heavy and j == 0:
+                heavy_pid = pat["id"]
+    return bundles, patients, heavy_pid
+
+
+def pct(xs: list[float], q: float) -> float:
+    return statistics.quantiles(xs, n=100)[q - 1] if len(xs) >= 2 else xs[0]
+
+
+async def http_latency(base: str, pids: list[str], requests: int, count: int) -> list[float]:
+    """Sequential GETs of $everything against a running service; milliseconds per request."""
+    import aiohttp
+
+    out: list[float] = []
+    async with aiohttp.ClientSession() as session:
+        for k in range(min(20, requests)):  # warm up
+            async with session.get(f"{base}/Patient/{pids[k % len(pids)]}/$everything", params={"_count": str(count)}) as r:
+                await r.read()
+        for k in range(requests):
+            t = time.perf_counter()
+            async with session.get(f"{base}/Patient/{pids[k % len(pids)]}/$everything", params={"_count": str(count)}) as resp:
+                body = await resp.read()
+            out.append((time.perf_counter() - t) * 1000)
+            assert resp.status == 200, body[:300]
+    return out
+
+
+def start_service(settings: Settings) -> tuple[subprocess.Popen[bytes], str]:
+    """``fhirbridge serve`` in its own process (its own heap, as in production)."""
+    port = free_port()
+    env = dict(os.environ, FHIRBRIDGE_DATA_DIR=str(settings.data_dir), FHIRBRIDGE_INDEX_URL=settings.index_url,
+               FHIRBRIDGE_MPI_URL=settings.mpi_url, FHIRBRIDGE_LEDGER_URL=settings.ledger_url,
+               FHIRBRIDGE_HTTP_PORT=str(port), FHIRBRIDGE_LOG_LEVEL="warning")
+    proc = subprocess.Popen([sys.executable, "-m", "bridge.cli", "serve"], env=env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{base}/metadata", timeout=2):
+                return proc, base
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("the service did not start")
+
+
+def run_backend(name: str, settings: Settings, bundles: list[IncomingBundle], patients: list[tuple[str, dict[str, Any]]],
+                heavy: str, requests: int) -> dict[str, float]:
+    store = IndexStore.open(settings.index_url)
+    mpi = PersonIndex.open(settings.mpi_url)
+    n_res = sum(len(b.bundle["entry"]) for b in bundles)
+    t = time.perf_counter()
+    for k in range(0, len(bundles), 500):
+        store.apply(bundles[k : k + 500])
+    load_s = time.perf_counter() - t
+    t = time.perf_counter()
+    for k in range(0, len(patients), 1000):
+        mpi.upsert_patients(patients[k : k + 1000])
+    link_s = time.perf_counter() - t
+    linked = mpi.linked_patient_ids(heavy)
+    heavy_rows = len(store.resources_for_patients(linked))
+    print(f"[{name}] loaded {n_res:,} resources in {load_s:.0f}s ({n_res / load_s:,.0f}/s); "
+          f"linked {len(patients):,} records in {link_s:.0f}s ({len(patients) / link_s:,.0f} records/s)")
+    print(f"[{name}] heavy person: {len(linked)} linked records, {heavy_rows} resources")
+
+    # raw SQL floor: the same rows, one query
+    marks = ",".join("?" * len(linked))
+    sql = f"SELECT body FROM resources WHERE patient_id IN ({marks})"
+    floor = []
+    for _ in range(requests):
+        t = time.perf_counter()
+        rows = store.db.query(sql, linked)
+        floor.append((time.perf_counter() - t) * 1000)
+    assert len(rows) == heavy_rows
+    multi = [p for (_, p) in patients[1::97][:200] if len(mpi.linked_patient_ids(p["id"])) > 1]
+    store.close()
+    mpi.close()
+    proc, base = start_service(settings)
+    try:
+        heavy_lat = asyncio.run(http_latency(base, [heavy], requests, 1000))
+        rand_lat = asyncio.run(http_latency(base, [p["id"] for p in multi] or [heavy], requests, 100))
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    res = {
+        "heavy_p50": statistics.median(heavy_lat), "heavy_p99": pct(heavy_lat, 99),
+        "rand_p50": statistics.median(rand_lat), "rand_p99": pct(rand_lat, 99),
+        "floor_p50": statistics.median(floor), "floor_p99": pct(floor, 99),
+    }
+    print(f"[{name}] $everything heavy person (~{heavy_rows} resources, _count=1000): p50 {res['heavy_p50']:.1f} ms, p99 {res['heavy_p99']:.1f} ms")
+    print(f"[{name}] $everything random linked persons: p50 {res['rand_p50']:.1f} ms, p99 {res['rand_p99']:.1f} ms")
+    print(f"[{name}] raw SQL floor (one query, same rows): p50 {res['floor_p50']:.1f} ms, p99 {res['floor_p99']:.1f} ms; "
+          f"ratio $everything/floor p50 {res['heavy_p50'] / res['floor_p50']:.1f}x")
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--people", type=int, default=100_000)
+    ap.add_argument("--backend", choices=["sqlite", "postgres", "both"], default="both")
+    ap.add_argument("--requests", type=int, default=300)
+    ap.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    args = ap.parse_args()
+    t = time.perf_counter()
+    bundles, patients, heavy = population(args.people)
+    n_res = sum(len(b.bundle["entry"]) for b in bundles)
+    print(f"population: {args.people:,} people, {len(patients):,} patient records, {n_res:,} resources "
+          f"(generated in {time.perf_counter() - t:.0f}s)")
+    work = Path(tempfile.mkdtemp(prefix="fhirbridge-query-"))
+    base = Settings.from_env({"FHIRBRIDGE_DATA_DIR": str(work)})
+    try:
+        if args.backend in ("sqlite", "both"):
+            run_backend("sqlite", base, bundles, patients, heavy, args.requests)
+        if args.backend in ("postgres", "both"):
+            import psycopg
+
+            dbs = [f"fb_bench_{uuid.uuid4().hex[:8]}" for _ in range(2)]
+            with psycopg.connect(args.pg, autocommit=True) as admin:
+                for d in dbs:
+                    admin.execute(f'CREATE DATABASE "{d}"')
+            root = args.pg.rsplit("/", 1)[0]
+            try:
+                pg = replace(base, index_url=f"{root}/{dbs[0]}", mpi_url=f"{root}/{dbs[1]}")
+                run_backend("postgres", pg, bundles, patients, heavy, args.requests)
+            finally:
+                with psycopg.connect(args.pg, autocommit=True) as admin:
+                    for d in dbs:
+                        admin.execute(f'DROP DATABASE IF EXISTS "{d}" WITH (FORCE)')
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
