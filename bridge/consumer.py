@@ -21,9 +21,11 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import structlog
 from kafka import KafkaConsumer, TopicPartition
@@ -36,6 +38,7 @@ from bridge.logging import get_logger
 from bridge.metrics import ConsumerMetrics
 
 log = get_logger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +154,7 @@ class ConsumerRuntime:
         self.metrics = metrics or ConsumerMetrics(group_id)
         self.max_backoff = max_backoff
         self._stop = threading.Event()
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sink-{sink.name}")
         self.processed = 0
         self.dead_lettered = 0
 
@@ -185,14 +189,18 @@ class ConsumerRuntime:
             self.close()
 
     def handle_batch(self, records: list[Record]) -> None:
-        """Process one batch with retry, dead-letter its poison records, then commit."""
+        """Process one batch with retry, dead-letter its poison records, then commit.
+
+        The sink runs in a worker thread while this thread keeps polling with every partition
+        paused, so a slow batch (a big MPI refit, a slow database) never exceeds
+        ``max_poll_interval_ms`` and never costs the consumer its group membership.
+        """
         self.metrics.consumed(records)
         delay = 0.2
         paused = False
         while True:
             try:
-                poison = self.sink.process(records)
-                self._dead_letter(poison)
+                poison = self._in_worker(lambda: self._process_and_dead_letter(records))
                 break
             except (TransientError, KafkaError) as exc:
                 if not paused:
@@ -211,6 +219,33 @@ class ConsumerRuntime:
         self.processed += len(records) - len(poison)
         self.dead_lettered += len(poison)
         self._commit(records)
+
+    def _process_and_dead_letter(self, records: list[Record]) -> list[tuple[Record, BaseException]]:
+        poison = self.sink.process(records)
+        self._dead_letter(poison)
+        return poison
+
+    def _in_worker(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` in the worker thread; poll (paused) meanwhile to stay in the group."""
+        future = self._worker.submit(fn)
+        try:
+            return future.result(timeout=1.0)
+        except FutureTimeout:
+            pass
+        previously_paused = set(self.consumer.paused())
+        to_pause = set(self.consumer.assignment()) - previously_paused
+        if to_pause:
+            self.consumer.pause(*to_pause)
+        try:
+            while True:
+                try:
+                    return future.result(timeout=0.05)
+                except FutureTimeout:
+                    self.consumer.poll(timeout_ms=200)
+        finally:
+            still = set(self.consumer.paused()) - previously_paused
+            if still:
+                self.consumer.resume(*still)
 
     def _idle(self) -> None:
         """Give the sink a chance to do deferred work (the ledger signs the tail of a burst)."""
@@ -270,6 +305,7 @@ class ConsumerRuntime:
             self.metrics.lag(tp.topic, tp.partition, max(0, high - pos))
 
     def close(self) -> None:
+        self._worker.shutdown(wait=True)
         try:
             self.consumer.close(autocommit=False)
         except Exception as exc:  # closing must not mask the reason we stopped
