@@ -17,6 +17,7 @@ Guarantees (docs/streams.md):
 
 from __future__ import annotations
 
+import contextvars
 import signal
 import threading
 import time
@@ -91,6 +92,21 @@ class DeadLetterSink(Protocol):
     ) -> Any: ...
 
     def flush(self, timeout: float | None = None) -> None: ...
+
+
+def batch_context(records: Sequence[Record]) -> dict[str, Any]:
+    """Kafka coordinates of a batch for every log line written while it is handled.
+
+    ``topic``, ``partition`` and ``offset`` are those of the batch's first record; ``offsets`` gives
+    the first and last offset per partition. Lines about one record rebind its own coordinates.
+    """
+    first = records[0]
+    spans: dict[str, list[int]] = {}
+    for r in records:
+        span = spans.setdefault(f"{r.topic}/{r.partition}", [r.offset, r.offset])
+        span[0] = min(span[0], r.offset)
+        span[1] = max(span[1], r.offset)
+    return {"topic": first.topic, "partition": first.partition, "offset": first.offset, "offsets": spans}
 
 
 def instance_id(settings: Settings, group_id: str) -> str:
@@ -196,6 +212,10 @@ class ConsumerRuntime:
         ``max_poll_interval_ms`` and never costs the consumer its group membership.
         """
         self.metrics.consumed(records)
+        with structlog.contextvars.bound_contextvars(**batch_context(records)):
+            self._handle_batch(records)
+
+    def _handle_batch(self, records: list[Record]) -> None:
         delay = 0.2
         paused = False
         while True:
@@ -226,8 +246,9 @@ class ConsumerRuntime:
         return poison
 
     def _in_worker(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` in the worker thread; poll (paused) meanwhile to stay in the group."""
-        future = self._worker.submit(fn)
+        """Run ``fn`` in the worker thread (with this thread's log context); poll (paused) meanwhile."""
+        ctx = contextvars.copy_context()
+        future = self._worker.submit(ctx.run, fn)
         try:
             return future.result(timeout=1.0)
         except FutureTimeout:

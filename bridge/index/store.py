@@ -268,7 +268,7 @@ class IndexStore:
         if since:
             sql += " AND last_updated >= ?"
             params.append(since)
-        return [StoredResource(*r[:8], bytes(r[8])) for r in self.db.query(sql, params)]
+        return [StoredResource(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], bytes(r[8])) for r in self.db.query(sql, params)]
 
     def sources_for_patients(self, patient_ids: Sequence[str]) -> dict[tuple[str, str], list[dict[str, Any]]]:
         """Every bundle that delivered each resource of these patients' compartments, oldest first."""

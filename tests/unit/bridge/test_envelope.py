@@ -111,3 +111,4 @@ def test_keys_and_registry_persist(tmp_path: Path) -> None:
     reg = _registry(signer)
     reg.save(tmp_path / "trust.json")
     TrustRegistry.load(tmp_path / "trust.json").verify(env.parse(_signed(loaded).headers(), BODY))
+

@@ -26,9 +26,12 @@ def _glucose(oid: str, pid: str, when: str, value: float) -> dict[str, Any]:
     }
 
 
-@pytest.fixture
-async def client(tmp_path: Path) -> Any:
-    settings = Settings.from_env({"FHIRBRIDGE_DATA_DIR": str(tmp_path)})
+@pytest.fixture(params=["sqlite", "postgres"])
+async def client(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    env = {"FHIRBRIDGE_DATA_DIR": str(tmp_path)}
+    if request.param == "postgres":
+        env["FHIRBRIDGE_INDEX_URL"] = request.getfixturevalue("pg_dsn")
+    settings = Settings.from_env(env)
     store = IndexStore.open(settings.index_url)
     ssn = {"system": "http://hl7.org/fhir/sid/us-ssn", "value": "123456789"}
     store.apply([

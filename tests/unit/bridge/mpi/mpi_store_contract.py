@@ -275,6 +275,106 @@ class StoreContract:
         with pytest.raises(MpiInputError):
             mpi.review_queue(limit=-1)
 
+    def test_other_writer_invalidates_the_record_cache(self, mpi: PersonIndex, mpi_url: str) -> None:
+        mpi.upsert_patients([("org-a", ALICE_A)])
+        with PersonIndex.open(mpi_url) as other:
+            other.upsert_patients([("org-b", ALICE_B)])  # loads a1 from the database, links b1 to it
+            assert other.linked_patient_ids("b1") == ["b1", "a1"]
+            moved = patient("a1", "Zoe", "Quist", "1931-01-01", "female", city="Elsewhere")
+            other.upsert_patients([("org-a", moved)])  # a1 changes: it no longer matches b1
+        assert mpi.linked_patient_ids("a1") == ["a1"]
+        # this writer's copy of a1 is stale: an ALICE record must not match the old a1 demographics
+        mpi.upsert_patients([("org-c", {**ALICE_B, "id": "c1"})])
+        assert mpi.linked_patient_ids("c1") == ["c1", "b1"]
+        # re-upserting a1 with what the other writer stored is a no-op, not a change
+        n_hist = len(mpi.history("a1"))
+        mpi.upsert_patients([("org-a", moved)])
+        assert len(mpi.history("a1")) == n_hist
+
+    def test_failed_batch_leaves_no_trace_in_memory(
+        self, mpi: PersonIndex, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        def boom(*args: object, **kwargs: object) -> dict[str, str]:
+            raise RuntimeError("disk full")
+
+        monkeypatch.setattr(mpi, "_recluster", boom)
+        with pytest.raises(RuntimeError):
+            mpi.upsert_patients([("org-a", ALICE_A), ("org-b", ALICE_B)])
+        monkeypatch.undo()
+        assert mpi.stats()["records"] == 0
+        mpi.upsert_patients([("org-a", ALICE_A), ("org-b", ALICE_B)])  # not mistaken for a no-op
+        assert mpi.linked_patient_ids("a1") == ["a1", "b1"]
+
+    def test_em_patterns_survive_reopening(self, mpi_url: str) -> None:
+        cfg = dataclasses.replace(MpiConfig(), em_min_records=40)
+        recs, _ = population(60, seed=5)
+        with PersonIndex.open(mpi_url, cfg) as mpi:
+            mpi.upsert_patients(recs[:30])
+            assert mpi.model().source == "prior"
+        with PersonIndex.open(mpi_url, cfg) as mpi:  # a new process: counts come back from the database
+            mpi.upsert_patients(recs[30:])
+            incremental = mpi.model()
+            assert incremental.source == "em" and incremental.fitted_on_records == len(recs)
+            # the counted comparison vectors are exactly the candidate pairs a full refit compares
+            assert mpi.fit().fitted_on_pairs == incremental.fitted_on_pairs
+
+    def test_oversized_blocks_are_skipped(self, mpi: PersonIndex) -> None:
+        """A default birth date shared by 500 records (and a common given name) must not make
+        every pair a candidate; the other blocking keys still link true duplicates."""
+        import random
+        import time
+
+        rng = random.Random(4)
+        families = sorted(
+            {
+                "".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(3))
+                for _ in range(120)
+            }
+        )[:97]
+        recs = [
+            (
+                "org-a",
+                patient(
+                    f"ann{i}",
+                    "Ann",
+                    families[i % 97],
+                    "1970-01-01",
+                    "female",
+                    line=f"{i} Main St",
+                    postal=f"{10000 + i}",
+                ),
+            )
+            for i in range(480)
+        ]
+        # 20 true duplicates: same person at another provider, with a typo in the street
+        recs += [
+            (
+                "org-b",
+                patient(
+                    f"dup{i}",
+                    "Ann",
+                    families[i % 97],
+                    "1970-01-01",
+                    "female",
+                    line=f"{i} Main Str",
+                    postal=f"{10000 + i}",
+                ),
+            )
+            for i in range(20)
+        ]
+        started = time.perf_counter()
+        mpi.upsert_patients(recs)
+        elapsed = time.perf_counter() - started
+        assert elapsed < 5.0  # 17.8 s before blocks were capped (generous bound: shared CI machines)
+        for i in range(20):
+            assert f"dup{i}" in mpi.linked_patient_ids(f"ann{i}")
+        cache = mpi._cache
+        assert cache is not None and len(cache.blocks["b:19700101"]) == 500
+        changed = [pid for _, p in recs for pid in [p["id"]]]
+        pairs = mpi._candidates(cache, changed, {pid: cache.keys[pid] for pid in changed})
+        # the b:19700101 block alone would make all 124 750 pairs candidates; the other keys give ~13 000
+        assert len(pairs) < 500 * 499 // 2 // 5
+
 
 def test_match_state_is_a_str_enum() -> None:
     assert MatchState("MATCH") is MatchState.MATCH and str(MatchState.POSSIBLE_MATCH) == "POSSIBLE_MATCH"

@@ -129,3 +129,37 @@ def test_identifier_fast_path_equals_general_path() -> None:
     want = {(0, 1): 1, (0, 2): 0, (2, 3): 2, (3, 4): 1, (0, 3): -1, (1, 2): 0, (2, 4): 1}
     for k, (i, j) in enumerate(zip(ia.tolist(), ib.tolist(), strict=True)):
         assert got[k] == want.get((i, j), -1), (recs[i]["id"], recs[j]["id"])
+
+
+def test_packed_table_compares_like_the_record_table() -> None:
+    """The index's cached rows (packed tuples, codes in a shared growing vocabulary) give the same
+    comparison vectors as a table built from feature records."""
+    from mpi_helpers import population
+
+    from bridge.mpi.cache import pack
+
+    recs, _ = population(40, seed=3)
+    extra = [
+        patient("sw", "Smith", "John", "1970-02-01", None, ssn="123456789", mrn="1"),
+        patient("sx", "John", "Smith", "1970-01-02", None, ssn="123456798"),
+        {
+            "resourceType": "Patient",
+            "id": "multi",
+            "identifier": [
+                {"system": "http://hl7.org/fhir/sid/us-ssn", "value": "123456789"},
+                {"system": "urn:oid:2.16.840.1.113883.4.3", "value": "D1"},
+            ],
+        },
+        {"resourceType": "Patient", "id": "empty"},
+    ]
+    feats = [extract_features(p, DEFAULT_STRONG_SYSTEMS) for _, p in recs] + [
+        extract_features(p, DEFAULT_STRONG_SYSTEMS) for p in extra
+    ]
+    vocab: dict[str, int] = {"": -1}
+    # pack in a different order than the table rows, so codes are not row-aligned by accident
+    packed = {id(f): pack(f, vocab) for f in reversed(feats)}
+    ia, ib = np.triu_indices(len(feats), k=1)
+    want = compare_pairs(FeatureTable(feats), ia, ib)
+    got = compare_pairs(FeatureTable.from_packed([packed[id(f)] for f in feats]), ia, ib)
+    assert np.array_equal(want, got)
+    assert FeatureTable.from_packed([]).n == 0

@@ -120,3 +120,14 @@ def test_implausible_em_estimate_falls_back_to_priors() -> None:
     model = _em_or_fallback(gamma, 1000, MpiConfig(prior_strength=0.0), None)
     assert model.source == "prior" and model.fitted_on_records == 1000
     assert model.implausibility() is None
+
+
+def test_em_on_weighted_patterns_equals_em_on_rows() -> None:
+    gamma, _ = simulate(truth_model(), 4000, seed=3)
+    rows, counts = np.unique(gamma, axis=0, return_counts=True)
+    a = em_fit(gamma)
+    b = em_fit(rows, weights=counts)
+    assert a.fitted_on_pairs == b.fitted_on_pairs == 4000
+    assert abs(a.lam - b.lam) < 1e-9
+    for x, y in zip(a.m + a.u, b.m + b.u, strict=True):
+        assert np.allclose(x, y, atol=1e-9)
