@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -47,10 +48,69 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "bridge.cli", *args]
 
 
+def measure_latency(settings: Settings, bootstrap: str, adapter: object, items: list[tuple[str, ConvertedBundle]],
+                    rate: float, index: IndexStore) -> dict[str, float]:
+    """Publish ``items`` at ``rate``/s; latency to the ledger receipt and to the index row, per bundle."""
+    import statistics
+    import threading
+
+    produced: dict[str, float] = {}
+    queryable: dict[str, float] = {}
+    stop = threading.Event()
+    last_rowid = index.db.query("SELECT COALESCE(MAX(rowid), 0) FROM bundles")[0][0]
+
+    def watch_index() -> None:
+        nonlocal last_rowid
+        while not stop.is_set():
+            rows = index.db.query("SELECT rowid, bundle_sha256 FROM bundles WHERE rowid > ? ORDER BY rowid", (last_rowid,))
+            now = time.time()
+            for rowid, sha in rows:
+                queryable.setdefault(sha, now)
+                last_rowid = rowid
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch_index, daemon=True)
+    watcher.start()
+    receipts = KafkaConsumer(settings.topics.receipts, bootstrap_servers=bootstrap, auto_offset_reset="latest",
+                             enable_auto_commit=False, group_id=None)
+    receipts.poll(timeout_ms=1000)
+    for tp in receipts.assignment():
+        receipts.seek_to_end(tp)
+    pub = Publisher(settings, bootstrap)
+    t0 = time.perf_counter()
+    for k, (org, cb) in enumerate(items):
+        due = t0 + k / rate
+        delay = due - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        produced[cb.sha256] = time.time()
+        pub.publish(cb, adapter, SourceInfo(org))  # type: ignore[arg-type]
+    pub.flush()
+    ledgered: dict[str, float] = {}
+    deadline = time.time() + 120
+    while (len(ledgered) < len(items) or len(queryable) < len(items)) and time.time() < deadline:
+        for msgs in receipts.poll(timeout_ms=200).values():
+            for m in msgs:
+                sha = m.key.decode()
+                if sha in produced:
+                    ledgered.setdefault(sha, m.timestamp / 1000)
+    stop.set()
+    receipts.close()
+    pub.close()
+    led = sorted((ledgered[s] - produced[s]) * 1000 for s in ledgered)
+    idx = sorted((queryable[s] - produced[s]) * 1000 for s in queryable if s in produced)
+
+    def q(xs: list[float], p: int) -> float:
+        return statistics.quantiles(xs, n=100)[p - 1] if len(xs) > 1 else (xs[0] if xs else float("nan"))
+
+    return {"ledger_p50": q(led, 50), "ledger_p99": q(led, 99), "index_p50": q(idx, 50), "index_p99": q(idx, 99)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--messages", type=int, default=10_000)
     ap.add_argument("--broker", default="noida", choices=["noida", "tansu"])
+    ap.add_argument("--latency-messages", type=int, default=2000)
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="fhirbridge-bench-"))
@@ -151,13 +211,29 @@ def main() -> None:
             if index_done is None and index.counts()["bundles"] >= total:
                 index_done = now
             time.sleep(0.05)
+        e2e_s = max(ledger_done or 0, index_done or 0)
+        e2e_rate = total / e2e_s
+        print(f"ingest (fhirbridge ingest, 2 processes, incl. start-up): {total / ingest_s:,.0f} msgs/s ({ingest_s:.1f}s)")
+        print(f"all {total} in the ledger after {ledger_done:.1f}s; all queryable (index) after {index_done:.1f}s")
+        print(f"end to end: {e2e_rate:,.0f} bundles/s sustained, from first ingest to last queryable")
+        print(f"ratio ingest / raw produce: {total / ingest_s / raw_rate:.2f}")
+
+        # -- latency at half the sustained rate: fresh bundles, paced, produced by the bridge publisher
+        rate = max(1.0, e2e_rate / 2)
+        fresh = generate(max(1, args.latency_messages // 2), hospitals=2, seed=123, messages_per_patient=2,
+                         max_messages=args.latency_messages, start=datetime(2026, 9, 1))
+        paced: list[tuple[str, ConvertedBundle]] = []
+        for org, msgs in fresh.items():
+            for o in adapter.convert("\n".join(msgs).encode(), SourceInfo(org, timezone="America/Chicago")):
+                assert isinstance(o, ConvertedBundle)
+                paced.append((org, o))
+        lat = measure_latency(settings, broker.bootstrap, adapter, paced, rate, index)
+        print(f"latency at {rate:,.0f} bundles/s (half the sustained rate), {len(paced)} bundles:")
+        print(f"  produce -> ledger-committed: p50 {lat['ledger_p50']:.0f} ms, p99 {lat['ledger_p99']:.0f} ms")
+        print(f"  produce -> queryable:        p50 {lat['index_p50']:.0f} ms, p99 {lat['index_p99']:.0f} ms")
         for p in procs:
             p.terminate()
             p.wait(30)
-        print(f"ingest (fhirbridge ingest, 2 processes, incl. start-up): {total / ingest_s:,.0f} msgs/s ({ingest_s:.1f}s)")
-        print(f"all {total} in the ledger after {ledger_done:.1f}s; all queryable (index) after {index_done:.1f}s")
-        print(f"end to end: {total / max(ledger_done or 0, index_done or 0):,.0f} msgs/s from first ingest to last queryable")
-        print(f"ratio ingest / raw produce: {total / ingest_s / raw_rate:.2f}")
     finally:
         broker.stop()
         shutil.rmtree(work, ignore_errors=True)

@@ -5,7 +5,8 @@
 Measures, in one run:
 
 * fhirbridge Ledger on SQLite (WAL, synchronous=FULL, one transaction per batch): entries/s for full
-  ledger entries (canonical JSON, idempotency lookup, leaf hash, tiles, entry row);
+  ledger entries (canonical JSON, idempotency lookup, leaf hash, tiles, entry row), by wall-clock and
+  by process CPU time (only the ``append`` calls are timed; building the entries is not);
 * the same on PostgreSQL (127.0.0.1:5432, a scratch database dropped afterwards) unless ``--no-pg``;
 * pymerkle ``SqliteTree.append_entries`` with the same bytes, in the same batches (bare leaves: it
   stores the entry and its hash, nothing else);
@@ -83,15 +84,15 @@ def fmt(label: str, samples: list[float]) -> str:
 
 def bench_ours(url: str, n: int, batch: int, proofs: int, label: str) -> dict[str, float]:
     led = Ledger.open(url, origin="bench.fhirbridge/ledger", checkpoint_every=100_000)
-    t0 = time.perf_counter()
+    # Only the append calls are timed: building the entries is the consumer's work, not the ledger's.
+    append_s = append_cpu = 0.0
     for start in range(0, n, batch):
-        led.append([make_entry(i) for i in range(start, min(n, start + batch))])
-    append_s = time.perf_counter() - t0
-    # Entry construction is the consumer's work, not the ledger's: time it separately and subtract.
-    t1 = time.perf_counter()
-    for start in range(0, min(n, 100_000), batch):
-        [make_entry(i) for i in range(start, min(n, start + batch))]
-    build_s = (time.perf_counter() - t1) * n / min(n, 100_000)
+        entries = [make_entry(i) for i in range(start, min(n, start + batch))]
+        c0 = time.process_time()
+        t0 = time.perf_counter()
+        led.append(entries)
+        append_s += time.perf_counter() - t0
+        append_cpu += time.process_time() - c0
     assert led.size() == n
     root = led.root_hash(n)
     rng = random.Random(1)
@@ -114,23 +115,27 @@ def bench_ours(url: str, n: int, batch: int, proofs: int, label: str) -> dict[st
     inc = timed(incl, proofs)
     con = timed(cons, proofs)
     led.close()
-    rate = n / (append_s - build_s)
+    rate = n / append_s
     print(
-        f"{label:<22} append {n:>9,} entries in {append_s - build_s:7.2f} s = {rate:>9,.0f} entries/s  "
+        f"{label:<22} append {n:>9,} entries in {append_s:7.2f} s = {rate:>9,.0f} entries/s  "
+        f"(cpu {append_cpu:.2f} s = {n / append_cpu:,.0f} entries/s)"
         f"\n{'':<22} {fmt('inclusion', inc)}\n{'':<22} {fmt('consistency', con)}"
     )
-    return summary(rate, inc, con)
+    return summary(rate, inc, con, n / append_cpu)
 
 
 def bench_pymerkle(path: str, n: int, batch: int, proofs: int) -> dict[str, float]:
     from pymerkle import SqliteTree, verify_consistency, verify_inclusion
 
-    data = [make_entry(i).canonical() for i in range(n)]
     tree = SqliteTree(path)
-    t0 = time.perf_counter()
+    append_s = append_cpu = 0.0
     for start in range(0, n, batch):
-        tree.append_entries(data[start : start + batch])
-    append_s = time.perf_counter() - t0
+        data = [make_entry(i).canonical() for i in range(start, min(n, start + batch))]
+        c0 = time.process_time()
+        t0 = time.perf_counter()
+        tree.append_entries(data)
+        append_s += time.perf_counter() - t0
+        append_cpu += time.process_time() - c0
     root = tree.get_root(n) if hasattr(tree, "get_root") else tree.get_state(n)
     rng = random.Random(1)
 
@@ -153,15 +158,17 @@ def bench_pymerkle(path: str, n: int, batch: int, proofs: int) -> dict[str, floa
     rate = n / append_s
     print(
         f"{'pymerkle SqliteTree':<22} append {n:>9,} leaves  in {append_s:7.2f} s = {rate:>9,.0f} leaves/s   "
+        f"(cpu {append_cpu:.2f} s = {n / append_cpu:,.0f} leaves/s)"
         f"\n{'':<22} {fmt('inclusion', inc)}\n{'':<22} {fmt('consistency', con)}"
     )
-    return summary(rate, inc, con)
+    return summary(rate, inc, con, n / append_cpu)
 
 
-def summary(rate: float, inc: list[float], con: list[float]) -> dict[str, float]:
+def summary(rate: float, inc: list[float], con: list[float], cpu_rate: float) -> dict[str, float]:
     ci, cc = CPU_TIMES[id(inc)], CPU_TIMES[id(con)]
     return {
         "rate": rate,
+        "cpu_rate": cpu_rate,
         "inc50": pct(inc, 0.5),
         "inc99": pct(inc, 0.99),
         "con50": pct(con, 0.5),
@@ -225,7 +232,10 @@ def main() -> int:
                 drop()
     if peer is not None:
         print("ratios (fhirbridge SQLite vs pymerkle; >1 means fhirbridge is faster):")
-        print(f"  append rate            {ours['rate'] / peer['rate']:.2f}x  (goal >= 0.5x)")
+        print(
+            f"  append rate            {ours['rate'] / peer['rate']:.2f}x wall, "
+            f"{ours['cpu_rate'] / peer['cpu_rate']:.2f}x by CPU time  (goal >= 0.5x)"
+        )
         print(
             f"  inclusion p50 / p99    {peer['inc50'] / ours['inc50']:.1f}x / {peer['inc99'] / ours['inc99']:.1f}x  (goal >= 2x)"
         )

@@ -27,10 +27,10 @@ import base64
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+import time
+from dataclasses import dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import orjson
 from cryptography.exceptions import InvalidSignature
@@ -159,7 +159,8 @@ def parse(headers: list[tuple[str, bytes]] | None, value: bytes | None) -> Envel
 
 
 def utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
 
 
 def _parse_time(s: str, what: str) -> datetime:
@@ -212,13 +213,8 @@ class OrgSigner:
         return self.private_key.public_key().public_bytes_raw()
 
     def sign(self, env: Envelope) -> Envelope:
-        unsigned = Envelope(**{**_fields(env), "key_id": self.key_id, "signature": b""})
-        sig = self.private_key.sign(unsigned.signing_payload())
-        return Envelope(**{**_fields(unsigned), "signature": sig})
-
-
-def _fields(env: Envelope) -> dict[str, Any]:
-    return {f: getattr(env, f) for f in Envelope.__slots__}
+        unsigned = replace(env, key_id=self.key_id, signature=b"")
+        return replace(unsigned, signature=self.private_key.sign(signing_payload(unsigned)))
 
 
 @dataclass(frozen=True, slots=True)

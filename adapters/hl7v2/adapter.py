@@ -36,6 +36,11 @@ SUPPORTED_VERSIONS = (
     "2.8.2",
     "2.9",
 )
+
+#: Message types with a dedicated mapping (docs/hl7v2.md). Others are mapped generically, with a warning.
+SUPPORTED_MESSAGE_TYPES = frozenset({"ADT", "ORU", "OUL", "VXU", "ORM", "OML", "SIU", "MDM", "RDE", "DFT"})
+#: Message types that describe one patient: a missing PID is reported as a warning.
+PID_REQUIRED = frozenset({"ADT", "VXU", "MDM", "RDE", "DFT", "BAR"})
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
@@ -196,6 +201,19 @@ class HL7v2Adapter(Adapter):
                 "unsupported-version",
                 f"HL7 version {version!r} is outside 2.1-2.9; converted as 2.x",
                 Location(message_index=msg.index, segment="MSH", segment_index=1, field=12),
+            )
+        if mtype.c(1).upper() in PID_REQUIRED and msg.first("PID") is None:
+            warn(
+                "missing-segment",
+                f"{mtype.c(1)}^{mtype.c(2)} message has no PID segment: no Patient, and nothing refers to one",
+                Location(message_index=msg.index, segment="PID"),
+            )
+        if mtype.c(1).upper() not in SUPPORTED_MESSAGE_TYPES:
+            warn(
+                "unsupported-message-type",
+                f"{mtype.c(1)}^{mtype.c(2)} is not one of the supported message types "
+                f"({', '.join(sorted(SUPPORTED_MESSAGE_TYPES))}); its known segments were mapped generically",
+                Location(message_index=msg.index, segment="MSH", segment_index=1, field=9),
             )
         recorded = dt.fhir_instant(ctx, msh.v(7), Location(message_index=msg.index, segment="MSH", field=7))
         builder.recorded = recorded or EPOCH

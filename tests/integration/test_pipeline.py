@@ -111,18 +111,19 @@ async def test_two_hospitals_end_to_end(stack: Stack, tmp_path: Path) -> None:
 def test_malformed_hl7_is_located_and_dead_lettered(stack: Stack, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from kafka import KafkaConsumer
 
-    good = next(iter(write_feeds(tmp_path, 2).values()))[0].read_text().split("\n")[0]
+    # read bytes: read_text() would turn the \r segment separators into \n
+    good = next(iter(write_feeds(tmp_path, 2).values()))[0].read_bytes().decode().split("\n")[0]
     bad = tmp_path / "bad.hl7"
-    # second message: PID-7 birth date is not a date
+    # second message: MSH-9 (message type) is empty
     segments = good.split("\r")
-    pid = segments[2].split("|")
-    pid[7] = "1X800101"
-    segments[2] = "|".join(pid)
+    msh = segments[0].split("|")
+    msh[8] = ""
+    segments[0] = "|".join(msh)
     bad.write_text(good + "\n" + "\r".join(segments) + "\n")
     rc = stack.cli("ingest", "--adapter", "hl7v2", "--source", "st-mary", "--no-progress", str(bad))
     err = capsys.readouterr().err
     assert rc == 1
-    assert "bad.hl7" in err and "message 2" in err and "PID" in err
+    assert "bad.hl7" in err and "message 2" in err and "MSH-9" in err
     assert "Traceback" not in err
 
     consumer = KafkaConsumer(
@@ -133,5 +134,5 @@ def test_malformed_hl7_is_located_and_dead_lettered(stack: Stack, tmp_path: Path
     consumer.close()
     headers = dict(records[0].headers)
     assert headers["fb-dl-stage"] == b"ingest:hl7v2"
-    assert b"PID" in headers["fb-dl-location"]
+    assert b"MSH-9" in headers["fb-dl-location"]
     assert records[0].value.startswith(b"MSH|")

@@ -243,3 +243,21 @@ def test_z_segment_subclass_can_map_it() -> None:
     (p,) = resources(out[0], "Patient")
     assert {"url": "https://st-mary.example/vip", "valueBoolean": True} in p["extension"]
     assert not [w for w in out[0].warnings if w.code == "unmapped-segment"]
+
+
+def test_adt_without_pid_and_unknown_message_type_are_reported_not_silent() -> None:
+    from adapters import registry
+    from adapters.base import ConvertedBundle, SourceInfo
+
+    adapter = registry.get("hl7v2")
+    msh = "MSH|^~\\&|APP|FAC|RCV|RFAC|20260101120000+0000||{t}|C1|P|2.5.1"
+    pv1 = "PV1|1|I|WARD^1^A^FAC"
+    no_pid = "\r".join([msh.format(t="ADT^A01^ADT_A01"), pv1]) + "\r"
+    out = list(adapter.convert(no_pid.encode(), SourceInfo("st-mary")))
+    assert isinstance(out[0], ConvertedBundle)
+    assert "missing-segment" in {w.code for w in out[0].warnings}
+    unknown = "\r".join([msh.format(t="ZZZ^Z01"), "PID|1||M1^^^FAC^MR||DOE^JANE"]) + "\r"
+    out = list(adapter.convert(unknown.encode(), SourceInfo("st-mary")))
+    assert isinstance(out[0], ConvertedBundle)
+    warning = next(w for w in out[0].warnings if w.code == "unsupported-message-type")
+    assert warning.location.segment == "MSH" and warning.location.field == 9

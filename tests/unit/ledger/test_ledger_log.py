@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ledger import checkpoint, merkle, note
 from ledger.audit import audit
@@ -469,3 +471,77 @@ def test_append_of_non_entries_is_invalid_entry(led: Ledger) -> None:
 def test_bad_url_is_a_ledger_error() -> None:
     with pytest.raises(LedgerError):
         Ledger.open("mysql://x", origin=ORIGIN)
+
+
+def test_sqlite_entries_are_keyed_by_rowid_with_only_the_two_lookup_indexes(tmp_path: Any) -> None:
+    # `idx INTEGER PRIMARY KEY` is the rowid; `BIGINT PRIMARY KEY` would add a third B-tree per row.
+    Ledger.open(f"sqlite:///{tmp_path}/l.db", origin=ORIGIN).close()
+    conn = sqlite3.connect(f"{tmp_path}/l.db")
+    sql = "SELECT name FROM sqlite_master WHERE tbl_name = 'ledger_entries' AND type = 'index'"
+    indexes = {r[0] for r in conn.execute(sql)}
+    conn.close()
+    assert indexes == {"ledger_entries_dkey", "ledger_entries_lkey"}
+
+
+@pytest.mark.parametrize("dup_at", [None, 0, 150, 299])
+def test_batch_paths_build_the_same_tree(url: str, dup_at: int | None) -> None:
+    # An all-new batch takes the vectorised path; a batch with a duplicate (within the batch or of a
+    # logged entry) takes the per-entry path. Both must give the same indices, rows and tree.
+    with Ledger.open(url, origin=ORIGIN, signer_key=LOG_SKEY) as led:
+        led.append([make_entry(i) for i in range(100)])
+        batch = [make_entry(i) for i in range(100, 400)]
+        # a replay (other offset) of a logged entry, or of the batch entry just before it
+        dup_of = None if dup_at is None else 5 if dup_at == 0 else 100 + dup_at - 1
+        if dup_at is not None and dup_of is not None:
+            batch.insert(dup_at, make_entry(dup_of, offset=1))
+        got = led.append(batch)
+        expected = list(range(100, 400))
+        if dup_at is not None and dup_of is not None:
+            expected.insert(dup_at, dup_of)
+        assert got == expected
+        assert led.size() == 400
+        assert led.root_hash() == merkle.root_hash(leaf_hashes(400))
+        assert led.find(make_entry(399).bundle_sha256, "org-a") == 399
+        assert led.find_leaf(leaf_hashes(400)[123]) == 123
+        led.checkpoint_now()
+        report = audit(led, [LOG_VKEY], batch=128)
+        assert report.ok, report.problems
+        assert report.entries_checked == 400
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(min_size=32, max_size=32), max_size=20))
+def test_property_batch_keys_equal_the_single_keys(hashes: list[bytes]) -> None:
+    from ledger.storage import dedup_key, dedup_keys, leaf_key, leaf_keys
+
+    bundles = [h.hex() for h in hashes]
+    assert dedup_keys(bundles) == [dedup_key(b, "any-org") for b in bundles]
+    assert leaf_keys(hashes) == [leaf_key(h) for h in hashes]
+    assert all(-(2**31) <= k < 2**31 for k in dedup_keys(bundles) + leaf_keys(hashes))
+
+
+def test_a_database_of_another_schema_version_is_refused(tmp_path: Any) -> None:
+    url = f"sqlite:///{tmp_path}/l.db"
+    Ledger.open(url, origin=ORIGIN).close()
+    raw_exec(url, "UPDATE ledger_meta SET schema_version = 1")
+    with pytest.raises(LedgerError, match="schema version 1"):
+        Ledger.open(url, origin=ORIGIN)
+
+
+def test_a_new_sqlite_ledger_uses_16_kb_pages_and_wal(tmp_path: Any) -> None:
+    with Ledger.open(f"sqlite:///{tmp_path}/l.db", origin=ORIGIN) as led:
+        led.append([make_entry(i) for i in range(3)])
+    conn = sqlite3.connect(f"{tmp_path}/l.db")
+    assert conn.execute("PRAGMA page_size").fetchone()[0] == 16384
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
+
+
+def test_append_of_objects_that_only_look_like_entries_is_invalid_entry(led: Ledger) -> None:
+    class HalfEntry:  # has canonical() but not the key fields
+        def canonical(self) -> bytes:
+            return make_entry(0).canonical()
+
+    with pytest.raises(InvalidEntry):
+        led.append([make_entry(1), HalfEntry()])  # type: ignore[list-item]
+    assert led.size() == 0

@@ -17,6 +17,8 @@ from bridge.mpi import (
     PersonIndex,
     person_id_for,
 )
+from bridge.mpi.blocking import blocking_keys
+from bridge.mpi.cache import unpack
 
 ALICE_A = patient(
     "a1",
@@ -280,12 +282,17 @@ class StoreContract:
         with PersonIndex.open(mpi_url) as other:
             other.upsert_patients([("org-b", ALICE_B)])  # loads a1 from the database, links b1 to it
             assert other.linked_patient_ids("b1") == ["b1", "a1"]
+            # the other writer only added records: this one catches up (reads b1) without a rebuild
+            before = mpi._cache
+            mpi.upsert_patients([("org-d", {**ALICE_B, "id": "d0"})])
+            assert mpi._cache is before and before is not None and "b1" in before.feats
+            assert mpi.linked_patient_ids("d0") == ["d0", "a1", "b1"]
             moved = patient("a1", "Zoe", "Quist", "1931-01-01", "female", city="Elsewhere")
             other.upsert_patients([("org-a", moved)])  # a1 changes: it no longer matches b1
         assert mpi.linked_patient_ids("a1") == ["a1"]
         # this writer's copy of a1 is stale: an ALICE record must not match the old a1 demographics
         mpi.upsert_patients([("org-c", {**ALICE_B, "id": "c1"})])
-        assert mpi.linked_patient_ids("c1") == ["c1", "b1"]
+        assert mpi.linked_patient_ids("c1") == ["c1", "b1", "d0"]
         # re-upserting a1 with what the other writer stored is a no-op, not a change
         n_hist = len(mpi.history("a1"))
         mpi.upsert_patients([("org-a", moved)])
@@ -369,9 +376,11 @@ class StoreContract:
         for i in range(20):
             assert f"dup{i}" in mpi.linked_patient_ids(f"ann{i}")
         cache = mpi._cache
-        assert cache is not None and len(cache.blocks["b:19700101"]) == 500
-        changed = [pid for _, p in recs for pid in [p["id"]]]
-        pairs = mpi._candidates(cache, changed, {pid: cache.keys[pid] for pid in changed})
+        assert cache is not None and len(cache.members("b:19700101")) == 500
+        changed = [p["id"] for _, p in recs]
+        pairs = mpi._candidates(
+            cache, changed, {pid: blocking_keys(unpack(cache.feats[pid])) for pid in changed}
+        )
         # the b:19700101 block alone would make all 124 750 pairs candidates; the other keys give ~13 000
         assert len(pairs) < 500 * 499 // 2 // 5
 
