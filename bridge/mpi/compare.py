@@ -21,7 +21,7 @@ ident       strong identifiers of a common system: 0 all different, 1 one typo/t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +29,7 @@ import numpy as np
 from rapidfuzz import fuzz, process
 from rapidfuzz.distance import OSA, JaroWinkler
 
-from bridge.mpi.features import Features
+from bridge.mpi.features import STRING_KEYS, Features
 
 
 @dataclass(frozen=True)
@@ -59,10 +59,45 @@ class FeatureTable:
     """Column-oriented view of feature records, addressed by row number."""
 
     def __init__(self, records: Sequence[Features]) -> None:
-        self.n = len(records)
+        cols = {key: [r.get(key) or "" for r in records] for key in STRING_KEYS}
+        self._build(len(records), cols, [r.get("i") or () for r in records])
+
+    @classmethod
+    def from_packed(cls, rows: Sequence[Sequence[Any]]) -> FeatureTable:
+        """A table from packed feature tuples (as kept by the index's record cache): the
+        :data:`~bridge.mpi.features.STRING_KEYS` values in that order, the identifier pairs, then the
+        integer codes of the :data:`CODE_KEYS` values in one vocabulary shared by all rows (``-1`` for
+        ``""``). Equal codes mean equal strings, so the comparisons are those of ``FeatureTable(records)``.
+        """
+        table = cls.__new__(cls)
+        n = len(rows)
+        table.n = n
+        ns = len(STRING_KEYS)
+        columns: list[Sequence[Any]] = list(zip(*rows, strict=True)) if rows else [()] * (ns + 2)
+        table.cols = {}
+        for key, col in zip(STRING_KEYS, columns, strict=False):
+            arr = np.empty(n, dtype=object)
+            arr[:] = col
+            table.cols[key] = arr
+        idents: Sequence[Sequence[Sequence[str]]] = columns[ns]
+        table.cols["a_ns"] = np.array([x.replace(" ", "") for x in table.cols["a"]], dtype=object)
+        table.cols["id1"] = np.array([_id1(i) for i in idents], dtype=object)
+        table.ids = _ident_maps(idents)
+        table.multi_id = np.array([len(i) > 1 for i in idents], dtype=bool)
+        table.bfull = np.array([len(x) == 8 for x in table.cols["b"]], dtype=bool)
+        codes = np.array(columns[ns + 1], dtype=np.int64).reshape(n, len(CODE_KEYS))
+        table.codes = {k: codes[:, i] for i, k in enumerate(CODE_KEYS)}
+        return table
+
+    def _build(
+        self, n: int, columns: Mapping[str, Sequence[str]], idents: Sequence[Sequence[Sequence[str]]]
+    ) -> None:
+        self.n = n
         self.cols: dict[str, np.ndarray] = {}
-        for key in ("g", "f", "gn", "gm", "fn", "fm", "b", "s", "a", "c", "z", "t"):
-            self.cols[key] = np.array([r.get(key) or "" for r in records], dtype=object)
+        for key in STRING_KEYS:
+            col = np.empty(n, dtype=object)
+            col[:] = columns[key]
+            self.cols[key] = col
         b = self.cols["b"]
         self.cols["a_ns"] = np.array([x.replace(" ", "") for x in self.cols["a"]], dtype=object)
         self.cols["bswap"] = np.array(
@@ -71,21 +106,15 @@ class FeatureTable:
         self.cols["by"] = np.array([x[:4] for x in b], dtype=object)
         self.cols["bm"] = np.array([x[4:6] for x in b], dtype=object)
         self.cols["bd"] = np.array([x[6:8] for x in b], dtype=object)
-        self.ids: list[dict[str, list[str]]] = []
-        for r in records:
-            d: dict[str, list[str]] = {}
-            for system, value in r.get("i") or ():
-                d.setdefault(system, []).append(value)
-            self.ids.append(d)
+        self.ids = _ident_maps(idents)
         # fast path for the common case of exactly one strong identifier: "system|value" and its system
         self.cols["id1"] = np.array(
-            [f"{r['i'][0][0]}|{r['i'][0][1]}" if len(r.get("i") or ()) == 1 else "" for r in records],
-            dtype=object,
+            [f"{i[0][0]}|{i[0][1]}" if len(i) == 1 else "" for i in idents] if n else [], dtype=object
         )
         self.cols["idsys"] = np.array(
-            [r["i"][0][0] if len(r.get("i") or ()) == 1 else "" for r in records], dtype=object
+            [i[0][0] if len(i) == 1 else "" for i in idents] if n else [], dtype=object
         )
-        self.multi_id = np.array([len(r.get("i") or ()) > 1 for r in records], dtype=bool)
+        self.multi_id = np.array([len(i) > 1 for i in idents], dtype=bool)
         self.bfull = np.array([len(x) == 8 for x in b], dtype=bool)
         # one shared vocabulary, so that codes of different columns compare (given vs family, ...)
         vocab: dict[str, int] = {"": -1}
@@ -98,10 +127,57 @@ class FeatureTable:
         }
 
 
+#: the columns whose values are integer-coded (equality tests), in the order of :func:`value_codes`
+CODE_KEYS = (*STRING_KEYS, "a_ns", "bswap", "by", "bm", "bd", "id1", "idsys")
+
+
+def _id1(idents: Sequence[Sequence[str]]) -> str:
+    return f"{idents[0][0]}|{idents[0][1]}" if len(idents) == 1 else ""
+
+
+def _ident_maps(idents: Sequence[Sequence[Sequence[str]]]) -> list[dict[str, list[str]]]:
+    out: list[dict[str, list[str]]] = []
+    for pairs in idents:
+        d: dict[str, list[str]] = {}
+        for system, value in pairs:
+            d.setdefault(system, []).append(value)
+        out.append(d)
+    return out
+
+
+def value_codes(
+    strings: Sequence[str], idents: Sequence[Sequence[str]], vocab: dict[str, int]
+) -> tuple[int, ...]:
+    """Codes of one record's :data:`CODE_KEYS` values (``strings`` in STRING_KEYS order) in ``vocab``
+    (extended as needed; it must map ``""`` to ``-1``)."""
+    b = strings[6]
+    full = len(b) == 8
+    values = (
+        *strings,
+        strings[8].replace(" ", ""),
+        b[:4] + b[6:8] + b[4:6] if full else "",
+        b[:4],
+        b[4:6],
+        b[6:8],
+        _id1(idents),
+        idents[0][0] if len(idents) == 1 else "",
+    )
+    get = vocab.get
+    codes = []
+    for v in values:
+        c = get(v)
+        if c is None:
+            c = vocab[v] = len(vocab)
+        codes.append(c)
+    return tuple(codes)
+
+
 def _sim(a: np.ndarray, b: np.ndarray, scorer: Any) -> np.ndarray:
     if len(a) == 0:
         return np.zeros(0, dtype=np.float64)
-    return np.asarray(process.cpdist(a, b, scorer=scorer, workers=-1), dtype=np.float64)
+    # threads only pay off on large inputs (and the incremental index calls this per batch)
+    workers = -1 if len(a) >= 50_000 else 1
+    return np.asarray(process.cpdist(a, b, scorer=scorer, workers=workers), dtype=np.float64)
 
 
 class _Pairs:

@@ -82,7 +82,7 @@ class MpiConfig:
     em_sample_records: int = 50_000
     em_max_iterations: int = 60
     #: blocks larger than this are skipped (they would produce too many candidate pairs)
-    max_block_size: int = 500
+    max_block_size: int = 100
     #: weight of the priors (pseudo-counts) in EM; keeps empty levels away from 0 probability
     prior_strength: float = 20.0
     term_frequency: bool = True

@@ -19,7 +19,8 @@ from bridge.mpi.config import MpiError
 
 _ADVISORY_KEY = 0x6D7069  # "mpi"
 _INSERT = re.compile(r"(?s)^\s*(INSERT INTO \w+ \([^)]*\)) VALUES \([?, ]+\)(.*)$")
-CHUNK = 500
+#: ids per ``IN (...)`` list on SQLite (host parameter limit: 999 before 3.32, 32766 since)
+CHUNK = 2000 if sqlite3.sqlite_version_info >= (3, 32, 0) else 500
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS mpi_patient (
@@ -118,6 +119,9 @@ class Database:
             self._lite.execute("PRAGMA journal_mode=WAL")
             self._lite.execute("PRAGMA synchronous=NORMAL")
             self._lite.execute("PRAGMA busy_timeout=30000")
+            self._lite.execute(
+                "PRAGMA cache_size=-65536"
+            )  # 64 MiB page cache: indexes of large indexes stay hot
             self.kind = "sqlite"
         else:
             raise MpiError(f"unsupported MPI database URL {url!r}: use sqlite:///PATH or postgresql://...")

@@ -138,10 +138,29 @@ def fit_model(
     return _em_or_fallback(gamma, table.n, config, start)
 
 
-def _em_or_fallback(gamma: np.ndarray, records: int, config: MpiConfig, start: FSModel | None) -> FSModel:
+def fit_patterns(
+    patterns: np.ndarray, counts: np.ndarray, records: int, config: MpiConfig, start: FSModel | None = None
+) -> FSModel:
+    """EM-estimate a model from distinct comparison vectors and their counts (priors when empty)."""
+    if len(patterns) == 0:
+        return start or FSModel.prior()
+    return _em_or_fallback(patterns, records, config, start, counts)
+
+
+def _em_or_fallback(
+    gamma: np.ndarray,
+    records: int,
+    config: MpiConfig,
+    start: FSModel | None,
+    weights: np.ndarray | None = None,
+) -> FSModel:
     """EM on ``gamma``; if the estimate is implausible, log it and keep ``start`` (or the priors)."""
     model = em_fit(
-        gamma, start=start, prior_strength=config.prior_strength, max_iterations=config.em_max_iterations
+        gamma,
+        start=start,
+        prior_strength=config.prior_strength,
+        max_iterations=config.em_max_iterations,
+        weights=weights,
     )
     model.fitted_on_records = records
     problem = model.implausibility()

@@ -188,12 +188,15 @@ def em_fit(
     prior_strength: float = 20.0,
     max_iterations: int = 60,
     tol: float = 1e-5,
+    weights: np.ndarray | None = None,
 ) -> FSModel:
     """Estimate m, u and lambda by expectation–maximisation over candidate-pair comparison vectors.
 
     Fields are assumed conditionally independent given the match status. Missing levels (-1) are
     ignored per field. The priors enter as ``prior_strength`` pseudo-pairs on each side, which keeps
-    never-observed levels away from probability 0. Raises :class:`MpiError` on an empty input.
+    never-observed levels away from probability 0. ``weights`` (optional) gives each row of ``gamma``
+    a multiplicity (e.g. distinct comparison vectors with their counts). Raises :class:`MpiError` on
+    an empty input.
     """
     if len(gamma) == 0:
         raise MpiError("EM needs at least one candidate pair")
@@ -203,9 +206,13 @@ def em_fit(
     codes = np.zeros(len(gamma), dtype=np.int64)
     for i in range(gamma.shape[1]):
         codes = codes * 8 + (gamma[:, i].astype(np.int64) + 1)
-    _, first, counts = np.unique(codes, return_index=True, return_counts=True)
+    _, first, inverse, counts_i = np.unique(codes, return_index=True, return_inverse=True, return_counts=True)
+    counts: np.ndarray = (
+        counts_i.astype(np.float64)
+        if weights is None
+        else np.bincount(inverse.ravel(), weights=np.asarray(weights, dtype=np.float64))
+    )
     patterns = gamma[first]
-    counts = counts.astype(np.float64)
     m = [x.copy() for x in model.m]
     u = [x.copy() for x in model.u]
     lam = min(max(model.lam, 1e-4), 0.5)

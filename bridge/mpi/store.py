@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import hashlib
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -22,11 +23,19 @@ import orjson
 
 from bridge.logging import get_logger
 from bridge.mpi.blocking import blocking_keys, candidate_pairs
-from bridge.mpi.compare import FeatureTable
+from bridge.mpi.cache import (
+    RecordCache,
+    add_patterns,
+    dump_patterns,
+    load_patterns,
+    patterns_array,
+    unpack,
+)
+from bridge.mpi.compare import FIELDS, FeatureTable, compare_pairs
 from bridge.mpi.config import MatchState, MpiConfig, MpiConflict, MpiError, MpiInputError, MpiNotFound
 from bridge.mpi.db import TABLES, Database
-from bridge.mpi.features import Features, extract_features, features_digest
-from bridge.mpi.matcher import TF_KEYS, TermFrequencies, fit_model, score_pairs
+from bridge.mpi.features import Features, extract_features
+from bridge.mpi.matcher import TF_KEYS, TermFrequencies, fit_patterns, weigh
 from bridge.mpi.model import FSModel
 from bridge.mpi.unionfind import UnionFind
 
@@ -39,10 +48,20 @@ POSSIBLE = MatchState.POSSIBLE_MATCH.value
 NO_MATCH = MatchState.NO_MATCH.value
 
 
+_PERSON_NS_BYTES = _PERSON_NS.bytes
+
+
 @functools.lru_cache(maxsize=131072)
 def person_id_for(patient_id: str) -> str:
-    """The person id a record founds (a FHIR-id-safe UUID derived from the record id)."""
-    return str(uuid.uuid5(_PERSON_NS, patient_id))
+    """The person id a record founds (a FHIR-id-safe UUID derived from the record id).
+
+    Equal to ``str(uuid.uuid5(_PERSON_NS, patient_id))``, computed without building UUID objects.
+    """
+    h = bytearray(hashlib.sha1(_PERSON_NS_BYTES + patient_id.encode(), usedforsecurity=False).digest()[:16])
+    h[6] = (h[6] & 0x0F) | 0x50
+    h[8] = (h[8] & 0x3F) | 0x80
+    x = h.hex()
+    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
 
 
 def _now() -> str:
@@ -66,6 +85,7 @@ class PersonIndex:
         self.config = config
         self._model: FSModel | None = None
         self._model_version: str | None = None
+        self._cache: RecordCache | None = None
 
     @classmethod
     def open(cls, url: str, config: MpiConfig | None = None) -> PersonIndex:
@@ -103,30 +123,52 @@ class PersonIndex:
             fitted_on = int(orjson.loads(row[0]).get("fitted_on_records", 0))
         if fitted_on and total < fitted_on * cfg.em_refit_factor:
             return
-        self.fit(total=total)
+        self._fit(total=total, incremental=True)
 
     def fit(self, *, total: int | None = None) -> FSModel:
         """Re-estimate m/u/lambda by EM on (a sample of) the stored records and persist them.
 
         Existing decisions are not re-scored; new comparisons use the new parameters.
         """
+        try:
+            return self._fit(total=total, incremental=False)
+        except BaseException:
+            self._cache = None  # rolled back: the cached EM counts may be ahead of the database
+            raise
+
+    def _fit(self, *, total: int | None, incremental: bool) -> FSModel:
+        """EM fit. ``incremental``: from the comparison vectors counted while scoring (no re-comparison),
+        when they are known; otherwise from the candidate pairs of a systematic sample of the records."""
         with self.db.write():
+            cache = self._records()
             if total is None:
-                total = int(self.db.one("SELECT COUNT(*) FROM mpi_patient")[0])  # type: ignore[index]
-            step = max(1, -(-total // self.config.em_sample_records))
-            rows = self.db.all("SELECT features FROM mpi_patient WHERE seq % ? = 0 ORDER BY seq", (step,))
-            records = [orjson.loads(r[0]) for r in rows]
-            table = FeatureTable(records)
-            ia, ib, _ = candidate_pairs([blocking_keys(r) for r in records], self.config.max_block_size)
-            model = fit_model(table, ia, ib, self.config)
+                total = len(cache)
+            if incremental and cache.patterns is not None:
+                patterns, counts = patterns_array(cache.patterns, len(FIELDS))
+                sampled, pairs = total, int(counts.sum())
+            else:
+                step = max(1, -(-total // self.config.em_sample_records))
+                sample = [pid for pid in cache.feats if cache.state[pid][2] % step == 0]
+                rows = [cache.feats[pid] for pid in sample]
+                table = FeatureTable.from_packed(rows)
+                keys = [blocking_keys(unpack(r)) for r in rows]
+                ia, ib, _ = candidate_pairs(keys, self.config.max_block_size)
+                acc: dict[bytes, int] = {}
+                add_patterns(acc, compare_pairs(table, ia, ib))
+                patterns, counts = patterns_array(acc, len(FIELDS))
+                sampled, pairs = len(sample), len(ia)
+                if step == 1:  # every candidate pair of the index: from now on, count incrementally
+                    cache.patterns = acc
+                    self._set_meta("em_patterns", dump_patterns(acc))
+            model = fit_patterns(patterns, counts, total, self.config)
             model.fitted_on_records = total
             blob = orjson.dumps(model.to_json()).decode()
             self._set_meta("model", blob)
             log.info(
                 "mpi_em_fit",
                 records=total,
-                sampled=len(records),
-                pairs=len(ia),
+                sampled=sampled,
+                pairs=pairs,
                 iterations=model.iterations,
                 match_rate=round(model.lam, 4),
             )
@@ -167,39 +209,83 @@ class PersonIndex:
             batch[resource["id"]] = (org, feats)
         if not batch:
             return
-        with self.db.write():
-            self._upsert(batch)
+        try:
+            with self.db.write():
+                self._upsert(batch)
+        except BaseException:
+            self._cache = None  # the transaction rolled back: the write-through copy may be ahead of it
+            raise
+
+    def _records(self) -> RecordCache:
+        """The record cache, brought up to date if another process wrote records since (call inside a
+        write transaction, which serialises writers).
+
+        The generation token is ``epoch.updates.nonce``: ``epoch`` changes on :meth:`reset`, ``updates``
+        counts the batches that changed existing records. If only the nonce differs, other writers only
+        *added* records: those (``seq`` above the cached maximum) are read. Otherwise the cache is rebuilt.
+        """
+        row = self.db.one("SELECT value FROM mpi_meta WHERE key = 'records_gen'")
+        gen = row[0] if row else None
+        cache = self._cache
+        if cache is not None and cache.gen == gen:
+            return cache
+        mine, theirs = _parse_gen(cache.gen if cache else None), _parse_gen(gen)
+        if cache is not None and mine is not None and theirs is not None and mine[:2] == theirs[:2]:
+            rows = self.db.all(
+                "SELECT patient_id, source_org, features, digest, seq FROM mpi_patient WHERE seq > ? ORDER BY seq",
+                (cache.max_seq,),
+            )
+            for pid, org, blob, digest, seq in rows:
+                cache.put(pid, org, orjson.loads(blob), digest, int(seq))
+            log.debug("mpi_cache_caught_up", added=len(rows), records=len(cache))
+        else:
+            rows = self.db.all(
+                "SELECT patient_id, source_org, features, digest, seq FROM mpi_patient ORDER BY seq"
+            )
+            cache = RecordCache.load(
+                ((pid, org, orjson.loads(blob), digest, seq) for pid, org, blob, digest, seq in rows),
+                TF_KEYS,
+                gen,
+            )
+            log.info("mpi_cache_loaded", records=len(cache))
+        cache.gen = gen
+        meta = self.db.one("SELECT value FROM mpi_meta WHERE key = 'em_patterns'")
+        if meta is not None:
+            cache.patterns = load_patterns(meta[0])
+        else:  # none yet (empty index), or written before counts were kept: EM then samples the records
+            cache.patterns = None if len(cache) else {}
+        self._cache = cache
+        return cache
+
+    def _bump_generation(self, cache: RecordCache, *, updated: bool) -> None:
+        parsed = _parse_gen(cache.gen)
+        epoch, updates = parsed[:2] if parsed else (uuid.uuid4().hex, 0)
+        gen = f"{epoch}.{updates + int(updated)}.{uuid.uuid4().hex[:16]}"
+        self._set_meta("records_gen", gen)
+        cache.gen = gen
 
     def _upsert(self, batch: dict[str, tuple[str, Features]]) -> None:
         db = self.db
         now = _now()
-        ids = list(batch)
-        existing = {
-            r[0]: r[1:]
-            for r in db.all_in(
-                "SELECT patient_id, digest, source_org, features, person_id FROM mpi_patient WHERE patient_id IN ({in})",
-                ids,
-            )
-        }
+        cache = self._records()
         changed: list[str] = []
         digests: dict[str, str] = {}
+        blobs: dict[str, bytes] = {}
+        state = cache.state
         for pid, (org, feats) in batch.items():
-            digests[pid] = features_digest(feats)
-            old = existing.get(pid)
+            blob = orjson.dumps(feats, option=orjson.OPT_SORT_KEYS)  # what features_digest() hashes
+            blobs[pid] = blob
+            digests[pid] = hashlib.sha256(blob).hexdigest()[:32]
+            old = state.get(pid)
             if old is None or old[0] != digests[pid] or old[1] != org:
                 changed.append(pid)
         if not changed:
             return
-        seeds: set[str] = set(changed)
-        updated = [pid for pid in changed if pid in existing]
-        tf_delta: dict[tuple[str, str], int] = defaultdict(int)
+        seeds: set[str] = set()
+        updated = [pid for pid in changed if pid in state]
         if updated:
-            for pid in updated:
-                old_feats = orjson.loads(existing[pid][2])
-                for k in TF_KEYS:
-                    if old_feats.get(k):
-                        tf_delta[(k, old_feats[k])] -= 1
-            db.exec_in("DELETE FROM mpi_block WHERE patient_id IN ({in})", updated)
+            seeds.update(updated)
+            db.exec_in("DELETE FROM mpi_block WHERE patient_id IN ({in})", updated)  # legacy rows
             dropped = db.all_in(
                 "SELECT patient_a, patient_b FROM mpi_pair WHERE origin = 'auto' AND patient_a IN ({in})",
                 updated,
@@ -211,49 +297,78 @@ class PersonIndex:
                 seeds.update((a, b))
             db.exec_in("DELETE FROM mpi_pair WHERE origin = 'auto' AND patient_a IN ({in})", updated)
             db.exec_in("DELETE FROM mpi_pair WHERE origin = 'auto' AND patient_b IN ({in})", updated)
+            person_of = dict(
+                db.all_in("SELECT patient_id, person_id FROM mpi_patient WHERE patient_id IN ({in})", updated)
+            )
             for pid in updated:
                 self._history(
-                    "record-updated", pid, None, existing[pid][3], None, None, None, {"digest": digests[pid]}
+                    "record-updated",
+                    pid,
+                    None,
+                    person_of.get(pid),
+                    None,
+                    None,
+                    None,
+                    {"digest": digests[pid]},
                 )
-        max_seq = int(db.one("SELECT COALESCE(MAX(seq), 0) FROM mpi_patient")[0])  # type: ignore[index]
+        max_seq = cache.max_seq
         rows = []
+        keys_of: dict[str, list[str]] = {}
         for pid in changed:
             org, feats = batch[pid]
-            if pid in existing:
+            old = state.get(pid)
+            if old is not None:
                 db.execute(
                     "UPDATE mpi_patient SET source_org = ?, features = ?, digest = ?, updated_at = ? WHERE patient_id = ?",
-                    (org, orjson.dumps(feats).decode(), digests[pid], now, pid),
+                    (org, blobs[pid].decode(), digests[pid], now, pid),
                 )
+                seq = old[2]
             else:
                 max_seq += 1
-                rows.append(
-                    (pid, org, person_id_for(pid), orjson.dumps(feats).decode(), digests[pid], max_seq, now)
-                )
-            for k in TF_KEYS:
-                if feats.get(k):
-                    tf_delta[(k, feats[k])] += 1
+                seq = max_seq
+                rows.append((pid, org, person_id_for(pid), blobs[pid].decode(), digests[pid], seq, now))
+            keys_of[pid] = cache.put(pid, org, feats, digests[pid], seq)
         db.insert_many(
             "INSERT INTO mpi_patient (patient_id, source_org, person_id, features, digest, seq, updated_at) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
             rows,
             ("text", "text", "text", "text", "text", "bigint", "text"),
         )
-        keys_of = {pid: blocking_keys(batch[pid][1]) for pid in changed}
-        db.insert_many(
-            "INSERT INTO mpi_block (bkey, patient_id) VALUES (?, ?) ON CONFLICT DO NOTHING",
-            [(k, pid) for pid, ks in keys_of.items() for k in ks],
-            ("text", "text"),
-        )
-        db.insert_many(
-            "INSERT INTO mpi_tf (field, value, n) VALUES (?, ?, ?) "
-            "ON CONFLICT (field, value) DO UPDATE SET n = mpi_tf.n + excluded.n",
-            [(k, v, d) for (k, v), d in tf_delta.items() if d],
-            ("text", "text", "bigint"),
-        )
-        total = max_seq if not updated else int(db.one("SELECT COUNT(*) FROM mpi_patient")[0])  # type: ignore[index]
-        self._maybe_fit(total)
+        self._bump_generation(cache, updated=bool(updated))
+        total = len(cache)
         self._score_new(changed, keys_of, batch, total, now, seeds)
-        self._recluster(seeds, now, fresh=frozenset(r[2] for r in rows))
+        if seeds:
+            self._recluster(seeds, now, fresh=frozenset(r[2] for r in rows))
+
+    def _candidates(
+        self, cache: RecordCache, changed: list[str], keys_of: dict[str, list[str]]
+    ) -> list[tuple[str, str]]:
+        """Candidate pairs ``(changed record, other record)`` from the in-memory blocks, sorted.
+
+        Blocks holding more than ``max_block_size`` records (very common values: a default birth date,
+        SMITH JOHN) are skipped; the other blocking keys still bring true matches together.
+        """
+        changed_set = set(changed)
+        cap = self.config.max_block_size
+        members = cache.members
+        cand: set[tuple[str, str]] = set()
+        skipped: set[str] = set()
+        for pid in changed:
+            for k in keys_of[pid]:
+                group = members(k)
+                n = len(group)
+                if n < 2:
+                    continue
+                if n > cap:
+                    skipped.add(k)
+                    continue
+                for other in group:
+                    if other == pid or (other in changed_set and other < pid):
+                        continue
+                    cand.add((pid, other))
+        if skipped:
+            log.debug("mpi_blocks_skipped", blocks=len(skipped), cap=cap)
+        return sorted(cand)
 
     def _score_new(
         self,
@@ -265,38 +380,29 @@ class PersonIndex:
         seeds: set[str],
     ) -> None:
         db = self.db
-        all_keys = sorted({k for ks in keys_of.values() for k in ks})
-        members: dict[str, list[str]] = defaultdict(list)
-        for k, pid in db.all_in("SELECT bkey, patient_id FROM mpi_block WHERE bkey IN ({in})", all_keys):
-            members[k].append(pid)
-        changed_set = set(changed)
-        cand: set[tuple[str, str]] = set()
-        cap = self.config.max_block_size
-        for pid in changed:
-            for k in keys_of[pid]:
-                group = members.get(k, ())
-                if len(group) > cap:
-                    continue
-                for other in group:
-                    if other == pid or (other in changed_set and other < pid):
-                        continue
-                    cand.add((pid, other))
-        if not cand:
+        cache = self._cache
+        assert cache is not None
+        cand_list = self._candidates(cache, changed, keys_of)
+        if not cand_list:
+            self._maybe_fit(total)
             return
-        others = sorted({o for _, o in cand if o not in changed_set})
-        feats: dict[str, Features] = {pid: batch[pid][1] for pid in changed}
-        for pid, blob in db.all_in(
-            "SELECT patient_id, features FROM mpi_patient WHERE patient_id IN ({in})", others
-        ):
-            feats[pid] = orjson.loads(blob)
-        order = list(feats)
-        row_of = {pid: i for i, pid in enumerate(order)}
-        table = FeatureTable([feats[pid] for pid in order])
-        cand_list = sorted(cand)
-        ia = np.array([row_of[a] for a, _ in cand_list], dtype=np.int64)
-        ib = np.array([row_of[b] for _, b in cand_list], dtype=np.int64)
-        tf = self._term_frequencies(table, total) if self.config.term_frequency else None
-        scored = score_pairs(table, ia, ib, self.model(), self.config, tf)
+        row_of: dict[str, int] = {}
+        for a, b in cand_list:
+            if a not in row_of:
+                row_of[a] = len(row_of)
+            if b not in row_of:
+                row_of[b] = len(row_of)
+        packed = cache.feats
+        table = FeatureTable.from_packed([packed[pid] for pid in row_of])
+        ia = np.fromiter((row_of[a] for a, _ in cand_list), dtype=np.int64, count=len(cand_list))
+        ib = np.fromiter((row_of[b] for _, b in cand_list), dtype=np.int64, count=len(cand_list))
+        gamma = compare_pairs(table, ia, ib)
+        if cache.patterns is not None:
+            add_patterns(cache.patterns, gamma)
+            self._set_meta("em_patterns", dump_patterns(cache.patterns))
+        self._maybe_fit(total)  # after counting this batch's pairs: the first fit includes them
+        tf = TermFrequencies(cache.tf, total, cache.sum_sq) if self.config.term_frequency else None
+        scored = weigh(gamma, ia, table, self.model(), self.config, tf)
         keep = np.nonzero(scored.state != NO_MATCH)[0]
         if len(keep) == 0:
             return
@@ -346,21 +452,6 @@ class PersonIndex:
             _HISTORY_TYPES,
         )
 
-    def _term_frequencies(self, table: FeatureTable, total: int) -> TermFrequencies:
-        counts: dict[str, dict[str, int]] = {}
-        for k in TF_KEYS:
-            values = sorted({v for v in table.cols[k] if v})
-            counts[k] = {
-                v: int(n)
-                for v, n in self.db.all_in(
-                    "SELECT value, n FROM mpi_tf WHERE field = ? AND value IN ({in})", values, extra=(k,)
-                )
-            }
-        sum_sq = {
-            k: int(s or 0) for k, s in self.db.all("SELECT field, SUM(n * n) FROM mpi_tf GROUP BY field")
-        }
-        return TermFrequencies(counts, total, sum_sq)
-
     # ------------------------------------------------------------------ persons
 
     def _component(self, seeds: Iterable[str]) -> set[str]:
@@ -380,14 +471,16 @@ class PersonIndex:
                     "SELECT patient_id FROM mpi_patient WHERE person_id IN ({in})", sorted(persons)
                 )
             }
+            # "(state || '')": not indexable, so the planner uses the patient index instead of scanning
+            # every MATCH pair through the state index (SQLite without ANALYZE prefers the latter)
             for _a, b in db.all_in(
-                f"SELECT patient_a, patient_b FROM mpi_pair WHERE state = '{MATCH}' AND "
+                f"SELECT patient_a, patient_b FROM mpi_pair WHERE (state || '') = '{MATCH}' AND "
                 "patient_a IN ({in})",
                 f,
             ):
                 found.add(b)
             for a, _b in db.all_in(
-                f"SELECT patient_a, patient_b FROM mpi_pair WHERE state = '{MATCH}' AND "
+                f"SELECT patient_a, patient_b FROM mpi_pair WHERE (state || '') = '{MATCH}' AND "
                 "patient_b IN ({in})",
                 f,
             ):
@@ -662,14 +755,14 @@ class PersonIndex:
                 extra = {
                     b
                     for _a, b in self.db.all_in(
-                        f"SELECT patient_a, patient_b FROM mpi_pair WHERE state = '{POSSIBLE}' AND patient_a IN ({{in}})",
+                        f"SELECT patient_a, patient_b FROM mpi_pair WHERE (state || '') = '{POSSIBLE}' AND patient_a IN ({{in}})",
                         ms,
                     )
                 }
                 extra |= {
                     a
                     for a, _b in self.db.all_in(
-                        f"SELECT patient_a, patient_b FROM mpi_pair WHERE state = '{POSSIBLE}' AND patient_b IN ({{in}})",
+                        f"SELECT patient_a, patient_b FROM mpi_pair WHERE (state || '') = '{POSSIBLE}' AND patient_b IN ({{in}})",
                         ms,
                     )
                 }
@@ -859,8 +952,21 @@ class PersonIndex:
         with self.db.write():
             for t in TABLES:
                 self.db.execute(f"DELETE FROM {t}")
+            self._cache = None
+            # a new epoch: other processes' caches are stale and must be rebuilt
+            self._set_meta("records_gen", f"{uuid.uuid4().hex}.0.{uuid.uuid4().hex[:16]}")
         self._model = None
         self._model_version = None
+
+
+def _parse_gen(gen: str | None) -> tuple[str, int, str] | None:
+    """``(epoch, updates, nonce)`` of a generation token, or None if absent or malformed."""
+    if gen is None:
+        return None
+    parts = gen.split(".")
+    if len(parts) != 3 or not parts[1].isdigit():
+        return None
+    return parts[0], int(parts[1]), parts[2]
 
 
 def _public(f: Features) -> dict[str, Any]:
