@@ -8,7 +8,6 @@ large bundles (a real cluster also needs the topic's ``max.message.bytes``, whic
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -174,6 +173,3 @@ def dead_letter_headers(
         add.append((DL_FILE, file))
     return out + [(k, v.encode("utf-8")) for k, v in add]
 
-
-def with_message_id(converted: ConvertedBundle, message_id: str) -> ConvertedBundle:
-    return replace(converted, message_id=message_id)

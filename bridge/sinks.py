@@ -85,9 +85,8 @@ class LedgerSink:
         kept: list[Record] = []
         for rec in records:
             try:
-                env = self.checker.check(rec)
-                assert rec.value is not None
-                parse_bundle(rec.value)
+                env = self.checker.check(rec)  # rejects a record without a value
+                parse_bundle(rec.value or b"")
                 entry = LedgerEntry(
                     bundle_sha256=env.bundle_sha256,
                     source_org=env.source_org,
@@ -163,9 +162,8 @@ class IndexSink:
         patients: list[tuple[str, dict[str, Any]]] = []
         for rec in records:
             try:
-                env = self.checker.check(rec)
-                assert rec.value is not None
-                bundle = parse_bundle(rec.value)
+                env = self.checker.check(rec)  # rejects a record without a value
+                bundle = parse_bundle(rec.value or b"")
             except (envelope.EnvelopeError, BadBundle) as exc:
                 poison.append((rec, exc))
                 continue

@@ -150,9 +150,6 @@ class FhirPassthroughAdapter(Adapter):
     description = "FHIR R4 JSON resources, Bundles and Bulk Data NDJSON (validated, ids kept as identifiers)"
     suffixes = (".json", ".ndjson")
 
-    def __init__(self, **options: str) -> None:
-        super().__init__(**options)
-
     # -- entry point ----------------------------------------------------------------------------
     def convert(self, data: bytes, source: SourceInfo, *, filename: str | None = None) -> Iterator[Outcome]:
         """Yield one outcome per record (a resource, a Bundle, or an NDJSON line). Never raises for bad input."""
