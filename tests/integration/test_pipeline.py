@@ -41,6 +41,19 @@ async def test_two_hospitals_end_to_end(stack: Stack, tmp_path: Path) -> None:
     assert index.counts()["bundles"] == n
     ledger.checkpoint_now()
 
+    # Prometheus metrics of the runs above: consumed and committed per partition, lag from the high watermark
+    from prometheus_client import REGISTRY, generate_latest
+
+    text = generate_latest(REGISTRY).decode()
+    topic = stack.settings.topics.bundles
+    consumed = sum(
+        REGISTRY.get_sample_value("fhirbridge_consumer_consumed_total", {"group": "t-ledger", "topic": topic, "partition": str(p)}) or 0
+        for p in range(3)
+    )
+    assert consumed == n
+    assert f'fhirbridge_consumer_committed_offset{{group="t-index",partition="0",topic="{topic}"}}' in text
+    assert f'fhirbridge_consumer_lag{{group="t-index",partition="0",topic="{topic}"}} 0.0' in text
+
     # a patient whose SSN is known at both hospitals
     row = index.db.query(
         """SELECT a.patient_id, b.patient_id, a.value FROM patient_identifiers a JOIN patient_identifiers b
