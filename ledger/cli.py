@@ -120,11 +120,10 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from bridge.config import Settings
     from ledger.audit import audit
     from ledger.errors import LedgerError
     from ledger.log import Ledger
-
-    from bridge.config import Settings
 
     settings = Settings.from_env()
     url = args.url or settings.ledger_url
