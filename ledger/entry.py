@@ -16,6 +16,7 @@ __all__ = ["MAX_ENTRY_BYTES", "LedgerEntry", "canonical_many"]
 
 MAX_ENTRY_BYTES = 64 * 1024
 _HEX_DIGITS = "0123456789abcdef"
+_HEX_BYTES = _HEX_DIGITS.encode()
 _RFC3339_UTC = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|\+00:00)")
 _STR_FIELDS = ("source_org", "adapter", "adapter_version", "topic")
 _TS = r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:Z|\+00:00)"
@@ -38,6 +39,8 @@ _TEMPLATE = (
     '{"adapter":"%s","adapter_version":"%s","bundle_sha256":"%s","ingested_at":"%s","message_id":%s,'
     '"offset":%d,"partition":%d,"source_org":"%s","topic":"%s"}'
 )
+_TEMPLATE_ID = _TEMPLATE.replace('"message_id":%s', '"message_id":"%s"')  # formats a _FIELDS row as is
+_TEMPLATE_NO_ID = _TEMPLATE.replace('"message_id":%s', '"message_id":null')  # the row without message_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,9 +162,11 @@ def canonical_many(entries: Sequence[LedgerEntry]) -> list[bytes]:
         return fast
     out = []
     for e in entries:
-        if not isinstance(e, LedgerEntry):
-            raise InvalidEntry("append() takes LedgerEntry objects")
-        out.append(e.canonical())
+        try:
+            canonical = e.canonical
+        except AttributeError as exc:
+            raise InvalidEntry("append() takes LedgerEntry objects") from exc
+        out.append(canonical())
     return out
 
 
@@ -174,7 +179,9 @@ def _canonical_fast(entries: Sequence[LedgerEntry]) -> list[bytes] | None:
     ad, av, bundle, ts, mid, of, pa, so, tp = zip(*rows, strict=True)
     # bundle_sha256: 64 lowercase hex characters each (join raises TypeError for a non-string).
     bj = "".join(bundle)
-    if len(bj) != 64 * n or set(map(len, bundle)) != {64} or bj.strip(_HEX_DIGITS):
+    if len(bj) != 64 * n or set(map(len, bundle)) != {64} or not bj.isascii():
+        return None
+    if bj.encode().translate(None, _HEX_BYTES):  # deletes the hex digits: anything left is bad
         return None
     # The other strings: non-empty, printable ASCII, no '"' or '\\' (so no JSON escaping is needed).
     # Joined by '"', which may not occur inside them: n*4 - 1 separators, no two adjacent.
@@ -206,10 +213,9 @@ def _canonical_fast(entries: Sequence[LedgerEntry]) -> list[bytes] | None:
         return None
     if min(pa) < 0 or min(of) < 0 or max(pa) > _U64_MAX or max(of) > _U64_MAX:
         return None
-    tmpl = _TEMPLATE
+    with_id, without_id = _TEMPLATE_ID, _TEMPLATE_NO_ID
     out = [
-        (tmpl % (r[0], r[1], r[2], r[3], "null" if r[4] is None else f'"{r[4]}"', r[5], r[6], r[7], r[8])).encode()
-        for r in rows
+        (with_id % r).encode() if r[4] is not None else (without_id % (r[:4] + r[5:])).encode() for r in rows
     ]
     if max(map(len, out)) > MAX_ENTRY_BYTES:
         return None

@@ -19,9 +19,9 @@ from typing import Any
 from ledger import checkpoint as _checkpoint
 from ledger import merkle
 from ledger import note as _note
-from ledger.entry import LedgerEntry
+from ledger.entry import LedgerEntry, canonical_many
 from ledger.errors import InvalidEntry, InvalidKey, LedgerError, OutOfRange, VerificationError
-from ledger.storage import InsertRow, Storage, Txn, dedup_key, open_storage
+from ledger.storage import InsertRow, Storage, Txn, dedup_keys, leaf_key, leaf_keys, open_storage
 from ledger.tiles import TILE_WIDTH, TileBuilder, locate, needed_tiles, node_in_blob
 
 __all__ = ["Ledger", "LedgerEntry"]
@@ -106,15 +106,20 @@ class Ledger:
         """
         if not entries:
             return []
+        # Everything that needs no database is done before locking: validation and canonical JSON
+        # (nothing is written on error), the idempotency keys and the leaf hashes.
+        datas = canonical_many(entries)
         try:
-            prepared = [(e.bundle_sha256, e.source_org, e.canonical()) for e in entries]
-        except AttributeError as exc:
+            keys = [(e.bundle_sha256, e.source_org) for e in entries]
+            dkeys = dedup_keys([b for b, _ in keys])
+        except (AttributeError, TypeError, ValueError) as exc:  # not a LedgerEntry
             raise InvalidEntry("append() takes LedgerEntry objects") from exc
-        keys = [(b, o, dedup_key(b, o)) for b, o, _ in prepared]
+        sha256 = hashlib.sha256
+        leaves = [sha256(b"\x00" + d).digest() for d in datas]  # merkle.leaf_hash, inlined
         with self._lock:
             try:
                 with self._storage.write() as txn:
-                    return self._append_locked(txn, prepared, keys)
+                    return self._append_locked(txn, keys, dkeys, datas, leaves)
             except BaseException:
                 self._builder = None  # the in-memory right edge may be ahead of the database
                 raise
@@ -132,29 +137,47 @@ class Ledger:
         return b
 
     def _append_locked(
-        self, txn: Txn, prepared: list[tuple[str, str, bytes]], keys: list[tuple[str, str, int]]
+        self,
+        txn: Txn,
+        keys: list[tuple[str, str]],
+        dkeys: list[int],
+        datas: list[bytes],
+        leaves: list[bytes],
     ) -> list[int]:
         size, epoch = txn.size_epoch()
         builder = self._edge(txn, size, epoch)
-        existing = txn.find_many(keys)
-        out: list[int] = []
-        rows: list[InsertRow] = []
-        leaves: list[bytes] = []
-        sha256 = hashlib.sha256
+        existing = txn.find_many([(b, o, d) for (b, o), d in zip(keys, dkeys, strict=True)])
         nxt = size
-        for (b, o, data), (_, _, dkey) in zip(prepared, keys, strict=True):
-            key = (b, o)
-            idx = existing.get(key)
-            if idx is None:
-                idx = nxt
-                nxt += 1
-                existing[key] = idx
-                leaf = sha256(b"\x00" + data).digest()  # merkle.leaf_hash, inlined: this loop is the hot path
-                leaves.append(leaf)
-                rows.append((idx, leaf, data, dkey, int.from_bytes(leaf[:8], "big", signed=True)))
-            out.append(idx)
+        if not existing and len(set(keys)) == len(keys):
+            # The common batch: every entry is new. Vectorised: one comprehension per column.
+            nxt = size + len(keys)
+            out = list(range(size, nxt))
+            new_leaves = leaves
+            rows: list[InsertRow] = list(
+                zip(
+                    out,
+                    leaves,
+                    datas,
+                    dkeys,
+                    leaf_keys(leaves),
+                    strict=True,
+                )
+            )
+        else:
+            out = []
+            rows = []
+            new_leaves = []
+            for key, data, dkey, leaf in zip(keys, datas, dkeys, leaves, strict=True):
+                idx = existing.get(key)
+                if idx is None:
+                    idx = nxt
+                    nxt += 1
+                    existing[key] = idx
+                    new_leaves.append(leaf)
+                    rows.append((idx, leaf, data, dkey, leaf_key(leaf)))
+                out.append(idx)
         if rows:
-            builder.append(leaves)
+            builder.append(new_leaves)
             txn.insert_entries(rows)
             txn.put_tiles(builder.take_dirty())
             txn.set_size(nxt)

@@ -80,7 +80,8 @@ def test_property_bundle_check_equals_the_spec_regex(bundle: str) -> None:
 # -- canonical_many: the batch path must give exactly the bytes and errors of canonical() --------------
 
 _any_text = st.text(
-    alphabet=st.characters(codec="utf-8", categories=("L", "N", "P", "S", "Z", "Cc")) | st.sampled_from('"\\}{,[]'),
+    alphabet=st.characters(codec="utf-8", categories=("L", "N", "P", "S", "Z", "Cc"))
+    | st.sampled_from('"\\}{,[]'),
     max_size=12,
 )
 _field_values: dict[str, st.SearchStrategy[Any]] = {
@@ -163,7 +164,11 @@ def test_canonical_many_falls_back_for_strings_that_need_escaping(field: str, va
 
 
 def test_canonical_many_reports_the_first_bad_entry_like_canonical() -> None:
-    batch = [GOOD, LedgerEntry(**{**GOOD.to_dict(), "partition": -1}), LedgerEntry(**{**GOOD.to_dict(), "topic": ""})]
+    batch = [
+        GOOD,
+        LedgerEntry(**{**GOOD.to_dict(), "partition": -1}),
+        LedgerEntry(**{**GOOD.to_dict(), "topic": ""}),
+    ]
     with pytest.raises(InvalidEntry, match="partition"):
         canonical_many(batch)
     with pytest.raises(EntryTooLarge):
