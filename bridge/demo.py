@@ -131,6 +131,20 @@ def run_demo(data_dir: Path, port: int, *, data: Path = DEMO_DATA, exit_when_rea
         shared = _shared_patient(index)
         index.close()
         ledger.close()
+        person_id = None
+        if shared:
+            from bridge.mpi import PersonIndex
+
+            mpi = PersonIndex.open(settings.mpi_url)
+            holder: dict[str, str | None] = {}
+
+            def linked() -> bool:
+                holder["person"] = mpi.person_id(shared[0])
+                return holder["person"] is not None
+
+            _wait(linked, 60, "the master patient index", children)
+            person_id = holder["person"]
+            mpi.close()
         print(f"\nReady: {expected} ADT messages from {len(orgs)} hospitals are logged and queryable.\n")
         print(f"  Home                 {base}/")
         print(f"  Capability statement {base}/metadata")
@@ -141,7 +155,8 @@ def run_demo(data_dir: Path, port: int, *, data: Path = DEMO_DATA, exit_when_rea
             print(f"  Merged history       {base}/Patient/{pid}/$everything")
             print(f"  With ledger proofs   {base}/Patient/{pid}/$everything?_proof=true")
             print(f"  Same SSN, all sites  {base}/Patient?identifier={system}|{value}")
-            print(f"  Person (MPI)         {base}/Person/{pid}")
+            print(f"  Person (MPI)         {base}/Person/{person_id}")
+            print(f"  MPI review queue     {base}/Person/$mpi-review-queue")
         if exit_when_ready:
             return 0
         print("\nPress Ctrl-C to stop.")
