@@ -39,6 +39,9 @@ integration: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[embedded,test,bench]'
+	# C-CDA peers: their pins (lxml, typing-extensions) conflict with ours, so without their dependencies
+	$(BIN)/python -m pip install --quiet --no-deps 'python-fhir-converter>=0.3,<0.4' 'ccda-to-fhir>=0.3,<0.4' \
+		python-liquid xmltodict frozendict pyjson5 isodate
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:
