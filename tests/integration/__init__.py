@@ -1,0 +1,1 @@
+"""Integration tests: real brokers (noida-db, tansu) and PostgreSQL."""
