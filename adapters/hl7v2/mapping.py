@@ -385,6 +385,18 @@ class Conversion:
             ]
         return self.b.add(r, fac, building, floor, poc, room, bed)
 
+    def _telecoms(self, seg: Segment, fields: tuple[tuple[int, str | None], ...]) -> list[dict[str, Any]]:
+        """ContactPoints from XTN fields; ``use`` defaults per field (home/work) unless given or email."""
+        tele: list[dict[str, Any]] = []
+        for n, default_use in fields:
+            for i, f in enumerate(seg.reps(n), start=1):
+                cp = dt.contact_point(self.ctx, f, self.loc(seg, n, i))
+                if cp:
+                    if default_use and "use" not in cp and cp["system"] != "email":
+                        cp["use"] = default_use
+                    tele.append(cp)
+        return tele
+
     # ------------------------------------------------------------------------------ the walk
     def run(self) -> None:
         handlers: dict[str, Callable[[Segment], None]] = {
@@ -535,14 +547,7 @@ class Conversion:
                     "valueString": mmn.c(1, 1),
                 }
             )
-        tele = []
-        for n, default_use in ((13, "home"), (14, "work"), (40, None)):
-            for i, f in enumerate(seg.reps(n), start=1):
-                cp = dt.contact_point(ctx, f, self.loc(seg, n, i))
-                if cp:
-                    if default_use and "use" not in cp and cp["system"] != "email":
-                        cp["use"] = default_use
-                    tele.append(cp)
+        tele = self._telecoms(seg, ((13, "home"), (14, "work"), (40, None)))
         if tele:
             r["telecom"] = tele
         g = seg.v(8)
@@ -678,14 +683,7 @@ class Conversion:
         name = dt.human_name(ctx, seg.f(2), self.loc(seg, 2))
         if name:
             c["name"] = name
-        tele = []
-        for n, default_use in ((5, "home"), (6, "work"), (40, None)):
-            for i, f in enumerate(seg.reps(n), start=1):
-                cp = dt.contact_point(ctx, f, self.loc(seg, n, i))
-                if cp:
-                    if default_use and "use" not in cp and cp["system"] != "email":
-                        cp["use"] = default_use
-                    tele.append(cp)
+        tele = self._telecoms(seg, ((5, "home"), (6, "work"), (40, None)))
         if tele:
             c["telecom"] = tele
         addr = dt.address(ctx, seg.f(4), self.loc(seg, 4))
