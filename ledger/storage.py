@@ -3,9 +3,20 @@
 Tables (same shape on both backends):
 
 * ``ledger_meta``: one row, the log's origin and size (the size is the commit point of an append);
-* ``ledger_entries``: index, leaf hash, canonical entry JSON, and two indexed 32-bit keys: ``dkey``
+* ``ledger_entries``: index, leaf hash, canonical entry JSON, and two 32-bit lookup keys: ``dkey``
   of ``(bundle_sha256, source_org)`` (idempotency) and ``lkey``, the leaf hash prefix (proof by leaf
   hash). Matches on a key are confirmed against the entry itself, so a key collision is harmless;
+* the key index, in two levels (a small log-structured merge):
+
+  - ``ledger_dkeys`` / ``ledger_lkeys``: ``(key, idx)`` B-trees for the entries before the *tail*;
+  - ``ledger_tail``: one row per appended batch with the batch's keys packed as little-endian
+    int32 arrays. The tail rows cover ``[merged, size)`` contiguously. When the tail reaches
+    :data:`MERGE_AT` entries, the append that crosses it moves the tail into the B-trees with two
+    sorted ``INSERT ... SELECT`` statements and empties it.
+
+  Random 32-bit keys inserted per batch into large B-trees were most of an append's cost (each batch
+  dirtied almost every index page, and SQLite pays about a microsecond per indexed row); in batches
+  of sorted keys every index page is written once per merge instead of once per batch;
 * ``ledger_tiles``: hash tiles (:mod:`ledger.tiles`) keyed by one integer;
 * ``ledger_checkpoints``: signed notes by tree size; ``ledger_cosignatures``: witness signature lines.
 
@@ -33,8 +44,11 @@ from ledger.tiles import Tile, split_key, tile_key
 
 __all__ = ["EntryRow", "InsertRow", "PostgresStorage", "SqliteStorage", "Storage", "Txn", "open_storage"]
 
-SCHEMA_VERSION = 2
-"""2: 32-bit ``dkey``/``lkey`` (1 had 60/64-bit keys, which this code would not find)."""
+SCHEMA_VERSION = 3
+"""3: two-level key index (2 indexed ``dkey``/``lkey`` on ``ledger_entries``, and is migrated in place;
+1 had 60/64-bit keys, which this code would not find)."""
+MERGE_AT = 1 << 17
+"""Tail entries that trigger a merge into the key B-trees (the tail's keys take 1 MB at most)."""
 PAGE_SIZE = 16384  # SQLite page size of a new ledger file
 
 
@@ -101,8 +115,12 @@ _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS ledger_entries (
         idx {key} PRIMARY KEY, leaf_hash {blob} NOT NULL, entry {blob} NOT NULL,
         dkey BIGINT NOT NULL, lkey BIGINT NOT NULL)""",
-    "CREATE INDEX IF NOT EXISTS ledger_entries_dkey ON ledger_entries (dkey)",
-    "CREATE INDEX IF NOT EXISTS ledger_entries_lkey ON ledger_entries (lkey)",
+    """CREATE TABLE IF NOT EXISTS ledger_dkeys (
+        k INTEGER NOT NULL, idx BIGINT NOT NULL, PRIMARY KEY (k, idx)){without_rowid}""",
+    """CREATE TABLE IF NOT EXISTS ledger_lkeys (
+        k INTEGER NOT NULL, idx BIGINT NOT NULL, PRIMARY KEY (k, idx)){without_rowid}""",
+    """CREATE TABLE IF NOT EXISTS ledger_tail (
+        first_idx {key} PRIMARY KEY, n INTEGER NOT NULL, dkeys {blob} NOT NULL, lkeys {blob} NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS ledger_tiles (
         tile_key {key} PRIMARY KEY, width INTEGER NOT NULL, hashes {blob} NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS ledger_checkpoints (
@@ -111,8 +129,19 @@ _SCHEMA = [
         size BIGINT NOT NULL, witness TEXT NOT NULL, key_id BIGINT NOT NULL, line TEXT NOT NULL,
         received_at DOUBLE PRECISION NOT NULL, PRIMARY KEY (size, witness, key_id))""",
 ]
-_TABLES = ("ledger_cosignatures", "ledger_checkpoints", "ledger_tiles", "ledger_entries", "ledger_meta")
+_TABLES = (
+    "ledger_cosignatures",
+    "ledger_checkpoints",
+    "ledger_tiles",
+    "ledger_tail",
+    "ledger_lkeys",
+    "ledger_dkeys",
+    "ledger_entries",
+    "ledger_meta",
+)
+_V2_INDEXES = ("ledger_entries_dkey", "ledger_entries_lkey")
 _CHUNK = 500
+_READ_RETRIES = 5
 
 
 class _SqlBase:
@@ -121,11 +150,16 @@ class _SqlBase:
     ph = "?"
     blob_type = "BLOB"
     key_type = "INTEGER"
+    without_rowid = " WITHOUT ROWID"
 
     def __init__(self, origin: str) -> None:
         self._origin = origin
         self._lock = threading.RLock()
         self._conn: Any = None
+        self.merge_at = MERGE_AT
+        self._wtail: _WriterTail | None = None  # the writer's view of the tail (None: reload it)
+        self._rtail: dict[int, tuple[bytes, bytes]] = {}  # readers: first_idx -> (dkeys, lkeys)
+        self._rtail_epoch = -1
 
     # -- subclass hooks ------------------------------------------------------------------------------
     def _connect(self) -> Any:
@@ -205,7 +239,7 @@ class _SqlBase:
         with self._guard() as conn, self._begin(conn):
             self._schema_lock(conn)
             for stmt in _SCHEMA:
-                conn.execute(stmt.format(blob=self.blob_type, key=self.key_type))
+                conn.execute(stmt.format(blob=self.blob_type, key=self.key_type, without_rowid=self.without_rowid))
             row = conn.execute("SELECT origin, size, schema_version FROM ledger_meta WHERE id = 1").fetchone()
             if row is None:
                 conn.execute(
@@ -214,11 +248,23 @@ class _SqlBase:
                 )
             elif row[0] != self._origin:
                 raise LedgerError(f"the database holds the log {row[0]!r}, not {self._origin!r}")
+            elif int(row[2]) == 2:
+                self._migrate_v2(conn)
             elif int(row[2]) != SCHEMA_VERSION:
                 raise LedgerError(
                     f"the ledger database has schema version {row[2]}, this code needs {SCHEMA_VERSION}:"
                     " rebuild it into a new database (fhirbridge replay --rebuild)"
                 )
+
+    def _migrate_v2(self, conn: Any) -> None:
+        """Schema 2 -> 3: every entry into the key B-trees (the tail starts empty), old indexes dropped."""
+        for table, col in (("ledger_dkeys", "dkey"), ("ledger_lkeys", "lkey")):
+            conn.execute(f"DELETE FROM {table}")
+            conn.execute(f"INSERT INTO {table} (k, idx) SELECT {col}, idx FROM ledger_entries ORDER BY {col}, idx")
+        conn.execute("DELETE FROM ledger_tail")
+        for name in _V2_INDEXES:
+            conn.execute(f"DROP INDEX IF EXISTS {name}")
+        conn.execute(self._q("UPDATE ledger_meta SET schema_version = ? WHERE id = 1"), (SCHEMA_VERSION,))
 
     # -- reads --------------------------------------------------------------------------------------
     def origin(self) -> str | None:
@@ -235,23 +281,89 @@ class _SqlBase:
         return (int(rows[0][0]), int(rows[0][1])) if rows else (0, 0)
 
     def find(self, bundle_sha256: str, source_org: str) -> int | None:
-        rows = self._rows(
-            "SELECT idx, entry FROM ledger_entries WHERE dkey = ? ORDER BY idx",
-            (dedup_key(bundle_sha256, source_org),),
-        )
-        for idx, entry in rows:
-            if _entry_key(bytes(entry)) == (bundle_sha256, source_org):
-                return int(idx)
-        return None
+        found = self.find_many_committed([(bundle_sha256, source_org)])
+        return found.get((bundle_sha256, source_org))
+
+    def find_many_committed(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        """The lowest logged index of each ``(bundle_sha256, source_org)`` in ``keys`` that is logged.
+
+        A reader's batch lookup (the query service proves every source of a history at once): one
+        consistent read of the key B-trees and the tail's key list, the tail's keys (cached: a tail row
+        never changes), then one read of the candidate entries.
+        """
+        if not keys:
+            return {}
+        wanted = set(keys)
+        dkeys = sorted({dedup_key(b, o) for b, o in wanted})
+        rows = self._candidate_rows(0, dkeys, "entry")
+        out: dict[tuple[str, str], int] = {}
+        _collect(out, wanted, rows)
+        return out
 
     def find_leaf(self, leaf_hash: bytes) -> int | None:
-        rows = self._rows(
-            "SELECT idx, leaf_hash FROM ledger_entries WHERE lkey = ? ORDER BY idx", (leaf_key(leaf_hash),)
-        )
-        for idx, h in rows:
+        for idx, h in sorted(self._candidate_rows(1, [leaf_key(leaf_hash)], "leaf_hash")):
             if bytes(h) == leaf_hash:
                 return int(idx)
         return None
+
+    def _candidate_rows(self, which: int, keys: list[int], column: str) -> list[Any]:
+        """``(idx, column)`` of every entry whose dkey (``which`` 0) or lkey (1) is in ``keys``."""
+        table = ("ledger_dkeys", "ledger_lkeys")[which]
+        for _ in range(_READ_RETRIES):
+            with self._guard() as conn:
+                idxs: list[int] = []
+                views = set()
+                for chunk in _chunks(keys):
+                    marks = ",".join([self.ph] * len(chunk))
+                    # one statement: one snapshot of the B-tree matches, the tail's rows and the epoch
+                    listing = conn.execute(
+                        f"SELECT 0, idx FROM {table} WHERE k IN ({marks})"
+                        " UNION ALL SELECT 1, first_idx FROM ledger_tail"
+                        " UNION ALL SELECT 2, epoch FROM ledger_meta",
+                        chunk,
+                    ).fetchall()
+                    idxs += [int(v) for t, v in listing if t == 0]
+                    firsts = sorted(int(v) for t, v in listing if t == 1)
+                    epoch = next(int(v) for t, v in listing if t == 2)
+                    views.add((epoch, tuple(firsts)))
+                # a merge or reset between two of these reads, or before the tail rows are read: again
+                if len(views) != 1 or not self._load_reader_tail(conn, epoch, firsts):
+                    continue
+                wanted = set(keys)
+                for first in firsts:
+                    idxs += [first + i for i in _positions(self._rtail[first][which], wanted)]
+                if not idxs:
+                    return []
+                found: list[Any] = []
+                for chunk in _chunks(sorted(set(idxs))):
+                    marks = ",".join([self.ph] * len(chunk))
+                    found += conn.execute(
+                        f"SELECT idx, {column} FROM ledger_entries WHERE idx IN ({marks})", chunk
+                    ).fetchall()
+                return found
+        raise StorageUnavailable("the ledger's key index kept changing during a lookup; try again")
+
+    def _load_reader_tail(self, conn: Any, epoch: int, firsts: list[int]) -> bool:
+        """Cache the tail rows ``firsts`` of reset epoch ``epoch``; False if they changed meanwhile."""
+        if epoch != self._rtail_epoch:
+            self._rtail = {}
+            self._rtail_epoch = epoch
+        missing = [f for f in firsts if f not in self._rtail]
+        for chunk in _chunks(missing):
+            marks = ",".join([self.ph] * len(chunk))
+            got = conn.execute(
+                f"SELECT t.first_idx, t.dkeys, t.lkeys, m.epoch FROM ledger_tail t, ledger_meta m"
+                f" WHERE m.id = 1 AND t.first_idx IN ({marks})",
+                chunk,
+            ).fetchall()
+            if len(got) != len(chunk) or any(int(r[3]) != epoch for r in got):
+                return False
+            for first, dk, lk, _ in got:
+                self._rtail[int(first)] = (bytes(dk), bytes(lk))
+        if len(self._rtail) > len(firsts):  # forget merged rows
+            keep = set(firsts)
+            self._rtail = {f: v for f, v in self._rtail.items() if f in keep}
+        return True
 
     def get_entry(self, index: int) -> EntryRow | None:
         rows = self._rows(
@@ -324,6 +436,7 @@ class _SqlBase:
             return bool(cur.rowcount)
 
     def reset(self) -> None:
+        self._wtail = None
         with self._guard() as conn, self._begin(conn):
             for table in _TABLES[:-1]:
                 conn.execute(f"DELETE FROM {table}")
@@ -337,8 +450,12 @@ class _SqlBase:
     @contextlib.contextmanager
     def write(self) -> Iterator[Txn]:
         """One durable transaction: committed when the block exits normally, rolled back otherwise."""
-        with self._guard() as conn, self._begin(conn):
-            yield _SqlTxn(self, conn)
+        try:
+            with self._guard() as conn, self._begin(conn):
+                yield _SqlTxn(self, conn)
+        except BaseException:
+            self._wtail = None  # it may hold a tail row that was rolled back
+            raise
 
     def _insert_entries(self, conn: Any, rows: Sequence[InsertRow]) -> None:
         _executemany(
@@ -347,19 +464,129 @@ class _SqlBase:
             rows,
         )
 
-    def _find_many(self, conn: Any, keys: Sequence[tuple[str, str, int]]) -> dict[tuple[str, str], int]:
-        out: dict[tuple[str, str], int] = {}
-        dkeys = sorted({d for _, _, d in keys})
+    def _append_rows(self, conn: Any, rows: Sequence[InsertRow]) -> None:
+        """Insert entries ``rows`` (contiguous indices from the log size), their tail row, and merge
+        the tail into the key B-trees when it has reached :attr:`merge_at` entries."""
+        if not rows:
+            return
+        tail = self._writer_tail(conn)
+        first, n = rows[0][0], len(rows)
+        self._insert_entries(conn, rows)
+        dkeys = [r[3] for r in rows]
+        packed = (_pack([r[3] for r in rows]), _pack([r[4] for r in rows]))
+        conn.execute(
+            self._q("INSERT INTO ledger_tail (first_idx, n, dkeys, lkeys) VALUES (?, ?, ?, ?)"),
+            (first, n, *packed),
+        )
+        tail.add(first, packed[0], dkeys)
+        if first + n - tail.merged >= self.merge_at:
+            self._merge(conn, tail.merged)
+            tail.clear(first + n)
+
+    def _merge(self, conn: Any, merged: int) -> None:
+        for table, col in (("ledger_dkeys", "dkey"), ("ledger_lkeys", "lkey")):
+            conn.execute(
+                self._q(
+                    f"INSERT INTO {table} (k, idx) SELECT {col}, idx FROM ledger_entries"
+                    f" WHERE idx >= ? ORDER BY {col}, idx"
+                ),
+                (merged,),
+            )
+        conn.execute("DELETE FROM ledger_tail")
+
+    def _writer_tail(self, conn: Any) -> _WriterTail:
+        """The writer's tail keys, reloaded unless they match the database (another writer, a reset)."""
+        listing = conn.execute(
+            "SELECT 1, first_idx FROM ledger_tail UNION ALL SELECT 2, epoch FROM ledger_meta"
+        ).fetchall()
+        firsts = sorted(int(v) for t, v in listing if t == 1)
+        epoch = next(int(v) for t, v in listing if t == 2)
+        tail = self._wtail
+        if tail is None or tail.epoch != epoch or tail.firsts != firsts:
+            size = int(conn.execute("SELECT size FROM ledger_meta WHERE id = 1").fetchone()[0])
+            tail = _WriterTail(epoch, firsts[0] if firsts else size)
+            for first, blob in conn.execute("SELECT first_idx, dkeys FROM ledger_tail ORDER BY first_idx"):
+                blob = bytes(blob)
+                tail.add(int(first), blob, _unpack(blob))
+            self._wtail = tail
+        return tail
+
+    def _main_matches(self, conn: Any, dkeys: list[int]) -> list[Any]:
+        """``(idx, entry)`` of the merged entries whose dkey is in ``dkeys``."""
         found: list[Any] = []
-        prefix = "SELECT idx, entry FROM ledger_entries WHERE dkey IN ("
-        full = prefix + ",".join([self.ph] * _CHUNK) + ")"  # the same text every time: a cached statement
-        for i in range(0, len(dkeys), _CHUNK):
-            chunk = dkeys[i : i + _CHUNK]
-            sql = full if len(chunk) == _CHUNK else prefix + ",".join([self.ph] * len(chunk)) + ")"
+        prefix = "SELECT idx, entry FROM ledger_entries WHERE idx IN (SELECT idx FROM ledger_dkeys WHERE k IN ("
+        full = prefix + ",".join([self.ph] * _CHUNK) + "))"  # the same text every time: a cached statement
+        for chunk in _chunks(dkeys):
+            sql = full if len(chunk) == _CHUNK else prefix + ",".join([self.ph] * len(chunk)) + "))"
             found.extend(conn.execute(sql, chunk).fetchall())
+        return found
+
+    def _find_many(self, conn: Any, keys: Sequence[tuple[str, str, int]]) -> dict[tuple[str, str], int]:
+        dkeys = sorted({d for _, _, d in keys})
+        found = self._main_matches(conn, dkeys)
+        tail = self._writer_tail(conn)
+        idxs = tail.candidates(dkeys)
+        for chunk in _chunks(idxs):
+            marks = ",".join([self.ph] * len(chunk))
+            found += conn.execute(f"SELECT idx, entry FROM ledger_entries WHERE idx IN ({marks})", chunk).fetchall()
+        out: dict[tuple[str, str], int] = {}
         if found:  # usually none: a batch of new entries
             _collect(out, {(b, o) for b, o, _ in keys}, found)
         return out
+
+
+class _WriterTail:
+    """The tail's dedup keys as the writer last wrote or read them: a set for the membership test of a
+    whole batch, and the packed rows to turn the (rare) matches into indices."""
+
+    __slots__ = ("epoch", "firsts", "keys", "merged", "rows")
+
+    def __init__(self, epoch: int, merged: int) -> None:
+        self.epoch = epoch
+        self.merged = merged  # the first index in the tail
+        self.firsts: list[int] = []
+        self.rows: list[tuple[int, bytes]] = []
+        self.keys: set[int] = set()
+
+    def add(self, first: int, packed: bytes, dkeys: Sequence[int]) -> None:
+        if not self.firsts:
+            self.merged = first
+        self.firsts.append(first)
+        self.rows.append((first, packed))
+        self.keys.update(dkeys)
+
+    def clear(self, merged: int) -> None:
+        self.firsts, self.rows, self.keys, self.merged = [], [], set(), merged
+
+    def candidates(self, dkeys: Sequence[int]) -> list[int]:
+        hits = self.keys.intersection(dkeys)
+        if not hits:
+            return []
+        return sorted(first + i for first, packed in self.rows for i in _positions(packed, hits))
+
+
+def _chunks(values: Sequence[int]) -> Iterator[Sequence[int]]:
+    for i in range(0, len(values), _CHUNK):
+        yield values[i : i + _CHUNK]
+
+
+def _pack(keys: Sequence[int]) -> bytes:
+    return struct.pack(f"<{len(keys)}i", *keys)
+
+
+def _unpack(packed: bytes) -> list[int]:
+    return list(struct.unpack(f"<{len(packed) // 4}i", packed))
+
+
+def _positions(packed: bytes, keys: set[int]) -> Iterator[int]:
+    """The positions in ``packed`` (little-endian int32s) whose value is in ``keys``."""
+    for key in keys:
+        pattern = struct.pack("<i", key)
+        i = packed.find(pattern)
+        while i >= 0:
+            if i % 4 == 0:
+                yield i // 4
+            i = packed.find(pattern, i + 1)
 
 
 def _executemany(conn: Any, sql: str, rows: Sequence[tuple[Any, ...]]) -> None:
@@ -490,7 +717,7 @@ class _SqlTxn:
         return _get_tiles(self._conn, self._s._q, keys)
 
     def insert_entries(self, rows: Sequence[InsertRow]) -> None:
-        self._s._insert_entries(self._conn, rows)
+        self._s._append_rows(self._conn, rows)
 
     def put_tiles(self, tiles: Sequence[Tile]) -> None:
         _executemany(
@@ -568,6 +795,7 @@ class PostgresStorage(_SqlBase):
     ph = "%s"
     blob_type = "BYTEA"
     key_type = "BIGINT"
+    without_rowid = ""
 
     def __init__(self, dsn: str, origin: str) -> None:
         super().__init__(origin)
@@ -610,17 +838,14 @@ class PostgresStorage(_SqlBase):
             for r in rows:
                 copy.write_row(r)
 
-    def _find_many(self, conn: Any, keys: Sequence[tuple[str, str, int]]) -> dict[tuple[str, str], int]:
-        if not keys:
-            return {}
+    def _main_matches(self, conn: Any, dkeys: list[int]) -> list[Any]:
+        if not dkeys:
+            return []
         cur = conn.execute(
-            "SELECT idx, entry FROM ledger_entries WHERE dkey = ANY(%s)", (sorted({d for _, _, d in keys}),)
+            "SELECT idx, entry FROM ledger_entries WHERE idx IN (SELECT idx FROM ledger_dkeys WHERE k = ANY(%s))",
+            (dkeys,),
         )
-        out: dict[tuple[str, str], int] = {}
-        found = cur.fetchall()
-        if found:  # usually none: a batch of new entries
-            _collect(out, {(b, o) for b, o, _ in keys}, found)
-        return out
+        return list(cur.fetchall())
 
 
 def open_storage(url: str, origin: str) -> _SqlBase:

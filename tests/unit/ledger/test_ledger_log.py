@@ -473,14 +473,17 @@ def test_bad_url_is_a_ledger_error() -> None:
         Ledger.open("mysql://x", origin=ORIGIN)
 
 
-def test_sqlite_entries_are_keyed_by_rowid_with_only_the_two_lookup_indexes(tmp_path: Any) -> None:
-    # `idx INTEGER PRIMARY KEY` is the rowid; `BIGINT PRIMARY KEY` would add a third B-tree per row.
+def test_sqlite_entries_are_keyed_by_rowid_and_the_keys_live_in_clustered_tables(tmp_path: Any) -> None:
+    # `idx INTEGER PRIMARY KEY` is the rowid; `BIGINT PRIMARY KEY` would add another B-tree per row.
+    # The lookup keys are in WITHOUT ROWID tables (one B-tree each), not in indexes on the entries.
     Ledger.open(f"sqlite:///{tmp_path}/l.db", origin=ORIGIN).close()
     conn = sqlite3.connect(f"{tmp_path}/l.db")
     sql = "SELECT name FROM sqlite_master WHERE tbl_name = 'ledger_entries' AND type = 'index'"
     indexes = {r[0] for r in conn.execute(sql)}
+    ddl = dict(conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'").fetchall())
     conn.close()
-    assert indexes == {"ledger_entries_dkey", "ledger_entries_lkey"}
+    assert indexes == set()
+    assert "WITHOUT ROWID" in ddl["ledger_dkeys"] and "WITHOUT ROWID" in ddl["ledger_lkeys"]
 
 
 @pytest.mark.parametrize("dup_at", [None, 0, 150, 299])
