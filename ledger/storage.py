@@ -37,6 +37,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
+import numpy.typing as npt
 import orjson
 
 from ledger.errors import LedgerError, StorageUnavailable
@@ -49,6 +51,8 @@ SCHEMA_VERSION = 3
 1 had 60/64-bit keys, which this code would not find)."""
 MERGE_AT = 1 << 17
 """Tail entries that trigger a merge into the key B-trees (the tail's keys take 1 MB at most)."""
+MERGED_KEYS_MAX = 1 << 24
+"""Up to this many merged entries (64 MB of keys) a writer keeps their dedup keys in memory."""
 PAGE_SIZE = 16384  # SQLite page size of a new ledger file
 
 
@@ -158,6 +162,7 @@ class _SqlBase:
         self._conn: Any = None
         self.merge_at = MERGE_AT
         self._wtail: _WriterTail | None = None  # the writer's view of the tail (None: reload it)
+        self._wmain: _MergedKeys | None = None  # the writer's copy of the merged dedup keys
         self._rtail: dict[int, tuple[bytes, bytes]] = {}  # readers: first_idx -> (dkeys, lkeys)
         self._rtail_epoch = -1
 
@@ -436,7 +441,7 @@ class _SqlBase:
             return bool(cur.rowcount)
 
     def reset(self) -> None:
-        self._wtail = None
+        self._wtail = self._wmain = None
         with self._guard() as conn, self._begin(conn):
             for table in _TABLES[:-1]:
                 conn.execute(f"DELETE FROM {table}")
@@ -454,7 +459,7 @@ class _SqlBase:
             with self._guard() as conn, self._begin(conn):
                 yield _SqlTxn(self, conn)
         except BaseException:
-            self._wtail = None  # it may hold a tail row that was rolled back
+            self._wtail = self._wmain = None  # they may hold rows or a merge that were rolled back
             raise
 
     def _insert_entries(self, conn: Any, rows: Sequence[InsertRow]) -> None:
@@ -481,6 +486,9 @@ class _SqlBase:
         tail.add(first, packed[0], dkeys)
         if first + n - tail.merged >= self.merge_at:
             self._merge(conn, tail.merged)
+            main = self._wmain
+            if main is not None and (main.epoch, main.merged) == (tail.epoch, tail.merged):
+                main.add(tail.packed(), first + n)
             tail.clear(first + n)
 
     def _merge(self, conn: Any, merged: int) -> None:
@@ -521,18 +529,60 @@ class _SqlBase:
             found.extend(conn.execute(sql, chunk).fetchall())
         return found
 
+    def _merged_keys(self, conn: Any, tail: _WriterTail) -> _MergedKeys | None:
+        """The writer's sorted copy of the merged dedup keys, (re)loaded if another writer merged or
+        reset; None above :data:`MERGED_KEYS_MAX` entries (then every key is looked up in the B-tree)."""
+        main = self._wmain
+        if main is not None and (main.epoch, main.merged) == (tail.epoch, tail.merged):
+            return main
+        self._wmain = None
+        if tail.merged > MERGED_KEYS_MAX:
+            return None
+        keys = np.fromiter((r[0] for r in conn.execute("SELECT k FROM ledger_dkeys ORDER BY k")), np.int32)
+        if len(keys) != tail.merged:  # the key tables do not match the tail: trust only the B-tree
+            return None
+        self._wmain = _MergedKeys(tail.epoch, tail.merged, keys)
+        return self._wmain
+
     def _find_many(self, conn: Any, keys: Sequence[tuple[str, str, int]]) -> dict[tuple[str, str], int]:
-        dkeys = sorted({d for _, _, d in keys})
-        found = self._main_matches(conn, dkeys)
+        dkeys = list({d for _, _, d in keys})
         tail = self._writer_tail(conn)
+        main = self._merged_keys(conn, tail)
+        probe = dkeys if main is None else main.present(dkeys)
+        found = self._main_matches(conn, probe) if probe else []
         idxs = tail.candidates(dkeys)
         for chunk in _chunks(idxs):
             marks = ",".join([self.ph] * len(chunk))
             found += conn.execute(f"SELECT idx, entry FROM ledger_entries WHERE idx IN ({marks})", chunk).fetchall()
         out: dict[tuple[str, str], int] = {}
-        if found:  # usually none: a batch of new entries
-            _collect(out, {(b, o) for b, o, _ in keys}, found)
+        if found:  # usually none or a few 32-bit key collisions: a batch of new entries
+            hits = {int(k) for k in probe} | tail.keys.intersection(dkeys)
+            _collect(out, {(b, o) for b, o, d in keys if d in hits}, found)
         return out
+
+
+class _MergedKeys:
+    """A sorted array of the dedup keys in ``ledger_dkeys`` for ``(epoch, merged)``, which identify
+    its content (every entry before ``merged`` of that reset epoch). Most appended entries are new,
+    and a binary search in memory tells so for a whole batch, 4 bytes per entry, without a B-tree
+    probe per key; the few keys it finds are then looked up in the database and confirmed."""
+
+    __slots__ = ("epoch", "keys", "merged")
+
+    def __init__(self, epoch: int, merged: int, keys: npt.NDArray[np.int32]) -> None:
+        self.epoch, self.merged, self.keys = epoch, merged, keys
+
+    def present(self, dkeys: Sequence[int]) -> list[int]:
+        if not len(self.keys):
+            return []
+        q = np.sort(np.fromiter(dkeys, np.int32, len(dkeys)))  # sorted queries search faster
+        pos = np.minimum(np.searchsorted(self.keys, q), len(self.keys) - 1)
+        return [int(k) for k in q[self.keys[pos] == q]]
+
+    def add(self, packed: bytes, merged: int) -> None:
+        new = np.sort(np.frombuffer(packed, "<i4").astype(np.int32))
+        self.keys = np.insert(self.keys, np.searchsorted(self.keys, new), new)
+        self.merged = merged
 
 
 class _WriterTail:
@@ -554,6 +604,9 @@ class _WriterTail:
         self.firsts.append(first)
         self.rows.append((first, packed))
         self.keys.update(dkeys)
+
+    def packed(self) -> bytes:
+        return b"".join(p for _, p in self.rows)
 
     def clear(self, merged: int) -> None:
         self.firsts, self.rows, self.keys, self.merged = [], [], set(), merged
