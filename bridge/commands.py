@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bridge.gctune import tune_gc
+
 
 def register(sub: Any, groups: dict[str, Any]) -> None:
     p = sub.add_parser("ingest", help="convert files with an adapter and publish the bundles to Kafka")
@@ -104,6 +106,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     missing = [f for f in args.files if not f.exists()]
     if missing:
         return _fail(f"no such file: {missing[0]}", 2)
+    tune_gc(settings.gc_threshold)
     summary = {"converted": 0, "published": 0, "rejected": 0, "warnings": 0}
     reasons: dict[str, int] = {}
     pending: list[Any] = []
@@ -186,6 +189,7 @@ def _run_consumer(args: argparse.Namespace, sink_factory: Any, default_group: st
         from prometheus_client import start_http_server
 
         start_http_server(args.metrics_port, addr=settings.http_host)
+    tune_gc(settings.gc_threshold)
     runtime.install_signal_handlers()
     until = None
     if args.exit_when_idle:
@@ -224,6 +228,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings()
     settings = replace(settings, http_host=args.host or settings.http_host, http_port=args.port or settings.http_port)
+    tune_gc(settings.gc_threshold)
     service.run(settings)
     return 0
 

@@ -61,6 +61,7 @@ class Settings:
     max_poll_interval_ms: int = 20000
     consumer_instance_id: str | None = None
     max_request_size: int = 8 * 1024 * 1024
+    gc_threshold: tuple[int, int, int] | None = (50_000, 20, 10)  # None: Python's default
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -105,6 +106,7 @@ class Settings:
             max_poll_interval_ms=_int(env, "FHIRBRIDGE_MAX_POLL_INTERVAL_MS", 20000),
             consumer_instance_id=env.get("FHIRBRIDGE_CONSUMER_INSTANCE_ID") or None,
             max_request_size=_int(env, "FHIRBRIDGE_MAX_REQUEST_SIZE", 8 * 1024 * 1024),
+            gc_threshold=_gc_threshold(env.get("FHIRBRIDGE_GC_THRESHOLD", "50000,20,10")),
         )
 
     def with_bootstrap(self, bootstrap: str) -> Settings:
@@ -129,3 +131,17 @@ class Settings:
         if pub and pub.is_file():
             return pub.read_text(encoding="utf-8").strip()
         return None
+
+
+def _gc_threshold(value: str) -> tuple[int, int, int] | None:
+    if value.strip().lower() == "default":
+        return None
+    try:
+        parts = tuple(int(p) for p in value.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3 or parts[0] < 1 or min(parts) < 0:
+        raise ConfigError(
+            f"FHIRBRIDGE_GC_THRESHOLD must be three integers like 50000,20,10 (or 'default'), got {value!r}"
+        )
+    return (parts[0], parts[1], parts[2])

@@ -1,0 +1,36 @@
+"""Settings from the environment: the garbage-collector setting and its errors."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+
+from bridge.config import Settings
+from bridge.errors import ConfigError
+from bridge.gctune import tune_gc
+
+
+def test_gc_threshold_default_and_override() -> None:
+    assert Settings.from_env({}).gc_threshold == (50_000, 20, 10)
+    assert Settings.from_env({"FHIRBRIDGE_GC_THRESHOLD": "2000, 5, 5"}).gc_threshold == (2000, 5, 5)
+    assert Settings.from_env({"FHIRBRIDGE_GC_THRESHOLD": "default"}).gc_threshold is None
+
+
+@pytest.mark.parametrize("bad", ["", "1,2", "a,b,c", "0,10,10", "700,-1,10", "1,2,3,4"])
+def test_a_bad_gc_threshold_names_the_variable(bad: str) -> None:
+    with pytest.raises(ConfigError, match="FHIRBRIDGE_GC_THRESHOLD"):
+        Settings.from_env({"FHIRBRIDGE_GC_THRESHOLD": bad})
+
+
+def test_tune_gc_freezes_the_heap_and_sets_the_thresholds() -> None:
+    before = gc.get_threshold()
+    try:
+        tune_gc(None)
+        assert gc.get_threshold() == before
+        tune_gc((12_345, 7, 3))
+        assert gc.get_threshold() == (12_345, 7, 3)
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
