@@ -1,7 +1,9 @@
 """Query-service benchmark (issue 7): $everything latency on a 2M-resource population, SQLite and PostgreSQL.
 
 Population: N people (default 100,000) seen by 3 providers with overlapping patients and demographic
-noise (bridge.demodata), about 20 resources per patient record (encounters, observations, conditions),
+noise (bridge.demodata.population_person: census-like name and ZIP frequencies; population_noisy:
+nicknames, dropped middle initials, moved addresses, typos, day/month swaps), about 20 resources per
+patient record (encounters, observations, conditions),
 so about 2,000,000 resources. One "heavy" person has about 1,000 resources over 3 linked records,
 with results duplicated across sources (the de-duplication path).
 
@@ -40,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bridge.broker import free_port
 from bridge.config import Settings
-from bridge.demodata import HOSPITALS, _noisy, _person
+from bridge.demodata import HOSPITALS, population_noisy, population_person
 from bridge.index.store import IncomingBundle, IndexStore
 from bridge.mpi import PersonIndex
 
@@ -106,12 +108,12 @@ def population(people: int, seed: int = 1) -> tuple[list[IncomingBundle], list[t
     heavy_pid = ""
     offset = 0
     for i in range(people):
-        person = _person(rng)
+        person = population_person(rng)
         heavy = i == 0
         seen = list(HOSPITALS) if heavy else (rng.sample(list(HOSPITALS), rng.choice([2, 3])) if rng.random() < 0.35 else [rng.choice(HOSPITALS)])
         shared = [(c, f"2024-0{m % 9 + 1}-1{m % 9}T08:00:00Z", float(m)) for m, (c, *_rest) in enumerate(LOINC * 40)] if heavy else None
         for j, h in enumerate(seen):
-            p = person if j == 0 else _noisy(person, rng)
+            p = person if j == 0 else population_noisy(person, rng)
             mrn = f"{h.mrn_prefix}{i:07d}"
             pat = patient(h.org_id, mrn, p)
             n = 333 if heavy else rng.randint(6, 20)
@@ -181,6 +183,14 @@ def run_backend(name: str, settings: Settings, bundles: list[IncomingBundle], pa
     for k in range(0, len(patients), 1000):
         mpi.upsert_patients(patients[k : k + 1000])
     link_s = time.perf_counter() - t
+    if settings.index_url.startswith("postgres"):
+        # After a bulk load, as an operator would: otherwise autovacuum runs over the 2M fresh rows
+        # during the measurement (both compete for the same 2 cores) and the plans lack statistics.
+        import psycopg
+
+        for url in (settings.index_url, settings.mpi_url):
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute("VACUUM (ANALYZE)")
     linked = mpi.linked_patient_ids(heavy)
     heavy_rows = len(store.resources_for_patients(linked))
     print(f"[{name}] loaded {n_res:,} resources in {load_s:.0f}s ({n_res / load_s:,.0f}/s); "

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 GIVEN_F = ["MARY", "PATRICIA", "JENNIFER", "LINDA", "ELIZABETH", "BARBARA", "SUSAN", "JESSICA", "SARAH", "KAREN",
            "NANCY", "LISA", "MARGARET", "SANDRA", "ASHLEY", "EMILY", "DONNA", "MICHELLE", "CAROL", "AMANDA"]
@@ -85,6 +86,94 @@ def _noisy(p: Person, rng: random.Random) -> Person:
     if rng.random() < 0.3:
         q.phone = p.phone  # formatting differs in the message, not the number
     return q
+
+
+# -- a population with realistic name and place frequencies (benchmarks) ----------------------------------
+# The demo feed above draws from short lists (30 family names, 5 towns), which is fine for a demo of a
+# few hundred patients but not for 100,000 people: every family name would be shared by ~3,300 people
+# and every ZIP code by 20,000, which no real population shows (the commonest US surname, Smith, is
+# ~0.8 %). population_person keeps those lists as the common head and adds a long tail built from
+# syllables, drawn with Zipf-like weights, so that frequencies fall off as in census name tables.
+
+_FAMILY_HEAD = ["BAR", "KEL", "MOR", "HAN", "WIL", "STE", "LAN", "DON", "FER", "GAL", "HOL", "MAR", "BRO", "CAR",
+                "DAL", "ED", "FAR", "GRE", "HAR", "JAN", "KIR", "LIN", "MAC", "NOR", "OST", "PAR", "QUIN", "ROS",
+                "SAL", "TOR", "VAN", "WES", "ZIM", "ABE", "BEL", "COR", "DUN", "ELL", "FOS", "GIL"]
+_FAMILY_MID = ["", "", "", "A", "E", "I", "O", "AN", "ER", "IN"]
+_FAMILY_TAIL = ["RING", "TON", "SEN", "LEY", "MAN", "BERG", "FORD", "WELL", "WOOD", "SON", "STEIN", "ER", "ERS",
+                "INS", "OWSKI", "ELLI", "EZ", "ARD", "ICK", "ETT", "OW", "LAND", "MORE", "STON", "HAM", "BY",
+                "DALE", "FIELD", "HART", "KINS"]
+_GIVEN_HEAD = ["AL", "BRI", "CA", "DA", "E", "FE", "GA", "HA", "I", "JA", "KA", "LA", "MA", "NA", "O", "PE", "RA",
+               "SA", "TA", "VA", "WIN", "ZE", "LU", "MI", "RO"]
+_GIVEN_TAIL_F = ["NA", "RA", "LIE", "LYN", "DRA", "NIA", "ELLE", "RIA", "SHA", "TTE"]
+_GIVEN_TAIL_M = ["SON", "TON", "VIN", "RIS", "DEN", "RON", "MAR", "LEN", "CUS", "DRIC"]
+_TOWN_TAIL = ["VILLE", "TON", " CITY", " FALLS", " GROVE", "BURG", " HEIGHTS", "FORD"]
+
+
+def _zipf_names(names: list[str], rng: random.Random) -> tuple[list[str], list[float]]:
+    names = sorted(set(names))
+    rng.shuffle(names)
+    return names, [1.0 / (rank + 10) for rank in range(len(names))]
+
+
+def _population_tables() -> dict[str, tuple[list[Any], list[float]]]:
+    rng = random.Random(20240501)  # fixed: the tables are part of the generator, not of a run
+    family = [h + m + t for h in _FAMILY_HEAD for m in _FAMILY_MID for t in _FAMILY_TAIL]
+    given_f = [h + t for h in _GIVEN_HEAD for t in _GIVEN_TAIL_F]
+    given_m = [h + t for h in _GIVEN_HEAD for t in _GIVEN_TAIL_M]
+    towns = sorted({h.title().upper() + t for h in _FAMILY_HEAD for t in _TOWN_TAIL})
+    rng.shuffle(towns)
+    zips = rng.sample(range(60001, 63000), 600)  # Illinois ZIP codes, 600 of them
+    places = [(towns[i % len(towns)], "IL", f"{z:05d}") for i, z in enumerate(zips)] + list(CITIES)
+    return {
+        "family": _zipf_names(family, rng),
+        "given_f": _zipf_names(given_f, rng),
+        "given_m": _zipf_names(given_m, rng),
+        "place": (places, [1.0 / (rank + 5) for rank in range(len(places))]),
+    }
+
+
+_TABLES: dict[str, tuple[list[Any], list[float]]] = {}
+
+
+def _draw(rng: random.Random, table: str) -> Any:
+    if not _TABLES:
+        _TABLES.update(_population_tables())
+    values, weights = _TABLES[table]
+    return rng.choices(values, weights)[0]
+
+
+def population_person(rng: random.Random) -> Person:
+    """One person of a large synthetic population: a third of family names and two fifths of given
+    names from the common head (the demo lists), the rest from a Zipf-weighted tail of about 9,600
+    family and 500 given names; 605 towns/ZIP codes with Zipf-weighted sizes."""
+    p = _person(rng)
+    if rng.random() > 0.35:
+        p.family = _draw(rng, "family")
+    if rng.random() > 0.4:
+        p.given = _draw(rng, "given_f" if p.sex == "F" else "given_m")
+    p.city = _draw(rng, "place")
+    return p
+
+
+def population_noisy(p: Person, rng: random.Random) -> Person:
+    """:func:`_noisy`, plus the errors registration clerks make: a one-letter typo in a name (4 %),
+    day and month swapped in the birth date (2 %)."""
+    q = _noisy(p, rng)
+    r = rng.random()
+    if r < 0.02:
+        q.family = _typo(q.family, rng)
+    elif r < 0.04:
+        q.given = _typo(q.given, rng)
+    elif r < 0.06 and int(q.dob[6:]) <= 12:
+        q.dob = q.dob[:4] + q.dob[6:] + q.dob[4:6]
+    return q
+
+
+def _typo(s: str, rng: random.Random) -> str:
+    if len(s) < 3:
+        return s
+    i = rng.randrange(1, len(s) - 1)
+    return s[:i] + s[i + 1] + s[i] + s[i + 2 :] if rng.random() < 0.5 else s[:i] + s[i + 1 :]
 
 
 def _esc(s: str) -> str:

@@ -21,6 +21,7 @@ ident       strong identifiers of a common system: 0 all different, 1 one typo/t
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -63,37 +64,43 @@ class FeatureTable:
         self._build(len(records), cols, [r.get("i") or () for r in records])
 
     @classmethod
-    def from_packed(cls, rows: Sequence[Sequence[Any]]) -> FeatureTable:
+    def from_packed(cls, rows: Sequence[Sequence[Any]], strings: np.ndarray | None = None) -> FeatureTable:
         """A table from packed feature tuples (as kept by the index's record cache): the
         :data:`~bridge.mpi.features.STRING_KEYS` values in that order, the identifier pairs, then the
         integer codes of the :data:`CODE_KEYS` values in one vocabulary shared by all rows (``-1`` for
         ``""``). Equal codes mean equal strings, so the comparisons are those of ``FeatureTable(records)``.
+
+        ``strings`` (the vocabulary by code, :meth:`~bridge.mpi.cache.RecordCache.strings`) lets every
+        string column be gathered from the codes by one array index instead of row by row.
         """
         table = cls.__new__(cls)
         n = len(rows)
         table.n = n
         ns = len(STRING_KEYS)
-        columns: list[Sequence[Any]] = list(zip(*rows, strict=True)) if rows else [()] * (ns + 2)
+        codes = np.frombuffer(b"".join([r[ns + 1] for r in rows]), dtype=np.int64).reshape(n, len(CODE_KEYS))
+        table.codes = {k: codes[:, i] for i, k in enumerate(CODE_KEYS)}
+        idents: list[Sequence[Sequence[str]]] = [r[ns] for r in rows]
+        table.idents = idents
+        table.multi_id = np.fromiter(map(len, idents), dtype=np.int64, count=n) > 1
+        table.bfull = table.codes["bswap"] >= 0  # the swapped date exists exactly for full dates
         table.cols = {}
-        for key, col in zip(STRING_KEYS, columns, strict=False):
+        if strings is not None:
+            for i, key in enumerate(CODE_KEYS):
+                table.cols[key] = strings[np.maximum(codes[:, i], 0)]
+            return table
+        for pos, key in enumerate(STRING_KEYS):
             arr = np.empty(n, dtype=object)
-            arr[:] = col
+            arr[:] = [r[pos] for r in rows]
             table.cols[key] = arr
-        idents: Sequence[Sequence[Sequence[str]]] = columns[ns]
         table.cols["a_ns"] = np.array([x.replace(" ", "") for x in table.cols["a"]], dtype=object)
         table.cols["id1"] = np.array([_id1(i) for i in idents], dtype=object)
-        table.ids = _ident_maps(idents)
-        table.multi_id = np.array([len(i) > 1 for i in idents], dtype=bool)
-        table.bfull = np.array([len(x) == 8 for x in table.cols["b"]], dtype=bool)
-        codes = np.array(columns[ns + 1], dtype=np.int64).reshape(n, len(CODE_KEYS))
-        table.codes = {k: codes[:, i] for i, k in enumerate(CODE_KEYS)}
         return table
 
     def _build(
         self, n: int, columns: Mapping[str, Sequence[str]], idents: Sequence[Sequence[Sequence[str]]]
     ) -> None:
         self.n = n
-        self.cols: dict[str, np.ndarray] = {}
+        self.cols: dict[str, Any] = {}
         for key in STRING_KEYS:
             col = np.empty(n, dtype=object)
             col[:] = columns[key]
@@ -106,7 +113,7 @@ class FeatureTable:
         self.cols["by"] = np.array([x[:4] for x in b], dtype=object)
         self.cols["bm"] = np.array([x[4:6] for x in b], dtype=object)
         self.cols["bd"] = np.array([x[6:8] for x in b], dtype=object)
-        self.ids = _ident_maps(idents)
+        self.idents = idents
         # fast path for the common case of exactly one strong identifier: "system|value" and its system
         self.cols["id1"] = np.array(
             [f"{i[0][0]}|{i[0][1]}" if len(i) == 1 else "" for i in idents] if n else [], dtype=object
@@ -129,27 +136,26 @@ class FeatureTable:
 
 #: the columns whose values are integer-coded (equality tests), in the order of :func:`value_codes`
 CODE_KEYS = (*STRING_KEYS, "a_ns", "bswap", "by", "bm", "bd", "id1", "idsys")
+_CODES = struct.Struct(f"={len(CODE_KEYS)}q")
 
 
 def _id1(idents: Sequence[Sequence[str]]) -> str:
     return f"{idents[0][0]}|{idents[0][1]}" if len(idents) == 1 else ""
 
 
-def _ident_maps(idents: Sequence[Sequence[Sequence[str]]]) -> list[dict[str, list[str]]]:
-    out: list[dict[str, list[str]]] = []
-    for pairs in idents:
-        d: dict[str, list[str]] = {}
-        for system, value in pairs:
-            d.setdefault(system, []).append(value)
-        out.append(d)
-    return out
+def _ident_map(pairs: Sequence[Sequence[str]]) -> dict[str, list[str]]:
+    d: dict[str, list[str]] = {}
+    for system, value in pairs:
+        d.setdefault(system, []).append(value)
+    return d
 
 
 def value_codes(
     strings: Sequence[str], idents: Sequence[Sequence[str]], vocab: dict[str, int]
-) -> tuple[int, ...]:
+) -> bytes:
     """Codes of one record's :data:`CODE_KEYS` values (``strings`` in STRING_KEYS order) in ``vocab``
-    (extended as needed; it must map ``""`` to ``-1``)."""
+    (extended as needed; it must map ``""`` to ``-1``), as native int64s: a table of many records is
+    then one ``np.frombuffer`` over their concatenation."""
     b = strings[6]
     full = len(b) == 8
     values = (
@@ -169,7 +175,7 @@ def value_codes(
         if c is None:
             c = vocab[v] = len(vocab)
         codes.append(c)
-    return tuple(codes)
+    return _CODES.pack(*codes)
 
 
 def _sim(a: np.ndarray, b: np.ndarray, scorer: Any) -> np.ndarray:
@@ -329,9 +335,9 @@ def compare_pairs(t: FeatureTable, ia: np.ndarray, ib: np.ndarray) -> np.ndarray
         lv[near[dist <= 1]] = 1
     lv[same & (ida == idb)] = 2
     ident[:] = lv
-    ids = t.ids
+    idents = t.idents
     for k in np.nonzero(t.multi_id[ia] | t.multi_id[ib])[0]:
-        da, db = ids[ia[k]], ids[ib[k]]
+        da, db = _ident_map(idents[ia[k]]), _ident_map(idents[ib[k]])
         if not da or not db:
             continue
         best = -1

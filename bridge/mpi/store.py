@@ -13,9 +13,11 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import hashlib
+import itertools
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -150,7 +152,7 @@ class PersonIndex:
                 step = max(1, -(-total // self.config.em_sample_records))
                 sample = [pid for pid in cache.feats if cache.state[pid][2] % step == 0]
                 rows = [cache.feats[pid] for pid in sample]
-                table = FeatureTable.from_packed(rows)
+                table = FeatureTable.from_packed(rows, cache.strings())
                 keys = [blocking_keys(unpack(r)) for r in rows]
                 ia, ib, _ = candidate_pairs(keys, self.config.max_block_size)
                 acc: dict[bytes, int] = {}
@@ -350,25 +352,31 @@ class PersonIndex:
         """
         changed_set = set(changed)
         cap = self.config.max_block_size
-        members = cache.members
-        cand: set[tuple[str, str]] = set()
+        blocks = cache.blocks
+        cand: list[tuple[str, str]] = []
         skipped: set[str] = set()
-        for pid in changed:
+        for pid in sorted(changed):
+            groups = []
             for k in keys_of[pid]:
-                group = members(k)
-                n = len(group)
-                if n < 2:
+                group = blocks.get(k)
+                if group is None or isinstance(group, str):  # absent, or this record alone
                     continue
-                if n > cap:
+                if len(group) > cap:
                     skipped.add(k)
                     continue
-                for other in group:
-                    if other == pid or (other in changed_set and other < pid):
-                        continue
-                    cand.add((pid, other))
+                groups.append(group)
+            if not groups:
+                continue
+            others = set().union(*groups)
+            others.discard(pid)
+            if not others.isdisjoint(changed_set):  # a pair of two changed records: once, from the smaller id
+                others = {o for o in others if not (o < pid and o in changed_set)}
+            # distinct by construction (one set per record; pairs of changed records counted once), and
+            # in sorted order (records sorted, then their partners): what sorted(set of pairs) would give
+            cand.extend(zip(itertools.repeat(pid), sorted(others)))
         if skipped:
             log.debug("mpi_blocks_skipped", blocks=len(skipped), cap=cap)
-        return sorted(cand)
+        return cand
 
     def _score_new(
         self,
@@ -386,16 +394,13 @@ class PersonIndex:
         if not cand_list:
             self._maybe_fit(total)
             return
-        row_of: dict[str, int] = {}
-        for a, b in cand_list:
-            if a not in row_of:
-                row_of[a] = len(row_of)
-            if b not in row_of:
-                row_of[b] = len(row_of)
+        # rows in order of first appearance; every step a C-level loop
+        row_of = {pid: i for i, pid in enumerate(dict.fromkeys(itertools.chain.from_iterable(cand_list)))}
         packed = cache.feats
-        table = FeatureTable.from_packed([packed[pid] for pid in row_of])
-        ia = np.fromiter((row_of[a] for a, _ in cand_list), dtype=np.int64, count=len(cand_list))
-        ib = np.fromiter((row_of[b] for _, b in cand_list), dtype=np.int64, count=len(cand_list))
+        table = FeatureTable.from_packed(list(map(packed.__getitem__, row_of)), cache.strings())
+        n_cand = len(cand_list)
+        ia = np.fromiter(map(row_of.__getitem__, map(itemgetter(0), cand_list)), dtype=np.int64, count=n_cand)
+        ib = np.fromiter(map(row_of.__getitem__, map(itemgetter(1), cand_list)), dtype=np.int64, count=n_cand)
         gamma = compare_pairs(table, ia, ib)
         if cache.patterns is not None:
             add_patterns(cache.patterns, gamma)

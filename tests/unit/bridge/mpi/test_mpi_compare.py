@@ -163,3 +163,28 @@ def test_packed_table_compares_like_the_record_table() -> None:
     got = compare_pairs(FeatureTable.from_packed([packed[id(f)] for f in feats]), ia, ib)
     assert np.array_equal(want, got)
     assert FeatureTable.from_packed([]).n == 0
+    # ... and with the strings gathered from the vocabulary by code (the record cache's fast path)
+    from bridge.mpi.cache import RecordCache
+
+    cache = RecordCache(("g",), None)
+    cache.vocab = vocab
+    strings = cache.strings()
+    table = FeatureTable.from_packed([packed[id(f)] for f in feats], strings)
+    assert np.array_equal(want, compare_pairs(table, ia, ib))
+    plain = FeatureTable.from_packed([packed[id(f)] for f in feats])
+    for key in ("g", "f", "b", "a", "a_ns", "c", "z", "t", "id1"):
+        assert table.cols[key].tolist() == plain.cols[key].tolist(), key
+    assert FeatureTable.from_packed([], strings).n == 0
+
+
+def test_cache_strings_follow_the_vocabulary_as_it_grows() -> None:
+    from bridge.mpi.cache import RecordCache
+
+    cache = RecordCache(("g",), None)
+    for batch in (10, 2000, 1):
+        for _ in range(batch):
+            cache.vocab[f"v{len(cache.vocab)}"] = len(cache.vocab)
+        strings = cache.strings()
+        codes = np.array(list(cache.vocab.values())[1:], dtype=np.int64)
+        assert strings[np.maximum(codes, 0)].tolist() == list(cache.vocab)[1:]
+        assert strings[np.maximum(np.array([-1]), 0)].tolist() == [""]
