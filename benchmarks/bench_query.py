@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bridge.broker import free_port
 from bridge.config import Settings
 from bridge.demodata import HOSPITALS, population_noisy, population_person
+from bridge.gctune import tune_gc
 from bridge.index.store import IncomingBundle, IndexStore
 from bridge.mpi import PersonIndex
 
@@ -242,6 +243,8 @@ def main() -> None:
           f"(generated in {time.perf_counter() - t:.0f}s)")
     work = Path(tempfile.mkdtemp(prefix="fhirbridge-query-"))
     base = Settings.from_env({"FHIRBRIDGE_DATA_DIR": str(work)})
+    # the GC settings of `fhirbridge index run` / `serve` (bridge/gctune.py), as in production
+    tune_gc(base.gc_threshold)
     try:
         if args.backend in ("sqlite", "both"):
             run_backend("sqlite", base, bundles, patients, heavy, args.requests)

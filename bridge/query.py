@@ -164,6 +164,10 @@ def everything(backend: Any, patient_id: str, params: EverythingParams) -> dict[
     ledger = backend.ledger()
     checkpoint = _checkpoint(ledger) if (ledger is not None and params.proof) else None
     leaf_cache: dict[tuple[str, str], int | None] = {}
+    if ledger is not None:  # every source bundle of the page looked up at once, not one query each
+        idents = {(s["bundle_sha256"], s["source_org"]) for m in page for k in m.keys for s in sources.get(k, ())}
+        found = ledger.find_many(sorted(idents))
+        leaf_cache.update({ident: found.get(ident) for ident in idents})
     ext_cache: dict[tuple[str, str, str | None], dict[str, Any]] = {}  # one extension object per source bundle
     entries = []
     for m in page:

@@ -267,6 +267,11 @@ class Ledger:
         """The index of the entry for ``(bundle_sha256, source_org)``, or None."""
         return self._storage.find(bundle_sha256, source_org)
 
+    def find_many(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        """The index of every logged ``(bundle_sha256, source_org)`` of ``keys`` (absent: not logged),
+        in a few queries however many keys there are."""
+        return self._storage.find_many_committed(keys)
+
     def find_leaf(self, leaf_hash: bytes) -> int | None:
         """The (first) index whose leaf hash is ``leaf_hash``, or None."""
         return self._storage.find_leaf(leaf_hash)

@@ -133,7 +133,7 @@ def test_reader_batch_lookup_over_many_keys(led: Ledger) -> None:
     led.append([entry(i) for i in range(0, 1200, 2)])  # 600 entries: merged
     led.append([entry(i) for i in range(1200, 1210, 2)])  # tail
     keys = [(entry(i).bundle_sha256, "org-a") for i in range(1210)]
-    found = led.storage.find_many_committed(keys)  # type: ignore[attr-defined]
+    found = led.find_many(keys)
     assert found == {(entry(i).bundle_sha256, "org-a"): i // 2 for i in range(0, 1210, 2)}
 
 
