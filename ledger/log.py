@@ -146,9 +146,11 @@ class Ledger:
     ) -> list[int]:
         size, epoch = txn.size_epoch()
         builder = self._edge(txn, size, epoch)
-        existing = txn.find_many([(b, o, d) for (b, o), d in zip(keys, dkeys, strict=True)])
+        existing = txn.find_many(keys, dkeys)
         nxt = size
-        if not existing and len(set(keys)) == len(keys):
+        # distinct dedup keys imply distinct (bundle, source) keys; equal ones (a replay within the
+        # batch, or a rare 32-bit collision) take the exact per-entry path
+        if not existing and len(set(dkeys)) == len(dkeys):
             # The common batch: every entry is new. Vectorised: one comprehension per column.
             nxt = size + len(keys)
             out = list(range(size, nxt))

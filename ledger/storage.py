@@ -78,7 +78,9 @@ class Txn(Protocol):
 
     def size(self) -> int: ...
     def size_epoch(self) -> tuple[int, int]: ...
-    def find_many(self, keys: Sequence[tuple[str, str, int]]) -> dict[tuple[str, str], int]: ...
+    def find_many(
+        self, keys: Sequence[tuple[str, str]], dkeys: Sequence[int]
+    ) -> dict[tuple[str, str], int]: ...
     def last_tiles(self) -> list[Tile]: ...
     def get_tiles(self, keys: set[tuple[int, int]]) -> dict[tuple[int, int], tuple[int, bytes]]: ...
     def insert_entries(self, rows: Sequence[InsertRow]) -> None: ...
@@ -545,8 +547,11 @@ class _SqlBase:
         self._wmain = _MergedKeys(tail.epoch, tail.merged, keys)
         return self._wmain
 
-    def _find_many(self, conn: Any, keys: Sequence[tuple[str, str, int]]) -> dict[tuple[str, str], int]:
-        dkeys = list({d for _, _, d in keys})
+    def _find_many(
+        self, conn: Any, keys: Sequence[tuple[str, str]], batch_dkeys: Sequence[int]
+    ) -> dict[tuple[str, str], int]:
+        """The logged index of each of ``keys`` (``batch_dkeys``: their dedup keys, in the same order)."""
+        dkeys = list(set(batch_dkeys))
         tail = self._writer_tail(conn)
         main = self._merged_keys(conn, tail)
         probe = dkeys if main is None else main.present(dkeys)
@@ -558,7 +563,7 @@ class _SqlBase:
         out: dict[tuple[str, str], int] = {}
         if found:  # usually none or a few 32-bit key collisions: a batch of new entries
             hits = {int(k) for k in probe} | tail.keys.intersection(dkeys)
-            _collect(out, {(b, o) for b, o, d in keys if d in hits}, found)
+            _collect(out, {k for k, d in zip(keys, batch_dkeys, strict=True) if d in hits}, found)
         return out
 
 
@@ -746,8 +751,8 @@ class _SqlTxn:
         row = self._conn.execute(self._s._lock_meta_sql()).fetchone()
         return int(row[0]), int(row[1])
 
-    def find_many(self, keys: Sequence[tuple[str, str, int]]) -> dict[tuple[str, str], int]:
-        return self._s._find_many(self._conn, keys)
+    def find_many(self, keys: Sequence[tuple[str, str]], dkeys: Sequence[int]) -> dict[tuple[str, str], int]:
+        return self._s._find_many(self._conn, keys, dkeys)
 
     def last_tiles(self) -> list[Tile]:
         out: list[Tile] = []
