@@ -49,8 +49,11 @@ __all__ = ["EntryRow", "InsertRow", "PostgresStorage", "SqliteStorage", "Storage
 SCHEMA_VERSION = 3
 """3: two-level key index (2 indexed ``dkey``/``lkey`` on ``ledger_entries``, and is migrated in place;
 1 had 60/64-bit keys, which this code would not find)."""
-MERGE_AT = 1 << 17
-"""Tail entries that trigger a merge into the key B-trees (the tail's keys take 1 MB at most)."""
+MERGE_AT = 1 << 19
+"""Tail entries that trigger a merge into the key B-trees. A merge rewrites every page of both key
+B-trees, so rarer merges write less (1M entries: 6.8 s with 2^19, 7.6 s with 2^17); the tail's keys
+take 2 MB per key type at most, held sorted in memory by the writer and by readers (12 bytes per entry
+and key type)."""
 MERGED_KEYS_MAX = 1 << 24
 """Up to this many merged entries (64 MB of keys) a writer keeps their dedup keys in memory."""
 PAGE_SIZE = 16384  # SQLite page size of a new ledger file
@@ -166,8 +169,10 @@ class _SqlBase:
         self.merge_at = MERGE_AT
         self._wtail: _WriterTail | None = None  # the writer's view of the tail (None: reload it)
         self._wmain: _MergedKeys | None = None  # the writer's copy of the merged dedup keys
-        self._rtail: dict[int, tuple[bytes, bytes]] = {}  # readers: first_idx -> (dkeys, lkeys)
+        # readers: the tail rows they have read (first indices, reset epoch) and their keys, sorted
+        self._rtail_firsts: list[int] = []
         self._rtail_epoch = -1
+        self._rtail = (_KeyIndex(), _KeyIndex())  # dkeys, lkeys
 
     # -- subclass hooks ------------------------------------------------------------------------------
     def _connect(self) -> Any:
@@ -337,9 +342,7 @@ class _SqlBase:
                 # a merge or reset between two of these reads, or before the tail rows are read: again
                 if len(views) != 1 or not self._load_reader_tail(conn, epoch, firsts):
                     continue
-                wanted = set(keys)
-                for first in firsts:
-                    idxs += [first + i for i in _positions(self._rtail[first][which], wanted)]
+                idxs += self._rtail[which].lookup(keys)[1]
                 if not idxs:
                     return []
                 found: list[Any] = []
@@ -352,11 +355,14 @@ class _SqlBase:
         raise StorageUnavailable("the ledger's key index kept changing during a lookup; try again")
 
     def _load_reader_tail(self, conn: Any, epoch: int, firsts: list[int]) -> bool:
-        """Cache the tail rows ``firsts`` of reset epoch ``epoch``; False if they changed meanwhile."""
-        if epoch != self._rtail_epoch:
-            self._rtail = {}
-            self._rtail_epoch = epoch
-        missing = [f for f in firsts if f not in self._rtail]
+        """Bring the cached tail keys to the rows ``firsts`` of reset epoch ``epoch`` (tail rows never
+        change, so only rows not read yet are fetched); False if the tail changed meanwhile."""
+        cached = self._rtail_firsts
+        if epoch != self._rtail_epoch or firsts[: len(cached)] != cached:  # reset, or merged since
+            self._rtail_firsts, self._rtail_epoch = [], epoch
+            self._rtail = (_KeyIndex(), _KeyIndex())
+        missing = firsts[len(self._rtail_firsts) :]
+        got_all: list[Any] = []
         for chunk in _chunks(missing):
             marks = ",".join([self.ph] * len(chunk))
             got = conn.execute(
@@ -366,11 +372,11 @@ class _SqlBase:
             ).fetchall()
             if len(got) != len(chunk) or any(int(r[3]) != epoch for r in got):
                 return False
-            for first, dk, lk, _ in got:
-                self._rtail[int(first)] = (bytes(dk), bytes(lk))
-        if len(self._rtail) > len(firsts):  # forget merged rows
-            keep = set(firsts)
-            self._rtail = {f: v for f, v in self._rtail.items() if f in keep}
+            got_all += got
+        for first, dk, lk, _ in sorted(got_all, key=lambda r: int(r[0])):
+            self._rtail[0].add(_keys_array(dk), int(first))
+            self._rtail[1].add(_keys_array(lk), int(first))
+            self._rtail_firsts.append(int(first))
         return True
 
     def get_entry(self, index: int) -> EntryRow | None:
@@ -480,18 +486,18 @@ class _SqlBase:
         tail = self._writer_tail(conn)
         first, n = rows[0][0], len(rows)
         self._insert_entries(conn, rows)
-        dkeys = [r[3] for r in rows]
-        packed = (_pack([r[3] for r in rows]), _pack([r[4] for r in rows]))
+        dkeys = np.fromiter((r[3] for r in rows), np.int32, n)
+        lkeys = np.fromiter((r[4] for r in rows), np.int32, n)
         conn.execute(
             self._q("INSERT INTO ledger_tail (first_idx, n, dkeys, lkeys) VALUES (?, ?, ?, ?)"),
-            (first, n, *packed),
+            (first, n, dkeys.astype("<i4").tobytes(), lkeys.astype("<i4").tobytes()),
         )
-        tail.add(first, packed[0], dkeys)
+        tail.add(first, dkeys)
         if first + n - tail.merged >= self.merge_at:
             self._merge(conn, tail.merged)
             main = self._wmain
             if main is not None and (main.epoch, main.merged) == (tail.epoch, tail.merged):
-                main.add(tail.packed(), first + n)
+                main.add(tail.index.keys, first + n)
             tail.clear(first + n)
 
     def _merge(self, conn: Any, merged: int) -> None:
@@ -517,8 +523,7 @@ class _SqlBase:
             size = int(conn.execute("SELECT size FROM ledger_meta WHERE id = 1").fetchone()[0])
             tail = _WriterTail(epoch, firsts[0] if firsts else size)
             for first, blob in conn.execute("SELECT first_idx, dkeys FROM ledger_tail ORDER BY first_idx"):
-                blob = bytes(blob)
-                tail.add(int(first), blob, _unpack(blob))
+                tail.add(int(first), _keys_array(blob))
             self._wtail = tail
         return tail
 
@@ -556,13 +561,13 @@ class _SqlBase:
         main = self._merged_keys(conn, tail)
         probe = dkeys if main is None else main.present(dkeys)
         found = self._main_matches(conn, probe) if probe else []
-        idxs = tail.candidates(dkeys)
+        tail_hits, idxs = tail.index.lookup(dkeys)
         for chunk in _chunks(idxs):
             marks = ",".join([self.ph] * len(chunk))
             found += conn.execute(f"SELECT idx, entry FROM ledger_entries WHERE idx IN ({marks})", chunk).fetchall()
         out: dict[tuple[str, str], int] = {}
         if found:  # usually none or a few 32-bit key collisions: a batch of new entries
-            hits = {int(k) for k in probe} | tail.keys.intersection(dkeys)
+            hits = {int(k) for k in probe} | tail_hits
             _collect(out, {k for k, d in zip(keys, batch_dkeys, strict=True) if d in hits}, found)
         return out
 
@@ -585,43 +590,67 @@ class _MergedKeys:
         pos = np.minimum(np.searchsorted(self.keys, q), len(self.keys) - 1)
         return [int(k) for k in q[self.keys[pos] == q]]
 
-    def add(self, packed: bytes, merged: int) -> None:
-        new = np.sort(np.frombuffer(packed, "<i4").astype(np.int32))
+    def add(self, new: npt.NDArray[np.int32], merged: int) -> None:
+        """Add the (sorted) keys of a merged tail."""
         self.keys = np.insert(self.keys, np.searchsorted(self.keys, new), new)
         self.merged = merged
 
 
-class _WriterTail:
-    """The tail's dedup keys as the writer last wrote or read them: a set for the membership test of a
-    whole batch, and the packed rows to turn the (rare) matches into indices."""
+class _KeyIndex:
+    """Sorted ``(key, index)`` pairs of the tail rows read so far: a batch of keys is looked up with two
+    binary searches per key, all in numpy (12 bytes per entry)."""
 
-    __slots__ = ("epoch", "firsts", "keys", "merged", "rows")
+    __slots__ = ("idx", "keys")
+
+    def __init__(self) -> None:
+        self.keys: npt.NDArray[np.int32] = np.empty(0, np.int32)
+        self.idx: npt.NDArray[np.int64] = np.empty(0, np.int64)
+
+    def add(self, keys: npt.NDArray[np.int32], first: int) -> None:
+        """Add the keys of the entries ``first, first + 1, ...``."""
+        order = np.argsort(keys, kind="stable")
+        k = keys[order]
+        pos = np.searchsorted(self.keys, k, side="right")  # after equal keys: indices stay ascending
+        self.keys = np.insert(self.keys, pos, k)
+        self.idx = np.insert(self.idx, pos, order.astype(np.int64) + first)
+
+    def lookup(self, query: Sequence[int]) -> tuple[set[int], list[int]]:
+        """The keys of ``query`` that are present, and every index holding one of them (ascending)."""
+        if not len(self.keys) or not len(query):
+            return set(), []
+        q = np.unique(np.fromiter(query, np.int64, len(query)))
+        q = q[(q >= -(2**31)) & (q < 2**31)].astype(np.int32)
+        lo = np.searchsorted(self.keys, q, side="left")
+        hi = np.searchsorted(self.keys, q, side="right")
+        hit = hi > lo
+        if not hit.any():
+            return set(), []
+        lo, hi = lo[hit], hi[hit]
+        counts = hi - lo
+        starts = np.repeat(lo - (np.cumsum(counts) - counts), counts)
+        positions = starts + np.arange(int(counts.sum()))
+        return {int(k) for k in q[hit]}, sorted(self.idx[positions].tolist())
+
+
+class _WriterTail:
+    """The tail's dedup keys as the writer last wrote or read them, for the lookup of a whole batch."""
+
+    __slots__ = ("epoch", "firsts", "index", "merged")
 
     def __init__(self, epoch: int, merged: int) -> None:
         self.epoch = epoch
         self.merged = merged  # the first index in the tail
         self.firsts: list[int] = []
-        self.rows: list[tuple[int, bytes]] = []
-        self.keys: set[int] = set()
+        self.index = _KeyIndex()
 
-    def add(self, first: int, packed: bytes, dkeys: Sequence[int]) -> None:
+    def add(self, first: int, dkeys: npt.NDArray[np.int32]) -> None:
         if not self.firsts:
             self.merged = first
         self.firsts.append(first)
-        self.rows.append((first, packed))
-        self.keys.update(dkeys)
-
-    def packed(self) -> bytes:
-        return b"".join(p for _, p in self.rows)
+        self.index.add(dkeys, first)
 
     def clear(self, merged: int) -> None:
-        self.firsts, self.rows, self.keys, self.merged = [], [], set(), merged
-
-    def candidates(self, dkeys: Sequence[int]) -> list[int]:
-        hits = self.keys.intersection(dkeys)
-        if not hits:
-            return []
-        return sorted(first + i for first, packed in self.rows for i in _positions(packed, hits))
+        self.firsts, self.index, self.merged = [], _KeyIndex(), merged
 
 
 def _chunks(values: Sequence[int]) -> Iterator[Sequence[int]]:
@@ -629,23 +658,9 @@ def _chunks(values: Sequence[int]) -> Iterator[Sequence[int]]:
         yield values[i : i + _CHUNK]
 
 
-def _pack(keys: Sequence[int]) -> bytes:
-    return struct.pack(f"<{len(keys)}i", *keys)
-
-
-def _unpack(packed: bytes) -> list[int]:
-    return list(struct.unpack(f"<{len(packed) // 4}i", packed))
-
-
-def _positions(packed: bytes, keys: set[int]) -> Iterator[int]:
-    """The positions in ``packed`` (little-endian int32s) whose value is in ``keys``."""
-    for key in keys:
-        pattern = struct.pack("<i", key)
-        i = packed.find(pattern)
-        while i >= 0:
-            if i % 4 == 0:
-                yield i // 4
-            i = packed.find(pattern, i + 1)
+def _keys_array(packed: Any) -> npt.NDArray[np.int32]:
+    """A tail row's packed little-endian int32 keys as an array."""
+    return np.frombuffer(bytes(packed), dtype="<i4").astype(np.int32)
 
 
 def _executemany(conn: Any, sql: str, rows: Sequence[tuple[Any, ...]]) -> None:

@@ -204,3 +204,22 @@ def test_colliding_dedup_keys_are_different_entries(led: Ledger) -> None:
     led.append([entry(i) for i in range(100, 160)])  # merged now (merge_at 50)
     assert led.append([twins[2], twins[0], twins[3], twins[1]]) == [62, 0, 63, 1]
     assert [led.find(t.bundle_sha256, "org-a") for t in twins] == [0, 1, 62, 63]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    batches=st.lists(st.lists(st.integers(-5, 5) | st.integers(-(2**31), 2**31 - 1), max_size=30), max_size=6),
+    query=st.lists(st.integers(-6, 6) | st.integers(-(2**32), 2**32), max_size=20),
+)
+def test_property_key_index_lookup_equals_a_scan(batches: list[list[int]], query: list[int]) -> None:
+    import numpy as np
+
+    from ledger.storage import _KeyIndex
+
+    index, flat = _KeyIndex(), []
+    for batch in batches:
+        index.add(np.array(batch, dtype=np.int32), len(flat))
+        flat += batch
+    present, idxs = index.lookup(query)
+    assert idxs == [i for i, k in enumerate(flat) if k in set(query)]
+    assert present == set(query) & set(flat)
