@@ -338,10 +338,13 @@ def cmd_mllp(args: argparse.Namespace) -> int:
             raise UsageError("--workers must be >= 0")
     except UsageError as exc:
         return _usage(str(exc))
+    from bridge.config import Settings
     from bridge.errors import FhirbridgeError
+    from bridge.gctune import tune_gc
     from bridge.mllp import serve_forever
 
     try:
+        tune_gc(Settings.from_env().gc_threshold)
         asyncio.run(
             serve_forever(
                 args.host,

@@ -351,6 +351,13 @@ def main() -> int:
     )
     args = ap.parse_args()
     quiet()
+    if os.environ.get("FHIRBRIDGE_GC_THRESHOLD", "").lower() != "default":
+        # the GC settings `fhirbridge ingest` and the MLLP listener run with (bridge/gctune.py);
+        # FHIRBRIDGE_GC_THRESHOLD=default measures with Python's own
+        from bridge.config import Settings
+        from bridge.gctune import tune_gc
+
+        tune_gc(Settings.from_env().gc_threshold)
     print(
         f"hl7v2 adapter benchmark (python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load average "
         f"{os.getloadavg()[0]:.2f}; CPU time of this process)"
