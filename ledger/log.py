@@ -292,8 +292,12 @@ class Ledger:
             raise OutOfRange(f"no entry at index {index}", value=index, limit=self.size())
         return row.leaf_hash
 
-    def _fold(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
-        """The MTH of each RFC 9162 subtree range, from the stored perfect nodes (O(log n) tiles)."""
+    def _fold(self, ranges: Sequence[tuple[int, int]], check_size: int | None = None) -> list[bytes]:
+        """The MTH of each RFC 9162 subtree range, from the stored perfect nodes (O(log n) tiles).
+
+        With ``check_size``, first check that the log holds that many entries (as :meth:`_check_size`),
+        reading the size in the same statement as the tiles: one database round trip per proof.
+        """
         plans = [merkle.perfect_nodes(lo, hi) for lo, hi in ranges]
         need = needed_tiles(node for plan in plans for node in plan)
         blobs: dict[tuple[int, int], tuple[int, bytes]] = {}
@@ -305,8 +309,19 @@ class Ledger:
                 blobs[key] = (TILE_WIDTH, blob)
             else:
                 missing.add(key)
-        if missing:
+        fetched: dict[tuple[int, int], tuple[int, bytes]] = {}
+        if check_size is not None:
+            current, epoch, fetched = self._storage.size_epoch_tiles(missing)
+            if epoch != self._epoch:  # reset by another process: the cached tiles are stale, read all
+                self._check_size(check_size)
+                return self._fold(ranges)
+            if not 0 <= check_size <= current:
+                raise OutOfRange(
+                    f"tree size {check_size} is beyond the log size {current}", value=check_size, limit=current
+                )
+        elif missing:
             fetched = self._storage.get_tiles(missing)
+        if fetched:
             for key, (width, blob) in fetched.items():
                 blobs[key] = (width, blob)
                 if width == TILE_WIDTH:
@@ -355,16 +370,14 @@ class Ledger:
 
         Raises :class:`~ledger.errors.OutOfRange`.
         """
-        self._check_size(size)
-        return self._fold(merkle.inclusion_ranges(index, size))
+        return self._fold(merkle.inclusion_ranges(index, size), check_size=size)
 
     def consistency_proof(self, size1: int, size2: int) -> list[bytes]:
         """The consistency proof between sizes ``0 < size1 <= size2 <= size()``.
 
         Raises :class:`~ledger.errors.OutOfRange`.
         """
-        self._check_size(size2)
-        return self._fold(merkle.consistency_ranges(size1, size2))
+        return self._fold(merkle.consistency_ranges(size1, size2), check_size=size2)
 
     def latest_checkpoint(self) -> str | None:
         """The latest signed checkpoint note with any stored witness cosignature lines appended."""
