@@ -4,7 +4,6 @@ runs on SQLite and on PostgreSQL (marked ``postgres``)."""
 
 from __future__ import annotations
 
-import hashlib
 import sqlite3
 from collections.abc import Iterator
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from ledger_helpers import make_entry as entry
 
 from ledger import merkle, note
 from ledger.audit import audit
@@ -20,26 +20,6 @@ from ledger.log import Ledger, LedgerEntry
 
 ORIGIN = "fhirbridge.test/keys"
 SKEY, VKEY = note.generate_key(ORIGIN)
-
-
-def entry(i: int, org: str = "org-a", offset: int = 0) -> LedgerEntry:
-    return LedgerEntry(
-        bundle_sha256=hashlib.sha256(f"b{i}".encode()).hexdigest(),
-        source_org=org,
-        adapter="hl7v2",
-        adapter_version="1.0.0",
-        topic="fhir.bundles",
-        partition=0,
-        offset=offset or i,
-        ingested_at="2024-05-01T12:00:00Z",
-    )
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/ledger.db"
-    return str(request.getfixturevalue("pg_dsn"))
 
 
 def open_small(url: str, merge_at: int = 50) -> Ledger:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import hashlib
 import sqlite3
 from collections.abc import Iterator
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from ledger_helpers import make_entry
 
 from ledger import checkpoint, merkle, note
 from ledger.audit import audit
@@ -26,27 +26,6 @@ from ledger.log import Ledger, LedgerEntry
 
 ORIGIN = "fhirbridge.test/ledger"
 LOG_SKEY, LOG_VKEY = note.generate_key(ORIGIN)
-
-
-def make_entry(i: int, org: str = "org-a", offset: int | None = None) -> LedgerEntry:
-    return LedgerEntry(
-        bundle_sha256=hashlib.sha256(f"bundle-{i}".encode()).hexdigest(),
-        source_org=org,
-        adapter="hl7v2",
-        adapter_version="1.0.0",
-        topic="fhir.bundles",
-        partition=i % 3,
-        offset=i if offset is None else offset,
-        ingested_at="2024-05-01T12:00:00Z",
-        message_id=f"msg-{i}",
-    )
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/ledger.db"
-    return str(request.getfixturevalue("pg_dsn"))
 
 
 @pytest.fixture
