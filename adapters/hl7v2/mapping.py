@@ -282,6 +282,10 @@ class Conversion:
             target.setdefault("note", []).append({"text": text})
 
     # -------------------------------------------------------------------------- reference makers
+    def practitioners(self, seg: Segment, n: int) -> list[str]:
+        """References to the Practitioners of every repetition of XCN field ``n``."""
+        return [ref for i in range(1, len(seg.reps(n)) + 1) if (ref := self.practitioner(seg, n, i))]
+
     def practitioner(self, seg: Segment, n: int, rep: int = 1) -> str | None:
         """XCN -> Practitioner (key: authority system + id, else the name)."""
         f = seg.f(n, rep)
@@ -1052,11 +1056,7 @@ class Conversion:
         when = self.dtm(seg, 5)
         if when:
             r["performedDateTime"] = when
-        perf = [
-            {"actor": {"reference": ref}}
-            for i in range(1, len(seg.reps(8)) + 1)
-            if (ref := self.practitioner(seg, 8, i))
-        ]
+        perf = [{"actor": {"reference": ref}} for ref in self.practitioners(seg, 8)]
         if perf:
             r["performer"] = perf
         self.b.add(r, self.patient_key or self.record_key(), self.encounter_ref, dt.first_code(cc), seg.v(5))
@@ -1492,11 +1492,7 @@ class Conversion:
         issued = dt.fhir_instant(ctx, seg.v(19), self.loc(seg, 19)) if seg.v(19) else None
         if issued:
             r["issued"] = issued
-        perf = [
-            {"reference": ref}
-            for i in range(1, len(seg.reps(16)) + 1)
-            if (ref := self.practitioner(seg, 16, i))
-        ]
+        perf = [{"reference": ref} for ref in self.practitioners(seg, 16)]
         org = self.xon(seg, 23)
         if org:
             perf.append({"reference": org})
@@ -2077,11 +2073,7 @@ class Conversion:
         entered = self.dtm(seg, 5)
         if entered:
             r["enteredDate"] = entered
-        perf = [
-            {"actor": {"reference": ref}}
-            for i in range(1, len(seg.reps(20)) + 1)
-            if (ref := self.practitioner(seg, 20, i))
-        ]
+        perf = [{"actor": {"reference": ref}} for ref in self.practitioners(seg, 20)]
         if perf:
             r["performer"] = perf
         diag = [c for i in range(1, len(seg.reps(19)) + 1) if (c := self.code(seg, 19, i))]
