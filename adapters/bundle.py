@@ -54,10 +54,10 @@ def validate_bundle(bundle: dict[str, Any]) -> None:
     """Validate against the R4B models. Raises pydantic's ValidationError, located in the bundle.
 
     Accepts and rejects exactly what ``Bundle.model_validate(bundle)`` accepts and rejects, with the
-    same error. Cheaper on real feeds: :func:`adapters.validation.fast_accepts` validates each complex
-    element with its own model class and remembers the accepted ones by (model class, canonical
-    JSON), so a repeated element (the same ``meta``, coding, unit, practitioner ...) is not validated
-    again (see docs/validation.md). When it does not accept, the whole bundle is validated by
+    same error. Cheaper on real feeds: :func:`adapters.validation.fast_accepts` walks the bundle,
+    validates each primitive value with its field's own type, and builds a model only for an element
+    whose shape (keys, None-ness, types) its class has not accepted before (see docs/validation.md).
+    When it does not accept, the whole bundle is validated by
     ``Bundle.model_validate``, whose verdict and located error are the answer (the library raises a
     bare ``KeyError``/``TypeError`` for an unknown or non-string ``resourceType``; so does this).
     """

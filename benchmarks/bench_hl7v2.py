@@ -11,7 +11,7 @@ validate) and for the 139 Microsoft samples:
   (i.e. what a converter built on python-hl7 would at best achieve), and our speed-up over it;
 
 each for three validation paths measured in the same run: plain ``Bundle.model_validate``, the
-previous resource-body cache ("before") and the element cache of ``adapters.validation`` ("after",
+previous resource-body cache ("before") and the shape cache of ``adapters.validation`` ("after",
 docs/validation.md). The floor uses the same validation path as the line it is printed on.
 
 With ``--mllp`` it also starts an MLLP listener producing to a real broker (``KAFKA_BOOTSTRAP_SERVERS``,
@@ -162,7 +162,7 @@ def model_validate_only(bundle: dict) -> None:  # type: ignore[type-arg]
 PATHS = {
     "Bundle.model_validate (no cache)": (model_validate_only, lambda: None),
     "before: resource-body cache": (legacy_validate_bundle, _legacy_validated.clear),
-    "after: element cache (adapters.validation)": (validate_bundle, clear_cache),
+    "after: shape cache (adapters.validation)": (validate_bundle, clear_cache),
 }
 
 

@@ -141,9 +141,26 @@ def test_repeated_validation_uses_the_cache_and_agrees() -> None:
     assert size > 20
     b2 = _bundles(ORU.format(n=2).encode(), src)[0]
     assert V.fast_accepts(b2)
-    grown = V.cache_size() - size
-    # the second message shares codings, units, ranges, meta, addresses ...: far fewer new entries
-    assert 0 < grown < size / 2
+    # the second message has new ids and identifiers but the same shapes: no new full validation
+    assert V.cache_size() == size
+    calls: list[type] = []
+    real = V._check
+
+    def spy(cls: Any, data: dict[str, Any]) -> None:
+        calls.append(cls)
+        real(cls, data)
+
+    from fhir.resources.R4B.bundle import Bundle
+
+    original = Bundle.model_validate
+    try:
+        Bundle.model_validate = None  # type: ignore[assignment]  # a full validation would now fail
+        V._check = spy  # type: ignore[assignment]
+        assert V.fast_accepts(_bundles(ORU.format(n=3).encode(), src)[0])
+    finally:
+        Bundle.model_validate = original  # type: ignore[method-assign]
+        V._check = real  # type: ignore[assignment]
+    assert calls and calls[0] is Bundle
 
 
 # -- mutations ------------------------------------------------------------------------------------
@@ -368,6 +385,59 @@ def test_cached_element_in_a_position_of_another_type() -> None:
     assert assert_same_verdict(m)[0] == "ok"
     m["entry"][1]["resource"]["meta"] = copy.deepcopy(patient)
     assert assert_same_verdict(m)[0] == "invalid"
+
+
+# -- the same shape with a different verdict -------------------------------------------------------
+
+
+def test_required_primitive_and_its_extension_sibling() -> None:
+    """Bundle.type is required: an ``_type`` with a non-empty ``extension`` stands in for it, an empty one does not."""
+    src = SourceInfo("shape", timezone="America/Chicago")
+    b = _bundles(ADT.format(n=11).encode(), src)[0]
+    ext = {"url": "http://example.org/why", "valueString": "unknown"}
+    ok = copy.deepcopy(b)
+    del ok["type"]
+    ok["_type"] = {"extension": [ext]}
+    assert assert_same_verdict(ok)[0] == "ok"
+    assert V.fast_accepts(ok)  # that shape is now known as accepted
+    for stand_in in ({"extension": []}, {"id": "x"}, {"id": "x", "extension": []}):
+        m = copy.deepcopy(ok)
+        m["_type"] = stand_in
+        assert assert_same_verdict(m)[0] == "invalid", stand_in
+        assert not V.fast_accepts(m)
+
+
+def test_choice_types_and_primitive_values_under_a_known_shape() -> None:
+    src = SourceInfo("shape", timezone="America/Chicago")
+    b = _bundles(ORU.format(n=12).encode(), src)[0]
+    validate_bundle(b)
+    i = next(i for i, e in enumerate(b["entry"]) if "valueQuantity" in e["resource"])
+    both = copy.deepcopy(b)
+    both["entry"][i]["resource"]["valueString"] = "7.2"  # value[x] twice
+    assert assert_same_verdict(both)[0] == "invalid"
+    for field, bad in [("status", "final "), ("effectiveDateTime", "2024-02-30"), ("effectiveDateTime", "2024-03-05T25:00:00Z")]:
+        m = copy.deepcopy(b)
+        assert field in m["entry"][i]["resource"]
+        m["entry"][i]["resource"][field] = bad  # same shape as the accepted original, a bad value
+        assert assert_same_verdict(m)[0] == "invalid", field
+        assert not V.fast_accepts(m)
+    q = copy.deepcopy(b)
+    q["entry"][i]["resource"]["valueQuantity"]["value"] = 8.25  # a new, valid value: decided without the library
+    assert assert_same_verdict(q)[0] == "ok"
+    assert V.fast_accepts(q)
+
+
+def test_a_json_string_in_a_complex_position() -> None:
+    """fhir_core parses a string given for a complex element as JSON; the walk does the same."""
+    src = SourceInfo("shape", timezone="America/Chicago")
+    b = _bundles(ADT.format(n=13).encode(), src)[0]
+    validate_bundle(b)
+    verdicts = []
+    for text in ('{"text": "Married"}', '{"bogus": 1}', "not json", '{"coding": "x"}'):
+        m = copy.deepcopy(b)
+        m["entry"][0]["resource"]["maritalStatus"] = text
+        verdicts.append(assert_same_verdict(m)[0])
+    assert verdicts[0] == "ok" and set(verdicts[1:]) == {"invalid"}
 
 
 # -- inputs that are not plain JSON never reach the cache ---------------------------------------
