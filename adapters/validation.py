@@ -60,6 +60,8 @@ _resource_classes: dict[str, type | None] = {}
 _state: dict[str, Any] = {}
 _lock = threading.Lock()
 
+#: fhir_core's model configuration; with any other (a global override, say) the walk declines
+_BASE_CONFIG = {"extra": "forbid", "validate_assignment": True, "populate_by_name": True}
 _KNOWN_MODEL_VALIDATORS = frozenset({"reject_null_complex_elements", "validate_after_model_construction"})
 _PRIMITIVE_EXTENSION_VALIDATOR = "validate_extension_or_fhir_comment_required"
 
@@ -94,7 +96,6 @@ def _init() -> dict[str, Any]:
             FhirElementOrResourceBase=FhirElementOrResourceBase,
             FHIRAbstractModel=FHIRAbstractModel,
             FHIRPrimitiveExtension=FHIRPrimitiveExtension,
-            base_config=dict(FHIRAbstractModel.model_config),
         )
     return _state
 
@@ -152,8 +153,8 @@ def _build_plan(cls: Any, st: dict[str, Any]) -> dict[str, tuple[int, Any, bool,
     # only the validation behaviour described in the module docstring is modelled
     if cls.__init__ is not st["FHIRAbstractModel"].__init__:
         return None
-    if dict(cls.model_config) != st["base_config"]:
-        return None
+    if dict(cls.model_config) != _BASE_CONFIG:
+        return None  # e.g. FHIRAbstractModel.set_global_model_config(strict=True): not modelled
     decorators = cls.__pydantic_decorators__
     allowed = set(_KNOWN_MODEL_VALIDATORS)
     if cls is st["FHIRPrimitiveExtension"]:
@@ -169,8 +170,8 @@ def _build_plan(cls: Any, st: dict[str, Any]) -> dict[str, tuple[int, Any, bool,
     by_name: dict[str, tuple[int, Any, bool, bool]] = {}
     by_alias: dict[str, tuple[int, Any, bool, bool]] = {}
     for name, field in cls.model_fields.items():
-        if field.metadata:
-            return None  # constraints outside the annotation: not modelled
+        if field.metadata or field.validation_alias not in (None, field.alias):
+            return None  # constraints outside the annotation, or another input key: not modelled
         # a required field (no default) is part of the shape: its key is present or not
         found = _unwrap(field.annotation)
         step: tuple[int, Any, bool, bool]

@@ -387,6 +387,38 @@ def test_cached_element_in_a_position_of_another_type() -> None:
     assert assert_same_verdict(m)[0] == "invalid"
 
 
+# -- which classes the walk models --------------------------------------------------------------
+
+
+def test_every_r4b_class_is_modelled_by_the_walk() -> None:
+    """A fhir.resources/fhir_core upgrade that adds a validator or a config would show up here."""
+    from fhir_core.constraints import FHIR_TYPES_MAPS
+    from pydantic._internal._validators import import_string
+
+    V._init()
+    classes = {import_string(p) for k, p in list(FHIR_TYPES_MAPS.items()) if k.startswith("R4.")}
+    assert len(classes) > 600
+    assert [c.__name__ for c in classes if V._plan(c) is None] == []
+
+
+def test_a_class_with_its_own_validator_is_left_to_the_library() -> None:
+    from fhir.resources.R4B.coding import Coding
+    from pydantic import field_validator
+
+    class UpperCoding(Coding):
+        @field_validator("code")
+        @classmethod
+        def upper(cls, v: Any) -> Any:
+            if v is not None and v != v.upper():
+                raise ValueError("codes are upper case here")
+            return v
+
+    assert V._plan(UpperCoding) is None
+    V._check(UpperCoding, {"system": "http://x", "code": "ABC"})
+    with pytest.raises(ValidationError):
+        V._check(UpperCoding, {"system": "http://x", "code": "abc"})  # the library's own verdict
+
+
 # -- the same shape with a different verdict -------------------------------------------------------
 
 
