@@ -15,56 +15,31 @@ so :class:`RecordCache` keeps them in memory:
 Only record-level state is cached. Persons and pairs, which manual link/unlink change from other
 processes (the HTTP service), are always read from the database.
 
-Features are held as tuples with shared (interned) strings for the low-cardinality fields: roughly
-0.3-0.5 KB per record.
+Layout: every record has a *row* (a small integer, fixed for the life of the cache). Its comparison
+values are integer codes in one shared vocabulary, held column by column in one ``int64`` array
+(:data:`~bridge.mpi.compare.CODE_KEYS` x rows), so a batch's candidate pairs are compared against the
+cache itself (:meth:`RecordCache.table`) without copying rows. Blocks hold rows; term-frequency counts
+are arrays indexed by code. The feature strings themselves live once, in the vocabulary: a record's
+features are rebuilt from its codes when needed (:meth:`RecordCache.features`). About 0.4 KB per record.
 """
 
 from __future__ import annotations
 
 import itertools
-import sys
 from collections.abc import Collection, Iterable, Sequence
-from typing import Any
 
 import numpy as np
 import orjson
 
 from bridge.mpi.blocking import blocking_keys
-from bridge.mpi.compare import value_codes
+from bridge.mpi.compare import CODE_KEYS, FeatureTable, encode
 from bridge.mpi.features import STRING_KEYS, Features
 
-#: the order of a packed feature tuple; ``i`` (identifiers) is last
-PACK_KEYS = (*STRING_KEYS, "i")
+_N_CODES = len(CODE_KEYS)
+_N_STRINGS = len(STRING_KEYS)
 
-Packed = tuple[Any, ...]
-
-
-def pack(f: Features, vocab: dict[str, int]) -> Packed:
-    """A compact, immutable copy of a feature record: :data:`PACK_KEYS` values, then the integer codes
-    of its comparison values in ``vocab`` (see :func:`bridge.mpi.compare.value_codes`)."""
-    get = f.get
-    intern = sys.intern
-    strings = (
-        intern(get("g") or ""),
-        intern(get("f") or ""),
-        intern(get("gn") or ""),
-        intern(get("gm") or ""),
-        intern(get("fn") or ""),
-        intern(get("fm") or ""),
-        intern(get("b") or ""),
-        intern(get("s") or ""),
-        get("a") or "",
-        intern(get("c") or ""),
-        get("z") or "",
-        get("t") or "",
-    )
-    idents = tuple((s, v) for s, v in get("i") or ())
-    return (*strings, idents, value_codes(strings, idents, vocab))
-
-
-def unpack(p: Packed) -> Features:
-    """The feature record of a packed tuple (identifier pairs as tuples)."""
-    return dict(zip(PACK_KEYS, p[: len(PACK_KEYS)], strict=True))
+#: ``(patient_id, source_org, features, digest, seq)``
+Item = tuple[str, str, Features, str, int]
 
 
 class RecordCache:
@@ -77,16 +52,26 @@ class RecordCache:
     def __init__(self, tf_keys: Sequence[str], gen: str | None) -> None:
         self.gen = gen
         self.tf_keys = tuple(tf_keys)
-        self._tf_pos = tuple((k, PACK_KEYS.index(k)) for k in self.tf_keys)
-        self.feats: dict[str, Packed] = {}
+        self._tf_col = tuple((k, CODE_KEYS.index(k)) for k in self.tf_keys)
+        #: patient id -> row; row -> patient id
+        self.row_of: dict[str, int] = {}
+        self.ids: list[str] = []
         #: patient id -> (digest, source org, seq)
         self.state: dict[str, tuple[str, str, int]] = {}
-        #: blocking key -> its records: one record as a plain string (most keys), else a set
-        self.blocks: dict[str, str | set[str]] = {}
-        self.tf: dict[str, dict[str, int]] = {k: {} for k in self.tf_keys}
+        #: row -> the record's strong identifiers ((system, value) tuples)
+        self.idents: list[tuple[tuple[str, str], ...]] = []
+        cap = 1024
+        self._codes = np.full((_N_CODES, cap), -1, dtype=np.int64)
+        self._multi_id = np.zeros(cap, dtype=bool)
+        self._seq = np.zeros(cap, dtype=np.int64)
+        #: blocking key -> its records' rows: one row as a plain int (most keys), else a set
+        self.blocks: dict[str, int | set[int]] = {}
+        #: per TF key, the number of records holding each value, indexed by the value's code
+        self.tf_counts: dict[str, np.ndarray] = {k: np.zeros(cap, dtype=np.int64) for k in self.tf_keys}
         self.sum_sq: dict[str, int] = dict.fromkeys(self.tf_keys, 0)
         self.max_seq = 0
-        #: one vocabulary for the integer codes of every record's comparison values (never shrinks)
+        #: one vocabulary for the integer codes of every record's comparison values (never shrinks;
+        #: codes start at 1, ``""`` is -1)
         self.vocab: dict[str, int] = {"": -1}
         self._strings = np.empty(1024, dtype=object)  # code -> string (see strings())
         self._strings[0] = ""
@@ -97,27 +82,21 @@ class RecordCache:
         self.patterns: dict[bytes, int] | None = {}
 
     @classmethod
-    def load(
-        cls, rows: Iterable[tuple[str, str, Features, str, int]], tf_keys: Sequence[str], gen: str | None
-    ) -> RecordCache:
+    def load(cls, rows: Iterable[Item], tf_keys: Sequence[str], gen: str | None) -> RecordCache:
         """Build the cache from ``(patient_id, source_org, features, digest, seq)`` rows."""
         cache = cls(tf_keys, gen)
-        for pid, org, feats, digest, seq in rows:
-            cache.put(pid, org, feats, digest, int(seq))
+        it = iter(rows)
+        while chunk := list(itertools.islice(it, 5000)):
+            cache.put_many(chunk)
         return cache
 
     def __len__(self) -> int:
-        return len(self.feats)
+        return len(self.row_of)
 
-    def _count(self, key: str, value: str, delta: int) -> None:
-        counter = self.tf[key]
-        c = counter.get(value, 0)
-        n = c + delta
-        self.sum_sq[key] += n * n - c * c
-        if n:
-            counter[value] = n
-        else:
-            counter.pop(value, None)
+    def __contains__(self, pid: object) -> bool:
+        return pid in self.row_of
+
+    # ------------------------------------------------------------------ reads
 
     def strings(self) -> np.ndarray:
         """The vocabulary as an object array indexed by code (index 0, never a code, holds ``""``, so
@@ -134,64 +113,146 @@ class RecordCache:
             self._n_strings = need
         return self._strings
 
+    def table(self) -> FeatureTable:
+        """A comparison table over every cached record, addressed by row (no copy)."""
+        n = len(self.ids)
+        return FeatureTable.from_codes(self._codes[:, :n], self.strings(), self.idents, self._multi_id[:n])
+
+    def codes(self, key: str) -> np.ndarray:
+        """The codes of column ``key`` (one of :data:`~bridge.mpi.compare.CODE_KEYS`) by row."""
+        return self._codes[CODE_KEYS.index(key), : len(self.ids)]
+
+    def seqs(self) -> np.ndarray:
+        """The insertion sequence number of every row."""
+        return self._seq[: len(self.ids)]
+
+    def features(self, pid: str) -> Features:
+        """The feature record of a cached record (rebuilt from its codes; identifier pairs as tuples)."""
+        row = self.row_of[pid]
+        strings = self.strings()[np.maximum(self._codes[:_N_STRINGS, row], 0)].tolist()
+        return {**dict(zip(STRING_KEYS, strings, strict=True)), "i": self.idents[row]}
+
     def members(self, key: str) -> Collection[str]:
-        """The records holding blocking key ``key``."""
+        """The records (patient ids) holding blocking key ``key``."""
         members = self.blocks.get(key)
         if members is None:
             return ()
-        return (members,) if isinstance(members, str) else members
+        if isinstance(members, int):
+            return (self.ids[members],)
+        return [self.ids[r] for r in members]
+
+    # ------------------------------------------------------------------ writes
+
+    def _grow(self, rows: int) -> None:
+        cap = self._codes.shape[1]
+        if rows <= cap:
+            return
+        new = max(rows, 2 * cap)
+        codes = np.full((_N_CODES, new), -1, dtype=np.int64)
+        codes[:, :cap] = self._codes
+        self._codes = codes
+        self._multi_id = np.concatenate([self._multi_id, np.zeros(new - cap, dtype=bool)])
+        self._seq = np.concatenate([self._seq, np.zeros(new - cap, dtype=np.int64)])
+
+    def _count(self, codes: np.ndarray, sign: int) -> None:
+        """Add (``sign`` 1) or remove (-1) the term-frequency counts of ``codes`` (records x CODE_KEYS)."""
+        need = len(self.vocab) + 1
+        for key, col in self._tf_col:
+            counts = self.tf_counts[key]
+            if len(counts) < need:
+                grown = np.zeros(max(need, 2 * len(counts)), dtype=np.int64)
+                grown[: len(counts)] = counts
+                counts = self.tf_counts[key] = grown
+            values = codes[:, col]
+            values = values[values >= 0]
+            if not len(values):
+                continue
+            uniq, k = np.unique(values, return_counts=True)
+            before = counts[uniq]
+            after = before + sign * k
+            counts[uniq] = after
+            self.sum_sq[key] += int((after * after - before * before).sum())
 
     def remove(self, pid: str) -> None:
         """Forget a record's blocks and value counts (before it is re-put with new features)."""
-        packed = self.feats.pop(pid, None)
-        if packed is None:
+        row = self.row_of.get(pid)
+        if row is None or pid not in self.state:
             return
         blocks = self.blocks
-        for k in blocking_keys(unpack(packed)):
+        for k in blocking_keys(self.features(pid)):
             members = blocks.get(k)
             if members is None:
                 continue
-            if isinstance(members, str):
-                if members == pid:
+            if isinstance(members, int):
+                if members == row:
                     del blocks[k]
                 continue
-            members.discard(pid)
+            members.discard(row)
             if len(members) == 1:
                 blocks[k] = next(iter(members))
-        for key, pos in self._tf_pos:
-            if packed[pos]:
-                self._count(key, packed[pos], -1)
-        self.state.pop(pid, None)
+        self._count(self._codes[:, row : row + 1].T, -1)
+        self._codes[:, row] = -1
+        del self.state[pid]
 
     def put(self, pid: str, org: str, feats: Features, digest: str, seq: int) -> list[str]:
         """Add (or replace) a record; returns its blocking keys."""
-        if pid in self.feats:
-            self.remove(pid)
-        packed = pack(feats, self.vocab)
-        self.feats[pid] = packed
-        self.state[pid] = (digest, org, seq)
-        keys = blocking_keys(feats)
+        return self.put_many([(pid, org, feats, digest, seq)])[0]
+
+    def put_many(self, items: Sequence[Item]) -> list[list[str]]:
+        """Add (or replace) records with distinct ids; returns each one's blocking keys."""
+        if not items:
+            return []
+        row_of, ids, state = self.row_of, self.ids, self.state
+        rows: list[int] = []
+        for pid, org, _feats, digest, seq in items:
+            row = row_of.get(pid)
+            if row is None:
+                row = row_of[pid] = len(ids)
+                ids.append(pid)
+                self.idents.append(())
+            elif pid in state:
+                self.remove(pid)
+            rows.append(row)
+            state[pid] = (digest, org, seq)
+        self._grow(len(ids))
+        feats = [it[2] for it in items]
+        codes = encode(feats, self.vocab)
+        r = np.asarray(rows, dtype=np.int64)
+        self._codes[:, r] = codes.T
+        idents = [tuple((s, v) for s, v in f.get("i") or ()) for f in feats]
+        for row, ident in zip(rows, idents, strict=True):
+            self.idents[row] = ident
+        self._multi_id[r] = np.fromiter(map(len, idents), dtype=np.int64, count=len(idents)) > 1
+        self._seq[r] = [it[4] for it in items]
+        self._count(codes, 1)
         blocks = self.blocks
-        for k in keys:
-            members = blocks.get(k)
-            if members is None:
-                blocks[k] = pid
-            elif isinstance(members, str):
-                if members != pid:
-                    blocks[k] = {members, pid}
-            else:
-                members.add(pid)
-        tf, sum_sq = self.tf, self.sum_sq
-        for key, pos in self._tf_pos:
-            value = packed[pos]
-            if value:
-                counter = tf[key]
-                c = counter.get(value, 0)
-                counter[value] = c + 1
-                sum_sq[key] += 2 * c + 1
-        if seq > self.max_seq:
-            self.max_seq = seq
-        return keys
+        out = []
+        for row, f in zip(rows, feats, strict=True):
+            keys = blocking_keys(f)
+            for k in keys:
+                members = blocks.get(k)
+                if members is None:
+                    blocks[k] = row
+                elif isinstance(members, int):
+                    if members != row:
+                        blocks[k] = {members, row}
+                else:
+                    members.add(row)
+            out.append(keys)
+        top = max(it[4] for it in items)
+        if top > self.max_seq:
+            self.max_seq = top
+        return out
+
+    def row_frequencies(self, key: str, rows: np.ndarray, total: int) -> np.ndarray:
+        """Relative frequency among ``total`` records of the ``key`` value of each of ``rows`` (0 for
+        ``""``): the number of records holding it, divided by ``total``."""
+        counts = self.tf_counts[key]
+        codes = np.maximum(self.codes(key)[rows], 0)  # -1 (no value) -> 0, a code never handed out
+        found = np.zeros(len(codes), dtype=np.int64)
+        ok = codes < len(counts)
+        found[ok] = counts[codes[ok]]
+        return found.astype(np.float64) / max(total, 1)
 
 
 def add_patterns(acc: dict[bytes, int], gamma: np.ndarray) -> None:

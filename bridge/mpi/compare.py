@@ -21,7 +21,8 @@ ident       strong identifiers of a common system: 0 all different, 1 one typo/t
 
 from __future__ import annotations
 
-import struct
+import itertools
+import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -63,38 +64,42 @@ class FeatureTable:
         cols = {key: [r.get(key) or "" for r in records] for key in STRING_KEYS}
         self._build(len(records), cols, [r.get("i") or () for r in records])
 
-    @classmethod
-    def from_packed(cls, rows: Sequence[Sequence[Any]], strings: np.ndarray | None = None) -> FeatureTable:
-        """A table from packed feature tuples (as kept by the index's record cache): the
-        :data:`~bridge.mpi.features.STRING_KEYS` values in that order, the identifier pairs, then the
-        integer codes of the :data:`CODE_KEYS` values in one vocabulary shared by all rows (``-1`` for
-        ``""``). Equal codes mean equal strings, so the comparisons are those of ``FeatureTable(records)``.
+    #: the vocabulary by code when the string columns are gathered from codes on demand (see
+    #: :meth:`from_codes`); None when ``cols`` holds every column
+    strings: np.ndarray | None = None
 
-        ``strings`` (the vocabulary by code, :meth:`~bridge.mpi.cache.RecordCache.strings`) lets every
-        string column be gathered from the codes by one array index instead of row by row.
+    @classmethod
+    def from_codes(
+        cls,
+        codes: np.ndarray,
+        strings: np.ndarray,
+        idents: Sequence[Sequence[Sequence[str]]],
+        multi_id: np.ndarray,
+    ) -> FeatureTable:
+        """A table over rows whose :data:`CODE_KEYS` values are integer codes in one vocabulary
+        (``codes[i]`` is the column of ``CODE_KEYS[i]``, ``-1`` for ``""``; ``strings[c]`` is the string of
+        code ``c``, ``strings[0] == ""``). The index's record cache keeps every record this way, so a
+        batch's pairs are compared against the cache itself: no rows are copied, and a string is looked
+        up only for the pairs whose values differ. Equal codes mean equal strings, so the comparisons are
+        those of ``FeatureTable(records)``.
+
+        ``idents`` and ``multi_id`` (rows with more than one strong identifier) may be longer than the
+        code columns' length is meaningful for; only the rows that pairs address are read.
         """
         table = cls.__new__(cls)
-        n = len(rows)
-        table.n = n
-        ns = len(STRING_KEYS)
-        codes = np.frombuffer(b"".join([r[ns + 1] for r in rows]), dtype=np.int64).reshape(n, len(CODE_KEYS))
-        table.codes = {k: codes[:, i] for i, k in enumerate(CODE_KEYS)}
-        idents: list[Sequence[Sequence[str]]] = [r[ns] for r in rows]
+        table.n = codes.shape[1]
+        table.codes = {k: codes[i] for i, k in enumerate(CODE_KEYS)}
+        table.strings = strings
         table.idents = idents
-        table.multi_id = np.fromiter(map(len, idents), dtype=np.int64, count=n) > 1
-        table.bfull = table.codes["bswap"] >= 0  # the swapped date exists exactly for full dates
+        table.multi_id = multi_id
         table.cols = {}
-        if strings is not None:
-            for i, key in enumerate(CODE_KEYS):
-                table.cols[key] = strings[np.maximum(codes[:, i], 0)]
-            return table
-        for pos, key in enumerate(STRING_KEYS):
-            arr = np.empty(n, dtype=object)
-            arr[:] = [r[pos] for r in rows]
-            table.cols[key] = arr
-        table.cols["a_ns"] = np.array([x.replace(" ", "") for x in table.cols["a"]], dtype=object)
-        table.cols["id1"] = np.array([_id1(i) for i in idents], dtype=object)
         return table
+
+    def values(self, key: str, rows: np.ndarray) -> np.ndarray:
+        """The strings of column ``key`` at ``rows`` (an object array)."""
+        if self.strings is not None:
+            return self.strings[np.maximum(self.codes[key][rows], 0)]  # type: ignore[no-any-return]
+        return self.cols[key][rows]  # type: ignore[no-any-return]
 
     def _build(
         self, n: int, columns: Mapping[str, Sequence[str]], idents: Sequence[Sequence[Sequence[str]]]
@@ -107,6 +112,7 @@ class FeatureTable:
             self.cols[key] = col
         b = self.cols["b"]
         self.cols["a_ns"] = np.array([x.replace(" ", "") for x in self.cols["a"]], dtype=object)
+        self.cols["a_ts"] = np.array([_token_sorted(x) for x in self.cols["a"]], dtype=object)
         self.cols["bswap"] = np.array(
             [x[:4] + x[6:8] + x[4:6] if len(x) == 8 else "" for x in b], dtype=object
         )
@@ -122,7 +128,6 @@ class FeatureTable:
             [i[0][0] if len(i) == 1 else "" for i in idents] if n else [], dtype=object
         )
         self.multi_id = np.array([len(i) > 1 for i in idents], dtype=bool)
-        self.bfull = np.array([len(x) == 8 for x in b], dtype=bool)
         # one shared vocabulary, so that codes of different columns compare (given vs family, ...)
         vocab: dict[str, int] = {"": -1}
         keys = list(self.cols)
@@ -134,9 +139,9 @@ class FeatureTable:
         }
 
 
-#: the columns whose values are integer-coded (equality tests), in the order of :func:`value_codes`
-CODE_KEYS = (*STRING_KEYS, "a_ns", "bswap", "by", "bm", "bd", "id1", "idsys")
-_CODES = struct.Struct(f"={len(CODE_KEYS)}q")
+#: the columns whose values are integer-coded (equality tests), in the order of :func:`encode`
+CODE_KEYS = (*STRING_KEYS, "a_ns", "a_ts", "bswap", "by", "bm", "bd", "id1", "idsys")
+_STRINGS = operator.itemgetter(*STRING_KEYS)
 
 
 def _id1(idents: Sequence[Sequence[str]]) -> str:
@@ -150,32 +155,47 @@ def _ident_map(pairs: Sequence[Sequence[str]]) -> dict[str, list[str]]:
     return d
 
 
-def value_codes(
-    strings: Sequence[str], idents: Sequence[Sequence[str]], vocab: dict[str, int]
-) -> bytes:
-    """Codes of one record's :data:`CODE_KEYS` values (``strings`` in STRING_KEYS order) in ``vocab``
-    (extended as needed; it must map ``""`` to ``-1``), as native int64s: a table of many records is
-    then one ``np.frombuffer`` over their concatenation."""
+def _token_sorted(text: str) -> str:
+    """The words of ``text`` sorted: ``fuzz.ratio`` of two such strings is their ``token_sort_ratio``
+    (for normalised text: ASCII letters, digits and spaces), without splitting and sorting both strings
+    again for every pair."""
+    return " ".join(sorted(text.split()))
+
+
+def _code_values(f: Features) -> tuple[str, ...]:
+    """The :data:`CODE_KEYS` values of one feature record."""
+    strings: tuple[str, ...]
+    try:
+        strings = _STRINGS(f)
+    except KeyError:  # pragma: no cover - extract_features always sets every key
+        strings = tuple(f.get(k) or "" for k in STRING_KEYS)
+    if None in strings:  # pragma: no cover - idem
+        strings = tuple(v or "" for v in strings)
     b = strings[6]
-    full = len(b) == 8
-    values = (
-        *strings,
-        strings[8].replace(" ", ""),
-        b[:4] + b[6:8] + b[4:6] if full else "",
-        b[:4],
-        b[4:6],
-        b[6:8],
-        _id1(idents),
-        idents[0][0] if len(idents) == 1 else "",
-    )
-    get = vocab.get
-    codes = []
-    for v in values:
-        c = get(v)
+    idents: Sequence[Sequence[str]] = f.get("i") or ()
+    if len(b) == 8:
+        derived: tuple[str, ...] = (b[:4] + b[6:8] + b[4:6], b[:4], b[4:6], b[6:8])
+    else:
+        derived = ("", b[:4], b[4:6], b[6:8])
+    ident = (f"{idents[0][0]}|{idents[0][1]}", idents[0][0]) if len(idents) == 1 else ("", "")
+    a = strings[8]
+    return (*strings, a.replace(" ", ""), _token_sorted(a), *derived, *ident)
+
+
+def encode(records: Sequence[Features], vocab: dict[str, int]) -> np.ndarray:
+    """The codes of the records' :data:`CODE_KEYS` values in ``vocab`` (extended as needed; it must map
+    ``""`` to ``-1``), as an ``(n, len(CODE_KEYS))`` int64 array. New strings get the next codes in order
+    of first appearance."""
+    flat = list(itertools.chain.from_iterable(map(_code_values, records)))
+    codes = list(map(vocab.get, flat))
+    # positions of new strings (None; 0 is never a code), found at C level: most values are known
+    for i in itertools.compress(itertools.count(), map(operator.not_, codes)):
+        v = flat[i]
+        c = vocab.get(v)
         if c is None:
             c = vocab[v] = len(vocab)
-        codes.append(c)
-    return _CODES.pack(*codes)
+        codes[i] = c
+    return np.array(codes, dtype=np.int64).reshape(len(records), len(CODE_KEYS))
 
 
 def _sim(a: np.ndarray, b: np.ndarray, scorer: Any) -> np.ndarray:
@@ -223,7 +243,7 @@ class _Pairs:
         todo = np.nonzero(present & ~eq)[0]
         if len(todo):
             pa, pb = (self.ia, self.ib) if rows is None else (self.ia[rows], self.ib[rows])
-            out[todo] = _sim(self.t.cols[key_a][pa[todo]], self.t.cols[key_b][pb[todo]], scorer)
+            out[todo] = _sim(self.t.values(key_a, pa[todo]), self.t.values(key_b, pb[todo]), scorer)
         return out
 
 
@@ -288,7 +308,8 @@ def compare_pairs(t: FeatureTable, ia: np.ndarray, ib: np.ndarray) -> np.ndarray
     gamma[:, FAMILY] = family
 
     ba, bb = p.codes("b")
-    full = t.bfull[ia] & t.bfull[ib]
+    bsa, bsb = p.codes("bswap")  # the swapped date exists exactly for full dates
+    full = (bsa >= 0) & (bsb >= 0)
     lv = np.zeros(n, dtype=np.int8)
     partial_eq = _same(*p.codes("by")) & (_same(*p.codes("bm")) | _same(*p.codes("bd")))
     lv[partial_eq] = 1
@@ -302,7 +323,8 @@ def compare_pairs(t: FeatureTable, ia: np.ndarray, ib: np.ndarray) -> np.ndarray
     gamma[:, SEX] = np.where((sa >= 0) & (sb >= 0), (sa == sb).astype(np.int8), -1)
 
     aa, ab = p.codes("a")
-    ratio = p.similarity("a", "a", fuzz.token_sort_ratio, equal=100.0, missing=0.0)  # words reordered
+    # words reordered: token_sort_ratio, as the ratio of the words sorted once per record
+    ratio = p.similarity("a_ts", "a_ts", fuzz.ratio, equal=100.0, missing=0.0)
     # a space typed in the wrong place
     ratio = np.maximum(ratio, p.similarity("a_ns", "a_ns", fuzz.ratio, equal=100.0, missing=0.0))
     lv = np.zeros(n, dtype=np.int8)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,14 +22,24 @@ TF_KEYS = tuple(f.tf_key for f in FIELDS if f.tf_key)
 
 
 class TermFrequencies:
-    """Value counts of the TF-adjusted features over a population of ``total`` records."""
+    """Value counts of the TF-adjusted features over a population of ``total`` records.
+
+    ``lookup(key, rows, total)``, if given, returns the relative frequencies of the ``key`` values of
+    table ``rows`` directly (the index's record cache counts values by code); ``counts`` is not used then.
+    """
 
     def __init__(
-        self, counts: Mapping[str, Mapping[str, int]], total: int, sum_sq: Mapping[str, int]
+        self,
+        counts: Mapping[str, Mapping[str, int]],
+        total: int,
+        sum_sq: Mapping[str, int],
+        *,
+        lookup: Callable[[str, np.ndarray, int], np.ndarray] | None = None,
     ) -> None:
         self.counts = counts
         self.total = max(total, 1)
         self.sum_sq = sum_sq
+        self.lookup = lookup
 
     @classmethod
     def from_records(cls, records: Iterable[Features]) -> TermFrequencies:
@@ -53,6 +63,13 @@ class TermFrequencies:
         """Per TF key, the frequency of each table row's value (computed once per row, not per pair)."""
         return {k: self.freq(k, table.cols[k]) for k in TF_KEYS}
 
+    def pair_frequencies(self, table: FeatureTable, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Per TF key, the frequency of the value of each of ``rows`` (one per pair)."""
+        if self.lookup is not None:
+            return {k: self.lookup(k, rows, self.total) for k in TF_KEYS}
+        row_freq = self.row_frequencies(table)
+        return {k: row_freq[k][rows] for k in TF_KEYS}
+
     def mean(self) -> dict[str, float]:
         """Per key: sum of squared relative frequencies, i.e. P(two random records agree on the field)."""
         return {k: self.sum_sq.get(k, 0) / self.total**2 for k in TF_KEYS}
@@ -75,8 +92,7 @@ def weigh(
 ) -> Scored:
     """Weights -> probabilities -> states for already compared pairs (``ia`` gives the TF values' rows)."""
     if tf is not None and config.term_frequency:
-        row_freq = tf.row_frequencies(table)
-        tf_freq = {k: row_freq[k][ia] for k in TF_KEYS}
+        tf_freq = tf.pair_frequencies(table, ia)
         weight = model.match_weight(
             gamma, tf_freq=tf_freq, tf_mean=tf.mean(), tf_cap=config.tf_max_adjustment_bits
         )

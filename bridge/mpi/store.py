@@ -17,7 +17,6 @@ import itertools
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -31,9 +30,8 @@ from bridge.mpi.cache import (
     dump_patterns,
     load_patterns,
     patterns_array,
-    unpack,
 )
-from bridge.mpi.compare import FIELDS, FeatureTable, compare_pairs
+from bridge.mpi.compare import FIELDS, compare_pairs
 from bridge.mpi.config import MatchState, MpiConfig, MpiConflict, MpiError, MpiInputError, MpiNotFound
 from bridge.mpi.db import TABLES, Database
 from bridge.mpi.features import Features, extract_features
@@ -150,13 +148,12 @@ class PersonIndex:
                 sampled, pairs = total, int(counts.sum())
             else:
                 step = max(1, -(-total // self.config.em_sample_records))
-                sample = [pid for pid in cache.feats if cache.state[pid][2] % step == 0]
-                rows = [cache.feats[pid] for pid in sample]
-                table = FeatureTable.from_packed(rows, cache.strings())
-                keys = [blocking_keys(unpack(r)) for r in rows]
+                sample = np.nonzero(cache.seqs() % step == 0)[0]
+                ids = cache.ids
+                keys = [blocking_keys(cache.features(ids[r])) for r in sample.tolist()]
                 ia, ib, _ = candidate_pairs(keys, self.config.max_block_size)
                 acc: dict[bytes, int] = {}
-                add_patterns(acc, compare_pairs(table, ia, ib))
+                add_patterns(acc, compare_pairs(cache.table(), sample[ia], sample[ib]))
                 patterns, counts = patterns_array(acc, len(FIELDS))
                 sampled, pairs = len(sample), len(ia)
                 if step == 1:  # every candidate pair of the index: from now on, count incrementally
@@ -237,8 +234,9 @@ class PersonIndex:
                 "SELECT patient_id, source_org, features, digest, seq FROM mpi_patient WHERE seq > ? ORDER BY seq",
                 (cache.max_seq,),
             )
-            for pid, org, blob, digest, seq in rows:
-                cache.put(pid, org, orjson.loads(blob), digest, int(seq))
+            cache.put_many(
+                [(pid, org, orjson.loads(blob), digest, int(seq)) for pid, org, blob, digest, seq in rows]
+            )
             log.debug("mpi_cache_caught_up", added=len(rows), records=len(cache))
         else:
             rows = self.db.all(
@@ -315,7 +313,7 @@ class PersonIndex:
                 )
         max_seq = cache.max_seq
         rows = []
-        keys_of: dict[str, list[str]] = {}
+        items = []
         for pid in changed:
             org, feats = batch[pid]
             old = state.get(pid)
@@ -329,7 +327,8 @@ class PersonIndex:
                 max_seq += 1
                 seq = max_seq
                 rows.append((pid, org, person_id_for(pid), blobs[pid].decode(), digests[pid], seq, now))
-            keys_of[pid] = cache.put(pid, org, feats, digests[pid], seq)
+            items.append((pid, org, feats, digests[pid], seq))
+        keys_of = dict(zip(changed, cache.put_many(items), strict=True))
         db.insert_many(
             "INSERT INTO mpi_patient (patient_id, source_org, person_id, features, digest, seq, updated_at) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -344,39 +343,49 @@ class PersonIndex:
 
     def _candidates(
         self, cache: RecordCache, changed: list[str], keys_of: dict[str, list[str]]
-    ) -> list[tuple[str, str]]:
-        """Candidate pairs ``(changed record, other record)`` from the in-memory blocks, sorted.
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Candidate pairs ``(changed record, other record)`` from the in-memory blocks, as cache rows.
 
-        Blocks holding more than ``max_block_size`` records (very common values: a default birth date,
-        SMITH JOHN) are skipped; the other blocking keys still bring true matches together.
+        Each pair once: a pair of two changed records is owned by the one with the smaller id. In no
+        particular order (the caller orders what it stores). Blocks holding more than ``max_block_size``
+        records (very common values: a default birth date, SMITH JOHN) are skipped; the other blocking
+        keys still bring true matches together.
         """
-        changed_set = set(changed)
         cap = self.config.max_block_size
         blocks = cache.blocks
-        cand: list[tuple[str, str]] = []
+        row_of = cache.row_of
+        left: list[int] = []
+        right: list[int] = []
         skipped: set[str] = set()
-        for pid in sorted(changed):
-            groups = []
+        for pid in changed:
+            row = row_of[pid]
             for k in keys_of[pid]:
                 group = blocks.get(k)
-                if group is None or isinstance(group, str):  # absent, or this record alone
+                if group is None or isinstance(group, int):  # absent, or this record alone
                     continue
                 if len(group) > cap:
                     skipped.add(k)
                     continue
-                groups.append(group)
-            if not groups:
-                continue
-            others = set().union(*groups)
-            others.discard(pid)
-            if not others.isdisjoint(changed_set):  # a pair of two changed records: once, from the smaller id
-                others = {o for o in others if not (o < pid and o in changed_set)}
-            # distinct by construction (one set per record; pairs of changed records counted once), and
-            # in sorted order (records sorted, then their partners): what sorted(set of pairs) would give
-            cand.extend(zip(itertools.repeat(pid), sorted(others)))
+                left.extend(itertools.repeat(row, len(group)))
+                right.extend(group)
         if skipped:
             log.debug("mpi_blocks_skipped", blocks=len(skipped), cap=cap)
-        return cand
+        if not left:
+            empty = np.zeros(0, dtype=np.int64)
+            return empty, empty
+        n = len(cache.ids)
+        codes = np.unique(np.asarray(left, dtype=np.int64) * n + np.asarray(right, dtype=np.int64))
+        ia, ib = codes // n, codes % n
+        keep = ia != ib
+        # a pair of two changed records: once, owned by the smaller id (rank = position in id order)
+        rank = np.full(n, -1, dtype=np.int64)
+        order = sorted(changed)
+        rank[np.fromiter(map(row_of.__getitem__, order), dtype=np.int64, count=len(order))] = np.arange(
+            len(order)
+        )
+        both = rank[ib] >= 0
+        keep &= ~both | (rank[ib] > rank[ia])
+        return ia[keep], ib[keep]
 
     def _score_new(
         self,
@@ -390,28 +399,35 @@ class PersonIndex:
         db = self.db
         cache = self._cache
         assert cache is not None
-        cand_list = self._candidates(cache, changed, keys_of)
-        if not cand_list:
+        ia, ib = self._candidates(cache, changed, keys_of)
+        if not len(ia):
             self._maybe_fit(total)
             return
-        # rows in order of first appearance; every step a C-level loop
-        row_of = {pid: i for i, pid in enumerate(dict.fromkeys(itertools.chain.from_iterable(cand_list)))}
-        packed = cache.feats
-        table = FeatureTable.from_packed(list(map(packed.__getitem__, row_of)), cache.strings())
-        n_cand = len(cand_list)
-        ia = np.fromiter(map(row_of.__getitem__, map(itemgetter(0), cand_list)), dtype=np.int64, count=n_cand)
-        ib = np.fromiter(map(row_of.__getitem__, map(itemgetter(1), cand_list)), dtype=np.int64, count=n_cand)
+        table = cache.table()
         gamma = compare_pairs(table, ia, ib)
         if cache.patterns is not None:
             add_patterns(cache.patterns, gamma)
             self._set_meta("em_patterns", dump_patterns(cache.patterns))
         self._maybe_fit(total)  # after counting this batch's pairs: the first fit includes them
-        tf = TermFrequencies(cache.tf, total, cache.sum_sq) if self.config.term_frequency else None
+        tf = None
+        if self.config.term_frequency:  # value counts by code: a frequency is an array lookup
+            tf = TermFrequencies({}, total, cache.sum_sq, lookup=cache.row_frequencies)
         scored = weigh(gamma, ia, table, self.model(), self.config, tf)
         keep = np.nonzero(scored.state != NO_MATCH)[0]
         if len(keep) == 0:
             return
-        pairs = [(_pair(*cand_list[k]), str(scored.state[k]), float(scored.prob[k])) for k in keep]
+        ids = cache.ids
+        # in the order of (owner, other) ids: the order in which the pairs and their history are written
+        found = sorted(
+            zip(
+                map(ids.__getitem__, ia[keep].tolist()),
+                map(ids.__getitem__, ib[keep].tolist()),
+                scored.state[keep].tolist(),
+                scored.prob[keep].tolist(),
+                strict=True,
+            )
+        )
+        pairs = [(_pair(a, b), state, score) for a, b, state, score in found]
         involved = sorted({p for (a, b), _, _ in pairs for p in (a, b)})
         manual = {
             (a, b)

@@ -131,17 +131,15 @@ def test_identifier_fast_path_equals_general_path() -> None:
         assert got[k] == want.get((i, j), -1), (recs[i]["id"], recs[j]["id"])
 
 
-def test_packed_table_compares_like_the_record_table() -> None:
-    """The index's cached rows (packed tuples, codes in a shared growing vocabulary) give the same
-    comparison vectors as a table built from feature records."""
+def _mixed_features() -> list[dict]:
     from mpi_helpers import population
-
-    from bridge.mpi.cache import pack
 
     recs, _ = population(40, seed=3)
     extra = [
         patient("sw", "Smith", "John", "1970-02-01", None, ssn="123456789", mrn="1"),
         patient("sx", "John", "Smith", "1970-01-02", None, ssn="123456798"),
+        patient("ad", "Ann", "Lee", line="12  Elm   Street", city="Metro"),
+        patient("ae", "Ann", "Lee", line="Street Elm 12", city="Metro"),
         {
             "resourceType": "Patient",
             "id": "multi",
@@ -152,29 +150,50 @@ def test_packed_table_compares_like_the_record_table() -> None:
         },
         {"resourceType": "Patient", "id": "empty"},
     ]
-    feats = [extract_features(p, DEFAULT_STRONG_SYSTEMS) for _, p in recs] + [
+    return [extract_features(p, DEFAULT_STRONG_SYSTEMS) for _, p in recs] + [
         extract_features(p, DEFAULT_STRONG_SYSTEMS) for p in extra
     ]
-    vocab: dict[str, int] = {"": -1}
-    # pack in a different order than the table rows, so codes are not row-aligned by accident
-    packed = {id(f): pack(f, vocab) for f in reversed(feats)}
+
+
+def test_cached_table_compares_like_the_record_table() -> None:
+    """The record cache's table (codes in a shared growing vocabulary, rows in insertion order, strings
+    looked up by code) gives the same comparison vectors as a table built from feature records."""
+    from bridge.mpi.cache import RecordCache
+    from bridge.mpi.matcher import TF_KEYS
+
+    feats = _mixed_features()
+    cache = RecordCache(TF_KEYS, None)
+    # put in a different order and in several batches, so that rows and codes are not aligned by accident
+    order = list(range(len(feats)))[::-1]
+    for k in range(0, len(order), 7):
+        cache.put_many([(f"r{i}", "org", feats[i], "d", i + 1) for i in order[k : k + 7]])
+    rows = np.array([cache.row_of[f"r{i}"] for i in range(len(feats))])
     ia, ib = np.triu_indices(len(feats), k=1)
     want = compare_pairs(FeatureTable(feats), ia, ib)
-    got = compare_pairs(FeatureTable.from_packed([packed[id(f)] for f in feats]), ia, ib)
-    assert np.array_equal(want, got)
-    assert FeatureTable.from_packed([]).n == 0
-    # ... and with the strings gathered from the vocabulary by code (the record cache's fast path)
-    from bridge.mpi.cache import RecordCache
+    assert np.array_equal(want, compare_pairs(cache.table(), rows[ia], rows[ib]))
+    for i, f in enumerate(feats):
+        assert cache.features(f"r{i}") == {**f, "i": tuple(tuple(x) for x in f["i"])}
 
-    cache = RecordCache(("g",), None)
-    cache.vocab = vocab
-    strings = cache.strings()
-    table = FeatureTable.from_packed([packed[id(f)] for f in feats], strings)
-    assert np.array_equal(want, compare_pairs(table, ia, ib))
-    plain = FeatureTable.from_packed([packed[id(f)] for f in feats])
-    for key in ("g", "f", "b", "a", "a_ns", "c", "z", "t", "id1"):
-        assert table.cols[key].tolist() == plain.cols[key].tolist(), key
-    assert FeatureTable.from_packed([], strings).n == 0
+
+def test_address_level_is_token_sort_ratio() -> None:
+    """The address comparison uses the ratio of the words sorted once per record, which must equal
+    rapidfuzz's token_sort_ratio of the two addresses (normalised text)."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+    from rapidfuzz import fuzz
+
+    from bridge.mpi.compare import _token_sorted
+    from bridge.mpi.features import norm_text
+
+    words = st.lists(st.sampled_from(["1", "12", "elm", "st", "street", "oak", "ave", "a", "b2"]), max_size=5)
+
+    @settings(max_examples=300, deadline=None)
+    @given(words, words)
+    def check(x: list[str], y: list[str]) -> None:
+        a, b = norm_text(" ".join(x)), norm_text(" ".join(y))
+        assert fuzz.ratio(_token_sorted(a), _token_sorted(b)) == fuzz.token_sort_ratio(a, b)
+
+    check()
 
 
 def test_cache_strings_follow_the_vocabulary_as_it_grows() -> None:

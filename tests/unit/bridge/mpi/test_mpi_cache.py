@@ -1,0 +1,110 @@
+"""The record cache: what it holds after any sequence of puts and updates equals what it would hold if
+built from scratch, and the index's candidate pairs are exactly the pairs sharing a (small) block."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from mpi_helpers import patient
+
+from bridge.mpi.blocking import blocking_keys
+from bridge.mpi.cache import RecordCache
+from bridge.mpi.config import DEFAULT_STRONG_SYSTEMS, MpiConfig
+from bridge.mpi.features import extract_features
+from bridge.mpi.matcher import TF_KEYS
+from bridge.mpi.store import PersonIndex
+
+GIVEN = ["Ann", "Anne", "Bob", "Rob", "Cara"]
+FAMILY = ["Lee", "Li", "Ray", "Rae"]
+DATES = ["1970-01-01", "1970-01-10", "1980-05-06", "1980", None]
+POSTAL = ["111", "112", None]
+
+record = st.tuples(
+    st.integers(0, 11),  # record id: small, so that updates are frequent
+    st.sampled_from(GIVEN),
+    st.sampled_from(FAMILY),
+    st.sampled_from(DATES),
+    st.sampled_from(POSTAL),
+    st.sampled_from(["123456789", "123456798", None]),
+)
+
+
+def features(rec: tuple) -> dict:
+    i, g, f, d, z, ssn = rec
+    return extract_features(patient(f"p{i}", g, f, d, None, postal=z, ssn=ssn), DEFAULT_STRONG_SYSTEMS)
+
+
+def snapshot(cache: RecordCache) -> tuple:
+    blocks = {k: sorted(cache.members(k)) for k in cache.blocks}
+    strings = cache.strings()
+    tf = {
+        key: {strings[c]: int(n) for c, n in enumerate(cache.tf_counts[key].tolist()) if n}
+        for key in cache.tf_keys
+    }
+    feats = {pid: cache.features(pid) for pid in cache.row_of}
+    return blocks, tf, dict(cache.sum_sq), feats, dict(cache.state)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(record, min_size=1, max_size=6), min_size=1, max_size=6))
+def test_cache_after_updates_equals_a_fresh_load(batches: list[list[tuple]]) -> None:
+    cache = RecordCache(TF_KEYS, None)
+    final: dict[str, tuple] = {}
+    seq = 0
+    for batch in batches:
+        items = {}
+        for rec in batch:  # distinct ids per put_many, the last one wins (as upsert_patients does)
+            pid = f"p{rec[0]}"
+            old = cache.state.get(pid)
+            if old is None and pid not in items:
+                seq += 1
+            items[pid] = (pid, "org", features(rec), f"d{rec}", old[2] if old else seq)
+        returned = cache.put_many(list(items.values()))
+        assert returned == [blocking_keys(item[2]) for item in items.values()]
+        final.update(items)
+    fresh = RecordCache.load(sorted(final.values(), key=lambda x: x[4]), TF_KEYS, None)
+    assert snapshot(cache) == snapshot(fresh)
+    # the counts are the value frequencies of the final records
+    for key in TF_KEYS:
+        want = Counter(item[2][key] for item in final.values() if item[2][key])
+        strings = cache.strings()
+        got = {strings[c]: int(n) for c, n in enumerate(cache.tf_counts[key].tolist()) if n}
+        assert got == dict(want)
+        assert cache.sum_sq[key] == sum(n * n for n in want.values())
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(record, min_size=2, max_size=25), st.integers(2, 5), st.integers(0, 24))
+def test_candidates_are_the_pairs_sharing_a_small_block(recs: list[tuple], cap: int, split: int) -> None:
+    by_id = {f"p{r[0]}": features(r) for r in recs}
+    ids = list(by_id)
+    split = min(split, len(ids))
+    cache = RecordCache(TF_KEYS, None)
+    cache.put_many([(pid, "o", by_id[pid], "d", n + 1) for n, pid in enumerate(ids[:split])])
+    changed = ids[split:]
+    keys_of = dict(
+        zip(
+            changed,
+            cache.put_many([(pid, "o", by_id[pid], "d", split + n + 1) for n, pid in enumerate(changed)]),
+            strict=True,
+        )
+    )
+    mpi = PersonIndex.__new__(PersonIndex)
+    mpi.config = MpiConfig(max_block_size=cap)
+    ia, ib = mpi._candidates(cache, changed, keys_of)
+    got = [(cache.ids[a], cache.ids[b]) for a, b in zip(ia.tolist(), ib.tolist(), strict=True)]
+    sizes = Counter(k for pid in ids for k in blocking_keys(by_id[pid]))
+    want = set()
+    for a in changed:
+        for b in ids:
+            if a == b or (b in changed and b < a):
+                continue
+            shared = set(blocking_keys(by_id[a])) & set(blocking_keys(by_id[b]))
+            if any(sizes[k] <= cap for k in shared):
+                want.add((a, b))
+    assert len(got) == len(set(got))
+    assert set(got) == want
+    assert np.all(ia != ib)
