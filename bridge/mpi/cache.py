@@ -26,6 +26,7 @@ features are rebuilt from its codes when needed (:meth:`RecordCache.features`). 
 from __future__ import annotations
 
 import itertools
+import operator
 from collections.abc import Collection, Iterable, Sequence
 
 import numpy as np
@@ -225,20 +226,23 @@ class RecordCache:
         self._multi_id[r] = np.fromiter(map(len, idents), dtype=np.int64, count=len(idents)) > 1
         self._seq[r] = [it[4] for it in items]
         self._count(codes, 1)
+        out = [blocking_keys(f) for f in feats]
+        # block membership: most keys are new (one record so far), so one C-level setdefault per key
+        # adds them; only the keys that already had records are fixed up one by one
         blocks = self.blocks
-        out = []
-        for row, f in zip(rows, feats, strict=True):
-            keys = blocking_keys(f)
-            for k in keys:
-                members = blocks.get(k)
-                if members is None:
-                    blocks[k] = row
-                elif isinstance(members, int):
-                    if members != row:
-                        blocks[k] = {members, row}
-                else:
-                    members.add(row)
-            out.append(keys)
+        flat_keys = list(itertools.chain.from_iterable(out))
+        flat_rows = list(
+            itertools.chain.from_iterable(itertools.repeat(row, len(keys)) for row, keys in zip(rows, out))
+        )
+        stored = list(map(blocks.setdefault, flat_keys, flat_rows))
+        for i in itertools.compress(itertools.count(), map(operator.is_not, stored, flat_rows)):
+            k, row = flat_keys[i], flat_rows[i]
+            members = blocks[k]  # current value: an earlier record of this batch may have changed it
+            if isinstance(members, int):
+                if members != row:
+                    blocks[k] = {members, row}
+            else:
+                members.add(row)
         top = max(it[4] for it in items)
         if top > self.max_seq:
             self.max_seq = top

@@ -475,63 +475,54 @@ class PersonIndex:
 
     # ------------------------------------------------------------------ persons
 
-    def _component(self, seeds: Iterable[str]) -> set[str]:
-        """All records connected to ``seeds`` through current persons or MATCH pairs."""
+    def _component(
+        self, seeds: Iterable[str]
+    ) -> tuple[dict[str, tuple[str, int]], list[tuple[str, str, str, float | None, str]]]:
+        """The records connected to ``seeds`` through current persons or MATCH pairs, as
+        ``{patient: (person id, seq)}``, and every pair among them ``(a, b, state, score, origin)``.
+
+        Three statements per step of the search: the members of the frontier's persons (with what
+        reclustering needs of them) and the pairs touching the frontier, of any state (the MATCH ones
+        extend the search; the manual ones constrain the persons).
+        """
         db = self.db
-        nodes: set[str] = set()
+        info: dict[str, tuple[str, int]] = {}
+        pairs: dict[tuple[str, str], tuple[str, str, str, float | None, str]] = {}
+        seen: set[str] = set()
         frontier = set(seeds)
         while frontier:
-            nodes |= frontier
+            seen |= frontier
             f = sorted(frontier)
-            persons = {
-                r[0] for r in db.all_in("SELECT person_id FROM mpi_patient WHERE patient_id IN ({in})", f)
-            }
-            found = {
-                r[0]
-                for r in db.all_in(
-                    "SELECT patient_id FROM mpi_patient WHERE person_id IN ({in})", sorted(persons)
-                )
-            }
-            # "(state || '')": not indexable, so the planner uses the patient index instead of scanning
-            # every MATCH pair through the state index (SQLite without ANALYZE prefers the latter)
-            for _a, b in db.all_in(
-                f"SELECT patient_a, patient_b FROM mpi_pair WHERE (state || '') = '{MATCH}' AND "
-                "patient_a IN ({in})",
+            found: set[str] = set()
+            for pid, person, seq in db.all_in(
+                "SELECT patient_id, person_id, seq FROM mpi_patient WHERE person_id IN "
+                "(SELECT person_id FROM mpi_patient WHERE patient_id IN ({in}))",
                 f,
             ):
-                found.add(b)
-            for a, _b in db.all_in(
-                f"SELECT patient_a, patient_b FROM mpi_pair WHERE (state || '') = '{MATCH}' AND "
-                "patient_b IN ({in})",
-                f,
-            ):
-                found.add(a)
-            frontier = found - nodes
-        return nodes
+                info[pid] = (person, int(seq))
+                found.add(pid)
+            touching = db.all_in(
+                "SELECT patient_a, patient_b, state, score, origin FROM mpi_pair WHERE patient_a IN ({in})", f
+            ) + db.all_in(
+                "SELECT patient_a, patient_b, state, score, origin FROM mpi_pair WHERE patient_b IN ({in})", f
+            )
+            for a, b, state, score, origin in touching:
+                pairs[(a, b)] = (a, b, state, score, origin)
+                if state == MATCH:
+                    found.add(a)
+                    found.add(b)
+            frontier = found - seen
+        among = [pairs[k] for k in sorted(pairs) if k[0] in info and k[1] in info]
+        return info, among
 
     def _recluster(
         self, seeds: Iterable[str], now: str, *, actor: str = "matcher", fresh: frozenset[str] = frozenset()
     ) -> dict[str, str]:
         """Rebuild the persons of the components around ``seeds``; returns patient -> person id."""
         db = self.db
-        nodes = sorted(self._component(seeds))
-        if not nodes:
+        info, pairs = self._component(seeds)
+        if not info:
             return {}
-        info = {
-            r[0]: (r[1], int(r[2]))
-            for r in db.all_in(
-                "SELECT patient_id, person_id, seq FROM mpi_patient WHERE patient_id IN ({in})", nodes
-            )
-        }
-        node_set = set(info)
-        pairs = [
-            r
-            for r in db.all_in(
-                "SELECT patient_a, patient_b, state, score, origin FROM mpi_pair WHERE patient_a IN ({in})",
-                nodes,
-            )
-            if r[1] in node_set
-        ]
         uf: UnionFind[str] = UnionFind(sorted(info, key=lambda p: info[p][1]))
         members: dict[str, set[str]] = {p: {p} for p in info}
         cannot: dict[str, set[str]] = defaultdict(set)
