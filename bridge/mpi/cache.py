@@ -232,7 +232,9 @@ class RecordCache:
         blocks = self.blocks
         flat_keys = list(itertools.chain.from_iterable(out))
         flat_rows = list(
-            itertools.chain.from_iterable(itertools.repeat(row, len(keys)) for row, keys in zip(rows, out))
+            itertools.chain.from_iterable(
+                itertools.repeat(row, len(keys)) for row, keys in zip(rows, out, strict=True)
+            )
         )
         stored = list(map(blocks.setdefault, flat_keys, flat_rows))
         for i in itertools.compress(itertools.count(), map(operator.is_not, stored, flat_rows)):
