@@ -18,6 +18,11 @@ Reported per backend:
   and the ratio.
 
 Usage: python benchmarks/bench_query.py [--people 100000] [--backend sqlite|postgres|both] [--requests 300]
+       [--mpi-only]
+
+``--mpi-only`` measures the MPI linking alone (the same Patient records, the same batches of 1,000,
+no index store, no HTTP): records/s wall and per CPU-second of this process (on PostgreSQL the server's
+CPU is not included).
 """
 
 from __future__ import annotations
@@ -171,6 +176,25 @@ def start_service(settings: Settings) -> tuple[subprocess.Popen[bytes], str]:
     raise RuntimeError("the service did not start")
 
 
+def link(mpi: PersonIndex, patients: list[tuple[str, dict[str, Any]]]) -> tuple[float, float]:
+    """Load the records into the incremental MPI in batches of 1,000: (wall seconds, CPU seconds)."""
+    t, c = time.perf_counter(), time.process_time()
+    for k in range(0, len(patients), 1000):
+        mpi.upsert_patients(patients[k : k + 1000])
+    return time.perf_counter() - t, time.process_time() - c
+
+
+def run_mpi_only(name: str, url: str, patients: list[tuple[str, dict[str, Any]]]) -> None:
+    mpi = PersonIndex.open(url)
+    try:
+        wall, cpu = link(mpi, patients)
+        stats = mpi.stats()
+    finally:
+        mpi.close()
+    print(f"[{name}] MPI only: linked {len(patients):,} records in {wall:.1f}s: {len(patients) / wall:,.0f} records/s "
+          f"wall, {len(patients) / cpu:,.0f} per CPU-second; {stats['persons']:,} persons, pairs {stats['pairs']}")
+
+
 def run_backend(name: str, settings: Settings, bundles: list[IncomingBundle], patients: list[tuple[str, dict[str, Any]]],
                 heavy: str, requests: int) -> dict[str, float]:
     store = IndexStore.open(settings.index_url)
@@ -180,10 +204,7 @@ def run_backend(name: str, settings: Settings, bundles: list[IncomingBundle], pa
     for k in range(0, len(bundles), 500):
         store.apply(bundles[k : k + 500])
     load_s = time.perf_counter() - t
-    t = time.perf_counter()
-    for k in range(0, len(patients), 1000):
-        mpi.upsert_patients(patients[k : k + 1000])
-    link_s = time.perf_counter() - t
+    link_s, link_cpu = link(mpi, patients)
     if settings.index_url.startswith("postgres"):
         # After a bulk load, as an operator would: otherwise autovacuum runs over the 2M fresh rows
         # during the measurement (both compete for the same 2 cores) and the plans lack statistics.
@@ -195,7 +216,8 @@ def run_backend(name: str, settings: Settings, bundles: list[IncomingBundle], pa
     linked = mpi.linked_patient_ids(heavy)
     heavy_rows = len(store.resources_for_patients(linked))
     print(f"[{name}] loaded {n_res:,} resources in {load_s:.0f}s ({n_res / load_s:,.0f}/s); "
-          f"linked {len(patients):,} records in {link_s:.0f}s ({len(patients) / link_s:,.0f} records/s)")
+          f"linked {len(patients):,} records in {link_s:.0f}s ({len(patients) / link_s:,.0f} records/s, "
+          f"{len(patients) / link_cpu:,.0f} per CPU-second)")
     print(f"[{name}] heavy person: {len(linked)} linked records, {heavy_rows} resources")
 
     # raw SQL floor: the same rows, one query
@@ -235,6 +257,7 @@ def main() -> None:
     ap.add_argument("--backend", choices=["sqlite", "postgres", "both"], default="both")
     ap.add_argument("--requests", type=int, default=300)
     ap.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    ap.add_argument("--mpi-only", action="store_true", help="measure the MPI linking alone")
     args = ap.parse_args()
     t = time.perf_counter()
     bundles, patients, heavy = population(args.people)
@@ -246,8 +269,13 @@ def main() -> None:
     # the GC settings of `fhirbridge index run` / `serve` (bridge/gctune.py), as in production
     tune_gc(base.gc_threshold)
     try:
+        if args.mpi_only:
+            bundles = []  # only the Patient records are used
         if args.backend in ("sqlite", "both"):
-            run_backend("sqlite", base, bundles, patients, heavy, args.requests)
+            if args.mpi_only:
+                run_mpi_only("sqlite", base.mpi_url, patients)
+            else:
+                run_backend("sqlite", base, bundles, patients, heavy, args.requests)
         if args.backend in ("postgres", "both"):
             import psycopg
 
@@ -258,7 +286,10 @@ def main() -> None:
             root = args.pg.rsplit("/", 1)[0]
             try:
                 pg = replace(base, index_url=f"{root}/{dbs[0]}", mpi_url=f"{root}/{dbs[1]}")
-                run_backend("postgres", pg, bundles, patients, heavy, args.requests)
+                if args.mpi_only:
+                    run_mpi_only("postgres", pg.mpi_url, patients)
+                else:
+                    run_backend("postgres", pg, bundles, patients, heavy, args.requests)
             finally:
                 with psycopg.connect(args.pg, autocommit=True) as admin:
                     for d in dbs:
