@@ -486,6 +486,17 @@ class PersonIndex:
         extend the search; the manual ones constrain the persons).
         """
         db = self.db
+        if db.kind == "postgresql":
+            # ARRAY(subquery): without it the planner hash-joins against a scan of every record
+            members_sql = (
+                "SELECT patient_id, person_id, seq FROM mpi_patient WHERE person_id = "
+                "ANY(ARRAY(SELECT person_id FROM mpi_patient WHERE patient_id IN ({in})))"
+            )
+        else:
+            members_sql = (
+                "SELECT patient_id, person_id, seq FROM mpi_patient WHERE person_id IN "
+                "(SELECT person_id FROM mpi_patient WHERE patient_id IN ({in}))"
+            )
         info: dict[str, tuple[str, int]] = {}
         pairs: dict[tuple[str, str], tuple[str, str, str, float | None, str]] = {}
         seen: set[str] = set()
@@ -494,11 +505,7 @@ class PersonIndex:
             seen |= frontier
             f = sorted(frontier)
             found: set[str] = set()
-            for pid, person, seq in db.all_in(
-                "SELECT patient_id, person_id, seq FROM mpi_patient WHERE person_id IN "
-                "(SELECT person_id FROM mpi_patient WHERE patient_id IN ({in}))",
-                f,
-            ):
+            for pid, person, seq in db.all_in(members_sql, f):
                 info[pid] = (person, int(seq))
                 found.add(pid)
             touching = db.all_in(
