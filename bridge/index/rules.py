@@ -133,15 +133,19 @@ def _value(resource: dict[str, Any]) -> str:
     return ""
 
 
-def dedupe_key(resource: dict[str, Any]) -> str | None:
+_UNSET: Any = object()
+
+
+def dedupe_key(resource: dict[str, Any], clinical: str | None = _UNSET) -> str | None:
     """Two resources with the same non-None key (and the same person) state the same clinical fact.
 
     A key is built from the first ``system|code`` of the resource's codings in sorted order, the
     clinical time (to the precision stated, or to the day where sources differ in precision), and for
     Observations the value with its unit. Types without a safe rule return None and are never merged.
+    ``clinical`` is ``clinical_date(resource)`` when the caller has it already.
     """
     rtype = resource.get("resourceType")
-    when = clinical_date(resource) or ""
+    when = (clinical_date(resource) if clinical is _UNSET else clinical) or ""
     if rtype == "Observation":
         code = _first_code(resource.get("code"))
         if not code or not when:

@@ -116,9 +116,20 @@ class StoredResource(NamedTuple):
     body: bytes
 
 
+#: SQLite settings of the index connection. The resource and provenance B-trees are keyed by random
+#: UUIDs, so every batch touches pages all over them: a 64 MiB page cache keeps their inner pages in
+#: memory (the default 2 MiB does not), and checkpointing the WAL every 10,000 pages instead of 1,000
+#: copies a page rewritten by several batches into the database once. Commits stay as durable as
+#: before (WAL, ``synchronous=NORMAL``); only the page cache and the checkpoint cadence change.
+SQLITE_PRAGMAS = ("cache_size=-65536", "wal_autocheckpoint=10000")
+
+
 class IndexStore:
     def __init__(self, url: str) -> None:
         self.db = Database(url)
+        if self.db.kind == "sqlite":
+            for pragma in SQLITE_PRAGMAS:
+                self.db.execute(f"PRAGMA {pragma}")
         self.db.script(SCHEMA)
 
     @classmethod
@@ -149,16 +160,17 @@ class IndexStore:
                 meta["lastUpdated"] = b.received_at
                 resource = {**resource, "meta": meta}
                 owner = patient_of(resource)
+                when = clinical_date(resource)
                 res_rows.append(
                     (
                         rtype,
                         resource["id"],
                         b.source_org,
                         owner,
-                        clinical_date(resource),
+                        when,
                         b.received_at,
                         version_time,
-                        dedupe_key(resource),
+                        dedupe_key(resource, when),
                         b.bundle_sha256,
                         content_sha,
                         orjson.dumps(resource).decode(),

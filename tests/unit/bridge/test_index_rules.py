@@ -49,3 +49,14 @@ def test_different_value_unit_or_time_is_not_the_same_fact() -> None:
 def test_types_without_a_safe_rule_never_merge() -> None:
     assert dedupe_key({"resourceType": "Encounter", "period": {"start": "2026-01-01"}}) is None
     assert dedupe_key(_obs(code={"text": "no coding"})) is None
+
+
+def test_dedupe_key_with_a_precomputed_clinical_date_matches_its_own() -> None:
+    from bridge.index.rules import clinical_date, dedupe_key
+
+    obs = {"resourceType": "Observation", "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+           "effectiveDateTime": "2026-01-01T10:00:00Z", "valueQuantity": {"value": 72, "unit": "/min"}}
+    cond = {"resourceType": "Condition", "code": {"coding": [{"system": "sct", "code": "1"}]}}
+    for r in (obs, cond):
+        assert dedupe_key(r, clinical_date(r)) == dedupe_key(r)
+    assert dedupe_key(obs, None) is None  # an explicit "no clinical date" is honoured, not recomputed
