@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from bridge.gctune import tune_gc
+from bridge.logging import get_logger
 
 
 def register(sub: Any, groups: dict[str, Any]) -> None:
@@ -111,14 +113,24 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     reasons: dict[str, int] = {}
     pending: list[Any] = []
     started = time.perf_counter()
+    cpu = {"start-up": time.process_time(), "convert": 0.0, "publish": 0.0}
+    clock = time.thread_time
     with IngestProgress(len(args.files), enabled=not args.no_progress) as progress:
         for path in args.files:
             progress.start_file(path)
-            for outcome in adapter.convert_path(path, source):
+            outcomes = iter(adapter.convert_path(path, source))
+            while True:
+                t0 = clock()
+                outcome = next(outcomes, None)
+                t1 = clock()
+                cpu["convert"] += t1 - t0
+                if outcome is None:
+                    break
                 if isinstance(outcome, ConvertedBundle):
                     summary["converted"] += 1
                     summary["warnings"] += len(outcome.warnings)
                     pending.append(publisher.publish(outcome, adapter, source))
+                    cpu["publish"] += clock() - t1
                 else:
                     summary["rejected"] += 1
                     err = outcome.error
@@ -138,6 +150,10 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         summary["published"] += _settle(pending, publisher)
     publisher.close()
     elapsed = time.perf_counter() - started
+    cpu["producer threads and the rest"] = time.process_time() - cpu["start-up"] - cpu["convert"] - cpu["publish"]
+    log = get_logger("bridge.ingest")
+    log.info("ingest.cpu", pid=os.getpid(), bundles=summary["converted"], cpu_s={k: round(v, 4) for k, v in cpu.items()},
+             cpu_ms_per_bundle={k: round(v * 1000 / max(1, summary["converted"]), 4) for k, v in cpu.items() if k != "start-up"})
     rate = summary["converted"] / elapsed if elapsed > 0 else 0.0
     print(
         f"converted {summary['converted']}, published {summary['published']}, rejected {summary['rejected']}, "

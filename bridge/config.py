@@ -58,9 +58,12 @@ class Settings:
     session_timeout_ms: int = 6000
     heartbeat_interval_ms: int = 1500
     consumer_batch_size: int = 500
+    consumer_linger_ms: int = 50  # wait this long after a batch's first record for more (docs/streams.md)
+    consumer_idle_sleep_ms: int = 20  # sleep between polls that return less than a full batch
     max_poll_interval_ms: int = 20000
     consumer_instance_id: str | None = None
     max_request_size: int = 8 * 1024 * 1024
+    compression: str | None = "gzip"  # producer compression_type (None: off); docs/streams.md#producer
     gc_threshold: tuple[int, int, int] | None = (50_000, 20, 10)  # None: Python's default
 
     @classmethod
@@ -103,9 +106,12 @@ class Settings:
             session_timeout_ms=_int(env, "FHIRBRIDGE_SESSION_TIMEOUT_MS", 6000),
             heartbeat_interval_ms=_int(env, "FHIRBRIDGE_HEARTBEAT_INTERVAL_MS", 1500),
             consumer_batch_size=_int(env, "FHIRBRIDGE_CONSUMER_BATCH", 500),
+            consumer_linger_ms=_int(env, "FHIRBRIDGE_CONSUMER_LINGER_MS", 50),
+            consumer_idle_sleep_ms=_int(env, "FHIRBRIDGE_CONSUMER_IDLE_SLEEP_MS", 20),
             max_poll_interval_ms=_int(env, "FHIRBRIDGE_MAX_POLL_INTERVAL_MS", 20000),
             consumer_instance_id=env.get("FHIRBRIDGE_CONSUMER_INSTANCE_ID") or None,
             max_request_size=_int(env, "FHIRBRIDGE_MAX_REQUEST_SIZE", 8 * 1024 * 1024),
+            compression=_compression(env.get("FHIRBRIDGE_COMPRESSION", "gzip")),
             gc_threshold=_gc_threshold(env.get("FHIRBRIDGE_GC_THRESHOLD", "50000,20,10")),
         )
 
@@ -131,6 +137,18 @@ class Settings:
         if pub and pub.is_file():
             return pub.read_text(encoding="utf-8").strip()
         return None
+
+
+COMPRESSION_TYPES = ("gzip", "snappy", "lz4", "zstd")
+
+
+def _compression(value: str) -> str | None:
+    v = value.strip().lower()
+    if v in ("", "none"):
+        return None
+    if v not in COMPRESSION_TYPES:
+        raise ConfigError(f"FHIRBRIDGE_COMPRESSION must be none or one of {', '.join(COMPRESSION_TYPES)}, got {value!r}")
+    return v
 
 
 def _gc_threshold(value: str) -> tuple[int, int, int] | None:

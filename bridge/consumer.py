@@ -18,19 +18,21 @@ Guarantees (docs/streams.md):
 from __future__ import annotations
 
 import contextvars
+import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
 import structlog
 from kafka import KafkaConsumer, TopicPartition
-from kafka.errors import CommitFailedError, KafkaError
+from kafka.errors import CommitFailedError, KafkaError, RebalanceInProgressError
 from kafka.structs import OffsetAndMetadata
 
 from bridge.config import Settings
@@ -59,6 +61,32 @@ class Record:
     @classmethod
     def from_kafka(cls, m: Any) -> Record:
         return cls(m.topic, m.partition, m.offset, m.timestamp, m.key, m.value, list(m.headers or ()))
+
+
+class CpuClock:
+    """CPU seconds spent by the calling thread in named stages (``time.thread_time``).
+
+    The runtime and the sinks time whole batches, never single records, so the clock costs a few
+    microseconds per batch. ``consumer.cpu`` (logged at shutdown) reports them per record.
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t0 = time.thread_time()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.thread_time() - t0
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    def per_record_ms(self, records: int) -> dict[str, float]:
+        n = max(1, records)
+        return {k: round(v * 1000 / n, 4) for k, v in sorted(self.seconds.items())}
 
 
 class Sink(Protocol):
@@ -173,6 +201,9 @@ class ConsumerRuntime:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sink-{sink.name}")
         self.processed = 0
         self.dead_lettered = 0
+        self.cpu = CpuClock()  # the polling thread's stages; the worker's are added by _process_and_dead_letter
+        self._cpu_lock = threading.Lock()
+        self._process_cpu0 = time.process_time()
 
     # -- control --------------------------------------------------------------------------------
     def stop(self, *_: Any) -> None:
@@ -192,17 +223,57 @@ class ConsumerRuntime:
         log.info("consumer.start", group=self.group_id, topics=self.topics, sink=self.sink.name)
         try:
             while not self._stop.is_set():
-                polled = self.consumer.poll(timeout_ms=poll_timeout_ms, max_records=self.settings.consumer_batch_size)
-                records = [Record.from_kafka(m) for msgs in polled.values() for m in msgs]
+                t0 = time.thread_time()
+                records = self.poll_batch(poll_timeout_ms)
+                self.cpu.add("poll", time.thread_time() - t0)
                 if records:
                     self.handle_batch(records)
                 else:
                     self._idle()
-                self._update_lag()
+                with self.cpu.stage("lag"):
+                    self._update_lag()
                 if until is not None and until():
                     break
         finally:
             self.close()
+
+    #: One kafka-python ``poll`` lasts at most this long; the runtime sleeps between polls instead.
+    POLL_SLICE_MS = 2
+
+    def poll_batch(self, timeout_ms: int = 500) -> list[Record]:
+        """One batch: up to ``consumer_batch_size`` records, gathered for at most ``consumer_linger_ms``
+        after the first one arrived; ``[]`` when nothing came within ``timeout_ms``.
+
+        kafka-python's ``poll(timeout)`` sends the next fetch as soon as one is answered, and noida-db
+        answers an empty fetch at once instead of holding it for ``fetch_max_wait_ms``. A consumer that
+        has caught up therefore spun through thousands of empty fetches a second (a whole core between
+        the two consumers and the broker). So the runtime polls in short slices and sleeps between
+        them. Waiting up to ``consumer_linger_ms`` for a fuller batch also makes every per-batch cost
+        (the sink's transaction, the offset commit, the receipts' acknowledgement) rarer while the
+        stream trickles in; a backlog fills a batch at once and is not delayed.
+        """
+        size = self.settings.consumer_batch_size
+        linger = self.settings.consumer_linger_ms / 1000
+        idle_sleep = self.settings.consumer_idle_sleep_ms / 1000
+        start = time.monotonic()
+        first_at: float | None = None
+        records: list[Record] = []
+        while True:
+            # Without an assignment the group (re)join is still under way: give it a whole poll.
+            slice_ms = self.POLL_SLICE_MS if self.consumer.assignment() else min(timeout_ms, 200)
+            polled = self.consumer.poll(timeout_ms=slice_ms, max_records=size - len(records))
+            for msgs in polled.values():
+                records.extend(Record.from_kafka(m) for m in msgs)
+            now = time.monotonic()
+            if records:
+                if first_at is None:
+                    first_at = now
+                left = first_at + linger - now
+            else:
+                left = start + timeout_ms / 1000 - now
+            if len(records) >= size or left <= 0 or self._stop.is_set():
+                return records
+            time.sleep(min(left, idle_sleep))
 
     def handle_batch(self, records: list[Record]) -> None:
         """Process one batch with retry, dead-letter its poison records, then commit.
@@ -211,7 +282,8 @@ class ConsumerRuntime:
         paused, so a slow batch (a big MPI refit, a slow database) never exceeds
         ``max_poll_interval_ms`` and never costs the consumer its group membership.
         """
-        self.metrics.consumed(records)
+        with self.cpu.stage("metrics"):
+            self.metrics.consumed(records)
         with structlog.contextvars.bound_contextvars(**batch_context(records)):
             self._handle_batch(records)
 
@@ -238,11 +310,18 @@ class ConsumerRuntime:
             log.info("consumer.resumed", sink=self.sink.name)
         self.processed += len(records) - len(poison)
         self.dead_lettered += len(poison)
-        self._commit(records)
+        with self.cpu.stage("commit"):
+            self._commit(records)
 
     def _process_and_dead_letter(self, records: list[Record]) -> list[tuple[Record, BaseException]]:
+        t0 = time.thread_time()
         poison = self.sink.process(records)
+        t1 = time.thread_time()
         self._dead_letter(poison)
+        t2 = time.thread_time()
+        with self._cpu_lock:
+            self.cpu.add("sink", t1 - t0)
+            self.cpu.add("dead_letter", t2 - t1)
         return poison
 
     def _in_worker(self, fn: Callable[[], T]) -> T:
@@ -308,7 +387,7 @@ class ConsumerRuntime:
         offsets = {tp: OffsetAndMetadata(off + 1, "", -1) for tp, off in last.items()}
         try:
             self.consumer.commit(offsets)
-        except CommitFailedError as exc:
+        except (CommitFailedError, RebalanceInProgressError) as exc:
             # The group rebalanced while we worked: the new owner will redeliver; the sink is idempotent.
             log.warning("consumer.commit_failed", error=str(exc))
             return
@@ -325,6 +404,22 @@ class ConsumerRuntime:
                 continue
             self.metrics.lag(tp.topic, tp.partition, max(0, high - pos))
 
+    def cpu_report(self) -> dict[str, Any]:
+        """CPU milliseconds per consumed record: the whole process, the polling thread's stages, the sink's.
+
+        ``process`` includes every thread (kafka-python's heartbeat thread too) since the runtime was
+        created; ``sink`` is the worker thread inside ``Sink.process``, and ``sink.*`` the sink's own
+        breakdown of it when the sink keeps a :class:`CpuClock` as ``cpu``.
+        """
+        n = self.processed + self.dead_lettered
+        out: dict[str, Any] = {"records": n, "process": round((time.process_time() - self._process_cpu0) * 1000 / max(1, n), 4)}
+        with self._cpu_lock:
+            out.update(self.cpu.per_record_ms(n))
+        sink_cpu = getattr(self.sink, "cpu", None)
+        if isinstance(sink_cpu, CpuClock):
+            out.update({f"sink.{k}": v for k, v in sink_cpu.per_record_ms(n).items()})
+        return out
+
     def close(self) -> None:
         self._worker.shutdown(wait=True)
         try:
@@ -332,4 +427,5 @@ class ConsumerRuntime:
         except Exception as exc:  # closing must not mask the reason we stopped
             log.warning("consumer.close_failed", error=str(exc))
         self.sink.close()
-        log.info("consumer.stopped", group=self.group_id, processed=self.processed, dead_lettered=self.dead_lettered)
+        log.info("consumer.stopped", group=self.group_id, processed=self.processed, dead_lettered=self.dead_lettered,
+                 pid=os.getpid(), cpu_ms_per_record=self.cpu_report())

@@ -47,6 +47,9 @@ def producer_config(settings: Settings, bootstrap: str, **overrides: Any) -> dic
         "linger_ms": 10,
         "batch_size": 256 * 1024,
         "max_request_size": settings.max_request_size,
+        # FHIR JSON shrinks about 12x; the embedded noida-db rewrites its whole store on every autosave,
+        # so stored bytes cost broker CPU for as long as data keeps arriving (docs/streams.md#producer)
+        "compression_type": settings.compression,
         "request_timeout_ms": 30000,
         "max_block_ms": 15000,
     }

@@ -8,13 +8,14 @@ ledger as valid.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from bridge import envelope
-from bridge.consumer import Record
+from bridge.consumer import CpuClock, Record
 from bridge.errors import FhirbridgeError, TransientError
 from bridge.index.store import IncomingBundle, IndexStore
 from bridge.logging import get_logger
@@ -51,6 +52,19 @@ def parse_bundle(value: bytes) -> dict[str, Any]:
     return bundle
 
 
+def in_batch_order(records: Sequence[Record], poison: list[tuple[Record, BaseException]]) -> list[tuple[Record, BaseException]]:
+    """The poison records in the order of the batch (the sinks find them in several passes)."""
+    if len(poison) < 2:
+        return poison
+    order = {id(r): i for i, r in enumerate(records)}
+    return sorted(poison, key=lambda p: order.get(id(p[0]), len(order)))
+
+
+def check_bundle(value: bytes) -> None:
+    """Raise :class:`BadBundle` unless ``value`` is a FHIR Bundle :func:`parse_bundle` accepts."""
+    parse_bundle(value)
+
+
 class EnvelopeChecker:
     """Parse and authenticate a record's envelope against the trust registry."""
 
@@ -64,6 +78,18 @@ class EnvelopeChecker:
         self.trust.verify(env)
         return env
 
+    def check_many(
+        self, records: Sequence[Record], poison: list[tuple[Record, BaseException]]
+    ) -> list[tuple[Record, envelope.Envelope]]:
+        """Check every record; the failures are appended to ``poison`` with their error."""
+        ok: list[tuple[Record, envelope.Envelope]] = []
+        for rec in records:
+            try:
+                ok.append((rec, self.check(rec)))  # rejects a record without a value
+            except envelope.EnvelopeError as exc:
+                poison.append((rec, exc))
+        return ok
+
 
 class LedgerSink:
     """Appends one leaf per bundle (hash and provenance metadata, no PHI); dedupes by (hash, source)."""
@@ -75,6 +101,7 @@ class LedgerSink:
         self.checker = checker
         self.receipts = receipts
         self.receipts_topic = receipts_topic
+        self.cpu = CpuClock()
 
     def process(self, records: Sequence[Record]) -> list[tuple[Record, BaseException]]:
         from ledger.errors import EntryTooLarge, InvalidEntry, StorageUnavailable
@@ -83,10 +110,20 @@ class LedgerSink:
         poison: list[tuple[Record, BaseException]] = []
         entries: list[LedgerEntry] = []
         kept: list[Record] = []
-        for rec in records:
+        with self.cpu.stage("envelope"):
+            checked = self.checker.check_many(records, poison)
+        with self.cpu.stage("parse"):
+            parsed = []
+            for rec, env in checked:
+                try:
+                    check_bundle(rec.value or b"")
+                except BadBundle as exc:
+                    poison.append((rec, exc))
+                    continue
+                parsed.append((rec, env))
+        t0 = time.thread_time()
+        for rec, env in parsed:
             try:
-                env = self.checker.check(rec)  # rejects a record without a value
-                parse_bundle(rec.value or b"")
                 entry = LedgerEntry(
                     bundle_sha256=env.bundle_sha256,
                     source_org=env.source_org,
@@ -99,17 +136,20 @@ class LedgerSink:
                     message_id=env.message_id or None,
                 )
                 entry.canonical()  # raises EntryTooLarge over 64 KB
-            except (envelope.EnvelopeError, BadBundle, EntryTooLarge, InvalidEntry) as exc:
+            except (EntryTooLarge, InvalidEntry) as exc:
                 poison.append((rec, exc))
                 continue
             entries.append(entry)
             kept.append(rec)
+        self.cpu.add("entry", time.thread_time() - t0)
         if entries:
             try:
-                indices = self.ledger.append(entries)
+                with self.cpu.stage("append"):
+                    indices = self.ledger.append(entries)
             except StorageUnavailable as exc:
                 raise TransientError(str(exc)) from exc
             if self.receipts is not None:
+                t0 = time.thread_time()
                 futures = [
                     self.receipts.send(
                         self.receipts_topic,
@@ -124,7 +164,8 @@ class LedgerSink:
                 self.receipts.flush(30)
                 for f in futures:
                     f.get(timeout=30)
-        return poison
+                self.cpu.add("receipts", time.thread_time() - t0)
+        return in_batch_order(records, poison)
 
     def idle(self) -> None:
         """Sign a checkpoint over entries appended since the last one, once the interval has passed."""
@@ -155,16 +196,19 @@ class IndexSink:
         self.checker = checker
         self.mpi = mpi
         self.mpi_factory = mpi_factory
+        self.cpu = CpuClock()
 
     def process(self, records: Sequence[Record]) -> list[tuple[Record, BaseException]]:
         poison: list[tuple[Record, BaseException]] = []
         incoming: list[IncomingBundle] = []
         patients: list[tuple[str, dict[str, Any]]] = []
-        for rec in records:
+        with self.cpu.stage("envelope"):
+            checked = self.checker.check_many(records, poison)
+        t0 = time.thread_time()
+        for rec, env in checked:
             try:
-                env = self.checker.check(rec)  # rejects a record without a value
                 bundle = parse_bundle(rec.value or b"")
-            except (envelope.EnvelopeError, BadBundle) as exc:
+            except BadBundle as exc:
                 poison.append((rec, exc))
                 continue
             incoming.append(
@@ -182,11 +226,14 @@ class IndexSink:
             for e in bundle["entry"]:
                 if e["resource"]["resourceType"] == "Patient":
                     patients.append((env.source_org, e["resource"]))
+        self.cpu.add("parse", time.thread_time() - t0)
         if incoming:
-            self.store.apply(incoming)  # TransientError propagates: the runtime backs off
+            with self.cpu.stage("store"):
+                self.store.apply(incoming)  # TransientError propagates: the runtime backs off
         if patients and (self.mpi is not None or self.mpi_factory is not None):
-            self._upsert_mpi(patients)
-        return poison
+            with self.cpu.stage("mpi"):
+                self._upsert_mpi(patients)
+        return in_batch_order(records, poison)
 
     def _upsert_mpi(self, patients: list[tuple[str, dict[str, Any]]]) -> None:
         """Feed the MPI; a lost database connection is transient: reopen the MPI on the next try."""

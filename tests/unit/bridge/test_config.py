@@ -34,3 +34,23 @@ def test_tune_gc_freezes_the_heap_and_sets_the_thresholds() -> None:
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def test_compression_and_consumer_batching_settings() -> None:
+    s = Settings.from_env({})
+    assert (s.compression, s.consumer_linger_ms, s.consumer_idle_sleep_ms) == ("gzip", 50, 20)
+    s = Settings.from_env({"FHIRBRIDGE_COMPRESSION": "none", "FHIRBRIDGE_CONSUMER_LINGER_MS": "0",
+                           "FHIRBRIDGE_CONSUMER_IDLE_SLEEP_MS": "5"})
+    assert (s.compression, s.consumer_linger_ms, s.consumer_idle_sleep_ms) == (None, 0, 5)
+    assert Settings.from_env({"FHIRBRIDGE_COMPRESSION": "ZSTD"}).compression == "zstd"
+    with pytest.raises(ConfigError, match="FHIRBRIDGE_COMPRESSION"):
+        Settings.from_env({"FHIRBRIDGE_COMPRESSION": "brotli"})
+
+
+def test_every_producer_compresses_as_configured() -> None:
+    from bridge.publish import producer_config
+
+    assert producer_config(Settings.from_env({}), "127.0.0.1:1")["compression_type"] == "gzip"
+    assert producer_config(Settings.from_env({"FHIRBRIDGE_COMPRESSION": "none"}), "127.0.0.1:1")["compression_type"] is None
+    cfg = producer_config(Settings.from_env({}), "127.0.0.1:1")
+    assert (cfg["acks"], cfg["enable_idempotence"]) == ("all", True)  # compression leaves the guarantees alone

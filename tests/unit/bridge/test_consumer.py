@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import time
+from typing import Any
+
 import structlog
 
 from bridge.config import Settings
@@ -28,3 +31,105 @@ def test_consumer_config_never_keeps_the_45s_session_default_and_is_static() -> 
 
 def test_record_timestamp_is_rfc3339_utc() -> None:
     assert Record("t", 0, 0, 1_767_225_600_123, None, None).timestamp_iso == "2026-01-01T00:00:00.123Z"
+
+
+# -- polling: short slices, sleeps in between, a batch gathered for at most the linger ------------
+class _Msg:
+    def __init__(self, offset: int) -> None:
+        self.topic, self.partition, self.offset, self.timestamp = "fhir.bundles", 0, offset, 0
+        self.key, self.value, self.headers = None, b"{}", []
+
+
+class _ScriptedConsumer:
+    """Answers each poll from a script of record counts (0: nothing yet), then nothing."""
+
+    def __init__(self, script: list[int]) -> None:
+        self.script = list(script)
+        self.polls: list[tuple[int, int | None]] = []
+        self.next_offset = 0
+
+    def assignment(self) -> set[str]:
+        return {"tp"}
+
+    def commit(self, offsets: Any) -> None:
+        from kafka.errors import RebalanceInProgressError
+
+        raise RebalanceInProgressError("the group is rebalancing")
+
+    def poll(self, timeout_ms: int = 0, max_records: int | None = None) -> dict[str, list[_Msg]]:
+        self.polls.append((timeout_ms, max_records))
+        n = self.script.pop(0) if self.script else 0
+        n = min(n, max_records or n)
+        msgs = [_Msg(self.next_offset + i) for i in range(n)]
+        self.next_offset += n
+        return {"tp": msgs} if msgs else {}
+
+
+def _runtime(consumer: _ScriptedConsumer, **env: str) -> Any:
+    from bridge.consumer import ConsumerRuntime
+
+    settings = Settings.from_env(env)
+
+    class _Sink:
+        name = "test"
+
+        def process(self, records: Any) -> list[Any]:
+            return []
+
+        def close(self) -> None:
+            pass
+
+    return ConsumerRuntime(settings, "127.0.0.1:1", _Sink(), None, group_id="g", consumer=consumer)  # type: ignore[arg-type]
+
+
+def test_poll_batch_returns_a_full_batch_at_once() -> None:
+    consumer = _ScriptedConsumer([3, 0, 0])
+    rt = _runtime(consumer, FHIRBRIDGE_CONSUMER_BATCH="3", FHIRBRIDGE_CONSUMER_LINGER_MS="5000")
+    t0 = time.monotonic()
+    records = rt.poll_batch(timeout_ms=5000)
+    assert [r.offset for r in records] == [0, 1, 2]
+    assert len(consumer.polls) == 1 and time.monotonic() - t0 < 1.0
+    assert consumer.polls[0] == (rt.POLL_SLICE_MS, 3)  # never kafka-python's own long (spinning) poll
+
+
+def test_poll_batch_gathers_a_trickle_until_the_linger_ends() -> None:
+    consumer = _ScriptedConsumer([1, 0, 2, 0, 1] + [0] * 1000)
+    rt = _runtime(consumer, FHIRBRIDGE_CONSUMER_BATCH="500", FHIRBRIDGE_CONSUMER_LINGER_MS="150",
+                  FHIRBRIDGE_CONSUMER_IDLE_SLEEP_MS="10")
+    t0 = time.monotonic()
+    records = rt.poll_batch(timeout_ms=5000)
+    elapsed = time.monotonic() - t0
+    assert [r.offset for r in records] == [0, 1, 2, 3]
+    assert 0.14 <= elapsed < 1.0  # waited the linger after the first record, not the 5 s poll timeout
+    assert all(max_records == 500 - got for (_, max_records), got in zip(consumer.polls, [0, 1, 1, 3, 3], strict=False))
+    assert len(consumer.polls) < 40  # slept between the polls instead of spinning
+
+
+def test_poll_batch_gives_up_after_the_timeout_without_spinning() -> None:
+    consumer = _ScriptedConsumer([])
+    rt = _runtime(consumer, FHIRBRIDGE_CONSUMER_IDLE_SLEEP_MS="20")
+    t0 = time.monotonic()
+    assert rt.poll_batch(timeout_ms=200) == []
+    assert 0.19 <= time.monotonic() - t0 < 1.0
+    assert len(consumer.polls) <= 12
+
+
+def test_cpu_clock_adds_up_stages_per_record() -> None:
+    from bridge.consumer import CpuClock
+
+    clock = CpuClock()
+    with clock.stage("work"):
+        sum(i * i for i in range(200_000))
+    clock.add("work", 0.5)
+    clock.add("other", 0.25)
+    per = clock.per_record_ms(500)
+    assert per["other"] == 0.5 and per["work"] > 1.0
+    assert CpuClock().per_record_ms(0) == {}
+
+
+def test_a_commit_during_a_rebalance_is_skipped_not_fatal() -> None:
+    """A restarted static member can be handed records and then see the group rebalance (noida-db does
+    this): the commit fails, the batch is redelivered to the partition's owner, and the idempotent
+    sinks make the second delivery a no-op. The consumer must keep running."""
+    rt = _runtime(_ScriptedConsumer([]))
+    rt._commit([Record("fhir.bundles", 0, 7, 0, None, b"")])  # does not raise

@@ -1,0 +1,84 @@
+"""The ledger and index sinks without a broker: envelope checks, poison order, per-stage CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bridge.consumer import Record
+from bridge.envelope import Envelope, OrgSigner, TrustedKey, TrustRegistry, utc_now
+from bridge.index.store import IndexStore
+from bridge.sinks import EnvelopeChecker, IndexSink, LedgerSink, in_batch_order
+from ledger.log import Ledger
+
+
+def _bundle(pid: str) -> bytes:
+    bundle = {"resourceType": "Bundle", "type": "transaction", "timestamp": "2026-01-01T00:00:00Z",
+              "entry": [{"resource": {"resourceType": "Patient", "id": pid, "name": [{"family": "DOE"}]}}]}
+    return orjson.dumps(bundle, option=orjson.OPT_SORT_KEYS)
+
+
+def _record(signer: OrgSigner, offset: int, value: bytes, *, forge: bool = False) -> Record:
+    import hashlib
+
+    env = signer.sign(Envelope("st-mary", "hl7v2", "1", hashlib.sha256(value).hexdigest(), utc_now(), f"m{offset}"))
+    headers = env.headers()
+    if forge:
+        headers = [(k, v if k != "fb-signature" else OrgSigner.generate("st-mary").sign(env).headers()[-1][1]) for k, v in headers]
+    return Record("fhir.bundles", 0, offset, 1_767_225_600_000 + offset, b"st-mary|mrn", value, headers)
+
+
+def _fixture() -> tuple[OrgSigner, EnvelopeChecker]:
+    signer = OrgSigner.generate("st-mary")
+    trust = TrustRegistry()
+    trust.add("st-mary", TrustedKey(signer.key_id, signer.public_bytes, "2020-01-01T00:00:00Z", None))
+    return signer, EnvelopeChecker(trust)
+
+
+def _mixed(signer: OrgSigner) -> list[Record]:
+    return [
+        _record(signer, 0, _bundle("p0")),
+        _record(signer, 1, b"not json"),  # bad bundle: found after the envelope pass
+        _record(signer, 2, _bundle("p2"), forge=True),  # forged: found by the envelope pass
+        _record(signer, 3, _bundle("p3")),
+    ]
+
+
+def test_ledger_sink_dead_letters_in_batch_order_and_times_its_stages(tmp_path: Path) -> None:
+    signer, checker = _fixture()
+    sink = LedgerSink(Ledger.open(f"sqlite://{tmp_path / 'ledger.db'}", origin="test/ledger"), checker)
+    poison = sink.process(_mixed(signer))
+    assert [(r.offset, type(e).__name__) for r, e in poison] == [(1, "BadBundle"), (2, "SignatureError")]
+    assert sink.ledger.size() == 2
+    assert sink.process(_mixed(signer))[0][0].offset == 1 and sink.ledger.size() == 2  # idempotent
+    assert {"envelope", "parse", "entry", "append"} <= set(sink.cpu.seconds)
+    sink.close()
+
+
+def test_index_sink_dead_letters_in_batch_order_and_times_its_stages(tmp_path: Path) -> None:
+    signer, checker = _fixture()
+    fed: list[Any] = []
+
+    class _Mpi:
+        def upsert_patients(self, patients: Any) -> None:
+            fed.extend(patients)
+
+        def close(self) -> None:
+            pass
+
+    sink = IndexSink(IndexStore.open(f"sqlite://{tmp_path / 'index.db'}"), checker, _Mpi())  # type: ignore[arg-type]
+    poison = sink.process(_mixed(signer))
+    assert [(r.offset, type(e).__name__) for r, e in poison] == [(1, "BadBundle"), (2, "SignatureError")]
+    assert sink.store.counts()["bundles"] == 2
+    assert [p["id"] for _, p in fed] == ["p0", "p3"]
+    assert {"envelope", "parse", "store", "mpi"} <= set(sink.cpu.seconds)
+    sink.close()
+
+
+def test_in_batch_order_sorts_poison_by_position_in_the_batch() -> None:
+    recs = [Record("t", 0, i, 0, None, b"") for i in range(4)]
+    err = ValueError("x")
+    assert [r.offset for r, _ in in_batch_order(recs, [(recs[3], err), (recs[0], err), (recs[2], err)])] == [0, 2, 3]
+    assert in_batch_order(recs, []) == []
