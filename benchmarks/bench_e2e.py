@@ -12,13 +12,22 @@ measures:
 * bridge producer alone: publishing pre-converted bundles through ``bridge.publish.Publisher``
   (signing included), for the "producer >= 70% of raw" goal.
 
-Usage: python benchmarks/bench_e2e.py [--messages 10000] [--broker noida|tansu]
+The stack's run also prints a CPU budget in ms per bundle: each ``fhirbridge ingest`` process (from
+its rusage, split by its ``ingest.cpu`` log line into start-up, convert + validate, sign + send and
+the producer's I/O thread), the broker's process group (``/proc``), and each consumer process
+(``/proc``, split by its ``consumer.stopped`` log line into poll, envelope check, parse, store, MPI,
+ledger append, receipts, commit). 1,000 bundles/s on 2 cores leaves 2 ms per bundle for all of them.
+The ``fhirbridge ingest`` processes run at once, one per hospital (``--ingest-processes``).
+
+Usage: python benchmarks/bench_e2e.py [--messages 10000] [--broker noida|tansu] [--ingest-processes 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -27,10 +36,11 @@ import time
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 
 from adapters import registry
 from adapters.base import ConvertedBundle, SourceInfo
@@ -46,6 +56,67 @@ from ledger.note import generate_key
 
 def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "bridge.cli", *args]
+
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu(pid: int) -> float:
+    """utime + stime of one process, in seconds (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def group_cpu(pgid: int) -> float:
+    """utime + stime of every live process in process group ``pgid`` (the broker and its children)."""
+    total = 0.0
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:
+            total += (int(fields[11]) + int(fields[12])) / TICK
+    return total
+
+
+def children_cpu() -> float:
+    """utime + stime of every child process waited for so far."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def json_lines(text: str, event: str) -> list[dict[str, Any]]:
+    import json
+
+    out = []
+    for line in text.splitlines():
+        if line.startswith("{") and f'"{event}"' in line:
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+    return out
+
+
+def start_consumers(env: dict[str, str], logs: Path, tag: str) -> dict[str, subprocess.Popen[bytes]]:
+    procs = {}
+    cenv = dict(env, FHIRBRIDGE_LOG_LEVEL="info")
+    for name in ("ledger", "index"):
+        out = open(logs / f"{name}-{tag}.log", "wb")  # noqa: SIM115
+        procs[name] = subprocess.Popen(cli(name, "run"), env=cenv, stdout=out, stderr=subprocess.STDOUT)
+    return procs
+
+
+def print_budget(rows: list[tuple[str, float]], n: int, wall_s: float) -> None:
+    total = sum(ms for _, ms in rows if not _.startswith("  "))
+    print(f"CPU budget, ms per bundle ({n} bundles, {wall_s:.1f} s wall; 2 cores = {2000 * wall_s / n:.2f} ms/bundle available):")
+    for name, ms in rows:
+        print(f"  {name:<58} {ms:7.3f}")
+    print(f"  {'total':<58} {total:7.3f}  -> CPU-bound ceiling {2000 / total if total else 0:,.0f} bundles/s on 2 cores")
 
 
 def measure_latency(settings: Settings, bootstrap: str, adapter: object, items: list[tuple[str, ConvertedBundle]],
@@ -111,6 +182,10 @@ def main() -> None:
     ap.add_argument("--messages", type=int, default=10_000)
     ap.add_argument("--broker", default="noida", choices=["noida", "tansu"])
     ap.add_argument("--latency-messages", type=int, default=2000)
+    ap.add_argument("--keep", action="store_true", help="keep the work directory (data, consumer logs)")
+    ap.add_argument("--ingest-processes", type=int, default=2,
+                    help="`fhirbridge ingest` processes running at once: one per org, or an org's files split over "
+                         "several; 0: one per org, one after the other (the set-up before issue 6)")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="fhirbridge-bench-"))
@@ -188,32 +263,84 @@ def main() -> None:
         pub_rate = len(converted) / pub_s
         print(f"bridge Publisher (sign + produce): {pub_rate:,.0f} msgs/s = {pub_rate / raw_rate:.0%} of raw")
 
+        # The peers' topics go before the stack runs: noida-db rewrites its whole store on every autosave,
+        # so their 20,000 records would tax the broker (and the stack's budget) for the rest of the run.
+        admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap, client_id="bench-admin")
+        admin.delete_topics([t for ts in (raw_topic, pub_settings.topics) for t in (ts.bundles, ts.deadletter, ts.receipts)])
+        admin.close()
+
         # -- the demo stack end to end
         logs = work / "logs"
         logs.mkdir()
-        procs = []
-        for name in ("ledger", "index"):
-            out = open(logs / f"{name}.log", "wb")  # noqa: SIM115
-            procs.append(subprocess.Popen(cli(name, "run"), env=env, stdout=out, stderr=subprocess.STDOUT))
+        procs = start_consumers(env, logs, "e2e")
         index = IndexStore.open(settings.index_url)
         ledger = Ledger.open(settings.ledger_url, origin=settings.ledger_origin)
         time.sleep(4)  # let both consumers join their groups before the clock starts
+        assert broker.pid is not None
+        cpu0 = {"broker": group_cpu(broker.pid), **{k: proc_cpu(p.pid) for k, p in procs.items()}}
+        children0 = children_cpu()
         t0 = time.perf_counter()
-        for org, paths in files.items():
-            subprocess.run(cli("ingest", "--adapter", "hl7v2", "--source", org, "--timezone", "America/Chicago",
-                               "--no-progress", *map(str, paths)), env=env, check=True, stderr=subprocess.DEVNULL)
+        ienv = dict(env, FHIRBRIDGE_LOG_LEVEL="info")
+        jobs = [(org, paths) for org, paths in files.items()]
+        if args.ingest_processes > len(jobs):  # split each org's files over more processes
+            per = -(-args.ingest_processes // len(jobs))
+            jobs = [(org, paths[i::per]) for org, paths in files.items() for i in range(per) if paths[i::per]]
+        ingests: list[tuple[subprocess.Popen[bytes], Path]] = []
+        for i, (org, paths) in enumerate(jobs):
+            cmd = cli("ingest", "--adapter", "hl7v2", "--source", org, "--timezone", "America/Chicago", "--no-progress",
+                      *map(str, paths))
+            err_path = logs / f"ingest-{i}.log"
+            with open(err_path, "wb") as err_file:
+                proc = subprocess.Popen(cmd, env=ienv, stdout=subprocess.DEVNULL, stderr=err_file)
+            if args.ingest_processes == 0:
+                proc.wait()
+            ingests.append((proc, err_path))
+        ingest_logs: list[dict[str, Any]] = []
+        for proc, err_path in ingests:
+            proc.wait()
+            err = err_path.read_text(errors="replace")
+            if proc.returncode != 0:
+                raise SystemExit(f"ingest failed: {err[-2000:]}")
+            ingest_logs += json_lines(err, "ingest.cpu")
+        ingest_cpu = children_cpu() - children0
         ingest_s = time.perf_counter() - t0
         ledger_done = index_done = None
         while time.perf_counter() - t0 < 600 and (ledger_done is None or index_done is None):
             now = time.perf_counter() - t0
             if ledger_done is None and ledger.size() >= total:
                 ledger_done = now
-            if index_done is None and index.counts()["bundles"] >= total:
+            if index_done is None and index.db.query("SELECT COUNT(*) FROM bundles")[0][0] >= total:
                 index_done = now
-            time.sleep(0.05)
+            time.sleep(0.1)
         e2e_s = max(ledger_done or 0, index_done or 0)
         e2e_rate = total / e2e_s
-        print(f"ingest (fhirbridge ingest, 2 processes, incl. start-up): {total / ingest_s:,.0f} msgs/s ({ingest_s:.1f}s)")
+        cpu1 = {"broker": group_cpu(broker.pid), **{k: proc_cpu(p.pid) for k, p in procs.items()}}
+        for cproc in procs.values():
+            cproc.terminate()
+        for cproc in procs.values():
+            cproc.wait(30)
+        stages: dict[str, dict[str, Any]] = {}
+        for name in procs:
+            lines = json_lines((logs / f"{name}-e2e.log").read_text(errors="replace"), "consumer.stopped")
+            stages[name] = lines[-1]["cpu_ms_per_record"] if lines else {}
+        n = total
+        rows: list[tuple[str, float]] = []
+        startup = sum(float(lg["cpu_s"]["start-up"]) for lg in ingest_logs)
+        split = {k: sum(float(lg["cpu_s"][k]) for lg in ingest_logs) for k in ("convert", "publish", "producer threads and the rest")}
+        rows.append((f"ingest ({len(ingests)} processes, all threads, incl. start-up)", ingest_cpu * 1000 / n))
+        rows.append(("  start-up (imports, topics, keys)", startup * 1000 / n))
+        rows.append(("  convert + validate (adapter, main thread)", split["convert"] * 1000 / n))
+        rows.append(("  sign + send (Publisher.publish, main thread)", split["publish"] * 1000 / n))
+        rows.append(("  producer I/O thread, flush, rest", split["producer threads and the rest"] * 1000 / n))
+        rows.append((f"broker ({args.broker})", (cpu1["broker"] - cpu0["broker"]) * 1000 / n))
+        for name in ("ledger", "index"):
+            rows.append((f"{name} consumer (process)", (cpu1[name] - cpu0[name]) * 1000 / n))
+            st = stages[name]
+            for k in sorted(st):
+                if k not in ("records", "process"):
+                    rows.append((f"  {k}", float(st[k])))
+        print_budget(rows, n, e2e_s)
+        print(f"ingest (fhirbridge ingest, {len(ingests)} processes, incl. start-up): {total / ingest_s:,.0f} msgs/s ({ingest_s:.1f}s)")
         print(f"all {total} in the ledger after {ledger_done:.1f}s; all queryable (index) after {index_done:.1f}s")
         print(f"end to end: {e2e_rate:,.0f} bundles/s sustained, from first ingest to last queryable")
         print(f"ratio ingest / raw produce: {total / ingest_s / raw_rate:.2f}")
@@ -227,16 +354,21 @@ def main() -> None:
             for o in adapter.convert("\n".join(msgs).encode(), SourceInfo(org, timezone="America/Chicago")):
                 assert isinstance(o, ConvertedBundle)
                 paced.append((org, o))
+        procs = start_consumers(env, logs, "latency")
+        time.sleep(4)
         lat = measure_latency(settings, broker.bootstrap, adapter, paced, rate, index)
         print(f"latency at {rate:,.0f} bundles/s (half the sustained rate), {len(paced)} bundles:")
         print(f"  produce -> ledger-committed: p50 {lat['ledger_p50']:.0f} ms, p99 {lat['ledger_p99']:.0f} ms")
         print(f"  produce -> queryable:        p50 {lat['index_p50']:.0f} ms, p99 {lat['index_p99']:.0f} ms")
-        for p in procs:
-            p.terminate()
-            p.wait(30)
+        for cproc in procs.values():
+            cproc.terminate()
+            cproc.wait(30)
     finally:
         broker.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
