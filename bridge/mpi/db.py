@@ -11,6 +11,7 @@ import re
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,23 @@ SCHEMA = [
 TABLES = ("mpi_patient", "mpi_block", "mpi_pair", "mpi_alias", "mpi_history", "mpi_tf", "mpi_meta")
 
 
+class Pending:
+    """A statement running on the database's worker thread (:meth:`Database.insert_many_background`)."""
+
+    def __init__(self, future: Future[None] | None) -> None:
+        self._future = future
+
+    def wait(self, *, raise_error: bool = True) -> None:
+        """Block until the statement has finished; re-raise its error (unless ``raise_error`` is false:
+        on the way out of a failed transaction, whose own error matters)."""
+        if self._future is None:
+            return
+        future, self._future = self._future, None
+        exc = future.exception()
+        if exc is not None and raise_error:
+            raise exc
+
+
 def chunks(items: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
@@ -139,6 +157,7 @@ class Database:
         else:
             raise MpiError(f"unsupported MPI database URL {url!r}: use sqlite:///PATH or postgresql://...")
         self._in_write = False
+        self._worker: ThreadPoolExecutor | None = None
         self._create_schema()
 
     def _sql(self, sql: str) -> str:
@@ -189,13 +208,38 @@ class Database:
         if self._pg is None:
             self.executemany(sql, rows)
             return
+        with self._lock:
+            self._insert_statement(sql, rows, types)
+
+    def _insert_statement(self, sql: str, rows: Sequence[Sequence[Any]], types: Sequence[str]) -> None:
+        """``insert_many`` on PostgreSQL as one ``unnest`` statement, without taking the connection lock."""
         m = _INSERT.match(sql)
         if m is None or len(types) != len(rows[0]):
             raise MpiError(f"insert_many needs an INSERT ... VALUES statement matching its types: {sql[:60]}")
         unnest = ", ".join(f"%b::{t}[]" for t in types)  # binary parameters: much faster array dumping
         columns = [list(c) for c in zip(*rows, strict=True)]
-        with self._lock:
-            self._pg.execute(f"{m[1]} SELECT * FROM unnest({unnest}){m[2]}", columns)
+        self._pg.execute(f"{m[1]} SELECT * FROM unnest({unnest}){m[2]}", columns)
+
+    def insert_many_background(
+        self, sql: str, rows: Sequence[Sequence[Any]], types: Sequence[str]
+    ) -> Pending:
+        """:meth:`insert_many`, on PostgreSQL started on a worker thread: the call returns at once and the
+        caller computes while the server inserts (in its own process; the client thread waits without the
+        GIL). On SQLite the rows are inserted before the call returns: there the insertion is this
+        process's own CPU work, and a second thread only added GIL hand-overs (measured).
+
+        Only inside :meth:`write`, by the thread that holds it, which must not use this database again
+        until :meth:`Pending.wait` has returned: the worker uses the connection without taking the lock
+        that thread holds.
+        """
+        if not self._in_write:
+            raise MpiError("insert_many_background runs inside a write transaction only")
+        if not rows or self._pg is None:
+            self.insert_many(sql, rows, types)
+            return Pending(None)
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mpi-db")
+        return Pending(self._worker.submit(self._insert_statement, sql, rows, types))
 
     def all_in(self, sql: str, values: Sequence[Any], extra: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """Run ``sql`` (containing one ``IN ({in})``) for ``values`` (in chunks on SQLite, as one array
@@ -264,6 +308,9 @@ class Database:
                     self._lite.execute("COMMIT")
 
     def close(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
         with self._lock:
             if self._pg is not None:
                 self._pg.close()

@@ -328,16 +328,24 @@ class PersonIndex:
                 seq = max_seq
                 rows.append((pid, org, person_id_for(pid), blobs[pid].decode(), digests[pid], seq, now))
             items.append((pid, org, feats, digests[pid], seq))
-        keys_of = dict(zip(changed, cache.put_many(items), strict=True))
-        db.insert_many(
+        # the new rows are inserted on the database's worker thread while this one blocks and compares
+        # (memory only: no database use until the insert has finished)
+        pending = db.insert_many_background(
             "INSERT INTO mpi_patient (patient_id, source_org, person_id, features, digest, seq, updated_at) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
             rows,
             ("text", "text", "text", "text", "text", "bigint", "text"),
         )
+        try:
+            keys_of = dict(zip(changed, cache.put_many(items), strict=True))
+            ia, ib = self._candidates(cache, changed, keys_of)
+            gamma = compare_pairs(cache.table(), ia, ib)
+        except BaseException:
+            pending.wait(raise_error=False)
+            raise
+        pending.wait()
         self._bump_generation(cache, updated=bool(updated))
-        total = len(cache)
-        self._score_new(changed, keys_of, batch, total, now, seeds)
+        self._score_new(ia, ib, gamma, len(cache), now, seeds)
         if seeds:
             self._recluster(seeds, now, fresh=frozenset(r[2] for r in rows))
 
@@ -388,23 +396,16 @@ class PersonIndex:
         return ia[keep], ib[keep]
 
     def _score_new(
-        self,
-        changed: list[str],
-        keys_of: dict[str, list[str]],
-        batch: dict[str, tuple[str, Features]],
-        total: int,
-        now: str,
-        seeds: set[str],
+        self, ia: np.ndarray, ib: np.ndarray, gamma: np.ndarray, total: int, now: str, seeds: set[str]
     ) -> None:
+        """Weigh and store the batch's compared candidate pairs (cache rows ``ia``, ``ib``)."""
         db = self.db
         cache = self._cache
         assert cache is not None
-        ia, ib = self._candidates(cache, changed, keys_of)
         if not len(ia):
             self._maybe_fit(total)
             return
         table = cache.table()
-        gamma = compare_pairs(table, ia, ib)
         if cache.patterns is not None:
             add_patterns(cache.patterns, gamma)
             self._set_meta("em_patterns", dump_patterns(cache.patterns))

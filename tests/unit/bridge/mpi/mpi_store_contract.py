@@ -12,6 +12,7 @@ from bridge.mpi import (
     MatchState,
     MpiConfig,
     MpiConflict,
+    MpiError,
     MpiInputError,
     MpiNotFound,
     PersonIndex,
@@ -310,6 +311,39 @@ class StoreContract:
         assert mpi.stats()["records"] == 0
         mpi.upsert_patients([("org-a", ALICE_A), ("org-b", ALICE_B)])  # not mistaken for a no-op
         assert mpi.linked_patient_ids("a1") == ["a1", "b1"]
+
+    def test_background_insert_joins_the_transaction(self, mpi: PersonIndex) -> None:
+        """Rows inserted on the database's worker thread commit or roll back with the transaction, and
+        the worker's error reaches the caller."""
+        db = mpi.db
+        sql = "INSERT INTO mpi_alias (old_id, person_id) VALUES (?, ?)"
+        with pytest.raises(MpiError, match="inside a write transaction"):
+            db.insert_many_background(sql, [("x", "y")], ("text", "text"))
+        with db.write():
+            pending = db.insert_many_background(
+                sql, [(f"o{i}", f"p{i}") for i in range(50)], ("text", "text")
+            )
+            pending.wait()
+            pending.wait()  # idempotent
+        assert db.one("SELECT COUNT(*) FROM mpi_alias") == (50,)
+        with pytest.raises(RuntimeError, match="rolled back"), db.write():
+            db.insert_many_background(sql, [("o100", "p")], ("text", "text")).wait()
+            raise RuntimeError("rolled back")
+        assert db.one("SELECT COUNT(*) FROM mpi_alias") == (50,)
+        with pytest.raises(Exception, match=r"(?i)unique|duplicate"), db.write():  # at the call or the wait
+            db.insert_many_background(sql, [("o1", "again")], ("text", "text")).wait()
+        assert db.one("SELECT person_id FROM mpi_alias WHERE old_id = 'o1'") == ("p1",)
+
+    def test_review_queue_reads_the_possible_match_index(self, mpi: PersonIndex) -> None:
+        names = {
+            r[0]
+            for r in (
+                mpi.db.all("SELECT name FROM sqlite_master WHERE type = 'index'")
+                if mpi.db.kind == "sqlite"
+                else mpi.db.all("SELECT indexname FROM pg_indexes WHERE tablename = 'mpi_pair'")
+            )
+        }
+        assert "mpi_pair_possible" in names and "mpi_pair_state" not in names
 
     def test_em_patterns_survive_reopening(self, mpi_url: str) -> None:
         cfg = dataclasses.replace(MpiConfig(), em_min_records=40)

@@ -27,3 +27,19 @@ def test_wal_mode_and_url_is_the_path(tmp_path: Path) -> None:
     with PersonIndex.open(f"sqlite://{tmp_path / 'sub' / 'w.db'}") as mpi:
         assert mpi.db.one("PRAGMA journal_mode") == ("wal",)
     assert (tmp_path / "sub" / "w.db").is_file()
+
+
+def test_pending_reraises_unless_told_not_to() -> None:
+    from concurrent.futures import Future
+
+    from bridge.mpi.db import Pending
+
+    def failed() -> Future[None]:
+        f: Future[None] = Future()
+        f.set_exception(ValueError("worker failed"))
+        return f
+
+    with pytest.raises(ValueError, match="worker failed"):
+        Pending(failed()).wait()
+    Pending(failed()).wait(raise_error=False)
+    Pending(None).wait()
