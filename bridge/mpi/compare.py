@@ -243,7 +243,14 @@ class _Pairs:
         todo = np.nonzero(present & ~eq)[0]
         if len(todo):
             pa, pb = (self.ia, self.ib) if rows is None else (self.ia[rows], self.ib[rows])
-            out[todo] = _sim(self.t.values(key_a, pa[todo]), self.t.values(key_b, pb[todo]), scorer)
+            # each distinct pair of values once: records of one person share values, and a batch's
+            # records are compared with the same neighbours, so about half the pairs repeat one
+            ka, kb = ca[todo], cb[todo]
+            _, first, inverse = np.unique(
+                ka * (int(kb.max()) + 1) + kb, return_index=True, return_inverse=True
+            )
+            ra, rb = pa[todo[first]], pb[todo[first]]
+            out[todo] = _sim(self.t.values(key_a, ra), self.t.values(key_b, rb), scorer)[inverse.ravel()]
         return out
 
 

@@ -207,3 +207,15 @@ def test_cache_strings_follow_the_vocabulary_as_it_grows() -> None:
         codes = np.array(list(cache.vocab.values())[1:], dtype=np.int64)
         assert strings[np.maximum(codes, 0)].tolist() == list(cache.vocab)[1:]
         assert strings[np.maximum(np.array([-1]), 0)].tolist() == [""]
+
+
+def test_repeated_value_pairs_score_like_single_pairs() -> None:
+    """Each distinct pair of values is scored once per batch (records of one person share values): every
+    pair's vector must equal the one of the two records compared on their own."""
+    feats = _mixed_features()[:20]
+    feats = feats + [dict(f) for f in feats[:8]]  # the same values again, under other rows
+    ia, ib = np.triu_indices(len(feats), k=1)
+    batch = compare_pairs(FeatureTable(feats), ia, ib)
+    for k, (i, j) in enumerate(zip(ia.tolist(), ib.tolist(), strict=True)):
+        alone = compare_pairs(FeatureTable([feats[i], feats[j]]), np.array([0]), np.array([1]))[0]
+        assert batch[k].tolist() == alone.tolist(), (i, j)
