@@ -16,7 +16,7 @@ Only record-level state is cached. Persons and pairs, which manual link/unlink c
 processes (the HTTP service), are always read from the database.
 
 Layout: every record has a *row* (a small integer, fixed for the life of the cache). Its comparison
-values are integer codes in one shared vocabulary, held column by column in one ``int64`` array
+values are integer codes in one shared vocabulary, held column by column in one ``int32`` array
 (:data:`~bridge.mpi.compare.CODE_KEYS` x rows), so a batch's candidate pairs are compared against the
 cache itself (:meth:`RecordCache.table`) without copying rows. Blocks hold rows; term-frequency counts
 are arrays indexed by code. The feature strings themselves live once, in the vocabulary: a record's
@@ -62,12 +62,15 @@ class RecordCache:
         #: row -> the record's strong identifiers ((system, value) tuples)
         self.idents: list[tuple[tuple[str, str], ...]] = []
         cap = 1024
-        self._codes = np.full((_N_CODES, cap), -1, dtype=np.int64)
+        self._codes = np.full((_N_CODES, cap), -1, dtype=np.int32)  # codes stay far below 2**31
         self._multi_id = np.zeros(cap, dtype=bool)
         self._seq = np.zeros(cap, dtype=np.int64)
         #: blocking key -> its records' rows: one row as a plain int (most keys), else a set
         self.blocks: dict[str, int | set[int]] = {}
-        #: per TF key, the number of records holding each value, indexed by the value's code
+        #: the values of the TF keys (a few per cent of the vocabulary) have *slots*: code -> slot (-1:
+        #: none), and per TF key the number of records holding each value, indexed by slot
+        self._tf_slot = np.full(cap, -1, dtype=np.int32)
+        self._n_slots = 0
         self.tf_counts: dict[str, np.ndarray] = {k: np.zeros(cap, dtype=np.int64) for k in self.tf_keys}
         self.sum_sq: dict[str, int] = dict.fromkeys(self.tf_keys, 0)
         self.max_seq = 0
@@ -148,31 +151,57 @@ class RecordCache:
         cap = self._codes.shape[1]
         if rows <= cap:
             return
-        new = max(rows, 2 * cap)
-        codes = np.full((_N_CODES, new), -1, dtype=np.int64)
+        new = max(rows, cap + cap // 2)
+        codes = np.full((_N_CODES, new), -1, dtype=np.int32)
         codes[:, :cap] = self._codes
         self._codes = codes
         self._multi_id = np.concatenate([self._multi_id, np.zeros(new - cap, dtype=bool)])
         self._seq = np.concatenate([self._seq, np.zeros(new - cap, dtype=np.int64)])
 
+    def _slots(self, codes: np.ndarray) -> np.ndarray:
+        """The TF slots of value ``codes`` (all >= 0), handing out new ones as needed."""
+        slot = self._tf_slot
+        if len(slot) < len(self.vocab) + 1:
+            grown = np.full(max(len(self.vocab) + 1, len(slot) + len(slot) // 2), -1, dtype=np.int32)
+            grown[: len(slot)] = slot
+            slot = self._tf_slot = grown
+        found: np.ndarray = slot[codes]
+        if (found < 0).any():
+            new = np.unique(codes[found < 0])
+            slot[new] = np.arange(self._n_slots, self._n_slots + len(new), dtype=np.int32)
+            self._n_slots += len(new)
+            found = slot[codes]
+        return found
+
     def _count(self, codes: np.ndarray, sign: int) -> None:
         """Add (``sign`` 1) or remove (-1) the term-frequency counts of ``codes`` (records x CODE_KEYS)."""
-        need = len(self.vocab) + 1
         for key, col in self._tf_col:
-            counts = self.tf_counts[key]
-            if len(counts) < need:
-                grown = np.zeros(max(need, 2 * len(counts)), dtype=np.int64)
-                grown[: len(counts)] = counts
-                counts = self.tf_counts[key] = grown
             values = codes[:, col]
             values = values[values >= 0]
             if not len(values):
                 continue
-            uniq, k = np.unique(values, return_counts=True)
+            uniq, k = np.unique(self._slots(values), return_counts=True)
+            counts = self.tf_counts[key]
+            if len(counts) < self._n_slots:
+                grown = np.zeros(max(self._n_slots, len(counts) + len(counts) // 2), dtype=np.int64)
+                grown[: len(counts)] = counts
+                counts = self.tf_counts[key] = grown
             before = counts[uniq]
             after = before + sign * k
             counts[uniq] = after
             self.sum_sq[key] += int((after * after - before * before).sum())
+
+    def value_counts(self, key: str) -> dict[str, int]:
+        """The number of records holding each value of TF key ``key`` (values held by none left out)."""
+        strings = self.strings()
+        codes = np.nonzero(self._tf_slot >= 0)[0]
+        counts = self.tf_counts[key]
+        slots = self._tf_slot[codes]
+        return {
+            strings[c]: int(counts[s])
+            for c, s in zip(codes.tolist(), slots.tolist(), strict=True)
+            if counts[s]
+        }
 
     def remove(self, pid: str) -> None:
         """Forget a record's blocks and value counts (before it is re-put with new features)."""
@@ -255,9 +284,13 @@ class RecordCache:
         ``""``): the number of records holding it, divided by ``total``."""
         counts = self.tf_counts[key]
         codes = np.maximum(self.codes(key)[rows], 0)  # -1 (no value) -> 0, a code never handed out
+        slot = self._tf_slot
+        slots = np.full(len(codes), -1, dtype=np.int64)
+        inside = codes < len(slot)
+        slots[inside] = slot[codes[inside]]
         found = np.zeros(len(codes), dtype=np.int64)
-        ok = codes < len(counts)
-        found[ok] = counts[codes[ok]]
+        ok = (slots >= 0) & (slots < len(counts))
+        found[ok] = counts[slots[ok]]
         return found.astype(np.float64) / max(total, 1)
 
 

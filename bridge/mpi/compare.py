@@ -245,7 +245,7 @@ class _Pairs:
             pa, pb = (self.ia, self.ib) if rows is None else (self.ia[rows], self.ib[rows])
             # each distinct pair of values once: records of one person share values, and a batch's
             # records are compared with the same neighbours, so about half the pairs repeat one
-            ka, kb = ca[todo], cb[todo]
+            ka, kb = ca[todo].astype(np.int64), cb[todo].astype(np.int64)  # the cache's codes are int32
             _, first, inverse = np.unique(
                 ka * (int(kb.max()) + 1) + kb, return_index=True, return_inverse=True
             )

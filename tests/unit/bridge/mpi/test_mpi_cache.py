@@ -39,11 +39,7 @@ def features(rec: tuple) -> dict:
 
 def snapshot(cache: RecordCache) -> tuple:
     blocks = {k: sorted(cache.members(k)) for k in cache.blocks}
-    strings = cache.strings()
-    tf = {
-        key: {strings[c]: int(n) for c, n in enumerate(cache.tf_counts[key].tolist()) if n}
-        for key in cache.tf_keys
-    }
+    tf = {key: cache.value_counts(key) for key in cache.tf_keys}
     feats = {pid: cache.features(pid) for pid in cache.row_of}
     return blocks, tf, dict(cache.sum_sq), feats, dict(cache.state)
 
@@ -70,9 +66,7 @@ def test_cache_after_updates_equals_a_fresh_load(batches: list[list[tuple]]) -> 
     # the counts are the value frequencies of the final records
     for key in TF_KEYS:
         want = Counter(item[2][key] for item in final.values() if item[2][key])
-        strings = cache.strings()
-        got = {strings[c]: int(n) for c, n in enumerate(cache.tf_counts[key].tolist()) if n}
-        assert got == dict(want)
+        assert cache.value_counts(key) == dict(want)
         assert cache.sum_sq[key] == sum(n * n for n in want.values())
 
 
