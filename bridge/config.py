@@ -63,6 +63,7 @@ class Settings:
     max_poll_interval_ms: int = 20000
     consumer_instance_id: str | None = None
     max_request_size: int = 8 * 1024 * 1024
+    ingest_linger_ms: int = 50  # producer linger of `fhirbridge ingest` (MLLP and the consumers keep 10 ms)
     compression: str | None = "gzip"  # producer compression_type (None: off); docs/streams.md#producer
     gc_threshold: tuple[int, int, int] | None = (50_000, 20, 10)  # None: Python's default
 
@@ -111,6 +112,7 @@ class Settings:
             max_poll_interval_ms=_int(env, "FHIRBRIDGE_MAX_POLL_INTERVAL_MS", 20000),
             consumer_instance_id=env.get("FHIRBRIDGE_CONSUMER_INSTANCE_ID") or None,
             max_request_size=_int(env, "FHIRBRIDGE_MAX_REQUEST_SIZE", 8 * 1024 * 1024),
+            ingest_linger_ms=_int(env, "FHIRBRIDGE_INGEST_LINGER_MS", 50),
             compression=_compression(env.get("FHIRBRIDGE_COMPRESSION", "gzip")),
             gc_threshold=_gc_threshold(env.get("FHIRBRIDGE_GC_THRESHOLD", "50000,20,10")),
         )

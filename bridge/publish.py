@@ -69,11 +69,12 @@ class Publisher:
     acknowledged the record on all in-sync replicas.
     """
 
-    def __init__(self, settings: Settings, bootstrap: str, producer: KafkaProducer | None = None) -> None:
+    def __init__(self, settings: Settings, bootstrap: str, producer: KafkaProducer | None = None, **overrides: Any) -> None:
+        """``overrides`` change :func:`producer_config` (``fhirbridge ingest`` lingers longer than MLLP)."""
         self.settings = settings
         self.topics = settings.topics
         try:
-            self.producer = producer or KafkaProducer(**producer_config(settings, bootstrap))
+            self.producer = producer or KafkaProducer(**producer_config(settings, bootstrap, **overrides))
         except KafkaError as exc:
             raise BrokerUnavailable(f"no broker answers at {bootstrap}") from exc
         self._signers: dict[str, OrgSigner] = {}

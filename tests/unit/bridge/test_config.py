@@ -54,3 +54,21 @@ def test_every_producer_compresses_as_configured() -> None:
     assert producer_config(Settings.from_env({"FHIRBRIDGE_COMPRESSION": "none"}), "127.0.0.1:1")["compression_type"] is None
     cfg = producer_config(Settings.from_env({}), "127.0.0.1:1")
     assert (cfg["acks"], cfg["enable_idempotence"]) == ("all", True)  # compression leaves the guarantees alone
+
+
+def test_ingest_lingers_longer_than_the_other_producers(monkeypatch: pytest.MonkeyPatch) -> None:
+    import bridge.publish
+    from bridge.publish import Publisher, producer_config
+
+    s = Settings.from_env({})
+    assert s.ingest_linger_ms == 50 and producer_config(s, "127.0.0.1:1")["linger_ms"] == 10
+    assert Settings.from_env({"FHIRBRIDGE_INGEST_LINGER_MS": "5"}).ingest_linger_ms == 5
+    seen: dict[str, object] = {}
+
+    class _Producer:
+        def __init__(self, **cfg: object) -> None:
+            seen.update(cfg)
+
+    monkeypatch.setattr(bridge.publish, "KafkaProducer", _Producer)
+    Publisher(s, "127.0.0.1:1", linger_ms=s.ingest_linger_ms)
+    assert seen["linger_ms"] == 50 and seen["acks"] == "all" and seen["compression_type"] == "gzip"
