@@ -237,6 +237,11 @@ class TrustRegistry:
     """
 
     orgs: dict[str, list[TrustedKey]] = field(default_factory=dict)
+    # per trusted key: its public key object and parsed validity bounds, made once (a TrustedKey is
+    # immutable, so an entry can never go stale; a key removed from ``orgs`` is simply not found)
+    _ready: dict[TrustedKey, tuple[Ed25519PublicKey, datetime | None, datetime | None]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     @classmethod
     def load(cls, path: Path) -> TrustRegistry:
@@ -288,11 +293,24 @@ class TrustRegistry:
         if key is None:
             raise SignatureError(f"key {env.key_id} is not trusted for org {env.source_org!r}", field=H_KEY_ID)
         produced = _parse_time(env.produced_at, H_PRODUCED_AT)
-        if key.not_before and produced < _parse_time(key.not_before, "not_before"):
+        ready = self._ready.get(key)
+        if ready is None:
+            try:
+                public = Ed25519PublicKey.from_public_bytes(key.public_key)
+            except ValueError:
+                raise SignatureError(f"signature by key {env.key_id} does not verify", field=H_SIGNATURE) from None
+            ready = (
+                public,
+                _parse_time(key.not_before, "not_before") if key.not_before else None,
+                _parse_time(key.not_after, "not_after") if key.not_after else None,
+            )
+            self._ready[key] = ready
+        public, not_before, not_after = ready
+        if not_before is not None and produced < not_before:
             raise SignatureError(f"key {env.key_id} not valid before {key.not_before}", field=H_KEY_ID)
-        if key.not_after and produced >= _parse_time(key.not_after, "not_after"):
+        if not_after is not None and produced >= not_after:
             raise SignatureError(f"key {env.key_id} expired at {key.not_after}", field=H_KEY_ID)
         try:
-            Ed25519PublicKey.from_public_bytes(key.public_key).verify(env.signature, env.signing_payload())
+            public.verify(env.signature, env.signing_payload())
         except (InvalidSignature, ValueError):
             raise SignatureError(f"signature by key {env.key_id} does not verify", field=H_SIGNATURE) from None

@@ -112,3 +112,19 @@ def test_keys_and_registry_persist(tmp_path: Path) -> None:
     reg.save(tmp_path / "trust.json")
     TrustRegistry.load(tmp_path / "trust.json").verify(env.parse(_signed(loaded).headers(), BODY))
 
+
+
+def test_a_replaced_trusted_key_takes_effect_at_once() -> None:
+    """The registry keeps each key's public key and validity parsed; replacing the entry (same key id,
+    new validity) must apply the new validity to the very next record."""
+    signer = OrgSigner.generate("st-mary")
+    reg = _registry(signer)
+    record = env.parse(_signed(signer, produced_at="2026-06-01T10:00:00.000Z").headers(), BODY)
+    reg.verify(record)
+    reg.verify(record)  # the prepared key again
+    reg.add("st-mary", TrustedKey(signer.key_id, signer.public_bytes, None, "2026-05-01T00:00:00Z"))
+    with pytest.raises(SignatureError, match="expired"):
+        reg.verify(record)
+    reg.add("st-mary", TrustedKey(signer.key_id, b"\x00" * 31, None, None))  # not a valid Ed25519 key
+    with pytest.raises(SignatureError, match="does not verify"):
+        reg.verify(record)
