@@ -50,6 +50,11 @@ def norm_name(text: Any) -> str:
     """Lower-case ASCII letters only (``"O'Brien-Smith"`` -> ``"obriensmith"``)."""
     if not isinstance(text, str):
         return ""
+    return _norm_name(text)
+
+
+@functools.lru_cache(maxsize=65536)  # names repeat: most records carry one of a few thousand
+def _norm_name(text: str) -> str:
     return _NON_LETTER.sub("", _fold(text))
 
 
@@ -57,6 +62,11 @@ def norm_text(text: Any) -> str:
     if not isinstance(text, str):
         return ""
     return _SPACES.sub(" ", _NON_ALNUM_SPACE.sub(" ", _fold(text))).strip()
+
+
+@functools.lru_cache(maxsize=16384)
+def _norm_city(text: str) -> str:
+    return norm_text(text)
 
 
 def norm_birth_date(value: Any) -> str:
@@ -172,7 +182,7 @@ def extract_features(patient: Mapping[str, Any], strong_systems: Iterable[str]) 
         "b": norm_birth_date(patient.get("birthDate")),
         "s": sex,
         "a": line,
-        "c": norm_text(addr.get("city")),
+        "c": _norm_city(city) if isinstance(city := addr.get("city"), str) else "",
         "z": _NON_ALNUM.sub(
             "", _fold(addr.get("postalCode") or "") if isinstance(addr.get("postalCode"), str) else ""
         ),
