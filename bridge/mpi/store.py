@@ -360,29 +360,35 @@ class PersonIndex:
         keys still bring true matches together.
         """
         cap = self.config.max_block_size
-        blocks = cache.blocks
         row_of = cache.row_of
-        left: list[int] = []
-        right: list[int] = []
-        skipped: set[str] = set()
-        for pid in changed:
-            row = row_of[pid]
-            for k in keys_of[pid]:
-                group = blocks.get(k)
-                if group is None or isinstance(group, int):  # absent, or this record alone
-                    continue
-                if len(group) > cap:
-                    skipped.add(k)
-                    continue
-                left.extend(itertools.repeat(row, len(group)))
-                right.extend(group)
-        if skipped:
-            log.debug("mpi_blocks_skipped", blocks=len(skipped), cap=cap)
-        if not left:
+        keys = [keys_of[pid] for pid in changed]
+        flat_keys = list(itertools.chain.from_iterable(keys))
+        flat_rows = np.repeat(
+            np.fromiter(map(row_of.__getitem__, changed), dtype=np.int64, count=len(changed)),
+            np.fromiter(map(len, keys), dtype=np.int64, count=len(keys)),
+        )
+        # every key's block: a set when it holds several records, else an int (this record alone)
+        groups: list[Any] = list(map(cache.blocks.get, flat_keys))
+        sizes = np.array([len(g) if g.__class__ is set else 1 for g in groups], dtype=np.int64)
+        over = sizes > cap
+        if over.any():
+            log.debug(
+                "mpi_blocks_skipped",
+                blocks=len({k for k, o in zip(flat_keys, over, strict=True) if o}),
+                cap=cap,
+            )
+        use = (sizes > 1) & ~over
+        if not use.any():
             empty = np.zeros(0, dtype=np.int64)
             return empty, empty
+        right = np.fromiter(
+            itertools.chain.from_iterable(itertools.compress(groups, use.tolist())),
+            dtype=np.int64,
+            count=int(sizes[use].sum()),
+        )
+        left = np.repeat(flat_rows[use], sizes[use])
         n = len(cache.ids)
-        codes = np.unique(np.asarray(left, dtype=np.int64) * n + np.asarray(right, dtype=np.int64))
+        codes = np.unique(left * n + right)
         ia, ib = codes // n, codes % n
         keep = ia != ib
         # a pair of two changed records: once, owned by the smaller id (rank = position in id order)
