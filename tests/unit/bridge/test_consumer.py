@@ -133,3 +133,15 @@ def test_a_commit_during_a_rebalance_is_skipped_not_fatal() -> None:
     sinks make the second delivery a no-op. The consumer must keep running."""
     rt = _runtime(_ScriptedConsumer([]))
     rt._commit([Record("fhir.bundles", 0, 7, 0, None, b"")])  # does not raise
+
+
+def test_iso_millis_matches_datetime_isoformat() -> None:
+    import random
+    from datetime import UTC, datetime
+
+    from bridge.consumer import iso_millis
+
+    rng = random.Random(6)
+    for ms in [0, -1, 999, 1000, 1_767_225_599_999, 4_102_444_800_000] + [rng.randrange(0, 4_102_444_800_000) for _ in range(2000)]:
+        expected = datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        assert iso_millis(ms) == expected, ms
