@@ -328,8 +328,9 @@ class PersonIndex:
                 seq = max_seq
                 rows.append((pid, org, person_id_for(pid), blobs[pid].decode(), digests[pid], seq, now))
             items.append((pid, org, feats, digests[pid], seq))
-        # the new rows are inserted on the database's worker thread while this one blocks and compares
-        # (memory only: no database use until the insert has finished)
+        # on PostgreSQL the server inserts the new rows (sent from the database's worker thread) while
+        # this thread updates the cache and compares, in memory only: no database use until it is done
+        # (on SQLite the rows are inserted before the call returns)
         pending = db.insert_many_background(
             "INSERT INTO mpi_patient (patient_id, source_org, person_id, features, digest, seq, updated_at) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
