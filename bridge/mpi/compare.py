@@ -198,12 +198,14 @@ def encode(records: Sequence[Features], vocab: dict[str, int]) -> np.ndarray:
     return np.array(codes, dtype=np.int64).reshape(len(records), len(CODE_KEYS))
 
 
-def _sim(a: np.ndarray, b: np.ndarray, scorer: Any) -> np.ndarray:
+def _sim(a: np.ndarray, b: np.ndarray, scorer: Any, cutoff: float | None = None) -> np.ndarray:
     if len(a) == 0:
         return np.zeros(0, dtype=np.float64)
     # threads only pay off on large inputs (and the incremental index calls this per batch)
     workers = -1 if len(a) >= 50_000 else 1
-    return np.asarray(process.cpdist(a, b, scorer=scorer, workers=workers), dtype=np.float64)
+    return np.asarray(
+        process.cpdist(a, b, scorer=scorer, workers=workers, score_cutoff=cutoff), dtype=np.float64
+    )
 
 
 class _Pairs:
@@ -231,9 +233,12 @@ class _Pairs:
         equal: float,
         missing: float,
         rows: np.ndarray | None = None,
+        cutoff: float | None = None,
     ) -> np.ndarray:
         """``scorer`` on the pairs whose strings are both present and differ (the only ones whose score
-        is unknown); ``equal`` / ``missing`` elsewhere. Restricted to ``rows`` if given."""
+        is unknown); ``equal`` / ``missing`` elsewhere. Restricted to ``rows`` if given. With ``cutoff``,
+        scores below it come back as 0 (rapidfuzz then gives up on a pair early): only for callers that
+        ask nothing but ">= cutoff" of a score."""
         ca, cb = self.cross(key_a, key_b)
         if rows is not None:
             ca, cb = ca[rows], cb[rows]
@@ -250,7 +255,8 @@ class _Pairs:
                 ka * (int(kb.max()) + 1) + kb, return_index=True, return_inverse=True
             )
             ra, rb = pa[todo[first]], pb[todo[first]]
-            out[todo] = _sim(self.t.values(key_a, ra), self.t.values(key_b, rb), scorer)[inverse.ravel()]
+            scores = _sim(self.t.values(key_a, ra), self.t.values(key_b, rb), scorer, cutoff)
+            out[todo] = scores[inverse.ravel()]
         return out
 
 
@@ -291,12 +297,13 @@ def compare_pairs(t: FeatureTable, ia: np.ndarray, ib: np.ndarray) -> np.ndarray
     fa, fb = p.codes("f")
     jw_gg = p.similarity("g", "g", jw, equal=1.0, missing=0.0)
     jw_ff = p.similarity("f", "f", jw, equal=1.0, missing=0.0)
-    jw_gf = p.similarity("g", "f", jw, equal=1.0, missing=0.0)
-    # a swap needs both crosswise similarities >= 0.92: compute the second one only where the first is
+    # a swap needs both crosswise similarities >= 0.92 (below that, their values are never used): the
+    # second one only where the first is
+    jw_gf = p.similarity("g", "f", jw, equal=1.0, missing=0.0, cutoff=0.92)
     jw_fg = np.zeros(n, dtype=np.float64)
     maybe = np.nonzero(jw_gf >= 0.92)[0]
     if len(maybe):
-        jw_fg[maybe] = p.similarity("f", "g", jw, equal=1.0, missing=0.0, rows=maybe)
+        jw_fg[maybe] = p.similarity("f", "g", jw, equal=1.0, missing=0.0, rows=maybe, cutoff=0.92)
     gna, gnb = p.codes("gn")
     gma, gmb = p.codes("gm")
     fna, fnb = p.codes("fn")
@@ -331,9 +338,12 @@ def compare_pairs(t: FeatureTable, ia: np.ndarray, ib: np.ndarray) -> np.ndarray
 
     aa, ab = p.codes("a")
     # words reordered: token_sort_ratio, as the ratio of the words sorted once per record
-    ratio = p.similarity("a_ts", "a_ts", fuzz.ratio, equal=100.0, missing=0.0)
+    # (only ">= 75" and ">= 90" are asked of it)
+    ratio = p.similarity("a_ts", "a_ts", fuzz.ratio, equal=100.0, missing=0.0, cutoff=75.0)
     # a space typed in the wrong place
-    ratio = np.maximum(ratio, p.similarity("a_ns", "a_ns", fuzz.ratio, equal=100.0, missing=0.0))
+    ratio = np.maximum(
+        ratio, p.similarity("a_ns", "a_ns", fuzz.ratio, equal=100.0, missing=0.0, cutoff=75.0)
+    )
     lv = np.zeros(n, dtype=np.int8)
     lv[ratio >= 75] = 1
     lv[ratio >= 90] = 2
@@ -342,7 +352,7 @@ def compare_pairs(t: FeatureTable, ia: np.ndarray, ib: np.ndarray) -> np.ndarray
     gamma[:, ADDRESS] = lv
 
     ca, cb = p.codes("c")
-    jw_c = p.similarity("c", "c", jw, equal=1.0, missing=0.0)
+    jw_c = p.similarity("c", "c", jw, equal=1.0, missing=0.0, cutoff=0.90)
     lv = np.zeros(n, dtype=np.int8)
     lv[jw_c >= 0.90] = 1
     lv[ca == cb] = 2

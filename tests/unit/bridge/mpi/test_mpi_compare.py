@@ -219,3 +219,28 @@ def test_repeated_value_pairs_score_like_single_pairs() -> None:
     for k, (i, j) in enumerate(zip(ia.tolist(), ib.tolist(), strict=True)):
         alone = compare_pairs(FeatureTable([feats[i], feats[j]]), np.array([0]), np.array([1]))[0]
         assert batch[k].tolist() == alone.tolist(), (i, j)
+
+
+def test_score_cutoffs_keep_every_threshold_answer() -> None:
+    """Some similarities are computed with a score cutoff (rapidfuzz returns 0 below it and can stop
+    early): every question the levels ask of them (score >= threshold, for each threshold at or above the
+    cutoff) must get the answer of the full score, boundaries included (e.g. a ratio of exactly 75)."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+    from rapidfuzz import fuzz
+    from rapidfuzz.distance import JaroWinkler
+
+    text = st.text(alphabet="abcde ", max_size=12)
+    jw = JaroWinkler.normalized_similarity
+    cases = [(jw, 0.92, (0.92,)), (jw, 0.90, (0.90,)), (fuzz.ratio, 75.0, (75.0, 90.0))]
+
+    @settings(max_examples=600, deadline=None)
+    @given(text, text)
+    def check(a: str, b: str) -> None:
+        for scorer, cutoff, thresholds in cases:
+            full, cut = scorer(a, b), scorer(a, b, score_cutoff=cutoff)
+            for th in thresholds:
+                assert (cut >= th) == (full >= th), (scorer, a, b, full, cut)
+
+    check()
+    assert fuzz.ratio("abcdefgh", "abcdefxy", score_cutoff=75.0) == 75.0  # exactly at the boundary
