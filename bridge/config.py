@@ -13,14 +13,17 @@ from pathlib import Path
 from bridge.errors import ConfigError
 
 
-def _int(env: dict[str, str], name: str, default: int) -> int:
+def _int(env: dict[str, str], name: str, default: int, minimum: int | None = 1) -> int:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
     try:
-        return int(raw)
+        value = int(raw)
     except ValueError:
         raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {raw!r}")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +80,7 @@ class Settings:
             receipts=env.get("FHIRBRIDGE_TOPIC_RECEIPTS", "ledger.receipts"),
             partitions=_int(env, "FHIRBRIDGE_PARTITIONS", 3),
             replication=_int(env, "FHIRBRIDGE_REPLICATION", 1),
-            retention_ms=_int(env, "FHIRBRIDGE_RETENTION_MS", -1),
+            retention_ms=_int(env, "FHIRBRIDGE_RETENTION_MS", -1, minimum=-1),
             max_message_bytes=_int(env, "FHIRBRIDGE_MAX_MESSAGE_BYTES", 8 * 1024 * 1024),
         )
         local = env.get("FHIRBRIDGE_LOCAL_BROKER", "noida")
@@ -97,22 +100,22 @@ class Settings:
             ledger_origin=env.get("FHIRBRIDGE_LEDGER_ORIGIN", "fhirbridge.example/ledger"),
             ledger_key_file=Path(key_file) if key_file else data_dir / "ledger.key",
             ledger_checkpoint_every=_int(env, "FHIRBRIDGE_CHECKPOINT_EVERY", 1000),
-            ledger_checkpoint_interval_ms=_int(env, "FHIRBRIDGE_CHECKPOINT_INTERVAL_MS", 1000),
+            ledger_checkpoint_interval_ms=_int(env, "FHIRBRIDGE_CHECKPOINT_INTERVAL_MS", 1000, minimum=0),
             ledger_witness_keys=tuple(k for k in env.get("FHIRBRIDGE_LEDGER_WITNESS_KEYS", "").split(",") if k.strip()),
             trust_registry_file=Path(trust) if trust else None,
             signing_keys_dir=Path(signing) if signing else None,
             http_host=env.get("FHIRBRIDGE_HTTP_HOST", "127.0.0.1"),
-            http_port=_int(env, "FHIRBRIDGE_HTTP_PORT", 8080),
+            http_port=_int(env, "FHIRBRIDGE_HTTP_PORT", 8080, minimum=0),
             public_base_url=env.get("FHIRBRIDGE_PUBLIC_URL") or None,
             session_timeout_ms=_int(env, "FHIRBRIDGE_SESSION_TIMEOUT_MS", 6000),
             heartbeat_interval_ms=_int(env, "FHIRBRIDGE_HEARTBEAT_INTERVAL_MS", 1500),
             consumer_batch_size=_int(env, "FHIRBRIDGE_CONSUMER_BATCH", 500),
-            consumer_linger_ms=_int(env, "FHIRBRIDGE_CONSUMER_LINGER_MS", 50),
+            consumer_linger_ms=_int(env, "FHIRBRIDGE_CONSUMER_LINGER_MS", 50, minimum=0),
             consumer_idle_sleep_ms=_int(env, "FHIRBRIDGE_CONSUMER_IDLE_SLEEP_MS", 20),
             max_poll_interval_ms=_int(env, "FHIRBRIDGE_MAX_POLL_INTERVAL_MS", 20000),
             consumer_instance_id=env.get("FHIRBRIDGE_CONSUMER_INSTANCE_ID") or None,
             max_request_size=_int(env, "FHIRBRIDGE_MAX_REQUEST_SIZE", 8 * 1024 * 1024),
-            ingest_linger_ms=_int(env, "FHIRBRIDGE_INGEST_LINGER_MS", 50),
+            ingest_linger_ms=_int(env, "FHIRBRIDGE_INGEST_LINGER_MS", 50, minimum=0),
             compression=_compression(env.get("FHIRBRIDGE_COMPRESSION", "gzip")),
             gc_threshold=_gc_threshold(env.get("FHIRBRIDGE_GC_THRESHOLD", "50000,20,10")),
         )
@@ -150,6 +153,13 @@ def _compression(value: str) -> str | None:
         return None
     if v not in COMPRESSION_TYPES:
         raise ConfigError(f"FHIRBRIDGE_COMPRESSION must be none or one of {', '.join(COMPRESSION_TYPES)}, got {value!r}")
+    from kafka import codec
+
+    if not getattr(codec, f"has_{v}")():
+        raise ConfigError(
+            f"FHIRBRIDGE_COMPRESSION={v} needs its codec library, which is not installed "
+            f"(kafka-python's {v} extra); gzip needs none"
+        )
     return v
 
 

@@ -45,9 +45,18 @@ log = get_logger(__name__)
 T = TypeVar("T")
 
 
+class BadTimestamp(ValueError):
+    """A record's timestamp cannot be written as an RFC 3339 date (outside years 1-9999). The Kafka
+    timestamp is not covered by the signature: such a record is poison, not a reason to stop."""
+
+
 @functools.lru_cache(maxsize=4096)
 def _iso_second(seconds: int) -> str:
-    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    try:
+        dt = datetime.fromtimestamp(seconds, UTC)
+    except (ValueError, OverflowError, OSError):
+        raise BadTimestamp(f"record timestamp {seconds * 1000} ms is outside the years 1-9999") from None
+    return f"{dt.year:04d}-{dt:%m-%dT%H:%M:%S}"  # %Y is not zero-padded below year 1000 on glibc
 
 
 def iso_millis(ms: int) -> str:
@@ -311,15 +320,13 @@ class ConsumerRuntime:
                 poison = self._in_worker(lambda: self._process_and_dead_letter(records))
                 break
             except (TransientError, KafkaError) as exc:
-                if not paused:
-                    self.consumer.pause(*self.consumer.assignment())
-                    paused = True
+                paused = True
                 log.warning("consumer.backoff", sink=self.sink.name, error=str(exc), retry_in=round(delay, 2))
                 self.metrics.backoff()
                 # keep polling (partitions paused: returns nothing) so heartbeats continue and we stay in the group
                 end = time.monotonic() + delay
                 while time.monotonic() < end:
-                    self.consumer.poll(timeout_ms=min(200, int(delay * 1000)))
+                    self._poll_paused(min(200, int(delay * 1000)))
                 delay = min(delay * 2, self.max_backoff)
         if paused:
             self.consumer.resume(*self.consumer.paused())
@@ -349,19 +356,35 @@ class ConsumerRuntime:
         except FutureTimeout:
             pass
         previously_paused = set(self.consumer.paused())
-        to_pause = set(self.consumer.assignment()) - previously_paused
-        if to_pause:
-            self.consumer.pause(*to_pause)
         try:
             while True:
                 try:
                     return future.result(timeout=0.05)
                 except FutureTimeout:
-                    self.consumer.poll(timeout_ms=200)
+                    self._poll_paused(200)
         finally:
             still = set(self.consumer.paused()) - previously_paused
             if still:
                 self.consumer.resume(*still)
+
+    def _poll_paused(self, timeout_ms: int) -> None:
+        """Poll while a batch is in progress or backing off: heartbeats go on and the group membership
+        is kept, but nothing is consumed.
+
+        Every assigned partition is paused first, including any that a rebalance assigned since the
+        last poll: kafka-python gives a newly assigned partition a fresh, unpaused state at its
+        committed offset. If a poll still returns records (the rebalance happened inside it), each
+        partition is sought back to its first returned offset, so those records are fetched again
+        later. Dropping them would move the position past them, and the next commit would make the
+        skip permanent.
+        """
+        consumer = self.consumer
+        unpaused = set(consumer.assignment()) - set(consumer.paused())
+        if unpaused:
+            consumer.pause(*unpaused)
+        for tp, msgs in consumer.poll(timeout_ms=timeout_ms).items():
+            if msgs:
+                consumer.seek(tp, min(m.offset for m in msgs))
 
     def _idle(self) -> None:
         """Give the sink a chance to do deferred work (the ledger signs the tail of a burst)."""

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from bridge import envelope
-from bridge.consumer import CpuClock, Record
+from bridge.consumer import BadTimestamp, CpuClock, Record
 from bridge.errors import FhirbridgeError, TransientError
 from bridge.index.store import IncomingBundle, IndexStore
 from bridge.logging import get_logger
@@ -136,7 +136,7 @@ class LedgerSink:
                     message_id=env.message_id or None,
                 )
                 entry.canonical()  # raises EntryTooLarge over 64 KB
-            except (EntryTooLarge, InvalidEntry) as exc:
+            except (EntryTooLarge, InvalidEntry, BadTimestamp) as exc:
                 poison.append((rec, exc))
                 continue
             entries.append(entry)
@@ -208,7 +208,8 @@ class IndexSink:
         for rec, env in checked:
             try:
                 bundle = parse_bundle(rec.value or b"")
-            except BadBundle as exc:
+                received_at = rec.timestamp_iso
+            except (BadBundle, BadTimestamp) as exc:
                 poison.append((rec, exc))
                 continue
             incoming.append(
@@ -220,7 +221,7 @@ class IndexSink:
                     topic=rec.topic,
                     partition=rec.partition,
                     offset=rec.offset,
-                    received_at=rec.timestamp_iso,
+                    received_at=received_at,
                 )
             )
             for e in bundle["entry"]:

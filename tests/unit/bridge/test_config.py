@@ -42,9 +42,39 @@ def test_compression_and_consumer_batching_settings() -> None:
     s = Settings.from_env({"FHIRBRIDGE_COMPRESSION": "none", "FHIRBRIDGE_CONSUMER_LINGER_MS": "0",
                            "FHIRBRIDGE_CONSUMER_IDLE_SLEEP_MS": "5"})
     assert (s.compression, s.consumer_linger_ms, s.consumer_idle_sleep_ms) == (None, 0, 5)
-    assert Settings.from_env({"FHIRBRIDGE_COMPRESSION": "ZSTD"}).compression == "zstd"
     with pytest.raises(ConfigError, match="FHIRBRIDGE_COMPRESSION"):
         Settings.from_env({"FHIRBRIDGE_COMPRESSION": "brotli"})
+
+
+def test_a_compression_codec_must_be_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """kafka-python raises a bare RuntimeError when the producer starts without the codec's library:
+    the setting is refused up front with a clear error instead."""
+    from kafka import codec
+
+    monkeypatch.setattr(codec, "has_zstd", lambda: True)
+    assert Settings.from_env({"FHIRBRIDGE_COMPRESSION": "ZSTD"}).compression == "zstd"
+    monkeypatch.setattr(codec, "has_zstd", lambda: False)
+    with pytest.raises(ConfigError, match="FHIRBRIDGE_COMPRESSION=zstd needs its codec library"):
+        Settings.from_env({"FHIRBRIDGE_COMPRESSION": "zstd"})
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("FHIRBRIDGE_CONSUMER_IDLE_SLEEP_MS", "0"),  # would bring back the busy loop
+        ("FHIRBRIDGE_CONSUMER_IDLE_SLEEP_MS", "-5"),  # time.sleep() would raise inside the consumer
+        ("FHIRBRIDGE_CONSUMER_LINGER_MS", "-1"),
+        ("FHIRBRIDGE_INGEST_LINGER_MS", "-1"),
+        ("FHIRBRIDGE_CONSUMER_BATCH", "0"),
+        ("FHIRBRIDGE_PARTITIONS", "0"),
+        ("FHIRBRIDGE_SESSION_TIMEOUT_MS", "-6000"),
+        ("FHIRBRIDGE_RETENTION_MS", "-2"),
+    ],
+)
+def test_out_of_range_numbers_are_refused_by_name(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=f"{name} must be at least"):
+        Settings.from_env({name: value})
+    assert Settings.from_env({"FHIRBRIDGE_RETENTION_MS": "-1", "FHIRBRIDGE_CONSUMER_LINGER_MS": "0"}).topics.retention_ms == -1
 
 
 def test_every_producer_compresses_as_configured() -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import pytest
 import structlog
 
 from bridge.config import Settings
@@ -35,8 +36,8 @@ def test_record_timestamp_is_rfc3339_utc() -> None:
 
 # -- polling: short slices, sleeps in between, a batch gathered for at most the linger ------------
 class _Msg:
-    def __init__(self, offset: int) -> None:
-        self.topic, self.partition, self.offset, self.timestamp = "fhir.bundles", 0, offset, 0
+    def __init__(self, offset: int, partition: int = 0) -> None:
+        self.topic, self.partition, self.offset, self.timestamp = "fhir.bundles", partition, offset, 0
         self.key, self.value, self.headers = None, b"{}", []
 
 
@@ -142,6 +143,103 @@ def test_iso_millis_matches_datetime_isoformat() -> None:
     from bridge.consumer import iso_millis
 
     rng = random.Random(6)
-    for ms in [0, -1, 999, 1000, 1_767_225_599_999, 4_102_444_800_000] + [rng.randrange(0, 4_102_444_800_000) for _ in range(2000)]:
+    for ms in [-62_135_596_800_000, -50_000_000_000_000, 0, -1, 999, 1000, 1_767_225_599_999, 4_102_444_800_000] + [rng.randrange(0, 4_102_444_800_000) for _ in range(2000)]:
         expected = datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         assert iso_millis(ms) == expected, ms
+
+
+class _RebalancingConsumer:
+    """kafka-python's rules for a partition that a rebalance assigns: it gets a fresh state, unpaused, at
+    its committed offset. Partition 1 is assigned while the first batch is being applied."""
+
+    def __init__(self) -> None:
+        from kafka import TopicPartition
+
+        self.p0, self.p1 = TopicPartition("fhir.bundles", 0), TopicPartition("fhir.bundles", 1)
+        self.log_end = {self.p0: 20, self.p1: 300}
+        self.committed = {self.p0: 0, self.p1: 0}
+        self.state: dict[Any, dict[str, Any]] = {self.p0: {"pos": 0, "paused": False}}
+        self.in_batch = False
+
+    def assignment(self) -> set[Any]:
+        return set(self.state)
+
+    def paused(self) -> set[Any]:
+        return {tp for tp, st in self.state.items() if st["paused"]}
+
+    def pause(self, *tps: Any) -> None:
+        for tp in tps:
+            self.state[tp]["paused"] = True
+
+    def resume(self, *tps: Any) -> None:
+        for tp in tps:
+            self.state[tp]["paused"] = False
+
+    def seek(self, tp: Any, offset: int) -> None:
+        self.state[tp]["pos"] = offset
+
+    def poll(self, timeout_ms: int = 0, max_records: int | None = None) -> dict[Any, list[Any]]:
+        if self.in_batch and self.p1 not in self.state:
+            self.state[self.p1] = {"pos": self.committed[self.p1], "paused": False}
+        out: dict[Any, list[Any]] = {}
+        left = max_records or 500
+        for tp, st in self.state.items():
+            n = min(left, self.log_end[tp] - st["pos"])
+            if st["paused"] or n <= 0:
+                continue
+            out[tp] = [_Msg(o, partition=tp.partition) for o in range(st["pos"], st["pos"] + n)]
+            st["pos"] += n
+            left -= n
+        if not out:
+            time.sleep(timeout_ms / 1000)
+        return out
+
+    def commit(self, offsets: Any) -> None:
+        for tp, om in offsets.items():
+            self.committed[tp] = om.offset
+
+    def highwater(self, tp: Any) -> int:
+        return self.log_end[tp]
+
+    def position(self, tp: Any) -> int:
+        return int(self.state[tp]["pos"])
+
+    def close(self, autocommit: bool = False) -> None:
+        pass
+
+
+@pytest.mark.parametrize("mode", ["backoff", "slow"])
+def test_records_assigned_by_a_rebalance_during_a_batch_are_not_skipped(mode: str) -> None:
+    """While a batch runs (over a second) or backs off (its database is down), the runtime polls with
+    its partitions paused to keep its group membership. A partition that a rebalance assigns meanwhile
+    arrives unpaused: its records must not be polled and dropped, or the next commit skips them."""
+    from bridge.consumer import ConsumerRuntime
+    from bridge.errors import TransientError
+
+    consumer = _RebalancingConsumer()
+    seen: set[tuple[int, int]] = set()
+
+    class _Sink:
+        name = "test"
+        calls = 0
+
+        def process(self, records: Any) -> list[Any]:
+            self.calls += 1
+            consumer.in_batch = True  # the group rebalances while this batch is applied
+            if mode == "backoff" and self.calls == 1:
+                raise TransientError("database down")
+            if mode == "slow" and self.calls == 1:
+                time.sleep(1.3)
+            seen.update((r.partition, r.offset) for r in records)
+            return []
+
+        def close(self) -> None:
+            pass
+
+    settings = Settings.from_env({"FHIRBRIDGE_CONSUMER_LINGER_MS": "5"})
+    rt = ConsumerRuntime(settings, "127.0.0.1:1", _Sink(), None, group_id="g", consumer=consumer)  # type: ignore[arg-type]
+    deadline = time.monotonic() + 10
+    rt.run(until=lambda: time.monotonic() > deadline or consumer.committed[consumer.p1] >= 300, poll_timeout_ms=50)
+    assert consumer.committed[consumer.p1] == 300
+    assert {o for p, o in seen if p == 1} == set(range(300))
+    assert {o for p, o in seen if p == 0} == set(range(20))

@@ -82,3 +82,23 @@ def test_in_batch_order_sorts_poison_by_position_in_the_batch() -> None:
     err = ValueError("x")
     assert [r.offset for r, _ in in_batch_order(recs, [(recs[3], err), (recs[0], err), (recs[2], err)])] == [0, 2, 3]
     assert in_batch_order(recs, []) == []
+
+
+def test_a_record_timestamp_outside_years_1_to_9999_is_poison_not_fatal(tmp_path: Path) -> None:
+    """The Kafka timestamp is not signed: a validly signed record replayed with a crafted CreateTime
+    must go to the dead letters, not stop the consumer (and stall its partition) on every restart."""
+    from dataclasses import replace
+
+    signer, checker = _fixture()
+    good = _record(signer, 0, _bundle("p0"))
+    far = replace(_record(signer, 1, _bundle("p1")), timestamp=10**15)  # year ~33,658
+    ledger_sink = LedgerSink(Ledger.open(f"sqlite://{tmp_path / 'ledger.db'}", origin="test/ledger"), checker)
+    poison = ledger_sink.process([good, far])
+    assert [(r.offset, type(e).__name__) for r, e in poison] == [(1, "BadTimestamp")]
+    assert "outside the years 1-9999" in str(poison[0][1]) and ledger_sink.ledger.size() == 1
+    ledger_sink.close()
+    index_sink = IndexSink(IndexStore.open(f"sqlite://{tmp_path / 'index.db'}"), checker, None)
+    poison = index_sink.process([good, far])
+    assert [(r.offset, type(e).__name__) for r, e in poison] == [(1, "BadTimestamp")]
+    assert index_sink.store.counts()["bundles"] == 1
+    index_sink.close()
