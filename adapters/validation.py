@@ -25,8 +25,8 @@ same shape before (its full ``model_validate``), (b) every primitive value passe
 validator (a ``TypeAdapter`` of the field's annotation; verdicts of exact ``str``/``int``/``bool``
 values are memoised), and (c) every complex child is accepted, recursively, by the same rule. A shape
 seen for the first time is settled by ``ModelClass.model_validate(element)`` itself. Anything unusual
-(a non-``dict`` element, a non-``str`` key, a model class with validators or a configuration other
-than the ones named above) is left to the library. Whenever this walk raises anything, the caller
+(a non-``dict`` element, a non-``str`` key, a value of a type JSON does not produce, a model class with
+validators or a configuration other than the ones named above) is left to the library. Whenever this walk raises anything, the caller
 validates the original bundle with ``Bundle.model_validate`` and that verdict (and its located error)
 is the answer, so the fast path can never reject what the library accepts.
 """
@@ -43,6 +43,9 @@ from typing import Any
 #: dates in a feed.
 SHAPES_MAX = 100_000
 PRIMITIVES_MAX = 200_000
+#: only values up to this many characters are memoised (base64 attachments and long narratives are
+#: validated every time rather than kept)
+MEMO_CHARS_MAX = 256
 
 # field kinds in a plan
 _PRIM, _ONE, _MANY, _ANY, _ANY_MANY = range(5)
@@ -56,7 +59,7 @@ _shapes: set[tuple[Any, ...]] = set()
 _UNPLANNED: Any = object()
 #: annotation of a primitive field -> (its validator, the memo of values it accepted)
 _adapters: dict[Any, tuple[Any, set[Any]]] = {}
-_resource_classes: dict[str, type | None] = {}
+_resource_classes: dict[str, type] = {}
 _state: dict[str, Any] = {}
 _lock = threading.Lock()
 
@@ -197,15 +200,24 @@ def _build_plan(cls: Any, st: dict[str, Any]) -> dict[str, tuple[int, Any, bool,
 
 def _resource_class(prefix: str, resource_type: str) -> type | None:
     key = prefix + resource_type + "Type"
-    if key in _resource_classes:
-        return _resource_classes[key]
+    cls = _resource_classes.get(key)
+    if cls is not None:
+        return cls
     from fhir_core.constraints import FHIR_TYPES_MAPS
     from pydantic._internal._validators import import_string
 
     path = FHIR_TYPES_MAPS.get(key)
-    cls = import_string(path) if path is not None else None
-    _resource_classes[key] = cls
-    return cls
+    if path is None:
+        return None  # not remembered: unknown names are unbounded
+    found: type = import_string(path)
+    _resource_classes[key] = found
+    return found
+
+
+#: exact types of the scalar values the walk validates itself (what JSON parsers and the adapters
+#: produce); anything else (a generator, which validation would consume before the library's fallback
+#: sees it, a tuple, a str subclass...) is left to the library
+_PLAIN_SCALARS = frozenset({str, int, bool, float, type(None)})
 
 
 def _primitive(payload: tuple[Any, set[Any]], v: Any) -> None:
@@ -218,11 +230,18 @@ def _primitive(payload: tuple[Any, set[Any]], v: Any) -> None:
     t = type(v)
     key: Any = None
     if t is str:
-        key = v
+        if len(v) <= MEMO_CHARS_MAX:
+            key = v
     elif t is int or t is bool:
         key = (t, v)
-    elif t is list and all(type(x) is str for x in v):
-        key = (t, tuple(v))
+    elif t is list:
+        if all(type(x) is str for x in v):
+            if sum(map(len, v)) <= MEMO_CHARS_MAX:
+                key = (t, tuple(v))
+        elif not all(type(x) in _PLAIN_SCALARS for x in v):
+            raise _Declined("a list item of an unusual type")
+    elif t not in _PLAIN_SCALARS:
+        raise _Declined("a primitive value of an unusual type")
     if key is not None and key in accepted:
         return
     out = validate(v)
@@ -264,8 +283,10 @@ def _check(cls: Any, data: dict[str, Any]) -> None:
             raise _Declined("a non-string key")
         step = plan.get(k)
         if step is None:  # resourceType, or an unknown key (the first validation rejects that shape)
+            if v is not None and type(v) is not str:
+                raise _Declined("a resourceType (or unknown key) that is not a plain string")
             add(k)
-            add(v if type(v) is str else type(v))
+            add(v)
             continue
         kind, payload, ext, items_optional = step
         add(k)

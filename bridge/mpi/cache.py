@@ -197,10 +197,11 @@ class RecordCache:
         codes = np.nonzero(self._tf_slot >= 0)[0]
         counts = self.tf_counts[key]
         slots = self._tf_slot[codes]
+        n = len(counts)  # the slots are shared by the TF keys; a key's counts grow only with its values
         return {
             strings[c]: int(counts[s])
             for c, s in zip(codes.tolist(), slots.tolist(), strict=True)
-            if counts[s]
+            if s < n and counts[s]
         }
 
     def remove(self, pid: str) -> None:

@@ -158,6 +158,7 @@ class Database:
             raise MpiError(f"unsupported MPI database URL {url!r}: use sqlite:///PATH or postgresql://...")
         self._in_write = False
         self._worker: ThreadPoolExecutor | None = None
+        self._pending: list[Pending] = []
         self._create_schema()
 
     def _sql(self, sql: str) -> str:
@@ -239,7 +240,9 @@ class Database:
             return Pending(None)
         if self._worker is None:
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mpi-db")
-        return Pending(self._worker.submit(self._insert_statement, sql, rows, types))
+        pending = Pending(self._worker.submit(self._insert_statement, sql, rows, types))
+        self._pending.append(pending)  # write() waits for it before it commits or rolls back
+        return pending
 
     def all_in(self, sql: str, values: Sequence[Any], extra: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """Run ``sql`` (containing one ``IN ({in})``) for ``values`` (in chunks on SQLite, as one array
@@ -276,18 +279,30 @@ class Database:
                 if self._pg is not None:
                     with self._pg.transaction():
                         self._pg.execute("SELECT pg_advisory_xact_lock(%s)", (_ADVISORY_KEY,))
-                        yield
+                        try:
+                            yield
+                        except BaseException:
+                            self._settle_pending(raise_error=False)  # before the rollback, not after
+                            raise
+                        self._settle_pending(raise_error=True)
                 else:
                     assert self._lite is not None
                     self._lite.execute("BEGIN IMMEDIATE")
                     try:
                         yield
+                        self._lite.execute("COMMIT")
                     except BaseException:
-                        self._lite.execute("ROLLBACK")
+                        if self._lite.in_transaction:  # also when the COMMIT itself failed
+                            self._lite.execute("ROLLBACK")
                         raise
-                    self._lite.execute("COMMIT")
             finally:
                 self._in_write = False
+
+    def _settle_pending(self, *, raise_error: bool) -> None:
+        """Wait for the statements still running on the worker thread (inside the transaction)."""
+        pending, self._pending = self._pending, []
+        for p in pending:
+            p.wait(raise_error=raise_error)
 
     @contextmanager
     def read(self) -> Iterator[None]:

@@ -163,6 +163,9 @@ class PersonIndex:
             model.fitted_on_records = total
             blob = orjson.dumps(model.to_json()).decode()
             self._set_meta("model", blob)
+            # a new token makes every other writer re-read the EM counts (a recount may have replaced
+            # them) before its next batch, instead of writing its own older copy over them
+            self._bump_generation(cache, updated=False)
             log.info(
                 "mpi_em_fit",
                 records=total,

@@ -518,3 +518,55 @@ def test_builder_raises_located_validation_failed() -> None:
         with pytest.raises(ValidationFailed) as info:
             builder.build(routing_key="k")
         assert [e["loc"][:4] for e in info.value.errors] == [("entry", 1, "resource", "birthDate")]
+
+
+# -- inputs that are not plain JSON (found by review) -----------------------------------------------
+
+
+def test_a_str_enum_resource_type_cannot_open_the_cache_to_another_member() -> None:
+    """The cache records the exact resourceType string; a str subclass is left to the library, so one
+    accepted member of a str enum cannot vouch for another."""
+
+    class RT(enum.StrEnum):
+        BUNDLE = "Bundle"
+        PATIENT = "Patient"
+
+    assert V.fast_accepts({"resourceType": RT.BUNDLE, "type": "collection"}) is False
+    bad = {"resourceType": RT.PATIENT, "type": "collection"}
+    assert V.fast_accepts(bad) is False
+    assert reference(bad)[0] != "ok"
+    with pytest.raises((ValidationError, KeyError, TypeError)):
+        validate_bundle(bad)
+
+
+def test_a_generator_value_is_left_whole_to_the_library() -> None:
+    """Validating a generator would consume it, and the library's fallback would then judge an empty
+    list: an unusual value type is declined before anything reads it."""
+
+    def make() -> dict[str, Any]:
+        return {"resourceType": "Bundle", "type": "collection", "fhir_comments": (x for x in [5])}
+
+    assert reference(make())[0] == "invalid"
+    with pytest.raises(ValidationError):
+        validate_bundle(make())
+    patient = {"resourceType": "Patient", "name": [{"given": (g for g in ["Ann", 5])}]}
+    bundle = {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": patient}]}
+    assert V.fast_accepts(bundle) is False
+
+
+def test_long_values_and_unknown_resource_types_are_not_remembered() -> None:
+    """Memory stays bounded by the variety of short values: a base64 attachment is validated each
+    time, not kept, and an unknown resourceType (the library rejects it) is not remembered."""
+    data = "QUJD" * 10_000
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [{"resource": {"resourceType": "Binary", "contentType": "text/plain", "data": data}}],
+    }
+    assert V.fast_accepts(bundle) and V.fast_accepts(bundle)
+    assert not any(data in accepted for _validate, accepted in V._adapters.values())
+    before = len(V._resource_classes)
+    for i in range(50):
+        odd = {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": {"resourceType": f"Nope{i}"}}]}
+        assert V.fast_accepts(odd) is False
+    assert len(V._resource_classes) == before

@@ -358,6 +358,41 @@ class StoreContract:
             # the counted comparison vectors are exactly the candidate pairs a full refit compares
             assert mpi.fit().fitted_on_pairs == incremental.fitted_on_pairs
 
+    def test_a_refit_elsewhere_is_seen_before_the_next_batch(self, mpi_url: str) -> None:
+        """A full refit by another process may replace the stored EM counts; the consumer's next batch
+        must count on top of those, not write its own older copy over them. Hardest case: an index
+        written before counts were kept (the consumer has no copy at all). Found by review."""
+        from bridge.mpi.cache import load_patterns
+
+        cfg = dataclasses.replace(MpiConfig(), em_min_records=10_000)  # no automatic fit in between
+        recs, _ = population(60, seed=7)
+        with PersonIndex.open(mpi_url, cfg) as mpi:
+            mpi.upsert_patients(recs[:30])
+            mpi.db.execute("DELETE FROM mpi_meta WHERE key = 'em_patterns'")
+        with PersonIndex.open(mpi_url, cfg) as consumer, PersonIndex.open(mpi_url, cfg) as other:
+            consumer.upsert_patients(recs[30:31])  # loads its cache: no counts in the database
+            other.fit()  # a full recount, stored
+            consumer.upsert_patients(recs[31:])
+            stored = consumer.db.one("SELECT value FROM mpi_meta WHERE key = 'em_patterns'")
+            assert stored is not None
+            other.fit()  # recount everything: what the stored counts must already be
+            recount = consumer.db.one("SELECT value FROM mpi_meta WHERE key = 'em_patterns'")
+            assert recount is not None and load_patterns(stored[0]) == load_patterns(recount[0])
+
+    def test_write_settles_background_inserts_before_a_rollback(self, mpi: PersonIndex) -> None:
+        """A caller that fails without waiting for its background insert: the insert still belongs to
+        the rolled-back transaction (found by review: on PostgreSQL it could run after the rollback,
+        on the autocommit connection, and commit on its own)."""
+        db = mpi.db
+        sql = "INSERT INTO mpi_alias (old_id, person_id) VALUES (?, ?)"
+        for _ in range(5):
+            with pytest.raises(RuntimeError, match="no wait"), db.write():
+                db.insert_many_background(sql, [(f"x{i}", "p") for i in range(2000)], ("text", "text"))
+                raise RuntimeError("no wait")
+        with db.write():
+            db.insert_many_background(sql, [("y", "p")], ("text", "text"))  # committed without a wait
+        assert db.one("SELECT COUNT(*) FROM mpi_alias") == (1,)
+
     def test_oversized_blocks_are_skipped(self, mpi: PersonIndex) -> None:
         """A default birth date shared by 500 records (and a common given name) must not make
         every pair a candidate; the other blocking keys still link true duplicates."""

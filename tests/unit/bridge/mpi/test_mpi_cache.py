@@ -102,3 +102,15 @@ def test_candidates_are_the_pairs_sharing_a_small_block(recs: list[tuple], cap: 
     assert len(got) == len(set(got))
     assert set(got) == want
     assert np.all(ia != ib)
+
+
+def test_value_counts_of_a_key_without_values_past_the_first_slots() -> None:
+    """The TF slots are shared by the TF keys, but each key's counts grow only with its own values: a
+    key that never had a value must still answer (found by review: IndexError past 1,024 slots)."""
+    from bridge.mpi.store import TF_KEYS
+
+    cache = RecordCache(TF_KEYS, None)
+    empty = dict.fromkeys(("gn", "gm", "fn", "fm", "b", "s", "a", "c", "z", "t"), "")
+    cache.put_many([(f"p{i}", "o", {**empty, "g": f"g{i}", "f": f"f{i}", "i": []}, "d", i + 1) for i in range(600)])
+    assert cache.value_counts("c") == {}
+    assert cache.value_counts("g") == {f"g{i}": 1 for i in range(600)}
