@@ -28,11 +28,14 @@ import orjson
 from aiohttp import web
 
 from bridge.httputil import FhirHTTPError, fhir_response, operation_outcome
-from bridge.index.store import StoredResource
+from bridge.index.rules import CLINICAL_DATE_PATHS, PATIENT_REFERENCE_PATHS
+from bridge.index.store import IndexStore, StoredResource
 
 PROVENANCE_EXT = "https://fhirbridge.dev/fhir/StructureDefinition/entry-provenance"
 CHECKPOINT_EXT = "https://fhirbridge.dev/fhir/StructureDefinition/ledger-checkpoint"
 EVERYTHING_PARAMS = {"start", "end", "_since", "_type", "_count", "_offset", "_proof", "_format"}
+#: the resource types a patient's compartment can hold in the index (Provenance is never returned)
+EVERYTHING_TYPES = {"Patient", "Appointment", *PATIENT_REFERENCE_PATHS, *CLINICAL_DATE_PATHS}
 DEFAULT_COUNT = 100
 MAX_COUNT = 1000
 _DATE = re.compile(r"^\d{4}(-\d{2}(-\d{2}(T\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:\d{2})?)?)?)?$")
@@ -58,6 +61,28 @@ class MergedEntry:
     @property
     def keys(self) -> list[tuple[str, str]]:
         return [(r.resource_type, r.id) for r in (self.resource, *self.duplicates)]
+
+
+#: ``_format`` values meaning JSON (the only format served)
+JSON_FORMATS = {"json", "application/json", "application/fhir+json"}
+
+
+def check_query(request: web.Request, known: set[str]) -> None:
+    """400 for a known parameter given twice (which copy would apply is not obvious, and the paging
+    links must repeat the query exactly) and for a ``_format`` other than JSON."""
+    for name in known:
+        values = request.query.getall(name, [])
+        if len(values) > 1:
+            raise FhirHTTPError(400, "invalid", f"parameter {name} is given {len(values)} times; give it once")
+    fmt = request.query.get("_format")
+    if fmt is not None and fmt.strip().lower().split(";")[0].strip() not in JSON_FORMATS:
+        raise FhirHTTPError(400, "not-supported", f"_format {fmt!r} is not supported: this server returns JSON only")
+
+
+def utc_millis(value: str) -> str:
+    """A FHIR date/dateTime parameter as the index's stored instant form (UTC, milliseconds, ``Z``): the
+    start of the interval it denotes, so that string comparison with ``meta.lastUpdated`` is exact."""
+    return date_range(value)[0].isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _date_param(request: web.Request, name: str) -> str | None:
@@ -160,7 +185,8 @@ def everything(backend: Any, patient_id: str, params: EverythingParams) -> dict[
     merged = merge_duplicates(resources)
     total = len(merged)
     page = merged[params.offset : params.offset + params.count]
-    sources = index.sources_for_patients(linked) if len(page) > 50 else index.sources_of([k for m in page for k in m.keys])
+    # the page's own resources, whoever the delivering bundles named as their subject
+    sources = index.sources_of([k for m in page for k in m.keys])
     ledger = backend.ledger()
     checkpoint = _checkpoint(ledger) if (ledger is not None and params.proof) else None
     leaf_cache: dict[tuple[str, str], int | None] = {}
@@ -239,32 +265,48 @@ async def patient_everything(request: web.Request) -> web.Response:
     from bridge.service import backend_of, base_url
 
     pid = request.match_info["id"]
+    check_query(request, EVERYTHING_PARAMS)
     warnings = [
         operation_outcome("warning", "not-supported", f"parameter {name!r} is not supported by $everything and was ignored")
-        for name in request.query
+        for name in dict.fromkeys(request.query)
         if name not in EVERYTHING_PARAMS
     ]
     types_raw = request.query.get("_type")
+    types = list(dict.fromkeys(t.strip() for t in types_raw.split(",") if t.strip())) if types_raw else None
+    for t in types or ():
+        if t not in EVERYTHING_TYPES:
+            warnings.append(
+                operation_outcome(
+                    "warning", "not-supported", f"_type {t!r} is not a resource type $everything returns: it matches nothing"
+                )
+            )
+    proof_raw = request.query.get("_proof", "false").strip().lower()
+    if proof_raw not in ("true", "false"):
+        raise FhirHTTPError(400, "invalid", f"parameter _proof: {request.query['_proof']!r} is not true or false")
+    since = _date_param(request, "_since")
     params = EverythingParams(
         start=_date_param(request, "start"),
         end=_date_param(request, "end"),
-        since=_date_param(request, "_since"),
-        types=[t.strip() for t in types_raw.split(",") if t.strip()] if types_raw else None,
+        since=utc_millis(since) if since else None,
+        types=types,
         count=_int_param(request, "_count", DEFAULT_COUNT, 1, MAX_COUNT),
         offset=_int_param(request, "_offset", 0, 0, 10**9),
-        proof=request.query.get("_proof", "false").lower() == "true",
+        proof=proof_raw == "true",
         base=base_url(request),
     )
     backend = backend_of(request)
     result = await backend.run(everything, backend, pid, params)
+    if params.proof and result["checkpoint"] is None:
+        why = "no ledger is configured" if not backend.has_ledger else "the ledger has no signed checkpoint yet"
+        warnings.append(operation_outcome("warning", "incomplete", f"_proof=true: {why}, so no proofs are included"))
     self_url = f"{params.base}/Patient/{pid}/$everything"
-    query = {k: v for k, v in request.query.items() if k != "_offset"}
-    links = [{"relation": "self", "url": f"{self_url}?{urlencode({**query, '_offset': params.offset})}"}]
+    query = [(k, v) for k, v in request.query.items() if k != "_offset"]  # the query exactly as given
+    links = [{"relation": "self", "url": f"{self_url}?{urlencode([*query, ('_offset', params.offset)])}"}]
     if params.offset + params.count < result["total"]:
-        links.append({"relation": "next", "url": f"{self_url}?{urlencode({**query, '_offset': params.offset + params.count})}"})
+        links.append({"relation": "next", "url": f"{self_url}?{urlencode([*query, ('_offset', params.offset + params.count)])}"})
     if params.offset > 0:
         prev = max(0, params.offset - params.count)
-        links.append({"relation": "previous", "url": f"{self_url}?{urlencode({**query, '_offset': prev})}"})
+        links.append({"relation": "previous", "url": f"{self_url}?{urlencode([*query, ('_offset', prev)])}"})
     bundle: dict[str, Any] = {
         "resourceType": "Bundle",
         "id": str(uuid.uuid4()),
@@ -280,19 +322,21 @@ async def patient_everything(request: web.Request) -> web.Response:
 
 
 def _search_patients(backend: Any, identifier: str | None, name: str | None, birthdate: str | None) -> list[dict[str, Any]]:
-    index = backend.index()
+    index: IndexStore = backend.index()
     if identifier:
         system, sep, value = identifier.partition("|")
         ids = index.patients_by_identifier(system if sep else None, value if sep else identifier)
         patients = [p for p in (index.get("Patient", i) for i in ids) if p is not None]
-    else:
-        patients = index.search_patients(name=name, birthdate=birthdate)
+        return [p for p in patients if _matches(p, name, birthdate)]
+    return index.search_patients(name=name, birthdate=birthdate, match=lambda p: _matches(p, name, birthdate))
+
+
+def _matches(patient: dict[str, Any], name: str | None, birthdate: str | None) -> bool:
     if name:
         needle = name.casefold()
-        patients = [p for p in patients if any(needle in s.casefold() for s in _name_strings(p))]
-    if birthdate:
-        patients = [p for p in patients if str(p.get("birthDate", "")).startswith(birthdate)]
-    return patients
+        if not any(needle in s.casefold() for s in _name_strings(patient)):
+            return False
+    return not birthdate or str(patient.get("birthDate", "")).startswith(birthdate)
 
 
 def _name_strings(patient: dict[str, Any]) -> list[str]:
@@ -306,6 +350,7 @@ async def patient_search(request: web.Request) -> web.Response:
     from bridge.service import backend_of, base_url
 
     supported = {"identifier", "name", "birthdate", "_format"}
+    check_query(request, supported)
     identifier = request.query.get("identifier")
     name = request.query.get("name")
     birthdate = _date_param(request, "birthdate")
@@ -322,7 +367,7 @@ async def patient_search(request: web.Request) -> web.Response:
             "resource": operation_outcome("warning", "not-supported", f"search parameter {k!r} is not supported and was ignored"),
             "search": {"mode": "outcome"},
         }
-        for k in request.query
+        for k in dict.fromkeys(request.query)
         if k not in supported
     ]
     return fhir_response(

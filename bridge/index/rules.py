@@ -4,7 +4,10 @@ resources from different sources state the same clinical fact (documented in doc
 
 from __future__ import annotations
 
+from decimal import Decimal, InvalidOperation
 from typing import Any
+
+import orjson
 
 #: Element paths naming the patient a resource belongs to (the Patient compartment, simplified).
 PATIENT_REFERENCE_PATHS: dict[str, tuple[str, ...]] = {
@@ -121,36 +124,125 @@ def _first_code(concept: Any) -> str | None:
     return codes[0] if codes else None
 
 
-def _value(resource: dict[str, Any]) -> str:
-    for key in ("valueQuantity", "valueCodeableConcept", "valueString", "valueBoolean", "valueInteger", "valueDateTime"):
-        if key in resource:
-            v = resource[key]
-            if key == "valueQuantity" and isinstance(v, dict):
-                return f"q:{v.get('value')}|{v.get('system', '')}|{v.get('code') or v.get('unit') or ''}"
-            if key == "valueCodeableConcept":
-                return "c:" + ",".join(_codings(v))
-            return f"{key}:{v}"
-    return ""
+def _number(value: Any) -> str | None:
+    """A JSON number in one canonical form (``5``, ``5.0`` and ``5.00`` are the same value)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        return format(Decimal(str(value)).normalize(), "f")
+    except InvalidOperation:  # nan, inf
+        return None
+
+
+def _quantity(q: Any) -> str | None:
+    if not isinstance(q, dict):
+        return None
+    number = _number(q.get("value"))
+    if number is None:
+        return None
+    unit = q.get("code") or q.get("unit") or ""
+    return f"{q.get('comparator', '')}{number}|{q.get('system', '')}|{unit}"
+
+
+def _value_of(element: dict[str, Any]) -> str | None:
+    """The value an Observation (or one of its components) states, in a canonical form; ``""`` when it
+    states none, ``None`` when the value has a form this rule does not compare (never merged)."""
+    forms = [k for k in element if k.startswith("value")]
+    if len(forms) > 1:
+        return None
+    if not forms:
+        absent = element.get("dataAbsentReason")
+        return "absent:" + ",".join(_codings(absent)) if absent is not None else ""
+    key = forms[0]
+    v = element[key]
+    if key == "valueQuantity":
+        q = _quantity(v)
+        return None if q is None else "q:" + q
+    if key == "valueCodeableConcept":
+        codes = _codings(v)
+        return "c:" + ",".join(codes) if codes else None
+    if key == "valueRange" and isinstance(v, dict):
+        low, high = (_quantity(v[k]) if k in v else "" for k in ("low", "high"))
+        return None if low is None or high is None else f"r:{low}/{high}"
+    if key == "valueRatio" and isinstance(v, dict):
+        num, den = (_quantity(v.get(k)) for k in ("numerator", "denominator"))
+        return None if num is None or den is None else f"ra:{num}/{den}"
+    if key == "valuePeriod" and isinstance(v, dict):
+        return f"p:{v.get('start', '')}/{v.get('end', '')}"
+    if key == "valueInteger" and isinstance(v, int) and not isinstance(v, bool):
+        return f"i:{v}"
+    if key == "valueBoolean" and isinstance(v, bool):
+        return f"b:{'true' if v else 'false'}"
+    if key in ("valueString", "valueDateTime", "valueTime") and isinstance(v, str):
+        return f"{key}:{v}"
+    return None  # SampledData, Attachment, a malformed value...: not compared, never merged
+
+
+def _observation_value(resource: dict[str, Any]) -> str | None:
+    """The Observation's own value and every component's code and value (sorted), or None."""
+    own = _value_of(resource)
+    if own is None:
+        return None
+    components = resource.get("component")
+    if not components:
+        return own
+    if not isinstance(components, list):
+        return None
+    parts = []
+    for c in components:
+        if not isinstance(c, dict):
+            return None
+        code, value = _first_code(c.get("code")), _value_of(c)
+        if code is None or value is None:
+            return None
+        parts.append(f"{code}={value}")
+    return own + "|components:" + ";".join(sorted(parts))
 
 
 _UNSET: Any = object()
+
+#: Bumped whenever :func:`dedupe_key` changes: an index written with other rules recomputes its keys
+#: when it is opened (``IndexStore``).
+DEDUPE_RULES_VERSION = "2"
+#: The resource types :func:`dedupe_key` may merge.
+DEDUPE_TYPES = (
+    "Observation", "Condition", "AllergyIntolerance", "Immunization", "MedicationRequest", "MedicationStatement",
+    "Procedure", "DiagnosticReport",
+)
+
+
+def _entered_in_error(resource: dict[str, Any]) -> bool:
+    if resource.get("status") == "entered-in-error":
+        return True
+    vs = resource.get("verificationStatus")  # Condition, AllergyIntolerance: a CodeableConcept
+    return isinstance(vs, dict) and any(
+        isinstance(c, dict) and c.get("code") == "entered-in-error" for c in vs.get("coding") or ()
+    )
 
 
 def dedupe_key(resource: dict[str, Any], clinical: str | None = _UNSET) -> str | None:
     """Two resources with the same non-None key (and the same person) state the same clinical fact.
 
-    A key is built from the first ``system|code`` of the resource's codings in sorted order, the
-    clinical time (to the precision stated, or to the day where sources differ in precision), and for
-    Observations the value with its unit. Types without a safe rule return None and are never merged.
+    A key is built from the first ``system|code`` of the resource's codings in sorted order and the
+    clinical time: as written for Observations, Procedures and DiagnosticReports, its day for the
+    others (the same instant written in other time zones or precisions is *not* merged: the rules err
+    on the side of showing two entries). Observations add their value: quantities with comparator
+    and unit (numbers compared by value), codings, ranges, ratios, periods, strings, booleans, every
+    component's code and value, or the data-absent reason; a value of another form is not compared
+    and never merged. Medication requests and statements add their dosage. An ``entered-in-error``
+    resource is never merged. Types without a safe rule return None and are never merged.
     ``clinical`` is ``clinical_date(resource)`` when the caller has it already.
     """
     rtype = resource.get("resourceType")
+    if _entered_in_error(resource):
+        return None
     when = (clinical_date(resource) if clinical is _UNSET else clinical) or ""
     if rtype == "Observation":
         code = _first_code(resource.get("code"))
-        if not code or not when:
+        value = _observation_value(resource)
+        if not code or not when or value is None:
             return None
-        return f"Observation|{code}|{when}|{_value(resource)}"
+        return f"Observation|{code}|{when}|{value}"
     if rtype == "Condition":
         code = _first_code(resource.get("code"))
         return f"Condition|{code}|{when[:10]}" if code else None
@@ -162,7 +254,9 @@ def dedupe_key(resource: dict[str, Any], clinical: str | None = _UNSET) -> str |
         return f"Immunization|{code}|{when[:10]}" if code and when else None
     if rtype in ("MedicationRequest", "MedicationStatement"):
         code = _first_code(resource.get("medicationCodeableConcept"))
-        return f"{rtype}|{code}|{when[:10]}" if code and when else None
+        dosage = resource.get("dosageInstruction" if rtype == "MedicationRequest" else "dosage")
+        dose = orjson.dumps(dosage, option=orjson.OPT_SORT_KEYS).decode() if dosage else ""
+        return f"{rtype}|{code}|{when[:10]}|{dose}" if code and when else None
     if rtype == "Procedure":
         code = _first_code(resource.get("code"))
         return f"Procedure|{code}|{when}" if code and when else None

@@ -15,7 +15,7 @@ re-ingests are idempotent and a rebuilt index is identical to the original:
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
@@ -23,7 +23,10 @@ from typing import Any, NamedTuple
 import orjson
 
 from bridge.db import Database
-from bridge.index.rules import clinical_date, dedupe_key, patient_of
+from bridge.index.rules import DEDUPE_RULES_VERSION, DEDUPE_TYPES, clinical_date, dedupe_key, patient_of
+from bridge.logging import get_logger
+
+log = get_logger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS resources (
@@ -71,6 +74,10 @@ CREATE TABLE IF NOT EXISTS bundles (
     kafka_offset BIGINT NOT NULL,
     received_at TEXT NOT NULL,
     PRIMARY KEY (bundle_sha256, source_org)
+);
+CREATE TABLE IF NOT EXISTS index_meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
 )
 """
 
@@ -131,6 +138,42 @@ class IndexStore:
             for pragma in SQLITE_PRAGMAS:
                 self.db.execute(f"PRAGMA {pragma}")
         self.db.script(SCHEMA)
+        self._refresh_dedupe_keys()
+
+    def _refresh_dedupe_keys(self) -> None:
+        """Recompute the stored de-duplication keys if they were written under other rules
+        (:data:`~bridge.index.rules.DEDUPE_RULES_VERSION`): once, when a newer release opens the index."""
+        row = self.db.query("SELECT value FROM index_meta WHERE key = 'dedupe_rules'")
+        if row and row[0][0] == DEDUPE_RULES_VERSION:
+            return
+        seen = changed = 0
+        with self.db.transaction() as db:
+            for rtype in DEDUPE_TYPES:  # in pages (keyset on the primary key): bounded memory
+                after = ""
+                while True:
+                    rows = db.query(
+                        "SELECT id, clinical_date, dedupe_key, body FROM resources "
+                        "WHERE resource_type = ? AND id > ? ORDER BY id LIMIT 5000",
+                        (rtype, after),
+                    )
+                    updates = [
+                        (new, rtype, rid)
+                        for rid, when, old, body in rows
+                        if (new := dedupe_key(orjson.loads(body), when)) != old
+                    ]
+                    db.executemany("UPDATE resources SET dedupe_key = ? WHERE resource_type = ? AND id = ?", updates)
+                    seen += len(rows)
+                    changed += len(updates)
+                    if len(rows) < 5000:
+                        break
+                    after = rows[-1][0]
+            db.execute(
+                "INSERT INTO index_meta (key, value) VALUES ('dedupe_rules', ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (DEDUPE_RULES_VERSION,),
+            )
+        if seen:
+            log.info("index.dedupe_keys_refreshed", rules=DEDUPE_RULES_VERSION, resources=seen, changed=changed)
 
     @classmethod
     def open(cls, url: str) -> IndexStore:
@@ -344,15 +387,37 @@ class IndexStore:
             h.update("\x1e".join(str(x) for x in r).encode())
         return h.hexdigest()
 
-    def search_patients(self, *, name: str | None = None, birthdate: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
-        """Patients whose JSON mentions ``name`` / ``birthdate``; callers refine the match."""
-        sql = "SELECT body FROM resources WHERE resource_type = 'Patient'"
+    def search_patients(
+        self,
+        *,
+        name: str | None = None,
+        birthdate: str | None = None,
+        limit: int = 200,
+        match: Callable[[dict[str, Any]], bool] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Up to ``limit`` Patients (in id order) that ``match`` accepts, among those whose JSON mentions
+        ``name`` / ``birthdate`` (a cheap SQL pre-filter; ``match`` decides). Read in pages until
+        ``limit`` matches are found, so a pre-filter hit that ``match`` rejects never hides a later
+        match. SQLite's ``lower()`` folds ASCII only: a non-ASCII name is left to ``match`` there."""
+        sql = "SELECT id, body FROM resources WHERE resource_type = 'Patient' AND id > ?"
         params: list[Any] = []
-        if name:
+        if name and (name.isascii() or self.db.kind == "postgres"):
             sql += " AND lower(body) LIKE ?"
             params.append(f"%{name.lower()}%")
         if birthdate:
             sql += " AND body LIKE ?"
             params.append(f'%"birthDate":"{birthdate}%')
-        sql += f" ORDER BY id LIMIT {int(limit)}"
-        return [orjson.loads(r[0]) for r in self.db.query(sql, params)]
+        sql += " ORDER BY id LIMIT 500"
+        out: list[dict[str, Any]] = []
+        after = ""
+        while True:
+            rows = self.db.query(sql, [after, *params])
+            for _rid, body in rows:
+                patient = orjson.loads(body)
+                if match is None or match(patient):
+                    out.append(patient)
+                    if len(out) >= limit:
+                        return out
+            if len(rows) < 500:
+                return out
+            after = rows[-1][0]

@@ -60,3 +60,46 @@ def test_dedupe_key_with_a_precomputed_clinical_date_matches_its_own() -> None:
     for r in (obs, cond):
         assert dedupe_key(r, clinical_date(r)) == dedupe_key(r)
     assert dedupe_key(obs, None) is None  # an explicit "no clinical date" is honoured, not recomputed
+
+
+def test_observations_stating_different_facts_never_share_a_key() -> None:
+    """Found by review: only six value forms were compared, so panels, ranges, ratios and comparators
+    of different values merged, and one reading disappeared from the clinician's view."""
+    del_value = {k: v for k, v in _obs().items() if k != "valueQuantity"}
+    bp = {**del_value, "code": {"coding": [{"system": "http://loinc.org", "code": "85354-9"}]}}
+
+    def comp(code: str, v: float) -> dict[str, object]:
+        return {"code": {"coding": [{"system": "http://loinc.org", "code": code}]},
+                "valueQuantity": {"value": v, "unit": "mm[Hg]", "system": "http://unitsofmeasure.org", "code": "mm[Hg]"}}
+
+    normal = {**bp, "component": [comp("8480-6", 120), comp("8462-4", 80)]}
+    high = {**bp, "component": [comp("8480-6", 180), comp("8462-4", 110)]}
+    assert dedupe_key(normal) != dedupe_key(high)
+    assert dedupe_key(normal) == dedupe_key({**bp, "component": [comp("8462-4", 80), comp("8480-6", 120.0)]})
+    low_range = {**del_value, "valueRange": {"low": {"value": 1, "unit": "g"}, "high": {"value": 2, "unit": "g"}}}
+    high_range = {**del_value, "valueRange": {"low": {"value": 50, "unit": "g"}, "high": {"value": 90, "unit": "g"}}}
+    assert None is not dedupe_key(low_range) != dedupe_key(high_range)
+    ratio = {**del_value, "valueRatio": {"numerator": {"value": 1}, "denominator": {"value": 128}}}
+    assert None is not dedupe_key(ratio) != dedupe_key({**del_value, "valueRatio": {"numerator": {"value": 1}, "denominator": {"value": 64}}})
+    less = _obs(valueQuantity={"value": 5, "comparator": "<", "unit": "mg", "code": "mg"})
+    assert dedupe_key(less) != dedupe_key(_obs(valueQuantity={"value": 5, "unit": "mg", "code": "mg"}))
+    absent = {**del_value, "dataAbsentReason": {"coding": [{"code": "error"}]}}
+    assert dedupe_key(absent) != dedupe_key(del_value)
+    for unknown in ({**del_value, "valueSampledData": {"data": "1 2 3"}}, {**del_value, "valueQuantity": {"unit": "mg"}},
+                    {**bp, "component": [{"code": {"coding": [{"code": "x"}]}, "valueAttachment": {}}]}):
+        assert dedupe_key(unknown) is None  # a value form that is not compared is never merged
+
+
+def test_the_same_number_written_differently_is_the_same_fact() -> None:
+    assert dedupe_key(_obs(valueQuantity={"value": 5, "unit": "mg"})) == dedupe_key(_obs(valueQuantity={"value": 5.0, "unit": "mg"}))
+
+
+def test_entered_in_error_and_different_doses_never_merge() -> None:
+    assert dedupe_key(_obs(status="entered-in-error")) is None
+    cond = {"resourceType": "Condition", "code": {"coding": [{"system": "sct", "code": "1"}]}, "onsetDateTime": "2026-01-01"}
+    assert dedupe_key(cond) is not None
+    assert dedupe_key({**cond, "verificationStatus": {"coding": [{"code": "entered-in-error"}]}}) is None
+    med = {"resourceType": "MedicationRequest", "medicationCodeableConcept": {"coding": [{"system": "rx", "code": "1"}]},
+           "authoredOn": "2026-01-01T09:00:00Z", "dosageInstruction": [{"text": "10 mg daily"}]}
+    assert dedupe_key(med) != dedupe_key({**med, "dosageInstruction": [{"text": "40 mg daily"}]})
+    assert dedupe_key(med) == dedupe_key({**med, "authoredOn": "2026-01-01T18:00:00Z"})

@@ -127,3 +127,23 @@ def test_sqlite_connection_gets_a_large_page_cache_and_rarer_checkpoints(tmp_pat
         assert s.db.query("PRAGMA synchronous")[0][0] == 1  # NORMAL, as before: commits as durable as they were
     finally:
         s.close()
+
+
+def test_keys_written_under_older_rules_are_recomputed_on_open(store: IndexStore) -> None:
+    """dedupe_key is stored: an index written by an older release (other rules) has its keys recomputed
+    once when a newer release opens it."""
+    from bridge.index.rules import DEDUPE_RULES_VERSION, dedupe_key
+
+    obs = {"resourceType": "Observation", "id": "o1", "subject": {"reference": "Patient/p1"},
+           "code": {"coding": [{"system": "http://loinc.org", "code": "85354-9"}]}, "effectiveDateTime": "2026-01-01",
+           "component": [{"code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]}, "valueQuantity": {"value": 120}}]}
+    store.apply([_bundle("h1", "st-mary", _patient("p1", "1"), obs)])
+    store.db.execute("UPDATE resources SET dedupe_key = 'stale' WHERE id = 'o1'")
+    store.db.execute("UPDATE index_meta SET value = 'old' WHERE key = 'dedupe_rules'")
+    again = IndexStore(store.db.url)
+    try:
+        stored = again.db.query("SELECT dedupe_key FROM resources WHERE id = 'o1'")[0][0]
+        assert stored == dedupe_key(obs, "2026-01-01") and "components:" in stored
+        assert again.db.query("SELECT value FROM index_meta WHERE key = 'dedupe_rules'") == [(DEDUPE_RULES_VERSION,)]
+    finally:
+        again.close()

@@ -148,3 +148,77 @@ async def test_metadata_and_openapi(client: Any) -> None:
 )
 def test_in_range(clinical: str | None, start: str | None, end: str | None, expected: bool) -> None:
     assert in_range(clinical, start, end) is expected
+
+
+# -- found by review (2026-12-03) ----------------------------------------------------------------
+
+
+async def test_since_compares_instants_not_strings(client: Any) -> None:
+    """``_since`` is an instant: the stored ``lastUpdated`` (``...00.000Z``) at exactly that instant is
+    included, and an offset is honoured (a string comparison got both wrong)."""
+    later = {"pb", "ob1", "ob2", "pc"}  # received at 2026-03-11T00:00:00.000Z
+    assert set(_ids(await _everything(client, _since="2026-03-11T00:00:00Z"))) == later - {"pc"}
+    assert set(_ids(await _everything(client, _since="2026-03-11T05:00:00+05:00"))) == later - {"pc"}
+    assert set(_ids(await _everything(client, _since="2026-03-10T20:00:00-05:00"))) == set()  # 01:00 UTC
+
+
+async def test_repeated_parameters_are_refused_and_links_repeat_the_query(client: Any) -> None:
+    resp = await client.get("/Patient/pa/$everything?_type=Encounter&_type=Patient")
+    assert resp.status == 400 and "_type is given 2 times" in (await resp.json())["issue"][0]["diagnostics"]
+    page = await _everything(client, _type="Observation", _count="1", foo="1")
+    nxt = next(link["url"] for link in page["link"] if link["relation"] == "next")
+    assert "_type=Observation" in nxt and "foo=1" in nxt and "_offset=1" in nxt
+
+
+async def test_format_proof_and_type_values_are_checked(client: Any) -> None:
+    assert (await client.get("/Patient/pa/$everything", params={"_format": "xml"})).status == 400
+    assert (await client.get("/Patient", params={"name": "doe", "_format": "xml"})).status == 400
+    assert _ids(await _everything(client, _format="application/fhir+json"))
+    assert (await client.get("/Patient/pa/$everything", params={"_proof": "yes"})).status == 400
+    b = await _everything(client, _proof="true")  # this service has no ledger: said, not silently skipped
+    outcomes = [e["resource"]["issue"][0]["diagnostics"] for e in b["entry"] if e["search"]["mode"] == "outcome"]
+    assert any("no ledger is configured" in d for d in outcomes)
+    b = await _everything(client, _type="Observation,Foo")
+    outcomes = [e["resource"]["issue"][0]["diagnostics"] for e in b["entry"] if e["search"]["mode"] == "outcome"]
+    assert any("'Foo'" in d for d in outcomes) and set(_ids(b)) == {"oa1", "oa2", "ob2"}
+
+
+def _store_with(tmp_path: Path, bundles: list[IncomingBundle], **env: str) -> Settings:
+    settings = Settings.from_env({"FHIRBRIDGE_DATA_DIR": str(tmp_path), **env})
+    store = IndexStore.open(settings.index_url)
+    store.apply(bundles)
+    store.close()
+    return settings
+
+
+async def test_provenance_does_not_depend_on_the_page_size(tmp_path: Path) -> None:
+    """A resource delivered first under another subject keeps both deliveries as its sources, on a
+    small page and on a large one."""
+    x = _glucose("x", "pc", "2026-01-05T08:00:00Z", 70)
+    settings = _store_with(tmp_path, [
+        _bundle("h4", "st-mary", [{"resourceType": "Patient", "id": "pa"}, {"resourceType": "Patient", "id": "pc"}, x],
+                "2026-01-06T00:00:00.000Z"),
+        _bundle("h5", "riverside", [{**x, "subject": {"reference": "Patient/pa"}}], "2026-01-07T00:00:00.000Z"),
+        _bundle("h6", "riverside", [_glucose(f"y{i}", "pa", f"2026-02-{i % 28 + 1:02d}T{i // 28:02d}:00:00Z", 80 + i)
+                                    for i in range(60)],  # a page of over 50 entries took another path
+                "2026-02-28T00:00:00.000Z"),
+    ])
+    async with TestClient(TestServer(create_app(settings, Backend(settings)))) as c:
+        for count in ("5", "100"):
+            b = await _everything(c, _count=count)
+            entry = next(e for e in b["entry"] if e["resource"]["id"] == "x")
+            shas = {s["valueString"] for ext in entry["extension"] for s in ext["extension"] if s["url"] == "bundleSha256"}
+            assert shas == {"h4", "h5"}, count
+
+
+async def test_name_search_folds_non_ascii_and_is_not_cut_short(tmp_path: Path) -> None:
+    patients = [{"resourceType": "Patient", "id": f"p{i:03d}", "name": [{"family": "Doe", "given": ["Jane"]}],
+                 "address": [{"line": ["1 Élodie Martin Street"]}]} for i in range(230)]
+    patients.append({"resourceType": "Patient", "id": "p999", "name": [{"family": "Martin", "given": ["Élodie"]}]})
+    settings = _store_with(tmp_path, [_bundle("h7", "st-mary", patients, "2026-01-01T00:00:00.000Z")])
+    async with TestClient(TestServer(create_app(settings, Backend(settings)))) as c:
+        # 231 bodies mention each name; only the last by id has it as a name (the first 200 do not)
+        for needle, expected in (("élodie", ["p999"]), ("ÉLODIE", ["p999"]), ("martin", ["p999"]), ("elodie", [])):
+            resp = await c.get("/Patient", params={"name": needle})
+            ids = [e["resource"]["id"] for e in (await resp.json())["entry"] if e["search"]["mode"] == "match"]
+            assert ids == expected, needle
