@@ -46,9 +46,19 @@ def _int_param(request: web.Request, name: str, *, default: int | None = None) -
         if default is None:
             raise _Bad(f"query parameter {name!r} is required")
         return default
-    if not raw.isdigit() or len(raw) > 20:
-        raise _Bad(f"query parameter {name!r} must be a non-negative integer")
-    return int(raw)
+    value = _index(raw)
+    if value is None:
+        raise _Bad(f"query parameter {name!r} must be a non-negative integer below 2**63")
+    return value
+
+
+def _index(raw: str) -> int | None:
+    """A non-negative integer written in ASCII digits that fits the databases' BIGINT, else None
+    (``str.isdigit`` also accepts characters such as ``²``, which ``int`` refuses)."""
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19:
+        return None
+    value = int(raw)
+    return value if value < 2**63 else None
 
 
 class _Bad(Exception):
@@ -103,10 +113,9 @@ def setup_ledger_routes(app: web.Application, get_ledger: Callable[[], Ledger]) 
 
     @_errors
     async def get_entry(request: web.Request) -> web.StreamResponse:
-        raw = request.match_info["index"]
-        if not raw.isdigit() or len(raw) > 20:
-            raise _Bad("the entry index must be a non-negative integer")
-        index = int(raw)
+        index = _index(request.match_info["index"])
+        if index is None:
+            raise _Bad("the entry index must be a non-negative integer below 2**63")
         led = get_ledger()
 
         def fetch() -> dict[str, Any]:

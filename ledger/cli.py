@@ -154,6 +154,8 @@ def _verify(args: argparse.Namespace) -> int:
         f"entries: {report.entries_checked}/{report.size}  checkpoints: {report.checkpoints_checked}  "
         f"tiles: {report.tiles_checked}"
     )
+    for note in report.notes:
+        print(f"note: {note}")
     if report.ok:
         print("OK: the log is intact")
         return 0

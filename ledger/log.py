@@ -432,8 +432,8 @@ class Ledger:
             return None
         row = self._storage.get_entry(index)
         assert row is not None
-        latest = self._storage.latest_checkpoint()
-        note = self.latest_checkpoint()
+        latest = self._storage.latest_checkpoint()  # read once: the note and the proof are for one size
+        note = None if latest is None else latest[1] + "".join(self._storage.cosignatures(latest[0]))
         out: dict[str, Any] = {
             "index": index,
             "leaf_hash": base64.b64encode(row.leaf_hash).decode(),

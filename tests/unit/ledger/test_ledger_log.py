@@ -527,3 +527,62 @@ def test_append_of_objects_that_only_look_like_entries_is_invalid_entry(led: Led
     with pytest.raises(InvalidEntry):
         led.append([make_entry(1), HalfEntry()])  # type: ignore[list-item]
     assert led.size() == 0
+
+
+# -- found by review (2026-12-03) ----------------------------------------------------------------
+
+
+def test_an_audit_of_a_live_log_covers_the_size_it_started_with(led: Ledger, url: str) -> None:
+    """Entries appended while ``ledger verify`` runs are not tampering: the audit covers the first
+    ``size`` entries and says that more arrived."""
+    led.append([make_entry(i) for i in range(300)])
+    led.checkpoint_now()
+    reader = Ledger.open(url, origin=ORIGIN)
+    try:
+        original = reader.storage.iter_entries
+
+        def growing(start: int, batch: int) -> Iterator[Any]:
+            led.append([make_entry(i) for i in range(1000, 1003)])  # after the audit read the size
+            led.checkpoint_now()
+            yield from original(start, batch)
+
+        reader.storage.iter_entries = growing  # type: ignore[method-assign]
+        report = audit(reader, [LOG_VKEY])
+        assert report.ok, report.problems
+        assert report.size == report.entries_checked == 300
+        assert any("3 entries were appended" in n for n in report.notes)
+    finally:
+        reader.close()
+    assert audit(led, [LOG_VKEY]).ok  # and tampering within the first entries is still found:
+    raw_exec(url, "UPDATE ledger_entries SET leaf_hash = ? WHERE idx = 7", (b"\x00" * 32,))
+    assert audit(led, [LOG_VKEY]).first_bad_index == 7
+
+
+def test_a_proof_and_its_checkpoint_are_for_the_same_size(led: Ledger, url: str) -> None:
+    """prove() read the latest checkpoint twice: one signed in between paired an older proof with a
+    newer note, which a client then failed to verify."""
+    led.append([make_entry(i) for i in range(25)])
+    led.checkpoint_now()
+    reader = Ledger.open(url, origin=ORIGIN)
+    try:
+        original = reader.storage.latest_checkpoint
+        calls = 0
+
+        def racing() -> Any:
+            nonlocal calls
+            calls += 1
+            found = original()
+            if calls == 1:
+                led.append([make_entry(i) for i in range(200, 213)])
+                led.checkpoint_now()
+            return found
+
+        reader.storage.latest_checkpoint = racing  # type: ignore[method-assign]
+        out = reader.prove(make_entry(3).bundle_sha256, "org-a")
+    finally:
+        reader.close()
+    assert out is not None
+    cp = checkpoint.open(out["checkpoint"], [LOG_VKEY])
+    assert cp.size == out["size"] == 25
+    proof = [base64.b64decode(h) for h in out["proof"]]
+    merkle.verify_inclusion(base64.b64decode(out["leaf_hash"]), out["index"], cp.size, proof, cp.root_hash)

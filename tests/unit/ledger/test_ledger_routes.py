@@ -97,6 +97,8 @@ async def test_inclusion_by_index_and_by_leaf_hash_verify_against_the_checkpoint
         ({"leaf_hash": "00" * 32}, 404),
         ({"index": "30"}, 400),
         ({"index": "3", "size": "99"}, 404),
+        ({"index": "\u00b2"}, 400),  # isdigit() but not a number int() takes (found by review)
+        ({"index": "3", "size": "99999999999999999999"}, 400),  # past BIGINT
     ],
 )
 async def test_inclusion_bad_requests(client: Any, query: dict[str, str], status: int) -> None:
@@ -137,3 +139,10 @@ async def test_cosignatures_are_accepted_and_attached(client: Any) -> None:
     rejected = await client.post("/ledger/cosignatures", data=b"garbage")
     assert rejected.status == 422
     assert (await client.post("/ledger/cosignatures", data=b"\xff\xfe")).status == 400
+
+
+async def test_entry_and_checkpoint_numbers_past_bigint_or_not_ascii_are_400(client: Any) -> None:
+    for path in ("/ledger/entries/%C2%B2", "/ledger/entries/99999999999999999999", "/ledger/checkpoint?size=99999999999999999999"):
+        resp = await client.get(path)
+        assert resp.status == 400, path
+        assert (await resp.json())["resourceType"] == "OperationOutcome"
