@@ -42,7 +42,8 @@ def _log() -> Any:
 
 
 START = b"\x0b"
-END = b"\x1c\r"
+FS = b"\x1c"
+END = FS + b"\r"
 MAX_FRAME = 16 * 1024 * 1024
 _ack_counter = itertools.count(1)
 
@@ -52,25 +53,33 @@ def frame(message: bytes) -> bytes:
     return START + message + END
 
 
-def _esc(text: str) -> str:
-    """Escape text for an ACK field (standard delimiters)."""
+_STANDARD = ("|", "^~\\&")
+
+
+def _esc(text: str, fs: str = "|", enc: str = "^~\\&") -> str:
+    """Escape our own text for an ACK field, with the message's delimiters (``fs`` = MSH-1, ``enc`` =
+    MSH-2: component, repetition, escape, subcomponent)."""
+    chars = (enc + "^~\\&"[len(enc) :])[:4]
+    comp, rep, esc, sub = chars[0], chars[1], chars[2], chars[3]
     return (
-        text.replace("\\", "\\E\\")
-        .replace("|", "\\F\\")
-        .replace("^", "\\S\\")
-        .replace("&", "\\T\\")
-        .replace("~", "\\R\\")
+        text.replace(esc, f"{esc}E{esc}")
+        .replace(fs, f"{esc}F{esc}")
+        .replace(comp, f"{esc}S{esc}")
+        .replace(sub, f"{esc}T{esc}")
+        .replace(rep, f"{esc}R{esc}")
         .replace("\r", " ")
         .replace("\n", " ")
     )
 
 
+def _message_text(message: bytes) -> str:
+    return message.decode("utf-8", errors="replace").lstrip("\ufeff\r\n\x0b ")
+
+
 def _header_fields(message: bytes) -> dict[str, str]:
-    """Best-effort MSH fields of an incoming message, for addressing the ACK (never raises)."""
-    try:
-        text = message.decode("utf-8", errors="replace").lstrip("\ufeff\r\n\x0b ")
-    except Exception:  # pragma: no cover - decode with errors=replace does not raise
-        return {}
+    """Best-effort MSH fields of an incoming message, for addressing the ACK (never raises). Values
+    are raw (still encoded with the message's own delimiters, ``fs`` and ``encoding``)."""
+    text = _message_text(message)
     if not text.startswith("MSH") or len(text) < 8:
         return {}
     fs = text[3]
@@ -80,61 +89,79 @@ def _header_fields(message: bytes) -> dict[str, str]:
     def get(n: int) -> str:  # MSH-n is parts[n - 1]
         return parts[n - 1] if len(parts) >= n else ""
 
-    comp = get(2)[:1] or "^"
+    enc = get(2)
+    if len(enc) < 2 or fs in enc or fs.isalnum() or fs in "\r\n":
+        fs, enc = _STANDARD  # not usable delimiters: answer with the standard ones, copying nothing raw
+        return {"fs": fs, "encoding": enc}
+    comp = enc[0]
     mtype = get(9).split(comp)
     return {
+        "fs": fs,
+        "encoding": enc,
         "sending_app": get(3),
         "sending_fac": get(4),
         "receiving_app": get(5),
         "receiving_fac": get(6),
         "control_id": get(10),
         "processing_id": get(11) or "P",
-        "version": (get(12).split(comp)[0] or "2.5"),
+        "version": get(12) or "2.5",
         "trigger": mtype[1] if len(mtype) > 1 else "",
-        "encoding": get(2) or "^~\\&",
     }
+
+
+def _segment_sequence(message: bytes, position: int | None) -> tuple[str, int | None]:
+    """The segment ID at 1-based ``position`` in the message, and which occurrence of that ID it is
+    (what ERL-1 and ERL-2 report)."""
+    if position is None:
+        return "", None
+    segments = [s for s in _message_text(message).replace("\r\n", "\r").replace("\n", "\r").split("\r") if s]
+    if not 1 <= position <= len(segments):
+        return "", None
+    name = segments[position - 1][:3]
+    return name, sum(1 for s in segments[:position] if s[:3] == name)
 
 
 def build_ack(
     message: bytes, code: str, text: str = "", error: ParseError | None = None, err_code: str | None = None
 ) -> bytes:
-    """An HL7 ACK for ``message`` with MSA-1 ``code`` (AA, AE or AR) and, for errors, an ERR segment."""
+    """An HL7 ACK for ``message`` with MSA-1 ``code`` (AA, AE or AR) and, for errors, an ERR segment.
+
+    The ACK uses the message's own delimiters (MSH-1, MSH-2), so the sender's and receiver's
+    application and facility (MSH-3..6, swapped), the control id (MSA-2) and the processing id and
+    version are copied as they came, components included; only text fhirbridge writes is escaped.
+    """
     h = _header_fields(message)
+    fs, enc = h.get("fs", "|"), h.get("encoding", "^~\\&")
+    comp = enc[0]
     now = datetime.now(UTC).strftime("%Y%m%d%H%M%S+0000")
     ctrl = f"ACK{int(time.time())}{next(_ack_counter):06d}"
-    msh = "|".join(
+    trigger = h.get("trigger", "")
+    msh = fs.join(
         [
             "MSH",
-            "^~\\&",
-            _esc(h.get("receiving_app", "")) or "FHIRBRIDGE",
-            _esc(h.get("receiving_fac", "")),
-            _esc(h.get("sending_app", "")),
-            _esc(h.get("sending_fac", "")),
+            enc,
+            h.get("receiving_app", "") or "FHIRBRIDGE",
+            h.get("receiving_fac", ""),
+            h.get("sending_app", ""),
+            h.get("sending_fac", ""),
             now,
             "",
-            f"ACK^{_esc(h.get('trigger', ''))}^ACK" if h.get("trigger") else "ACK",
+            comp.join(["ACK", trigger, "ACK"]) if trigger else "ACK",
             ctrl,
-            _esc(h.get("processing_id", "P")) or "P",
-            _esc(h.get("version", "2.5")) or "2.5",
+            h.get("processing_id", "") or "P",
+            h.get("version", "") or "2.5",
         ]
     )
-    segs = [msh, f"MSA|{code}|{_esc(h.get('control_id', ''))}|{_esc(text[:200])}"]
+    segs = [msh, fs.join(["MSA", code, h.get("control_id", ""), _esc(text[:200], fs, enc)])]
     if code != "AA":
         erl = ""
         if error is not None:
             loc = error.location
-            erl = "^".join(
-                _esc(str(x)) if x is not None else ""
-                for x in (
-                    loc.segment or "",
-                    loc.segment_index,
-                    loc.field,
-                    loc.repetition,
-                    loc.component,
-                    loc.subcomponent,
-                )
-            )
-            erl = erl.rstrip("^")
+            name, sequence = _segment_sequence(message, loc.segment_index)
+            erl = comp.join(
+                _esc(str(x), fs, enc) if x is not None else ""
+                for x in (loc.segment or name, sequence, loc.field, loc.repetition, loc.component, loc.subcomponent)
+            ).rstrip(comp)
         ecode = err_code or ("207" if code == "AR" else "100")
         ename = {
             "100": "Segment sequence error",
@@ -144,7 +171,7 @@ def build_ack(
             "207": "Application internal error",
         }.get(ecode, "")
         msg = str(error) if error is not None else text
-        segs.append(f"ERR||{erl}|{ecode}^{ename}^HL70357|E||||{_esc(msg[:500])}")
+        segs.append(fs.join(["ERR", "", erl, comp.join([ecode, _esc(ename, fs, enc), "HL70357"]), "E", "", "", "", _esc(msg[:500], fs, enc)]))
     return ("\r".join(segs) + "\r").encode("utf-8")
 
 
@@ -188,7 +215,7 @@ class MllpServer:
         self._lock = asyncio.Lock()
         self._publisher_lock = asyncio.Lock()
         self.server: asyncio.Server | None = None
-        self.stats = {"received": 0, "aa": 0, "ae": 0, "ar": 0, "duplicates": 0}
+        self.stats = {"received": 0, "aa": 0, "ae": 0, "ar": 0, "duplicates": 0, "dead_lettered": 0}
         #: conversion is CPU-bound: with workers > 0 it runs in a pool of processes (spawned, so the
         #: Kafka producer's threads are never forked) and the event loop only does I/O.
         self._pool: ProcessPoolExecutor | None = None
@@ -230,7 +257,9 @@ class MllpServer:
             while True:
                 try:
                     await reader.readuntil(START)
-                    data = await reader.readuntil(END)
+                    # the frame ends at FS; its trailing CR, if the sender wrote one, is skipped by the
+                    # next readuntil(START), so a sender that omits it is still answered
+                    data = await reader.readuntil(FS)
                 except asyncio.IncompleteReadError:
                     break
                 except asyncio.LimitOverrunError:
@@ -238,9 +267,11 @@ class MllpServer:
                     writer.write(frame(build_ack(b"", "AR", f"frame larger than {MAX_FRAME} bytes")))
                     await writer.drain()
                     break
-                message = data[: -len(END)]
+                message = data[: -len(FS)]
                 if START in message:  # a new frame started before the previous ended: keep the last
-                    message = message.rsplit(START, 1)[1]
+                    partial, message = message.rsplit(START, 1)
+                    # the sender gets no ACK for the unfinished one and sends it again, as MLLP expects
+                    _log().warning("mllp.partial_frame_discarded", peer=str(peer), bytes=len(partial))
                 ack = await self.handle(message)
                 writer.write(frame(ack))
                 await writer.drain()
@@ -254,6 +285,7 @@ class MllpServer:
         """Process one message and return the ACK bytes (unframed). Never raises."""
         self.stats["received"] += 1
         from adapters.base import ConvertedBundle, RejectedRecord
+        from adapters.errors import InternalAdapterError
 
         try:
             if self._pool is not None:
@@ -270,11 +302,20 @@ class MllpServer:
         rejected = [o for o in outcomes if isinstance(o, RejectedRecord)]
         bundles = [o for o in outcomes if isinstance(o, ConvertedBundle)]
         if rejected or not bundles:
-            self.stats["ae"] += 1
             if rejected:
                 err = rejected[0].error
                 _log().info("mllp.rejected", error=str(err))
+                # nothing is lost: the raw message goes to the dead letters with the located reason
+                # before the sender is told (if that fails, AR: the sender keeps it and retries)
+                stored = await self._dead_letter(message, err)
+                if stored is not None:
+                    return stored
+                if isinstance(err, InternalAdapterError):  # our bug, not the sender's: retry later
+                    self.stats["ar"] += 1
+                    return build_ack(message, "AR", f"internal error, kept in the dead letters: {err.message}", err, "207")
+                self.stats["ae"] += 1
                 return build_ack(message, "AE", err.message, err, _err_code(err))
+            self.stats["ae"] += 1
             return build_ack(message, "AE", "no message in frame", None, "100")
         if len(bundles) > 1:
             self.stats["ae"] += 1
@@ -333,14 +374,38 @@ class MllpServer:
                 break
             self._seen.popitem(last=False)
 
+    async def _get_publisher(self) -> Any:
+        if self._publisher is None:
+            async with self._publisher_lock:  # one producer, however many connections arrive at once
+                if self._publisher is None:
+                    loop = asyncio.get_running_loop()
+                    self._publisher = await loop.run_in_executor(None, self.publisher_factory)
+        return self._publisher
+
+    async def _dead_letter(self, message: bytes, err: ParseError) -> bytes | None:
+        """Store a rejected message in the dead letters; ``None`` once the broker has it, else the AR
+        to answer (the sender keeps the message and sends it again)."""
+        loop = asyncio.get_running_loop()
+        try:
+            publisher = await self._get_publisher()
+            future = publisher.dead_letter(
+                message,
+                error=err,
+                stage=f"mllp:{self.adapter.name}",
+                location=str(err.location),
+                headers=[("fb-source-org", self.source.org_id.encode()), ("fb-adapter", self.adapter.name.encode())],
+            )
+            await asyncio.wait_for(_broker_ack(loop, future), self.ack_timeout)
+        except Exception as exc:
+            return self._reject(message, exc, reset=True)
+        self.stats["dead_lettered"] += 1
+        return None
+
     async def _publish(self, message: bytes, cb: ConvertedBundle) -> bytes:
         loop = asyncio.get_running_loop()
         try:
-            if self._publisher is None:
-                async with self._publisher_lock:  # one producer, however many connections arrive at once
-                    if self._publisher is None:
-                        self._publisher = await loop.run_in_executor(None, self.publisher_factory)
-            future = self._publisher.publish(cb, self.adapter, self.source)
+            publisher = await self._get_publisher()
+            future = publisher.publish(cb, self.adapter, self.source)
             await asyncio.wait_for(_broker_ack(loop, future), self.ack_timeout)
         except FhirbridgeError as exc:
             return self._reject(message, exc, reset=isinstance(exc, BrokerUnavailable))
@@ -355,7 +420,8 @@ class MllpServer:
         _log().warning("mllp.not_stored", error=f"{type(exc).__name__}: {exc}")
         if reset and self._publisher is not None:
             pub, self._publisher = self._publisher, None
-            _close_quietly(pub, timeout=0)
+            # off the event loop: closing waits for the producer's I/O thread
+            asyncio.get_running_loop().run_in_executor(None, _close_quietly, pub, 1.0)
         return build_ack(message, "AR", f"not stored, retry later: {type(exc).__name__}: {exc}")
 
 
@@ -400,8 +466,25 @@ def _broker_ack(loop: asyncio.AbstractEventLoop, future: Any) -> asyncio.Future[
 
 
 def _close_quietly(pub: Any, timeout: float = 5) -> None:
-    with contextlib.suppress(Exception):  # closing a broken producer must not mask the original problem
+    """Close a publisher; never raises (closing a broken producer must not mask the original problem).
+
+    kafka-python's ``close`` flushes first and gives up, leaving the producer open (its I/O thread and
+    sockets alive, its retries still sending), when records are still pending after ``timeout``. Then
+    the I/O thread is stopped and the pending records are failed: their senders were answered AR.
+    """
+    try:
         pub.close(timeout)
+        return
+    except Exception as exc:
+        _log().info("mllp.producer_force_close", error=f"{type(exc).__name__}: {exc}")
+    producer = getattr(pub, "producer", pub)
+    sender = getattr(producer, "_sender", None)
+    with contextlib.suppress(Exception):
+        if sender is not None:
+            sender.force_close()
+            sender.join(timeout)
+    with contextlib.suppress(Exception):
+        producer.close(0)
 
 
 async def serve_forever(

@@ -81,6 +81,7 @@ async def test_aa_after_broker_ack_and_dedup(settings: Settings, monkeypatch: py
         await server.close()
     assert [a for a, _ in acks] == ["AA", "AA", "AA", "AE"]
     assert server.stats["duplicates"] == 1
+    assert server.stats["dead_lettered"] == 1  # the AE'd message is kept, acknowledged by the broker
     got = records(settings, 2)
     assert sorted(r.key for r in got) == [
         b"urn:fhirbridge:st-mary:mrn|MRN-77",
@@ -137,3 +138,35 @@ async def test_cli_mllp_command(settings: Settings, monkeypatch: pytest.MonkeyPa
         proc.wait(timeout=20)
     got = records(settings, 1)
     assert [r.key for r in got] == [b"urn:fhirbridge:st-mary:mrn|MRN-77"]
+
+
+def test_a_producer_dropped_after_a_broker_failure_is_really_closed(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """kafka-python's close() flushes first and, with a record still pending, raises and leaves the
+    producer open (its I/O thread, sockets and retries alive). Found by review: the listener's reset
+    after an AR leaked one producer per broker failure."""
+    import os
+    import threading
+    from dataclasses import replace
+
+    from bridge.broker import start_local
+    from bridge.config import Topics
+    from bridge.mllp import _close_quietly
+
+    handle = start_local("noida", tmp_path)
+    try:
+        settings = replace(
+            Settings.from_env({"FHIRBRIDGE_DATA_DIR": str(tmp_path)}),
+            bootstrap_servers=handle.bootstrap,
+            topics=Topics(bundles="fb." + os.urandom(3).hex(), partitions=1),
+        )
+        pub = Publisher(settings, handle.bootstrap)
+        pub.producer.send(settings.topics.bundles, b"x").get(10)
+        handle.stop()
+        pub.producer.send(settings.topics.bundles, b"y")  # pending: the broker is gone
+        time.sleep(0.5)
+        _close_quietly(pub, timeout=0.5)
+        assert pub.producer._closed
+        assert not pub.producer._sender.is_alive()
+        assert not [t for t in threading.enumerate() if t is pub.producer._sender]
+    finally:
+        handle.stop()

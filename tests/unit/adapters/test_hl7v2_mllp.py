@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -61,8 +62,41 @@ def no_broker(tmp_path: Path):  # type: ignore[no-untyped-def]
     return factory
 
 
-async def test_bad_message_gets_ae_with_located_err(no_broker) -> None:  # type: ignore[no-untyped-def]
-    server = MllpServer(HL7v2Adapter(), SRC, no_broker)
+class _DeadLettersOnly:
+    """A publisher double whose dead-letter topic takes records (kept here) and whose bundle topic is
+    unreachable: the unit tests of rejected messages need the dead letter stored before the AE."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.dead: list[tuple[bytes, str]] = []
+
+    def dead_letter(self, value: bytes, *, error: BaseException, stage: str, **_: Any) -> Any:
+        from kafka.future import Future
+
+        self.dead.append((value, f"{stage}: {error}"))
+        return Future().success(None)
+
+    def publish(self, *args: Any) -> Any:
+        return self.real.publish(*args)
+
+    def close(self, timeout: float = 10) -> None:
+        self.real.close(timeout)
+
+
+@pytest.fixture
+def dead_letters(no_broker):  # type: ignore[no-untyped-def]
+    made: list[_DeadLettersOnly] = []
+
+    def factory() -> _DeadLettersOnly:
+        made.append(_DeadLettersOnly(no_broker()))
+        return made[-1]
+
+    factory.made = made  # type: ignore[attr-defined]
+    return factory
+
+
+async def test_bad_message_gets_ae_with_located_err(dead_letters) -> None:  # type: ignore[no-untyped-def]
+    server = MllpServer(HL7v2Adapter(), SRC, dead_letters)
     await server.start("127.0.0.1", 0)
     try:
         (ack,) = await roundtrip(server.port, BAD)
@@ -71,15 +105,27 @@ async def test_bad_message_gets_ae_with_located_err(no_broker) -> None:  # type:
     msa = seg(ack, "MSA")
     assert msa[1:3] == ["AE", "C101"]
     err = seg(ack, "ERR")
-    assert err[2] == "^3"  # segment index 3 (ERL: segment^sequence^field...)
+    assert err[2] == "pv1^1"  # ERL-1 the segment ID as written, ERL-2 its first occurrence (line 3)
     assert err[3].startswith("100^")
     assert "line 3" in err[8]
     msh = seg(ack, "MSH")
     assert msh[2:6] == ["FB", "FB", "EPIC", "STM"] and msh[8] == "ACK^A01^ACK"
+    (stored,) = [d for pub in dead_letters.made for d in pub.dead]  # nothing lost: the raw message is kept
+    assert stored[0] == BAD and "line 3" in stored[1]
 
 
-async def test_no_broker_gives_ar_and_garbage_gives_ae(no_broker) -> None:  # type: ignore[no-untyped-def]
+async def test_a_rejected_message_that_cannot_be_dead_lettered_gets_ar(no_broker) -> None:  # type: ignore[no-untyped-def]
     server = MllpServer(HL7v2Adapter(), SRC, no_broker)
+    await server.start("127.0.0.1", 0)
+    try:
+        (ack,) = await roundtrip(server.port, BAD)
+    finally:
+        await server.close()
+    assert seg(ack, "MSA")[1] == "AR"  # the sender keeps it and sends it again
+
+
+async def test_no_broker_gives_ar_and_garbage_gives_ae(dead_letters) -> None:  # type: ignore[no-untyped-def]
+    server = MllpServer(HL7v2Adapter(), SRC, dead_letters)
     await server.start("127.0.0.1", 0)
     try:
         acks = await roundtrip(server.port, GOOD, b"hello", GOOD)
@@ -118,8 +164,8 @@ async def test_frames_split_across_packets(chunks: int, no_broker) -> None:  # t
     assert seg(a1[1:-2], "MSA")[2] == "C101" and seg(a2[1:-2], "MSA")[2] == "C102"
 
 
-async def test_conversion_in_a_worker_process(no_broker) -> None:  # type: ignore[no-untyped-def]
-    server = MllpServer(HL7v2Adapter(), SRC, no_broker, workers=1)
+async def test_conversion_in_a_worker_process(dead_letters) -> None:  # type: ignore[no-untyped-def]
+    server = MllpServer(HL7v2Adapter(), SRC, dead_letters, workers=1)
     await server.start("127.0.0.1", 0)
     try:
         acks = await roundtrip(server.port, BAD, GOOD)
@@ -127,3 +173,60 @@ async def test_conversion_in_a_worker_process(no_broker) -> None:  # type: ignor
         await server.close()
     assert [seg(a, "MSA")[1] for a in acks] == ["AE", "AR"]
     assert "line 3" in seg(acks[0], "ERR")[8]
+
+
+# -- found by review (2026-12-03) ----------------------------------------------------------------
+
+
+async def test_a_frame_without_the_trailing_cr_is_answered(no_broker) -> None:  # type: ignore[no-untyped-def]
+    """A frame that ends in FS alone used to wait for a CR that never came; the next frame then threw
+    it away unanswered."""
+    server = MllpServer(HL7v2Adapter(), SRC, no_broker)
+    await server.start("127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(START + BAD + b"\x1c")
+        await writer.drain()
+        a1 = await asyncio.wait_for(reader.readuntil(END), 10)
+        writer.write(frame(BAD.replace(b"C101", b"C102")))
+        await writer.drain()
+        a2 = await asyncio.wait_for(reader.readuntil(END), 10)
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        await server.close()
+    assert seg(a1[1:-2], "MSA")[2] == "C101" and seg(a2[1:-2], "MSA")[2] == "C102"
+
+
+def test_ack_copies_the_senders_fields_with_their_own_delimiters() -> None:
+    """MSH-3..6 are copied as they came (components included), and the ACK uses the message's MSH-1
+    and MSH-2; only text fhirbridge writes is escaped."""
+    ack = build_ack(b"MSH|^~\\&|EPIC^1.2.3^ISO|ST\\T\\M|FB|FB|x||ORU^R01|ID9|P|2.5.1\r", "AE", "bad ^ value")
+    assert seg(ack, "MSH")[2:6] == ["FB", "FB", "EPIC^1.2.3^ISO", "ST\\T\\M"]
+    assert seg(ack, "MSA") == ["MSA", "AE", "ID9", "bad \\S\\ value"]
+    odd = build_ack(b"MSH#*~\\&#EPIC*1.2.3*ISO#STM#FB#FB#x##ADT*A01#ID7#P#2.4\r", "AR", "retry # later")
+    fields = odd.decode().split("\r")[0].split("#")
+    assert fields[:6] == ["MSH", "*~\\&", "FB", "FB", "EPIC*1.2.3*ISO", "STM"]
+    assert fields[8] == "ACK*A01*ACK" and fields[11] == "2.4"
+    msa = odd.decode().split("\r")[1].split("#")
+    assert msa == ["MSA", "AR", "ID7", "retry \\F\\ later"]
+    err = odd.decode().split("\r")[2].split("#")
+    assert err[3] == "207*Application internal error*HL70357"
+
+
+async def test_an_adapter_bug_gets_ar_and_the_message_is_kept(dead_letters) -> None:  # type: ignore[no-untyped-def]
+    """A bug in the adapter is not the sender's error: AR (retry later), not AE, and the raw message is
+    in the dead letters (found by review: it was answered AE and kept nowhere)."""
+
+    class Broken(HL7v2Adapter):
+        def convert_message(self, *args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("mapping bug")
+
+    server = MllpServer(Broken(), SRC, dead_letters)
+    await server.start("127.0.0.1", 0)
+    try:
+        (ack,) = await roundtrip(server.port, GOOD)
+    finally:
+        await server.close()
+    assert seg(ack, "MSA")[1] == "AR" and seg(ack, "ERR")[3].startswith("207^")
+    assert [d[0] for pub in dead_letters.made for d in pub.dead] == [GOOD]
