@@ -80,7 +80,12 @@ def audit(
         except (VerificationError, LedgerError) as exc:
             report.bad(None, f"trusted checkpoint: {exc}")
         else:
-            if trusted.size > size:
+            if trusted.origin != ledger.origin:
+                report.bad(
+                    None, f"trusted checkpoint is for the log {trusted.origin!r}, not {ledger.origin!r}"
+                )
+                trusted = None
+            elif trusted.size > size:
                 report.bad(
                     None, f"trusted checkpoint has size {trusted.size} but the log has only {size} entries"
                 )

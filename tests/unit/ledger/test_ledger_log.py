@@ -403,6 +403,10 @@ def test_audit_with_a_trusted_checkpoint(audited: Ledger) -> None:
     split = checkpoint.sign(ORIGIN, 123, b"\x01" * 32, LOG_SKEY)
     report = audit(audited, [LOG_VKEY], trusted_checkpoint=split)
     assert not report.ok and any("trusted checkpoint" in p for p in report.problems)
+    # signed by the same key, but for another log (one key may sign for several origins): refused
+    elsewhere = checkpoint.sign("other.example/log", 123, audited.root_hash(123), LOG_SKEY)
+    report = audit(audited, [LOG_VKEY], trusted_checkpoint=elsewhere)
+    assert not report.ok and any("is for the log 'other.example/log'" in p for p in report.problems)
 
 
 def test_audit_with_the_wrong_key_fails(audited: Ledger) -> None:
