@@ -307,7 +307,7 @@ def quantity(pq: El | None, ctx: Ctx) -> dict[str, Any] | None:
             ctx.warn("bad-quantity", f"quantity value {pq.get('value')!r} is not a number", pq)
         return None
     q: dict[str, Any] = {"value": val}
-    unit = pq.get("unit")
+    unit = " ".join((pq.get("unit") or "").split()) or None  # FHIR codes have no outer or double spaces
     if unit and unit != "1":
         q.update(unit=unit, system="http://unitsofmeasure.org", code=unit)
     elif unit == "1":

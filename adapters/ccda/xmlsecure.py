@@ -117,6 +117,6 @@ def parse(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, notes: list[str] |
     for el in root.iter(f"{{{CDA_NS}}}*", f"{{{SDTC_NS}}}*"):
         ns, _, local = el.tag[1:].partition("}")
         el.tag = f"sdtc_{local}" if ns == SDTC_NS else local
-    if isinstance(root.tag, str) and root.tag[0] == "{":  # a root in another namespace
-        root.tag = root.tag.partition("}")[2]
+    if isinstance(root.tag, str) and root.tag[0] == "{":  # a root in another namespace: not C-CDA
+        raise BadXml(f"the root element {root.tag} is not in the C-CDA namespace {CDA_NS}")
     return root

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,7 +76,9 @@ def read_csv(
     """
     if not text.strip():
         raise CsvFileError("file is empty (no header line)", 1)
-    lines = text.splitlines(keepends=True)
+    # the lines as the csv reader counts them (str.splitlines also breaks at \x0c, \x85, \u2028...,
+    # which put the wrong raw text on a rejected row)
+    lines = io.StringIO(text).readlines()
     reader = csv.reader(io.StringIO(text), delimiter=delimiter, strict=False)
     try:
         header = next(reader)
@@ -86,6 +89,10 @@ def read_csv(
     header = [h.strip() for h in header]
     if not any(header):
         raise CsvFileError("header line is blank", 1)
+    counts = Counter(h for h in header if h)
+    repeated = sorted(h for h, n in counts.items() if n > 1)
+    if repeated:  # a later column would silently overwrite the earlier one's values
+        raise CsvFileError(f"column name(s) appear more than once in the header: {', '.join(repeated)}", 1)
     missing = [c for c in required if c not in header]
     if missing:
         raise CsvFileError(f"missing required column(s): {', '.join(missing)}", 1)

@@ -31,6 +31,8 @@ def hl7_ts_to_fhir(value: str | None, tz: str = "UTC") -> str | None:
     if not m:
         return None
     y, mo, d, hh, mi, ss, frac, off = m.groups()
+    if int(y) == 0:  # FHIR years run from 0001
+        return None
     try:
         if mo is None:
             return y
@@ -51,7 +53,8 @@ def hl7_ts_to_fhir(value: str | None, tz: str = "UTC") -> str | None:
         offs = "Z"
     elif off:
         offs = f"{off[:3]}:{off[3:]}"
-        if int(off[1:3]) > 14 or int(off[3:]) > 59:
+        hours, minutes = int(off[1:3]), int(off[3:])
+        if minutes > 59 or hours > 14 or (hours == 14 and minutes):  # FHIR: at most +/-14:00
             return None
     else:
         zone = _zone(tz)
@@ -63,7 +66,7 @@ def hl7_ts_to_fhir(value: str | None, tz: str = "UTC") -> str | None:
             sign = "+" if mins >= 0 else "-"
             mins = abs(mins)
             offs = f"{sign}{mins // 60:02d}:{mins % 60:02d}"
-    return f"{dt:%Y-%m-%dT%H:%M:%S}{fs}{offs}"
+    return f"{dt.year:04d}-{dt:%m-%dT%H:%M:%S}{fs}{offs}"  # %Y is not zero-padded below 1000 on glibc
 
 
 def date_part(fhir_dt: str | None) -> str | None:
@@ -84,7 +87,7 @@ def parse_date_format(value: str, fmt: str, tz: str = "UTC") -> str | None:
         return None
     has_time = any(t in fmt for t in ("%H", "%I", "%M", "%S"))
     if not has_time:
-        return f"{dt:%Y-%m-%d}"
+        return f"{dt.year:04d}-{dt:%m-%d}"
     if dt.tzinfo is None:
         zone = _zone(tz)
         if zone is not None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -53,6 +54,17 @@ _RELATIVE_REF = re.compile(r"^([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(/_history/
 _CONDITIONAL_IDENTIFIER = re.compile(r"^([A-Z][A-Za-z]+)\?identifier=(?:([^|&]*)\|)?([^&]+)$")
 _INSTANT = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$")
 _SERVER_META = ("versionId", "lastUpdated")
+
+
+def _is_instant(value: Any) -> bool:
+    """A FHIR instant that really is a time (the pattern alone passes ``2020-13-45T99:99:99Z``)."""
+    if not isinstance(value, str) or not _INSTANT.match(value):
+        return False
+    try:
+        datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    return True
 
 
 class Stu3Detected(Exception):
@@ -247,6 +259,10 @@ class FhirPassthroughAdapter(Adapter):
         for i, e in enumerate(entries):
             loc = Location(file=filename, line=1, xpath=f"Bundle.entry[{i}]")
             raw = orjson.dumps(e)
+            request = e.get("request") if isinstance(e, dict) else None
+            if request is not None and not isinstance(request, dict):
+                rejected.append(RejectedRecord(self.error("Bundle.entry.request must be an object", loc), raw))
+                continue
             if not isinstance(e, dict) or not isinstance(e.get("resource"), dict):
                 method = (e.get("request") or {}).get("method") if isinstance(e, dict) else None
                 why = f"a {method} request" if method else "no resource"
@@ -318,9 +334,9 @@ class FhirPassthroughAdapter(Adapter):
             good.append(it)
         if not good:
             return
-        if recorded is None or not _INSTANT.match(recorded):
+        if not _is_instant(recorded):
             lu = (good[0].resource.get("meta") or {}).get("lastUpdated") if len(good) == 1 else None
-            recorded = lu if isinstance(lu, str) and _INSTANT.match(lu) else None
+            recorded = lu if _is_instant(lu) else None
         b = BundleBuilder(
             adapter_name=self.name,
             adapter_version=self.version,

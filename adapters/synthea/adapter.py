@@ -213,6 +213,17 @@ class SyntheaCsvAdapter(Adapter):
             if sum(i.file_size for i in members) > self.max_bytes:
                 yield RejectedRecord(self.error(f"zip expands beyond max_bytes={self.max_bytes}", floc), data)
                 return
+            stems: dict[str, list[str]] = {}
+            for info in members:
+                stems.setdefault(Path(info.filename).stem.lower(), []).append(info.filename)
+            clashes = {stem: names for stem, names in stems.items() if len(names) > 1}
+            if clashes:  # one would silently replace the other: refuse the export, say which
+                listed = "; ".join(", ".join(names) for names in clashes.values())
+                yield RejectedRecord(
+                    self.error(f"the zip holds several files for the same table ({listed}): one export per zip", floc),
+                    data,
+                )
+                return
             for info in members:
                 stem = Path(info.filename).stem.lower()
                 try:

@@ -626,3 +626,28 @@ def test_medical_equipment_and_implants() -> None:
     implant = devices[knee["focalDevice"][0]["manipulated"]["reference"].split("/")[1]]
     assert implant["udiCarrier"][0]["carrierHRF"] == "(01)00848486000400(11)160330(10)ABC456"
     assert none["status"] == "not-done" and "focalDevice" not in none
+
+
+# -- found by review (2026-12-03): one odd value must not make the adapter build invalid FHIR ------
+
+
+def test_dates_before_1000_offsets_past_14h_and_year_zero() -> None:
+    assert hl7_ts_to_fhir("05000101120000") == "0500-01-01T12:00:00Z"
+    assert hl7_ts_to_fhir("05000101") == "0500-01-01"
+    assert hl7_ts_to_fhir("20200101120000+1400") == "2020-01-01T12:00:00+14:00"
+    assert hl7_ts_to_fhir("20200101120000+1430") is None
+    assert hl7_ts_to_fhir("20200101120000-1500") is None
+    assert hl7_ts_to_fhir("00000101") is None and hl7_ts_to_fhir("0000") is None
+
+
+def test_a_unit_with_spaces_and_a_foreign_root_namespace() -> None:
+    doc = DOC.replace('unit="mg/dL"', 'unit=" mg/dL "', 1)
+    assert doc != DOC
+    [out] = list(CcdaAdapter().convert(doc.encode(), SRC, filename="ccd.xml"))
+    assert isinstance(out, ConvertedBundle), out
+    units = {q.get("code") for o in of(out, "Observation") for q in [o.get("valueQuantity") or {}]}
+    assert "mg/dL" in units and " mg/dL " not in units
+    foreign = DOC.replace('xmlns="urn:hl7-org:v3"', 'xmlns="urn:other"', 1)
+    assert foreign != DOC
+    [rej] = list(CcdaAdapter().convert(foreign.encode(), SRC, filename="ccd.xml"))
+    assert isinstance(rej, RejectedRecord) and "not in the C-CDA namespace" in rej.error.message

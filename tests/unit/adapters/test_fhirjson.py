@@ -190,3 +190,19 @@ def test_synthea_bundle_passes_through(samples: Path) -> None:
     ids = {e["resource"]["id"] for e in out.bundle["entry"]}
     enc = resources(out, "Encounter")[0]
     assert enc["subject"]["reference"].split("/")[1] in ids
+
+
+def test_a_non_object_request_and_an_impossible_timestamp_are_located_not_fatal() -> None:
+    """Found by review: ``"request": "POST"`` crashed the whole bundle (valid entries included) as an
+    adapter error, and ``timestamp: 2020-13-45T99:99:99Z`` passed the pattern into Provenance.recorded."""
+    doc = {"resourceType": "Bundle", "type": "transaction",
+           "entry": [{"resource": PATIENT, "request": "POST"}, {"resource": OBS}]}
+    outs = run(json.dumps(doc).encode())
+    rejected = [o for o in outs if isinstance(o, RejectedRecord)]
+    assert [o.error.message for o in rejected] == ["Bundle.entry.request must be an object"]
+    assert "Bundle.entry[0]" in str(rejected[0].error.location)
+    assert any(isinstance(o, ConvertedBundle) for o in outs)
+    doc = {"resourceType": "Bundle", "type": "collection", "timestamp": "2020-13-45T99:99:99Z", "entry": [{"resource": PATIENT}]}
+    [out] = run(json.dumps(doc).encode())
+    assert isinstance(out, ConvertedBundle)
+    validate_bundle(out.bundle)

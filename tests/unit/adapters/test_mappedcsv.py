@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adapters.base import ConvertedBundle, RejectedRecord, SourceInfo
-from adapters.common.csvread import BadRow, Row, read_csv
+from adapters.common.csvread import BadRow, CsvFileError, Row, read_csv
 from adapters.errors import AdapterError
 from adapters.mappedcsv import EXAMPLES, MappedCsvAdapter, MappingError, load_mapping
 from adapters.mappedcsv.adapter import compact, set_path
@@ -302,3 +302,15 @@ def test_csv_reader_flags_every_ragged_row(widths: list[int]) -> None:
     got = list(out)
     assert [isinstance(g, BadRow) for g in got] == [w != 3 for w in widths]
     assert [g.line for g in got] == list(range(2, 2 + len(widths)))
+
+
+def test_csv_reader_keeps_raw_rows_across_unusual_line_breaks_and_refuses_repeated_columns() -> None:
+    """str.splitlines also breaks at \\x0c, \\x85 (Latin-1 0x85), \\u2028...: a rejected row then carried
+    another row's text. A repeated column name silently overwrote the earlier column. Found by review."""
+    text = "a,b\nx\x85y,1\nonly-one\n"
+    _, out = read_csv(text)
+    got = list(out)
+    assert isinstance(got[0], Row) and got[0].values["a"] == "x\x85y"
+    assert isinstance(got[1], BadRow) and got[1].raw == "only-one\n" and got[1].line == 3
+    with pytest.raises(CsvFileError, match="more than once in the header: last_name"):
+        read_csv("first_name,last_name,Other,last_name\nA,B,C,D\n")

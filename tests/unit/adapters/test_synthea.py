@@ -237,3 +237,15 @@ def test_bad_options(bad: str) -> None:
     k, v = bad.split("=")
     with pytest.raises(AdapterError):
         SyntheaCsvAdapter(**{k: v})
+
+
+def test_a_zip_with_two_files_for_one_table_is_refused(tmp_path: Path) -> None:
+    """Found by review: a/patients.csv and b/patients.csv silently replaced each other."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for folder in ("a", "b"):
+            for name, text in CURRENT.items():
+                zf.writestr(f"{folder}/{name}", text)
+    [out] = list(SyntheaCsvAdapter().convert(buf.getvalue(), SRC, filename="x.zip"))
+    assert isinstance(out, RejectedRecord)
+    assert "several files for the same table" in out.error.message and "a/patients.csv" in out.error.message
