@@ -21,6 +21,7 @@ from typing import Any
 
 import orjson
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import KafkaError, OffsetOutOfRangeError
 
 from bridge import envelope
 from bridge.config import Settings
@@ -39,7 +40,10 @@ def parse_time_ms(value: str, what: str) -> int:
         raise ConfigError(f"{what}: {value!r} is not an ISO 8601 time") from None
     if dt.tzinfo is None:
         raise ConfigError(f"{what}: {value!r} needs a UTC offset (e.g. 2026-11-17T00:00:00Z)")
-    return int(dt.timestamp() * 1000)
+    ms = int(dt.timestamp() * 1000)
+    if ms < 0:
+        raise ConfigError(f"{what}: {value!r} is before 1970: Kafka record times start at the Unix epoch")
+    return ms
 
 
 @dataclass
@@ -49,6 +53,10 @@ class PartitionReport:
     read: int = 0
     after_to_time: int = 0
     last_offset: int | None = None
+    #: the start offset was past the partition's last record
+    past_end: bool = False
+    #: (position, high watermark) when the broker stopped sending before the end was reached
+    incomplete: tuple[int, int | None] | None = None
 
 
 @dataclass
@@ -59,14 +67,25 @@ class ReplayReport:
     dead_lettered: int = 0
     copied: int = 0
 
+    @property
+    def complete(self) -> bool:
+        return all(p.incomplete is None for p in self.partitions.values())
+
     def lines(self) -> list[str]:
         out = [f"topic {self.topic}"]
         for p in sorted(self.partitions.values(), key=lambda r: r.partition):
             if p.start is None:
                 out.append(f"  partition {p.partition}: nothing at or after --from-time")
+            elif p.past_end:
+                out.append(f"  partition {p.partition}: offset {p.start} is past the last record: nothing to replay")
             else:
                 extra = f", {p.after_to_time} after --to-time skipped" if p.after_to_time else ""
                 out.append(f"  partition {p.partition}: from offset {p.start}, {p.read} records{extra}")
+                if p.incomplete is not None:
+                    out.append(
+                        f"  partition {p.partition}: INCOMPLETE: no records for 3 s at offset {p.incomplete[0]}, "
+                        f"before the high watermark {p.incomplete[1]}; run the replay again"
+                    )
         out.append(f"processed {self.processed}, dead-lettered {self.dead_lettered}, copied {self.copied}")
         return out
 
@@ -76,7 +95,11 @@ class Reader:
 
     def __init__(self, settings: Settings, bootstrap: str, topic: str) -> None:
         self.topic = topic
-        self.consumer = KafkaConsumer(**consumer_config(settings, bootstrap, None, enable_auto_commit=False))
+        # no reset policy: a position past the end (--from-offset beyond the last record) must be reported
+        # as "nothing to replay", not silently reset to the beginning
+        self.consumer = KafkaConsumer(
+            **consumer_config(settings, bootstrap, None, enable_auto_commit=False, auto_offset_reset="none")
+        )
 
     def partitions(self, only: Sequence[int] | None) -> list[TopicPartition]:
         deadline = time.monotonic() + 15
@@ -106,9 +129,14 @@ class Reader:
 
     def read(
         self, starts: dict[TopicPartition, int | None], report: ReplayReport, to_time_ms: int | None, batch: int = 500,
-        idle_s: float = 3.0,
+        idle_s: float = 3.0, frozen_end: bool = False,
     ) -> Iterator[list[Record]]:
-        """Yield batches (in each partition's offset order) until every partition reaches its high watermark."""
+        """Yield batches (in each partition's offset order) until every partition reaches its high watermark.
+
+        ``frozen_end``: the end is the first high watermark seen, so that records written to the topic
+        during the replay (a dead-letter re-drive writes the ones that fail again) are left for later
+        instead of being read again and again."""
+        ends: dict[TopicPartition, int] = {}
         active = [tp for tp, off in starts.items() if off is not None]
         for tp, off in starts.items():
             report.partitions[tp.partition] = PartitionReport(tp.partition, off)
@@ -120,26 +148,47 @@ class Reader:
         pending = set(active)
         last_data = time.monotonic()
         while pending:
-            polled = self.consumer.poll(timeout_ms=500, max_records=batch)
+            try:
+                polled = self.consumer.poll(timeout_ms=500, max_records=batch)
+            except OffsetOutOfRangeError as exc:  # started past the end: nothing on those partitions
+                gone = [tp for tp in (exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}) if tp in pending]
+                if not gone:
+                    raise
+                for tp in gone:
+                    report.partitions[tp.partition].past_end = True
+                    pending.discard(tp)
+                self.consumer.pause(*gone)
+                continue
             out: list[Record] = []
             for tp, msgs in polled.items():
                 rep = report.partitions[tp.partition]
+                if frozen_end and tp not in ends and (high := self.consumer.highwater(tp)) is not None:
+                    ends[tp] = high
                 for m in msgs:
+                    if tp in ends and m.offset >= ends[tp]:
+                        break
                     rep.read += 1
                     rep.last_offset = m.offset
                     if to_time_ms is not None and m.timestamp > to_time_ms:
                         rep.after_to_time += 1
                         continue
                     out.append(Record.from_kafka(m))
-            if polled:
-                last_data = time.monotonic()
             if out:
                 yield out
+            if polled:
+                last_data = time.monotonic()  # after the caller's work on the batch: that is not idleness
             for tp in list(pending):
-                high = self.consumer.highwater(tp)
+                high = ends.get(tp, self.consumer.highwater(tp))
                 if high is not None and self.consumer.position(tp) >= high:
                     pending.discard(tp)
+                    rep = report.partitions[tp.partition]
+                    if rep.read == 0 and rep.start is not None and rep.start >= high:
+                        rep.past_end = True  # a broker that answers past the end without an error
+                    if tp in ends:
+                        self.consumer.pause(tp)
             if time.monotonic() - last_data > idle_s:
+                for tp in pending:  # said in the report (and the exit code), never a silent short replay
+                    report.partitions[tp.partition].incomplete = (self.consumer.position(tp), self.consumer.highwater(tp))
                 break
 
     def close(self) -> None:
@@ -171,15 +220,19 @@ def replay(
     if from_offset is not None and from_time:
         raise ConfigError("give --from-offset or --from-time, not both")
     source = topic or (settings.topics.deadletter if dead_letters else settings.topics.bundles)
+    if to_topic is not None and to_topic == source:
+        raise ConfigError(f"--to-topic {to_topic!r} is the topic being read: a copy into itself never ends")
     from_ms = parse_time_ms(from_time, "--from-time") if from_time else None
     to_ms = parse_time_ms(to_time, "--to-time") if to_time else None
+    if from_ms is not None and to_ms is not None and to_ms < from_ms:
+        raise ConfigError("--to-time is before --from-time: nothing would be replayed")
 
     reader = Reader(settings, bootstrap, source)
     report = ReplayReport(source)
     try:
         tps = reader.partitions(partitions)
         starts = reader.start_offsets(tps, from_offset, from_ms)
-        batches = reader.read(starts, report, to_ms, batch=settings.consumer_batch_size)
+        batches = reader.read(starts, report, to_ms, batch=settings.consumer_batch_size, frozen_end=dead_letters)
         if dry_run:
             for _ in batches:
                 pass
@@ -404,8 +457,8 @@ def cmd_replay(args: Any) -> int:
 
     from bridge.broker import resolve_bootstrap
 
-    settings = Settings.from_env()
     try:
+        settings = Settings.from_env()
         report = replay(
             settings, resolve_bootstrap(settings), sink_name=args.sink, to_topic=args.to_topic, topic=args.topic,
             partitions=args.partition, from_offset=args.from_offset, from_time=args.from_time, to_time=args.to_time,
@@ -414,8 +467,8 @@ def cmd_replay(args: Any) -> int:
     except ConfigError as exc:
         print(f"fhirbridge replay: error: {exc}", file=sys.stderr)
         return 2
-    except FhirbridgeError as exc:
+    except (FhirbridgeError, KafkaError) as exc:
         print(f"fhirbridge replay: error: {exc}", file=sys.stderr)
         return 1
     print("\n".join(report.lines()))
-    return 0
+    return 0 if report.complete else 1

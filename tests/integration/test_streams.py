@@ -108,8 +108,33 @@ def test_replay_guarantees_ledger_and_index(stack: Stack, tmp_path: Path) -> Non
     assert stack.cli("ledger", "verify", "--key", stack.vkey) == 0
     dry = replay(s, bootstrap, dry_run=True, partitions=[0])
     assert set(dry.partitions) == {0} and dry.partitions[0].read > 0
+    # an offset past the end is nothing to replay, not "from the beginning" (found by review)
+    past = replay(s, bootstrap, dry_run=True, from_offset=10**6)
+    assert all(p.past_end and p.read == 0 for p in past.partitions.values()) and past.complete
     ledger.close()
     index.close()
+
+
+def test_a_slow_sink_does_not_end_a_replay_early(stack: Stack, tmp_path: Path) -> None:
+    """The time the caller spends on a batch is not the broker being idle (found by review: a rebuild
+    whose batches took over 3 s stopped early, with exit 0, and left a partial index)."""
+    from bridge.replay import Reader, ReplayReport
+
+    files = write_feeds(tmp_path, 3, seed=8)
+    _ingest(stack, files)
+    n = count_messages(files)
+    s, bootstrap = stack.settings, stack.settings.bootstrap_servers or ""
+    reader = Reader(s, bootstrap, s.topics.bundles)
+    report = ReplayReport(s.topics.bundles)
+    try:
+        tps = reader.partitions(None)
+        got = 0
+        for batch in reader.read(reader.start_offsets(tps, None, None), report, None, batch=max(1, n // 4), idle_s=0.5):
+            got += len(batch)
+            time.sleep(0.7)  # longer than the idle limit
+    finally:
+        reader.close()
+    assert got == n and report.complete
 
 
 @pytest.mark.tansu_quirk("offsets_for_times uses the broker's store time")
@@ -147,11 +172,16 @@ def test_dead_letters_redrive_after_fix(stack: Stack, tmp_path: Path) -> None:
     ledger = stack.open_ledger()
     rt = stack.drain("ledger", "g-ledger", lambda rt: rt.dead_lettered >= n)
     assert rt.processed == 0 and ledger.size() == 0
-    # ...until the fix (trusting the new key); then the dead letters are re-driven into the ledger
+    # a re-drive before the fix: every record fails again and is dead-lettered again, once; the re-drive
+    # stops at the end it saw first instead of reading its own new dead letters (found by review)
+    early = replay(stack.settings, stack.settings.bootstrap_servers or "", dead_letters=True, sink_name="ledger")
+    assert (early.processed, early.dead_lettered) == (0, n)
+    # ...until the fix (trusting the new key); then the dead letters are re-driven into the ledger: the
+    # originals and their copies from the early re-drive, which the ledger dedupes
     trusted.write_text(new_trust)
     assert key_path.exists()
     report = replay(stack.settings, stack.settings.bootstrap_servers or "", dead_letters=True, sink_name="ledger")
-    assert report.processed == n
+    assert report.processed == 2 * n
     assert ledger.size() == n
     ledger.close()
 
