@@ -56,7 +56,7 @@ LOOKUP_FILES = ("organizations", "providers", "payers")
 NOT_CONVERTED = ("claims", "claims_transactions", "patient_expenses")
 
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-_DATETIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:\d{2})$")
+_DATETIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$")  # FHIR: seconds required
 _YEAR = re.compile(r"^\d{4}$")
 _ENC_CLASS = {
     "ambulatory": ("AMB", "ambulatory"),
@@ -101,12 +101,15 @@ def dt(value: str | None, column: str, *, required: bool = False) -> str | None:
             raise RowError(column, f"{column} is empty")
         return None
     if _DATE.match(v) or _DATETIME.match(v):
-        from datetime import date
+        from datetime import datetime
 
-        try:
-            date.fromisoformat(v[:10])
+        try:  # the whole value: hours, minutes, seconds and offset too, not only the date
+            parsed = datetime.fromisoformat(v.replace("Z", "+00:00"))
         except ValueError:
-            raise RowError(column, f"{column} {v!r} is not a real date") from None
+            raise RowError(column, f"{column} {v!r} is not a real date or time") from None
+        offset = parsed.utcoffset()
+        if parsed.year == 0 or (offset is not None and abs(offset.total_seconds()) > 14 * 3600):
+            raise RowError(column, f"{column} {v!r} is outside FHIR's range (years from 1, offsets up to 14:00)")
         return v
     if _YEAR.match(v):
         return v

@@ -249,3 +249,18 @@ def test_a_zip_with_two_files_for_one_table_is_refused(tmp_path: Path) -> None:
     [out] = list(SyntheaCsvAdapter().convert(buf.getvalue(), SRC, filename="x.zip"))
     assert isinstance(out, RejectedRecord)
     assert "several files for the same table" in out.error.message and "a/patients.csv" in out.error.message
+
+
+@pytest.mark.parametrize("start", ["2021-08-23T03:26Z", "2021-08-23T25:26:50Z", "2021-08-23T03:26:50+25:00"])
+def test_an_impossible_encounter_time_rejects_that_row_only(tmp_path: Path, start: str) -> None:
+    """Found by review: only the date part was checked, so the whole patient failed as an adapter bug,
+    located at patients.csv."""
+    files = dict(CURRENT)
+    files["encounters.csv"] = files["encounters.csv"].replace("2020-01-01T10:00:00Z", start, 1)
+    outs = list(SyntheaCsvAdapter().convert_path(write(tmp_path, files), SRC))
+    bad = [o for o in outs if isinstance(o, RejectedRecord) and str(o.error.location.file).endswith("encounters.csv")]
+    assert len(bad) == 1 and start in bad[0].error.message
+    loc = bad[0].error.location
+    assert loc.line == 2 and loc.column == "START"
+    [out] = [o for o in outs if isinstance(o, ConvertedBundle)]  # the patient and the other rows still convert
+    assert of(out, "Patient") and not of(out, "Encounter")
