@@ -95,13 +95,18 @@ def dead_letters(no_broker):  # type: ignore[no-untyped-def]
     return factory
 
 
-async def test_bad_message_gets_ae_with_located_err(dead_letters) -> None:  # type: ignore[no-untyped-def]
-    server = MllpServer(HL7v2Adapter(), SRC, dead_letters)
+async def acks_from(factory: Any, *messages: bytes, adapter: Any = None, **options: Any) -> list[bytes]:
+    """Start a listener with ``factory``, send ``messages`` over one connection, return the ACKs."""
+    server = MllpServer(adapter or HL7v2Adapter(), SRC, factory, **options)
     await server.start("127.0.0.1", 0)
     try:
-        (ack,) = await roundtrip(server.port, BAD)
+        return await roundtrip(server.port, *messages)
     finally:
         await server.close()
+
+
+async def test_bad_message_gets_ae_with_located_err(dead_letters) -> None:  # type: ignore[no-untyped-def]
+    (ack,) = await acks_from(dead_letters, BAD)
     msa = seg(ack, "MSA")
     assert msa[1:3] == ["AE", "C101"]
     err = seg(ack, "ERR")
@@ -115,12 +120,7 @@ async def test_bad_message_gets_ae_with_located_err(dead_letters) -> None:  # ty
 
 
 async def test_a_rejected_message_that_cannot_be_dead_lettered_gets_ar(no_broker) -> None:  # type: ignore[no-untyped-def]
-    server = MllpServer(HL7v2Adapter(), SRC, no_broker)
-    await server.start("127.0.0.1", 0)
-    try:
-        (ack,) = await roundtrip(server.port, BAD)
-    finally:
-        await server.close()
+    (ack,) = await acks_from(no_broker, BAD)
     assert seg(ack, "MSA")[1] == "AR"  # the sender keeps it and sends it again
 
 
@@ -148,29 +148,29 @@ async def test_frames_split_across_packets(chunks: int, no_broker) -> None:  # t
     server = MllpServer(HL7v2Adapter(), SRC, no_broker)
     await server.start("127.0.0.1", 0)
     try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         data = frame(BAD) + frame(BAD.replace(b"C101", b"C102"))
         step = len(data) // chunks + 1
-        for i in range(0, len(data), step):
-            writer.write(data[i : i + step])
-            await writer.drain()
-            await asyncio.sleep(0.01)
-        a1 = await asyncio.wait_for(reader.readuntil(END), 10)
-        a2 = await asyncio.wait_for(reader.readuntil(END), 10)
-        writer.close()
-        await writer.wait_closed()
+        a1, a2 = await _send_chunks(server.port, [data[i : i + step] for i in range(0, len(data), step)], 2)
     finally:
         await server.close()
     assert seg(a1[1:-2], "MSA")[2] == "C101" and seg(a2[1:-2], "MSA")[2] == "C102"
 
 
+async def _send_chunks(port: int, chunks: list[bytes], acks: int) -> list[bytes]:
+    """Write ``chunks`` one by one (as separate TCP writes), then read ``acks`` framed ACKs."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    for chunk in chunks:
+        writer.write(chunk)
+        await writer.drain()
+        await asyncio.sleep(0.01)
+    got = [await asyncio.wait_for(reader.readuntil(END), 10) for _ in range(acks)]
+    writer.close()
+    await writer.wait_closed()
+    return got
+
+
 async def test_conversion_in_a_worker_process(dead_letters) -> None:  # type: ignore[no-untyped-def]
-    server = MllpServer(HL7v2Adapter(), SRC, dead_letters, workers=1)
-    await server.start("127.0.0.1", 0)
-    try:
-        acks = await roundtrip(server.port, BAD, GOOD)
-    finally:
-        await server.close()
+    acks = await acks_from(dead_letters, BAD, GOOD, workers=1)
     assert [seg(a, "MSA")[1] for a in acks] == ["AE", "AR"]
     assert "line 3" in seg(acks[0], "ERR")[8]
 
@@ -184,15 +184,7 @@ async def test_a_frame_without_the_trailing_cr_is_answered(no_broker) -> None:  
     server = MllpServer(HL7v2Adapter(), SRC, no_broker)
     await server.start("127.0.0.1", 0)
     try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-        writer.write(START + BAD + b"\x1c")
-        await writer.drain()
-        a1 = await asyncio.wait_for(reader.readuntil(END), 10)
-        writer.write(frame(BAD.replace(b"C101", b"C102")))
-        await writer.drain()
-        a2 = await asyncio.wait_for(reader.readuntil(END), 10)
-        writer.close()
-        await writer.wait_closed()
+        a1, a2 = await _send_chunks(server.port, [START + BAD + b"\x1c", frame(BAD.replace(b"C101", b"C102"))], 2)
     finally:
         await server.close()
     assert seg(a1[1:-2], "MSA")[2] == "C101" and seg(a2[1:-2], "MSA")[2] == "C102"
@@ -222,11 +214,6 @@ async def test_an_adapter_bug_gets_ar_and_the_message_is_kept(dead_letters) -> N
         def convert_message(self, *args: Any, **kwargs: Any) -> Any:
             raise RuntimeError("mapping bug")
 
-    server = MllpServer(Broken(), SRC, dead_letters)
-    await server.start("127.0.0.1", 0)
-    try:
-        (ack,) = await roundtrip(server.port, GOOD)
-    finally:
-        await server.close()
+    (ack,) = await acks_from(dead_letters, GOOD, adapter=Broken())
     assert seg(ack, "MSA")[1] == "AR" and seg(ack, "ERR")[3].startswith("207^")
     assert [d[0] for pub in dead_letters.made for d in pub.dead] == [GOOD]
