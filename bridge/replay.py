@@ -150,14 +150,19 @@ class Reader:
         while pending:
             try:
                 polled = self.consumer.poll(timeout_ms=500, max_records=batch)
-            except OffsetOutOfRangeError as exc:  # started past the end: nothing on those partitions
-                gone = [tp for tp in (exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}) if tp in pending]
+            except OffsetOutOfRangeError as exc:
+                out_of_range = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}
+                gone = [tp for tp in out_of_range if tp in pending]
                 if not gone:
                     raise
+                begin = self.consumer.beginning_offsets(gone)
                 for tp in gone:
-                    report.partitions[tp.partition].past_end = True
+                    if out_of_range[tp] < begin[tp]:  # deleted by retention meanwhile: from what is left
+                        self.consumer.seek(tp, begin[tp])
+                        continue
+                    report.partitions[tp.partition].past_end = True  # started past the end: nothing here
                     pending.discard(tp)
-                self.consumer.pause(*gone)
+                    self.consumer.pause(tp)
                 continue
             out: list[Record] = []
             for tp, msgs in polled.items():
