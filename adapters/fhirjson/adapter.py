@@ -367,6 +367,8 @@ class FhirPassthroughAdapter(Adapter):
             f"{it.resource['resourceType']}/{nid}" for it, nid in zip(good, new_ids, strict=True)
         }
         routing: str | None = None
+        duplicates: list[RejectedRecord] = []
+        added: dict[str, bytes] = {}
         for it, nid in zip(good, new_ids, strict=True):
             res = orjson.loads(orjson.dumps(it.resource))  # deep copy
             rtype = res["resourceType"]
@@ -395,10 +397,23 @@ class FhirPassthroughAdapter(Adapter):
                     it.location,
                 )
             ref = f"{rtype}/{nid}"
+            form = orjson.dumps(res, option=orjson.OPT_SORT_KEYS)  # as converted, before the builder adds to it
             if b.has(ref):
-                b.warn(
-                    "duplicate-resource", f"{rtype}/{src_id} appears twice; the later one wins", it.location
+                if added.get(ref) == form:
+                    b.warn("duplicate-resource", f"{rtype}/{src_id} appears twice, identical; kept once", it.location)
+                    continue
+                # nothing is dropped unseen: the first stays, this one is rejected with its raw entry
+                duplicates.append(
+                    RejectedRecord(
+                        self.error(
+                            f"{rtype}/{src_id} appears again with different content; the first one is kept",
+                            it.location,
+                        ),
+                        it.raw,
+                    )
                 )
+                continue
+            added[ref] = form
             b.add(res)
             if routing is None:
                 routing = _patient_key(it.resource, source)
@@ -412,6 +427,7 @@ class FhirPassthroughAdapter(Adapter):
         )
         if message_id is None and len(good) == 1:
             message_id = _mid(good[0].resource)
+        yield from duplicates
         try:
             yield b.build(routing_key=routing, message_id=message_id, location=loc)
         except ValidationFailed as exc:  # we validated each resource first: this is our bug

@@ -206,3 +206,21 @@ def test_a_non_object_request_and_an_impossible_timestamp_are_located_not_fatal(
     [out] = run(json.dumps(doc).encode())
     assert isinstance(out, ConvertedBundle)
     validate_bundle(out.bundle)
+
+
+def test_a_second_different_resource_with_the_same_id_is_rejected_not_dropped() -> None:
+    """Found by review: the later of two resources with one id replaced the first with only a warning,
+    so the first was lost. Now the first is kept and the second rejected, located, with its raw entry."""
+    other = {**PATIENT, "name": [{"family": "Other"}]}
+    doc = {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": PATIENT}, {"resource": other}]}
+    outs = run(json.dumps(doc).encode())
+    [rej] = [o for o in outs if isinstance(o, RejectedRecord)]
+    assert "appears again with different content" in rej.error.message
+    assert "Bundle.entry[1]" in str(rej.error.location) and b"Other" in rej.raw
+    [out] = [o for o in outs if isinstance(o, ConvertedBundle)]
+    [pat] = [e["resource"] for e in out.bundle["entry"] if e["resource"]["resourceType"] == "Patient"]
+    assert pat["name"] == PATIENT["name"]
+    same = {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": PATIENT}, {"resource": PATIENT}]}
+    outs = run(json.dumps(same).encode())
+    assert all(isinstance(o, ConvertedBundle) for o in outs)
+    assert any(w.code == "duplicate-resource" for o in outs for w in o.warnings)  # type: ignore[union-attr]
