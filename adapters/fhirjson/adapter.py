@@ -368,7 +368,7 @@ class FhirPassthroughAdapter(Adapter):
         }
         routing: str | None = None
         duplicates: list[RejectedRecord] = []
-        added: dict[str, bytes] = {}
+        added: dict[str, dict[str, Any]] = {}
         for it, nid in zip(good, new_ids, strict=True):
             res = orjson.loads(orjson.dumps(it.resource))  # deep copy
             rtype = res["resourceType"]
@@ -397,9 +397,8 @@ class FhirPassthroughAdapter(Adapter):
                     it.location,
                 )
             ref = f"{rtype}/{nid}"
-            form = orjson.dumps(res, option=orjson.OPT_SORT_KEYS)  # as converted, before the builder adds to it
             if b.has(ref):
-                if added.get(ref) == form:
+                if added.get(ref) == it.resource:  # the same source resource converts the same way
                     b.warn("duplicate-resource", f"{rtype}/{src_id} appears twice, identical; kept once", it.location)
                     continue
                 # nothing is dropped unseen: the first stays, this one is rejected with its raw entry
@@ -413,7 +412,7 @@ class FhirPassthroughAdapter(Adapter):
                     )
                 )
                 continue
-            added[ref] = form
+            added[ref] = it.resource
             b.add(res)
             if routing is None:
                 routing = _patient_key(it.resource, source)
