@@ -53,9 +53,6 @@ def frame(message: bytes) -> bytes:
     return START + message + END
 
 
-_STANDARD = ("|", "^~\\&")
-
-
 def _esc(text: str, fs: str = "|", enc: str = "^~\\&") -> str:
     """Escape our own text for an ACK field, with the message's delimiters (``fs`` = MSH-1, ``enc`` =
     MSH-2: component, repetition, escape, subcomponent)."""
@@ -91,8 +88,7 @@ def _header_fields(message: bytes) -> dict[str, str]:
 
     enc = get(2)
     if len(enc) < 2 or fs in enc or fs.isalnum() or fs in "\r\n":
-        fs, enc = _STANDARD  # not usable delimiters: answer with the standard ones, copying nothing raw
-        return {"fs": fs, "encoding": enc}
+        return {}  # not usable delimiters: the ACK uses the standard ones and copies nothing raw
     comp = enc[0]
     mtype = get(9).split(comp)
     return {
@@ -382,35 +378,39 @@ class MllpServer:
                     self._publisher = await loop.run_in_executor(None, self.publisher_factory)
         return self._publisher
 
-    async def _dead_letter(self, message: bytes, err: ParseError) -> bytes | None:
-        """Store a rejected message in the dead letters; ``None`` once the broker has it, else the AR
-        to answer (the sender keeps the message and sends it again)."""
+    async def _stored(self, message: bytes, send: Callable[[Any], Any]) -> bytes | None:
+        """Run ``send(publisher)`` and wait for the broker's acknowledgement: ``None`` once the broker
+        has the record, else the AR to answer (the sender keeps the message and sends it again)."""
         loop = asyncio.get_running_loop()
         try:
             publisher = await self._get_publisher()
-            future = publisher.dead_letter(
+            await asyncio.wait_for(_broker_ack(loop, send(publisher)), self.ack_timeout)
+        except FhirbridgeError as exc:
+            return self._reject(message, exc, reset=isinstance(exc, BrokerUnavailable))
+        except Exception as exc:  # kafka errors (timeouts, not enough replicas, ...) -> retryable AR
+            return self._reject(message, exc, reset=True)
+        return None
+
+    async def _dead_letter(self, message: bytes, err: ParseError) -> bytes | None:
+        """Store a rejected message in the dead letters; ``None`` once the broker has it, else the AR."""
+        failed = await self._stored(
+            message,
+            lambda publisher: publisher.dead_letter(
                 message,
                 error=err,
                 stage=f"mllp:{self.adapter.name}",
                 location=str(err.location),
                 headers=[("fb-source-org", self.source.org_id.encode()), ("fb-adapter", self.adapter.name.encode())],
-            )
-            await asyncio.wait_for(_broker_ack(loop, future), self.ack_timeout)
-        except Exception as exc:
-            return self._reject(message, exc, reset=True)
-        self.stats["dead_lettered"] += 1
-        return None
+            ),
+        )
+        if failed is None:
+            self.stats["dead_lettered"] += 1
+        return failed
 
     async def _publish(self, message: bytes, cb: ConvertedBundle) -> bytes:
-        loop = asyncio.get_running_loop()
-        try:
-            publisher = await self._get_publisher()
-            future = publisher.publish(cb, self.adapter, self.source)
-            await asyncio.wait_for(_broker_ack(loop, future), self.ack_timeout)
-        except FhirbridgeError as exc:
-            return self._reject(message, exc, reset=isinstance(exc, BrokerUnavailable))
-        except Exception as exc:  # kafka errors (timeouts, not enough replicas, ...) -> retryable AR
-            return self._reject(message, exc, reset=True)
+        failed = await self._stored(message, lambda publisher: publisher.publish(cb, self.adapter, self.source))
+        if failed is not None:
+            return failed
         self.stats["aa"] += 1
         _log().info("mllp.accepted", message_id=cb.message_id, bundle_sha256=cb.sha256)
         return build_ack(message, "AA")
