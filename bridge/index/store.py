@@ -15,7 +15,7 @@ re-ingests are idempotent and a rebuilt index is identical to the original:
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
@@ -131,6 +131,19 @@ class StoredResource(NamedTuple):
 SQLITE_PRAGMAS = ("cache_size=-65536", "wal_autocheckpoint=10000")
 
 
+def _pages(db: Any, select: str, params: Sequence[Any], size: int) -> Iterator[list[tuple[Any, ...]]]:
+    """The rows of ``select`` (whose first column is ``id``, with a WHERE clause) in pages of ``size``,
+    in id order, each page read by key after the last: bounded memory, no OFFSET scans."""
+    after = ""
+    while True:
+        rows = db.query(f"{select} AND id > ? ORDER BY id LIMIT {int(size)}", [*params, after])
+        if rows:
+            yield rows
+        if len(rows) < size:
+            return
+        after = rows[-1][0]
+
+
 class IndexStore:
     def __init__(self, url: str) -> None:
         self.db = Database(url)
@@ -148,14 +161,9 @@ class IndexStore:
             return
         seen = changed = 0
         with self.db.transaction() as db:
-            for rtype in DEDUPE_TYPES:  # in pages (keyset on the primary key): bounded memory
-                after = ""
-                while True:
-                    rows = db.query(
-                        "SELECT id, clinical_date, dedupe_key, body FROM resources "
-                        "WHERE resource_type = ? AND id > ? ORDER BY id LIMIT 5000",
-                        (rtype, after),
-                    )
+            for rtype in DEDUPE_TYPES:
+                select = "SELECT id, clinical_date, dedupe_key, body FROM resources WHERE resource_type = ?"
+                for rows in _pages(db, select, [rtype], 5000):
                     updates = [
                         (new, rtype, rid)
                         for rid, when, old, body in rows
@@ -164,9 +172,6 @@ class IndexStore:
                     db.executemany("UPDATE resources SET dedupe_key = ? WHERE resource_type = ? AND id = ?", updates)
                     seen += len(rows)
                     changed += len(updates)
-                    if len(rows) < 5000:
-                        break
-                    after = rows[-1][0]
             db.execute(
                 "INSERT INTO index_meta (key, value) VALUES ('dedupe_rules', ?) "
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -399,7 +404,7 @@ class IndexStore:
         ``name`` / ``birthdate`` (a cheap SQL pre-filter; ``match`` decides). Read in pages until
         ``limit`` matches are found, so a pre-filter hit that ``match`` rejects never hides a later
         match. SQLite's ``lower()`` folds ASCII only: a non-ASCII name is left to ``match`` there."""
-        sql = "SELECT id, body FROM resources WHERE resource_type = 'Patient' AND id > ?"
+        sql = "SELECT id, body FROM resources WHERE resource_type = 'Patient'"
         params: list[Any] = []
         if name and (name.isascii() or self.db.kind == "postgres"):
             sql += " AND lower(body) LIKE ?"
@@ -407,17 +412,12 @@ class IndexStore:
         if birthdate:
             sql += " AND body LIKE ?"
             params.append(f'%"birthDate":"{birthdate}%')
-        sql += " ORDER BY id LIMIT 500"
         out: list[dict[str, Any]] = []
-        after = ""
-        while True:
-            rows = self.db.query(sql, [after, *params])
+        for rows in _pages(self.db, sql, params, 500):
             for _rid, body in rows:
                 patient = orjson.loads(body)
                 if match is None or match(patient):
                     out.append(patient)
                     if len(out) >= limit:
                         return out
-            if len(rows) < 500:
-                return out
-            after = rows[-1][0]
+        return out
