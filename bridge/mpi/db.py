@@ -38,7 +38,12 @@ SCHEMA = [
         patient_id TEXT NOT NULL,
         PRIMARY KEY (bkey, patient_id))""",
     "CREATE INDEX IF NOT EXISTS mpi_block_patient ON mpi_block (patient_id)",
+    # Pairs are keyed by the records' insertion numbers (mpi_patient.seq), newer record first: a new
+    # record's pairs are appended at the right edge of the key's B-tree instead of being scattered over
+    # uuid-keyed pages (docs/mpi.md, "Write volume"). The ids are kept for reading.
     """CREATE TABLE IF NOT EXISTS mpi_pair (
+        rec_hi BIGINT NOT NULL,
+        rec_lo BIGINT NOT NULL,
         patient_a TEXT NOT NULL,
         patient_b TEXT NOT NULL,
         state TEXT NOT NULL,
@@ -47,8 +52,9 @@ SCHEMA = [
         actor TEXT,
         reason TEXT,
         updated_at TEXT NOT NULL,
-        PRIMARY KEY (patient_a, patient_b))""",
-    "CREATE INDEX IF NOT EXISTS mpi_pair_b ON mpi_pair (patient_b)",
+        PRIMARY KEY (rec_hi, rec_lo)){without_rowid}""",
+    "DROP INDEX IF EXISTS mpi_pair_b",
+    "CREATE INDEX IF NOT EXISTS mpi_pair_lo ON mpi_pair (rec_lo)",
     # only the review queue reads pairs by state and score, and only POSSIBLE_MATCH ones: a partial index
     # (an index of every pair by (state, score) cost one more random B-tree insert per stored pair)
     "DROP INDEX IF EXISTS mpi_pair_state",
@@ -68,11 +74,20 @@ SCHEMA = [
         actor TEXT,
         reason TEXT,
         score DOUBLE PRECISION,
-        detail TEXT)""",
-    "CREATE INDEX IF NOT EXISTS mpi_history_a ON mpi_history (patient_a)",
-    "CREATE INDEX IF NOT EXISTS mpi_history_b ON mpi_history (patient_b)",
-    "CREATE INDEX IF NOT EXISTS mpi_history_person ON mpi_history (person_id)",
-    "CREATE INDEX IF NOT EXISTS mpi_history_other ON mpi_history (other_person_id)",
+        detail TEXT,
+        rec_a BIGINT,
+        rec_b BIGINT)""",
+    # records are looked up by their insertion numbers (rec_a, rec_b: mpi_patient.seq of patient_a and
+    # patient_b), for the same reason as the pairs; only person events have person ids (partial indexes)
+    "DROP INDEX IF EXISTS mpi_history_a",
+    "DROP INDEX IF EXISTS mpi_history_b",
+    "DROP INDEX IF EXISTS mpi_history_person",
+    "DROP INDEX IF EXISTS mpi_history_other",
+    "CREATE INDEX IF NOT EXISTS mpi_history_rec_a ON mpi_history (rec_a) WHERE rec_a IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS mpi_history_rec_b ON mpi_history (rec_b) WHERE rec_b IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS mpi_history_person_id ON mpi_history (person_id) WHERE person_id IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS mpi_history_other_id ON mpi_history (other_person_id) "
+    "WHERE other_person_id IS NOT NULL",
     """CREATE TABLE IF NOT EXISTS mpi_tf (
         field TEXT NOT NULL,
         value TEXT NOT NULL,
@@ -82,6 +97,7 @@ SCHEMA = [
         key TEXT PRIMARY KEY,
         value TEXT NOT NULL)""",
 ]
+SCHEMA_PAIR = next(s for s in SCHEMA if "TABLE IF NOT EXISTS mpi_pair " in s)
 TABLES = ("mpi_patient", "mpi_block", "mpi_pair", "mpi_alias", "mpi_history", "mpi_tf", "mpi_meta")
 
 
@@ -166,9 +182,55 @@ class Database:
 
     def _create_schema(self) -> None:
         serial = "BIGSERIAL PRIMARY KEY" if self._pg is not None else "INTEGER PRIMARY KEY AUTOINCREMENT"
+        # SQLite: the pair table is its primary key's B-tree (no separate rowid table and key index)
+        without_rowid = "" if self._pg is not None else " WITHOUT ROWID"
         with self.write():
+            self._migrate_record_keys()
             for stmt in SCHEMA:
-                self.execute(stmt.replace("{serial}", serial))
+                self.execute(stmt.replace("{serial}", serial).replace("{without_rowid}", without_rowid))
+
+    def columns(self, table: str) -> list[str] | None:
+        """The column names of ``table``, or None if it does not exist."""
+        exists = (
+            self.one("SELECT to_regclass(?) IS NOT NULL", (table,))
+            if self._pg is not None
+            else self.one(
+                "SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)
+            )
+        )
+        if not exists or not exists[0]:
+            return None
+        return [d[0] for d in self.execute(f"SELECT * FROM {table} LIMIT 0").description]
+
+    def _migrate_record_keys(self) -> None:
+        """Bring an index written before pairs and history were keyed by record numbers up to date
+        (inside the schema's write transaction: a concurrent opener finds it done)."""
+        pair_cols = self.columns("mpi_pair")
+        if pair_cols is not None and "rec_hi" not in pair_cols:
+            for index in ("mpi_pair_b", "mpi_pair_state", "mpi_pair_possible"):
+                self.execute(f"DROP INDEX IF EXISTS {index}")
+            self.execute("ALTER TABLE mpi_pair RENAME TO mpi_pair_old")
+            if self._pg is not None:  # the key's index keeps its name: free it for the new table's
+                self.execute("ALTER INDEX IF EXISTS mpi_pair_pkey RENAME TO mpi_pair_old_pkey")
+            without_rowid = "" if self._pg is not None else " WITHOUT ROWID"
+            self.execute(SCHEMA_PAIR.replace("{without_rowid}", without_rowid))
+            self.execute(
+                "INSERT INTO mpi_pair (rec_hi, rec_lo, patient_a, patient_b, state, score, origin, actor, "
+                "reason, updated_at) SELECT CASE WHEN a.seq > b.seq THEN a.seq ELSE b.seq END, "
+                "CASE WHEN a.seq > b.seq THEN b.seq ELSE a.seq END, p.patient_a, p.patient_b, p.state, "
+                "p.score, p.origin, p.actor, p.reason, p.updated_at FROM mpi_pair_old p "
+                "JOIN mpi_patient a ON a.patient_id = p.patient_a JOIN mpi_patient b ON b.patient_id = p.patient_b"
+            )
+            self.execute("DROP TABLE mpi_pair_old")
+        history_cols = self.columns("mpi_history")
+        if history_cols is not None and "rec_a" not in history_cols:
+            self.execute("ALTER TABLE mpi_history ADD COLUMN rec_a BIGINT")
+            self.execute("ALTER TABLE mpi_history ADD COLUMN rec_b BIGINT")
+            self.execute(
+                "UPDATE mpi_history SET "
+                "rec_a = (SELECT seq FROM mpi_patient WHERE patient_id = mpi_history.patient_a), "
+                "rec_b = (SELECT seq FROM mpi_patient WHERE patient_id = mpi_history.patient_b)"
+            )
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
         with self._lock:

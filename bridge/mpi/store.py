@@ -42,7 +42,15 @@ from bridge.mpi.unionfind import UnionFind
 log = get_logger(__name__)
 
 _PERSON_NS = uuid.UUID("5b0f6a3e-3c1f-4b55-9d1e-6d70690a0001")
-_HISTORY_TYPES = ("text",) * 8 + ("double precision", "text")
+_HISTORY_INSERT = (
+    "INSERT INTO mpi_history (at, action, patient_a, patient_b, person_id, other_person_id, actor, reason, "
+    "score, detail, rec_a, rec_b) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_HISTORY_TYPES = ("text",) * 8 + ("double precision", "text", "bigint", "bigint")
+_HISTORY_COLUMNS = (
+    "seq, at, action, patient_a, patient_b, person_id, other_person_id, actor, reason, score, detail"
+)
+_PAIR_TYPES = ("bigint", "bigint") + ("text",) * 3 + ("double precision",) + ("text",) * 4
 MATCH = MatchState.MATCH.value
 POSSIBLE = MatchState.POSSIBLE_MATCH.value
 NO_MATCH = MatchState.NO_MATCH.value
@@ -289,24 +297,21 @@ class PersonIndex:
         if updated:
             seeds.update(updated)
             db.exec_in("DELETE FROM mpi_block WHERE patient_id IN ({in})", updated)  # legacy rows
-            dropped = db.all_in(
-                "SELECT patient_a, patient_b FROM mpi_pair WHERE origin = 'auto' AND patient_a IN ({in})",
-                updated,
-            ) + db.all_in(
-                "SELECT patient_a, patient_b FROM mpi_pair WHERE origin = 'auto' AND patient_b IN ({in})",
-                updated,
-            )
-            for a, b in dropped:
-                seeds.update((a, b))
-            db.exec_in("DELETE FROM mpi_pair WHERE origin = 'auto' AND patient_a IN ({in})", updated)
-            db.exec_in("DELETE FROM mpi_pair WHERE origin = 'auto' AND patient_b IN ({in})", updated)
+            recs = sorted(state[pid][2] for pid in updated)
+            for side in ("rec_hi", "rec_lo"):
+                for a, b in db.all_in(
+                    f"SELECT patient_a, patient_b FROM mpi_pair WHERE origin = 'auto' AND {side} IN ({{in}})",
+                    recs,
+                ):
+                    seeds.update((a, b))
+                db.exec_in(f"DELETE FROM mpi_pair WHERE origin = 'auto' AND {side} IN ({{in}})", recs)
             person_of = dict(
                 db.all_in("SELECT patient_id, person_id FROM mpi_patient WHERE patient_id IN ({in})", updated)
             )
             for pid in updated:
                 self._history(
                     "record-updated",
-                    pid,
+                    (pid, state[pid][2]),
                     None,
                     person_of.get(pid),
                     None,
@@ -428,61 +433,47 @@ class PersonIndex:
         if len(keep) == 0:
             return
         ids = cache.ids
+        ra, rb = ia[keep], ib[keep]
+        seqs = cache.seqs()
         # in the order of (owner, other) ids: the order in which the pairs and their history are written
         found = sorted(
             zip(
-                map(ids.__getitem__, ia[keep].tolist()),
-                map(ids.__getitem__, ib[keep].tolist()),
+                map(ids.__getitem__, ra.tolist()),
+                map(ids.__getitem__, rb.tolist()),
                 scored.state[keep].tolist(),
                 scored.prob[keep].tolist(),
+                seqs[ra].tolist(),
+                seqs[rb].tolist(),
                 strict=True,
             )
         )
-        pairs = [(_pair(a, b), state, score) for a, b, state, score in found]
-        involved = sorted({p for (a, b), _, _ in pairs for p in (a, b)})
-        manual = {
-            (a, b)
-            for a, b in db.all_in(
-                "SELECT patient_a, patient_b FROM mpi_pair WHERE origin = 'manual' AND patient_a IN ({in})",
-                involved,
-            )
-        }
+        # pairs whose hi record (the newer one) holds a manual decision: those pairs are left alone
+        his = sorted({max(sa, sb) for *_, sa, sb in found})
+        manual = set(
+            db.all_in("SELECT rec_hi, rec_lo FROM mpi_pair WHERE origin = 'manual' AND rec_hi IN ({in})", his)
+        )
         rows = []
         history = []
-        for (a, b), state, score in pairs:
-            if (a, b) in manual:
+        for x, y, state, score, sx, sy in found:
+            a, b, sa, sb = (x, y, sx, sy) if x < y else (y, x, sy, sx)
+            hi, lo = (sa, sb) if sa > sb else (sb, sa)
+            if (hi, lo) in manual:
                 continue
-            rows.append((a, b, state, round(score, 6), "auto", None, None, now))
-            history.append(
-                (
-                    now,
-                    "auto-match" if state == MATCH else "possible-match",
-                    a,
-                    b,
-                    None,
-                    None,
-                    "matcher",
-                    None,
-                    round(score, 6),
-                    None,
-                )
-            )
+            score = round(score, 6)
+            rows.append((hi, lo, a, b, state, score, "auto", None, None, now))
+            action = "auto-match" if state == MATCH else "possible-match"
+            history.append((now, action, a, b, None, None, "matcher", None, score, None, sa, sb))
             if state == MATCH:
                 seeds.update((a, b))
         db.insert_many(
-            "INSERT INTO mpi_pair (patient_a, patient_b, state, score, origin, actor, reason, updated_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (patient_a, patient_b) DO UPDATE SET "
+            "INSERT INTO mpi_pair (rec_hi, rec_lo, patient_a, patient_b, state, score, origin, actor, reason, "
+            "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (rec_hi, rec_lo) DO UPDATE SET "
             "state = excluded.state, score = excluded.score, updated_at = excluded.updated_at "
             "WHERE mpi_pair.origin = 'auto'",
             rows,
-            ("text", "text", "text", "double precision", "text", "text", "text", "text"),
+            _PAIR_TYPES,
         )
-        db.insert_many(
-            "INSERT INTO mpi_history (at, action, patient_a, patient_b, person_id, other_person_id, actor, reason, "
-            "score, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            history,
-            _HISTORY_TYPES,
-        )
+        db.insert_many(_HISTORY_INSERT, history, _HISTORY_TYPES)
 
     # ------------------------------------------------------------------ persons
 
@@ -519,10 +510,11 @@ class PersonIndex:
             for pid, person, seq in db.all_in(members_sql, f):
                 info[pid] = (person, int(seq))
                 found.add(pid)
+            recs = sorted(info[p][1] for p in f if p in info)  # an unknown record has no pairs
             touching = db.all_in(
-                "SELECT patient_a, patient_b, state, score, origin FROM mpi_pair WHERE patient_a IN ({in})", f
+                "SELECT patient_a, patient_b, state, score, origin FROM mpi_pair WHERE rec_hi IN ({in})", recs
             ) + db.all_in(
-                "SELECT patient_a, patient_b, state, score, origin FROM mpi_pair WHERE patient_b IN ({in})", f
+                "SELECT patient_a, patient_b, state, score, origin FROM mpi_pair WHERE rec_lo IN ({in})", recs
             )
             for a, b, state, score, origin in touching:
                 pairs[(a, b)] = (a, b, state, score, origin)
@@ -637,80 +629,82 @@ class PersonIndex:
                     None,
                     None,
                     orjson.dumps({"patients": sorted(ps)}).decode(),
+                    None,
+                    None,
                 )
             )
-        db.insert_many(
-            "INSERT INTO mpi_history (at, action, patient_a, patient_b, person_id, other_person_id, actor, reason, "
-            "score, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            history,
-            _HISTORY_TYPES,
-        )
+        db.insert_many(_HISTORY_INSERT, history, _HISTORY_TYPES)
         return result
 
     def _history(
         self,
         action: str,
-        a: str | None,
-        b: str | None,
+        a: tuple[str, int] | None,
+        b: tuple[str, int] | None,
         person: str | None,
         actor: str | None,
         reason: str | None,
         score: float | None,
         detail: dict[str, Any] | None = None,
     ) -> None:
+        """One history event; ``a`` and ``b`` are records as ``(patient id, seq)``."""
         self.db.execute(
-            "INSERT INTO mpi_history (at, action, patient_a, patient_b, person_id, other_person_id, actor, reason, "
-            "score, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            _HISTORY_INSERT,
             (
                 _now(),
                 action,
-                a,
-                b,
+                a[0] if a else None,
+                b[0] if b else None,
                 person,
                 None,
                 actor,
                 reason,
                 score,
                 orjson.dumps(detail).decode() if detail is not None else None,
+                a[1] if a else None,
+                b[1] if b else None,
             ),
         )
 
     # ------------------------------------------------------------------ manual decisions
 
-    def _require(self, *patient_ids: str) -> None:
-        found = {
-            r[0]
-            for r in self.db.all_in(
-                "SELECT patient_id FROM mpi_patient WHERE patient_id IN ({in})", list(patient_ids)
+    def _require(self, *patient_ids: str) -> dict[str, int]:
+        """The seq of each record; raises :class:`MpiNotFound` for an unknown one."""
+        found: dict[str, int] = {
+            pid: int(seq)
+            for pid, seq in self.db.all_in(
+                "SELECT patient_id, seq FROM mpi_patient WHERE patient_id IN ({in})", list(patient_ids)
             )
         }
         for pid in patient_ids:
             if pid not in found:
                 raise MpiNotFound("Patient", pid)
+        return found
 
     def _manual(self, a: str, b: str, state: str, actor: str, reason: str | None) -> None:
         if not isinstance(actor, str) or not actor.strip():
             raise MpiInputError("a manual decision needs an actor")
         if a == b:
             raise MpiInputError("a record cannot be linked to or unlinked from itself")
-        self._require(a, b)
+        seq = self._require(a, b)
         x, y = _pair(a, b)
+        hi, lo = sorted((seq[a], seq[b]), reverse=True)
         now = _now()
         prev = self.db.one(
-            "SELECT state, score, origin FROM mpi_pair WHERE patient_a = ? AND patient_b = ?", (x, y)
+            "SELECT state, score, origin FROM mpi_pair WHERE rec_hi = ? AND rec_lo = ?", (hi, lo)
         )
         self.db.execute(
-            "INSERT INTO mpi_pair (patient_a, patient_b, state, score, origin, actor, reason, updated_at) "
-            "VALUES (?, ?, ?, ?, 'manual', ?, ?, ?) ON CONFLICT (patient_a, patient_b) DO UPDATE SET "
+            "INSERT INTO mpi_pair (rec_hi, rec_lo, patient_a, patient_b, state, score, origin, actor, reason, "
+            "updated_at) VALUES (?, ?, ?, ?, ?, ?, 'manual', ?, ?, ?) ON CONFLICT (rec_hi, rec_lo) DO UPDATE SET "
             "state = excluded.state, origin = 'manual', actor = excluded.actor, reason = excluded.reason, "
             "updated_at = excluded.updated_at",
-            (x, y, state, prev[1] if prev else None, actor, reason, now),
+            (hi, lo, x, y, state, prev[1] if prev else None, actor, reason, now),
         )
         detail = {"previous_state": prev[0], "previous_origin": prev[2]} if prev else None
         self._history(
             "link" if state == MATCH else "unlink",
-            x,
-            y,
+            (x, seq[x]),
+            (y, seq[y]),
             None,
             actor,
             reason,
@@ -777,25 +771,18 @@ class PersonIndex:
             person = self.person_id(patient_id)
             if person is None:
                 return [patient_id]
-            members = {
-                r[0] for r in self.db.all("SELECT patient_id FROM mpi_patient WHERE person_id = ?", (person,))
-            }
+            rows = self.db.all("SELECT patient_id, seq FROM mpi_patient WHERE person_id = ?", (person,))
+            members = {r[0] for r in rows}
             if include_possible:
-                ms = sorted(members)
-                extra = {
-                    b
-                    for _a, b in self.db.all_in(
-                        f"SELECT patient_a, patient_b FROM mpi_pair WHERE (state || '') = '{POSSIBLE}' AND patient_a IN ({{in}})",
-                        ms,
-                    )
-                }
-                extra |= {
-                    a
-                    for a, _b in self.db.all_in(
-                        f"SELECT patient_a, patient_b FROM mpi_pair WHERE (state || '') = '{POSSIBLE}' AND patient_b IN ({{in}})",
-                        ms,
-                    )
-                }
+                recs = sorted(int(r[1]) for r in rows)
+                extra: set[str] = set()
+                for side in ("rec_hi", "rec_lo"):
+                    for a, b in self.db.all_in(
+                        f"SELECT patient_a, patient_b FROM mpi_pair WHERE (state || '') = '{POSSIBLE}' "
+                        f"AND {side} IN ({{in}})",
+                        recs,
+                    ):
+                        extra.update((a, b))
                 extra -= members
                 if extra:
                     persons = {
@@ -828,22 +815,17 @@ class PersonIndex:
                 "ORDER BY seq",
                 (live,),
             )
-            ids = [r[0] for r in recs]
-            idset = set(ids)
-            pairs = self.db.all_in(
-                "SELECT patient_a, patient_b, state, score, origin, actor, reason, updated_at "
-                "FROM mpi_pair WHERE patient_a IN ({in})",
-                ids,
-            )
-            pairs += [
-                r
+            idset = {r[0] for r in recs}
+            seqs = sorted(int(r[2]) for r in recs)
+            found: dict[tuple[str, str], tuple[Any, ...]] = {}
+            for side in ("rec_hi", "rec_lo"):
                 for r in self.db.all_in(
-                    "SELECT patient_a, patient_b, state, score, origin, actor, reason, "
-                    "updated_at FROM mpi_pair WHERE patient_b IN ({in})",
-                    ids,
-                )
-                if r[0] not in idset
-            ]
+                    "SELECT patient_a, patient_b, state, score, origin, actor, reason, updated_at "
+                    f"FROM mpi_pair WHERE {side} IN ({{in}})",
+                    seqs,
+                ):
+                    found[(r[0], r[1])] = r
+            pairs = list(found.values())
             others = sorted({p for r in pairs for p in r[:2]} - idset)
             person_of = {
                 r[0]: r[1]
@@ -917,33 +899,39 @@ class PersonIndex:
         with self.db.read():
             live = self.resolve_person(person_or_patient_id)
             if live is not None:
-                members = [
-                    r[0]
-                    for r in self.db.all("SELECT patient_id FROM mpi_patient WHERE person_id = ?", (live,))
-                ]
+                recs = sorted(
+                    int(r[0]) for r in self.db.all("SELECT seq FROM mpi_patient WHERE person_id = ?", (live,))
+                )
                 ids = {person_or_patient_id, live}
                 ids |= {
                     r[0] for r in self.db.all("SELECT old_id FROM mpi_alias WHERE person_id = ?", (live,))
                 }
-                rows = self.db.all_in("SELECT * FROM mpi_history WHERE patient_a IN ({in})", members)
-                rows += self.db.all_in("SELECT * FROM mpi_history WHERE patient_b IN ({in})", members)
-                rows += self.db.all_in("SELECT * FROM mpi_history WHERE person_id IN ({in})", sorted(ids))
+                rows = self.db.all_in(
+                    f"SELECT {_HISTORY_COLUMNS} FROM mpi_history WHERE rec_a IN ({{in}})", recs
+                )
                 rows += self.db.all_in(
-                    "SELECT * FROM mpi_history WHERE other_person_id IN ({in})", sorted(ids)
+                    f"SELECT {_HISTORY_COLUMNS} FROM mpi_history WHERE rec_b IN ({{in}})", recs
+                )
+                rows += self.db.all_in(
+                    f"SELECT {_HISTORY_COLUMNS} FROM mpi_history WHERE person_id IN ({{in}})", sorted(ids)
+                )
+                rows += self.db.all_in(
+                    f"SELECT {_HISTORY_COLUMNS} FROM mpi_history WHERE other_person_id IN ({{in}})",
+                    sorted(ids),
                 )
             else:
-                if self.person_id(person_or_patient_id) is None:
+                row = self.db.one("SELECT seq FROM mpi_patient WHERE patient_id = ?", (person_or_patient_id,))
+                if row is None:
                     raise MpiNotFound("Patient or Person", person_or_patient_id)
                 rows = self.db.all(
-                    "SELECT * FROM mpi_history WHERE patient_a = ? OR patient_b = ?",
-                    (person_or_patient_id, person_or_patient_id),
+                    f"SELECT {_HISTORY_COLUMNS} FROM mpi_history WHERE rec_a = ? "
+                    f"UNION ALL SELECT {_HISTORY_COLUMNS} FROM mpi_history WHERE rec_b = ?",
+                    (row[0], row[0]),
                 )
-                rows += [
-                    r
-                    for r in self.db.all(
-                        "SELECT * FROM mpi_history WHERE detail LIKE ?", (f'%"{person_or_patient_id}"%',)
-                    )
-                ]
+                rows += self.db.all(
+                    f"SELECT {_HISTORY_COLUMNS} FROM mpi_history WHERE detail LIKE ?",
+                    (f'%"{person_or_patient_id}"%',),
+                )
         seen: dict[int, dict[str, Any]] = {}
         for seq, at, action, a, b, person, other, actor, reason, score, detail in rows:
             entry: dict[str, Any] = {"seq": int(seq), "at": at, "action": action}

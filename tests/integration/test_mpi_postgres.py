@@ -9,12 +9,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit" / "bridge" / "mpi"))
 
-from mpi_store_contract import ConcurrencyContract, StoreContract
+from mpi_store_contract import ConcurrencyContract, MigrationContract, StoreContract
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 
 
-class TestPostgres(StoreContract, ConcurrencyContract):
+class TestPostgres(StoreContract, ConcurrencyContract, MigrationContract):
     @pytest.fixture
     def mpi_url(self, pg_dsn: str) -> str:
         return pg_dsn

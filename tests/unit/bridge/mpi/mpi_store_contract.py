@@ -340,10 +340,13 @@ class StoreContract:
             for r in (
                 mpi.db.all("SELECT name FROM sqlite_master WHERE type = 'index'")
                 if mpi.db.kind == "sqlite"
-                else mpi.db.all("SELECT indexname FROM pg_indexes WHERE tablename = 'mpi_pair'")
+                else mpi.db.all("SELECT indexname FROM pg_indexes WHERE tablename LIKE 'mpi_%'")
             )
         }
         assert "mpi_pair_possible" in names and "mpi_pair_state" not in names
+        # pairs and history are found by record numbers, not by the (random) uuid-like record ids
+        assert {"mpi_pair_lo", "mpi_history_rec_a", "mpi_history_rec_b"} <= names
+        assert not names & {"mpi_pair_b", "mpi_history_a", "mpi_history_b"}
 
     def test_em_patterns_survive_reopening(self, mpi_url: str) -> None:
         cfg = dataclasses.replace(MpiConfig(), em_min_records=40)
@@ -488,3 +491,91 @@ class ConcurrencyContract:
             found = {frozenset((r[1]["id"], o)) for r in recs for o in idx.linked_patient_ids(r[1]["id"])[1:]}
         assert not (found - truth)
         assert len(found & truth) >= 0.9 * len(truth)
+
+
+class MigrationContract:
+    """An index written before pairs and history were keyed by record numbers opens, and reads and
+    links as before (the layout that shipped up to that change, recreated here by hand)."""
+
+    OLD_PAIR = (
+        "CREATE TABLE mpi_pair (patient_a TEXT NOT NULL, patient_b TEXT NOT NULL, state TEXT NOT NULL, "
+        "score DOUBLE PRECISION, origin TEXT NOT NULL, actor TEXT, reason TEXT, updated_at TEXT NOT NULL, "
+        "PRIMARY KEY (patient_a, patient_b))"
+    )
+    OLD_INDEXES = (
+        "CREATE INDEX mpi_pair_b ON mpi_pair (patient_b)",
+        "CREATE INDEX mpi_pair_possible ON mpi_pair (score DESC, patient_a, patient_b) "
+        "WHERE state = 'POSSIBLE_MATCH'",
+        "CREATE INDEX mpi_history_a ON mpi_history (patient_a)",
+        "CREATE INDEX mpi_history_b ON mpi_history (patient_b)",
+        "CREATE INDEX mpi_history_person ON mpi_history (person_id)",
+        "CREATE INDEX mpi_history_other ON mpi_history (other_person_id)",
+    )
+
+    def _downgrade(self, mpi: PersonIndex) -> None:
+        db = mpi.db
+        with db.write():
+            pairs = db.all(
+                "SELECT patient_a, patient_b, state, score, origin, actor, reason, updated_at FROM mpi_pair"
+            )
+            history = db.all(
+                "SELECT seq, at, action, patient_a, patient_b, person_id, other_person_id, actor, reason, "
+                "score, detail FROM mpi_history"
+            )
+            db.execute("DROP TABLE mpi_pair")
+            db.execute("DROP TABLE mpi_history")
+            db.execute(self.OLD_PAIR)
+            serial = (
+                "BIGSERIAL PRIMARY KEY" if db.kind == "postgresql" else "INTEGER PRIMARY KEY AUTOINCREMENT"
+            )
+            db.execute(
+                f"CREATE TABLE mpi_history (seq {serial}, at TEXT NOT NULL, action TEXT NOT NULL, "
+                "patient_a TEXT, patient_b TEXT, person_id TEXT, other_person_id TEXT, actor TEXT, "
+                "reason TEXT, score DOUBLE PRECISION, detail TEXT)"
+            )
+            for stmt in self.OLD_INDEXES:
+                db.execute(stmt)
+            db.executemany("INSERT INTO mpi_pair VALUES (?, ?, ?, ?, ?, ?, ?, ?)", pairs)
+            db.executemany("INSERT INTO mpi_history VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", history)
+            if db.kind == "postgresql":  # rows were inserted with their seq: move the sequence past them
+                db.execute("SELECT setval('mpi_history_seq_seq', (SELECT MAX(seq) FROM mpi_history))")
+
+    def test_an_old_layout_is_migrated_on_open(self, mpi_url: str) -> None:
+        with PersonIndex.open(mpi_url) as mpi:
+            mpi.reset()
+            mpi.upsert_patients([("org-a", ALICE_A), ("org-b", ALICE_B), ("org-c", BOB), ("org-d", ALICE_C)])
+            mpi.unlink("a1", "b1", actor="alice")
+            mpi.link("a1", "b1", actor="bob", reason="same person after all")
+            person = mpi.person_id("a1")
+            assert person is not None
+            before = (mpi.person(person), mpi.history("a1"), mpi.history(person), mpi.review_queue())
+            self._downgrade(mpi)
+            assert "rec_hi" not in (mpi.db.columns("mpi_pair") or [])
+        with PersonIndex.open(mpi_url) as mpi:
+            assert "rec_hi" in (mpi.db.columns("mpi_pair") or [])
+            assert (mpi.person(person), mpi.history("a1"), mpi.history(person), mpi.review_queue()) == before
+            # and it keeps working: a manual decision on a migrated pair, new records, their history
+            mpi.unlink("a1", "b1", actor="carol")
+            assert mpi.linked_patient_ids("a1") == ["a1"]
+            mpi.upsert_patients(
+                [
+                    (
+                        "org-e",
+                        patient(
+                            "e1",
+                            "Bob",
+                            "Baptiste",
+                            "1975-01-30",
+                            "male",
+                            line="9 Oak Road",
+                            city="Northville",
+                            postal="54321",
+                        ),
+                    )
+                ]
+            )
+            assert mpi.linked_patient_ids("c1") == ["c1", "e1"]
+            assert [h["action"] for h in mpi.history("a1")][-1] == "unlink"
+            assert any(h["action"] == "auto-match" for h in mpi.history("e1"))
+        with PersonIndex.open(mpi_url) as mpi:  # opening a migrated index again changes nothing
+            assert mpi.linked_patient_ids("c1") == ["c1", "e1"]

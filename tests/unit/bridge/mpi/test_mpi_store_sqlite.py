@@ -5,14 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from mpi_store_contract import ConcurrencyContract, StoreContract, test_match_state_is_a_str_enum
+from mpi_store_contract import (
+    ConcurrencyContract,
+    MigrationContract,
+    StoreContract,
+    test_match_state_is_a_str_enum,
+)
 
 from bridge.mpi import MpiError, PersonIndex
 
 __all__ = ["test_match_state_is_a_str_enum"]
 
 
-class TestSqlite(StoreContract, ConcurrencyContract):
+class TestSqlite(StoreContract, ConcurrencyContract, MigrationContract):
     @pytest.fixture
     def mpi_url(self, tmp_path: Path) -> str:
         return f"sqlite://{tmp_path / 'mpi.db'}"
