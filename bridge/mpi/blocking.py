@@ -28,6 +28,7 @@ from collections.abc import Sequence
 import jellyfish
 import numpy as np
 
+from bridge.mpi.arrays import distinct, runs
 from bridge.mpi.features import Features
 
 _soundex = functools.lru_cache(maxsize=65536)(jellyfish.soundex)
@@ -89,7 +90,7 @@ def candidate_pairs(keys: Sequence[Sequence[str]], max_block_size: int) -> tuple
     dup[1:] = (bid[1:] == bid[:-1]) & (row_arr[1:] == row_arr[:-1])
     if dup.any():
         bid, row_arr = bid[~dup], row_arr[~dup]
-    _, starts, sizes = np.unique(bid, return_index=True, return_counts=True)
+    starts, sizes = runs(bid)  # bid is sorted
     skipped = int((sizes > max_block_size).sum())
     n = len(keys)
     chunks: list[np.ndarray] = []
@@ -104,5 +105,5 @@ def candidate_pairs(keys: Sequence[Sequence[str]], max_block_size: int) -> tuple
         chunks.append(np.minimum(a, b)[keep] * n + np.maximum(a, b)[keep])
     if not chunks:
         return empty, empty, skipped
-    codes = np.unique(np.concatenate(chunks))
+    codes = distinct(np.concatenate(chunks))
     return codes // n, codes % n, skipped

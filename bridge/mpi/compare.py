@@ -31,6 +31,7 @@ import numpy as np
 from rapidfuzz import fuzz, process
 from rapidfuzz.distance import OSA, JaroWinkler
 
+from bridge.mpi.arrays import distinct_inverse
 from bridge.mpi.features import STRING_KEYS, Features
 
 
@@ -251,12 +252,10 @@ class _Pairs:
             # each distinct pair of values once: records of one person share values, and a batch's
             # records are compared with the same neighbours, so about half the pairs repeat one
             ka, kb = ca[todo].astype(np.int64), cb[todo].astype(np.int64)  # the cache's codes are int32
-            _, first, inverse = np.unique(
-                ka * (int(kb.max()) + 1) + kb, return_index=True, return_inverse=True
-            )
+            _, first, inverse = distinct_inverse(ka * (int(kb.max()) + 1) + kb)
             ra, rb = pa[todo[first]], pb[todo[first]]
             scores = _sim(self.t.values(key_a, ra), self.t.values(key_b, rb), scorer, cutoff)
-            out[todo] = scores[inverse.ravel()]
+            out[todo] = scores[inverse]
         return out
 
 

@@ -168,17 +168,22 @@ def decide(
     auto-links people whose demographics disagree. Equal identifiers with corroboration are a MATCH even
     when a typo-ridden demographic record keeps the probability below the threshold.
     """
-    state = np.full(len(prob), MatchState.NO_MATCH.value, dtype=object)
-    state[prob >= config.possible_threshold] = MatchState.POSSIBLE_MATCH.value
-    state[(prob >= config.match_threshold) & (evidence >= config.min_match_evidence_bits)] = (
-        MatchState.MATCH.value
-    )
+    # decided as small integers (index into _STATES), then mapped once: filling an object array with
+    # a string costs far more than the comparisons
+    code = np.zeros(len(prob), dtype=np.int8)
+    code[prob >= config.possible_threshold] = 1
+    code[(prob >= config.match_threshold) & (evidence >= config.min_match_evidence_bits)] = 2
     if len(gamma):
         id_equal = gamma[:, IDENT] == 2
         corroborated = demographic_prob >= config.identifier_corroboration
-        state[id_equal & corroborated] = MatchState.MATCH.value
-        state[id_equal & ~corroborated] = MatchState.POSSIBLE_MATCH.value
-    return state
+        code[id_equal & corroborated] = 2
+        code[id_equal & ~corroborated] = 1
+    return _STATES[code]  # type: ignore[no-any-return]
+
+
+_STATES = np.array(
+    [MatchState.NO_MATCH.value, MatchState.POSSIBLE_MATCH.value, MatchState.MATCH.value], dtype=object
+)
 
 
 def em_fit(

@@ -23,6 +23,7 @@ import numpy as np
 import orjson
 
 from bridge.logging import get_logger
+from bridge.mpi.arrays import distinct
 from bridge.mpi.blocking import blocking_keys, candidate_pairs
 from bridge.mpi.cache import (
     RecordCache,
@@ -397,7 +398,7 @@ class PersonIndex:
         )
         left = np.repeat(flat_rows[use], sizes[use])
         n = len(cache.ids)
-        codes = np.unique(left * n + right)
+        codes = distinct(left * n + right)
         ia, ib = codes // n, codes % n
         keep = ia != ib
         # a pair of two changed records: once, owned by the smaller id (rank = position in id order)
