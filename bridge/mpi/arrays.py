@@ -24,7 +24,8 @@ def _starts(s: np.ndarray) -> np.ndarray:
 def distinct(x: np.ndarray) -> np.ndarray:
     """The sorted distinct values of ``x`` (what ``np.unique(x)`` returns)."""
     s = np.sort(x)
-    return s[_starts(s)]
+    out: np.ndarray = s[_starts(s)]
+    return out
 
 
 def distinct_inverse(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -178,7 +178,7 @@ def decide(
         corroborated = demographic_prob >= config.identifier_corroboration
         code[id_equal & corroborated] = 2
         code[id_equal & ~corroborated] = 1
-    return _STATES[code]  # type: ignore[no-any-return]
+    return _STATES[code]
 
 
 _STATES = np.array(
