@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import itertools
 import operator
-import threading
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -285,20 +283,6 @@ def _same(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.asarray((a == b) & (a >= 0), dtype=bool)
 
 
-#: from this many pairs on, :func:`compare_pairs` scores part of the fields on a worker thread
-PARALLEL_MIN_PAIRS = 4000
-_POOL: ThreadPoolExecutor | None = None
-_POOL_LOCK = threading.Lock()
-
-
-def _pool() -> ThreadPoolExecutor:
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mpi-compare")
-        return _POOL
-
-
 def compare_pairs(t: FeatureTable, ia: np.ndarray, ib: np.ndarray) -> np.ndarray:
     """Return the (n_pairs, n_fields) int8 comparison matrix of row pairs ``(ia[k], ib[k])`` of ``t``."""
     n = len(ia)
@@ -306,25 +290,8 @@ def compare_pairs(t: FeatureTable, ia: np.ndarray, ib: np.ndarray) -> np.ndarray
     if n == 0:
         return gamma
     p = _Pairs(t, ia, ib)
-    # address, phone and identifiers on a worker thread for large inputs: rapidfuzz lets go of the GIL
-    # while it scores, so on two cores the two halves of the comparison partly overlap
-    job = _pool().submit(_contact_levels, p, gamma) if n >= PARALLEL_MIN_PAIRS else None
-    try:
-        _name_birth_place_levels(p, gamma)
-    finally:
-        if job is not None:
-            job.exception()  # wait: on an error here the worker must not go on writing into gamma
-    if job is None:
-        _contact_levels(p, gamma)
-    else:
-        job.result()
-    return gamma
-
-
-def _name_birth_place_levels(p: _Pairs, gamma: np.ndarray) -> None:
-    """The name, birth date, sex, city and postal code columns of ``gamma``."""
-    n = p.n
     jw = JaroWinkler.normalized_similarity
+
     ga, gb = p.codes("g")
     fa, fb = p.codes("f")
     jw_gg = p.similarity("g", "g", jw, equal=1.0, missing=0.0)
@@ -368,6 +335,21 @@ def _name_birth_place_levels(p: _Pairs, gamma: np.ndarray) -> None:
     sa, sb = p.codes("s")
     gamma[:, SEX] = np.where((sa >= 0) & (sb >= 0), (sa == sb).astype(np.int8), -1)
 
+    aa, ab = p.codes("a")
+    # words reordered: token_sort_ratio, as the ratio of the words sorted once per record
+    # (only ">= 75" and ">= 90" are asked of it)
+    ratio = p.similarity("a_ts", "a_ts", fuzz.ratio, equal=100.0, missing=0.0, cutoff=75.0)
+    # a space typed in the wrong place
+    ratio = np.maximum(
+        ratio, p.similarity("a_ns", "a_ns", fuzz.ratio, equal=100.0, missing=0.0, cutoff=75.0)
+    )
+    lv = np.zeros(n, dtype=np.int8)
+    lv[ratio >= 75] = 1
+    lv[ratio >= 90] = 2
+    lv[aa == ab] = 3
+    lv[(aa < 0) | (ab < 0)] = -1
+    gamma[:, ADDRESS] = lv
+
     ca, cb = p.codes("c")
     jw_c = p.similarity("c", "c", jw, equal=1.0, missing=0.0, cutoff=0.90)
     lv = np.zeros(n, dtype=np.int8)
@@ -377,24 +359,6 @@ def _name_birth_place_levels(p: _Pairs, gamma: np.ndarray) -> None:
     gamma[:, CITY] = lv
 
     gamma[:, POSTAL] = _typo_levels(p, "z")
-
-
-def _contact_levels(p: _Pairs, gamma: np.ndarray) -> None:
-    """The address, phone and identifier columns of ``gamma``."""
-    n, t, ia, ib = p.n, p.t, p.ia, p.ib
-    aa, ab = p.codes("a")
-    # words reordered: token_sort_ratio, as the ratio of the words sorted once per record
-    # (only ">= 75" and ">= 90" are asked of it)
-    ratio = p.similarity("a_ts", "a_ts", fuzz.ratio, equal=100.0, missing=0.0, cutoff=75.0)
-    # a space typed in the wrong place
-    ratio = np.maximum(ratio, p.similarity("a_ns", "a_ns", fuzz.ratio, equal=100.0, missing=0.0, cutoff=75.0))
-    lv = np.zeros(n, dtype=np.int8)
-    lv[ratio >= 75] = 1
-    lv[ratio >= 90] = 2
-    lv[aa == ab] = 3
-    lv[(aa < 0) | (ab < 0)] = -1
-    gamma[:, ADDRESS] = lv
-
     gamma[:, PHONE] = _typo_levels(p, "t")
 
     ident = gamma[:, IDENT]
@@ -428,3 +392,4 @@ def _contact_levels(p: _Pairs, gamma: np.ndarray) -> None:
                     elif best < 0:
                         best = 0
         ident[k] = best
+    return gamma

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from mpi_helpers import patient
 
 from bridge.mpi.compare import (
@@ -245,43 +244,3 @@ def test_score_cutoffs_keep_every_threshold_answer() -> None:
 
     check()
     assert fuzz.ratio("abcdefgh", "abcdefxy", score_cutoff=75.0) == 75.0  # exactly at the boundary
-
-
-def test_the_worker_thread_path_compares_like_the_serial_one(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Large inputs score address, phone and identifiers on a worker thread: same matrix, same errors."""
-    import random
-
-    from bridge.mpi import compare
-
-    rng = random.Random(11)
-    streets = ["Elm St", "Elm Street", "Oak Rd", "Main St", "Main Street Apt 2", "Harbour View"]
-    recs = [
-        patient(
-            f"p{i}",
-            rng.choice(["Ann", "Anne", "Bob", "Rob"]),
-            rng.choice(["Lee", "Leigh", "Ray", "Rae"]),
-            f"19{rng.randint(50, 59)}-0{rng.randint(1, 2)}-1{rng.randint(0, 2)}",
-            rng.choice(["female", "male"]),
-            line=f"{rng.randint(1, 3)} {rng.choice(streets)}",
-            postal=rng.choice(["111", "112", "999"]),
-            phone=rng.choice(["5551234567", "5551234576", "5559999999", None]),
-            ssn=rng.choice(["123456789", "123456798", "987654321", None]),
-        )
-        for i in range(120)
-    ]
-    t = FeatureTable([extract_features(r, ("http://hl7.org/fhir/sid/us-ssn",)) for r in recs])
-    ia, ib = (x.ravel() for x in np.triu_indices(len(recs), k=1))
-    monkeypatch.setattr(compare, "PARALLEL_MIN_PAIRS", 10**9)
-    serial = compare_pairs(t, ia, ib)
-    monkeypatch.setattr(compare, "PARALLEL_MIN_PAIRS", 1)
-    assert np.array_equal(compare_pairs(t, ia, ib), serial)
-    # the input exercises several levels of the worker's fields
-    for col in (compare.ADDRESS, compare.PHONE, IDENT):
-        assert len(np.unique(serial[:, col])) >= 3
-
-    def boom(p: object, gamma: object) -> None:
-        raise RuntimeError("worker failed")
-
-    monkeypatch.setattr(compare, "_contact_levels", boom)
-    with pytest.raises(RuntimeError, match="worker failed"):
-        compare_pairs(t, ia, ib)
