@@ -186,7 +186,7 @@ def everything(backend: Any, patient_id: str, params: EverythingParams) -> dict[
     total = len(merged)
     page = merged[params.offset : params.offset + params.count]
     # the page's own resources, whoever the delivering bundles named as their subject
-    sources = index.sources_of([k for m in page for k in m.keys])
+    sources = index.sources_for_page(linked, [r for m in page for r in (m.resource, *m.duplicates)])
     ledger = backend.ledger()
     checkpoint = _checkpoint(ledger) if (ledger is not None and params.proof) else None
     leaf_cache: dict[tuple[str, str], int | None] = {}

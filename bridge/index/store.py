@@ -41,6 +41,7 @@ CREATE TABLE IF NOT EXISTS resources (
     bundle_sha256 TEXT NOT NULL,
     content_sha256 TEXT NOT NULL,
     body TEXT NOT NULL,
+    moved INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (resource_type, id)
 );
 CREATE INDEX IF NOT EXISTS resources_patient ON resources (patient_id, resource_type);
@@ -111,6 +112,35 @@ class IncomingBundle:
     received_at: str  # RFC 3339 UTC, from the Kafka record timestamp
 
 
+# A delivery replaces the stored version when it is newer (by source time, then content digest), or
+# carries the same content with an earlier lastUpdated. A delivery naming another patient than the
+# stored version marks the resource ``moved`` whichever version wins: its deliveries are then not all
+# filed under one patient (resource_sources.patient_id is each delivery's own), and $everything looks
+# its provenance up by resource instead of by patient.
+_NEWER = """((excluded.content_sha256 <> resources.content_sha256
+              AND (excluded.version_time > resources.version_time
+                   OR (excluded.version_time = resources.version_time
+                       AND excluded.content_sha256 > resources.content_sha256)))
+             OR (excluded.content_sha256 = resources.content_sha256
+                 AND excluded.last_updated < resources.last_updated))"""
+_OTHER_PATIENT = "COALESCE(excluded.patient_id, '') <> COALESCE(resources.patient_id, '')"
+_VERSIONED = (
+    "source_org", "patient_id", "clinical_date", "last_updated", "version_time", "dedupe_key", "bundle_sha256",
+    "content_sha256", "body",
+)
+_UPSERT_RESOURCE = (
+    "INSERT INTO resources (resource_type, id, " + ", ".join(_VERSIONED) + ") "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (resource_type, id) DO UPDATE SET "
+    + ", ".join(f"{c} = CASE WHEN {_NEWER} THEN excluded.{c} ELSE resources.{c} END" for c in _VERSIONED)
+    + f", moved = CASE WHEN {_OTHER_PATIENT} THEN 1 ELSE resources.moved END"
+    + f" WHERE {_NEWER} OR ({_OTHER_PATIENT} AND resources.moved = 0)"
+)
+
+
+#: pages of up to this many resources have their provenance looked up by key (see sources_for_page)
+SOURCES_BY_KEY_MAX = 64
+
+
 class StoredResource(NamedTuple):
     resource_type: str
     id: str
@@ -121,6 +151,8 @@ class StoredResource(NamedTuple):
     dedupe_key: str | None
     bundle_sha256: str
     body: bytes
+    #: delivered under more than one patient (see :meth:`IndexStore.sources_for_page`)
+    moved: bool = False
 
 
 #: SQLite settings of the index connection. The resource and provenance B-trees are keyed by random
@@ -151,7 +183,28 @@ class IndexStore:
             for pragma in SQLITE_PRAGMAS:
                 self.db.execute(f"PRAGMA {pragma}")
         self.db.script(SCHEMA)
+        self._add_moved_flag()
         self._refresh_dedupe_keys()
+
+    def _add_moved_flag(self) -> None:
+        """An index written before resources carried ``moved``: add it, set from the deliveries."""
+        exists = self.db.query(
+            "SELECT to_regclass('resources') IS NOT NULL"
+            if self.db.kind == "postgres"
+            else "SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'resources'"
+        )[0][0]
+        if not exists:  # a new index: SCHEMA creates the table with the column
+            return
+        if "moved" in [d[0] for d in self.db.execute("SELECT * FROM resources LIMIT 0").description]:
+            return
+        with self.db.transaction() as db:
+            db.execute("ALTER TABLE resources ADD COLUMN moved INTEGER NOT NULL DEFAULT 0")
+            db.execute(
+                "UPDATE resources SET moved = 1 WHERE (resource_type, id) IN (SELECT s.resource_type, s.id "
+                "FROM resource_sources s JOIN resources r ON r.resource_type = s.resource_type AND r.id = s.id "
+                "WHERE COALESCE(s.patient_id, '') <> COALESCE(r.patient_id, ''))"
+            )
+        log.info("index.moved_flag_added")
 
     def _refresh_dedupe_keys(self) -> None:
         """Recompute the stored de-duplication keys if they were written under other rules
@@ -233,23 +286,7 @@ class IndexStore:
                         if isinstance(ident, dict) and ident.get("system") and ident.get("value"):
                             ident_rows.append((ident["system"], ident["value"], resource["id"]))
         with self.db.transaction() as db:
-            db.executemany(
-                """INSERT INTO resources (resource_type, id, source_org, patient_id, clinical_date, last_updated,
-                       version_time, dedupe_key, bundle_sha256, content_sha256, body)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-                   ON CONFLICT (resource_type, id) DO UPDATE SET
-                       source_org = excluded.source_org, patient_id = excluded.patient_id,
-                       clinical_date = excluded.clinical_date, last_updated = excluded.last_updated,
-                       version_time = excluded.version_time, dedupe_key = excluded.dedupe_key, bundle_sha256 = excluded.bundle_sha256,
-                       content_sha256 = excluded.content_sha256, body = excluded.body
-                   WHERE (excluded.content_sha256 <> resources.content_sha256
-                          AND (excluded.version_time > resources.version_time
-                               OR (excluded.version_time = resources.version_time
-                                   AND excluded.content_sha256 > resources.content_sha256)))
-                      OR (excluded.content_sha256 = resources.content_sha256
-                          AND excluded.last_updated < resources.last_updated)""",
-                res_rows,
-            )
+            db.executemany(_UPSERT_RESOURCE, res_rows)
             db.executemany(
                 """INSERT INTO resource_sources (resource_type, id, bundle_sha256, source_org, source_patient, topic,
                        kafka_partition, kafka_offset, received_at, patient_id)
@@ -318,7 +355,7 @@ class IndexStore:
             return []
         body = "CAST(body AS BLOB)" if self.db.kind == "sqlite" else "convert_to(body, 'UTF8')"
         sql = (
-            f"SELECT resource_type, id, source_org, patient_id, clinical_date, last_updated, dedupe_key, bundle_sha256, {body} "
+            f"SELECT resource_type, id, source_org, patient_id, clinical_date, last_updated, dedupe_key, bundle_sha256, {body}, moved "
             f"FROM resources WHERE patient_id IN ({','.join('?' * len(ids))})"
         )
         params: list[Any] = list(ids)
@@ -328,7 +365,10 @@ class IndexStore:
         if since:
             sql += " AND last_updated >= ?"
             params.append(since)
-        return [StoredResource(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], bytes(r[8])) for r in self.db.query(sql, params)]
+        return [
+            StoredResource(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], bytes(r[8]), bool(r[9]))
+            for r in self.db.query(sql, params)
+        ]
 
     def sources_for_patients(self, patient_ids: Sequence[str]) -> dict[tuple[str, str], list[dict[str, Any]]]:
         """Every bundle that delivered each resource of these patients' compartments, oldest first."""
@@ -348,22 +388,49 @@ class IndexStore:
             )
         return out
 
+    def sources_for_page(
+        self, patient_ids: Sequence[str], resources: Sequence[StoredResource]
+    ) -> dict[tuple[str, str], list[dict[str, Any]]]:
+        """Every bundle that delivered each of ``resources`` (all filed under ``patient_ids``), oldest
+        first: what :meth:`sources_of` returns for their keys, found faster for a large page.
+
+        Up to :data:`SOURCES_BY_KEY_MAX` resources are looked up by key. For more, the deliveries filed
+        under the patients come in one query (a resource whose deliveries all named its current patient
+        has no others), and only the ``moved`` resources, delivered under another patient too, are
+        looked up by key. On PostgreSQL a key lookup costs ~10 us (1,000 of them: a quarter of a
+        1,000-entry $everything), the patients' query ~3 ms.
+        """
+        keys = [(r.resource_type, r.id) for r in resources]
+        if len(keys) <= SOURCES_BY_KEY_MAX:
+            return self.sources_of(keys)
+        found = self.sources_for_patients(patient_ids)
+        found.update(self.sources_of([(r.resource_type, r.id) for r in resources if r.moved]))
+        return {k: found[k] for k in keys if k in found}
+
     def sources_of(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
         """Every bundle that delivered each (type, id), oldest first."""
         out: dict[tuple[str, str], list[dict[str, Any]]] = {}
         if not keys:
             return out
-        chunk = 400
-        for i in range(0, len(keys), chunk):
-            part = keys[i : i + chunk]
-            cond = " OR ".join("(resource_type = ? AND id = ?)" for _ in part)
-            params = [x for k in part for x in k]
-            rows = self.db.query(
-                f"""SELECT resource_type, id, bundle_sha256, source_org, source_patient, topic, kafka_partition,
-                           kafka_offset, received_at FROM resource_sources WHERE {cond}
-                    ORDER BY received_at, kafka_offset""",
-                params,
-            )
+        columns = (
+            "SELECT resource_type, id, bundle_sha256, source_org, source_patient, topic, kafka_partition, "
+            "kafka_offset, received_at FROM resource_sources WHERE "
+        )
+        order = " ORDER BY received_at, kafka_offset"
+        if self.db.kind == "postgres":
+            # the keys as two array parameters: one short statement whatever their number (an OR of
+            # 400 conditions per statement cost PostgreSQL ~5 ms of planning and psycopg ~3 ms of parsing)
+            parts: list[Sequence[tuple[str, str]]] = [keys]
+            sql = columns + "(resource_type, id) IN (SELECT * FROM unnest(?::text[], ?::text[]))" + order
+        else:
+            parts = [keys[i : i + 400] for i in range(0, len(keys), 400)]
+        for part in parts:
+            if self.db.kind == "postgres":
+                params: list[Any] = [[k[0] for k in part], [k[1] for k in part]]
+            else:
+                sql = columns + " OR ".join("(resource_type = ? AND id = ?)" for _ in part) + order
+                params = [x for k in part for x in k]
+            rows = self.db.query(sql, params)
             for r in rows:
                 out.setdefault((r[0], r[1]), []).append(
                     {

@@ -40,7 +40,7 @@ SCHEMA = [
     "CREATE INDEX IF NOT EXISTS mpi_block_patient ON mpi_block (patient_id)",
     # Pairs are keyed by the records' insertion numbers (mpi_patient.seq), newer record first: a new
     # record's pairs are appended at the right edge of the key's B-tree instead of being scattered over
-    # uuid-keyed pages (docs/mpi.md, "Write volume"). The ids are kept for reading.
+    # uuid-keyed pages (docs/mpi.md, "Keys with locality"). The ids are kept for reading.
     """CREATE TABLE IF NOT EXISTS mpi_pair (
         rec_hi BIGINT NOT NULL,
         rec_lo BIGINT NOT NULL,
@@ -175,19 +175,27 @@ class Database:
         self._in_write = False
         self._worker: ThreadPoolExecutor | None = None
         self._pending: list[Pending] = []
-        self._create_schema()
+        try:
+            self._create_schema()
+        except BaseException:
+            self.close()
+            raise
 
     def _sql(self, sql: str) -> str:
         return sql.replace("%", "%%").replace("?", "%s") if self._pg is not None else sql
 
     def _create_schema(self) -> None:
-        serial = "BIGSERIAL PRIMARY KEY" if self._pg is not None else "INTEGER PRIMARY KEY AUTOINCREMENT"
-        # SQLite: the pair table is its primary key's B-tree (no separate rowid table and key index)
-        without_rowid = "" if self._pg is not None else " WITHOUT ROWID"
         with self.write():
             self._migrate_record_keys()
             for stmt in SCHEMA:
-                self.execute(stmt.replace("{serial}", serial).replace("{without_rowid}", without_rowid))
+                self.execute(self._ddl(stmt))
+
+    def _ddl(self, stmt: str) -> str:
+        """A schema statement with its backend-specific parts filled in."""
+        serial = "BIGSERIAL PRIMARY KEY" if self._pg is not None else "INTEGER PRIMARY KEY AUTOINCREMENT"
+        # SQLite: the pair table is its primary key's B-tree (no separate rowid table and key index)
+        without_rowid = "" if self._pg is not None else " WITHOUT ROWID"
+        return stmt.replace("{serial}", serial).replace("{without_rowid}", without_rowid)
 
     def columns(self, table: str) -> list[str] | None:
         """The column names of ``table``, or None if it does not exist."""
@@ -212,8 +220,7 @@ class Database:
             self.execute("ALTER TABLE mpi_pair RENAME TO mpi_pair_old")
             if self._pg is not None:  # the key's index keeps its name: free it for the new table's
                 self.execute("ALTER INDEX IF EXISTS mpi_pair_pkey RENAME TO mpi_pair_old_pkey")
-            without_rowid = "" if self._pg is not None else " WITHOUT ROWID"
-            self.execute(SCHEMA_PAIR.replace("{without_rowid}", without_rowid))
+            self.execute(self._ddl(SCHEMA_PAIR))
             self.execute(
                 "INSERT INTO mpi_pair (rec_hi, rec_lo, patient_a, patient_b, state, score, origin, actor, "
                 "reason, updated_at) SELECT CASE WHEN a.seq > b.seq THEN a.seq ELSE b.seq END, "
@@ -221,6 +228,12 @@ class Database:
                 "p.score, p.origin, p.actor, p.reason, p.updated_at FROM mpi_pair_old p "
                 "JOIN mpi_patient a ON a.patient_id = p.patient_a JOIN mpi_patient b ON b.patient_id = p.patient_b"
             )
+            moved = self.one("SELECT (SELECT COUNT(*) FROM mpi_pair), (SELECT COUNT(*) FROM mpi_pair_old)")
+            if moved is not None and moved[0] != moved[1]:  # pairs of records that are not in the index
+                raise MpiError(
+                    f"cannot migrate the MPI pair table: {int(moved[1]) - int(moved[0])} of {moved[1]} pairs "
+                    "name records that are not indexed; the database was left unchanged"
+                )
             self.execute("DROP TABLE mpi_pair_old")
         history_cols = self.columns("mpi_history")
         if history_cols is not None and "rec_a" not in history_cols:

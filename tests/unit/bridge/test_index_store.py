@@ -147,3 +147,60 @@ def test_keys_written_under_older_rules_are_recomputed_on_open(store: IndexStore
         assert again.db.query("SELECT value FROM index_meta WHERE key = 'dedupe_rules'") == [(DEDUPE_RULES_VERSION,)]
     finally:
         again.close()
+
+
+def _moved(store: IndexStore, rid: str) -> bool:
+    return bool(store.db.query("SELECT moved FROM resources WHERE id = ?", [rid])[0][0])
+
+
+@pytest.mark.parametrize("newest_first", [False, True])
+def test_a_resource_delivered_under_another_patient_is_marked_moved(store: IndexStore, newest_first: bool) -> None:
+    """Whichever version wins (deliveries in order, or the older one arriving last), a resource whose
+    deliveries name different patients is marked, and its page provenance lists every delivery."""
+    old = _bundle("h1", "st-mary", _enc("e1", "pa", "2026-01-01"), ts="2026-01-01T00:00:00.000Z",
+                  source_ts="2026-01-01T00:00:00Z")
+    new = _bundle("h2", "st-mary", _enc("e1", "pb", "2026-01-01"), ts="2026-01-02T00:00:00.000Z", offset=1,
+                  source_ts="2026-01-02T00:00:00Z")
+    store.apply([_bundle("h0", "st-mary", _enc("e2", "pb", "2026-01-03"), _enc("e3", "pb", "2026-01-04"))])
+    store.apply([new, old] if newest_first else [old, new])
+    assert _moved(store, "e1") and not _moved(store, "e2") and not _moved(store, "e3")
+    assert store.get("Encounter", "e1")["subject"]["reference"] == "Patient/pb"  # the newer version
+    page = store.resources_for_patients(["pb"])
+    assert {r.id: r.moved for r in page} == {"e1": True, "e2": False, "e3": False}
+    expected = store.sources_of([(r.resource_type, r.id) for r in page])
+    assert {s["bundle_sha256"] for s in expected[("Encounter", "e1")]} == {"h1", "h2"}
+    assert store.sources_for_page(["pb"], page) == expected  # by key (a small page)
+    import bridge.index.store as index_store
+
+    try:
+        index_store.SOURCES_BY_KEY_MAX, saved = 0, index_store.SOURCES_BY_KEY_MAX
+        assert store.sources_for_page(["pb"], page) == expected  # by patient, moved ones by key
+    finally:
+        index_store.SOURCES_BY_KEY_MAX = saved
+
+
+def test_same_patient_again_is_not_moved(store: IndexStore) -> None:
+    store.apply([_bundle("h1", "st-mary", _enc("e1", "pa", "2026-01-01"))])
+    store.apply([_bundle("h2", "riverside", _enc("e1", "pa", "2026-01-02"), ts="2026-01-02T00:00:00.000Z")])
+    assert not _moved(store, "e1")
+
+
+def test_an_index_without_the_moved_flag_gets_it_from_its_deliveries(store: IndexStore) -> None:
+    store.apply([_bundle("h1", "st-mary", _enc("e1", "pa", "2026-01-01"), _enc("e2", "pa", "2026-01-02"))])
+    store.apply([_bundle("h2", "st-mary", _enc("e1", "pb", "2026-01-01"), ts="2026-01-02T00:00:00.000Z")])
+    # the layout before the flag: the column dropped (on SQLite by rebuilding the table)
+    if store.db.kind == "postgres":
+        store.db.execute("ALTER TABLE resources DROP COLUMN moved")
+    else:
+        store.db.script(
+            "CREATE TABLE r_old AS SELECT resource_type, id, source_org, patient_id, clinical_date, last_updated, "
+            "version_time, dedupe_key, bundle_sha256, content_sha256, body FROM resources; DROP TABLE resources; "
+            "ALTER TABLE r_old RENAME TO resources"
+        )
+    url = store.db.url
+    store.close()
+    again = IndexStore.open(url)
+    try:
+        assert _moved(again, "e1") and not _moved(again, "e2")
+    finally:
+        again.close()

@@ -191,9 +191,15 @@ def _store_with(tmp_path: Path, bundles: list[IncomingBundle], **env: str) -> Se
     return settings
 
 
-async def test_provenance_does_not_depend_on_the_page_size(tmp_path: Path) -> None:
+@pytest.mark.parametrize("by_key_max", [64, 0])
+async def test_provenance_does_not_depend_on_the_page_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, by_key_max: int
+) -> None:
     """A resource delivered first under another subject keeps both deliveries as its sources, on a
-    small page and on a large one."""
+    small page and on a large one (whose provenance is found by patient, and by key for moved ones)."""
+    import bridge.index.store as index_store
+
+    monkeypatch.setattr(index_store, "SOURCES_BY_KEY_MAX", by_key_max)
     x = _glucose("x", "pc", "2026-01-05T08:00:00Z", 70)
     settings = _store_with(tmp_path, [
         _bundle("h4", "st-mary", [{"resourceType": "Patient", "id": "pa"}, {"resourceType": "Patient", "id": "pc"}, x],

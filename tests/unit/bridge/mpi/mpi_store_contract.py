@@ -579,3 +579,44 @@ class MigrationContract:
             assert any(h["action"] == "auto-match" for h in mpi.history("e1"))
         with PersonIndex.open(mpi_url) as mpi:  # opening a migrated index again changes nothing
             assert mpi.linked_patient_ids("c1") == ["c1", "e1"]
+
+    def test_a_migration_that_would_lose_pairs_changes_nothing(self, mpi_url: str) -> None:
+        with PersonIndex.open(mpi_url) as mpi:
+            mpi.reset()
+            mpi.upsert_patients([("org-a", ALICE_A), ("org-b", ALICE_B)])
+            self._downgrade(mpi)
+            with mpi.db.write():  # a pair naming a record the index does not hold
+                mpi.db.execute(
+                    "INSERT INTO mpi_pair VALUES ('a1', 'zz', 'MATCH', 1.0, 'manual', 'x', NULL, 'now')"
+                )
+        with pytest.raises(MpiError, match=r"1 of 2 pairs name records that are not indexed"):
+            PersonIndex.open(mpi_url)
+        # still the old layout, with both pairs (read without opening the index, which would migrate)
+        assert _raw_one(mpi_url, "SELECT COUNT(*) FROM mpi_pair WHERE patient_a = 'a1'") == (2,)
+        assert _raw_one(mpi_url, "SELECT COUNT(*) FROM mpi_pair_old") is None  # no half-done rename
+        with pytest.raises(Exception, match="rec_hi"):
+            _raw_one(mpi_url, "SELECT rec_hi FROM mpi_pair")
+
+
+def _raw_one(url: str, sql: str) -> tuple[object, ...] | None:
+    """One row of ``sql`` on a plain connection to the index's database (None if the statement fails
+    because a table is missing; other errors propagate)."""
+    if url.startswith("postgres"):
+        import psycopg
+
+        with psycopg.connect(url, autocommit=True) as conn:
+            try:
+                return conn.execute(sql).fetchone()
+            except psycopg.errors.UndefinedTable:
+                return None
+    import sqlite3
+
+    conn = sqlite3.connect(url[len("sqlite://") :])
+    try:
+        return conn.execute(sql).fetchone()
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return None
+        raise
+    finally:
+        conn.close()
