@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from bridge.db import enable_wal
 from bridge.mpi.config import MpiError
 
 _ADVISORY_KEY = 0x6D7069  # "mpi"
@@ -159,7 +160,7 @@ class Database:
             # WAL frame written at commit. Fewer, larger leaves mean fewer frames: the commit of a
             # 1,000-record batch at 150,000 records costs about a third less CPU than with 4 KiB pages.
             self._lite.execute("PRAGMA page_size=16384")
-            self._lite.execute("PRAGMA journal_mode=WAL")
+            enable_wal(self._lite)
             self._lite.execute("PRAGMA synchronous=NORMAL")
             self._lite.execute("PRAGMA busy_timeout=30000")
             self._lite.execute(

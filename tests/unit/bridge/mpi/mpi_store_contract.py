@@ -485,7 +485,7 @@ class ConcurrencyContract:
             t.start()
         for t in threads:
             t.join()
-        assert not errors
+        assert not errors, [f"{type(e).__name__}: {e}" for e in errors]
         with PersonIndex.open(mpi_url) as idx:
             assert idx.stats()["records"] == len(recs)
             found = {frozenset((r[1]["id"], o)) for r in recs for o in idx.linked_patient_ids(r[1]["id"])[1:]}
