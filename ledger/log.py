@@ -382,15 +382,16 @@ class Ledger:
     def latest_checkpoint(self) -> str | None:
         """The latest signed checkpoint note with any stored witness cosignature lines appended."""
         latest = self._storage.latest_checkpoint()
-        if latest is None:
-            return None
-        size, note = latest
-        return note + "".join(self._storage.cosignatures(size))
+        return None if latest is None else self._cosigned(*latest)
 
     def checkpoint_at(self, size: int) -> str | None:
         """The stored checkpoint for exactly ``size`` entries (with cosignatures), or None."""
         note = self._storage.checkpoint_at(size)
-        return None if note is None else note + "".join(self._storage.cosignatures(size))
+        return None if note is None else self._cosigned(size, note)
+
+    def _cosigned(self, size: int, note: str) -> str:
+        """A stored checkpoint note with the witness cosignature lines stored for its size appended."""
+        return note + "".join(self._storage.cosignatures(size))
 
     def add_cosignatures(self, cosigned_note: str) -> int:
         """Store the witness cosignatures found on ``cosigned_note`` (a checkpoint this log signed).
@@ -433,7 +434,7 @@ class Ledger:
         row = self._storage.get_entry(index)
         assert row is not None
         latest = self._storage.latest_checkpoint()  # read once: the note and the proof are for one size
-        note = None if latest is None else latest[1] + "".join(self._storage.cosignatures(latest[0]))
+        note = None if latest is None else self._cosigned(*latest)
         out: dict[str, Any] = {
             "index": index,
             "leaf_hash": base64.b64encode(row.leaf_hash).decode(),
