@@ -139,6 +139,23 @@ _UPSERT_RESOURCE = (
 
 #: pages of up to this many resources have their provenance looked up by key (see sources_for_page)
 SOURCES_BY_KEY_MAX = 64
+_SOURCES = (
+    "SELECT resource_type, id, bundle_sha256, source_org, source_patient, topic, kafka_partition, kafka_offset, "
+    "received_at FROM resource_sources WHERE "
+)
+_SOURCES_ORDER = " ORDER BY received_at, kafka_offset"
+
+
+def _by_resource(
+    rows: Iterable[Sequence[Any]], out: dict[tuple[str, str], list[dict[str, Any]]]
+) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Add rows of :data:`_SOURCES` to ``out``, per (type, id), in row order; returns ``out``."""
+    for r in rows:
+        out.setdefault((r[0], r[1]), []).append(
+            {"bundle_sha256": r[2], "source_org": r[3], "source_patient": r[4], "topic": r[5], "partition": r[6],
+             "offset": r[7], "received_at": r[8]}
+        )
+    return out
 
 
 class StoredResource(NamedTuple):
@@ -372,21 +389,10 @@ class IndexStore:
 
     def sources_for_patients(self, patient_ids: Sequence[str]) -> dict[tuple[str, str], list[dict[str, Any]]]:
         """Every bundle that delivered each resource of these patients' compartments, oldest first."""
-        out: dict[tuple[str, str], list[dict[str, Any]]] = {}
         if not patient_ids:
-            return out
-        rows = self.db.query(
-            f"""SELECT resource_type, id, bundle_sha256, source_org, source_patient, topic, kafka_partition,
-                       kafka_offset, received_at FROM resource_sources WHERE patient_id IN ({",".join("?" * len(patient_ids))})
-                ORDER BY received_at, kafka_offset""",
-            list(patient_ids),
-        )
-        for r in rows:
-            out.setdefault((r[0], r[1]), []).append(
-                {"bundle_sha256": r[2], "source_org": r[3], "source_patient": r[4], "topic": r[5], "partition": r[6],
-                 "offset": r[7], "received_at": r[8]}
-            )
-        return out
+            return {}
+        sql = f"{_SOURCES} patient_id IN ({','.join('?' * len(patient_ids))}){_SOURCES_ORDER}"
+        return _by_resource(self.db.query(sql, list(patient_ids)), {})
 
     def sources_for_page(
         self, patient_ids: Sequence[str], resources: Sequence[StoredResource]
@@ -412,37 +418,15 @@ class IndexStore:
         out: dict[tuple[str, str], list[dict[str, Any]]] = {}
         if not keys:
             return out
-        columns = (
-            "SELECT resource_type, id, bundle_sha256, source_org, source_patient, topic, kafka_partition, "
-            "kafka_offset, received_at FROM resource_sources WHERE "
-        )
-        order = " ORDER BY received_at, kafka_offset"
         if self.db.kind == "postgres":
             # the keys as two array parameters: one short statement whatever their number (an OR of
             # 400 conditions per statement cost PostgreSQL ~5 ms of planning and psycopg ~3 ms of parsing)
-            parts: list[Sequence[tuple[str, str]]] = [keys]
-            sql = columns + "(resource_type, id) IN (SELECT * FROM unnest(?::text[], ?::text[]))" + order
-        else:
-            parts = [keys[i : i + 400] for i in range(0, len(keys), 400)]
-        for part in parts:
-            if self.db.kind == "postgres":
-                params: list[Any] = [[k[0] for k in part], [k[1] for k in part]]
-            else:
-                sql = columns + " OR ".join("(resource_type = ? AND id = ?)" for _ in part) + order
-                params = [x for k in part for x in k]
-            rows = self.db.query(sql, params)
-            for r in rows:
-                out.setdefault((r[0], r[1]), []).append(
-                    {
-                        "bundle_sha256": r[2],
-                        "source_org": r[3],
-                        "source_patient": r[4],
-                        "topic": r[5],
-                        "partition": r[6],
-                        "offset": r[7],
-                        "received_at": r[8],
-                    }
-                )
+            sql = f"{_SOURCES} (resource_type, id) IN (SELECT * FROM unnest(?::text[], ?::text[])){_SOURCES_ORDER}"
+            return _by_resource(self.db.query(sql, [[k[0] for k in keys], [k[1] for k in keys]]), out)
+        for i in range(0, len(keys), 400):
+            part = keys[i : i + 400]
+            sql = _SOURCES + " OR ".join("(resource_type = ? AND id = ?)" for _ in part) + _SOURCES_ORDER
+            _by_resource(self.db.query(sql, [x for k in part for x in k]), out)
         return out
 
     def counts(self) -> dict[str, int]:
