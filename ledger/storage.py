@@ -41,6 +41,7 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
+from bridge.db import enable_wal
 from ledger.errors import LedgerError, StorageUnavailable
 from ledger.tiles import Tile, split_key, tile_key
 
@@ -864,7 +865,7 @@ class SqliteStorage(_SqlBase):
         # 16 KB pages (only takes effect when the file is created): a tile (<= 16,320 bytes) fits in
         # one page, and random index inserts split and log fewer pages; measured ~20% faster appends.
         conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
-        conn.execute("PRAGMA journal_mode=WAL")
+        enable_wal(conn, self.busy_timeout_ms / 1000)  # waits while another opener switches a new file
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA cache_size=-65536")
         conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
