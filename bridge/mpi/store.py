@@ -377,9 +377,12 @@ class PersonIndex:
             np.fromiter(map(row_of.__getitem__, changed), dtype=np.int64, count=len(changed)),
             np.fromiter(map(len, keys), dtype=np.int64, count=len(keys)),
         )
-        # every key's block: a set when it holds several records, else an int (this record alone)
-        groups: list[Any] = list(map(cache.blocks.get, flat_keys))
-        sizes = np.array([len(g) if g.__class__ is set else 1 for g in groups], dtype=np.int64)
+        # every key's block: a row set when it holds several records, else this record alone
+        values = np.fromiter(map(cache.blocks.__getitem__, flat_keys), dtype=np.int64, count=len(flat_keys))
+        several = np.nonzero(values < 0)[0]
+        groups = cache.block_sets(values[several])
+        sizes = np.ones(len(values), dtype=np.int64)
+        sizes[several] = np.fromiter(map(len, groups), dtype=np.int64, count=len(groups))
         over = sizes > cap
         if over.any():
             log.debug(
@@ -392,7 +395,7 @@ class PersonIndex:
             empty = np.zeros(0, dtype=np.int64)
             return empty, empty
         right = np.fromiter(
-            itertools.chain.from_iterable(itertools.compress(groups, use.tolist())),
+            itertools.chain.from_iterable(itertools.compress(groups, use[several].tolist())),
             dtype=np.int64,
             count=int(sizes[use].sum()),
         )
