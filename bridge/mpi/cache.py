@@ -29,6 +29,7 @@ from __future__ import annotations
 import itertools
 import operator
 from collections.abc import Collection, Iterable, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
@@ -46,6 +47,18 @@ _TUPLE_MAX = 64
 
 #: ``(patient_id, source_org, features, digest, seq)``
 Item = tuple[str, str, Features, str, int]
+
+
+class Placed(NamedTuple):
+    """Where a batch's records went in the blocking index (:meth:`RecordCache.put_batch`)."""
+
+    #: each record's blocking keys
+    keys: list[list[str]]
+    #: for each of those keys (flattened, record by record): the record's row ...
+    rows: list[int]
+    #: ... and the key's ``blocks`` value right after the record was added. A row means the record held
+    #: the key alone at that point; if a later record of the batch joined it, that one has the pair.
+    values: list[int]
 
 
 class RecordCache:
@@ -90,6 +103,7 @@ class RecordCache:
         #: one vocabulary for the integer codes of every record's comparison values (never shrinks;
         #: codes start at 1, ``""`` is -1)
         self.vocab: dict[str, int] = {"": -1}
+        self._encode_memo: dict[str, dict[Any, tuple[int, ...]]] = {}  # see encode()
         self._strings = np.empty(1024, dtype=object)  # code -> string (see strings())
         self._strings[0] = ""
         self._n_strings = 1
@@ -263,8 +277,18 @@ class RecordCache:
 
     def put_many(self, items: Sequence[Item]) -> list[list[str]]:
         """Add (or replace) records with distinct ids; returns each one's blocking keys."""
+        return self.put_batch(items).keys
+
+    def placed(self, pids: Sequence[str]) -> Placed:
+        """Where records are in the blocking index now (as :meth:`put_batch` reports it)."""
+        keys = [blocking_keys(self.features(pid)) for pid in pids]
+        rows = [self.row_of[pid] for pid, ks in zip(pids, keys, strict=True) for _ in ks]
+        return Placed(keys, rows, [self.blocks[k] for ks in keys for k in ks])
+
+    def put_batch(self, items: Sequence[Item]) -> Placed:
+        """Add (or replace) records with distinct ids; returns where they went in the blocking index."""
         if not items:
-            return []
+            return Placed([], [], [])
         row_of, ids, state = self.row_of, self.ids, self.state
         rows: list[int] = []
         for pid, org, _feats, digest, seq in items:
@@ -279,7 +303,7 @@ class RecordCache:
             state[pid] = (digest, org, seq)
         self._grow(len(ids))
         feats = [it[2] for it in items]
-        codes = encode(feats, self.vocab)
+        codes = encode(feats, self.vocab, self._encode_memo)
         r = np.asarray(rows, dtype=np.int64)
         self._codes[:, r] = codes.T
         idents = [tuple((s, v) for s, v in f.get("i") or ()) for f in feats]
@@ -305,9 +329,11 @@ class RecordCache:
             v = blocks[k]  # current value: an earlier record of this batch may have changed it
             if v >= 0:
                 if v != row:
-                    blocks[k] = self._new_set((v, row))
+                    v = blocks[k] = self._new_set((v, row))
                     sets = self._sets  # (it may have grown)
+                stored[i] = v
                 continue
+            stored[i] = v
             members = sets[-1 - v]
             if members.__class__ is not tuple:
                 members.add(row)
@@ -318,7 +344,7 @@ class RecordCache:
         top = max(it[4] for it in items)
         if top > self.max_seq:
             self.max_seq = top
-        return out
+        return Placed(out, flat_rows, stored)
 
     def row_frequencies(self, key: str, rows: np.ndarray, total: int) -> np.ndarray:
         """Relative frequency among ``total`` records of the ``key`` value of each of ``rows`` (0 for

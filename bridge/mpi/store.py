@@ -26,6 +26,7 @@ from bridge.logging import get_logger
 from bridge.mpi.arrays import distinct
 from bridge.mpi.blocking import blocking_keys, candidate_pairs
 from bridge.mpi.cache import (
+    Placed,
     RecordCache,
     add_patterns,
     dump_patterns,
@@ -347,8 +348,7 @@ class PersonIndex:
             ("text", "text", "text", "text", "text", "bigint", "text"),
         )
         try:
-            keys_of = dict(zip(changed, cache.put_many(items), strict=True))
-            ia, ib = self._candidates(cache, changed, keys_of)
+            ia, ib = self._candidates(cache, changed, cache.put_batch(items))
             gamma = compare_pairs(cache.table(), ia, ib)
         except BaseException:
             pending.wait(raise_error=False)
@@ -359,9 +359,7 @@ class PersonIndex:
         if seeds:
             self._recluster(seeds, now, fresh=frozenset(r[2] for r in rows))
 
-    def _candidates(
-        self, cache: RecordCache, changed: list[str], keys_of: dict[str, list[str]]
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def _candidates(self, cache: RecordCache, changed: list[str], placed: Placed) -> tuple[np.ndarray, np.ndarray]:
         """Candidate pairs ``(changed record, other record)`` from the in-memory blocks, as cache rows.
 
         Each pair once: a pair of two changed records is owned by the one with the smaller id. In no
@@ -370,21 +368,16 @@ class PersonIndex:
         keys still bring true matches together.
         """
         cap = self.config.max_block_size
-        row_of = cache.row_of
-        keys = [keys_of[pid] for pid in changed]
-        flat_keys = list(itertools.chain.from_iterable(keys))
-        flat_rows = np.repeat(
-            np.fromiter(map(row_of.__getitem__, changed), dtype=np.int64, count=len(changed)),
-            np.fromiter(map(len, keys), dtype=np.int64, count=len(keys)),
-        )
+        flat_rows = np.asarray(placed.rows, dtype=np.int64)
+        values = np.asarray(placed.values, dtype=np.int64)
         # every key's block: a row set when it holds several records, else this record alone
-        values = np.fromiter(map(cache.blocks.__getitem__, flat_keys), dtype=np.int64, count=len(flat_keys))
         several = np.nonzero(values < 0)[0]
         groups = cache.block_sets(values[several])
         sizes = np.ones(len(values), dtype=np.int64)
         sizes[several] = np.fromiter(map(len, groups), dtype=np.int64, count=len(groups))
         over = sizes > cap
         if over.any():
+            flat_keys = list(itertools.chain.from_iterable(placed.keys))
             log.debug(
                 "mpi_blocks_skipped",
                 blocks=len({k for k, o in zip(flat_keys, over, strict=True) if o}),
@@ -401,18 +394,20 @@ class PersonIndex:
         )
         left = np.repeat(flat_rows[use], sizes[use])
         n = len(cache.ids)
-        codes = distinct(left * n + right)
-        ia, ib = codes // n, codes % n
-        keep = ia != ib
-        # a pair of two changed records: once, owned by the smaller id (rank = position in id order)
+        # a pair of two changed records: once, as (smaller id, larger id) (rank = position in id order);
+        # either of the two may be the one that found it
+        row_of = cache.row_of
         rank = np.full(n, -1, dtype=np.int64)
         order = sorted(changed)
         rank[np.fromiter(map(row_of.__getitem__, order), dtype=np.int64, count=len(order))] = np.arange(
             len(order)
         )
-        both = rank[ib] >= 0
-        keep &= ~both | (rank[ib] > rank[ia])
-        return ia[keep], ib[keep]
+        swap = (rank[right] >= 0) & (rank[right] < rank[left])
+        first = np.where(swap, right, left)
+        second = np.where(swap, left, right)
+        keep = first != second
+        codes = distinct(first[keep] * n + second[keep])
+        return codes // n, codes % n
 
     def _score_new(
         self, ia: np.ndarray, ib: np.ndarray, gamma: np.ndarray, total: int, now: str, seeds: set[str]

@@ -18,7 +18,6 @@ from bridge.mpi import (
     PersonIndex,
     person_id_for,
 )
-from bridge.mpi.blocking import blocking_keys
 
 ALICE_A = patient(
     "a1",
@@ -449,7 +448,7 @@ class StoreContract:
         cache = mpi._cache
         assert cache is not None and len(cache.members("b:19700101")) == 500
         changed = [p["id"] for _, p in recs]
-        ia, ib = mpi._candidates(cache, changed, {pid: blocking_keys(cache.features(pid)) for pid in changed})
+        ia, ib = mpi._candidates(cache, changed, cache.placed(changed))
         # the b:19700101 block alone would make all 124 750 pairs candidates; the other keys give ~13 000
         assert len(ia) < 500 * 499 // 2 // 5
         pairs = {

@@ -101,16 +101,16 @@ def test_candidates_are_the_pairs_sharing_a_small_block(recs: list[tuple], cap: 
     cache = RecordCache(TF_KEYS, None)
     cache.put_many([(pid, "o", by_id[pid], "d", n + 1) for n, pid in enumerate(ids[:split])])
     changed = ids[split:]
-    keys_of = dict(
-        zip(
-            changed,
-            cache.put_many([(pid, "o", by_id[pid], "d", split + n + 1) for n, pid in enumerate(changed)]),
-            strict=True,
-        )
-    )
+    placed = cache.put_batch([(pid, "o", by_id[pid], "d", split + n + 1) for n, pid in enumerate(changed)])
+    assert placed.keys == [blocking_keys(by_id[pid]) for pid in changed]
     mpi = PersonIndex.__new__(PersonIndex)
     mpi.config = MpiConfig(max_block_size=cap)
-    ia, ib = mpi._candidates(cache, changed, keys_of)
+    ia, ib = mpi._candidates(cache, changed, placed)
+    # asked afresh (after the batch), the blocking index gives the same pairs
+    again = mpi._candidates(cache, changed, cache.placed(changed))
+    assert sorted(zip(ia.tolist(), ib.tolist(), strict=True)) == sorted(
+        zip(again[0].tolist(), again[1].tolist(), strict=True)
+    )
     got = [(cache.ids[a], cache.ids[b]) for a, b in zip(ia.tolist(), ib.tolist(), strict=True)]
     sizes = Counter(k for pid in ids for k in blocking_keys(by_id[pid]))
     want = set()
