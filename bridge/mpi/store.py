@@ -37,6 +37,7 @@ from bridge.mpi.compare import FIELDS, compare_pairs
 from bridge.mpi.config import MatchState, MpiConfig, MpiConflict, MpiError, MpiInputError, MpiNotFound
 from bridge.mpi.db import TABLES, Database
 from bridge.mpi.features import Features, extract_features
+from bridge.mpi.graph import PersonGraph
 from bridge.mpi.matcher import TF_KEYS, TermFrequencies, fit_patterns, weigh
 from bridge.mpi.model import FSModel
 from bridge.mpi.unionfind import UnionFind
@@ -96,6 +97,10 @@ class PersonIndex:
         self._model: FSModel | None = None
         self._model_version: str | None = None
         self._cache: RecordCache | None = None
+        #: persons and MATCH/manual pairs in memory (see bridge.mpi.graph); None: read the database
+        self._graph: PersonGraph | None = None
+        #: whether the last write transaction found the generation token as this process had left it
+        self._sole_writer = False
 
     @classmethod
     def open(cls, url: str, config: MpiConfig | None = None) -> PersonIndex:
@@ -144,6 +149,7 @@ class PersonIndex:
             return self._fit(total=total, incremental=False)
         except BaseException:
             self._cache = None  # rolled back: the cached EM counts may be ahead of the database
+            self._graph = None
             raise
 
     def _fit(self, *, total: int | None, incremental: bool) -> FSModel:
@@ -226,6 +232,7 @@ class PersonIndex:
                 self._upsert(batch)
         except BaseException:
             self._cache = None  # the transaction rolled back: the write-through copy may be ahead of it
+            self._graph = None
             raise
 
     def _records(self) -> RecordCache:
@@ -239,8 +246,10 @@ class PersonIndex:
         row = self.db.one("SELECT value FROM mpi_meta WHERE key = 'records_gen'")
         gen = row[0] if row else None
         cache = self._cache
-        if cache is not None and cache.gen == gen:
-            return cache
+        self._sole_writer = cache is not None and cache.gen == gen
+        if self._sole_writer:
+            return cache  # type: ignore[return-value]
+        self._graph = None  # another process wrote since: its links and persons are not in the graph
         mine, theirs = _parse_gen(cache.gen if cache else None), _parse_gen(gen)
         if cache is not None and mine is not None and theirs is not None and mine[:2] == theirs[:2]:
             rows = self.db.all(
@@ -277,6 +286,18 @@ class PersonIndex:
         self._set_meta("records_gen", gen)
         cache.gen = gen
 
+    def _touch(self) -> None:
+        """A new generation token after a change of pairs or persons alone (a manual decision): other
+        processes drop their person graphs (their record caches just look for new records, finding none)."""
+        row = self.db.one("SELECT value FROM mpi_meta WHERE key = 'records_gen'")
+        cache = self._cache
+        if cache is not None and row is not None and cache.gen == row[0]:
+            self._bump_generation(cache, updated=False)
+            return
+        parsed = _parse_gen(row[0] if row else None)
+        epoch, updates = parsed[:2] if parsed else (uuid.uuid4().hex, 0)
+        self._set_meta("records_gen", f"{epoch}.{updates}.{uuid.uuid4().hex[:16]}")
+
     def _upsert(self, batch: dict[str, tuple[str, Features]]) -> None:
         db = self.db
         now = _now()
@@ -294,10 +315,16 @@ class PersonIndex:
                 changed.append(pid)
         if not changed:
             return
+        graph = self._graph
+        if graph is None and self._sole_writer:
+            graph = self._graph = PersonGraph.load(db)
         seeds: set[str] = set()
         updated = [pid for pid in changed if pid in state]
         if updated:
             seeds.update(updated)
+            if graph is not None:
+                for pid in updated:
+                    graph.drop_auto_pairs(pid)
             db.exec_in("DELETE FROM mpi_block WHERE patient_id IN ({in})", updated)  # legacy rows
             recs = sorted(state[pid][2] for pid in updated)
             for side in ("rec_hi", "rec_lo"):
@@ -337,6 +364,8 @@ class PersonIndex:
                 max_seq += 1
                 seq = max_seq
                 rows.append((pid, org, person_id_for(pid), blobs[pid].decode(), digests[pid], seq, now))
+                if graph is not None:
+                    graph.add_record(pid, person_id_for(pid))
             items.append((pid, org, feats, digests[pid], seq))
         # on PostgreSQL the server inserts the new rows (sent from the database's worker thread) while
         # this thread updates the cache and compares, in memory only: no database use until it is done
@@ -415,6 +444,7 @@ class PersonIndex:
         """Weigh and store the batch's compared candidate pairs (cache rows ``ia``, ``ib``)."""
         db = self.db
         cache = self._cache
+        graph = self._graph
         assert cache is not None
         if not len(ia):
             self._maybe_fit(total)
@@ -460,6 +490,8 @@ class PersonIndex:
                 continue
             score = round(score, 6)
             rows.append((hi, lo, a, b, state, score, "auto", None, None, now))
+            if graph is not None:
+                graph.set_pair(a, b, state, score, "auto")
             action = "auto-match" if state == MATCH else "possible-match"
             history.append((now, action, a, b, None, None, "matcher", None, score, None, sa, sb))
             if state == MATCH:
@@ -529,7 +561,12 @@ class PersonIndex:
     ) -> dict[str, str]:
         """Rebuild the persons of the components around ``seeds``; returns patient -> person id."""
         db = self.db
-        info, pairs = self._component(seeds)
+        graph, cache = self._graph, self._cache
+        if graph is not None and cache is not None:
+            records = cache.state
+            info, pairs = graph.component(seeds, lambda pid: records[pid][2])
+        else:
+            info, pairs = self._component(seeds)
         if not info:
             return {}
         uf: UnionFind[str] = UnionFind(sorted(info, key=lambda p: info[p][1]))
@@ -579,6 +616,9 @@ class PersonIndex:
         if not moves:
             return result
         updates = [(new, p) for (_old, new), ps in moves.items() for p in ps]
+        if graph is not None:
+            for new, p in updates:
+                graph.move(p, new)
         if db.kind == "postgresql":
             db.execute(
                 "UPDATE mpi_patient AS p SET person_id = u.person FROM unnest(?::text[], ?::text[]) AS u(person, pid) "
@@ -717,8 +757,10 @@ class PersonIndex:
         Raises :class:`MpiNotFound` for an unknown record, :class:`MpiInputError` without an actor.
         """
         with self.db.write():
+            self._graph = None  # the database path: a manual decision is rare
             self._manual(patient_a, patient_b, MATCH, actor, reason)
             persons = self._recluster([patient_a, patient_b], _now(), actor=actor)
+            self._touch()
             if persons.get(patient_a) != persons.get(
                 patient_b
             ):  # pragma: no cover - manual links always join
@@ -731,8 +773,10 @@ class PersonIndex:
         links still join the two (unlink those first); nothing changes then.
         """
         with self.db.write():
+            self._graph = None
             self._manual(patient_a, patient_b, NO_MATCH, actor, reason)
             persons = self._recluster([patient_a, patient_b], _now(), actor=actor)
+            self._touch()
             if persons.get(patient_a) == persons.get(patient_b):
                 raise MpiConflict(
                     f"records {patient_a!r} and {patient_b!r} are still joined by other manual links; unlink those first"
@@ -970,6 +1014,7 @@ class PersonIndex:
             for t in TABLES:
                 self.db.execute(f"DELETE FROM {t}")
             self._cache = None
+            self._graph = None
             # a new epoch: other processes' caches are stale and must be rebuilt
             self._set_meta("records_gen", f"{uuid.uuid4().hex}.0.{uuid.uuid4().hex[:16]}")
         self._model = None

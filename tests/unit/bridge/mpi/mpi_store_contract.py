@@ -110,6 +110,7 @@ class StoreContract:
         assert "record-updated" in actions and "person-split" in actions
         mpi.upsert_patients([("org-b", ALICE_B)])
         assert mpi.linked_patient_ids("a1") == ["a1", "b1"]
+        assert_graph_is_current(mpi)
 
     def test_possible_match_goes_to_review_not_to_the_person(self, mpi: PersonIndex) -> None:
         mpi.upsert_patients([("org-a", ALICE_A), ("org-c", ALICE_C)])
@@ -156,6 +157,7 @@ class StoreContract:
         mpi.upsert_patients([("org-d", third)])
         assert mpi.person_id("a1") != mpi.person_id("b1")
         assert "d1" in mpi.linked_patient_ids("a1") or "d1" in mpi.linked_patient_ids("b1")
+        assert_graph_is_current(mpi)
 
     def test_unlink_conflicting_with_manual_links_is_refused(self, mpi: PersonIndex) -> None:
         mpi.upsert_patients([("org-a", ALICE_A), ("org-c", BOB), ("org-c", ALICE_C)])
@@ -183,6 +185,7 @@ class StoreContract:
         mpi.unlink("c1", "b1", actor="u")
         assert mpi.person_id("c1") == bob
         assert mpi.person(bob or "")["id"] == bob
+        assert_graph_is_current(mpi)
 
     def test_identifier_typo_does_not_link_different_people(self, mpi: PersonIndex) -> None:
         carl = patient(
@@ -296,6 +299,57 @@ class StoreContract:
         n_hist = len(mpi.history("a1"))
         mpi.upsert_patients([("org-a", moved)])
         assert len(mpi.history("a1")) == n_hist
+        assert_graph_is_current(mpi)
+
+    def test_person_graph_follows_the_database(self, mpi: PersonIndex, mpi_url: str) -> None:
+        """The ingesting process's in-memory persons and links (bridge.mpi.graph) equal what the database
+        holds after batches, record updates and manual decisions made by another process, and its
+        components are the database's (the pairs that can change a person)."""
+        recs, _truth = population(60, seed=11)
+        for k in range(0, len(recs), 15):
+            mpi.upsert_patients(recs[k : k + 15])
+        assert mpi._graph is not None  # built once this process was the only writer
+        linked = [p["id"] for _, p in recs if len(mpi.linked_patient_ids(p["id"])) > 1]
+        with PersonIndex.open(mpi_url) as other:  # the review API, say
+            a, b = linked[0], mpi.linked_patient_ids(linked[0])[1]
+            other.unlink(a, b, actor="registrar")
+            other.link(linked[-1], recs[0][1]["id"], actor="registrar")
+        org, first = recs[1]
+        mpi.upsert_patients([(org, {**first, "birthDate": "1901-01-01"})])  # an update: pairs re-scored
+        # everything again, a third of it changed (re-scored); nothing may join a and b again
+        changed = [(o, {**r, "gender": "other"} if i % 3 == 0 else r) for i, (o, r) in enumerate(recs)]
+        for k in range(0, len(changed), 20):
+            mpi.upsert_patients(changed[k : k + 20])
+        mpi.upsert_patients([("org-z", {**recs[2][1], "id": "copy-of-2"})])
+        graph = mpi._graph
+        assert graph is not None
+        assert_graph_is_current(mpi)
+        assert mpi.person_id(a) != mpi.person_id(b)
+        cache = mpi._cache
+        assert cache is not None
+        for seeds in ([a], [b, "copy-of-2"], [p["id"] for _, p in recs[::7]]):
+            info, pairs = graph.component(seeds, lambda pid: cache.state[pid][2])
+            with mpi.db.read():
+                want_info, want_pairs = mpi._component(seeds)
+            assert info == want_info
+            assert pairs == [x for x in want_pairs if x[2] == "MATCH" or x[4] == "manual"]
+
+    def test_a_manual_unlink_elsewhere_reaches_the_ingesting_process(
+        self, mpi: PersonIndex, mpi_url: str
+    ) -> None:
+        mpi.upsert_patients([("org-a", ALICE_A)])
+        mpi.upsert_patients([("org-b", ALICE_B)])
+        mpi.upsert_patients([("org-c", BOB)])
+        assert mpi._graph is not None and mpi.linked_patient_ids("a1") == ["a1", "b1"]
+        with PersonIndex.open(mpi_url) as other:
+            other.unlink("a1", "b1", actor="registrar")
+        # a third record matching both cannot bridge them: the ingesting process must know of the unlink
+        mpi.upsert_patients([("org-d", {**ALICE_A, "id": "d1"})])
+        assert mpi.person_id("a1") != mpi.person_id("b1")
+        assert_graph_is_current(mpi)
+        mpi.upsert_patients([("org-e", {**BOB, "id": "e1"})])
+        assert mpi._graph is not None  # rebuilt once this process was again the only writer
+        assert_graph_is_current(mpi)
 
     def test_failed_batch_leaves_no_trace_in_memory(
         self, mpi: PersonIndex, monkeypatch: pytest.MonkeyPatch
@@ -456,6 +510,19 @@ class StoreContract:
         }
         assert len(pairs) == len(ia)  # each pair once
         assert frozenset(("ann0", "dup0")) in pairs
+
+
+def assert_graph_is_current(mpi: PersonIndex) -> None:
+    """The in-memory person graph, if the index holds one, is what the database says."""
+    from bridge.mpi.graph import PersonGraph
+
+    if mpi._graph is None:
+        return
+    with mpi.db.read():
+        fresh = PersonGraph.load(mpi.db)
+    assert mpi._graph.person_of == fresh.person_of
+    assert mpi._graph.members == fresh.members
+    assert mpi._graph.links == fresh.links
 
 
 def test_match_state_is_a_str_enum() -> None:
