@@ -324,16 +324,21 @@ class RecordCache:
         )
         stored = list(map(blocks.setdefault, flat_keys, flat_rows))
         sets = self._sets
+        # keys this batch turned from one row into a row set (a set's value never changes after): their
+        # current values, in a dictionary small enough to stay in the CPU caches, unlike ``blocks``
+        converted: dict[str, int] = {}
         for i in itertools.compress(itertools.count(), map(operator.is_not, stored, flat_rows)):
             k, row = flat_keys[i], flat_rows[i]
-            v = blocks[k]  # current value: an earlier record of this batch may have changed it
+            v = stored[i]
             if v >= 0:
-                if v != row:
-                    v = blocks[k] = self._new_set((v, row))
-                    sets = self._sets  # (it may have grown)
+                v = converted.get(k, v)
+                if v >= 0:
+                    if v != row:
+                        v = blocks[k] = converted[k] = self._new_set((v, row))
+                        sets = self._sets  # (it may have grown)
+                    stored[i] = v
+                    continue
                 stored[i] = v
-                continue
-            stored[i] = v
             members = sets[-1 - v]
             if members.__class__ is not tuple:
                 members.add(row)

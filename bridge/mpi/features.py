@@ -31,7 +31,6 @@ Features = dict[str, Any]
 _NON_LETTER = re.compile(r"[^a-z]")
 _NON_ALNUM_SPACE = re.compile(r"[^a-z0-9 ]")
 _NON_ALNUM = re.compile(r"[^a-z0-9]")
-_SPACES = re.compile(r"\s+")
 _NON_DIGIT = re.compile(r"[^0-9]")
 _ID_NOISE = re.compile(r"[\s\-./]")
 _DATE = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?")
@@ -61,7 +60,7 @@ def _norm_name(text: str) -> str:
 def norm_text(text: Any) -> str:
     if not isinstance(text, str):
         return ""
-    return _SPACES.sub(" ", _NON_ALNUM_SPACE.sub(" ", _fold(text))).strip()
+    return " ".join(_NON_ALNUM_SPACE.sub(" ", _fold(text)).split())
 
 
 @functools.lru_cache(maxsize=16384)
@@ -73,7 +72,12 @@ def norm_birth_date(value: Any) -> str:
     """``YYYY-MM-DD`` (or a partial FHIR date / dateTime) -> ``YYYYMMDD`` / ``YYYYMM`` / ``YYYY``."""
     if not isinstance(value, str):
         return ""
-    m = _DATE.match(value.strip())
+    value = value.strip()
+    if len(value) >= 10 and value[4] == "-" and value[7] == "-":  # the usual full date: no regex
+        digits = value[:4] + value[5:7] + value[8:10]
+        if digits.isdecimal():  # what \d matches
+            return digits
+    m = _DATE.match(value)
     if not m:
         return ""
     return "".join(part for part in m.groups() if part)

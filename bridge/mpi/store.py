@@ -53,6 +53,11 @@ _HISTORY_TYPES = ("text",) * 8 + ("double precision", "text", "bigint", "bigint"
 _HISTORY_COLUMNS = (
     "seq, at, action, patient_a, patient_b, person_id, other_person_id, actor, reason, score, detail"
 )
+_PATIENT_INSERT = (
+    "INSERT INTO mpi_patient (patient_id, source_org, person_id, features, digest, seq, updated_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+_PATIENT_TYPES = ("text", "text", "text", "text", "text", "bigint", "text")
 _PAIR_TYPES = ("bigint", "bigint") + ("text",) * 3 + ("double precision",) + ("text",) * 4
 MATCH = MatchState.MATCH.value
 POSSIBLE = MatchState.POSSIBLE_MATCH.value
@@ -367,26 +372,31 @@ class PersonIndex:
                 if graph is not None:
                     graph.add_record(pid, person_id_for(pid))
             items.append((pid, org, feats, digests[pid], seq))
-        # on PostgreSQL the server inserts the new rows (sent from the database's worker thread) while
-        # this thread updates the cache and compares, in memory only: no database use until it is done
-        # (on SQLite the rows are inserted before the call returns)
-        pending = db.insert_many_background(
-            "INSERT INTO mpi_patient (patient_id, source_org, person_id, features, digest, seq, updated_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            rows,
-            ("text", "text", "text", "text", "text", "bigint", "text"),
-        )
+        # With the person graph, reclustering reads nothing from the database, so the new records are
+        # written last, with the persons they end up in (a record that merges is written once, not
+        # written and then moved). Otherwise they are written first; on PostgreSQL the server inserts
+        # them (sent from the database's worker thread) while this thread updates the cache and
+        # compares, in memory only: no database use until it is done.
+        pending = None
+        if graph is None:
+            pending = db.insert_many_background(_PATIENT_INSERT, rows, _PATIENT_TYPES)
         try:
             ia, ib = self._candidates(cache, changed, cache.put_batch(items))
             gamma = compare_pairs(cache.table(), ia, ib)
         except BaseException:
-            pending.wait(raise_error=False)
+            if pending is not None:
+                pending.wait(raise_error=False)
             raise
-        pending.wait()
+        if pending is not None:
+            pending.wait()
         self._bump_generation(cache, updated=bool(updated))
         self._score_new(ia, ib, gamma, len(cache), now, seeds)
-        if seeds:
-            self._recluster(seeds, now, fresh=frozenset(r[2] for r in rows))
+        fresh = frozenset(r[2] for r in rows)
+        persons = self._recluster(seeds, now, fresh=fresh, unwritten=pending is None) if seeds else {}
+        if pending is None:
+            db.insert_many(
+                _PATIENT_INSERT, [(r[0], r[1], persons.get(r[0], r[2]), *r[3:]) for r in rows], _PATIENT_TYPES
+            )
 
     def _candidates(self, cache: RecordCache, changed: list[str], placed: Placed) -> tuple[np.ndarray, np.ndarray]:
         """Candidate pairs ``(changed record, other record)`` from the in-memory blocks, as cache rows.
@@ -557,9 +567,20 @@ class PersonIndex:
         return info, among
 
     def _recluster(
-        self, seeds: Iterable[str], now: str, *, actor: str = "matcher", fresh: frozenset[str] = frozenset()
+        self,
+        seeds: Iterable[str],
+        now: str,
+        *,
+        actor: str = "matcher",
+        fresh: frozenset[str] = frozenset(),
+        unwritten: bool = False,
     ) -> dict[str, str]:
-        """Rebuild the persons of the components around ``seeds``; returns patient -> person id."""
+        """Rebuild the persons of the components around ``seeds``; returns patient -> person id.
+
+        ``fresh``: the person ids this transaction's new records founded. ``unwritten``: those records are
+        not in the database yet (the caller writes them with the persons returned), so only the others
+        are moved there.
+        """
         db = self.db
         graph, cache = self._graph, self._cache
         if graph is not None and cache is not None:
@@ -619,6 +640,8 @@ class PersonIndex:
         if graph is not None:
             for new, p in updates:
                 graph.move(p, new)
+        if unwritten:
+            updates = [(new, p) for new, p in updates if info[p][0] not in fresh]
         if db.kind == "postgresql":
             db.execute(
                 "UPDATE mpi_patient AS p SET person_id = u.person FROM unnest(?::text[], ?::text[]) AS u(person, pid) "

@@ -121,3 +121,24 @@ def test_malformed_elements_never_raise(
 def test_norm_name_is_idempotent_ascii(s: str) -> None:
     n = norm_name(s)
     assert n == norm_name(n) and n.isascii() and (n == "" or n.isalpha())
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.one_of(
+        st.text(alphabet="0123456789-T: \u0663\uff14x", max_size=14),
+        st.from_regex(r"\A\s?\d{4}-\d{2}-\d{2}(T\d{2}:\d{2})?\s?\Z"),
+    ),
+    st.text(alphabet="aB c\t\u00e9-.,\n\u00a01", max_size=20),
+)
+def test_fast_paths_equal_the_regular_expressions(date: str, text: str) -> None:
+    """Birth dates in the usual full form skip the regular expression, and text is single-spaced by
+    split/join: both must give what the patterns alone give (Unicode digits and spaces included)."""
+    import re
+
+    from bridge.mpi.features import _DATE, _fold, norm_text
+
+    m = _DATE.match(date.strip())
+    assert norm_birth_date(date) == ("".join(p for p in m.groups() if p) if m else "")
+    want = re.sub(r"\s+", " ", re.sub(r"[^a-z0-9 ]", " ", _fold(text))).strip()
+    assert norm_text(text) == want
