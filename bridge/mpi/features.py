@@ -72,12 +72,12 @@ def norm_birth_date(value: Any) -> str:
     """``YYYY-MM-DD`` (or a partial FHIR date / dateTime) -> ``YYYYMMDD`` / ``YYYYMM`` / ``YYYY``."""
     if not isinstance(value, str):
         return ""
-    value = value.strip()
-    if len(value) >= 10 and value[4] == "-" and value[7] == "-":  # the usual full date: no regex
-        digits = value[:4] + value[5:7] + value[8:10]
+    text: str = value.strip()
+    if len(text) >= 10 and text[4] == "-" and text[7] == "-":  # the usual full date: no regex
+        digits = text[:4] + text[5:7] + text[8:10]
         if digits.isdecimal():  # what \d matches
             return digits
-    m = _DATE.match(value)
+    m = _DATE.match(text)
     if not m:
         return ""
     return "".join(part for part in m.groups() if part)
