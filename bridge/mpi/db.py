@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bridge.db import enable_wal
+from bridge.db import WalCheckpointer, enable_wal
 from bridge.mpi.config import MpiError
 
 _ADVISORY_KEY = 0x6D7069  # "mpi"
@@ -132,6 +132,8 @@ class Database:
         self._lock = threading.RLock()
         self._pg: Any = None
         self._lite: sqlite3.Connection | None = None
+        self._checkpointer: WalCheckpointer | None = None
+        self._path = ""
         if url.startswith(("postgresql://", "postgres://")):
             try:
                 import psycopg
@@ -147,6 +149,7 @@ class Database:
             # a bare "sqlite://" is an in-memory database
             path = url[len("sqlite://") :]
             target = path or ":memory:"
+            self._path = path
             if path:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -367,6 +370,7 @@ class Database:
                     try:
                         yield
                         self._lite.execute("COMMIT")
+                        self._checkpoint_soon()
                     except BaseException:
                         if self._lite.in_transaction:  # also when the COMMIT itself failed
                             self._lite.execute("ROLLBACK")
@@ -398,10 +402,22 @@ class Database:
                 finally:
                     self._lite.execute("COMMIT")
 
+    def _checkpoint_soon(self) -> None:
+        """After a commit: the WAL is copied into the database file by a thread of its own
+        (:class:`bridge.db.WalCheckpointer`; files only, started by the first commit)."""
+        if not self._path:
+            return
+        if self._checkpointer is None:
+            self._checkpointer = WalCheckpointer(self._path)
+        self._checkpointer.poke()
+
     def close(self) -> None:
         if self._worker is not None:
             self._worker.shutdown(wait=True)
             self._worker = None
+        if self._checkpointer is not None:
+            self._checkpointer.close()
+            self._checkpointer = None
         with self._lock:
             if self._pg is not None:
                 self._pg.close()
