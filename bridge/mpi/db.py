@@ -252,6 +252,8 @@ class Database:
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
         with self._lock:
             if self._pg is not None:
+                if self._pending:  # statements run in order: the background ones first
+                    self._settle_pending(raise_error=True)
                 return self._pg.execute(self._sql(sql), params)
             assert self._lite is not None
             return self._lite.execute(sql, params)
@@ -262,6 +264,8 @@ class Database:
             return
         with self._lock:
             if self._pg is not None:
+                if self._pending:
+                    self._settle_pending(raise_error=True)
                 with self._pg.cursor() as cur:
                     cur.executemany(self._sql(sql), rows)
             else:
@@ -289,6 +293,8 @@ class Database:
             self.executemany(sql, rows)
             return
         with self._lock:
+            if self._pending:
+                self._settle_pending(raise_error=True)
             self._insert_statement(sql, rows, types)
 
     def _insert_statement(self, sql: str, rows: Sequence[Sequence[Any]], types: Sequence[str]) -> None:
@@ -308,9 +314,9 @@ class Database:
         GIL). On SQLite the rows are inserted before the call returns: there the insertion is this
         process's own CPU work, and a second thread only added GIL hand-overs (measured).
 
-        Only inside :meth:`write`, by the thread that holds it, which must not use this database again
-        until :meth:`Pending.wait` has returned: the worker uses the connection without taking the lock
-        that thread holds.
+        Only inside :meth:`write`, by the thread that holds it. Statements keep their order: the worker
+        runs them one at a time, and any other statement of this connection first waits for those
+        still running (as :meth:`write` does before it commits or rolls back).
         """
         if not self._in_write:
             raise MpiError("insert_many_background runs inside a write transaction only")

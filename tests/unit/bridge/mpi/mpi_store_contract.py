@@ -387,6 +387,19 @@ class StoreContract:
             db.insert_many_background(sql, [("o1", "again")], ("text", "text")).wait()
         assert db.one("SELECT person_id FROM mpi_alias WHERE old_id = 'o1'") == ("p1",)
 
+    def test_statements_after_a_background_insert_see_it(self, mpi: PersonIndex) -> None:
+        """On PostgreSQL a background insert runs on the worker thread; the next statement of the writing
+        thread waits for it, so it sees the rows (and an error of it is raised there, in the transaction)."""
+        db = mpi.db
+        rows = [(f"k{i}", "v") for i in range(5000)]
+        with db.write():
+            db.insert_many_background("INSERT INTO mpi_meta (key, value) VALUES (?, ?)", rows, ("text", "text"))
+            assert db.one("SELECT COUNT(*) FROM mpi_meta WHERE key LIKE 'k%'") == (5000,)
+        with pytest.raises(Exception, match=r"(?i)unique|duplicate"), db.write():
+            db.insert_many_background("INSERT INTO mpi_meta (key, value) VALUES (?, ?)", rows[:1], ("text", "text"))
+            db.one("SELECT 1")
+        assert db.one("SELECT COUNT(*) FROM mpi_meta WHERE key LIKE 'k%'") == (5000,)
+
     def test_review_queue_reads_the_possible_match_index(self, mpi: PersonIndex) -> None:
         names = {
             r[0]
