@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -53,8 +54,6 @@ class WalCheckpointer:
     """
 
     def __init__(self, path: str) -> None:
-        import threading
-
         self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._wake = threading.Event()
         self._stopping = False

@@ -87,9 +87,9 @@ class RecordCache:
         #: else ``-1 - i`` for the rows ``self._sets[i]``: a tuple, or a set once the block is large.
         #: Nothing here is left for the garbage collector to walk: the dict holds only ints (so it is
         #: untracked), the numpy object array is not traversed, and tuples of ints are untracked after
-        #: their first collection. With a set per shared key (half a million keys, a quarter of a
-        #: million sets at 150,000 records) every full collection walked them all: over 100 ms each,
-        #: about a tenth of the linking time while the index grows.
+        #: their first collection. With a set per shared key (a quarter of a million sets at 152,000
+        #: records) the blocks took 60 MiB more, and a full collection walked them all (94 ms, where it
+        #: now takes 5; with the consumer's thresholds, bridge/gctune.py, full collections are rare).
         self.blocks: dict[str, int] = {}
         self._sets = np.empty(1024, dtype=object)
         self._n_sets = 0
