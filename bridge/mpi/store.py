@@ -650,7 +650,8 @@ class PersonIndex:
             )
         else:
             db.executemany("UPDATE mpi_patient SET person_id = ? WHERE patient_id = ?", updates)
-        old_ids = sorted({old for old, _new in moves} - live_ids)
+        # ids founded in this transaction are nobody's any more once their records moved (skipped below)
+        old_ids = sorted({old for old, _new in moves} - live_ids - fresh)
         still_used = {
             r[0]
             for r in db.all_in(
@@ -673,7 +674,7 @@ class PersonIndex:
             ("text", "text"),
         )
         db.executemany("UPDATE mpi_alias SET person_id = ? WHERE person_id = ?", [(t, o) for o, t in aliases])
-        db.exec_in("DELETE FROM mpi_alias WHERE old_id IN ({in})", sorted(live_ids))
+        db.exec_in("DELETE FROM mpi_alias WHERE old_id IN ({in})", sorted(live_ids - fresh))  # revived ids
         history = []
         for (old, new), ps in sorted(moves.items()):
             if old in fresh:
