@@ -252,8 +252,7 @@ class Database:
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
         with self._lock:
             if self._pg is not None:
-                if self._pending:  # statements run in order: the background ones first
-                    self._settle_pending(raise_error=True)
+                self._after_background()
                 return self._pg.execute(self._sql(sql), params)
             assert self._lite is not None
             return self._lite.execute(sql, params)
@@ -264,8 +263,7 @@ class Database:
             return
         with self._lock:
             if self._pg is not None:
-                if self._pending:
-                    self._settle_pending(raise_error=True)
+                self._after_background()
                 with self._pg.cursor() as cur:
                     cur.executemany(self._sql(sql), rows)
             else:
@@ -293,8 +291,7 @@ class Database:
             self.executemany(sql, rows)
             return
         with self._lock:
-            if self._pending:
-                self._settle_pending(raise_error=True)
+            self._after_background()
             self._insert_statement(sql, rows, types)
 
     def _insert_statement(self, sql: str, rows: Sequence[Sequence[Any]], types: Sequence[str]) -> None:
@@ -383,6 +380,12 @@ class Database:
                         raise
             finally:
                 self._in_write = False
+
+    def _after_background(self) -> None:
+        """Statements run in order: before one of the writing thread's own, wait for those still on
+        the worker (and raise their error here, inside the transaction)."""
+        if self._pending:
+            self._settle_pending(raise_error=True)
 
     def _settle_pending(self, *, raise_error: bool) -> None:
         """Wait for the statements still running on the worker thread (inside the transaction)."""

@@ -285,9 +285,7 @@ class PersonIndex:
         return cache
 
     def _bump_generation(self, cache: RecordCache, *, updated: bool) -> None:
-        parsed = _parse_gen(cache.gen)
-        epoch, updates = parsed[:2] if parsed else (uuid.uuid4().hex, 0)
-        gen = f"{epoch}.{updates + int(updated)}.{uuid.uuid4().hex[:16]}"
+        gen = _next_gen(cache.gen, updated=updated)
         self._set_meta("records_gen", gen)
         cache.gen = gen
 
@@ -299,9 +297,7 @@ class PersonIndex:
         if cache is not None and row is not None and cache.gen == row[0]:
             self._bump_generation(cache, updated=False)
             return
-        parsed = _parse_gen(row[0] if row else None)
-        epoch, updates = parsed[:2] if parsed else (uuid.uuid4().hex, 0)
-        self._set_meta("records_gen", f"{epoch}.{updates}.{uuid.uuid4().hex[:16]}")
+        self._set_meta("records_gen", _next_gen(row[0] if row else None, updated=False))
 
     def _upsert(self, batch: dict[str, tuple[str, Features]]) -> None:
         db = self.db
@@ -368,9 +364,10 @@ class PersonIndex:
             else:
                 max_seq += 1
                 seq = max_seq
-                rows.append((pid, org, person_id_for(pid), blobs[pid].decode(), digests[pid], seq, now))
+                person = person_id_for(pid)
+                rows.append((pid, org, person, blobs[pid].decode(), digests[pid], seq, now))
                 if graph is not None:
-                    graph.add_record(pid, person_id_for(pid))
+                    graph.add_record(pid, person)
             items.append((pid, org, feats, digests[pid], seq))
         # With the person graph, reclustering reads nothing from the database, so the new records are
         # written last, with the persons they end up in (a record that merges is written once, not
@@ -1053,6 +1050,14 @@ def _parse_gen(gen: str | None) -> tuple[str, int, str] | None:
     if len(parts) != 3 or not parts[1].isdigit():
         return None
     return parts[0], int(parts[1]), parts[2]
+
+
+def _next_gen(gen: str | None, *, updated: bool) -> str:
+    """The token after ``gen``: the same epoch, ``updates`` one higher if records changed, a new nonce
+    (a new epoch if ``gen`` is absent or malformed)."""
+    parsed = _parse_gen(gen)
+    epoch, updates = parsed[:2] if parsed else (uuid.uuid4().hex, 0)
+    return f"{epoch}.{updates + int(updated)}.{uuid.uuid4().hex[:16]}"
 
 
 def _public(f: Features) -> dict[str, Any]:
