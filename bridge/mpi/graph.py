@@ -21,11 +21,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+from bridge.mpi.config import MatchState
 from bridge.mpi.db import Database
 
 #: ``(state, score, origin)`` of a pair, seen from one of its records
 Link = tuple[str, float | None, str]
-MATCH = "MATCH"
+MATCH = MatchState.MATCH.value
 
 
 class PersonGraph:
