@@ -3,21 +3,32 @@
 A pair is a candidate when the two records share at least one key. Keys are built so that one typo in
 any single field still leaves another key in common:
 
-``sf:``  Soundex(family) + birth year + sex ``b:``   full birth date
+``sf:``  Soundex(family) + birth year + sex  ``b:``   full birth date + sex
 ``md:``  birth month/day + family initial + given initial
 ``nm:``  the two NYSIIS name codes, sorted (survives given/family swaps)
-``zf:``  postal code + family initial + given initial
+``zf:``  postal code + family initial + given initial + sex
 ``t:``   phone number
 ``is:``/``iz:``  each strong identifier with its first / second half's characters sorted (equal values
          share both; an adjacent transposition anywhere keeps one); identifiers shorter than 6 characters
          use ``i:`` + the value itself
 
-At 100,000 people (152,000 records, ``benchmarks/bench_query.py``) these keys give about 15 candidate
+Sex is one letter, ``m`` or ``f``. A record whose sex is missing, ``other`` or ``unknown`` gets each of
+those three keys twice, once per letter, so it still meets records of either sex: a feed that never
+sends a gender loses no candidates. A record whose sex was mistyped keeps ``md:``, ``nm:``, ``t:`` and
+the identifier keys. ``nm:`` carries no sex on purpose: the EM estimate of the u probabilities comes
+from the candidate pairs, and with the sex on ``nm:`` too, too few pairs of different people sharing a
+name were left in small indexes (a 120-record test population then linked two namesakes: 6 false links
+over 40 seeds against 2).
+
+At 100,000 people (152,000 records, ``benchmarks/bench_query.py``) these keys give about 10 candidate
 pairs per record. Sorting a whole 9-digit identifier (as before) made blocks of dozens of people with
 the same digits, postal code + family initial alone blocks of hundreds, Soundex + year without sex twice
 the pairs: together 29 pairs per record. The price is a few FEBRL pairs with errors in several fields
 (pair completeness 1.0000 / 0.9964 / 0.9977, against 1.0000 / 0.9969 / 0.9986; MATCH F1 changed by
-at most 0.0006, persons F1 by 0.0001).
+at most 0.0006, persons F1 by 0.0001). Adding the sex to ``b:`` and ``zf:`` (2026-12-03) took the query
+benchmark from 12.0 to 9.6 pairs per record (as the batch linker counts them) and the synthetic
+population of ``benchmarks/bench_mpi.py`` from 7.3 to 6.1, with the same pair completeness on both and on
+FEBRL (which has no sex: every record there gets both letters, and the same pairs as before).
 """
 
 from __future__ import annotations
@@ -34,22 +45,29 @@ from bridge.mpi.features import Features
 _soundex = functools.lru_cache(maxsize=65536)(jellyfish.soundex)
 
 
+#: the sex letters a record's keys carry: its own, or both when the sex is not known as male or female
+_SEXES = {"male": ("m",), "female": ("f",)}
+_EITHER = ("m", "f")
+
+
 def blocking_keys(f: Features) -> list[str]:
     """The blocking keys of one feature record (distinct by construction, stable order)."""
     g, fam, b = f.get("g") or "", f.get("f") or "", f.get("b") or ""
     year = b[:4]
+    sexes = _SEXES.get(f.get("s") or "", _EITHER)
     keys: list[str] = []
     if fam and year:
-        keys.append(f"sf:{_soundex(fam)}{year}{f.get('s') or ''}")
+        sx = _soundex(fam)
+        keys.extend([f"sf:{sx}{year}{x}" for x in sexes])
     if len(b) == 8:
-        keys.append(f"b:{b}")
+        keys.extend([f"b:{b}{x}" for x in sexes])
         if fam and g:
             keys.append(f"md:{b[4:]}{fam[0]}{g[0]}")
     if f.get("gn") and f.get("fn"):
         a, c = sorted((f["gn"], f["fn"]))
         keys.append(f"nm:{a}|{c}")
     if f.get("z") and fam and g:
-        keys.append(f"zf:{f['z']}{fam[0]}{g[0]}")
+        keys.extend([f"zf:{f['z']}{fam[0]}{g[0]}{x}" for x in sexes])
     for system, value in f.get("i") or ():
         if len(value) >= 6:
             # Two keys, each with one half's characters sorted: equal values share both, and an adjacent

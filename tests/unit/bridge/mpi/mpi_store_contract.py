@@ -513,10 +513,10 @@ class StoreContract:
         for i in range(20):
             assert f"dup{i}" in mpi.linked_patient_ids(f"ann{i}")
         cache = mpi._cache
-        assert cache is not None and len(cache.members("b:19700101")) == 500
+        assert cache is not None and len(cache.members("b:19700101f")) == 500
         changed = [p["id"] for _, p in recs]
         ia, ib = mpi._candidates(cache, changed, cache.placed(changed))
-        # the b:19700101 block alone would make all 124 750 pairs candidates; the other keys give ~13 000
+        # the b:19700101f block alone would make all 124 750 pairs candidates; the other keys give ~13 000
         assert len(ia) < 500 * 499 // 2 // 5
         pairs = {
             frozenset((cache.ids[a], cache.ids[b])) for a, b in zip(ia.tolist(), ib.tolist(), strict=True)

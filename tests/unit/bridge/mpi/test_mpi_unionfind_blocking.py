@@ -68,3 +68,30 @@ def test_blocking_keys_survive_single_field_errors() -> None:
     for other in (typo_family, typo_year, swapped):
         assert set(blocking_keys(base)) & set(blocking_keys(other))
     assert blocking_keys({"g": "", "f": "", "b": ""}) == []
+
+
+def test_blocking_keys_carry_the_sex_and_a_missing_sex_meets_both() -> None:
+    base = {"g": "maria", "f": "schneider", "gn": "MAR", "fn": "SNADAR", "b": "19700506", "z": "53111"}
+    female, male = {**base, "s": "female"}, {**base, "s": "male"}
+    unknown = [{**base, "s": ""}, {**base, "s": "other"}, base]
+
+    def by_kind(f: dict[str, str]) -> dict[str, set[str]]:
+        out: dict[str, set[str]] = {}
+        for k in blocking_keys(f):
+            out.setdefault(k.split(":", 1)[0], set()).add(k)
+        return out
+
+    kf, km = by_kind(female), by_kind(male)
+    # two people born the same day, of different sex, no longer share the birth-date, Soundex and
+    # postal-code blocks ...
+    for kind in ("b", "sf", "zf"):
+        assert len(kf[kind]) == 1 and not kf[kind] & km[kind]
+    # ... but a record whose sex was mistyped still shares the name and month/day keys
+    assert kf["md"] == km["md"] and kf["nm"] == km["nm"]
+    # a record without a usable sex gets both letters: it meets records of either sex, as before
+    for f in unknown:
+        ku = by_kind(f)
+        for kind in ("b", "sf", "zf"):
+            assert len(ku[kind]) == 2 and kf[kind] <= ku[kind] and km[kind] <= ku[kind]
+    keys = blocking_keys(unknown[0])
+    assert len(keys) == len(set(keys))
