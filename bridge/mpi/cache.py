@@ -29,13 +29,13 @@ from __future__ import annotations
 import itertools
 import operator
 from collections.abc import Collection, Iterable, Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import orjson
 
 from bridge.mpi.blocking import blocking_keys
-from bridge.mpi.compare import CODE_KEYS, FeatureTable, encode
+from bridge.mpi.compare import CODE_KEYS, EncodeMemo, FeatureTable, encode
 from bridge.mpi.features import STRING_KEYS, Features
 
 _N_CODES = len(CODE_KEYS)
@@ -103,7 +103,7 @@ class RecordCache:
         #: one vocabulary for the integer codes of every record's comparison values (never shrinks;
         #: codes start at 1, ``""`` is -1)
         self.vocab: dict[str, int] = {"": -1}
-        self._encode_memo: dict[str, dict[Any, tuple[int, ...]]] = {}  # see encode()
+        self._encode_memo = EncodeMemo()  # see encode()
         self._strings = np.empty(1024, dtype=object)  # code -> string (see strings())
         self._strings[0] = ""
         self._n_strings = 1

@@ -189,22 +189,48 @@ def _complete(f: Features) -> Features:
     return {**f, **{k: f.get(k) or "" for k in STRING_KEYS}}
 
 
-def encode(
-    records: Sequence[Features], vocab: dict[str, int], memo: dict[str, dict[Any, tuple[int, ...]]] | None = None
-) -> np.ndarray:
+class _Memo:
+    """Values seen (names or birth dates) -> row of their codes in a growing ``int64`` array."""
+
+    def __init__(self, width: int) -> None:
+        self.row: dict[Any, int] = {}
+        self.codes = np.full((1024, width), -1, dtype=np.int64)  # row 0 is never used (0 is falsy)
+        self.n = 1
+
+    def add(self, codes: tuple[int, ...]) -> int:
+        if self.n == len(self.codes):
+            grown = np.full((2 * len(self.codes), self.codes.shape[1]), -1, dtype=np.int64)
+            grown[: self.n] = self.codes
+            self.codes = grown
+        self.codes[self.n] = codes
+        self.n += 1
+        return self.n - 1
+
+
+class EncodeMemo:
+    """What :func:`encode` remembers between calls with the same vocabulary: the codes of every name and
+    birth date seen."""
+
+    def __init__(self) -> None:
+        self.names = _Memo(3)
+        self.births = _Memo(len(_BIRTH_COLUMNS))
+
+
+def encode(records: Sequence[Features], vocab: dict[str, int], memo: EncodeMemo | None = None) -> np.ndarray:
     """The codes of the records' :data:`CODE_KEYS` values in ``vocab`` (extended as needed; it must map
     ``""`` to ``-1``), as an ``(n, len(CODE_KEYS))`` int64 array. New strings get the next free codes.
 
     A name gives three codes (itself and its two phonetic codes) and a birth date five; ``memo`` (kept by
-    the caller across calls with the same ``vocab``) maps each name and date seen to its codes, so a
-    known one is one look-up in a small dictionary instead of several in the vocabulary (which holds
-    every address and phone number: most look-ups there miss the CPU caches).
+    the caller across calls with the same ``vocab``) maps each name and date seen to the row of its codes
+    in an array, so a known one is one look-up in a small dictionary instead of several in the
+    vocabulary (which holds every address and phone number: most look-ups there miss the CPU caches),
+    and the batch's codes are gathered from that array in one step.
     """
     n = len(records)
     out = np.empty((n, len(CODE_KEYS)), dtype=np.int64)
     if n == 0:
         return out
-    memo = {} if memo is None else memo
+    memo = EncodeMemo() if memo is None else memo
     try:
         births = [f["b"] or "" for f in records]
         names = [list(map(part, records)) for part in _NAME_PARTS]
@@ -220,20 +246,19 @@ def encode(
             c = vocab[value] = len(vocab)
         return c
 
-    def codes_of(values: list[Any], table: dict[Any, tuple[int, ...]], parts: Any) -> np.ndarray:
-        found = list(map(table.get, values))
-        for i in itertools.compress(itertools.count(), map(operator.not_, found)):  # first seen
+    def codes_of(values: list[Any], table: _Memo, parts: Any) -> np.ndarray:
+        rows: list[int | None] = list(map(table.row.get, values))
+        for i in itertools.compress(itertools.count(), map(operator.not_, rows)):  # first seen
             v = values[i]
-            hit = table.get(v)
+            hit = table.row.get(v)
             if hit is None:
-                hit = table[v] = tuple(map(code, parts(v)))
-            found[i] = hit
-        return np.array(found, dtype=np.int64)
+                hit = table.row[v] = table.add(tuple(map(code, parts(v))))
+            rows[i] = hit
+        return table.codes[np.array(rows, dtype=np.intp)]
 
-    name_memo = memo.setdefault("names", {})
     for cols, values in zip(_NAME_COLUMNS, names, strict=True):
-        out[:, cols] = codes_of(values, name_memo, lambda v: v)
-    out[:, _BIRTH_COLUMNS] = codes_of(births, memo.setdefault("births", {}), _birth_values)
+        out[:, cols] = codes_of(values, memo.names, lambda v: v)
+    out[:, _BIRTH_COLUMNS] = codes_of(births, memo.births, _birth_values)
     codes = list(map(vocab.get, other))
     # positions of new strings (None; 0 is never a code), found at C level: most values are known
     for i in itertools.compress(itertools.count(), map(operator.not_, codes)):

@@ -244,3 +244,35 @@ def test_score_cutoffs_keep_every_threshold_answer() -> None:
 
     check()
     assert fuzz.ratio("abcdefgh", "abcdefxy", score_cutoff=75.0) == 75.0  # exactly at the boundary
+
+
+def test_encode_memo_gives_the_vocabulary_codes_across_batches_and_growth() -> None:
+    """Codes read through the memo (names and birth dates, past its first array size) are those of the
+    vocabulary: decoding every column gives back the table's strings."""
+    from bridge.mpi.compare import CODE_KEYS, EncodeMemo, encode
+
+    rng = np.random.default_rng(5)
+    feats = []
+    for i in range(3000):  # ~2,000 distinct given names and ~1,500 birth dates: the memo arrays grow
+        f = extract_features(
+            patient(
+                f"p{i}",
+                f"g{rng.integers(2000)}x",
+                f"f{rng.integers(40)}",
+                f"19{rng.integers(10, 99)}-0{rng.integers(1, 9)}-1{rng.integers(0, 9)}",
+                "female" if i % 3 else "male",
+                line=f"{i % 50} elm street",
+                postal=str(10000 + i % 70),
+            ),
+            DEFAULT_STRONG_SYSTEMS,
+        )
+        feats.append(f)
+    vocab: dict[str, int] = {"": -1}
+    memo = EncodeMemo()
+    codes = np.concatenate([encode(feats[k : k + 700], vocab, memo) for k in range(0, len(feats), 700)])
+    again = encode(feats, vocab, memo)  # everything known now: the same codes, and no new strings
+    assert np.array_equal(codes, again) and len(vocab) == len(set(vocab))
+    strings = {c: s for s, c in vocab.items()}
+    table = FeatureTable(feats)
+    for col, key in enumerate(CODE_KEYS):
+        assert [strings[c] for c in codes[:, col].tolist()] == table.cols[key].tolist(), key
