@@ -299,6 +299,16 @@ class Database:
         m = _INSERT.match(sql)
         if m is None or len(types) != len(rows[0]):
             raise MpiError(f"insert_many needs an INSERT ... VALUES statement matching its types: {sql[:60]}")
+        if not m[2].strip():
+            # a plain INSERT (no ON CONFLICT clause): COPY, which the server loads faster than INSERT ...
+            # SELECT unnest (1,000 records into a 150,000-record table: ~15 ms against ~20, commit included)
+            with self._pg.cursor() as cur, cur.copy(
+                m[1].replace("INSERT INTO ", "COPY ", 1) + " FROM STDIN (FORMAT BINARY)"
+            ) as copy:
+                copy.set_types(list(types))
+                for row in rows:
+                    copy.write_row(row)
+            return
         unnest = ", ".join(f"%b::{t}[]" for t in types)  # binary parameters: much faster array dumping
         columns = [list(c) for c in zip(*rows, strict=True)]
         self._pg.execute(f"{m[1]} SELECT * FROM unnest({unnest}){m[2]}", columns)
