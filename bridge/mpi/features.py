@@ -86,6 +86,8 @@ def norm_birth_date(value: Any) -> str:
 def _pick_name(names: Any) -> Mapping[str, Any]:
     if not isinstance(names, list):
         return {}
+    if len(names) == 1:  # the usual case: the one name, whatever its use
+        return names[0] if isinstance(names[0], dict) else {}
     candidates = [n for n in names if isinstance(n, dict)]
     for use in ("official", "usual", None):
         for n in candidates:
@@ -105,6 +107,8 @@ def _first_str(values: Any) -> str:
 def _pick_address(addresses: Any) -> Mapping[str, Any]:
     if not isinstance(addresses, list):
         return {}
+    if len(addresses) == 1:  # the usual case: the one address, current home or not
+        return addresses[0] if isinstance(addresses[0], dict) else {}
     candidates = [a for a in addresses if isinstance(a, dict)]
     for a in candidates:
         if a.get("use") == "home" and not (a.get("period") or {}).get("end"):

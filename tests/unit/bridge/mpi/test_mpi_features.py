@@ -142,3 +142,34 @@ def test_fast_paths_equal_the_regular_expressions(date: str, text: str) -> None:
     assert norm_birth_date(date) == ("".join(p for p in m.groups() if p) if m else "")
     want = re.sub(r"\s+", " ", re.sub(r"[^a-z0-9 ]", " ", _fold(text))).strip()
     assert norm_text(text) == want
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.fixed_dictionaries(
+                {},
+                optional={
+                    "use": st.sampled_from(["official", "usual", "home", "work", "old", None]),
+                    "period": st.one_of(st.none(), st.fixed_dictionaries({}, optional={"end": st.just("2020")})),
+                },
+            ),
+            st.integers(),
+            st.none(),
+        ),
+        max_size=3,
+    )
+)
+def test_single_name_and_address_fast_paths_follow_the_rule(items: list[Any]) -> None:
+    """One name or one address is taken as it is; that must be what the preference rules pick anyway."""
+    from bridge.mpi.features import _pick_address, _pick_name
+
+    dicts = [x for x in items if isinstance(x, dict)]
+    name = next(
+        (n for use in ("official", "usual", None) for n in dicts if use is None or n.get("use") == use), {}
+    )
+    home = [a for a in dicts if a.get("use") == "home" and not (a.get("period") or {}).get("end")]
+    address = home[0] if home else (dicts[0] if dicts else {})
+    assert _pick_name(items) is name or _pick_name(items) == name == {}
+    assert _pick_address(items) is address or _pick_address(items) == address == {}
