@@ -34,6 +34,7 @@ FEBRL (which has no sex: every record there gets both letters, and the same pair
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Sequence
 
 import jellyfish
@@ -48,39 +49,57 @@ _soundex = functools.lru_cache(maxsize=65536)(jellyfish.soundex)
 #: the sex letters a record's keys carry: its own, or both when the sex is not known as male or female
 _SEXES = {"male": ("m",), "female": ("f",)}
 _EITHER = ("m", "f")
+#: identifier system -> a short tag standing for it in this process's keys (keys live in memory only;
+#: a 30-character URI in two keys per record cost hashing time and memory)
+_SYSTEM_TAGS: dict[str, str] = {}
+_next_tag = itertools.count()
+
+
+def _system_tag(system: str) -> str:
+    tag = _SYSTEM_TAGS.get(system)
+    if tag is None:  # next() on a count is atomic: two threads never hand out the same tag
+        tag = _SYSTEM_TAGS.setdefault(system, str(next(_next_tag)))
+    return tag
 
 
 def blocking_keys(f: Features) -> list[str]:
     """The blocking keys of one feature record (distinct by construction, stable order)."""
     g, fam, b = f.get("g") or "", f.get("f") or "", f.get("b") or ""
-    year = b[:4]
     sexes = _SEXES.get(f.get("s") or "", _EITHER)
     keys: list[str] = []
-    if fam and year:
-        sx = _soundex(fam)
-        keys.extend([f"sf:{sx}{year}{x}" for x in sexes])
+    add = keys.append
+    if fam and b:
+        sf = "sf:" + _soundex(fam) + b[:4]
+        for x in sexes:
+            add(sf + x)
     if len(b) == 8:
-        keys.extend([f"b:{b}{x}" for x in sexes])
+        for x in sexes:
+            add("b:" + b + x)
         if fam and g:
-            keys.append(f"md:{b[4:]}{fam[0]}{g[0]}")
-    if f.get("gn") and f.get("fn"):
-        a, c = sorted((f["gn"], f["fn"]))
-        keys.append(f"nm:{a}|{c}")
-    if f.get("z") and fam and g:
-        keys.extend([f"zf:{f['z']}{fam[0]}{g[0]}{x}" for x in sexes])
+            add("md:" + b[4:] + fam[0] + g[0])
+    gn, fn = f.get("gn"), f.get("fn")
+    if gn and fn:
+        add("nm:" + gn + "|" + fn if gn <= fn else "nm:" + fn + "|" + gn)
+    z = f.get("z")
+    if z and fam and g:
+        zf = "zf:" + z + fam[0] + g[0]
+        for x in sexes:
+            add(zf + x)
     for system, value in f.get("i") or ():
+        tag = _system_tag(system)
         if len(value) >= 6:
             # Two keys, each with one half's characters sorted: equal values share both, and an adjacent
             # transposition anywhere leaves one of them unchanged (within the first h+1 characters: the
             # first; from position h on: the second). Sorting the whole value did that too, but 9-digit
             # numbers with the same digits are common enough to make blocks of dozens of people.
             h = len(value) // 2
-            keys.append(f"is:{system}|{''.join(sorted(value[: h + 1]))}{value[h + 1 :]}")
-            keys.append(f"iz:{system}|{value[:h]}{''.join(sorted(value[h:]))}")
+            add("is:" + tag + "|" + "".join(sorted(value[: h + 1])) + value[h + 1 :])
+            add("iz:" + tag + "|" + value[:h] + "".join(sorted(value[h:])))
         else:
-            keys.append(f"i:{system}|{value}")
-    if f.get("t"):
-        keys.append(f"t:{f['t']}")
+            add("i:" + tag + "|" + value)
+    t = f.get("t")
+    if t:
+        add("t:" + t)
     return keys
 
 
