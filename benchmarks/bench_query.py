@@ -18,7 +18,9 @@ Reported per backend:
 * $everything over HTTP (aiohttp, loopback) for the heavy person, _count=1000: p50/p99;
 * $everything for random linked persons: p50/p99;
 * the raw SQL floor: the same rows with one query (SELECT body ... WHERE patient_id IN (...)), p50/p99,
-  and the ratio.
+  and the ratio;
+* a machine check before and after linking: seconds for a fixed pure-Python loop (``machine_check``),
+  because on shared machines the same code's figures move with the machine's speed of the moment.
 
 Usage: python benchmarks/bench_query.py [--people 100000] [--backend sqlite|postgres|both] [--requests 300]
        [--mpi-only]
@@ -180,6 +182,16 @@ def start_service(settings: Settings) -> tuple[subprocess.Popen[bytes], str]:
     raise RuntimeError("the service did not start")
 
 
+def machine_check() -> float:
+    """Seconds for a fixed pure-Python loop of 10 million additions: how fast this machine runs Python at
+    this moment, printed next to the figures that depend on it (the values seen are in docs/mpi.md)."""
+    t = time.perf_counter()
+    s = 0
+    for i in range(10_000_000):
+        s += i
+    return time.perf_counter() - t
+
+
 def link(mpi: PersonIndex, patients: list[tuple[str, dict[str, Any]]]) -> tuple[float, float]:
     """Load the records into the incremental MPI in batches of 1,000: (wall seconds, CPU seconds)."""
     t, c = time.perf_counter(), time.process_time()
@@ -204,12 +216,15 @@ def settle(url: str) -> None:
 def run_mpi_only(name: str, url: str, patients: list[tuple[str, dict[str, Any]]]) -> None:
     mpi = PersonIndex.open(url)
     try:
+        check = machine_check()
         wall, cpu = link(mpi, patients)
+        check_after = machine_check()
         stats = mpi.stats()
     finally:
         mpi.close()
     print(f"[{name}] MPI only: linked {len(patients):,} records in {wall:.1f}s: {len(patients) / wall:,.0f} records/s "
-          f"wall, {len(patients) / cpu:,.0f} per CPU-second; {stats['persons']:,} persons, pairs {stats['pairs']}")
+          f"wall, {len(patients) / cpu:,.0f} per CPU-second; {stats['persons']:,} persons, pairs {stats['pairs']}; "
+          f"machine check {check:.2f} s before, {check_after:.2f} s after")
 
 
 def run_backend(name: str, settings: Settings, bundles: list[IncomingBundle], patients: list[tuple[str, dict[str, Any]]],
@@ -226,14 +241,17 @@ def run_backend(name: str, settings: Settings, bundles: list[IncomingBundle], pa
     # includes the tail of the load: the kernel writing back gigabytes of dirty pages, autovacuum on
     # the same 2 cores.
     settle(settings.index_url)
+    check = machine_check()
     link_s, link_cpu = link(mpi, patients)
+    check_after = machine_check()
     # the same for the MPI database before the latency measurements (the plans need statistics)
     settle(settings.mpi_url)
     linked = mpi.linked_patient_ids(heavy)
     heavy_rows = len(store.resources_for_patients(linked))
     print(f"[{name}] loaded {n_res:,} resources in {load_s:.0f}s ({n_res / load_s:,.0f}/s); "
           f"linked {len(patients):,} records in {link_s:.0f}s ({len(patients) / link_s:,.0f} records/s, "
-          f"{len(patients) / link_cpu:,.0f} per CPU-second)")
+          f"{len(patients) / link_cpu:,.0f} per CPU-second); machine check {check:.2f} s before, "
+          f"{check_after:.2f} s after")
     print(f"[{name}] heavy person: {len(linked)} linked records, {heavy_rows} resources")
 
     # raw SQL floor: the same rows, one query
