@@ -58,6 +58,14 @@ _PATIENT_INSERT = (
     "VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
 _PATIENT_TYPES = ("text", "text", "text", "text", "text", "bigint", "text")
+_PAIR_INSERT = (
+    "INSERT INTO mpi_pair (rec_hi, rec_lo, patient_a, patient_b, state, score, origin, actor, reason, "
+    "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_PAIR_UPSERT = (
+    f"{_PAIR_INSERT} ON CONFLICT (rec_hi, rec_lo) DO UPDATE SET state = excluded.state, score = excluded.score, "
+    "updated_at = excluded.updated_at WHERE mpi_pair.origin = 'auto'"
+)
 _PAIR_TYPES = ("bigint", "bigint") + ("text",) * 3 + ("double precision",) + ("text",) * 4
 MATCH = MatchState.MATCH.value
 POSSIBLE = MatchState.POSSIBLE_MATCH.value
@@ -101,6 +109,9 @@ class PersonIndex:
         self.config = config
         self._model: FSModel | None = None
         self._model_version: str | None = None
+        #: ``mpi_meta.model`` as a batch of this process last read or wrote it (see _batch_model_blob)
+        self._model_blob: str | None = None
+        self._model_blob_known = False
         self._cache: RecordCache | None = None
         #: persons and MATCH/manual pairs in memory (see bridge.mpi.graph); None: read the database
         self._graph: PersonGraph | None = None
@@ -126,21 +137,33 @@ class PersonIndex:
     def model(self) -> FSModel:
         """The current Fellegi–Sunter parameters (EM-fitted once enough records exist, else priors)."""
         row = self.db.one("SELECT value FROM mpi_meta WHERE key = 'model'")
-        if row is None:
+        return self._model_from(row[0] if row else None)
+
+    def _model_from(self, blob: str | None) -> FSModel:
+        """The model stored as ``blob`` (parsed once per distinct blob; None: the priors)."""
+        if blob is None:
             return FSModel.prior()
-        if row[0] != self._model_version or self._model is None:
-            self._model = FSModel.from_json(orjson.loads(row[0]))
-            self._model_version = row[0]
+        if blob != self._model_version or self._model is None:
+            self._model = FSModel.from_json(orjson.loads(blob))
+            self._model_version = blob
         return self._model
+
+    def _batch_model_blob(self) -> str | None:
+        """``mpi_meta.model`` inside a batch (a write transaction, after :meth:`_records`). Remembered while
+        this process is the only writer: every fit, in any process, writes a new generation token, so
+        an unchanged token means an unchanged model (one statement less per batch, two with the refit
+        check; on PostgreSQL each is a round trip to the server)."""
+        if not (self._sole_writer and self._model_blob_known):
+            row = self.db.one("SELECT value FROM mpi_meta WHERE key = 'model'")
+            self._model_blob, self._model_blob_known = (row[0] if row else None), True
+        return self._model_blob
 
     def _maybe_fit(self, total: int) -> None:
         cfg = self.config
         if total < cfg.em_min_records:
             return
-        row = self.db.one("SELECT value FROM mpi_meta WHERE key = 'model'")
-        fitted_on = 0
-        if row is not None:
-            fitted_on = int(orjson.loads(row[0]).get("fitted_on_records", 0))
+        blob = self._batch_model_blob()
+        fitted_on = self._model_from(blob).fitted_on_records if blob is not None else 0
         if fitted_on and total < fitted_on * cfg.em_refit_factor:
             return
         self._fit(total=total, incremental=True)
@@ -184,6 +207,7 @@ class PersonIndex:
             model.fitted_on_records = total
             blob = orjson.dumps(model.to_json()).decode()
             self._set_meta("model", blob)
+            self._model_blob, self._model_blob_known = blob, True  # (forgotten with the cache on failure)
             # a new token makes every other writer re-read the EM counts (a recount may have replaced
             # them) before its next batch, instead of writing its own older copy over them
             self._bump_generation(cache, updated=False)
@@ -387,7 +411,7 @@ class PersonIndex:
         if pending is not None:
             pending.wait()
         self._bump_generation(cache, updated=bool(updated))
-        self._score_new(ia, ib, gamma, len(cache), now, seeds)
+        self._score_new(ia, ib, gamma, len(cache), now, seeds, only_new=not updated)
         fresh = frozenset(r[2] for r in rows)
         persons = self._recluster(seeds, now, fresh=fresh, unwritten=pending is None) if seeds else {}
         if pending is None:
@@ -446,9 +470,21 @@ class PersonIndex:
         return codes // n, codes % n
 
     def _score_new(
-        self, ia: np.ndarray, ib: np.ndarray, gamma: np.ndarray, total: int, now: str, seeds: set[str]
+        self,
+        ia: np.ndarray,
+        ib: np.ndarray,
+        gamma: np.ndarray,
+        total: int,
+        now: str,
+        seeds: set[str],
+        *,
+        only_new: bool = False,
     ) -> None:
-        """Weigh and store the batch's compared candidate pairs (cache rows ``ia``, ``ib``)."""
+        """Weigh and store the batch's compared candidate pairs (cache rows ``ia``, ``ib``).
+
+        ``only_new``: the batch changed no existing record, so every pair has a record of this batch as
+        its newer side, a key no stored pair can hold: the pairs are inserted without the upsert clause
+        (on PostgreSQL that makes it a COPY)."""
         db = self.db
         cache = self._cache
         graph = self._graph
@@ -464,7 +500,7 @@ class PersonIndex:
         tf = None
         if self.config.term_frequency:  # value counts by code: a frequency is an array lookup
             tf = TermFrequencies({}, total, cache.sum_sq, lookup=cache.row_frequencies)
-        scored = weigh(gamma, ia, table, self.model(), self.config, tf)
+        scored = weigh(gamma, ia, table, self._model_from(self._batch_model_blob()), self.config, tf)
         keep = np.nonzero(scored.state != NO_MATCH)[0]
         if len(keep) == 0:
             return
@@ -483,18 +519,32 @@ class PersonIndex:
                 strict=True,
             )
         )
-        # pairs whose hi record (the newer one) holds a manual decision: those pairs are left alone
-        his = sorted({max(sa, sb) for *_, sa, sb in found})
-        manual = set(
-            db.all_in("SELECT rec_hi, rec_lo FROM mpi_pair WHERE origin = 'manual' AND rec_hi IN ({in})", his)
-        )
+        # pairs holding a manual decision are left alone: the person graph knows them all (it keeps every
+        # manual pair); without it, they are read (by the newer record of the pair)
+        if graph is not None:
+            links = graph.links
+            manual = {
+                (x, y)
+                for x, y, *_ in found
+                if (link := links.get(x, {}).get(y)) is not None and link[2] == "manual"
+            }
+        else:
+            by_seq = {(max(sx, sy), min(sx, sy)): (x, y) for x, y, _s, _p, sx, sy in found}
+            manual = {
+                by_seq[key]
+                for key in db.all_in(
+                    "SELECT rec_hi, rec_lo FROM mpi_pair WHERE origin = 'manual' AND rec_hi IN ({in})",
+                    sorted({hi for hi, _lo in by_seq}),
+                )
+                if key in by_seq
+            }
         rows = []
         history = []
         for x, y, state, score, sx, sy in found:
+            if (x, y) in manual:
+                continue
             a, b, sa, sb = (x, y, sx, sy) if x < y else (y, x, sy, sx)
             hi, lo = (sa, sb) if sa > sb else (sb, sa)
-            if (hi, lo) in manual:
-                continue
             score = round(score, 6)
             rows.append((hi, lo, a, b, state, score, "auto", None, None, now))
             if graph is not None:
@@ -503,14 +553,7 @@ class PersonIndex:
             history.append((now, action, a, b, None, None, "matcher", None, score, None, sa, sb))
             if state == MATCH:
                 seeds.update((a, b))
-        db.insert_many(
-            "INSERT INTO mpi_pair (rec_hi, rec_lo, patient_a, patient_b, state, score, origin, actor, reason, "
-            "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (rec_hi, rec_lo) DO UPDATE SET "
-            "state = excluded.state, score = excluded.score, updated_at = excluded.updated_at "
-            "WHERE mpi_pair.origin = 'auto'",
-            rows,
-            _PAIR_TYPES,
-        )
+        db.insert_many(_PAIR_INSERT if only_new else _PAIR_UPSERT, rows, _PAIR_TYPES)
         db.insert_many(_HISTORY_INSERT, history, _HISTORY_TYPES)
 
     # ------------------------------------------------------------------ persons
@@ -1040,6 +1083,7 @@ class PersonIndex:
             self._set_meta("records_gen", f"{uuid.uuid4().hex}.0.{uuid.uuid4().hex[:16]}")
         self._model = None
         self._model_version = None
+        self._model_blob_known = False
 
 
 def _parse_gen(gen: str | None) -> tuple[str, int, str] | None:

@@ -152,6 +152,14 @@ class StoreContract:
         assert mpi.linked_patient_ids("a1") == ["a1"]
         mpi.upsert_patients([("org-b", {**ALICE_B, "gender": "female", "birthDate": "1980-04-12"})])
         assert mpi.linked_patient_ids("a1") == ["a1"]
+        # the re-scored pair was left alone: no new event, the manual decision stays in place
+        assert [h["action"] for h in mpi.history("a1") if {h["patient_a"], h["patient_b"]} == {"a1", "b1"}] == [
+            "auto-match",
+            "unlink",
+        ]
+        assert mpi.db.all("SELECT state, origin FROM mpi_pair WHERE patient_a = 'a1' AND patient_b = 'b1'") == [
+            ("NO_MATCH", "manual")
+        ]
         # a third record matching both cannot bridge the unlinked pair
         third = {**ALICE_A, "id": "d1"}
         mpi.upsert_patients([("org-d", third)])
@@ -447,6 +455,22 @@ class StoreContract:
             other.fit()  # recount everything: what the stored counts must already be
             recount = consumer.db.one("SELECT value FROM mpi_meta WHERE key = 'em_patterns'")
             assert recount is not None and load_patterns(stored[0]) == load_patterns(recount[0])
+
+    def test_a_batch_weighs_with_the_model_stored_last(self, mpi_url: str) -> None:
+        """A writer remembers the stored model between its batches only while no other process writes:
+        after a fit elsewhere, its next batch weighs with the new parameters."""
+        cfg = dataclasses.replace(MpiConfig(), em_min_records=10_000)  # no automatic fit
+        recs, _ = population(60, seed=7)
+        with PersonIndex.open(mpi_url, cfg) as consumer, PersonIndex.open(mpi_url, cfg) as other:
+            consumer.upsert_patients(recs[:30])
+            consumer.upsert_patients(recs[30:40])  # the only writer: the (absent) model is remembered
+            assert consumer._model_blob_known and consumer._model_blob is None
+            model = other.fit()
+            stored = other.db.one("SELECT value FROM mpi_meta WHERE key = 'model'")
+            assert stored is not None and model.fitted_on_records == 40
+            consumer.upsert_patients(recs[40:])
+            assert consumer._model_blob == stored[0]
+            assert consumer._model_from(consumer._model_blob).fitted_on_records == 40
 
     def test_write_settles_background_inserts_before_a_rollback(self, mpi: PersonIndex) -> None:
         """A caller that fails without waiting for its background insert: the insert still belongs to
