@@ -162,8 +162,7 @@ class PersonIndex:
         cfg = self.config
         if total < cfg.em_min_records:
             return
-        blob = self._batch_model_blob()
-        fitted_on = self._model_from(blob).fitted_on_records if blob is not None else 0
+        fitted_on = self._model_from(self._batch_model_blob()).fitted_on_records  # the priors: 0
         if fitted_on and total < fitted_on * cfg.em_refit_factor:
             return
         self._fit(total=total, incremental=True)
