@@ -73,6 +73,11 @@ class PersonGraph:
         else:
             self.drop_pair(a, b)
 
+    def is_manual(self, a: str, b: str) -> bool:
+        """Whether the pair holds a manual decision (the graph keeps every manual pair)."""
+        link = self.links.get(a, {}).get(b)
+        return link is not None and link[2] == "manual"
+
     def drop_pair(self, a: str, b: str) -> None:
         for x, y in ((a, b), (b, a)):
             links = self.links.get(x)

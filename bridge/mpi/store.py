@@ -521,12 +521,7 @@ class PersonIndex:
         # pairs holding a manual decision are left alone: the person graph knows them all (it keeps every
         # manual pair); without it, they are read (by the newer record of the pair)
         if graph is not None:
-            links = graph.links
-            manual = {
-                (x, y)
-                for x, y, *_ in found
-                if (link := links.get(x, {}).get(y)) is not None and link[2] == "manual"
-            }
+            manual = {(x, y) for x, y, *_ in found if graph.is_manual(x, y)}
         else:
             by_seq = {(max(sx, sy), min(sx, sy)): (x, y) for x, y, _s, _p, sx, sy in found}
             manual = {
@@ -682,12 +677,13 @@ class PersonIndex:
         if unwritten:
             updates = [(new, p) for new, p in updates if info[p][0] not in fresh]
         if db.kind == "postgresql":
-            db.execute(
-                "UPDATE mpi_patient AS p SET person_id = u.person FROM unnest(?::text[], ?::text[]) AS u(person, pid) "
-                "WHERE p.patient_id = u.pid",
-                [[u[0] for u in updates], [u[1] for u in updates]],
-            )
-        else:
+            if updates:  # none in the usual batch, where only records still to be written moved
+                db.execute(
+                    "UPDATE mpi_patient AS p SET person_id = u.person FROM unnest(?::text[], ?::text[]) "
+                    "AS u(person, pid) WHERE p.patient_id = u.pid",
+                    [[u[0] for u in updates], [u[1] for u in updates]],
+                )
+        else:  # (an empty list runs nothing)
             db.executemany("UPDATE mpi_patient SET person_id = ? WHERE patient_id = ?", updates)
         # ids founded in this transaction are nobody's any more once their records moved (skipped below)
         old_ids = sorted({old for old, _new in moves} - live_ids - fresh)
