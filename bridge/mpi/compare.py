@@ -111,15 +111,14 @@ class FeatureTable:
             col = np.empty(n, dtype=object)
             col[:] = columns[key]
             self.cols[key] = col
-        b = self.cols["b"]
         self.cols["a_ns"] = np.array([x.replace(" ", "") for x in self.cols["a"]], dtype=object)
         self.cols["a_ts"] = np.array([_token_sorted(x) for x in self.cols["a"]], dtype=object)
-        self.cols["bswap"] = np.array(
-            [x[:4] + x[6:8] + x[4:6] if len(x) == 8 else "" for x in b], dtype=object
-        )
-        self.cols["by"] = np.array([x[:4] for x in b], dtype=object)
-        self.cols["bm"] = np.array([x[4:6] for x in b], dtype=object)
-        self.cols["bd"] = np.array([x[6:8] for x in b], dtype=object)
+        # the birth date's derived values, as encode() derives them
+        derived = [_birth_values(x)[1:] for x in self.cols["b"]]
+        for j, key in enumerate(("bswap", "by", "bm", "bd")):
+            col = np.empty(n, dtype=object)
+            col[:] = [d[j] for d in derived]
+            self.cols[key] = col
         self.idents = idents
         # fast path for the common case of exactly one strong identifier: its value and its system (a
         # typo test of the value alone: the same answer as of "system|value" when the systems are equal,
