@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import base64
+import operator
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -150,11 +151,15 @@ def in_range(clinical: str | None, start: str | None, end: str | None) -> bool:
     return not (end is not None and lo >= date_range(end)[1])
 
 
+#: the order in which copies of a fact compete to lead its entry (the earliest received first)
+_RECEIVED_ORDER = operator.attrgetter("last_updated", "resource_type", "id")
+
+
 def merge_duplicates(resources: list[StoredResource]) -> list[MergedEntry]:
     """One entry per clinical fact; the earliest-received copy leads (stable for a given index)."""
     merged: list[MergedEntry] = []
     by_key: dict[str, MergedEntry] = {}
-    for r in sorted(resources, key=lambda r: (r.last_updated, r.resource_type, r.id)):
+    for r in sorted(resources, key=_RECEIVED_ORDER):
         if r.dedupe_key is not None:
             existing = by_key.get(r.dedupe_key)
             if existing is not None:
@@ -191,7 +196,8 @@ def everything(backend: Any, patient_id: str, params: EverythingParams) -> dict[
     checkpoint = _checkpoint(ledger) if (ledger is not None and params.proof) else None
     leaf_cache: dict[tuple[str, str], int | None] = {}
     if ledger is not None:  # every source bundle of the page looked up at once, not one query each
-        idents = {(s["bundle_sha256"], s["source_org"]) for m in page for k in m.keys for s in sources.get(k, ())}
+        # (``sources`` holds the page's resources and their duplicates only)
+        idents = {(s["bundle_sha256"], s["source_org"]) for found_for in sources.values() for s in found_for}
         found = ledger.find_many(sorted(idents))
         leaf_cache.update({ident: found.get(ident) for ident in idents})
     ext_cache: dict[tuple[str, str, str | None], dict[str, Any]] = {}  # one extension object per source bundle

@@ -168,8 +168,8 @@ class StoredResource(NamedTuple):
     dedupe_key: str | None
     bundle_sha256: str
     body: bytes
-    #: delivered under more than one patient (see :meth:`IndexStore.sources_for_page`)
-    moved: bool = False
+    #: 1 when delivered under more than one patient (see :meth:`IndexStore.sources_for_page`), else 0
+    moved: int = 0
 
 
 #: SQLite settings of the index connection. The resource and provenance B-trees are keyed by random
@@ -382,10 +382,8 @@ class IndexStore:
         if since:
             sql += " AND last_updated >= ?"
             params.append(since)
-        return [
-            StoredResource(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], bytes(r[8]), bool(r[9]))
-            for r in self.db.query(sql, params)
-        ]
+        # the rows are the tuple's fields in order (the body as bytes on both backends): no per-row code
+        return list(map(StoredResource._make, self.db.query(sql, params)))
 
     def sources_for_patients(self, patient_ids: Sequence[str]) -> dict[tuple[str, str], list[dict[str, Any]]]:
         """Every bundle that delivered each resource of these patients' compartments, oldest first."""
