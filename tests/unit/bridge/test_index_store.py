@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from bridge.index.store import IncomingBundle, IndexStore
@@ -55,6 +56,9 @@ def test_apply_is_idempotent_and_keeps_provenance(store: IndexStore) -> None:
     assert store.counts()["resources"] == 2
     rows = store.resources_for_patients(["p1"])
     assert {r.resource_type for r in rows} == {"Patient", "Encounter"}
+    # the rows are used as they come from the driver: the body as bytes, moved as 0/1, on both backends
+    assert all(type(r.body) is bytes and orjson.loads(r.body)["id"] == r.id for r in rows)
+    assert {r.moved for r in rows} == {0}
     assert store.sources_of([("Encounter", "e1")])[("Encounter", "e1")][0]["source_org"] == "st-mary"
 
 
