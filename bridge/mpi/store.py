@@ -206,7 +206,9 @@ class PersonIndex:
             model.fitted_on_records = total
             blob = orjson.dumps(model.to_json()).decode()
             self._set_meta("model", blob)
-            self._model_blob, self._model_blob_known = blob, True  # (forgotten with the cache on failure)
+            # if this transaction rolls back, the blob is not trusted again: the failure drops the cache,
+            # so the next batch is not the sole writer's and reads the stored model (_batch_model_blob)
+            self._model_blob, self._model_blob_known = blob, True
             # a new token makes every other writer re-read the EM counts (a recount may have replaced
             # them) before its next batch, instead of writing its own older copy over them
             self._bump_generation(cache, updated=False)
