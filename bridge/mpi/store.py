@@ -207,7 +207,7 @@ class PersonIndex:
             blob = orjson.dumps(model.to_json()).decode()
             self._set_meta("model", blob)
             # if this transaction rolls back, the blob is not trusted again: the failure drops the cache,
-            # so the next batch is not the sole writer's and reads the stored model (_batch_model_blob)
+            # so the next transaction is not the sole writer's, and _records() forgets the blob
             self._model_blob, self._model_blob_known = blob, True
             # a new token makes every other writer re-read the EM counts (a recount may have replaced
             # them) before its next batch, instead of writing its own older copy over them
@@ -280,6 +280,10 @@ class PersonIndex:
         if self._sole_writer:
             return cache  # type: ignore[return-value]
         self._graph = None  # another process wrote since: its links and persons are not in the graph
+        # ... and it may have fitted or deleted the model. Forgotten here, not where the model is next
+        # needed: a batch that changes nothing or finds no candidate pairs never asks for it, yet it
+        # takes the current token, so the batch after it counts as the sole writer's again.
+        self._model_blob_known = False
         mine, theirs = _parse_gen(cache.gen if cache else None), _parse_gen(gen)
         if cache is not None and mine is not None and theirs is not None and mine[:2] == theirs[:2]:
             rows = self.db.all(

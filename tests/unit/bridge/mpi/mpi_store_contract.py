@@ -472,6 +472,60 @@ class StoreContract:
             assert consumer._model_blob == stored[0]
             assert consumer._model_from(consumer._model_blob).fitted_on_records == 40
 
+    def test_a_batch_that_changes_nothing_does_not_keep_an_old_model(self, mpi_url: str) -> None:
+        """After a fit elsewhere, a batch that changes nothing takes the new generation token without
+        needing the model; the batch after it, the only writer's again, must still weigh with the model
+        stored last (found by review: it weighed with the one remembered from before the fit)."""
+        cfg = dataclasses.replace(MpiConfig(), em_min_records=10_000)  # no automatic fit
+        recs, _ = population(60, seed=7)
+        with PersonIndex.open(mpi_url, cfg) as consumer, PersonIndex.open(mpi_url, cfg) as other:
+            consumer.upsert_patients(recs[:30])
+            consumer.upsert_patients(recs[30:40])
+            other.fit()
+            stored = other.db.one("SELECT value FROM mpi_meta WHERE key = 'model'")
+            assert stored is not None
+            consumer.upsert_patients(recs[:1])  # identical demographics: nothing to do
+            consumer.upsert_patients(recs[40:])
+            assert consumer._model_blob == stored[0]
+
+    def test_a_reset_elsewhere_forgets_the_model(self, mpi_url: str) -> None:
+        """A reset by another process deletes the model. A first batch after it that compares nothing
+        (one record) must not leave the old model remembered: the index refits once it has enough
+        records again, as a fresh process would (found by review)."""
+        cfg = dataclasses.replace(MpiConfig(), em_min_records=40, em_refit_factor=2.0)
+        recs, _ = population(60, seed=7)
+        with PersonIndex.open(mpi_url, cfg) as consumer, PersonIndex.open(mpi_url, cfg) as other:
+            consumer.upsert_patients(recs[:50])
+            assert consumer.model().fitted_on_records >= 40
+            other.reset()
+            consumer.upsert_patients(recs[:1])  # one record: no candidate pairs, no model needed
+            consumer.upsert_patients(recs[1:45])
+            assert consumer.model().fitted_on_records == 45  # without the fit: the priors, fitted on 0
+
+    def test_a_rolled_back_fit_is_not_weighed_with(self, mpi_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A fit whose transaction rolls back never stored its model; no later batch may weigh with it,
+        not even after a batch that changes nothing (found by review)."""
+        cfg = dataclasses.replace(MpiConfig(), em_min_records=10_000)  # no automatic fit
+        recs, _ = population(60, seed=7)
+        with PersonIndex.open(mpi_url, cfg) as mpi:
+            mpi.upsert_patients(recs[:40])
+            mpi.fit()
+            mpi.upsert_patients(recs[40:50])
+            stored = mpi.db.one("SELECT value FROM mpi_meta WHERE key = 'model'")
+
+            def fail(*_: object, **__: object) -> None:
+                raise OSError("disk I/O error")
+
+            monkeypatch.setattr(mpi, "_bump_generation", fail)  # the fit's last statement
+            with pytest.raises(OSError, match="disk I/O"):
+                mpi.fit()
+            monkeypatch.undo()
+            assert mpi.db.one("SELECT value FROM mpi_meta WHERE key = 'model'") == stored
+            mpi.upsert_patients(recs[:1])  # identical demographics: nothing to do
+            mpi.upsert_patients(recs[50:])
+            assert stored is not None and mpi._model_blob == stored[0]
+            assert mpi._model_from(mpi._model_blob).fitted_on_records == 40
+
     def test_write_settles_background_inserts_before_a_rollback(self, mpi: PersonIndex) -> None:
         """A caller that fails without waiting for its background insert: the insert still belongs to
         the rolled-back transaction (found by review: on PostgreSQL it could run after the rollback,
