@@ -495,6 +495,9 @@ class PersonIndex:
         graph = self._graph
         assert cache is not None
         if not len(ia):
+            if cache.patterns == {}:  # counting, nothing counted yet: say so (found by review). Without
+                # the row, another process reads "counts not kept" and stops counting; EM then samples
+                self._set_meta("em_patterns", dump_patterns(cache.patterns))
             self._maybe_fit(total)
             return
         table = cache.table()
@@ -614,12 +617,15 @@ class PersonIndex:
         actor: str = "matcher",
         fresh: frozenset[str] = frozenset(),
         unwritten: bool = False,
+        manual_link: tuple[str, str] | None = None,
     ) -> dict[str, str]:
         """Rebuild the persons of the components around ``seeds``; returns patient -> person id.
 
         ``fresh``: the person ids this transaction's new records founded. ``unwritten``: those records are
         not in the database yet (the caller writes them with the persons returned), so only the others
-        are moved there.
+        are moved there. ``manual_link``: the pair a manual link just joined; raises :class:`MpiConflict`
+        (before anything is moved) if the manual links now put two manually unlinked records into one
+        person.
         """
         db = self.db
         graph, cache = self._graph, self._cache
@@ -658,6 +664,13 @@ class PersonIndex:
         for a, b, state, _score, origin in pairs:
             if origin == "manual" and state == MATCH:
                 join(a, b, check=False)
+        if manual_link is not None:
+            for a, b, state, _score, origin in pairs:
+                if origin == "manual" and state == NO_MATCH and uf.find(a) == uf.find(b):
+                    raise MpiConflict(
+                        f"linking {manual_link[0]!r} and {manual_link[1]!r} would put {a!r} and {b!r}, which "
+                        "were manually unlinked, into one person; undo that unlink first"
+                    )
         autos = sorted(
             (p for p in pairs if p[4] == "auto" and p[2] == MATCH), key=lambda p: (-(p[3] or 0), p[0], p[1])
         )
@@ -819,12 +832,16 @@ class PersonIndex:
     def link(self, patient_a: str, patient_b: str, actor: str, reason: str | None = None) -> None:
         """Manually declare two records the same person (their persons merge). The matcher never undoes it.
 
-        Raises :class:`MpiNotFound` for an unknown record, :class:`MpiInputError` without an actor.
+        Raises :class:`MpiNotFound` for an unknown record, :class:`MpiInputError` without an actor and
+        :class:`MpiConflict` if the manual links would then join two records that were manually
+        unlinked (undo that unlink first); nothing changes then.
         """
         with self.db.write():
             self._graph = None  # the database path: a manual decision is rare
             self._manual(patient_a, patient_b, MATCH, actor, reason)
-            persons = self._recluster([patient_a, patient_b], _now(), actor=actor)
+            persons = self._recluster(
+                [patient_a, patient_b], _now(), actor=actor, manual_link=(patient_a, patient_b)
+            )
             self._touch()
             if persons.get(patient_a) != persons.get(
                 patient_b

@@ -180,6 +180,24 @@ class StoreContract:
         with pytest.raises(MpiInputError):
             mpi.link("a1", "c1", actor="")
 
+    def test_link_conflicting_with_a_manual_unlink_is_refused(self, mpi: PersonIndex) -> None:
+        """The mirror case of the test above (found by review: the link was accepted and put two
+        manually unlinked records into one person)."""
+        mpi.upsert_patients([("org-a", ALICE_A), ("org-c", BOB), ("org-c", ALICE_C)])
+        mpi.link("a1", "c1", actor="u")
+        mpi.unlink("c1", "c2", actor="u")
+        before = (mpi.db.all("SELECT * FROM mpi_pair ORDER BY rec_hi, rec_lo"), mpi.history("a1"), mpi.history("c2"))
+        with pytest.raises(MpiConflict, match="'c1' and 'c2'"):
+            mpi.link("a1", "c2", actor="u")
+        assert sorted(mpi.linked_patient_ids("a1")) == ["a1", "c1"]
+        assert mpi.linked_patient_ids("c2") == ["c2"]
+        after = (mpi.db.all("SELECT * FROM mpi_pair ORDER BY rec_hi, rec_lo"), mpi.history("a1"), mpi.history("c2"))
+        assert after == before  # nothing changed
+        # the latest decision on the unlinked pair itself still wins: linking c1 and c2 replaces it
+        mpi.link("c1", "c2", actor="u")
+        assert sorted(mpi.linked_patient_ids("a1")) == ["a1", "c1", "c2"]
+        assert_graph_is_current(mpi)
+
     def test_person_id_is_stable_and_aliases_follow_merges(self, mpi: PersonIndex) -> None:
         mpi.upsert_patients([("org-a", ALICE_A)])
         first = mpi.person_id("a1")
@@ -455,6 +473,20 @@ class StoreContract:
             other.fit()  # recount everything: what the stored counts must already be
             recount = consumer.db.one("SELECT value FROM mpi_meta WHERE key = 'em_patterns'")
             assert recount is not None and load_patterns(stored[0]) == load_patterns(recount[0])
+
+    def test_counts_are_kept_whichever_process_writes_after_a_batch_without_pairs(self, mpi_url: str) -> None:
+        """A first batch with no candidate pairs stores its (empty) EM counts, so another process goes on
+        counting instead of taking the index for one written before counts were kept (found by review)."""
+        from bridge.mpi.cache import load_patterns
+
+        recs, _ = population(40, seed=3)
+        with PersonIndex.open(mpi_url) as first, PersonIndex.open(mpi_url) as second:
+            first.upsert_patients(recs[:1])  # one record: nothing to compare
+            second.upsert_patients(recs[1:])
+            stored = second.db.one("SELECT value FROM mpi_meta WHERE key = 'em_patterns'")
+            assert stored is not None and second._cache is not None
+            assert second._cache.patterns == load_patterns(stored[0])
+            assert sum(load_patterns(stored[0]).values()) > 0
 
     def test_a_batch_weighs_with_the_model_stored_last(self, mpi_url: str) -> None:
         """A writer remembers the stored model between its batches only while no other process writes:
