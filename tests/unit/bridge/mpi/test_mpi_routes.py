@@ -153,6 +153,10 @@ async def test_conflict_and_bad_params(client: Any, mpi: PersonIndex) -> None:
     mpi.link("d1", "c2", actor="u")
     r = await client.post("/Person/$mpi-unlink", json={"patient_a": "a1", "patient_b": "c2", "actor": "u"})
     assert r.status == 409
+    mpi.unlink("d1", "c2", actor="u")  # allowed: now a1 = d1 (manual), c2 apart
+    r = await client.post("/Person/$mpi-link", json={"patient_a": "a1", "patient_b": "c2", "actor": "u"})
+    assert r.status == 409  # would join the unlinked d1 and c2
+    assert "manually unlinked" in str(await r.json())
     r = await client.get("/Person/$mpi-review-queue", params={"_count": "x"})
     assert r.status == 400
     r = await client.get("/Person/$mpi-history")
