@@ -8,16 +8,17 @@ ledger as valid.
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 
 from bridge import envelope
 from bridge.consumer import BadTimestamp, CpuClock, Record
 from bridge.errors import FhirbridgeError, TransientError
-from bridge.index.store import IncomingBundle, IndexStore
+from bridge.index.store import IncomingBundle, IndexStore, content_digest
 from bridge.logging import get_logger
 
 if TYPE_CHECKING:
@@ -27,12 +28,20 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 
-class BadBundle(FhirbridgeError):
-    """The record's value is not a FHIR Bundle we can read."""
+class LocatedError(FhirbridgeError):
+    """A record's fault, with where in its value it lies (``field``, written to the dead letter)."""
 
     def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.field = field
+
+
+class BadBundle(LocatedError):
+    """The record's value is not a FHIR Bundle we can read."""
+
+
+#: FHIR R4 ``id``: 1 to 64 ASCII letters, digits, '-' and '.' (what every built-in adapter writes)
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
 
 def parse_bundle(value: bytes) -> dict[str, Any]:
@@ -49,6 +58,11 @@ def parse_bundle(value: bytes) -> dict[str, Any]:
         r = e.get("resource") if isinstance(e, dict) else None
         if not isinstance(r, dict) or not isinstance(r.get("resourceType"), str) or not isinstance(r.get("id"), str):
             raise BadBundle(f"entry[{i}] has no resource with resourceType and id", field=f"entry[{i}]")
+        if not _FHIR_ID.fullmatch(r["id"]):  # found by review: "" (and NUL, which PostgreSQL cannot store)
+            raise BadBundle(
+                f"entry[{i}].resource.id {r['id'][:80]!r} is not a FHIR id (1-64 of A-Z a-z 0-9 - .)",
+                field=f"entry[{i}].resource.id",
+            )
     return bundle
 
 
@@ -180,6 +194,18 @@ class LedgerSink:
         self.ledger.close()
 
 
+class MpiRefused(LocatedError):
+    """The MPI could not index a Patient of the record's bundle (the bundle itself is in the index)."""
+
+
+class _PatientEntry(NamedTuple):
+    source_org: str
+    resource: dict[str, Any]
+    record: Record
+    #: the Patient's position in its bundle's ``entry`` array
+    entry: int
+
+
 class IndexSink:
     """Upserts every resource by its deterministic id, with the bundle's provenance; feeds the MPI."""
 
@@ -201,7 +227,7 @@ class IndexSink:
     def process(self, records: Sequence[Record]) -> list[tuple[Record, BaseException]]:
         poison: list[tuple[Record, BaseException]] = []
         incoming: list[IncomingBundle] = []
-        patients: list[tuple[str, dict[str, Any]]] = []
+        patients: list[_PatientEntry] = []
         with self.cpu.stage("envelope"):
             checked = self.checker.check_many(records, poison)
         t0 = time.thread_time()
@@ -224,17 +250,50 @@ class IndexSink:
                     received_at=received_at,
                 )
             )
-            for e in bundle["entry"]:
+            for i, e in enumerate(bundle["entry"]):
                 if e["resource"]["resourceType"] == "Patient":
-                    patients.append((env.source_org, e["resource"]))
+                    patients.append(_PatientEntry(env.source_org, e["resource"], rec, i))
         self.cpu.add("parse", time.thread_time() - t0)
         if incoming:
             with self.cpu.stage("store"):
                 self.store.apply(incoming)  # TransientError propagates: the runtime backs off
         if patients and (self.mpi is not None or self.mpi_factory is not None):
             with self.cpu.stage("mpi"):
-                self._upsert_mpi(patients)
+                self._feed_mpi(patients, poison)
         return in_batch_order(records, poison)
+
+    def _feed_mpi(self, patients: list[_PatientEntry], poison: list[tuple[Record, BaseException]]) -> None:
+        """Give the MPI the Patient versions the index keeps, and nothing else.
+
+        A delivery the index did not keep (an older version arriving late, or a replay of the stream
+        from an earlier offset) is not current, so it must not reach the MPI either: the MPI takes
+        each upsert as the latest, and would re-score the older demographics and add to the link
+        history on every replay (found by review). If the MPI refuses the batch for a reason other
+        than its database, the Patients are tried one by one, and the records of those it refuses
+        go to the dead letters with the reason (one bad record no longer stops the consumer).
+        """
+        current = self.store.current_versions("Patient", [p.resource["id"] for p in patients])
+        kept = [p for p in patients if current.get(p.resource["id"]) == content_digest(p.resource)]
+        if not kept:
+            return
+        try:
+            self._upsert_mpi([(p.source_org, p.resource) for p in kept])
+            return
+        except TransientError:
+            raise
+        except Exception as exc:  # the record's fault, or the MPI's: find the Patients it refuses
+            log.warning("index.mpi_batch_refused", error_class=type(exc).__name__, error=str(exc), patients=len(kept))
+        refused: set[int] = set()
+        for p in kept:
+            if id(p.record) in refused:
+                continue
+            try:
+                self._upsert_mpi([(p.source_org, p.resource)])
+            except TransientError:
+                raise
+            except Exception as exc:
+                refused.add(id(p.record))
+                poison.append((p.record, MpiRefused(f"entry[{p.entry}] (Patient/{p.resource['id']}): {type(exc).__name__}: {exc}", f"entry[{p.entry}]")))
 
     def _upsert_mpi(self, patients: list[tuple[str, dict[str, Any]]]) -> None:
         """Feed the MPI; a lost database connection is transient: reopen the MPI on the next try."""

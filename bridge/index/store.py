@@ -98,6 +98,14 @@ def source_time(value: object) -> str | None:
     return dt.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def content_digest(resource: dict[str, Any]) -> str:
+    """SHA-256 of a resource without ``meta.lastUpdated``: two deliveries with the same digest are the
+    same version (the index keeps one of them; see ``_NEWER``)."""
+    meta = dict(resource.get("meta") or {})
+    meta.pop("lastUpdated", None)
+    return hashlib.sha256(orjson.dumps({**resource, "meta": meta}, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
 @dataclass(frozen=True, slots=True)
 class IncomingBundle:
     """A bundle as the index consumer hands it over."""
@@ -272,9 +280,8 @@ class IndexStore:
                 if not isinstance(resource, dict) or "id" not in resource:
                     continue
                 rtype = resource["resourceType"]
+                content_sha = content_digest(resource)
                 meta = dict(resource.get("meta") or {})
-                meta.pop("lastUpdated", None)
-                content_sha = hashlib.sha256(orjson.dumps({**resource, "meta": meta}, option=orjson.OPT_SORT_KEYS)).hexdigest()
                 meta["lastUpdated"] = b.received_at
                 resource = {**resource, "meta": meta}
                 owner = patient_of(resource)
@@ -320,6 +327,17 @@ class IndexStore:
                 bundle_rows,
             )
         return len(res_rows)
+
+    def current_versions(self, resource_type: str, ids: Sequence[str]) -> dict[str, str]:
+        """``id -> content_digest`` of the version stored now (the one :meth:`apply` kept), for those of
+        ``ids`` that are stored."""
+        out: dict[str, str] = {}
+        unique = sorted(set(ids))
+        for i in range(0, len(unique), 500):
+            part = unique[i : i + 500]
+            sql = f"SELECT id, content_sha256 FROM resources WHERE resource_type = ? AND id IN ({','.join('?' * len(part))})"
+            out.update(self.db.query(sql, [resource_type, *part]))
+        return out
 
     def reset(self) -> None:
         """Empty the index (``fhirbridge replay --rebuild``)."""

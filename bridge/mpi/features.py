@@ -111,7 +111,8 @@ def _pick_address(addresses: Any) -> Mapping[str, Any]:
         return addresses[0] if isinstance(addresses[0], dict) else {}
     candidates = [a for a in addresses if isinstance(a, dict)]
     for a in candidates:
-        if a.get("use") == "home" and not (a.get("period") or {}).get("end"):
+        period = a.get("period")
+        if a.get("use") == "home" and not (isinstance(period, dict) and period.get("end")):
             return a
     return candidates[0] if candidates else {}
 
@@ -155,6 +156,8 @@ def extract_features(patient: Mapping[str, Any], strong_systems: Iterable[str]) 
     pid = patient.get("id")
     if not isinstance(pid, str) or not pid:
         raise MpiInputError("Patient has no id")
+    if "\x00" in pid:  # PostgreSQL cannot store it in text (found by review)
+        raise MpiInputError("Patient id contains a NUL character")
     name = _pick_name(patient.get("name"))
     given = norm_name(_first_str(name.get("given")))
     family = norm_name(name.get("family"))

@@ -136,7 +136,10 @@ async def _read_body(request: web.Request) -> dict[str, Any]:
         raise MpiInputError("request body must be a JSON object")
     out: dict[str, Any] = {}
     if body.get("resourceType") == "Parameters":
-        for p in body.get("parameter") or []:
+        parameters = body.get("parameter") or []
+        if not isinstance(parameters, list):  # found by review: a number here gave a 500
+            raise MpiInputError("Parameters.parameter must be an array")
+        for p in parameters:
             if not isinstance(p, dict) or not isinstance(p.get("name"), str):
                 raise MpiInputError("every Parameters.parameter needs a name")
             value = p.get("valueString", p.get("valueId", p.get("valueCode")))
@@ -162,7 +165,16 @@ async def _read_body(request: web.Request) -> dict[str, Any]:
     out["actor"] = actor.strip()
     reason = out.get("reason")
     out["reason"] = reason if isinstance(reason, str) and reason else None
+    for key in ("patientA", "patientB", "actor", "reason"):
+        _no_nul(out[key], key)
     return out
+
+
+def _no_nul(value: str | None, name: str) -> None:
+    """Refuse a value holding U+0000 (PostgreSQL cannot store it in text): a 400, not a 500."""
+    if value is not None and "\x00" in value:
+        raise MpiInputError(f"{name} contains a NUL character")
+
 
 
 def _int_param(request: web.Request, name: str, default: int, hi: int) -> int:
@@ -219,7 +231,7 @@ def setup_mpi_routes(app: web.Application, get_mpi: GetMpi) -> None:
         count = _int_param(request, "_count", 100, _MAX_COUNT)
         offset = _int_param(request, "_offset", 0, 10**9)
         items = await call(request, lambda m: m.review_queue(limit=count + 1, offset=offset))
-        more = len(items) > count
+        more = count > 0 and len(items) > count  # _count=0: no items, and no next page of none
         params: list[tuple[str, dict[str, Any]]] = []
         for it in items[:count]:
             parts = [
@@ -278,6 +290,7 @@ def setup_mpi_routes(app: web.Application, get_mpi: GetMpi) -> None:
         if not ident:
             raise MpiInputError("parameter id (a Person or Patient id) is required")
         ident = ident.split("/", 1)[1] if ident.startswith(("Patient/", "Person/")) else ident
+        _no_nul(ident, "id")
         entries = await call(request, lambda m: m.history(ident))
         params = []
         for e in entries:

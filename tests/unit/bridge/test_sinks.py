@@ -102,3 +102,86 @@ def test_a_record_timestamp_outside_years_1_to_9999_is_poison_not_fatal(tmp_path
     assert [(r.offset, type(e).__name__) for r, e in poison] == [(1, "BadTimestamp")]
     assert index_sink.store.counts()["bundles"] == 1
     index_sink.close()
+
+
+def _patient_bundle(pid: str, city: str, timestamp: str, family: str = "DOE") -> bytes:
+    patient = {"resourceType": "Patient", "id": pid, "name": [{"family": family, "given": ["Jan"]}], "gender": "female",
+               "birthDate": "1970-02-03", "address": [{"city": city, "postalCode": "12345"}]}
+    bundle = {"resourceType": "Bundle", "type": "transaction", "timestamp": timestamp, "entry": [{"resource": patient}]}
+    return orjson.dumps(bundle, option=orjson.OPT_SORT_KEYS)
+
+
+def _mpi_sink(tmp_path: Path, checker: EnvelopeChecker) -> IndexSink:
+    from bridge.mpi import PersonIndex
+
+    return IndexSink(IndexStore.open(f"sqlite://{tmp_path / 'index.db'}"), checker,
+                     PersonIndex.open(f"sqlite://{tmp_path / 'mpi.db'}"))
+
+
+def test_a_resource_id_that_is_not_a_fhir_id_is_poison_and_the_rest_is_indexed(tmp_path: Path) -> None:
+    """Found by review: an empty Patient id passed the bundle check, the MPI refused the whole batch, and
+    the consumer stopped on it at every restart."""
+    signer, checker = _fixture()
+    sink = _mpi_sink(tmp_path, checker)
+    records = [_record(signer, 0, _bundle("p0")), _record(signer, 1, _bundle("")),
+               _record(signer, 2, _bundle("a\u0000b")), _record(signer, 3, _bundle("p3"))]
+    poison = sink.process(records)
+    assert [(r.offset, type(e).__name__, getattr(e, "field", None)) for r, e in poison] == [
+        (1, "BadBundle", "entry[0].resource.id"), (2, "BadBundle", "entry[0].resource.id")]
+    assert "is not a FHIR id" in str(poison[0][1])
+    assert sink.mpi is not None and sink.mpi.person_id("p0") and sink.mpi.person_id("p3")
+    sink.close()
+
+
+def test_a_patient_the_mpi_refuses_dead_letters_its_record_only(tmp_path: Path) -> None:
+    """Whatever the MPI refuses (here: a failure planted for one Patient), the batch's other Patients are
+    indexed, and the refusing record goes to the dead letters with its location and reason."""
+    signer, checker = _fixture()
+    sink = _mpi_sink(tmp_path, checker)
+    assert sink.mpi is not None
+    real = sink.mpi.upsert_patients
+
+    def upsert(patients: Any) -> None:
+        if any(p["id"] == "bad" for _, p in patients):
+            raise ValueError("planted")
+        real(patients)
+
+    sink.mpi.upsert_patients = upsert  # type: ignore[method-assign]
+    records = [_record(signer, i, _bundle(pid)) for i, pid in enumerate(["p0", "bad", "p2"])]
+    poison = sink.process(records)
+    assert [(r.offset, type(e).__name__, getattr(e, "field", None)) for r, e in poison] == [(1, "MpiRefused", "entry[0]")]
+    assert "Patient/bad" in str(poison[0][1]) and "ValueError: planted" in str(poison[0][1])
+    assert sink.mpi.person_id("p0") and sink.mpi.person_id("p2") and sink.mpi.person_id("bad") is None
+    sink.close()
+
+
+def test_replays_and_late_versions_leave_the_mpi_as_the_index_keeps_it(tmp_path: Path) -> None:
+    """Found by review: a replay from an earlier offset re-applied every older Patient version to the MPI
+    (new history events on each replay), and a version arriving late replaced a newer one in the MPI
+    while the index kept the newer."""
+    signer, checker = _fixture()
+    sink = _mpi_sink(tmp_path, checker)
+    mpi = sink.mpi
+    assert mpi is not None
+    stream = [
+        _record(signer, 0, _patient_bundle("p1", "Springfield", "2026-01-01T00:00:00Z")),
+        _record(signer, 1, _patient_bundle("p2", "Springfield", "2026-01-01T00:00:00Z")),
+        _record(signer, 2, _patient_bundle("p1", "Shelbyville", "2026-01-02T00:00:00Z")),
+    ]
+    for rec in stream:
+        assert sink.process([rec]) == []
+    history = mpi.history("p1")
+    pairs = mpi.db.all("SELECT * FROM mpi_pair ORDER BY rec_hi, rec_lo")
+    for start in (0, 1, 2):  # replays from every offset, one record per batch and all in one
+        for rec in stream[start:]:
+            sink.process([rec])
+        sink.process(stream[start:])
+    assert mpi.history("p1") == history
+    assert mpi.db.all("SELECT * FROM mpi_pair ORDER BY rec_hi, rec_lo") == pairs
+    # a version older than the stored one, arriving now: the index keeps the newer, and so does the MPI
+    sink.process([_record(signer, 3, _patient_bundle("p2", "Ogdenville", "2025-12-01T00:00:00Z"))])
+    stored = sink.store.get("Patient", "p2")
+    assert stored is not None and stored["address"][0]["city"] == "Springfield"
+    row = mpi.db.one("SELECT features FROM mpi_patient WHERE patient_id = 'p2'")
+    assert row is not None and orjson.loads(row[0])["c"] == "springfield"
+    sink.close()

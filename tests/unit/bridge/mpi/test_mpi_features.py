@@ -116,6 +116,37 @@ def test_malformed_elements_never_raise(
     assert len(features_digest(f)) == 32
 
 
+def _elements(keys: dict[str, Any]) -> Any:
+    """Lists of FHIR-shaped elements whose known keys hold plausible or arbitrary JSON values."""
+    return st.lists(st.fixed_dictionaries({}, optional={k: v | json_values for k, v in keys.items()}), max_size=3)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    names=_elements({"use": st.sampled_from(["official", "usual"]), "given": st.just(["Ann"]), "family": st.just("Lee"),
+                     "text": st.just("Ann Lee")}),
+    addresses=_elements({"use": st.just("home"), "period": st.just({"end": "2020"}), "line": st.just(["1 Main St"]),
+                         "city": st.just("Metro"), "postalCode": st.just("12345")}),
+    telecom=_elements({"system": st.sampled_from(["phone", "sms"]), "value": st.just("555 123 4567")}),
+    identifiers=_elements({"system": st.just(SSN), "value": st.just("123-45-6789")}),
+)
+def test_malformed_values_inside_well_formed_elements_never_raise(
+    names: Any, addresses: Any, telecom: Any, identifiers: Any
+) -> None:
+    """Found by review: two home addresses, one with a ``period`` that is not an object, raised
+    AttributeError (the random JSON above rarely builds several element-shaped objects)."""
+    p = {"resourceType": "Patient", "id": "p", "name": names, "address": addresses, "telecom": telecom,
+         "identifier": identifiers}
+    f = extract_features(p, (SSN,))
+    assert all(isinstance(f[k], str) for k in ("g", "f", "b", "s", "a", "c", "z", "t"))
+
+
+def test_two_home_addresses_with_a_period_that_is_not_an_object() -> None:
+    addresses = [{"use": "home", "period": "2020", "city": "A"}, {"use": "home", "city": "B"}]
+    f = extract_features({"resourceType": "Patient", "id": "p", "address": addresses}, (SSN,))
+    assert f["c"] == "a"
+
+
 @settings(max_examples=100, deadline=None)
 @given(st.text(max_size=20))
 def test_norm_name_is_idempotent_ascii(s: str) -> None:
@@ -173,3 +204,9 @@ def test_single_name_and_address_fast_paths_follow_the_rule(items: list[Any]) ->
     address = home[0] if home else (dicts[0] if dicts else {})
     assert _pick_name(items) is name or _pick_name(items) == name == {}
     assert _pick_address(items) is address or _pick_address(items) == address == {}
+
+
+def test_a_patient_id_with_a_nul_character_is_refused() -> None:
+    """PostgreSQL cannot store U+0000 in text: refused up front, located by the caller (found by review)."""
+    with pytest.raises(MpiInputError, match="NUL"):
+        extract_features({"resourceType": "Patient", "id": "a\x00b"}, ())

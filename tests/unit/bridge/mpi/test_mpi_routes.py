@@ -139,6 +139,9 @@ async def test_review_queue_and_manual_link_unlink(client: Any, mpi: PersonIndex
         ("/Person/$mpi-link", {"patient_a": "a1", "actor": "x"}, 400),
         ("/Person/$mpi-link", {"patient_a": "a1", "patient_b": "zz", "actor": "x"}, 404),
         ("/Person/$mpi-link", [1, 2], 400),
+        ("/Person/$mpi-link", {"resourceType": "Parameters", "parameter": 5}, 400),  # found by review: 500
+        ("/Person/$mpi-link", {"patient_a": "a1", "patient_b": "c\u00002", "actor": "x"}, 400),
+        ("/Person/$mpi-unlink", {"patient_a": "a1", "patient_b": "c2", "actor": "x\u0000"}, 400),
     ],
 )
 async def test_bad_requests(client: Any, path: str, payload: Any, status: int) -> None:
@@ -188,3 +191,15 @@ async def test_responses_are_valid_fhir(client: Any, mpi: PersonIndex) -> None:
         body = await (await client.get(url)).json()
         assert body.get("parameter", body.get("link"))  # non-trivial content
         get_fhir_model_class(body["resourceType"]).model_validate(body)
+
+
+async def test_count_zero_has_no_next_page_and_nul_ids_are_refused(client: Any, mpi: PersonIndex) -> None:
+    """Found by review: ``_count=0`` linked to itself as the next page (a client following it looped);
+    an id holding U+0000 reached the database (a 500 on PostgreSQL)."""
+    r = await client.get("/Person/$mpi-review-queue", params={"_count": "0"})
+    assert r.status == 200
+    assert [p for p in (await r.json())["parameter"] if p["name"] == "next"] == []
+    r = await client.get("/Person/$mpi-history", params={"id": "Patient/a\u00001"})
+    assert r.status == 400 and "NUL" in await r.text()
+    r = await client.get("/Person/a%001")
+    assert r.status == 404  # the route's id pattern does not match it
