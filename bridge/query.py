@@ -17,11 +17,12 @@
 from __future__ import annotations
 
 import base64
+import calendar
 import operator
 import re
 import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
 
@@ -39,7 +40,10 @@ EVERYTHING_PARAMS = {"start", "end", "_since", "_type", "_count", "_offset", "_p
 EVERYTHING_TYPES = {"Patient", "Appointment", *PATIENT_REFERENCE_PATHS, *CLINICAL_DATE_PATHS}
 DEFAULT_COUNT = 100
 MAX_COUNT = 1000
-_DATE = re.compile(r"^\d{4}(-\d{2}(-\d{2}(T\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:\d{2})?)?)?)?$")
+#: a FHIR date/dateTime search value at any precision (ASCII digits only; matched whole)
+_DATE = re.compile(
+    r"(\d{4})(?:-(\d{2})(?:-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})(?:\.(\d+))?)?(Z|[+-]\d{2}:\d{2})?)?)?)?", re.ASCII
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,17 +84,27 @@ def check_query(request: web.Request, known: set[str]) -> None:
         raise FhirHTTPError(400, "not-supported", f"_format {fmt!r} is not supported: this server returns JSON only")
 
 
+def check_no_nul(request: web.Request, names: set[str]) -> None:
+    """400 naming the parameter for a value of one of ``names`` holding a NUL character: no FHIR value
+    holds one, and PostgreSQL text cannot (the store would fail with a 500 there, not on SQLite)."""
+    for name in sorted(names):
+        if any("\x00" in v for v in request.query.getall(name, [])):
+            raise FhirHTTPError(400, "invalid", f"parameter {name}: the value contains a NUL character")
+
+
 def utc_millis(value: str) -> str:
     """A FHIR date/dateTime parameter as the index's stored instant form (UTC, milliseconds, ``Z``): the
-    start of the interval it denotes, so that string comparison with ``meta.lastUpdated`` is exact."""
-    return date_range(value)[0].isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    first instant it denotes, rounded up to the millisecond (the stored ``meta.lastUpdated`` values are
+    whole milliseconds), so that string comparison with them is exact. Clamped to years 0001-9999."""
+    lo = -(-_interval(value)[0] // 1000) * 1000
+    return _as_datetime(lo).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _date_param(request: web.Request, name: str) -> str | None:
     value = request.query.get(name)
     if value is None:
         return None
-    if not _DATE.match(value):
+    if not _DATE.fullmatch(value):
         raise FhirHTTPError(400, "invalid", f"parameter {name}: {value!r} is not a FHIR date or dateTime")
     try:
         date_range(value)
@@ -112,43 +126,104 @@ def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) 
     return value
 
 
+_US_PER_DAY = 86_400_000_000
+#: the first and last microsecond a datetime can hold, as microseconds since day 0 of the proleptic calendar
+_MIN_US = date.min.toordinal() * _US_PER_DAY
+_MAX_US = (date.max.toordinal() + 1) * _US_PER_DAY - 1
+
+
+def _interval(value: str) -> tuple[int, int]:
+    """The half-open UTC interval a FHIR date/dateTime denotes, in microseconds since day 0 of the
+    proleptic Gregorian calendar (integers: an interval at the ends of years 0001-9999, or moved there
+    by an offset, never overflows).
+
+    The precision given sets the width (FHIR search): a year, a month, a day, a minute
+    (``T08:00Z``: 08:00:00 to 08:00:59.999999), a second, or the fraction of a second written (``.5``:
+    a tenth; below a microsecond, the microsecond it falls in). Values without an offset are taken as
+    UTC. Raises ValueError for a malformed value.
+    """
+    m = _DATE.fullmatch(value)
+    if m is None:
+        raise ValueError(f"not a FHIR date or dateTime: {value!r}")
+    year_s, month_s, day_s, hour_s, minute_s, second_s, frac, tz = m.groups()
+    year, month = int(year_s), int(month_s or 1)
+    first = date(year, month, int(day_s or 1))  # ValueError for year 0, month 13, day 30 of February
+    day0 = first.toordinal()
+    if month_s is None:
+        return day0 * _US_PER_DAY, (day0 + (366 if calendar.isleap(year) else 365)) * _US_PER_DAY
+    if day_s is None:
+        return day0 * _US_PER_DAY, (day0 + calendar.monthrange(year, month)[1]) * _US_PER_DAY
+    if hour_s is None:
+        return day0 * _US_PER_DAY, (day0 + 1) * _US_PER_DAY
+    hour, minute, second = int(hour_s), int(minute_s), int(second_s or 0)
+    if hour > 23 or minute > 59 or second > 59:
+        raise ValueError(f"not a valid time: {value!r}")
+    offset = 0
+    if tz and tz != "Z":
+        oh, om = int(tz[1:3]), int(tz[4:6])
+        if oh > 23 or om > 59:
+            raise ValueError(f"not a valid offset: {value!r}")
+        offset = (1 if tz[0] == "+" else -1) * (oh * 60 + om) * 60_000_000
+    if second_s is None:
+        width = 60_000_000
+    elif frac is None:
+        width = 1_000_000
+    else:
+        width = 10 ** max(0, 6 - len(frac))
+    lo = day0 * _US_PER_DAY + ((hour * 60 + minute) * 60 + second) * 1_000_000 + int(frac[:6].ljust(6, "0") if frac else 0)
+    return lo - offset, lo - offset + width
+
+
+def _as_datetime(us: int) -> datetime:
+    """Microseconds from :func:`_interval` as an aware UTC datetime, clamped to datetime.min/max."""
+    return datetime.min.replace(tzinfo=UTC) + timedelta(microseconds=min(max(us, _MIN_US), _MAX_US) - _MIN_US)
+
+
 def date_range(value: str) -> tuple[datetime, datetime]:
-    """The half-open UTC interval a FHIR date/dateTime denotes (a year, a month, a day or an instant).
+    """The half-open UTC interval a FHIR date/dateTime denotes, at the precision given (see
+    :func:`_interval`), clamped to datetime.min/max in UTC (``9999-12-31`` ends at datetime.max).
 
     Values without an offset are taken as UTC. Raises ValueError for a malformed value.
     """
-    if len(value) == 4:
-        lo = datetime(int(value), 1, 1, tzinfo=UTC)
-        return lo, lo.replace(year=lo.year + 1)
-    if len(value) == 7:
-        lo = datetime(int(value[:4]), int(value[5:7]), 1, tzinfo=UTC)
-        return lo, (lo.replace(year=lo.year + 1, month=1) if lo.month == 12 else lo.replace(month=lo.month + 1))
-    if len(value) == 10:
-        lo = datetime.fromisoformat(value).replace(tzinfo=UTC)
-        return lo, lo + timedelta(days=1)
-    dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    dt = dt.astimezone(UTC)
-    return dt, dt + timedelta(seconds=1)
+    lo, hi = _interval(value)
+    return _as_datetime(lo), _as_datetime(hi)
+
+
+def _stored_interval(value: str) -> tuple[int, int]:
+    """:func:`_interval` of a stored clinical date; one Python's ISO parser reads but FHIR's grammar
+    does not (``2026-01-10 08:00:00+0100``) is taken as the second it names, as before."""
+    try:
+        return _interval(value)
+    except ValueError:
+        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))  # ValueError: no date at all
+    offset = dt.utcoffset() or timedelta(0)
+    naive = dt.replace(tzinfo=None)
+    lo = (
+        naive.toordinal() * _US_PER_DAY
+        + ((naive.hour * 60 + naive.minute) * 60 + naive.second) * 1_000_000
+        + naive.microsecond
+        - offset // timedelta(microseconds=1)
+    )
+    return lo, lo + 1_000_000
 
 
 def in_range(clinical: str | None, start: str | None, end: str | None) -> bool:
     """Whether a clinical date overlaps [start, end], each taken at its own precision (FHIR search semantics).
 
-    A resource without a clinical date never matches a date filter.
+    A resource without a clinical date never matches a date filter. Dates at the ends of the calendar
+    (``9999-12-31``, ``0001-01-01T00:00:00+01:00``) compare like any other: nothing overflows.
     """
     if start is None and end is None:
         return True
     if not clinical:
         return False
     try:
-        lo, hi = date_range(clinical)
+        lo, hi = _stored_interval(clinical)
     except ValueError:
         return False
-    if start is not None and hi <= date_range(start)[0]:
+    if start is not None and hi <= _interval(start)[0]:
         return False
-    return not (end is not None and lo >= date_range(end)[1])
+    return not (end is not None and lo >= _interval(end)[1])
 
 
 #: the order in which copies of a fact compete to lead its entry (the earliest received first)
@@ -182,7 +257,8 @@ def everything(backend: Any, patient_id: str, params: EverythingParams) -> dict[
     linked = mpi.linked_patient_ids(patient_id) if mpi is not None else index.identifier_linked(patient_id)
     if patient_id not in linked:
         linked = [patient_id, *linked]
-    resources = index.resources_for_patients(linked, types=params.types, since=params.since)
+    # ``types == []``: ``_type`` held only empty values (``_type=,``), which match nothing (with a warning)
+    resources = [] if params.types == [] else index.resources_for_patients(linked, types=params.types, since=params.since)
     start, end = params.start, params.end
     if start or end:
         resources = [r for r in resources if r.resource_type == "Patient" or in_range(r.clinical_date, start, end)]
@@ -202,7 +278,11 @@ def everything(backend: Any, patient_id: str, params: EverythingParams) -> dict[
         leaf_cache.update({ident: found.get(ident) for ident in idents})
     ext_cache: dict[tuple[str, str, str | None], dict[str, Any]] = {}  # one extension object per source bundle
     entries = []
+    # with _proof=true and a checkpoint: the page's entries with a source that gets no inclusion proof,
+    # because its bundle was logged after the checkpoint ("pending") or is not in the ledger ("unlogged")
+    unproven = {"pending": 0, "unlogged": 0}
     for m in page:
+        reasons: set[str] = set()
         body = orjson.Fragment(m.resource.body)  # stored JSON is spliced in as is: no parse, no re-serialise
         exts = []
         seen: set[tuple[str, str]] = set()
@@ -217,6 +297,14 @@ def everything(backend: Any, patient_id: str, params: EverythingParams) -> dict[
                 if ext is None:
                     ext = ext_cache[ckey] = _provenance_ext(src, ledger, leaf_cache, checkpoint)
                 exts.append(ext)
+                if checkpoint is not None:
+                    leaf = leaf_cache.get(ident)
+                    if leaf is None:
+                        reasons.add("unlogged")
+                    elif leaf >= checkpoint["size"]:
+                        reasons.add("pending")
+        for reason in reasons:
+            unproven[reason] += 1
         entry: dict[str, Any] = {
             "fullUrl": f"{params.base}/{m.resource.resource_type}/{m.resource.id}",
             "resource": body,
@@ -225,7 +313,7 @@ def everything(backend: Any, patient_id: str, params: EverythingParams) -> dict[
         if exts:
             entry["extension"] = exts
         entries.append(entry)
-    return {"entries": entries, "total": total, "linked": linked, "checkpoint": checkpoint}
+    return {"entries": entries, "total": total, "linked": linked, "checkpoint": checkpoint, "unproven": unproven}
 
 
 def _checkpoint(ledger: Any) -> dict[str, Any] | None:
@@ -271,14 +359,21 @@ async def patient_everything(request: web.Request) -> web.Response:
     from bridge.service import backend_of, base_url
 
     pid = request.match_info["id"]
+    if "\x00" in pid:  # never a known id (answered here: PostgreSQL cannot even compare it)
+        raise FhirHTTPError(404, "not-found", f"Patient/{pid!r} is not known: an id never contains a NUL character")
     check_query(request, EVERYTHING_PARAMS)
+    check_no_nul(request, EVERYTHING_PARAMS)
     warnings = [
         operation_outcome("warning", "not-supported", f"parameter {name!r} is not supported by $everything and was ignored")
         for name in dict.fromkeys(request.query)
         if name not in EVERYTHING_PARAMS
     ]
     types_raw = request.query.get("_type")
-    types = list(dict.fromkeys(t.strip() for t in types_raw.split(",") if t.strip())) if types_raw else None
+    types = list(dict.fromkeys(t.strip() for t in types_raw.split(",") if t.strip())) if types_raw is not None else None
+    if types == []:  # ``_type=`` or ``_type=,``: like an unknown type, it matches nothing, and is said so
+        warnings.append(
+            operation_outcome("warning", "not-supported", f"_type {types_raw!r} names no resource type: it matches nothing")
+        )
     for t in types or ():
         if t not in EVERYTHING_TYPES:
             warnings.append(
@@ -305,6 +400,21 @@ async def patient_everything(request: web.Request) -> web.Response:
     if params.proof and result["checkpoint"] is None:
         why = "no ledger is configured" if not backend.has_ledger else "the ledger has no signed checkpoint yet"
         warnings.append(operation_outcome("warning", "incomplete", f"_proof=true: {why}, so no proofs are included"))
+    elif params.proof:
+        size = result["checkpoint"]["size"]
+        for reason, why in (
+            ("pending", f"a source bundle logged after the latest checkpoint (tree size {size}): retry after the next checkpoint"),
+            ("unlogged", "a source bundle that is not in the ledger"),
+        ):
+            n = result["unproven"][reason]
+            if n:
+                warnings.append(
+                    operation_outcome(
+                        "warning", "incomplete",
+                        f"_proof=true: {n} {'entry' if n == 1 else 'entries'} on this page carr{'ies' if n == 1 else 'y'} "
+                        f"no inclusion proof for {why}",
+                    )
+                )
     self_url = f"{params.base}/Patient/{pid}/$everything"
     query = [(k, v) for k, v in request.query.items() if k != "_offset"]  # the query exactly as given
     links = [{"relation": "self", "url": f"{self_url}?{urlencode([*query, ('_offset', params.offset)])}"}]
@@ -357,6 +467,7 @@ async def patient_search(request: web.Request) -> web.Response:
 
     supported = {"identifier", "name", "birthdate", "_format"}
     check_query(request, supported)
+    check_no_nul(request, supported)
     identifier = request.query.get("identifier")
     name = request.query.get("name")
     birthdate = _date_param(request, "birthdate")

@@ -201,6 +201,14 @@ def _pages(db: Any, select: str, params: Sequence[Any], size: int) -> Iterator[l
         after = rows[-1][0]
 
 
+def _name_prefilter_is_exact(name: str) -> bool:
+    """Whether ``name`` may be pre-filtered with ``lower(body) LIKE %name%`` (:meth:`IndexStore.search_patients`):
+    ASCII, which both backends' ``lower()`` fold as ``casefold`` does, and nothing JSON writes escaped.
+    (Not covered: an ASCII name reaching a stored non-ASCII letter whose case fold is ASCII, such as
+    ``strauss`` in ``Strauß``; the pre-filter drops that match on both backends alike.)"""
+    return name.isascii() and not any(c in '"\\' or c < " " for c in name)
+
+
 class IndexStore:
     def __init__(self, url: str) -> None:
         self.db = Database(url)
@@ -470,10 +478,15 @@ class IndexStore:
         """Up to ``limit`` Patients (in id order) that ``match`` accepts, among those whose JSON mentions
         ``name`` / ``birthdate`` (a cheap SQL pre-filter; ``match`` decides). Read in pages until
         ``limit`` matches are found, so a pre-filter hit that ``match`` rejects never hides a later
-        match. SQLite's ``lower()`` folds ASCII only: a non-ASCII name is left to ``match`` there."""
+        match.
+
+        The name pre-filter is skipped (``match`` alone decides) where it could drop a true match, on
+        either backend: for a non-ASCII name (SQLite's ``lower()`` folds ASCII only, PostgreSQL's is not
+        ``casefold``: ß is not ss, ς is not σ), and for a name holding a character JSON escapes
+        (``"``, ``\\``, control characters: the body is JSON text, and ``\\`` is PostgreSQL's LIKE escape)."""
         sql = "SELECT id, body FROM resources WHERE resource_type = 'Patient'"
         params: list[Any] = []
-        if name and (name.isascii() or self.db.kind == "postgres"):
+        if name and _name_prefilter_is_exact(name):
             sql += " AND lower(body) LIKE ?"
             params.append(f"%{name.lower()}%")
         if birthdate:

@@ -208,3 +208,26 @@ def test_an_index_without_the_moved_flag_gets_it_from_its_deliveries(store: Inde
         assert _moved(again, "e1") and not _moved(again, "e2")
     finally:
         again.close()
+
+
+def test_name_search_prefilter_never_drops_a_true_match(store: IndexStore) -> None:
+    """``lower(body) LIKE %name%`` dropped true matches: a non-ASCII name on PostgreSQL (``lower`` is not
+    ``casefold``: ß is not ss, ς is not σ) and a name with ``"``, ``\\`` or a control character on both
+    backends (the body is JSON text, where those are escaped). ``match`` alone decides there."""
+    names = {"p1": "Strauss", "p2": "ΟΔΥΣΣΕΥΣ", "p3": 'Robert "Bob" Smith', "p4": "Back\\slash", "p5": "Tab\tName"}
+    store.apply([_bundle("h1", "st-mary", *({"resourceType": "Patient", "id": pid, "name": [{"text": text}]}
+                                            for pid, text in names.items()))])
+
+    def search(needle: str) -> list[str]:
+        def match(p: dict[str, Any]) -> bool:
+            return any(needle.casefold() in n["text"].casefold() for n in p.get("name", []))
+
+        return [p["id"] for p in store.search_patients(name=needle, match=match)]
+
+    assert search("strauß") == ["p1"]
+    assert search("οδυσσευς") == ["p2"]
+    assert search('"bob"') == ["p3"]
+    assert search("back\\slash") == ["p4"]
+    assert search("slash\\") == []  # a trailing backslash was an invalid LIKE pattern on PostgreSQL
+    assert search("b\tn") == ["p5"]
+    assert search("smith") == ["p3"]  # an ASCII name keeps the pre-filter

@@ -10,7 +10,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from bridge.config import Settings
 from bridge.index.store import IncomingBundle, IndexStore
-from bridge.query import in_range
+from bridge.query import date_range, in_range, utc_millis
 from bridge.service import Backend, create_app
 
 
@@ -228,3 +228,223 @@ async def test_name_search_folds_non_ascii_and_is_not_cut_short(tmp_path: Path) 
             resp = await c.get("/Patient", params={"name": needle})
             ids = [e["resource"]["id"] for e in (await resp.json())["entry"] if e["search"]["mode"] == "match"]
             assert ids == expected, needle
+
+
+# -- found by review (second round) ---------------------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def index_env(request: pytest.FixtureRequest) -> dict[str, str]:
+    """Settings environment for an index on each backend (the data directory is added by the test)."""
+    return {"FHIRBRIDGE_INDEX_URL": request.getfixturevalue("pg_dsn")} if request.param == "postgres" else {}
+
+
+async def _get(c: Any, url: str, **params: str) -> tuple[int, dict[str, Any]]:
+    resp = await c.get(url, params=params)
+    return resp.status, await resp.json()
+
+
+def _outcomes(bundle: dict[str, Any]) -> list[str]:
+    return [e["resource"]["issue"][0]["diagnostics"] for e in bundle["entry"] if e["search"]["mode"] == "outcome"]
+
+
+async def test_extreme_dates_answer_200_not_500(tmp_path: Path, index_env: dict[str, str]) -> None:
+    """A stored date in 9999 and parameters at the ends of the calendar overflowed ``datetime`` (500)."""
+    cov = {"resourceType": "Coverage", "id": "cov", "beneficiary": {"reference": "Patient/pa"}, "period": {"start": "9999-12-31"}}
+    settings = _store_with(tmp_path, [_bundle("h1", "st-mary", [
+        {"resourceType": "Patient", "id": "pa"}, _glucose("o1", "pa", "2026-01-01T00:00:00Z", 1), cov,
+    ], "2026-01-01T00:00:00.000Z")], **index_env)
+    async with TestClient(TestServer(create_app(settings, Backend(settings)))) as c:
+        for params, expected in [
+            ({"start": "2026-01-01"}, {"pa", "o1", "cov"}),
+            ({"end": "2026-12-31"}, {"pa", "o1"}),
+            ({"end": "9999-12-31"}, {"pa", "o1", "cov"}),
+            ({"end": "9999-12-31T23:59:59Z"}, {"pa", "o1", "cov"}),
+            ({"start": "9999"}, {"pa", "cov"}),
+            ({"start": "9999-12"}, {"pa", "cov"}),
+            ({"start": "0001-01-01T00:00:00+01:00"}, {"pa", "o1", "cov"}),
+            ({"end": "0001-01-01T00:00:00+01:00"}, {"pa"}),
+            ({"_since": "0001-01-01T00:00:00+01:00"}, {"pa", "o1", "cov"}),
+            ({"_since": "9999-12-31T23:59:59.9999Z"}, set()),
+        ]:
+            status, body = await _get(c, "/Patient/pa/$everything", **params)
+            assert status == 200, (params, body)
+            assert set(_ids(body)) == expected, params
+
+
+@pytest.mark.parametrize(
+    ("value", "lo", "hi"),
+    [
+        ("9999-12-31", "9999-12-31T00:00:00+00:00", "9999-12-31T23:59:59.999999+00:00"),
+        ("9999", "9999-01-01T00:00:00+00:00", "9999-12-31T23:59:59.999999+00:00"),
+        ("9999-12-31T23:59:59Z", "9999-12-31T23:59:59+00:00", "9999-12-31T23:59:59.999999+00:00"),
+        ("0001-01-01T00:00:00+01:00", "0001-01-01T00:00:00+00:00", "0001-01-01T00:00:00+00:00"),
+        ("2026-01-10T08:00Z", "2026-01-10T08:00:00+00:00", "2026-01-10T08:01:00+00:00"),
+        ("2026-01-10T08:00:00Z", "2026-01-10T08:00:00+00:00", "2026-01-10T08:00:01+00:00"),
+        ("2026-01-10T08:00:00.5Z", "2026-01-10T08:00:00.500000+00:00", "2026-01-10T08:00:00.600000+00:00"),
+        ("2026-01-10T08:00:00.123Z", "2026-01-10T08:00:00.123000+00:00", "2026-01-10T08:00:00.124000+00:00"),
+        ("2026-01-10T08:00:00.12345678Z", "2026-01-10T08:00:00.123456+00:00", "2026-01-10T08:00:00.123457+00:00"),
+        ("2026-01-10T08:00+01:00", "2026-01-10T07:00:00+00:00", "2026-01-10T07:01:00+00:00"),
+        ("2024-02", "2024-02-01T00:00:00+00:00", "2024-03-01T00:00:00+00:00"),
+    ],
+)
+def test_date_range_follows_the_precision_given_and_clamps(value: str, lo: str, hi: str) -> None:
+    assert [d.isoformat() for d in date_range(value)] == [lo, hi]
+
+
+def test_date_range_refuses_what_is_not_a_date() -> None:
+    for value in ("0000", "2026-13", "2026-02-30", "2026-01-10T24:00:00Z", "2026-01-10T10:00+99:00", "٢٠٢٦", "2026\n"):
+        with pytest.raises(ValueError):
+            date_range(value)
+
+
+def test_utc_millis_rounds_up_to_the_stored_millisecond_and_clamps() -> None:
+    assert utc_millis("2026-01-01T10:00:00.5004Z") == "2026-01-01T10:00:00.501Z"
+    assert utc_millis("2026-03-11T05:00:00+05:00") == "2026-03-11T00:00:00.000Z"
+    assert utc_millis("9999-12-31T23:59:59.9999Z") == "9999-12-31T23:59:59.999Z"
+    assert utc_millis("0001-01-01T00:00:00+01:00") == "0001-01-01T00:00:00.000Z"
+
+
+@pytest.mark.parametrize(
+    ("clinical", "start", "end", "expected"),
+    [
+        ("2026-01-10T08:00:30Z", None, "2026-01-10T08:00Z", True),  # the whole minute, not its first second
+        ("2026-01-10T08:00:30Z", "2026-01-10T08:00Z", "2026-01-10T08:00Z", True),
+        ("2026-01-10T08:01:00Z", None, "2026-01-10T08:00Z", False),
+        ("2026-01-10T07:59:59Z", "2026-01-10T08:00Z", None, False),
+        ("2026-01-10T08:00:00.5Z", None, "2026-01-10T08:00:00.4Z", False),
+        ("2026-01-10T08:00:00.45Z", None, "2026-01-10T08:00:00.4Z", True),
+        ("2026-01-10T08:00:00.123456789Z", "2026-01-10T08:00:00.123456Z", "2026-01-10T08:00:00.123456Z", True),
+        ("9999-12-31", "9999-12-31T23:59:59Z", "9999-12-31", True),
+        ("9999-12-31T23:59:59.999999Z", None, "9999-12-31", True),
+        ("0001-01-01", None, "0001-01-01T00:00:00+01:00", False),  # 0000-12-31T23:00Z: before year 1 starts
+        ("0001-01-01", "0001-01-01T00:00:00+01:00", None, True),
+    ],
+)
+def test_in_range_at_every_precision_and_the_ends_of_the_calendar(
+    clinical: str, start: str | None, end: str | None, expected: bool
+) -> None:
+    assert in_range(clinical, start, end) is expected
+
+
+async def test_a_minute_precision_bound_covers_the_whole_minute(tmp_path: Path, index_env: dict[str, str]) -> None:
+    settings = _store_with(tmp_path, [_bundle("h1", "st-mary", [
+        {"resourceType": "Patient", "id": "pa"}, _glucose("o0830", "pa", "2026-01-10T08:00:30Z", 6),
+        _glucose("o0801", "pa", "2026-01-10T08:01:00Z", 7),
+    ], "2026-01-11T00:00:00.000Z")], **index_env)
+    async with TestClient(TestServer(create_app(settings, Backend(settings)))) as c:
+        assert _ids(await _everything(c, end="2026-01-10T08:00Z", _type="Observation")) == ["o0830"]
+        b = await _everything(c, start="2026-01-10T08:00Z", end="2026-01-10T08:00Z", _type="Observation")
+        assert _ids(b) == ["o0830"]
+        # a stored value has its own precision too: 08:00:30Z is that whole second
+        assert set(_ids(await _everything(c, start="2026-01-10T08:00:30.5Z", _type="Observation"))) == {"o0830", "o0801"}
+        assert set(_ids(await _everything(c, start="2026-01-10T08:00:31Z", _type="Observation"))) == {"o0801"}
+
+
+async def test_proof_true_says_which_entries_carry_no_proof(tmp_path: Path, index_env: dict[str, str]) -> None:
+    """An entry whose bundle was logged after the latest checkpoint, or never, got no proof and no notice."""
+    import base64
+    import hashlib
+
+    from ledger import checkpoint, merkle, note
+    from ledger.log import Ledger, LedgerEntry
+
+    def sha(s: str) -> str:
+        return hashlib.sha256(s.encode()).hexdigest()
+
+    def logged(h: str, org: str, off: int) -> LedgerEntry:
+        return LedgerEntry(bundle_sha256=h, source_org=org, adapter="hl7v2", adapter_version="1", topic="t",
+                           partition=0, offset=off, ingested_at="2026-01-11T00:00:00Z", message_id=None)
+
+    h1, h2, h3, h4 = sha("b1"), sha("b2"), sha("b3"), sha("b4")
+    settings = _store_with(tmp_path, [
+        _bundle(h1, "A", [{"resourceType": "Patient", "id": "pa"}, _glucose("o1", "pa", "2026-01-10T08:00:00Z", 98)],
+                "2026-01-11T00:00:00.000Z"),
+        _bundle(h2, "A", [_glucose("o2", "pa", "2026-02-10T08:00:00Z", 120)], "2026-01-12T00:00:00.000Z"),  # logged later
+        _bundle(h3, "A", [_glucose("o3", "pa", "2026-03-10T08:00:00Z", 130)], "2026-01-13T00:00:00.000Z"),  # logged later
+        _bundle(h4, "A", [_glucose("o4", "pa", "2026-04-10T08:00:00Z", 140)], "2026-01-14T00:00:00.000Z"),  # never logged
+    ], **index_env)
+    ledger_url = index_env.get("FHIRBRIDGE_INDEX_URL") or f"sqlite:///{tmp_path / 'ledger.db'}"
+    origin = "test.fhirbridge/ledger"
+    skey, vkey = note.generate_key(origin)
+    led = Ledger.open(ledger_url, origin=origin, signer_key=skey, checkpoint_every=10**6, checkpoint_interval_ms=10**9)
+    led.append([logged(h1, "A", 1)])
+    led.checkpoint_now()
+    led.append([logged(h2, "A", 2), logged(h3, "A", 3)])
+    led.close()
+    backend = Backend(settings, ledger_factory=lambda: Ledger.open(ledger_url, origin=origin))
+    async with TestClient(TestServer(create_app(settings, backend))) as c:
+        b = await _everything(c, _proof="true")
+        cp = checkpoint.open(b["meta"]["extension"][0]["valueString"], [vkey])
+        assert cp.size == 1
+        proven = set()
+        for e in b["entry"]:
+            for ext in e.get("extension", []):
+                sub = {x["url"]: x for x in ext["extension"]}
+                if "ledgerEntry" in sub:  # the proofs included still verify
+                    proof = [base64.b64decode(x["valueBase64Binary"]) for x in ext["extension"] if x["url"] == "proofHash"]
+                    leaf = merkle.leaf_hash(base64.b64decode(sub["ledgerEntry"]["valueBase64Binary"]))
+                    merkle.verify_inclusion(leaf, sub["ledgerIndex"]["valueInteger"], cp.size, proof, cp.root_hash)
+                    proven.add(e["resource"]["id"])
+        assert proven == {"pa", "o1"}
+        outcomes = _outcomes(b)
+        assert len(outcomes) == 2, outcomes
+        assert "2 entries on this page carry no inclusion proof" in outcomes[0]
+        assert "logged after the latest checkpoint (tree size 1): retry after the next checkpoint" in outcomes[0]
+        assert "1 entry on this page carries no inclusion proof" in outcomes[1] and "not in the ledger" in outcomes[1]
+        # counted per page: the first page holds only proven entries, so it has no such warning
+        assert _outcomes(await _everything(c, _proof="true", _count="2")) == []
+        # without _proof nothing is said
+        assert _outcomes(await _everything(c)) == []
+
+
+async def test_nul_characters_give_400_or_404_on_both_backends(tmp_path: Path, index_env: dict[str, str]) -> None:
+    settings = _store_with(tmp_path, [_bundle("h1", "st-mary", [{"resourceType": "Patient", "id": "pa"}],
+                                              "2026-01-01T00:00:00.000Z")], **index_env)
+    async with TestClient(TestServer(create_app(settings, Backend(settings)))) as c:
+        for path, status, name in [
+            ("/Patient/a%00b/$everything", 404, None),
+            ("/Patient/pa/$everything?_type=Obs%00", 400, "_type"),
+            ("/Patient/pa/$everything?_type=Observation,%00", 400, "_type"),
+            ("/Patient/pa/$everything?start=2026%00", 400, "start"),
+            ("/Patient?name=a%00", 400, "name"),
+            ("/Patient?name=%00", 400, "name"),
+            ("/Patient?identifier=s%7Ca%00b", 400, "identifier"),
+            ("/Patient?identifier=a%00b", 400, "identifier"),
+        ]:
+            resp = await c.get(path)
+            body = await resp.json()
+            assert resp.status == status, (path, body)
+            assert body["resourceType"] == "OperationOutcome"
+            if name:
+                assert body["issue"][0]["diagnostics"].startswith(f"parameter {name}:"), path
+
+
+async def test_type_with_only_empty_values_matches_nothing_and_says_so(client: Any) -> None:
+    for value in (",", "", " , "):
+        b = await _everything(client, _type=value)
+        assert _ids(b) == [] and b["total"] == 0, value
+        assert any("names no resource type" in d for d in _outcomes(b)), value
+    assert set(_ids(await _everything(client, _type="Observation,"))) == {"oa1", "oa2", "ob2"}
+
+
+async def test_name_search_is_the_same_on_both_backends(tmp_path: Path, index_env: dict[str, str]) -> None:
+    """The ``lower(body) LIKE`` pre-filter dropped true matches: non-ASCII names on PostgreSQL (``lower``
+    is not ``casefold``), and names with ``"`` or ``\\`` on both (the body is JSON-escaped text)."""
+    patients = [
+        {"resourceType": "Patient", "id": "p1", "name": [{"family": "Strauss", "given": ["Anna"]}]},
+        {"resourceType": "Patient", "id": "p2", "name": [{"family": "Ørsted"}]},
+        {"resourceType": "Patient", "id": "p3", "name": [{"text": 'Robert "Bob" Smith', "family": "Smith"}]},
+        {"resourceType": "Patient", "id": "p4", "name": [{"family": "ΟΔΥΣΣΕΥΣ"}]},
+        {"resourceType": "Patient", "id": "p6", "name": [{"family": "Back\\slash"}]},
+        {"resourceType": "Patient", "id": "p7", "name": [{"family": "Tab\tName"}]},
+    ]
+    settings = _store_with(tmp_path, [_bundle("h1", "st-mary", patients, "2026-01-01T00:00:00.000Z")], **index_env)
+    async with TestClient(TestServer(create_app(settings, Backend(settings)))) as c:
+        for needle, expected in [
+            ("strauß", ["p1"]), ("ØRSTED", ["p2"]), ('"bob"', ["p3"]), ('"BOB" smith', ["p3"]), ("οδυσσευς", ["p4"]),
+            ("back\\slash", ["p6"]), ("abc\\", []), ("b\tn", ["p7"]), ("smith", ["p3"]), ("back", ["p6"]),
+        ]:
+            status, body = await _get(c, "/Patient", name=needle)
+            assert status == 200, (needle, body)
+            assert _ids(body) == expected, needle
