@@ -28,6 +28,27 @@ from bridge.logging import get_logger
 
 log = get_logger(__name__)
 
+#: one row per delivery of a resource: the same bundle from two organisations is two deliveries (keyed
+#: like the ledger and ``bundles``, by bundle hash and organisation; until 2026-12-03 without the
+#: organisation, so the second one was dropped: :meth:`IndexStore._key_sources_by_org` migrates)
+_SOURCES_TABLE = """CREATE TABLE IF NOT EXISTS {name} (
+    resource_type TEXT NOT NULL,
+    id TEXT NOT NULL,
+    bundle_sha256 TEXT NOT NULL,
+    source_org TEXT NOT NULL,
+    source_patient TEXT,
+    topic TEXT NOT NULL,
+    kafka_partition INTEGER NOT NULL,
+    kafka_offset BIGINT NOT NULL,
+    received_at TEXT NOT NULL,
+    patient_id TEXT,
+    PRIMARY KEY (resource_type, id, bundle_sha256, source_org)
+)"""
+_SOURCES_COLUMNS = (
+    "resource_type, id, bundle_sha256, source_org, source_patient, topic, kafka_partition, kafka_offset, received_at, "
+    "patient_id"
+)
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS resources (
     resource_type TEXT NOT NULL,
@@ -53,19 +74,7 @@ CREATE TABLE IF NOT EXISTS patient_identifiers (
     PRIMARY KEY (system, value, patient_id)
 );
 CREATE INDEX IF NOT EXISTS patient_identifiers_patient ON patient_identifiers (patient_id);
-CREATE TABLE IF NOT EXISTS resource_sources (
-    resource_type TEXT NOT NULL,
-    id TEXT NOT NULL,
-    bundle_sha256 TEXT NOT NULL,
-    source_org TEXT NOT NULL,
-    source_patient TEXT,
-    topic TEXT NOT NULL,
-    kafka_partition INTEGER NOT NULL,
-    kafka_offset BIGINT NOT NULL,
-    received_at TEXT NOT NULL,
-    patient_id TEXT,
-    PRIMARY KEY (resource_type, id, bundle_sha256)
-);
+{sources_table};
 CREATE INDEX IF NOT EXISTS resource_sources_patient ON resource_sources (patient_id);
 CREATE TABLE IF NOT EXISTS bundles (
     bundle_sha256 TEXT NOT NULL,
@@ -80,7 +89,7 @@ CREATE TABLE IF NOT EXISTS index_meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
 )
-"""
+""".replace("{sources_table}", _SOURCES_TABLE.format(name="resource_sources"))
 
 TABLES = ("resources", "patient_identifiers", "resource_sources", "bundles")
 
@@ -151,7 +160,7 @@ _SOURCES = (
     "SELECT resource_type, id, bundle_sha256, source_org, source_patient, topic, kafka_partition, kafka_offset, "
     "received_at FROM resource_sources WHERE "
 )
-_SOURCES_ORDER = " ORDER BY received_at, kafka_offset"
+_SOURCES_ORDER = " ORDER BY received_at, kafka_offset, source_org"
 
 
 def _by_resource(
@@ -217,7 +226,35 @@ class IndexStore:
                 self.db.execute(f"PRAGMA {pragma}")
         self.db.script(SCHEMA)
         self._add_moved_flag()
+        self._key_sources_by_org()
         self._refresh_dedupe_keys()
+
+    def _key_sources_by_org(self) -> None:
+        """An index whose deliveries were keyed without the organisation: re-key them (the rows are
+        unique under either key, so they are copied as they are). A delivery dropped before stays
+        dropped until the stream is replayed into the index, which adds it."""
+        if self.db.kind == "postgres":
+            key = [r[0] for r in self.db.query(
+                "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid "
+                "AND a.attnum = ANY(i.indkey) WHERE i.indrelid = 'resource_sources'::regclass AND i.indisprimary"
+            )]
+        else:
+            key = [r[1] for r in self.db.query("PRAGMA table_info(resource_sources)") if r[5]]
+        if "source_org" in key:
+            return
+        with self.db.transaction() as db:
+            if self.db.kind == "postgres":
+                db.execute("ALTER TABLE resource_sources DROP CONSTRAINT resource_sources_pkey")
+                db.execute("ALTER TABLE resource_sources ADD PRIMARY KEY (resource_type, id, bundle_sha256, source_org)")
+            else:  # SQLite cannot change a primary key: a new table, the rows copied
+                db.execute(_SOURCES_TABLE.format(name="resource_sources_new"))
+                db.execute(
+                    f"INSERT INTO resource_sources_new ({_SOURCES_COLUMNS}) SELECT {_SOURCES_COLUMNS} FROM resource_sources"
+                )
+                db.execute("DROP TABLE resource_sources")
+                db.execute("ALTER TABLE resource_sources_new RENAME TO resource_sources")
+                db.execute("CREATE INDEX IF NOT EXISTS resource_sources_patient ON resource_sources (patient_id)")
+        log.info("index.sources_keyed_by_org")
 
     def _add_moved_flag(self) -> None:
         """An index written before resources carried ``moved``: add it, set from the deliveries."""
@@ -320,9 +357,7 @@ class IndexStore:
         with self.db.transaction() as db:
             db.executemany(_UPSERT_RESOURCE, res_rows)
             db.executemany(
-                """INSERT INTO resource_sources (resource_type, id, bundle_sha256, source_org, source_patient, topic,
-                       kafka_partition, kafka_offset, received_at, patient_id)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING""",
+                f"INSERT INTO resource_sources ({_SOURCES_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 src_rows,
             )
             db.executemany(
@@ -462,7 +497,8 @@ class IndexStore:
         for r in self.db.query("SELECT resource_type, id, last_updated, body FROM resources ORDER BY resource_type, id"):
             h.update("\x1f".join(str(x) for x in r).encode())
         for r in self.db.query(
-            "SELECT resource_type, id, bundle_sha256, source_org FROM resource_sources ORDER BY resource_type, id, bundle_sha256"
+            "SELECT resource_type, id, bundle_sha256, source_org FROM resource_sources "
+            "ORDER BY resource_type, id, bundle_sha256, source_org"
         ):
             h.update("\x1e".join(str(x) for x in r).encode())
         return h.hexdigest()

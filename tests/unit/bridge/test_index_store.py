@@ -210,6 +210,49 @@ def test_an_index_without_the_moved_flag_gets_it_from_its_deliveries(store: Inde
         again.close()
 
 
+def test_the_same_bundle_from_two_organisations_is_two_deliveries(store: IndexStore, tmp_path: Path) -> None:
+    """Found by review: deliveries were keyed by (type, id, bundle hash), so the second organisation to
+    send the same bundle was dropped, and the provenance depended on the order of arrival."""
+    a = _bundle("h1", "st-mary", _enc("e1", "pa", "2026-01-01"), ts="2026-01-01T00:00:00.000Z")
+    c = _bundle("h1", "riverside", _enc("e1", "pa", "2026-01-01"), ts="2026-01-02T00:00:00.000Z", offset=1)
+    store.apply([a])
+    store.apply([c])
+    store.apply([a])  # again: nothing new
+    assert [s["source_org"] for s in store.sources_of([("Encounter", "e1")])[("Encounter", "e1")]] == ["st-mary", "riverside"]
+    first = store.fingerprint()
+    store.reset()
+    store.apply([c])
+    store.apply([a])
+    assert store.fingerprint() == first  # the same set of records, in another order
+
+
+def test_an_index_with_deliveries_keyed_without_the_organisation_is_rekeyed(store: IndexStore) -> None:
+    store.apply([_bundle("h1", "st-mary", _enc("e1", "pa", "2026-01-01"))])
+    # the layout before: the organisation not in the key (on SQLite by rebuilding the table)
+    if store.db.kind == "postgres":
+        store.db.execute("ALTER TABLE resource_sources DROP CONSTRAINT resource_sources_pkey")
+        store.db.execute("ALTER TABLE resource_sources ADD PRIMARY KEY (resource_type, id, bundle_sha256)")
+    else:
+        store.db.script(
+            "CREATE TABLE s_old (resource_type TEXT NOT NULL, id TEXT NOT NULL, bundle_sha256 TEXT NOT NULL, "
+            "source_org TEXT NOT NULL, source_patient TEXT, topic TEXT NOT NULL, kafka_partition INTEGER NOT NULL, "
+            "kafka_offset BIGINT NOT NULL, received_at TEXT NOT NULL, patient_id TEXT, "
+            "PRIMARY KEY (resource_type, id, bundle_sha256)); INSERT INTO s_old SELECT * FROM resource_sources; "
+            "DROP TABLE resource_sources; ALTER TABLE s_old RENAME TO resource_sources"
+        )
+    url = store.db.url
+    store.close()
+    again = IndexStore.open(url)
+    try:
+        again.apply([_bundle("h1", "riverside", _enc("e1", "pa", "2026-01-01"), ts="2026-01-02T00:00:00.000Z")])
+        orgs = [s["source_org"] for s in again.sources_of([("Encounter", "e1")])[("Encounter", "e1")]]
+        assert orgs == ["st-mary", "riverside"]
+        assert again.sources_for_patients(["pa"])[("Encounter", "e1")] == again.sources_of([("Encounter", "e1")])[("Encounter", "e1")]
+        IndexStore.open(url).close()  # opening again: nothing left to migrate
+    finally:
+        again.close()
+
+
 def test_name_search_prefilter_never_drops_a_true_match(store: IndexStore) -> None:
     """``lower(body) LIKE %name%`` dropped true matches: a non-ASCII name on PostgreSQL (``lower`` is not
     ``casefold``: ß is not ss, ς is not σ) and a name with ``"``, ``\\`` or a control character on both
