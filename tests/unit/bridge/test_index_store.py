@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -189,6 +190,18 @@ def test_same_patient_again_is_not_moved(store: IndexStore) -> None:
     assert not _moved(store, "e1")
 
 
+@contextlib.contextmanager
+def _reopened(store: IndexStore) -> Iterator[IndexStore]:
+    """``store`` closed and opened again (what a newer release does with an index written before)."""
+    url = store.db.url
+    store.close()
+    again = IndexStore.open(url)
+    try:
+        yield again
+    finally:
+        again.close()
+
+
 def test_an_index_without_the_moved_flag_gets_it_from_its_deliveries(store: IndexStore) -> None:
     store.apply([_bundle("h1", "st-mary", _enc("e1", "pa", "2026-01-01"), _enc("e2", "pa", "2026-01-02"))])
     store.apply([_bundle("h2", "st-mary", _enc("e1", "pb", "2026-01-01"), ts="2026-01-02T00:00:00.000Z")])
@@ -201,13 +214,8 @@ def test_an_index_without_the_moved_flag_gets_it_from_its_deliveries(store: Inde
             "version_time, dedupe_key, bundle_sha256, content_sha256, body FROM resources; DROP TABLE resources; "
             "ALTER TABLE r_old RENAME TO resources"
         )
-    url = store.db.url
-    store.close()
-    again = IndexStore.open(url)
-    try:
+    with _reopened(store) as again:
         assert _moved(again, "e1") and not _moved(again, "e2")
-    finally:
-        again.close()
 
 
 def test_the_same_bundle_from_two_organisations_is_two_deliveries(store: IndexStore, tmp_path: Path) -> None:
@@ -240,17 +248,12 @@ def test_an_index_with_deliveries_keyed_without_the_organisation_is_rekeyed(stor
             "PRIMARY KEY (resource_type, id, bundle_sha256)); INSERT INTO s_old SELECT * FROM resource_sources; "
             "DROP TABLE resource_sources; ALTER TABLE s_old RENAME TO resource_sources"
         )
-    url = store.db.url
-    store.close()
-    again = IndexStore.open(url)
-    try:
+    with _reopened(store) as again:
         again.apply([_bundle("h1", "riverside", _enc("e1", "pa", "2026-01-01"), ts="2026-01-02T00:00:00.000Z")])
         orgs = [s["source_org"] for s in again.sources_of([("Encounter", "e1")])[("Encounter", "e1")]]
         assert orgs == ["st-mary", "riverside"]
         assert again.sources_for_patients(["pa"])[("Encounter", "e1")] == again.sources_of([("Encounter", "e1")])[("Encounter", "e1")]
-        IndexStore.open(url).close()  # opening again: nothing left to migrate
-    finally:
-        again.close()
+        IndexStore.open(again.db.url).close()  # opening again: nothing left to migrate
 
 
 def test_name_search_prefilter_never_drops_a_true_match(store: IndexStore) -> None:
