@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import calendar
+import functools
 import operator
 import re
 import uuid
@@ -107,7 +108,7 @@ def _date_param(request: web.Request, name: str) -> str | None:
     if not _DATE.fullmatch(value):
         raise FhirHTTPError(400, "invalid", f"parameter {name}: {value!r} is not a FHIR date or dateTime")
     try:
-        date_range(value)
+        _interval(value)
     except ValueError:
         raise FhirHTTPError(400, "invalid", f"parameter {name}: {value!r} is not a valid date") from None
     return value
@@ -132,6 +133,7 @@ _MIN_US = date.min.toordinal() * _US_PER_DAY
 _MAX_US = (date.max.toordinal() + 1) * _US_PER_DAY - 1
 
 
+@functools.lru_cache(maxsize=4096)  # in_range asks for the same bounds (and most stored dates) once per resource
 def _interval(value: str) -> tuple[int, int]:
     """The half-open UTC interval a FHIR date/dateTime denotes, in microseconds since day 0 of the
     proleptic Gregorian calendar (integers: an interval at the ends of years 0001-9999, or moved there
