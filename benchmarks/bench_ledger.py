@@ -7,7 +7,8 @@ Measures, in one run:
 * fhirbridge Ledger on SQLite (WAL, synchronous=FULL, one transaction per batch): entries/s for full
   ledger entries (canonical JSON, idempotency lookup, leaf hash, tiles, entry row), by wall-clock and
   by process CPU time (only the ``append`` calls are timed; building the entries is not);
-* the same on PostgreSQL (127.0.0.1:5432, a scratch database dropped afterwards) unless ``--no-pg``;
+* the same on PostgreSQL (``FHIRBRIDGE_TEST_PG``, else a private durable server started and stopped
+  here; a scratch database dropped afterwards) unless ``--no-pg``;
 * pymerkle ``SqliteTree.append_entries`` with the same bytes, in the same batches (bare leaves: it
   stores the entry and its hash, nothing else);
 * p50/p99 of inclusion proof generation + verification at size n (random index), and of consistency
@@ -180,19 +181,12 @@ def summary(rate: float, inc: list[float], con: list[float], cpu_rate: float) ->
     }
 
 
-def pg_scratch() -> tuple[str, Callable[[], None]] | None:
-    try:
-        import psycopg
-    except ImportError:
-        return None
-    admin = os.environ.get("FHIRBRIDGE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+def pg_scratch(admin: str) -> tuple[str, Callable[[], None]]:
+    import psycopg
+
     name = f"fhirbridge_bench_{uuid.uuid4().hex[:8]}"
-    try:
-        with psycopg.connect(admin, autocommit=True, connect_timeout=3) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-    except psycopg.OperationalError as exc:
-        print(f"PostgreSQL skipped: {exc}")
-        return None
+    with psycopg.connect(admin, autocommit=True, connect_timeout=3) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
 
     def drop() -> None:
         with psycopg.connect(admin, autocommit=True) as conn:
@@ -223,9 +217,10 @@ def main() -> int:
             else bench_pymerkle(f"{tmp}/pymerkle.db", args.n, args.batch, args.proofs)
         )
     if not args.no_pg:
-        scratch = pg_scratch()
-        if scratch is not None:
-            url, drop = scratch
+        from tests.services.postgres import admin_dsn
+
+        with admin_dsn(durable=True) as admin:
+            url, drop = pg_scratch(admin)
             try:
                 bench_ours(url, args.n, args.batch, args.proofs, "fhirbridge PostgreSQL")
             finally:

@@ -26,7 +26,10 @@ Reported per backend:
   because on shared machines the same code's figures move with the machine's speed of the moment.
 
 Usage: python benchmarks/bench_query.py [--people 100000] [--backend sqlite|postgres|both] [--requests 300]
-       [--mpi-only]
+       [--mpi-only] [--pg ADMIN_DSN]
+
+PostgreSQL: ``--pg``, else ``FHIRBRIDGE_TEST_PG``, else a private durable server (PostgreSQL 16 from the
+test extra) started for the run and stopped by its PID afterwards.
 
 ``--mpi-only`` measures the MPI linking alone (the same Patient records, the same batches of 1,000,
 no index store, no HTTP): records/s wall and per CPU-second of this process (on PostgreSQL the server's
@@ -62,6 +65,7 @@ from bridge.index.store import IncomingBundle, IndexStore
 from bridge.mpi import MpiConfig, PersonIndex
 from bridge.mpi.features import extract_features
 from bridge.mpi.matcher import link_records
+from tests.services.postgres import admin_dsn
 
 LOINC = [("2345-7", "Glucose", "mg/dL", 70, 140), ("718-7", "Hemoglobin", "g/dL", 11, 17),
          ("2160-0", "Creatinine", "mg/dL", 0.5, 1.4), ("2951-2", "Sodium", "mmol/L", 134, 146),
@@ -314,12 +318,33 @@ def run_backend(name: str, settings: Settings, bundles: list[IncomingBundle], pa
     return res
 
 
+def run_postgres(admin: str, base: Settings, bundles: list[IncomingBundle], patients: list[tuple[str, dict[str, Any]]],
+                 heavy: str, args: argparse.Namespace) -> None:
+    import psycopg
+
+    dbs = [f"fb_bench_{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    with psycopg.connect(admin, autocommit=True) as conn:
+        for d in dbs:
+            conn.execute(f'CREATE DATABASE "{d}"')
+    root = admin.rsplit("/", 1)[0]
+    try:
+        pg = replace(base, index_url=f"{root}/{dbs[0]}", mpi_url=f"{root}/{dbs[1]}")
+        if args.mpi_only:
+            run_mpi_only("postgres", pg.mpi_url, patients)
+        else:
+            run_backend("postgres", pg, bundles, patients, heavy, args.requests)
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            for d in dbs:
+                conn.execute(f'DROP DATABASE IF EXISTS "{d}" WITH (FORCE)')
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--people", type=int, default=100_000)
     ap.add_argument("--backend", choices=["sqlite", "postgres", "both"], default="both")
     ap.add_argument("--requests", type=int, default=300)
-    ap.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    ap.add_argument("--pg", default=None, help="admin DSN (default: FHIRBRIDGE_TEST_PG, else a private server)")
     ap.add_argument("--mpi-only", action="store_true", help="measure the MPI linking alone")
     args = ap.parse_args()
     t = time.perf_counter()
@@ -340,23 +365,9 @@ def main() -> None:
             else:
                 run_backend("sqlite", base, bundles, patients, heavy, args.requests)
         if args.backend in ("postgres", "both"):
-            import psycopg
-
-            dbs = [f"fb_bench_{uuid.uuid4().hex[:8]}" for _ in range(2)]
-            with psycopg.connect(args.pg, autocommit=True) as admin:
-                for d in dbs:
-                    admin.execute(f'CREATE DATABASE "{d}"')
-            root = args.pg.rsplit("/", 1)[0]
-            try:
-                pg = replace(base, index_url=f"{root}/{dbs[0]}", mpi_url=f"{root}/{dbs[1]}")
-                if args.mpi_only:
-                    run_mpi_only("postgres", pg.mpi_url, patients)
-                else:
-                    run_backend("postgres", pg, bundles, patients, heavy, args.requests)
-            finally:
-                with psycopg.connect(args.pg, autocommit=True) as admin:
-                    for d in dbs:
-                        admin.execute(f'DROP DATABASE IF EXISTS "{d}" WITH (FORCE)')
+            with contextlib.ExitStack() as stack:
+                admin = args.pg or stack.enter_context(admin_dsn(durable=True))
+                run_postgres(admin, base, bundles, patients, heavy, args)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

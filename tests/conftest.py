@@ -1,4 +1,9 @@
-"""Shared fixtures: a fresh PostgreSQL database per test, and structlog reset."""
+"""Shared fixtures: a fresh PostgreSQL database per test, and structlog reset.
+
+PostgreSQL: ``FHIRBRIDGE_TEST_PG`` names a running server's admin DSN; without it, the first test that
+needs PostgreSQL starts a private server (``tests/services/postgres.py``) that the session stops by
+its PID at the end.
+"""
 
 from __future__ import annotations
 
@@ -9,26 +14,38 @@ from pathlib import Path
 
 import pytest
 
-PG_ADMIN_DSN = os.environ.get("FHIRBRIDGE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 SAMPLES = Path(os.environ.get("FHIRBRIDGE_SAMPLES", Path(__file__).resolve().parents[1].parent / "shared" / "samples"))
 
 
+@pytest.fixture(scope="session")
+def pg_admin_dsn() -> Iterator[str]:
+    """The admin DSN of the tests' PostgreSQL: ``FHIRBRIDGE_TEST_PG``, or a private server started here."""
+    from tests.services.postgres import PostgresUnavailable, admin_dsn
+
+    try:
+        with admin_dsn() as dsn:
+            yield dsn
+    except PostgresUnavailable as exc:  # said loudly: a PostgreSQL test is never skipped
+        pytest.fail(f"cannot start the tests' PostgreSQL: {exc}")
+
+
 @pytest.fixture
-def pg_dsn() -> Iterator[str]:
+def pg_dsn(pg_admin_dsn: str) -> Iterator[str]:
     """A DSN for a brand-new, empty PostgreSQL database, dropped after the test."""
-    psycopg = pytest.importorskip("psycopg")
+    import psycopg
+
     name = f"fhirbridge_test_{uuid.uuid4().hex[:12]}"
     try:
-        admin = psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=5)
+        admin = psycopg.connect(pg_admin_dsn, autocommit=True, connect_timeout=5)
     except psycopg.OperationalError as exc:  # pragma: no cover - environment problem, said loudly
-        pytest.fail(f"PostgreSQL is not reachable at {PG_ADMIN_DSN}: {exc}")
+        pytest.fail(f"PostgreSQL is not reachable at {pg_admin_dsn}: {exc}")
     with admin:
         admin.execute(f'CREATE DATABASE "{name}"')
-    base = PG_ADMIN_DSN.rsplit("/", 1)[0]
+    base = pg_admin_dsn.rsplit("/", 1)[0]
     try:
         yield f"{base}/{name}"
     finally:
-        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
+        with psycopg.connect(pg_admin_dsn, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 

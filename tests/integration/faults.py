@@ -1,24 +1,17 @@
-"""Tools for fault tests: fast synthetic bundles, consumer subprocesses, a private PostgreSQL cluster."""
+"""Tools for fault tests: fast synthetic bundles and consumer subprocesses (PostgreSQL: tests/services/postgres.py)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from adapters.base import ConvertedBundle, SourceInfo
 from adapters.bundle import BundleBuilder
-from bridge.broker import free_port
 from bridge.publish import Publisher
-
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
 
 class _Adapter:
@@ -82,60 +75,3 @@ def stop(proc: subprocess.Popen[bytes]) -> int:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
     return proc.wait(30)
-
-
-class PrivatePostgres:
-    """A throwaway PostgreSQL 15 cluster on a free port, which a test may stop and start at will."""
-
-    def __init__(self) -> None:
-        # not under pytest's tmp_path: the postgres user cannot traverse root's private directories
-        base = Path(tempfile.mkdtemp(prefix="fhirbridge-pg-"))
-        shutil.chown(base, "postgres")
-        self.base = base
-        self.dir = base / "pgdata"
-        self.port = free_port()
-        self.log = base / "postgres.log"
-        self._as_postgres(str(PG_BIN / "initdb"), "-D", str(self.dir), "-A", "trust", "-U", "postgres", "--no-sync")
-
-    @staticmethod
-    def available() -> bool:
-        return (PG_BIN / "initdb").exists() and shutil.which("runuser") is not None
-
-    def _as_postgres(self, *cmd: str) -> None:
-        subprocess.run(["runuser", "-u", "postgres", "--", *cmd], check=True, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
-
-    def start(self) -> None:
-        opts = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
-        self._as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(self.dir), "-o", opts, "-l", str(self.log), "-w", "start")
-
-    def stop(self, mode: str = "immediate") -> None:
-        self._as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(self.dir), "-m", mode, "-w", "stop")
-
-    def destroy(self) -> None:
-        with contextlib.suppress(subprocess.CalledProcessError):  # not running
-            self.stop("immediate")
-        shutil.rmtree(self.base, ignore_errors=True)
-
-    def dsn(self, db: str = "postgres") -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{db}"
-
-    def create_db(self, name: str) -> str:
-        import psycopg
-
-        with psycopg.connect(self.dsn(), autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        return self.dsn(name)
-
-    def wait_ready(self, timeout: float = 30) -> None:
-        import psycopg
-
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                psycopg.connect(self.dsn(), connect_timeout=2).close()
-                return
-            except psycopg.OperationalError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)

@@ -14,9 +14,10 @@ import pytest
 from bridge.config import Settings
 from bridge.index.store import IndexStore
 from bridge.publish import Publisher
+from tests.services.postgres import PostgresServer
 
 from .conftest import settings_env
-from .faults import PrivatePostgres, kill9, publish_synthetic, start_consumer, stop
+from .faults import kill9, publish_synthetic, start_consumer, stop
 from .pipeline import Stack, make_stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -85,9 +86,8 @@ def _kill_and_check(stack, producer, procs, env, logs, rng, n) -> None:  # type:
     index.close()
 
 
-@pytest.mark.skipif(not PrivatePostgres.available(), reason="needs PostgreSQL 15 server binaries to run a private cluster")
 def test_postgres_restart_pauses_and_resumes_without_loss(stack: Stack, tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    pg = PrivatePostgres()
+    pg = PostgresServer()
     pg.start()
     try:
         s = replace(stack.settings, ledger_url=pg.create_db("ledger"), index_url=pg.create_db("idx"), mpi_url=pg.create_db("mpi"))
