@@ -19,6 +19,7 @@ Contract:
 from __future__ import annotations
 
 import hashlib
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -149,16 +150,44 @@ class Adapter(ABC):
         """
 
     def convert_path(self, path: Path, source: SourceInfo) -> Iterator[Outcome]:
-        """Convert a file (or, for adapters that support it, a directory). Default: read the bytes."""
-        if path.is_dir():
-            yield RejectedRecord(
-                self.error("this adapter reads files, not directories", Location(file=str(path))), b""
-            )
+        """Convert a file, or every file under a directory (recursively, in a stable order).
+
+        A directory's files are its regular files at any depth, hidden names (``.*``) and symbolic
+        links to directories left out, sorted by their path relative to the directory. An empty
+        directory, or a file that cannot be read, yields a located :class:`RejectedRecord`, so that
+        nothing given on the command line disappears without a word. Adapters whose input *is* a
+        directory (a Synthea export) override this.
+        """
+        if not path.is_dir():
+            yield from self.convert(path.read_bytes(), source, filename=str(path))
             return
-        yield from self.convert(path.read_bytes(), source, filename=str(path))
+        files = files_under(path)
+        if not files:
+            yield RejectedRecord(self.error("the directory holds no files to convert", Location(file=str(path))), b"")
+            return
+        for file in files:
+            try:
+                data = file.read_bytes()
+            except OSError as exc:
+                yield RejectedRecord(self.error(f"cannot read: {exc.strerror}", Location(file=str(file))), b"")
+                continue
+            yield from self.convert(data, source, filename=str(file))
 
     def error(self, message: str, location: Location | None = None) -> ParseError:
         return ParseError(message, adapter=self.name, location=location)
+
+
+def files_under(directory: Path) -> list[Path]:
+    """The regular files under ``directory`` at any depth, hidden names skipped, in a stable order."""
+    found: list[tuple[tuple[str, ...], Path]] = []
+    for root, dirs, names in os.walk(directory, followlinks=False):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        base = Path(root)
+        for name in names:
+            file = base / name
+            if not name.startswith(".") and file.is_file():
+                found.append((file.relative_to(directory).parts, file))
+    return [file for _, file in sorted(found)]
 
 
 def sha256_hex(data: bytes) -> str:

@@ -106,12 +106,42 @@ def test_usage_errors_exit_2(
     assert "Traceback" not in captured.err
 
 
-def test_convert_directory_input_is_passed_to_convert_path(tmp_path: Path) -> None:
+def test_convert_empty_directory_is_a_located_error(tmp_path: Path) -> None:
     d = tmp_path / "dir"
     d.mkdir()
     rc = main(["convert", "-a", "hl7v2", "-s", "x", str(d), "-o", str(tmp_path / "out")])
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert rc == 1 and "directories" in report["files"][0]["errors"][0]["message"]
+    assert rc == 1 and "holds no files" in report["files"][0]["errors"][0]["message"]
+
+
+def test_convert_directory_reads_every_file_recursively_in_a_stable_order(tmp_path: Path) -> None:
+    d = tmp_path / "feeds"
+    (d / "b" / "deeper").mkdir(parents=True)
+    (d / ".git").mkdir()
+    (d / "z.hl7").write_text(GOOD.replace("C1", "Z1"))
+    (d / "a.hl7").write_text(GOOD.replace("C1", "A1"))
+    (d / "b" / "deeper" / "feed").write_text(GOOD.replace("C1", "B1"))  # no suffix: real feeds often have none
+    (d / ".hidden.hl7").write_text(GOOD.replace("C1", "H1"))
+    (d / ".git" / "x.hl7").write_text(GOOD.replace("C1", "G1"))
+    rc = main(["convert", "-a", "hl7v2", "-s", "x", str(d), "-o", str(tmp_path / "out")])
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert rc == 0, report
+    (f,) = report["files"]
+    assert [b["message_id"] for b in f["bundles"]] == ["A1", "B1", "Z1"]
+    assert [b["location"]["file"] for b in f["bundles"]] == [str(d / "a.hl7"), str(d / "b" / "deeper" / "feed"), str(d / "z.hl7")]
+
+
+def test_convert_directory_with_a_bad_file_locates_the_error_in_that_file(tmp_path: Path) -> None:
+    d = tmp_path / "feeds"
+    d.mkdir()
+    (d / "good.hl7").write_text(GOOD)
+    (d / "bad.hl7").write_text(BAD)
+    rc = main(["convert", "-a", "hl7v2", "-s", "x", str(d), "-o", str(tmp_path / "out")])
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert rc == 1
+    (err,) = report["files"][0]["errors"]
+    assert err["location"]["file"] == str(d / "bad.hl7") and err["location"]["line"] == 3
+    assert [b["message_id"] for b in report["files"][0]["bundles"]] == ["C1"]
 
 
 def test_adapters_list(capsys: pytest.CaptureFixture[str]) -> None:
