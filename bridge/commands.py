@@ -27,6 +27,8 @@ def register(sub: Any, groups: dict[str, Any]) -> None:
 
     p = groups["ledger"].add_parser("run", help="consume fhir.bundles into the Merkle ledger")
     _consumer_args(p)
+    p.add_argument("--unsigned", action="store_true",
+                   help="run without a signing key: entries are appended but no checkpoint is signed (tests only)")
     p.set_defaults(func=cmd_ledger_run)
 
     p = groups["index"].add_parser("run", help="consume fhir.bundles into the resource index and MPI")
@@ -229,7 +231,20 @@ def _run_consumer(args: argparse.Namespace, sink_factory: Any, default_group: st
 def cmd_ledger_run(args: argparse.Namespace) -> int:
     from bridge.sinks import build_ledger_sink
 
-    return _run_consumer(args, build_ledger_sink, "fhirbridge-ledger")
+    def factory(settings: Any, bootstrap: str) -> Any:
+        return build_ledger_sink(settings, bootstrap, unsigned=args.unsigned)
+
+    if args.unsigned:
+        get_logger("bridge.ledger").warning("ledger.unsigned", detail="no checkpoint will be signed")
+    else:
+        from bridge.errors import ConfigError
+        from bridge.sinks import require_ledger_signer_key
+
+        try:  # before any broker is looked for: a missing key is the first thing to say
+            require_ledger_signer_key(_settings())
+        except ConfigError as exc:
+            return _fail(str(exc))
+    return _run_consumer(args, factory, "fhirbridge-ledger")
 
 
 def cmd_index_run(args: argparse.Namespace) -> int:

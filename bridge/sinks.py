@@ -17,7 +17,7 @@ import orjson
 
 from bridge import envelope
 from bridge.consumer import BadTimestamp, CpuClock, Record
-from bridge.errors import FhirbridgeError, TransientError
+from bridge.errors import ConfigError, FhirbridgeError, TransientError
 from bridge.index.store import IncomingBundle, IndexStore, content_digest
 from bridge.logging import get_logger
 
@@ -337,7 +337,40 @@ def open_ledger(settings: Any, *, signer: bool = True) -> Ledger:
     )
 
 
-def build_ledger_sink(settings: Any, bootstrap: str, *, receipts: bool = True) -> LedgerSink:
+def require_ledger_signer_key(settings: Any) -> str:
+    """The ledger's signing key, or :class:`ConfigError` naming the path tried and how to make one.
+
+    A writer without a key would append entries and never sign a checkpoint, so that nobody could
+    verify them: the ledger consumer refuses to start instead (``--unsigned`` is for tests).
+    """
+    from ledger.errors import InvalidKey
+    from ledger.note import Signer
+
+    path = settings.ledger_key_file
+    hint = (
+        "create one with `fhirbridge ledger keygen --name ORIGIN --out DIR` and point FHIRBRIDGE_LEDGER_KEY_FILE "
+        "at the .key file (or run `fhirbridge ledger run --unsigned`, for tests only)"
+    )
+    if path is None or not path.is_file():
+        raise ConfigError(f"no ledger signing key at {path}: {hint}")
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+        signer = Signer.from_text(text)
+    except OSError as exc:
+        raise ConfigError(f"cannot read the ledger signing key {path}: {exc.strerror}") from None
+    except (InvalidKey, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not a ledger signing key ({exc}): {hint}") from None
+    if signer.name != settings.ledger_origin:
+        raise ConfigError(
+            f"the ledger signing key {path} is named {signer.name!r}, but the ledger's origin is "
+            f"{settings.ledger_origin!r} (FHIRBRIDGE_LEDGER_ORIGIN): verifiers look a checkpoint's key up by its origin"
+        )
+    return text
+
+
+def build_ledger_sink(settings: Any, bootstrap: str, *, receipts: bool = True, unsigned: bool = False) -> LedgerSink:
+    if not unsigned:
+        require_ledger_signer_key(settings)
     producer = None
     if receipts:
         from kafka import KafkaProducer

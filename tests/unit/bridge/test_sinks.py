@@ -185,3 +185,49 @@ def test_replays_and_late_versions_leave_the_mpi_as_the_index_keeps_it(tmp_path:
     row = mpi.db.one("SELECT features FROM mpi_patient WHERE patient_id = 'p2'")
     assert row is not None and orjson.loads(row[0])["c"] == "springfield"
     sink.close()
+
+
+# -- the ledger consumer refuses to run unsigned ---------------------------------------------------
+def _ledger_env(monkeypatch: Any, tmp_path: Path, key_text: str | None) -> Path:
+    key = tmp_path / "data" / "ledger.key"
+    key.parent.mkdir(parents=True)
+    if key_text is not None:
+        key.write_text(key_text)
+    monkeypatch.setenv("FHIRBRIDGE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("FHIRBRIDGE_LEDGER_ORIGIN", "hie.example/ledger")
+    monkeypatch.delenv("FHIRBRIDGE_LEDGER_KEY_FILE", raising=False)
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:1")  # never reached: the key is checked first
+    return key
+
+
+def test_ledger_run_without_a_key_file_refuses_naming_the_path_and_keygen(monkeypatch: Any, tmp_path: Path, capsys: Any) -> None:
+    from bridge.cli import main
+
+    key = _ledger_env(monkeypatch, tmp_path, None)
+    assert main(["ledger", "run"]) == 1
+    err = capsys.readouterr().err
+    assert str(key) in err and "fhirbridge ledger keygen" in err and "Traceback" not in err
+
+
+def test_ledger_run_with_a_garbled_key_refuses(monkeypatch: Any, tmp_path: Path, capsys: Any) -> None:
+    from bridge.cli import main
+
+    key = _ledger_env(monkeypatch, tmp_path, "hie.example/ledger+01234567+AAAA")  # the public key, by mistake
+    assert main(["ledger", "run"]) == 1
+    err = capsys.readouterr().err
+    assert f"{key} is not a ledger signing key" in err and "PRIVATE+KEY" not in err.split("(")[0]
+
+
+def test_ledger_key_named_for_another_origin_is_refused(monkeypatch: Any, tmp_path: Path) -> None:
+    import pytest
+
+    from bridge.config import Settings
+    from bridge.errors import ConfigError
+    from bridge.sinks import require_ledger_signer_key
+    from ledger.note import generate_key
+
+    _ledger_env(monkeypatch, tmp_path, generate_key("other.example/log")[0])
+    with pytest.raises(ConfigError, match="named 'other.example/log'"):
+        require_ledger_signer_key(Settings.from_env())
+    (tmp_path / "data" / "ledger.key").write_text(generate_key("hie.example/ledger")[0] + "\n")
+    assert require_ledger_signer_key(Settings.from_env()).startswith("PRIVATE+KEY+hie.example/ledger+")
