@@ -58,6 +58,7 @@ class Settings:
     http_host: str = "127.0.0.1"
     http_port: int = 8080
     public_base_url: str | None = None
+    allowed_hosts: tuple[str, ...] = ()  # Host header names the service answers (empty: see allowed_host_names)
     session_timeout_ms: int = 6000
     heartbeat_interval_ms: int = 1500
     consumer_batch_size: int = 500
@@ -107,6 +108,7 @@ class Settings:
             http_host=env.get("FHIRBRIDGE_HTTP_HOST", "127.0.0.1"),
             http_port=_int(env, "FHIRBRIDGE_HTTP_PORT", 8080, minimum=0),
             public_base_url=env.get("FHIRBRIDGE_PUBLIC_URL") or None,
+            allowed_hosts=tuple(h.strip().lower() for h in env.get("FHIRBRIDGE_ALLOWED_HOSTS", "").split(",") if h.strip()),
             session_timeout_ms=_int(env, "FHIRBRIDGE_SESSION_TIMEOUT_MS", 6000),
             heartbeat_interval_ms=_int(env, "FHIRBRIDGE_HEARTBEAT_INTERVAL_MS", 1500),
             consumer_batch_size=_int(env, "FHIRBRIDGE_CONSUMER_BATCH", 500),
@@ -119,6 +121,23 @@ class Settings:
             compression=_compression(env.get("FHIRBRIDGE_COMPRESSION", "gzip")),
             gc_threshold=_gc_threshold(env.get("FHIRBRIDGE_GC_THRESHOLD", "50000,20,10")),
         )
+
+    def allowed_host_names(self) -> frozenset[str] | None:
+        """The host names a request's ``Host`` may carry; ``None`` means any.
+
+        Without a public URL the service builds its links (``fullUrl``, paging) from ``Host``, so it
+        must not answer for a name it was not given: ``FHIRBRIDGE_ALLOWED_HOSTS``, else the bind
+        address and the loopback names. With ``FHIRBRIDGE_PUBLIC_URL`` the links come from that URL,
+        and a reverse proxy may send any ``Host``, unless ``FHIRBRIDGE_ALLOWED_HOSTS`` is set as well.
+        """
+        if self.allowed_hosts:
+            return frozenset(self.allowed_hosts)
+        if self.public_base_url:
+            return None
+        names = {"localhost", "127.0.0.1", "::1"}
+        if self.http_host not in ("", "0.0.0.0", "::"):
+            names.add(self.http_host.strip("[]").lower())
+        return frozenset(names)
 
     def with_bootstrap(self, bootstrap: str) -> Settings:
         return replace(self, bootstrap_servers=bootstrap)

@@ -439,14 +439,20 @@ async def patient_everything(request: web.Request) -> web.Response:
     return fhir_response(bundle)
 
 
-def _search_patients(backend: Any, identifier: str | None, name: str | None, birthdate: str | None) -> list[dict[str, Any]]:
+SEARCH_LIMIT = 200  # Patient search returns no more entries than this, and says so (no paging yet)
+
+
+def _search_patients(backend: Any, identifier: str | None, name: str | None, birthdate: str | None) -> tuple[list[dict[str, Any]], int]:
+    """The first ``SEARCH_LIMIT`` matching Patients, and the number of matches."""
     index: IndexStore = backend.index()
     if identifier:
         system, sep, value = identifier.partition("|")
         ids = index.patients_by_identifier(system if sep else None, value if sep else identifier)
         patients = [p for p in (index.get("Patient", i) for i in ids) if p is not None]
-        return [p for p in patients if _matches(p, name, birthdate)]
-    return index.search_patients(name=name, birthdate=birthdate, match=lambda p: _matches(p, name, birthdate))
+        found = [p for p in patients if _matches(p, name, birthdate)]
+        return found[:SEARCH_LIMIT], len(found)
+    return index.search_patients(name=name, birthdate=birthdate, limit=SEARCH_LIMIT,
+                                 match=lambda p: _matches(p, name, birthdate))
 
 
 def _matches(patient: dict[str, Any], name: str | None, birthdate: str | None) -> bool:
@@ -476,7 +482,7 @@ async def patient_search(request: web.Request) -> web.Response:
     if not (identifier or name or birthdate):
         raise FhirHTTPError(400, "required", "give at least one of identifier, name, birthdate")
     backend = backend_of(request)
-    patients = await backend.run(_search_patients, backend, identifier, name, birthdate)
+    patients, total = await backend.run(_search_patients, backend, identifier, name, birthdate)
     base = base_url(request)
     entries: list[dict[str, Any]] = [
         {"fullUrl": f"{base}/Patient/{p['id']}", "resource": p, "search": {"mode": "match"}} for p in patients
@@ -489,12 +495,21 @@ async def patient_search(request: web.Request) -> web.Response:
         for k in dict.fromkeys(request.query)
         if k not in supported
     ]
+    if total > len(patients):
+        entries.append({
+            "resource": operation_outcome(
+                "warning", "too-costly",
+                f"{total} patients match; only the first {len(patients)} are returned (this search has no paging): "
+                "narrow it with more parameters",
+            ),
+            "search": {"mode": "outcome"},
+        })
     return fhir_response(
         {
             "resourceType": "Bundle",
             "id": str(uuid.uuid4()),
             "type": "searchset",
-            "total": len(patients),
+            "total": total,
             "link": [{"relation": "self", "url": str(request.url)}],
             "entry": entries,
         }

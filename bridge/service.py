@@ -26,6 +26,7 @@ T = TypeVar("T")
 
 SETTINGS = web.AppKey("settings", Settings)
 BACKEND = web.AppKey("backend", object)
+ALLOWED_HOSTS = web.AppKey("allowed_hosts", object)
 
 FHIR_VERSION = "4.0.1"
 
@@ -112,6 +113,27 @@ async def outcome_middleware(request: web.Request, handler: Callable[[web.Reques
         )
 
 
+@web.middleware
+async def host_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """Refuse a ``Host`` the service was not configured to answer for (the links it builds use it)."""
+    allowed = request.app[ALLOWED_HOSTS]
+    if allowed is not None and _host_name(request.host) not in allowed:
+        return fhir_response(
+            operation_outcome("error", "invalid", "this service does not answer for the host named in the Host header "
+                              "(FHIRBRIDGE_ALLOWED_HOSTS, FHIRBRIDGE_PUBLIC_URL)"),
+            status=400,
+        )
+    return await handler(request)
+
+
+def _host_name(host: str) -> str:
+    """The name part of a ``Host`` header value: ``[::1]:8080`` -> ``::1``, ``Example.org:80`` -> ``example.org``."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
 def backend_of(request: web.Request) -> Backend:
     return request.app[BACKEND]  # type: ignore[return-value]
 
@@ -150,8 +172,9 @@ def base_url(request: web.Request) -> str:
 def create_app(settings: Settings, backend: Backend | None = None) -> web.Application:
     from bridge import openapi, query
 
-    app = web.Application(middlewares=[outcome_middleware], client_max_size=16 * 1024 * 1024)
+    app = web.Application(middlewares=[host_middleware, outcome_middleware], client_max_size=16 * 1024 * 1024)
     app[SETTINGS] = settings
+    app[ALLOWED_HOSTS] = settings.allowed_host_names()
     be = backend or default_backend(settings)
     app[BACKEND] = be
     app.router.add_get("/", home)

@@ -510,11 +510,10 @@ class IndexStore:
         birthdate: str | None = None,
         limit: int = 200,
         match: Callable[[dict[str, Any]], bool] | None = None,
-    ) -> list[dict[str, Any]]:
-        """Up to ``limit`` Patients (in id order) that ``match`` accepts, among those whose JSON mentions
-        ``name`` / ``birthdate`` (a cheap SQL pre-filter; ``match`` decides). Read in pages until
-        ``limit`` matches are found, so a pre-filter hit that ``match`` rejects never hides a later
-        match.
+    ) -> tuple[list[dict[str, Any]], int]:
+        """The first ``limit`` Patients (in id order) that ``match`` accepts, and how many it accepts in
+        all, among those whose JSON mentions ``name`` / ``birthdate`` (a cheap SQL pre-filter; ``match``
+        decides). Every pre-filter hit is read, so that the total is true.
 
         The name pre-filter is skipped (``match`` alone decides) where it could drop a true match, on
         either backend: for a non-ASCII name (SQLite's ``lower()`` folds ASCII only, PostgreSQL's is not
@@ -529,11 +528,12 @@ class IndexStore:
             sql += " AND body LIKE ?"
             params.append(f'%"birthDate":"{birthdate}%')
         out: list[dict[str, Any]] = []
+        total = 0
         for rows in _pages(self.db, sql, params, 500):
             for _rid, body in rows:
                 patient = orjson.loads(body)
                 if match is None or match(patient):
-                    out.append(patient)
-                    if len(out) >= limit:
-                        return out
-        return out
+                    total += 1
+                    if len(out) < limit:
+                        out.append(patient)
+        return out, total

@@ -120,7 +120,7 @@ def test_filters(store: IndexStore) -> None:
     store.apply([_bundle("h2", "st-mary", _enc("e2", "p1", "2026-02-01"), ts="2026-02-05T00:00:00.000Z")])
     assert [r.id for r in store.resources_for_patients(["p1"], types=["Encounter"])] == ["e1", "e2"]
     assert [r.id for r in store.resources_for_patients(["p1"], since="2026-02-01")] == ["e2"]
-    assert [p["id"] for p in store.search_patients(name="doe")] == ["p1"]
+    assert [p["id"] for p in store.search_patients(name="doe")[0]] == ["p1"]
 
 
 def test_sqlite_connection_gets_a_large_page_cache_and_rarer_checkpoints(tmp_path: Path) -> None:
@@ -268,7 +268,7 @@ def test_name_search_prefilter_never_drops_a_true_match(store: IndexStore) -> No
         def match(p: dict[str, Any]) -> bool:
             return any(needle.casefold() in n["text"].casefold() for n in p.get("name", []))
 
-        return [p["id"] for p in store.search_patients(name=needle, match=match)]
+        return [p["id"] for p in store.search_patients(name=needle, match=match)[0]]
 
     assert search("strauß") == ["p1"]
     assert search("οδυσσευς") == ["p2"]

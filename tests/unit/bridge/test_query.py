@@ -448,3 +448,51 @@ async def test_name_search_is_the_same_on_both_backends(tmp_path: Path, index_en
             status, body = await _get(c, "/Patient", name=needle)
             assert status == 200, (needle, body)
             assert _ids(body) == expected, needle
+
+
+# -- issue 19: a true total, and a Host the service was not given ----------------------------------
+
+
+async def test_patient_search_total_is_true_and_truncation_is_announced(tmp_path: Path, index_env: dict[str, str]) -> None:
+    ssn = {"system": "http://hl7.org/fhir/sid/us-ssn", "value": "999"}
+    patients = [{"resourceType": "Patient", "id": f"p{i:03d}", "identifier": [ssn], "name": [{"family": "Doe"}],
+                 "birthDate": "1990-01-01"} for i in range(230)]
+    settings = _store_with(tmp_path, [_bundle("h1", "st-mary", patients, "2026-01-01T00:00:00.000Z")], **index_env)
+    async with TestClient(TestServer(create_app(settings, Backend(settings)))) as c:
+        for params in ({"name": "doe"}, {"birthdate": "1990"}, {"identifier": f"{ssn['system']}|999"}):
+            status, body = await _get(c, "/Patient", **params)
+            assert status == 200
+            assert body["total"] == 230, params
+            assert len([e for e in body["entry"] if e["search"]["mode"] == "match"]) == 200
+            assert any("230 patients match; only the first 200" in d for d in _outcomes(body)), params
+        status, body = await _get(c, "/Patient", name="doe", birthdate="1990-01-01")
+        assert body["total"] == 230
+        # under the limit: everything, no announcement
+        status, body = await _get(c, "/Patient", name="nobody")
+        assert status == 200 and body["total"] == 0 and _outcomes(body) == []
+
+
+async def test_a_host_header_the_service_was_not_given_is_refused(tmp_path: Path) -> None:
+    settings = _store_with(tmp_path, [_bundle("h1", "st-mary", [{"resourceType": "Patient", "id": "pa"}],
+                                              "2026-01-01T00:00:00.000Z")])
+    async with TestClient(TestServer(create_app(settings, Backend(settings)))) as c:
+        for host in ("evil.example", "evil.example:8080", "127.0.0.1.evil.example"):
+            resp = await c.get("/Patient/pa/$everything", headers={"Host": host})
+            assert resp.status == 400, host
+            body = await resp.json()
+            assert body["resourceType"] == "OperationOutcome" and "evil" not in await resp.text()
+        for host in ("localhost", "LOCALHOST:8080", "127.0.0.1", "[::1]:8080"):
+            resp = await c.get("/Patient/pa/$everything", headers={"Host": host})
+            assert resp.status == 200, host
+            full_urls = [e["fullUrl"] for e in (await resp.json())["entry"]]
+            assert all(u.lower().startswith(f"http://{host.lower()}/") for u in full_urls)
+    # configured names, or a public URL that the links come from
+    for env, host, status in (({"FHIRBRIDGE_ALLOWED_HOSTS": "fhir.hospital.example"}, "fhir.hospital.example", 200),
+                              ({"FHIRBRIDGE_ALLOWED_HOSTS": "fhir.hospital.example"}, "localhost", 400),
+                              ({"FHIRBRIDGE_PUBLIC_URL": "https://fhir.hie.example"}, "internal-proxy-name", 200)):
+        s = Settings.from_env({"FHIRBRIDGE_DATA_DIR": str(tmp_path), **env})
+        async with TestClient(TestServer(create_app(s, Backend(s)))) as c:
+            resp = await c.get("/Patient/pa/$everything", headers={"Host": host})
+            assert resp.status == status, (env, host)
+            if "FHIRBRIDGE_PUBLIC_URL" in env:
+                assert all(e["fullUrl"].startswith("https://fhir.hie.example/") for e in (await resp.json())["entry"])
