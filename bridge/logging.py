@@ -3,6 +3,11 @@
 Kafka context (topic, partition, offset, message id) is bound with
 ``structlog.contextvars.bound_contextvars`` around each record a consumer handles, so every log line
 of that record carries it.
+
+The standard library's records (kafka-python, aiohttp) go through the same renderer, so that the
+service log stays one JSON event per line. A malformed HTTP request (a NUL in the request line, an
+oversized header or URL), which aiohttp logs with a traceback quoting the request's bytes, becomes
+one ``http.bad_request`` warning naming the error class only: the bytes may hold identifiers.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import sys
 import structlog
 
 _configured = False
+_HANDLER = "fhirbridge"
 
 
 def configure_logging(level: str | None = None, *, force: bool = False) -> None:
@@ -22,20 +28,35 @@ def configure_logging(level: str | None = None, *, force: bool = False) -> None:
         return
     level_name = (level or os.environ.get("FHIRBRIDGE_LOG_LEVEL") or "info").upper()
     numeric = getattr(logging, level_name, logging.INFO)
-    logging.basicConfig(level=numeric, stream=sys.stderr, format="%(message)s")
-    for noisy in ("kafka", "aiohttp.access"):
-        logging.getLogger(noisy).setLevel(max(numeric, logging.WARNING))
     tty = sys.stderr.isatty() and os.environ.get("FHIRBRIDGE_LOG_FORMAT", "") != "json"
-    processors: list[structlog.types.Processor] = [
+    shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.StackInfoRenderer(),
     ]
-    if tty:
-        processors.append(structlog.dev.ConsoleRenderer())
-    else:
-        processors += [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
+    renderer: list[structlog.types.Processor] = (
+        [structlog.dev.ConsoleRenderer()]
+        if tty
+        else [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
+    )
+    processors = shared + renderer
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name, structlog.stdlib.ExtraAdder()],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *renderer],
+        )
+    )
+    handler.addFilter(BadRequestFilter())
+    handler.set_name(_HANDLER)
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if h.get_name() == _HANDLER]:  # configured again: replace ours only
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(numeric)
+    for noisy in ("kafka", "aiohttp.access"):
+        logging.getLogger(noisy).setLevel(max(numeric, logging.WARNING))
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
@@ -43,6 +64,26 @@ def configure_logging(level: str | None = None, *, force: bool = False) -> None:
         cache_logger_on_first_use=True,
     )
     _configured = True
+
+
+class BadRequestFilter(logging.Filter):
+    """A request aiohttp could not parse is the client's fault: one warning, without the request's bytes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and record.name.startswith("aiohttp") and _is_bad_request(exc):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args = "http.bad_request", ()
+            record.exc_info, record.exc_text = None, None
+            record.error = type(exc).__name__
+            record.status = getattr(exc, "code", 400)
+        return True
+
+
+def _is_bad_request(exc: BaseException) -> bool:
+    from aiohttp.http_exceptions import HttpProcessingError
+
+    return isinstance(exc, HttpProcessingError)
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
