@@ -227,7 +227,7 @@ def test_ledger_key_named_for_another_origin_is_refused(monkeypatch: Any, tmp_pa
     from ledger.note import generate_key
 
     _ledger_env(monkeypatch, tmp_path, generate_key("other.example/log")[0])
-    with pytest.raises(ConfigError, match="named 'other.example/log'"):
+    with pytest.raises(ConfigError, match=r"named 'other\.example/log'"):
         require_ledger_signer_key(Settings.from_env())
     (tmp_path / "data" / "ledger.key").write_text(generate_key("hie.example/ledger")[0] + "\n")
     assert require_ledger_signer_key(Settings.from_env()).startswith("PRIVATE+KEY+hie.example/ledger+")
