@@ -193,7 +193,7 @@ def adt_message(h: Hospital, trigger: str, control_id: str, when: datetime, mrn:
         f"PID|1||{mrn}^^^{h.facility}^MR~{p.ssn.replace('-', '')}^^^SSA^SS||{_esc(p.family)}^{_esc(p.given)}^{p.middle}||"
         f"{p.dob}|{p.sex}|||{_esc(p.street)}^^{city}^{state}^{zipc}^USA^H||{phone}^PRN^PH|||||{visit}|{p.ssn.replace('-', '')}",
         f"PV1|1|{patient_class}|{'WARD' if patient_class == 'I' else 'CLINIC'}^{100 + int(visit[-2:]) % 50}^A^{h.facility}|||"
-        f"|{doctor[0]}^{doctor[1]}^{doctor[2]}^^^DR|||MED||||||||{visit}^^^{h.facility}^VN|||||||||||||||||||||||||{admit}",
+        f"|{doctor[0]}^{doctor[1]}^{doctor[2]}^^^DR|||MED|||||||||{visit}^^^{h.facility}^VN|||||||||||||||||||||||||{admit}",
     ]
     if trigger == "A03":
         segs[-1] += f"|{(when + timedelta(days=2)).strftime('%Y%m%d%H%M%S')}-0600"
