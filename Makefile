@@ -1,5 +1,6 @@
 # fhirbridge: the two commands of the README.
 #   make demo   install into .venv, then run the whole stack with the shipped demo data
+#               (the data is kept in .demo/ and reused; `make demo FRESH=1` starts over)
 #   make test   install into .venv, then ruff, mypy and the whole test suite
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
@@ -18,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/fhirbridge demo
+	$(BIN)/fhirbridge demo $(if $(FRESH),--fresh)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

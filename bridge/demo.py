@@ -4,6 +4,11 @@ Starts the embedded broker (noida-db), creates signing keys for the demo hospita
 runs the ledger consumer, the index consumer and the HTTP service as separate processes, ingests the
 shipped HL7 v2 feeds (``deploy/demo/data``), waits until everything is logged and queryable, and
 prints the URLs to open. Ctrl-C stops every process it started.
+
+The data directory is the demo's own: it is created and marked (``.fhirbridge-demo``) on the first
+run, and a later run starts the stack again on the data it kept (nothing is ingested twice, since
+the bundles and their ledger entries are idempotent). ``--fresh`` clears a directory the demo
+marked. The demo never deletes, nor writes into, a non-empty directory it did not create.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 DEMO_DATA = Path(__file__).resolve().parents[1] / "deploy" / "demo" / "data"
+MARKER = ".fhirbridge-demo"
 
 
 def _env(data_dir: Path, bootstrap: str, port: int) -> dict[str, str]:
@@ -49,6 +55,38 @@ class DemoFailed(Exception):
     pass
 
 
+def prepare_data_dir(data_dir: Path, *, fresh: bool) -> bool:
+    """Make ``data_dir`` the demo's; returns True when it holds a previous run's data to reuse.
+
+    Raises :class:`DemoFailed` for a non-empty directory without the demo's marker (the demo may
+    not delete, nor mix its files with, what it did not create), for a file in its place, and when
+    a demo still runs there.
+    """
+    from bridge.broker import running_local
+
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DemoFailed(f"{data_dir} exists and is not a directory")
+    marked = (data_dir / MARKER).is_file()
+    if data_dir.is_dir() and any(data_dir.iterdir()) and not marked:
+        raise DemoFailed(
+            f"{data_dir} is not empty and was not created by the demo; the demo will neither use nor delete "
+            "it: give --data-dir a new or empty directory"
+        )
+    if marked and running_local(data_dir) is not None:
+        raise DemoFailed(f"a demo is already running with the data in {data_dir} (stop it first)")
+    if marked and fresh:
+        shutil.rmtree(data_dir)
+        marked = False
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / MARKER).write_text("This directory belongs to `fhirbridge demo`; `fhirbridge demo --fresh` clears it.\n")
+    return marked and (data_dir / "index.db").exists()
+
+
+def environment_lines(data_dir: Path) -> list[str]:
+    """The environment under which the other commands work on the demo's data and broker."""
+    return [f"export FHIRBRIDGE_DATA_DIR={data_dir}"]
+
+
 def _wait(predicate: Any, timeout: float, what: str, children: list[Any] = ()) -> None:  # type: ignore[assignment]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -64,20 +102,25 @@ def _wait(predicate: Any, timeout: float, what: str, children: list[Any] = ()) -
     raise DemoFailed(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-def run_demo(data_dir: Path, port: int, *, data: Path = DEMO_DATA, exit_when_ready: bool = False) -> int:
+def run_demo(data_dir: Path, port: int, *, data: Path = DEMO_DATA, exit_when_ready: bool = False, fresh: bool = False) -> int:
     from bridge.broker import free_port, start_local
     from bridge.config import Settings
     from bridge.index.store import IndexStore
     from ledger.log import Ledger
     from ledger.note import generate_key
 
-    if data_dir.exists():
-        shutil.rmtree(data_dir)
-    data_dir.mkdir(parents=True)
+    try:
+        reuse = prepare_data_dir(data_dir, fresh=fresh)
+    except DemoFailed as exc:
+        print(f"fhirbridge demo: {exc}", file=sys.stderr)
+        return 1
     logs = data_dir / "logs"
-    logs.mkdir()
+    logs.mkdir(exist_ok=True)
     port = port or free_port()
-    print(f"fhirbridge demo: data in {data_dir}")
+    if reuse:
+        print(f"fhirbridge demo: reusing the data kept in {data_dir} (`--fresh`, or `make demo FRESH=1`, starts over)")
+    else:
+        print(f"fhirbridge demo: data in {data_dir} (kept after Ctrl-C; the next run reuses it)")
     broker = start_local("noida", data_dir)
     print(f"  broker      noida-db at {broker.bootstrap} (pid {broker.pid})")
     env = _env(data_dir, broker.bootstrap, port)
@@ -103,27 +146,34 @@ def run_demo(data_dir: Path, port: int, *, data: Path = DEMO_DATA, exit_when_rea
 
     try:
         orgs = sorted(p.name for p in data.iterdir() if p.is_dir())
+        from bridge.publish import signing_key_path
+
         for org in orgs:
-            subprocess.run(_cli("keys", "create", "--org", org), env=env, check=True, stdout=subprocess.DEVNULL)
-        skey, vkey = generate_key(settings.ledger_origin)
+            if not signing_key_path(settings, org).exists():  # a kept key stays: its bundles are signed with it
+                subprocess.run(_cli("keys", "create", "--org", org), env=env, check=True, stdout=subprocess.DEVNULL)
         assert settings.ledger_key_file is not None
-        settings.ledger_key_file.write_text(skey + "\n")
-        settings.ledger_key_file.chmod(0o600)
-        settings.ledger_key_file.with_suffix(".pub").write_text(vkey + "\n")
+        if not settings.ledger_key_file.exists():  # a new key would orphan the kept checkpoints
+            skey, vkey = generate_key(settings.ledger_origin)
+            fd = os.open(settings.ledger_key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(skey + "\n")
+            settings.ledger_key_file.with_suffix(".pub").write_text(vkey + "\n")
         subprocess.run(_cli("topics", "create"), env=env, check=True, stdout=subprocess.DEVNULL)
         spawn("ledger", "ledger", "run")
         spawn("index", "index", "run")
         spawn("serve", "serve")
         base = f"http://127.0.0.1:{port}"
         _wait(lambda: _get_json(f"{base}/metadata")["resourceType"] == "CapabilityStatement", 30, "the HTTP service", children)
-        files_total = 0
-        for org in orgs:
-            files = sorted((data / org).glob("*.hl7"))
-            files_total += len(files)
-            print(f"  ingest      {org}: {len(files)} files")
-            subprocess.run(_cli("ingest", "--adapter", "hl7v2", "--source", org, "--timezone", "America/Chicago",
-                                *map(str, files)), env=env, check=True)
         expected = _count_messages(data)
+        index = IndexStore.open(settings.index_url)
+        stored = index.counts()["bundles"]
+        index.close()
+        if stored < expected:  # a first run, or one stopped before it had everything
+            for org in orgs:
+                files = sorted((data / org).glob("*.hl7"))
+                print(f"  ingest      {org}: {len(files)} files")
+                subprocess.run(_cli("ingest", "--adapter", "hl7v2", "--source", org, "--timezone", "America/Chicago",
+                                    *map(str, files)), env=env, check=True)
         index = IndexStore.open(settings.index_url)
         ledger = Ledger.open(settings.ledger_url, origin=settings.ledger_origin)
         _wait(lambda: index.counts()["bundles"] >= expected and ledger.size() >= expected, 120,
@@ -157,6 +207,10 @@ def run_demo(data_dir: Path, port: int, *, data: Path = DEMO_DATA, exit_when_rea
             print(f"  Same SSN, all sites  {base}/Patient?identifier={system}|{value}")
             print(f"  Person (MPI)         {base}/Person/{person_id}")
             print(f"  MPI review queue     {base}/Person/$mpi-review-queue")
+        env_file = data_dir / "env"
+        env_file.write_text("\n".join(environment_lines(data_dir)) + "\n")
+        print(f"\nThe other commands (`fhirbridge ledger verify`, `replay`, `ingest`, ...) work on this demo's data and "
+              f"broker in a shell with\n  {chr(10).join(environment_lines(data_dir))}\n(also in {env_file}: `. {env_file}`)")
         if exit_when_ready:
             return 0
         print("\nPress Ctrl-C to stop.")
@@ -194,7 +248,9 @@ def _shared_patient(index: Any) -> tuple[str, str, str] | None:
 
 def register_demo(sub: Any) -> None:
     p = sub.add_parser("demo", help="run the whole stack locally with the shipped demo data")
-    p.add_argument("--data-dir", type=Path, default=Path(".demo"))
+    p.add_argument("--data-dir", type=Path, default=Path(".demo"),
+                   help="the demo's own directory: created if missing, reused if the demo made it (default .demo)")
+    p.add_argument("--fresh", action="store_true", help="clear the data a previous demo run kept in --data-dir")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--exit-when-ready", action="store_true", help="stop everything once the data is queryable")
-    p.set_defaults(func=lambda a: run_demo(a.data_dir.resolve(), a.port, exit_when_ready=a.exit_when_ready))
+    p.set_defaults(func=lambda a: run_demo(a.data_dir.resolve(), a.port, exit_when_ready=a.exit_when_ready, fresh=a.fresh))

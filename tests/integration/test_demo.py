@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -15,12 +16,17 @@ from bridge.broker import free_port
 pytestmark = pytest.mark.integration
 
 
-def test_demo_runs_to_ready_and_prints_working_links(tmp_path: Path) -> None:
-    port = free_port()
-    proc = subprocess.run(
-        [sys.executable, "-m", "bridge.cli", "demo", "--data-dir", str(tmp_path / "demo"), "--port", str(port), "--exit-when-ready"],
+def _demo(data_dir: Path, port: int, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bridge.cli", "demo", "--data-dir", str(data_dir), "--port", str(port), "--exit-when-ready", *extra],
         capture_output=True, text=True, timeout=240,
     )
+
+
+def test_demo_runs_to_ready_prints_working_links_and_keeps_its_data(tmp_path: Path) -> None:
+    port = free_port()
+    data_dir = tmp_path / "demo"
+    proc = _demo(data_dir, port)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "Ready: 172 ADT messages from 2 hospitals are logged and queryable." in proc.stdout
     urls = re.findall(r"(http://127\.0\.0\.1:\d+/\S*)", proc.stdout)
@@ -28,3 +34,37 @@ def test_demo_runs_to_ready_and_prints_working_links(tmp_path: Path) -> None:
     # the stack is stopped on exit: nothing listens any more
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metadata", timeout=2)
+
+    # the environment it prints makes the README's other commands work on the demo's data
+    (line,) = [x.strip() for x in proc.stdout.splitlines() if x.strip().startswith("export ")]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FHIRBRIDGE_", "KAFKA_"))}
+    env.update(dict(kv.split("=", 1) for kv in line.removeprefix("export ").split()))
+    verify = subprocess.run([sys.executable, "-m", "bridge.cli", "ledger", "verify"], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert (data_dir / "env").read_text().strip() == line
+
+    # a second run reuses what the first kept: the same ledger, nothing ingested again
+    key = (data_dir / "ledger.key").read_text()
+    again = _demo(data_dir, free_port())
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "reusing the data kept in" in again.stdout and "ingest " not in again.stdout
+    assert (data_dir / "ledger.key").read_text() == key
+
+    # --fresh starts over in the directory the demo made
+    (data_dir / "logs" / "mine.txt").write_text("made by the first run's user")
+    fresh = _demo(data_dir, free_port(), "--fresh")
+    assert fresh.returncode == 0, fresh.stdout[-2000:] + fresh.stderr[-2000:]
+    assert "ingest " in fresh.stdout and not (data_dir / "logs" / "mine.txt").exists()
+    assert (data_dir / "ledger.key").read_text() != key
+
+
+def test_demo_refuses_a_directory_it_did_not_create(tmp_path: Path) -> None:
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    for extra in ((), ("--fresh",)):
+        proc = _demo(precious, free_port(), *extra)
+        assert proc.returncode == 1
+        assert "not empty and was not created by the demo" in proc.stderr and "Traceback" not in proc.stderr
+        assert sorted(p.name for p in precious.iterdir()) == ["thesis.tex"]
