@@ -319,7 +319,7 @@ def value_x(val: El, ctx: Ctx, prefix: str = "value") -> dict[str, Any]:
     """An observation ``value`` element -> ``{valueX: ...}`` for Observation (empty when unusable)."""
     xt = (val.get(XSI_TYPE) or "").split(":")[-1]
     if val.get("nullFlavor") and not val.get("value") and not val.get("code") and xt not in ("IVL_PQ",):
-        return {}
+        return _null_value(val, xt, ctx, prefix)
     if xt == "PQ":
         q = quantity(val, ctx)
         return {f"{prefix}Quantity": q} if q else {}
@@ -366,6 +366,34 @@ def value_x(val: El, ctx: Ctx, prefix: str = "value") -> dict[str, Any]:
     if val.get("code") or val.get("displayName"):
         c = concept(val, ctx)
         return {f"{prefix}CodeableConcept": c} if c else {}
+    return {}
+
+
+def _null_value(val: El, xt: str, ctx: Ctx, prefix: str) -> dict[str, Any]:
+    """A null-flavoured value that still carries the fact: a coded value's originalText (or narrative
+    reference), translations or displayName, as ``concept`` keeps them for codes; a quantity sent as a
+    translation outside UCUM (nullFlavor OTH, ``translation/@value`` with the unit as originalText).
+    Empty when nothing is carried: the caller then says why with dataAbsentReason."""
+    if xt in ("PQ", "REAL", "INT"):
+        for tr in val.findall("translation"):
+            v = decimal(tr.get("value"))
+            if v is None:
+                continue
+            q: dict[str, Any] = {"value": v}
+            unit = text_of(tr.find("originalText"), ctx) or " ".join((tr.get("code") or "").split())
+            if unit:
+                q["unit"] = unit
+            return {f"{prefix}Quantity": q}
+        return {}
+    if xt in ("CD", "CE", "CV", "CO", "CS", ""):
+        c = concept(val, ctx)
+        if c:
+            return {f"{prefix}CodeableConcept": c}
+        if xt:
+            return {}
+    if xt in ("ST", "ED", ""):
+        t = text_of(val, ctx)
+        return {f"{prefix}String": t} if t else {}
     return {}
 
 

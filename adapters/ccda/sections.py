@@ -203,8 +203,9 @@ def allergy(o: El, ctx: Ctx, concern_status: str, act: El) -> str | None:
     if typ:
         res["type"] = typ
     if negated(o):
-        generic = code is None or bool(_codes_of(code) & _GENERIC_SUBSTANCES)
-        if generic or (pe is not None and pe.find("code") is not None and pe.find("code").get("nullFlavor")):
+        # A null-flavoured substance code is generic only when it carries no text either: a substance
+        # named in originalText or playingEntity/name is a refuted allergy to that substance.
+        if code is None or bool(_codes_of(code) & _GENERIC_SUBSTANCES):
             nka = _NO_KNOWN.get(cat or "", ("716186003", "No known allergy"))
             res["code"] = cc(SNOMED, *nka)
             res["verificationStatus"] = cc(

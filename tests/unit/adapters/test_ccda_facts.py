@@ -1,0 +1,203 @@
+"""C-CDA adapter, issue 19 ("no clinical fact lost in conversion"): null-flavoured codes that carry text,
+encounter dates, who and where of an encounter, eICR travel history and pregnancy status.
+
+Every document here is written for its test (a minimal C-CDA document), not copied from samples.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from adapters.base import ConvertedBundle, SourceInfo
+from adapters.bundle import validate_bundle
+from adapters.ccda import CcdaAdapter
+from adapters.conformance import run
+
+SRC = SourceInfo("acme", timezone="America/New_York")
+T = "2.16.840.1.113883.10.20.22"
+LN = 'codeSystem="2.16.840.1.113883.6.1"'
+SCT = 'codeSystem="2.16.840.1.113883.6.96"'
+NPI = "2.16.840.1.113883.4.6"
+PTYPE = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
+
+
+def document(body: str, *, encounter: str = "") -> bytes:
+    """A minimal C-CDA document: header, one patient, an optional encompassingEncounter, the sections."""
+    return f"""<?xml version="1.0" encoding="UTF-8"?>
+<ClinicalDocument xmlns="urn:hl7-org:v3" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"
+  xmlns:sdtc="urn:hl7-org:sdtc">
+ <templateId root="{T}.1.1" extension="2015-08-01"/>
+ <id root="2.16.840.1.113883.19.5" extension="ISSUE-19"/>
+ <code code="34133-9" {LN}/>
+ <effectiveTime value="20201107120000-0500"/>
+ <recordTarget><patientRole><id root="2.16.840.1.113883.19.5.99" extension="MRN-19"/>
+   <patient><name><given>Ann</given><family>Test</family></name>
+   <administrativeGenderCode code="F" codeSystem="2.16.840.1.113883.5.1"/><birthTime value="19900101"/></patient>
+ </patientRole></recordTarget>
+ <author><time value="20201107"/><assignedAuthor><id root="{NPI}" extension="999"/>
+   <assignedPerson><name><given>Al</given><family>Author</family></name></assignedPerson></assignedAuthor></author>
+ {encounter}
+ <component><structuredBody>{body}</structuredBody></component>
+</ClinicalDocument>""".encode()
+
+
+def section(tpl: str, code: str, entries: str, text: str = "<paragraph>x</paragraph>") -> str:
+    return f"""<component><section><templateId root="{tpl}"/><code code="{code}" {LN}/><title>S</title>
+      <text>{text}</text>{entries}</section></component>"""
+
+
+def convert(data: bytes) -> ConvertedBundle:
+    [out] = list(CcdaAdapter().convert(data, SRC, filename="issue19.xml"))
+    assert isinstance(out, ConvertedBundle), out
+    validate_bundle(out.bundle)
+    return out
+
+
+def assert_conformant(data: bytes, tmp_path: Path) -> None:
+    """The conformance kit on the fixture: validation, determinism, references, located rejections."""
+    p = tmp_path / "doc.xml"
+    p.write_bytes(data)
+    report = run(CcdaAdapter(), [p], SRC, mutations=3)
+    assert report.ok, report.render()
+
+
+def of(out: ConvertedBundle, rtype: str) -> list[dict[str, Any]]:
+    return [e["resource"] for e in out.bundle["entry"] if e["resource"]["resourceType"] == rtype]
+
+
+def by_ref(out: ConvertedBundle, ref: str) -> dict[str, Any]:
+    rtype, rid = ref.split("/")
+    return next(r for r in of(out, rtype) if r["id"] == rid)
+
+
+def codes(cc: dict[str, Any] | None) -> set[str]:
+    return {c["code"] for c in (cc or {}).get("coding", [])}
+
+
+def obs_by_code(out: ConvertedBundle) -> dict[str, dict[str, Any]]:
+    return {c: o for o in of(out, "Observation") for c in codes(o["code"]) | {o["code"].get("text", "")}}
+
+
+# -- null-flavoured coded values that carry text ---------------------------------------------------
+NULL_CODED = document(
+    section(
+        f"{T}.2.3.1",
+        "30954-2",
+        f"""
+  <entry><organizer classCode="BATTERY" moodCode="EVN"><templateId root="{T}.4.1"/><id root="r1"/>
+   <code code="94500-6" {LN}/><statusCode code="completed"/><effectiveTime value="20201105"/>
+   <component><observation classCode="OBS" moodCode="EVN"><templateId root="{T}.4.2"/><id root="r1a"/>
+    <code code="94500-6" {LN}/><statusCode code="completed"/>
+    <value xsi:type="CD" nullFlavor="UNK"><originalText>DETECTED</originalText></value></observation></component>
+   <component><observation classCode="OBS" moodCode="EVN"><templateId root="{T}.4.2"/><id root="r1b"/>
+    <code code="94309-2" {LN}/><statusCode code="completed"/>
+    <value xsi:type="CD" nullFlavor="OTH"><originalText><reference value="#res2"/></originalText></value>
+   </observation></component>
+   <component><observation classCode="OBS" moodCode="EVN"><templateId root="{T}.4.2"/><id root="r1c"/>
+    <code code="94531-1" {LN}/><statusCode code="completed"/>
+    <value xsi:type="CE" nullFlavor="OTH"><translation code="POS" codeSystem="2.16.840.1.113883.19.9.1"
+      displayName="Positive"/></value></observation></component>
+   <component><observation classCode="OBS" moodCode="EVN"><templateId root="{T}.4.2"/><id root="r1d"/>
+    <code code="94558-4" {LN}/><statusCode code="completed"/><value xsi:type="CD" nullFlavor="UNK"/>
+   </observation></component>
+   <component><observation classCode="OBS" moodCode="EVN"><templateId root="{T}.4.2"/><id root="r1e"/>
+    <code code="26464-8" {LN}/><statusCode code="completed"/>
+    <value xsi:type="PQ" nullFlavor="OTH"><translation value="7.2" nullFlavor="OTH">
+      <originalText>THOUS/MCL</originalText></translation></value></observation></component>
+  </organizer></entry>""",
+        '<paragraph ID="res2">Positive for SARS-CoV-2</paragraph>',
+    )
+    + section(
+        f"{T}.2.5.1",
+        "11450-4",
+        f"""
+  <entry><act classCode="ACT" moodCode="EVN"><templateId root="{T}.4.3"/><id root="p1"/>
+   <code code="CONC" codeSystem="2.16.840.1.113883.5.6"/><statusCode code="active"/>
+   <entryRelationship typeCode="SUBJ"><observation classCode="OBS" moodCode="EVN"><templateId root="{T}.4.4"/>
+    <id root="p1o"/><code code="55607006" {SCT}/><statusCode code="completed"/>
+    <value xsi:type="CD" nullFlavor="OTH"><originalText><reference value="#prob1"/></originalText></value>
+   </observation></entryRelationship></act></entry>""",
+        '<paragraph ID="prob1">Long COVID</paragraph>',
+    )
+    + section(
+        f"{T}.2.6.1",
+        "48765-2",
+        f"""
+  <entry><act classCode="ACT" moodCode="EVN"><templateId root="{T}.4.30"/><id root="a1"/>
+   <code code="CONC" codeSystem="2.16.840.1.113883.5.6"/><statusCode code="active"/>
+   <entryRelationship typeCode="SUBJ"><observation classCode="OBS" moodCode="EVN"><templateId root="{T}.4.7"/>
+    <id root="a1o"/><code code="ASSERTION" codeSystem="2.16.840.1.113883.5.4"/><statusCode code="completed"/>
+    <value xsi:type="CD" code="419511003" {SCT}/>
+    <participant typeCode="CSM"><participantRole classCode="MANU"><playingEntity classCode="MMAT">
+      <code code="7980" codeSystem="2.16.840.1.113883.6.88"/></playingEntity></participantRole></participant>
+    <entryRelationship typeCode="MFST" inversionInd="true"><observation classCode="OBS" moodCode="EVN">
+      <templateId root="{T}.4.9"/><code code="ASSERTION" codeSystem="2.16.840.1.113883.5.4"/>
+      <value xsi:type="CD" nullFlavor="OTH"><originalText>Swollen tongue</originalText></value>
+    </observation></entryRelationship>
+   </observation></entryRelationship></act></entry>""",
+    )
+    + section(
+        f"{T}.2.7.1",
+        "47519-4",
+        f"""
+  <entry><procedure classCode="PROC" moodCode="EVN"><templateId root="{T}.4.14"/><id root="pr1"/>
+   <code nullFlavor="OTH"><originalText><reference value="#proc1"/></originalText></code>
+   <statusCode code="completed"/><effectiveTime value="20201101"/></procedure></entry>""",
+        '<paragraph ID="proc1">Nasopharyngeal swab</paragraph>',
+    )
+)
+
+
+def test_a_null_flavoured_coded_value_keeps_its_text(tmp_path: Path) -> None:
+    out = convert(NULL_CODED)
+    obs = obs_by_code(out)
+    detected = obs["94500-6"]
+    assert detected["valueCodeableConcept"] == {"text": "DETECTED"}
+    assert "dataAbsentReason" not in detected
+    assert obs["94309-2"]["valueCodeableConcept"] == {
+        "text": "Positive for SARS-CoV-2"
+    }  # narrative reference
+    assert codes(obs["94531-1"].get("valueCodeableConcept")) == {"POS"}  # a translation is a value too
+    assert obs["94558-4"]["dataAbsentReason"]["coding"][0]["code"] == "unknown"  # nothing to keep
+    # a quantity whose unit is not UCUM: the number and the sender's unit, no UCUM code
+    assert obs["26464-8"]["valueQuantity"] == {"value": 7.2, "unit": "THOUS/MCL"}
+    [cond] = of(out, "Condition")
+    assert cond["code"] == {"text": "Long COVID"}
+    [allergy] = of(out, "AllergyIntolerance")
+    assert allergy["reaction"][0]["manifestation"] == [{"text": "Swollen tongue"}]
+    [proc] = of(out, "Procedure")
+    assert proc["code"] == {"text": "Nasopharyngeal swab"}
+    assert_conformant(NULL_CODED, tmp_path)
+
+
+def test_a_negated_allergy_to_a_substance_named_only_in_text_is_not_no_known_allergy() -> None:
+    doc = document(
+        section(
+            f"{T}.2.6.1",
+            "48765-2",
+            f"""
+  <entry><act classCode="ACT" moodCode="EVN"><templateId root="{T}.4.30"/><id root="a2"/>
+   <code code="CONC" codeSystem="2.16.840.1.113883.5.6"/><statusCode code="active"/>
+   <entryRelationship typeCode="SUBJ"><observation classCode="OBS" moodCode="EVN" negationInd="true">
+    <templateId root="{T}.4.7"/><id root="a2o"/><code code="ASSERTION" codeSystem="2.16.840.1.113883.5.4"/>
+    <statusCode code="completed"/><value xsi:type="CD" code="419511003" {SCT}/>
+    <participant typeCode="CSM"><participantRole classCode="MANU"><playingEntity classCode="MMAT">
+      <code nullFlavor="OTH"><originalText><reference value="#sub1"/></originalText></code>
+    </playingEntity></participantRole></participant>
+   </observation></entryRelationship></act></entry>
+  <entry><act classCode="ACT" moodCode="EVN"><templateId root="{T}.4.30"/><id root="a3"/>
+   <code code="CONC" codeSystem="2.16.840.1.113883.5.6"/><statusCode code="active"/>
+   <entryRelationship typeCode="SUBJ"><observation classCode="OBS" moodCode="EVN" negationInd="true">
+    <templateId root="{T}.4.7"/><id root="a3o"/><code code="ASSERTION" codeSystem="2.16.840.1.113883.5.4"/>
+    <statusCode code="completed"/><value xsi:type="CD" code="419511003" {SCT}/>
+    <participant typeCode="CSM"><participantRole classCode="MANU"><playingEntity classCode="MMAT">
+      <code nullFlavor="NA"/></playingEntity></participantRole></participant>
+   </observation></entryRelationship></act></entry>""",
+            '<paragraph ID="sub1">Amoxicillin-clavulanate</paragraph>',
+        )
+    )
+    refuted, nka = of(convert(doc), "AllergyIntolerance")
+    assert refuted["code"] == {"text": "Amoxicillin-clavulanate"}
+    assert refuted["verificationStatus"]["coding"][0]["code"] == "refuted"
+    assert codes(nka["code"]) == {"409137002"}  # no known drug allergy, as before
