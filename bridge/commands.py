@@ -22,7 +22,7 @@ def register(sub: Any, groups: dict[str, Any]) -> None:
     p.add_argument("--encounter-system", default=None, help="identifier system of the source's visit numbers")
     p.add_argument("--timezone", default="UTC", help="IANA zone for source times without an offset")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE", help="input files or directories (every file under them)")
     p.set_defaults(func=cmd_ingest)
 
     p = groups["ledger"].add_parser("run", help="consume fhir.bundles into the Merkle ledger")
@@ -87,12 +87,12 @@ def _fail(message: str, code: int = 1) -> int:
 # -- ingest ---------------------------------------------------------------------------------------
 def cmd_ingest(args: argparse.Namespace) -> int:
     from adapters import registry
-    from adapters.base import ConvertedBundle, SourceInfo
+    from adapters.base import ConvertedBundle, RejectedRecord, SourceInfo
     from adapters.errors import AdapterError
     from bridge.broker import resolve_bootstrap
     from bridge.errors import FhirbridgeError
     from bridge.progress import IngestProgress
-    from bridge.publish import Publisher
+    from bridge.publish import Publisher, nothing_converted
     from bridge.topics import ensure_topics
 
     settings = _settings()
@@ -130,6 +130,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                 cpu["convert"] += t1 - t0
                 if outcome is None:
                     break
+                if isinstance(outcome, ConvertedBundle) and (empty := nothing_converted(outcome, adapter.name)) is not None:
+                    # a rejection: its bytes are not in the bundle, so the dead letter names the file and location
+                    outcome = RejectedRecord(empty, b"", outcome.message_id)
                 if isinstance(outcome, ConvertedBundle):
                     summary["converted"] += 1
                     summary["warnings"] += len(outcome.warnings)
