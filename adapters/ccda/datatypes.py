@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import re
+from datetime import date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -220,20 +221,31 @@ def ts(el: El | None, ctx: Ctx) -> str | None:
 
 
 def period(el: El | None, ctx: Ctx) -> dict[str, Any] | None:
-    """IVL_TS -> Period (``low``/``high``; a point ``value`` becomes start)."""
+    """IVL_TS -> Period: ``low`` (else ``@value``) is the start, ``high`` the end; ``width`` gives the
+    missing bound."""
     if el is None:
         return None
     p: dict[str, Any] = {}
-    lo = ts(el.find("low"), ctx)
+    # Senders put the start in @value next to a high (value="20200301" + high); the start is kept.
+    lo = ts(el.find("low"), ctx) or ts(el, ctx)
     hi = ts(el.find("high"), ctx)
     if lo:
         p["start"] = lo
     if hi:
         p["end"] = hi
-    if not p:
-        v = ts(el, ctx)
-        if v:
-            p["start"] = v
+    width = el.find("width")
+    if width is not None and len(p) == 1:
+        bound = "end" if lo else "start"
+        shifted = _shift(p["start" if lo else "end"], width, 1 if lo else -1)
+        if shifted:
+            p[bound] = shifted
+        else:
+            ctx.warn(
+                "period-width-ignored",
+                f"effectiveTime width {width.get('value')!r} {width.get('unit')!r} cannot be applied to the "
+                f"{'low' if lo else 'high'} bound's precision; the {bound} is left open",
+                width,
+            )
     if "start" in p and "end" in p and _sortable(p["end"]) < _sortable(p["start"]):
         ctx.warn("period-reversed", "effectiveTime high is before low; high dropped", el)
         del p["end"]
@@ -242,6 +254,47 @@ def period(el: El | None, ctx: Ctx) -> dict[str, Any] | None:
 
 def _sortable(v: str) -> str:
     return v[:19]
+
+
+_WIDTH_UNITS = {
+    "s": "seconds",
+    "min": "minutes",
+    "h": "hours",
+    "d": "days",
+    "day": "days",
+    "days": "days",
+    "wk": "weeks",
+    "week": "weeks",
+    "weeks": "weeks",
+}
+
+
+def _shift(bound: str, width: El, sign: int) -> str | None:
+    """``bound`` (a FHIR date or dateTime) moved by the IVL_TS ``width``, at the bound's precision; None
+    when the width is not a whole number of a fixed-length unit, or finer than the bound (a day width on a
+    year, an hour width on a date)."""
+    unit = _WIDTH_UNITS.get((width.get("unit") or "").strip())
+    value = decimal(width.get("value"))
+    if unit is None or not isinstance(value, int):
+        return None
+    delta = timedelta(**{unit: value * sign})
+    if len(bound) == 10:  # a date: day and week widths only
+        if unit not in ("days", "weeks"):
+            return None
+        try:
+            return (date.fromisoformat(bound) + delta).isoformat()
+        except (ValueError, OverflowError):
+            return None
+    if "T" not in bound:  # a year or a month
+        return None
+    try:
+        moved = datetime.fromisoformat(bound) + delta
+    except (ValueError, OverflowError):
+        return None
+    if moved.year < 1:
+        return None
+    out = moved.isoformat()
+    return out[:-6] + "Z" if bound.endswith("Z") and out.endswith("+00:00") else out
 
 
 def effective(el: El | None, ctx: Ctx) -> tuple[str | None, dict[str, Any] | None]:

@@ -201,3 +201,43 @@ def test_a_negated_allergy_to_a_substance_named_only_in_text_is_not_no_known_all
     assert refuted["code"] == {"text": "Amoxicillin-clavulanate"}
     assert refuted["verificationStatus"]["coding"][0]["code"] == "refuted"
     assert codes(nka["code"]) == {"409137002"}  # no known drug allergy, as before
+
+
+# -- encounter dates --------------------------------------------------------------------------------
+def _enc_doc(effective: str) -> bytes:
+    return document(
+        section(
+            f"{T}.2.22.1",
+            "46240-8",
+            f"""
+  <entry><encounter classCode="ENC" moodCode="EVN"><templateId root="{T}.4.49"/><id root="e1"/>
+   <code code="99213" codeSystem="2.16.840.1.113883.6.12"/>{effective}</encounter></entry>""",
+        ),
+        encounter=f"""<componentOf><encompassingEncounter><id root="2.16.840.1.113883.19" extension="V-1"/>
+   {effective}</encompassingEncounter></componentOf>""",
+    )
+
+
+def test_an_encounter_effective_time_with_value_and_high_keeps_the_value_as_its_start() -> None:
+    out = convert(
+        _enc_doc(
+            '<effectiveTime value="20200301100000-0500"><high value="20200301113000-0500"/></effectiveTime>'
+        )
+    )
+    encounters = of(out, "Encounter")
+    assert len(encounters) == 2
+    for enc in encounters:
+        assert enc["period"] == {"start": "2020-03-01T10:00:00-05:00", "end": "2020-03-01T11:30:00-05:00"}
+    # a low wins over the value, as before
+    [enc, _] = of(
+        convert(_enc_doc('<effectiveTime value="2020"><low value="20200302"/></effectiveTime>')), "Encounter"
+    )
+    assert enc["period"] == {"start": "2020-03-02"}
+    # a width gives the missing bound
+    [enc, _] = of(
+        convert(
+            _enc_doc('<effectiveTime><low value="20200302"/><width value="2" unit="d"/></effectiveTime>')
+        ),
+        "Encounter",
+    )
+    assert enc["period"] == {"start": "2020-03-02", "end": "2020-03-04"}
