@@ -224,8 +224,32 @@ def organization(o: El | None, ctx: Ctx, extra_ids_from: El | None = None) -> st
     )
 
 
-def location(el: El, ctx: Ctx) -> str | None:
-    """participantRole (SDLOC) or healthCareFacility -> Location."""
+def practitioner_role(ae: El, practitioner_ref: str, ctx: Ctx) -> str | None:
+    """The role of a Practitioner in the organisation its assignedEntity represents -> PractitionerRole
+    (practitioner, organization, the entity's code and telecom); None without an organisation.
+
+    Keyed by the two references, so the same person in the same organisation is one role per source."""
+    ro = ae.find("representedOrganization")
+    org_ref = organization(ro, ctx) if ro is not None else None
+    if org_ref is None:
+        return None
+    role: dict[str, Any] = {
+        "resourceType": "PractitionerRole",
+        "practitioner": {"reference": practitioner_ref},
+        "organization": {"reference": org_ref},
+    }
+    code = concept(ae.find("code"), ctx)
+    if code:
+        role["code"] = [code]
+    tel = telecoms(ae, ctx)
+    if tel:
+        role["telecom"] = tel
+    return ctx.b.add(role, "role", practitioner_ref, org_ref)
+
+
+def location(el: El, ctx: Ctx, *, managing_organization: str | None = None) -> str | None:
+    """participantRole (SDLOC) or healthCareFacility -> Location (managed by the service provider
+    organisation, when the facility names one)."""
     place = first(el, "playingEntity", "location")
     name = org_name(place) if place is not None else None
     res: dict[str, Any] = {"resourceType": "Location"}
@@ -245,5 +269,7 @@ def location(el: El, ctx: Ctx) -> str | None:
         res["telecom"] = tel
     if len(res) == 1:
         return None
+    if managing_organization:
+        res["managingOrganization"] = {"reference": managing_organization}
     k = id_key(el) or f"{ctx.doc_key}#loc:{name}:{ctx.tree.getpath(el)}"
     return ctx.b.add(res, "loc", k)

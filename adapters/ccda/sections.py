@@ -856,6 +856,101 @@ def procedure(p: El, ctx: Ctx) -> list[str]:
 _ENC_CLASS = {"AMB", "EMER", "FLD", "HH", "IMP", "ACUTE", "NONAC", "OBSENC", "PRENC", "SS", "VR"}
 
 
+PARTICIPATION_TYPE = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
+#: v3-ParticipationType codes of encounter participants (FHIR's encounter-participant-type value set
+#: and the CDA performer type) -> display.
+_PARTICIPATION_TYPES = {
+    "ADM": "admitter",
+    "ATND": "attender",
+    "CALLBCK": "callback contact",
+    "CON": "consultant",
+    "DIS": "discharger",
+    "ESC": "escort",
+    "REF": "referrer",
+    "PPRF": "primary performer",
+    "SPRF": "secondary performer",
+    "PRF": "performer",
+    "PART": "Participation",
+}
+#: v3-ParticipationFunction (sdtc:functionCode of a performer) -> the participation type it means.
+_FUNCTION_TO_TYPE = {"ATTPHYS": "ATND", "ADMPHYS": "ADM", "DISPHYS": "DIS"}
+_PARTICIPATION_FUNCTION_OID = "2.16.840.1.113883.5.88"
+
+
+def _participation(code: str) -> dict[str, Any]:
+    return cc(PARTICIPATION_TYPE, code, _PARTICIPATION_TYPES[code])
+
+
+def _encounter_participants(
+    e: El, ctx: Ctx, *, header: bool
+) -> tuple[list[dict[str, Any]], list[tuple[str, El]]]:
+    """Encounter.participant entries (Practitioners with their v3-ParticipationType) and the
+    organisations named where a person was expected, with their elements (for the service provider).
+
+    The header's responsibleParty is the attender (the eCR IG's responsible provider, ATND);
+    encounterParticipant keeps its typeCode (ADM, ATND, CON, DIS, REF) and time; an encounter activity's
+    performer is typed by its sdtc:functionCode (ATTPHYS, ADMPHYS, DISPHYS), else by its typeCode (PRF,
+    PPRF, SPRF). Authors stay participants without a type, as before: FHIR R4 Encounter has no recorder.
+    """
+    from adapters.ccda.header import practitioner, practitioner_role
+
+    people: list[tuple[El, str | None, El | None, El | None]] = []  # (assignedEntity, type, function, time)
+    if header:
+        rp = first(e, "responsibleParty/assignedEntity")
+        if rp is not None:
+            people.append((rp, "ATND", None, None))
+    for ep in e.findall("encounterParticipant"):
+        ae = ep.find("assignedEntity")
+        if ae is not None:
+            tc = ep.get("typeCode") or ""
+            fn = first(ep, "sdtc_functionCode", "functionCode")
+            people.append((ae, tc if tc in _PARTICIPATION_TYPES else None, fn, ep.find("time")))
+    for pf in e.findall("performer"):
+        ae = pf.find("assignedEntity")
+        if ae is not None:
+            tc = pf.get("typeCode") or "PRF"
+            fn = first(pf, "sdtc_functionCode", "functionCode")
+            people.append((ae, tc if tc in _PARTICIPATION_TYPES else None, fn, pf.find("time")))
+    for au in e.findall("author"):
+        ae = au.find("assignedAuthor")
+        if ae is not None:
+            people.append((ae, None, None, None))
+    parts: list[dict[str, Any]] = []
+    orgs: list[tuple[str, El]] = []
+    for ae, ptype, fn, time in people:
+        ref = practitioner(ae, ctx)
+        if ref is None:
+            continue
+        if not ref.startswith("Practitioner/"):
+            if ref.startswith("Organization/"):
+                orgs.append((ref, ae))
+            else:  # an authoring device: not a participant of the encounter
+                ctx.warn("encounter-participant-dropped", "a device cannot be an encounter participant", ae)
+            continue
+        types: list[dict[str, Any]] = []
+        function = concept(fn, ctx) if fn is not None else None
+        if (
+            fn is not None
+            and (fn.get("codeSystem") or _PARTICIPATION_FUNCTION_OID) == _PARTICIPATION_FUNCTION_OID
+        ):
+            ptype = _FUNCTION_TO_TYPE.get(fn.get("code") or "", ptype)
+        if ptype:
+            types.append(_participation(ptype))
+        if function:
+            types.append(function)
+        part: dict[str, Any] = {}
+        if types:
+            part["type"] = types
+        per = period(time, ctx)
+        if per:
+            part["period"] = per
+        part["individual"] = {"reference": ref}
+        if part not in parts:
+            parts.append(part)
+        practitioner_role(ae, ref, ctx)
+    return parts, orgs
+
+
 def encounter(e: El, ctx: Ctx, *, header: bool = False) -> list[str]:
     if e.get("moodCode") in ("INT", "RQO", "PRP", "ARQ", "PRMS", "APT"):
         return planned(e, ctx)
@@ -888,16 +983,27 @@ def encounter(e: El, ctx: Ctx, *, header: bool = False) -> list[str]:
     per = period(e.find("effectiveTime"), ctx)
     if per:
         res["period"] = per
-    perf = _performer_refs(e, ctx)
-    from adapters.ccda.header import location, practitioner
+    parts, orgs = _encounter_participants(e, ctx, header=header)
+    if parts:
+        res["participant"] = parts
+    from adapters.ccda.header import location, organization
 
-    for ep in e.findall("encounterParticipant"):
-        ae = ep.find("assignedEntity")
-        r = practitioner(ae, ctx) if ae is not None else None
-        if r:
-            perf.append(r)
-    if perf:
-        res["participant"] = [{"individual": {"reference": r}} for r in dict.fromkeys(perf)]
+    provider = None
+    hf = first(e, "location/healthCareFacility")
+    spo = hf.find("serviceProviderOrganization") if hf is not None else None
+    if spo is not None:
+        provider = organization(spo, ctx)
+    for org_ref, el in orgs:  # an organisation as responsible party or performer
+        if provider is None:
+            provider = org_ref
+        elif org_ref != provider:
+            ctx.warn(
+                "encounter-organization-dropped",
+                "the encounter already has a service provider; this organisation is not converted",
+                el,
+            )
+    if provider:
+        res["serviceProvider"] = {"reference": provider}
     locs = []
     for part in e.findall("participant"):
         if part.get("typeCode") == "LOC":
@@ -906,9 +1012,8 @@ def encounter(e: El, ctx: Ctx, *, header: bool = False) -> list[str]:
                 r = location(pr, ctx)
                 if r:
                     locs.append({"location": {"reference": r}})
-    hf = first(e, "location/healthCareFacility")
     if hf is not None:
-        r = location(hf, ctx)
+        r = location(hf, ctx, managing_organization=provider if spo is not None else None)
         if r:
             locs.append({"location": {"reference": r}})
     if locs:

@@ -241,3 +241,110 @@ def test_an_encounter_effective_time_with_value_and_high_keeps_the_value_as_its_
         "Encounter",
     )
     assert enc["period"] == {"start": "2020-03-02", "end": "2020-03-04"}
+
+
+# -- who and where --------------------------------------------------------------------------------
+ADDR = "<addr><streetAddressLine>1 Clinic Way</streetAddressLine><city>Springfield</city><state>IL</state></addr>"
+
+
+def _person(npi: str, given: str, extra: str = "") -> str:
+    return (
+        f'<assignedEntity><id root="{NPI}" extension="{npi}"/>{extra}'
+        f"<assignedPerson><name><given>{given}</given><family>Doc</family></name></assignedPerson></assignedEntity>"
+    )
+
+
+WHO_WHERE = document(
+    section(
+        f"{T}.2.22.1",
+        "46240-8",
+        f"""
+  <entry><encounter classCode="ENC" moodCode="EVN"><templateId root="{T}.4.49"/><id root="e2"/>
+   <code code="99213" codeSystem="2.16.840.1.113883.6.12"/><effectiveTime value="20200401"/>
+   <performer><sdtc:functionCode code="ATTPHYS" codeSystem="2.16.840.1.113883.5.88"/>{_person("301", "Ada")}</performer>
+   <performer typeCode="SPRF">{_person("302", "Bob")}</performer>
+   <participant typeCode="LOC"><participantRole classCode="SDLOC"><templateId root="{T}.4.32"/>
+     <code code="1160-1" codeSystem="2.16.840.1.113883.6.259" displayName="Urgent Care Center"/>{ADDR}
+     <playingEntity classCode="PLC"><name>East Urgent Care</name></playingEntity></participantRole></participant>
+  </encounter></entry>""",
+    ),
+    encounter=f"""<componentOf><encompassingEncounter><id root="2.16.840.1.113883.19" extension="V-2"/>
+   <code code="AMB" codeSystem="2.16.840.1.113883.5.4"/>
+   <effectiveTime><low value="20201107094421-0500"/></effectiveTime>
+   <responsibleParty>{
+        _person(
+            "201",
+            "Rita",
+            '<code code="207Q00000X" codeSystem="2.16.840.1.113883.6.101" displayName="Family Medicine"/>',
+        ).replace(
+            "</assignedEntity>",
+            '<representedOrganization><id root="2.16.840.1.113883.19.5" extension="ORG-R"/>'
+            "<name>Rita's Practice</name></representedOrganization></assignedEntity>",
+        )
+    }</responsibleParty>
+   <encounterParticipant typeCode="ADM"><time><low value="20201107094421-0500"/></time>{
+        _person("202", "Adam")
+    }</encounterParticipant>
+   <encounterParticipant typeCode="CON">{_person("203", "Cora")}</encounterParticipant>
+   <encounterParticipant typeCode="DIS">{_person("204", "Dan")}</encounterParticipant>
+   <encounterParticipant typeCode="REF">{_person("205", "Ruth")}</encounterParticipant>
+   <location><healthCareFacility><id root="2.16.840.1.113883.19.5" extension="FAC-1"/>
+     <code code="OF" codeSystem="2.16.840.1.113883.5.111" displayName="Outpatient facility"/>
+     <location><name>Good Health Urgent Care</name>{ADDR}</location>
+     <serviceProviderOrganization><id root="2.16.840.1.113883.19.5" extension="ORG-1"/>
+       <name>Good Health Clinic</name>{ADDR}</serviceProviderOrganization>
+   </healthCareFacility></location>
+  </encompassingEncounter></componentOf>""",
+)
+
+
+def _participants(out: ConvertedBundle, enc: dict[str, Any]) -> dict[str, list[str]]:
+    """given name -> participant type codes."""
+    found: dict[str, list[str]] = {}
+    for p in enc.get("participant", []):
+        person = by_ref(out, p["individual"]["reference"])
+        assert person["resourceType"] == "Practitioner"
+        found.setdefault(person["name"][0]["given"][0], []).extend(
+            c["code"] for t in p.get("type", []) for c in t["coding"] if c["system"] == PTYPE
+        )
+    return found
+
+
+def test_the_encompassing_encounter_names_its_providers_facility_and_service_provider(tmp_path: Path) -> None:
+    out = convert(WHO_WHERE)
+    [comp] = of(out, "Composition")
+    enc = by_ref(out, comp["encounter"]["reference"])
+    assert _participants(out, enc) == {
+        "Rita": ["ATND"],
+        "Adam": ["ADM"],
+        "Cora": ["CON"],
+        "Dan": ["DIS"],
+        "Ruth": ["REF"],
+    }
+    adm = next(p for p in enc["participant"] if p["type"][0]["coding"][0]["code"] == "ADM")
+    assert adm["period"] == {"start": "2020-11-07T09:44:21-05:00"}
+    provider = by_ref(out, enc["serviceProvider"]["reference"])
+    assert provider["name"] == "Good Health Clinic"
+    [loc_ref] = [x["location"]["reference"] for x in enc["location"]]
+    facility = by_ref(out, loc_ref)
+    assert facility["name"] == "Good Health Urgent Care" and facility["address"]["city"] == "Springfield"
+    assert codes(facility["type"][0]) == {"OF"}
+    assert facility["managingOrganization"] == enc["serviceProvider"]
+    # the responsible provider's role in their organisation
+    [role] = of(out, "PractitionerRole")
+    rita = next(p for p in enc["participant"] if p["type"][0]["coding"][0]["code"] == "ATND")
+    assert role["practitioner"] == rita["individual"]
+    assert by_ref(out, role["organization"]["reference"])["name"] == "Rita's Practice"
+    assert codes(role["code"][0]) == {"207Q00000X"}
+    # deterministic ids, none shared, byte-identical re-conversion (the kit also checks it)
+    ids = [e["resource"]["id"] for e in out.bundle["entry"]]
+    assert len(ids) == len(set(ids)) and convert(WHO_WHERE).body == out.body
+    assert_conformant(WHO_WHERE, tmp_path)
+
+
+def test_an_encounter_activity_names_its_performers_and_location() -> None:
+    out = convert(WHO_WHERE)
+    enc = next(e for e in of(out, "Encounter") if codes(e["type"][0]) == {"99213"})
+    assert _participants(out, enc) == {"Ada": ["ATND"], "Bob": ["SPRF"]}
+    [loc] = [by_ref(out, x["location"]["reference"]) for x in enc["location"]]
+    assert loc["name"] == "East Urgent Care" and codes(loc["type"][0]) == {"1160-1"}
