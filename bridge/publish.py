@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from kafka.producer.future import FutureRecordMetadata
 
     from adapters.base import Adapter, ConvertedBundle, SourceInfo
+    from adapters.errors import ParseError
 
 # Dead-letter headers added to the original record's headers.
 DL_ERROR_CLASS = "fb-dl-error-class"
@@ -55,6 +56,37 @@ def producer_config(settings: Settings, bootstrap: str, **overrides: Any) -> dic
     }
     cfg.update(overrides)
     return cfg
+
+
+#: Conversion warnings that say why a record gave no resources, in the order they are reported.
+_WHY_EMPTY = ("no-content", "missing-segment", "no-patient")
+
+
+def nothing_converted(converted: ConvertedBundle, adapter_name: str) -> ParseError | None:
+    """The located reason when a bundle holds nothing but the Provenance its adapter adds, else None.
+
+    Such a record was read but none of it became FHIR (an unsupported message type, a message with
+    no segment the adapter maps): publishing the empty bundle would report the record as kept while
+    its content is nowhere. ``ingest`` and ``mllp`` dead-letter it with this reason instead.
+    """
+    from adapters.errors import Location, ParseError
+
+    for entry in converted.bundle.get("entry") or ():
+        resource = entry.get("resource") or {}
+        if resource.get("resourceType") != "Provenance" or resource.get("target"):
+            return None
+    unsupported = next((w for w in converted.warnings if w.code == "unsupported-message-type"), None)
+    if unsupported is not None:
+        # the warning goes on to say the known segments were mapped generically: none were
+        what = unsupported.message.split(";", 1)[0]
+        where = Location(**{**converted.location.to_dict(), **unsupported.location.to_dict()})
+        return ParseError(f"{what}: nothing in it was converted to FHIR", adapter=adapter_name, location=where)
+    why = "; ".join(w.message for code in _WHY_EMPTY for w in converted.warnings if w.code == code)
+    return ParseError(
+        f"nothing in this record was converted to FHIR: {why or 'it gave no resources'}",
+        adapter=adapter_name,
+        location=converted.location,
+    )
 
 
 def signing_key_path(settings: Settings, org: str) -> Path:
