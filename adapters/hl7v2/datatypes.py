@@ -16,6 +16,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from adapters.base import SourceInfo
+from adapters.common import ucum as ucum_units
 from adapters.errors import Location
 from adapters.hl7v2.er7 import Field, Segment
 
@@ -59,12 +60,13 @@ Loc = Location | LazyLoc
 class Context:
     """What the data-type converters need: the source, a warning sink and the message index."""
 
-    __slots__ = ("_sink", "message_index", "source")
+    __slots__ = ("_once", "_sink", "message_index", "source")
 
     def __init__(self, source: SourceInfo, warn: Warn, message_index: int = 1) -> None:
         self.source = source
         self._sink = warn
         self.message_index = message_index
+        self._once: set[tuple[object, ...]] = set()
 
     def loc(
         self, seg: Segment, field: int | None = None, rep: int | None = None, comp: int | None = None
@@ -73,6 +75,18 @@ class Context:
 
     def warn(self, code: str, message: str, loc: Loc) -> None:
         self._sink(code, message, loc.resolve() if isinstance(loc, LazyLoc) else loc)
+
+    def warn_once(self, code: str, message: str, loc: Loc) -> None:
+        """:meth:`warn`, unless the same warning was already recorded for the same place.
+
+        One field often feeds several values (OBX-6 is the unit of the value and of both ends of the
+        reference range); its problem is reported once.
+        """
+        where = (loc.seg.index, loc.field, loc.rep, loc.comp) if isinstance(loc, LazyLoc) else (loc,)
+        key = (code, message, *where)
+        if key not in self._once:
+            self._once.add(key)
+            self.warn(code, message, loc)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -298,81 +312,21 @@ def code_system(ctx: Context, name: str, loc: Loc) -> str | None:
     )
 
 
-#: Common non-UCUM unit spellings seen in HL7 v2 feeds -> UCUM code.
-UNIT_ALIASES: dict[str, str] = {
-    "beats/min": "/min",
-    "bpm": "/min",
-    "breaths/min": "/min",
-    "mmhg": "mm[Hg]",
-    "mm hg": "mm[Hg]",
-    "degf": "[degF]",
-    "deg f": "[degF]",
-    "f": "[degF]",
-    "degc": "Cel",
-    "deg c": "Cel",
-    "c": "Cel",
-    "cel": "Cel",
-    "lb": "[lb_av]",
-    "lbs": "[lb_av]",
-    "in": "[in_i]",
-    "inch": "[in_i]",
-    "inches": "[in_i]",
-    "kg": "kg",
-    "g": "g",
-    "cm": "cm",
-    "mg/dl": "mg/dL",
-    "g/dl": "g/dL",
-    "mmol/l": "mmol/L",
-    "meq/l": "meq/L",
-    "u/l": "U/L",
-    "iu/l": "[IU]/L",
-    "%": "%",
-    "percent": "%",
-    "ml": "mL",
-    "l": "L",
-    "mg": "mg",
-    "mcg": "ug",
-    "ug": "ug",
-    "ng/ml": "ng/mL",
-    "pg": "pg",
-    "fl": "fL",
-    "k/ul": "10*3/uL",
-    "x10e3/ul": "10*3/uL",
-    "10*3/ul": "10*3/uL",
-    "m/ul": "10*6/uL",
-    "x10e6/ul": "10*6/uL",
-    "10*6/ul": "10*6/uL",
-    "kg/m2": "kg/m2",
-    "s": "s",
-    "sec": "s",
-    "min": "min",
-    "h": "h",
-    "hr": "h",
-    "d": "d",
-    "day": "d",
-    "days": "d",
-    "wk": "wk",
-    "mo": "mo",
-    "a": "a",
-    "yr": "a",
-    "years": "a",
-    "ml/min": "mL/min",
-    "/hpf": "/[HPF]",
-    "/lpf": "/[LPF]",
-}
-_UCUM_LIKE = re.compile(r"^[A-Za-z0-9%\[\]/.*^()'{}_-]+$")
+#: OBX-6.3 names of unit systems whose codes, when not UCUM, are kept as text only: UCUM's own URI must
+#: not carry a code the grammar rejects, and ISO 2955 (ISO+) and ANSI X3.50 (ANS+) have no FHIR URI.
+UNIT_SYSTEM_NAMES = frozenset({"UCUM", "UML", "ISO+", "ISO", "ANSI", "ANS+"})
 
 
-def ucum(unit_code: str, unit_system: str) -> tuple[str | None, bool]:
-    """``(ucum code, known)`` for a unit given as code + coding system (OBX-6.1 / OBX-6.3)."""
-    if not unit_code:
-        return None, False
-    if unit_system.upper() in ("UCUM", "UML", "ISO+") and _UCUM_LIKE.match(unit_code):
-        return unit_code, True
-    alias = UNIT_ALIASES.get(unit_code.lower())
-    if alias:
-        return alias, True
-    return None, False
+def ucum(unit_code: str, unit_text: str = "") -> str | None:
+    """The UCUM code for a unit given as code and/or text (OBX-6.1 / OBX-6.2), or ``None``.
+
+    The code is tried first, then the text; each as sent when it is UCUM, else through the common
+    spellings of :mod:`adapters.common.ucum`. Whatever the sender's OBX-6.3 claims, only a string the
+    UCUM grammar accepts is returned.
+    """
+    return (ucum_units.to_ucum(unit_code) if unit_code else None) or (
+        ucum_units.to_ucum(unit_text) if unit_text and unit_text != unit_code else None
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -717,21 +671,31 @@ def number(value: str) -> int | float | None:
 
 
 def quantity(ctx: Context, value: int | float, unit_field: Field, loc: Loc) -> dict[str, Any]:
-    """A Quantity: the value, with the unit in UCUM where known (else the unit text, warned)."""
+    """A Quantity: the value, and the unit as UCUM system + code whenever it is (or maps to) UCUM.
+
+    ``unit`` keeps what the sender wrote (OBX-6.2, else OBX-6.1). A unit that is not UCUM keeps its own
+    coding system when it names one we know (a local code under a source-scoped URN), else it stays
+    text only with one ``unknown-unit`` warning per field: a code without a system is not valid R4.
+    """
     q: dict[str, Any] = {"value": value}
     code, sysname, text = unit_field.c(1), unit_field.c(3), unit_field.c(2)
     if not code and not text:
         return q
-    ucum_code, known = ucum(code or text, sysname)
     q["unit"] = text or code
-    if known and ucum_code:
-        q["system"] = "http://unitsofmeasure.org"
+    ucum_code = ucum(code, text)
+    if ucum_code:
+        q["system"] = ucum_units.SYSTEM
         q["code"] = ucum_code
-    elif code:
-        system = code_system(ctx, sysname, loc) if sysname else None
-        if system:
+        return q
+    if code and sysname and sysname.upper() not in UNIT_SYSTEM_NAMES:
+        system = code_system(ctx, sysname, loc)
+        if system and system != ucum_units.SYSTEM:
             q["system"] = system
             q["code"] = code
-        else:
-            ctx.warn("unknown-unit", f"unit {code!r} is not UCUM; kept as text", loc)
+            return q
+    ctx.warn_once(
+        "unknown-unit",
+        f"unit {code or text!r} is not UCUM and not a known spelling of a UCUM unit; kept as text",
+        loc,
+    )
     return q

@@ -1637,15 +1637,16 @@ class Conversion:
                 )
                 r["valueString"] = text
             return
+        unit_loc = self.loc(seg, 6)
         if sep in ("-",) and a is not None and b is not None:
             r["valueRange"] = {
-                "low": dt.quantity(self.ctx, a, seg.f(6), loc),
-                "high": dt.quantity(self.ctx, b, seg.f(6), loc),
+                "low": dt.quantity(self.ctx, a, seg.f(6), unit_loc),
+                "high": dt.quantity(self.ctx, b, seg.f(6), unit_loc),
             }
         elif sep in (":", "/") and a is not None and b is not None:
             r["valueRatio"] = {"numerator": {"value": a}, "denominator": {"value": b}}
         elif a is not None:
-            q = dt.quantity(self.ctx, a, seg.f(6), loc)
+            q = dt.quantity(self.ctx, a, seg.f(6), unit_loc)
             if comp in ("<", "<=", ">", ">="):
                 q["comparator"] = comp
             elif comp and comp != "=":
