@@ -87,21 +87,32 @@ MARITAL = {
     "T": "UNK",
     "L": "L",
 }
+#: OBX-11 (table 0085) -> Observation.status: the HL7 v2-to-FHIR IG's ConceptMap
+#: table-hl70085-to-observation-status, every code it maps.
 OBS_STATUS = {
+    "A": "amended",
+    "C": "corrected",
+    "D": "entered-in-error",
     "F": "final",
     "P": "preliminary",
-    "C": "corrected",
-    "A": "amended",
     "X": "cancelled",
-    "D": "entered-in-error",
     "W": "entered-in-error",
-    "R": "preliminary",
-    "S": "preliminary",
-    "I": "registered",
-    "O": "registered",
-    "N": "cancelled",
-    "U": "final",
 }
+#: The codes that ConceptMap leaves unmatched: what we say instead. ``registered`` claims that no
+#: result exists yet, so I and O take it only without an OBX-5 value (:data:`OBS_STATUS_WITH_VALUE`).
+OBS_STATUS_UNMATCHED = {
+    "B": "final",  # appended: final results, reviewed, information added
+    "U": "final",  # status changed to final without retransmission
+    "V": "final",  # verified: final results reviewed and confirmed
+    "R": "preliminary",  # entered, not verified
+    "S": "preliminary",  # partial results
+    "N": "cancelled",  # not asked: nothing was sought
+    "I": "registered",  # specimen in lab, results pending
+    "O": "registered",  # order detail only, no result
+}
+#: I and O when OBX-5 does carry a value: a pending result that already has one is preliminary; a
+#: value given with the order (an ask-at-order-entry answer) is complete as given.
+OBS_STATUS_WITH_VALUE = {"I": "preliminary", "O": "final"}
 DR_STATUS = {
     "F": "final",
     "P": "preliminary",
@@ -199,6 +210,24 @@ _RANGE = re.compile(r"^\s*([+-]?\d+(?:\.\d+)?)\s*[-–]\s*([+-]?\d+(?:\.\d+)?)\s
 _BOUND = re.compile(r"^\s*([<>]=?)\s*([+-]?\d+(?:\.\d+)?)\s*$")
 
 
+def unique_identifiers(idents: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Identifiers with one entry per (system, value), in first-seen order.
+
+    The same identifier often comes twice (the SSN in PID-3 and again in PID-19); the first entry is
+    kept and takes any element (type, period, assigner) that only a later copy has.
+    """
+    out: dict[tuple[object, object], dict[str, Any]] = {}
+    for ident in idents:
+        key = (ident.get("system"), ident.get("value"))
+        first = out.get(key)
+        if first is None:
+            out[key] = ident
+        else:
+            for k, v in ident.items():
+                first.setdefault(k, v)
+    return list(out.values())
+
+
 class Conversion:
     """The state of converting one message. Subclass hooks receive it; see ``docs/adapters.md``."""
 
@@ -233,6 +262,9 @@ class Conversion:
         self.appointment: dict[str, Any] | None = None
         self.coverage_count = 0
         self.obx_count = 0
+        self.obr_count = 0
+        self._group_keys: dict[int, tuple[object, ...] | None] = {}
+        self._obs_keys: set[tuple[object, ...]] = set()
         self._xcn_memo: dict[str, str] = {}
         self._xon_memo: dict[str, str] = {}
         self.pv1_index: int | None = None
@@ -527,7 +559,7 @@ class Conversion:
                 }
             )
         if idents:
-            r["identifier"] = idents
+            r["identifier"] = unique_identifiers(idents)
         names = [
             hn
             for i, f in enumerate(seg.reps(5), start=1)
@@ -1167,6 +1199,22 @@ class Conversion:
                 return ("placer" if n == 2 else "filler", f.c(2) or f.c(3), f.c(1))
         return None
 
+    def group_key(self, obr: Segment) -> tuple[object, ...] | None:
+        """The key of the order group an OBR opens (its ServiceRequest, DiagnosticReport, results).
+
+        Its order number (:meth:`order_key`), plus its position among the message's OBRs when an
+        earlier OBR of the message already took that number: senders put several panels under one
+        placer number, and each is its own order and report. The first keeps the plain order number,
+        so a panel re-sent alone in a later message still updates the resources it made.
+        """
+        if obr.index in self._group_keys:
+            return self._group_keys[obr.index]
+        key = self.order_key(self.orc, obr)
+        if key is not None and key in self._group_keys.values():
+            key = (*key, "OBR", self.obr_count)
+        self._group_keys[obr.index] = key
+        return key
+
     def order_identifiers(self, seg_orc: Segment | None, seg_obr: Segment | None) -> list[dict[str, Any]]:
         out = []
         seen = set()
@@ -1221,7 +1269,7 @@ class Conversion:
 
     def service_request(self, obr: Segment | None, code: dict[str, Any] | None) -> str | None:
         orc = self.orc
-        key = self.order_key(orc, obr)
+        key = self.group_key(obr) if obr is not None else self.order_key(orc, None)
         if not self.patient_ref:
             return None
         r: dict[str, Any] = {"resourceType": "ServiceRequest", "intent": "order"}
@@ -1242,6 +1290,9 @@ class Conversion:
         req = (self.practitioner(orc, 12) if orc is not None else None) or (
             self.practitioner(obr, 16) if obr is not None else None
         )
+        facility = self.ordering_facility(orc) if orc is not None else None
+        if facility:
+            req = self.practitioner_role(req, facility)
         if req:
             r["requester"] = {"reference": req}
         if obr is not None:
@@ -1258,8 +1309,40 @@ class Conversion:
         self.note_target = r
         return ref
 
+    def ordering_facility(self, orc: Segment) -> str | None:
+        """ORC-21 (ordering facility, XON) -> Organization, with ORC-22 address and ORC-23 telecom."""
+        org = self.xon(orc, 21)
+        if org is None:
+            return None
+        r = self.b.get(org)
+        if r is not None:
+            addrs = [
+                a
+                for i, f in enumerate(orc.reps(22), start=1)
+                if (a := dt.address(self.ctx, f, self.loc(orc, 22, i)))
+            ]
+            if addrs:
+                r.setdefault("address", addrs)
+            tele = self._telecoms(orc, ((23, "work"),))
+            if tele:
+                r.setdefault("telecom", tele)
+        return org
+
+    def practitioner_role(self, practitioner: str | None, organization: str) -> str:
+        """The requester of an order placed at a facility, as the HL7 v2-to-FHIR IG maps ORC-12 and
+        ORC-21: a PractitionerRole of the ordering provider (if any) at the ordering facility."""
+        r: dict[str, Any] = {"resourceType": "PractitionerRole"}
+        if practitioner:
+            r["practitioner"] = {"reference": practitioner}
+        r["organization"] = {"reference": organization}
+        return self.b.add(r, "requester", practitioner or "", organization)
+
     def obr(self, seg: Segment) -> None:
         self.close_report()
+        # an OBR opens an order group: the OBX after it are its results, not text of an earlier TXA
+        # document (MDM puts its OBR before the TXA, so this never cuts a document message short)
+        self.close_document()
+        self.obr_count += 1
         code = self.code(seg, 4)
         if self.msg_type in ("ORU", "OUL") or (self.msg_type == "ORM" and self.trigger == "R01"):
             self.open_report(seg, code)
@@ -1322,7 +1405,7 @@ class Conversion:
             if ref:
                 perf.append({"reference": ref})
         # ORU orders: the ServiceRequest the report is based on, when the order is identified
-        key = self.order_key(orc, seg)
+        key = self.group_key(seg)
         if self.patient_ref:
             sr = self.service_request(seg, code)
             if sr:
@@ -1461,8 +1544,12 @@ class Conversion:
             return None
         r: dict[str, Any] = {"resourceType": "Observation"}
         st = seg.v(11).upper()
-        r["status"] = OBS_STATUS.get(st, "unknown" if st else "final")
-        if st and st not in OBS_STATUS:
+        status = OBS_STATUS.get(st)
+        if status is None and st in OBS_STATUS_UNMATCHED:
+            valued = st in OBS_STATUS_WITH_VALUE and any(f.text() for f in seg.reps(5))
+            status = OBS_STATUS_WITH_VALUE[st] if valued else OBS_STATUS_UNMATCHED[st]
+        r["status"] = status or ("unknown" if st else "final")
+        if st and status is None:
             self.warn(
                 "unknown-code", f"unknown observation result status {st!r} (table 0085)", self.loc(seg, 11)
             )
@@ -1512,7 +1599,11 @@ class Conversion:
             group = ("order", self.order_ref)
         else:
             group = (self.patient_key or "", *self.record_key())
-        ref = self.b.add(r, *group, seg.v(1), dt.first_code(code), seg.v(4))
+        key = (*group, seg.v(1), dt.first_code(code), seg.v(4))
+        if key in self._obs_keys:  # the same set id, code and sub-id again: another result, not a re-send
+            key = (*key, "OBX", seg.index)
+        self._obs_keys.add(key)
+        ref = self.b.add(r, *key)
         self.note_target = r
         return ref
 
