@@ -154,11 +154,21 @@ def id_key(parent: El | None) -> str | None:
 
 
 # -- codes ------------------------------------------------------------------------------------------
+#: ISO 3166 country and subdivision codes (eICR travel and residence locations): FHIR names them by URN.
+_ISO_3166 = {
+    "1.0.3166.1": "urn:iso:std:iso:3166",
+    "1.0.3166.1.2.2": "urn:iso:std:iso:3166",
+    "1.0.3166.1.2.3": "urn:iso:std:iso:3166",
+    "1.0.3166.2": "urn:iso:std:iso:3166:-2",
+}
+
+
 def coding(cd: El, ctx: Ctx) -> dict[str, Any] | None:
     code = (cd.get("code") or "").strip()
     if not code or cd.get("nullFlavor"):
         return None
-    system, trusted = system_uri(cd.get("codeSystem"), cd.get("codeSystemName"))
+    iso = _ISO_3166.get((cd.get("codeSystem") or "").strip())
+    system, trusted = (iso, True) if iso else system_uri(cd.get("codeSystem"), cd.get("codeSystemName"))
     c: dict[str, Any] = {}
     if system:
         c["system"] = system

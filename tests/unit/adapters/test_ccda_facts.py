@@ -348,3 +348,118 @@ def test_an_encounter_activity_names_its_performers_and_location() -> None:
     assert _participants(out, enc) == {"Ada": ["ATND"], "Bob": ["SPRF"]}
     [loc] = [by_ref(out, x["location"]["reference"]) for x in enc["location"]]
     assert loc["name"] == "East Urgent Care" and codes(loc["type"][0]) == {"1160-1"}
+
+
+# -- eICR: travel history, pregnancy ----------------------------------------------------------------
+TRAVEL = "2.16.840.1.113883.10.20.15.2.3.1"
+TRAVEL_PROFILE = "http://hl7.org/fhir/us/ecr/StructureDefinition/us-ph-travel-history"
+ADDRESS_EXT = "http://hl7.org/fhir/us/ecr/StructureDefinition/us-ph-address-extension"
+
+
+def _travel(ident: str, inner: str) -> str:
+    return f"""<entry typeCode="DRIV"><act classCode="ACT" moodCode="EVN"><templateId root="{TRAVEL}"
+      extension="2022-05-01"/><id root="{ident}"/>
+      <code code="420008001" {SCT} displayName="Travel"/>{inner}</act></entry>"""
+
+
+EICR_SOCIAL = document(
+    section(
+        f"{T}.2.17",
+        "29762-2",
+        _travel(
+            "t1",
+            """<statusCode code="completed"/>
+      <effectiveTime><low value="20161022"/><high value="20161030"/></effectiveTime>
+      <participant typeCode="LOC"><participantRole classCode="TERR"><addr><streetAddressLine>1170 N Rancho Robles Rd
+      </streetAddressLine><city>Oracle</city><state>AZ</state><postalCode>85623</postalCode><country>US</country>
+      </addr></participantRole></participant>""",
+        )
+        + _travel(
+            "t2",
+            """<text><reference value="#trv2"/></text><statusCode code="completed"/>
+      <effectiveTime><width value="3" unit="wk"/><high value="20161109"/></effectiveTime>
+      <participant typeCode="LOC"><participantRole classCode="TERR">
+        <code code="BRA" codeSystem="1.0.3166.1" displayName="Brazil"/></participantRole></participant>
+      <entryRelationship typeCode="COMP"><observation classCode="OBS" moodCode="EVN">
+        <templateId root="2.16.840.1.113883.10.20.15.2.3.51" extension="2022-05-01"/><id root="t2p"/>
+        <code code="280147009" codeSystem="2.16.840.1.113883.6.96" displayName="Type of activity"/>
+        <statusCode code="completed"/>
+        <value xsi:type="CD" code="C0683587" codeSystem="2.16.840.1.113883.6.86" displayName="Tourism"/>
+      </observation></entryRelationship>""",
+        )
+        + _travel(
+            "t3",
+            """<text>Spent 8 years in the UK</text><statusCode code="completed"/>""",
+        )
+        + f"""
+  <entry><observation classCode="OBS" moodCode="EVN" negationInd="true">
+   <templateId root="2.16.840.1.113883.10.20.15.3.8"/><id root="preg1"/>
+   <code code="ASSERTION" codeSystem="2.16.840.1.113883.5.4"/><statusCode code="completed"/>
+   <effectiveTime value="20201101"/><value xsi:type="CD" code="77386006" {SCT} displayName="Pregnancy"/>
+  </observation></entry>
+  <entry><observation classCode="OBS" moodCode="EVN" nullFlavor="UNK">
+   <templateId root="2.16.840.1.113883.10.20.15.3.8"/><id root="preg2"/>
+   <code code="ASSERTION" codeSystem="2.16.840.1.113883.5.4"/><statusCode code="completed"/>
+   <effectiveTime value="20201102"/><value xsi:type="CD" code="77386006" {SCT} displayName="Pregnancy"/>
+  </observation></entry>
+  <entry><observation classCode="OBS" moodCode="EVN">
+   <templateId root="2.16.840.1.113883.10.20.15.3.8"/><id root="preg3"/>
+   <code code="ASSERTION" codeSystem="2.16.840.1.113883.5.4"/><statusCode code="completed"/>
+   <effectiveTime><low value="20200301"/></effectiveTime>
+   <value xsi:type="CD" code="77386006" {SCT} displayName="Pregnancy"/>
+   <entryRelationship typeCode="REFR"><observation classCode="OBS" moodCode="EVN">
+     <templateId root="2.16.840.1.113883.10.20.15.3.1"/><code code="11778-8" {LN}/>
+     <statusCode code="completed"/><value xsi:type="TS" value="20201205"/></observation></entryRelationship>
+  </observation></entry>""",
+        '<paragraph ID="trv2">Recent travel to Brazil</paragraph>',
+    )
+)
+
+
+def test_eicr_travel_history_becomes_an_ecr_travel_history_observation(tmp_path: Path) -> None:
+    out = convert(EICR_SOCIAL)
+    travel = [o for o in of(out, "Observation") if codes(o["code"]) == {"420008001"}]
+    assert len(travel) == 3
+    address, coded, text_only = travel
+    for o in travel:
+        assert o["code"]["coding"][0]["system"] == "http://snomed.info/sct"
+        assert o["category"][0]["coding"][0]["code"] == "social-history"
+        assert o["status"] == "final"
+    assert address["meta"]["profile"] == [TRAVEL_PROFILE]
+    assert address["effectivePeriod"] == {"start": "2016-10-22", "end": "2016-10-30"}
+    [loc] = address["component"]
+    assert loc["code"]["coding"][0] == {"system": PTYPE, "code": "LOC", "display": "Location"}
+    [ext] = loc["extension"]
+    assert ext["url"] == ADDRESS_EXT and ext["valueAddress"]["city"] == "Oracle"
+    assert ext["valueAddress"]["country"] == "US"
+    # coded location, the act's narrative text, and the purpose of travel; width back from high
+    assert coded["effectivePeriod"] == {"start": "2016-10-19", "end": "2016-11-09"}
+    by_code = {c["code"]["coding"][0]["code"]: c for c in coded["component"] if "valueCodeableConcept" in c}
+    locs = [c for c in coded["component"] if c["code"]["coding"][0]["code"] == "LOC"]
+    assert [codes(c["valueCodeableConcept"]) or c["valueCodeableConcept"]["text"] for c in locs] == [
+        {"BRA"},
+        "Recent travel to Brazil",
+    ]
+    assert locs[0]["valueCodeableConcept"]["coding"][0]["system"] == "urn:iso:std:iso:3166"
+    assert codes(by_code["280147009"]["valueCodeableConcept"]) == {"C0683587"}
+    # no dates: converted, but it cannot claim the profile (effective[x] is required); said in a warning
+    assert text_only["component"][0]["valueCodeableConcept"] == {"text": "Spent 8 years in the UK"}
+    assert "profile" not in text_only["meta"]
+    assert "travel-history-no-date" in {w.code for w in out.warnings}
+    assert_conformant(EICR_SOCIAL, tmp_path)
+
+
+def test_eicr_pregnancy_observation_uses_the_pregnancy_status_code_and_says_not_and_unknown() -> None:
+    obs = [o for o in of(convert(EICR_SOCIAL), "Observation") if codes(o["code"]) & {"82810-3", "ASSERTION"}]
+    assert len(obs) == 3
+    for o in obs:
+        assert o["code"]["coding"] == [
+            {"system": "http://loinc.org", "code": "82810-3", "display": "Pregnancy status"}
+        ]
+    negated, unknown, pregnant = obs
+    assert codes(negated["valueCodeableConcept"]) == {"60001007"}  # not pregnant, not "Pregnancy"
+    assert "note" not in negated
+    assert codes(unknown["valueCodeableConcept"]) == {"261665006"}
+    assert codes(pregnant["valueCodeableConcept"]) == {"77386006"}
+    [edd] = pregnant["component"]
+    assert codes(edd["code"]) == {"11778-8"} and edd["valueDateTime"] == "2020-12-05"
