@@ -1627,10 +1627,10 @@ def generic(el: El, ctx: Ctx, kind: str | None) -> list[str]:
 
 def convert_entry(el: El, ctx: Ctx, kind: str | None) -> list[str]:
     """Convert one clinical statement; returns the references added. Never raises on odd content."""
-    tpl = templates(el)
     if kind == "immunizations" and el.tag == "substanceAdministration":
         return immunization(el, ctx)
-    for t in tpl:
+    # the first known templateId in document order decides, the same in every run
+    for t in dict.fromkeys(t.get("root") or "" for t in el.findall("templateId")):
         fn = _ENTRY_TEMPLATES.get(t)
         if fn is not None:
             if fn is result_organizer and kind == "vitals":

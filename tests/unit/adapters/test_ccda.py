@@ -651,3 +651,39 @@ def test_a_unit_with_spaces_and_a_foreign_root_namespace() -> None:
     assert foreign != DOC
     [rej] = list(CcdaAdapter().convert(foreign.encode(), SRC, filename="ccd.xml"))
     assert isinstance(rej, RejectedRecord) and "not in the C-CDA namespace" in rej.error.message
+
+
+# -- found while fixing issue 19: an entry with two known templateIds was dispatched in set order --------
+TWO_TEMPLATES = DOC.replace(
+    f'<templateId root="{T}.4.78"/><id root="s1"/>',
+    f'<templateId root="{T}.4.78"/><templateId root="{T}.4.4"/><id root="s1"/>',
+)
+
+
+def test_an_entry_with_two_known_templates_converts_the_same_in_every_process() -> None:
+    """The first known templateId in document order decides (smoking status, not a problem), whatever
+    the string hash seed of the process."""
+    import json
+    import subprocess
+    import sys
+
+    assert TWO_TEMPLATES != DOC
+    script = (
+        "import json, sys; from adapters.base import SourceInfo; from adapters.ccda import CcdaAdapter; "
+        "[o] = CcdaAdapter().convert(sys.stdin.buffer.read(), SourceInfo('acme')); "
+        "print(json.dumps(sorted(e['resource']['resourceType'] for e in o.bundle['entry'] "
+        "if '8517006' in json.dumps(e['resource']))))"
+    )
+    seen = set()
+    for seed in range(6):
+        run = subprocess.run(
+            [sys.executable, "-c", script],
+            input=TWO_TEMPLATES.encode(),
+            capture_output=True,
+            env={"PYTHONHASHSEED": str(seed), "PATH": ""},
+            cwd=Path(__file__).resolve().parents[3],
+            check=True,
+            timeout=60,
+        )
+        seen.add(tuple(json.loads(run.stdout)))
+    assert seen == {("Observation",)}
