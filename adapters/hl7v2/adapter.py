@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -39,6 +40,10 @@ SUPPORTED_VERSIONS = (
 
 #: Message types with a dedicated mapping (docs/hl7v2.md). Others are mapped generically, with a warning.
 SUPPORTED_MESSAGE_TYPES = frozenset({"ADT", "ORU", "OUL", "VXU", "ORM", "OML", "SIU", "MDM", "RDE", "DFT"})
+#: The shape of a message type code (HL7 table 0076: ADT, ORU, MFN, ...; local ones start with Z).
+#: Anything else in MSH-9.1, a timestamp say, means the MSH fields are shifted, so that MSH-10 and
+#: MSH-12 cannot be trusted either.
+_MESSAGE_TYPE_CODE = re.compile(r"[A-Za-z][A-Za-z0-9]{2}")
 #: Message types that describe one patient: a missing PID is reported as a warning.
 PID_REQUIRED = frozenset({"ADT", "VXU", "MDM", "RDE", "DFT", "BAR"})
 _TRUE = ("1", "true", "yes", "on")
@@ -169,6 +174,13 @@ class HL7v2Adapter(Adapter):
         if not mtype.c(1):
             raise ParseError(
                 "MSH-9 (message type) is empty",
+                adapter=self.name,
+                location=Location(**{**base.to_dict(), "field": 9}),
+            )
+        if not _MESSAGE_TYPE_CODE.fullmatch(mtype.c(1).split("_", 1)[0]):
+            raise ParseError(
+                f"MSH-9 (message type) {mtype.c(1)[:20]!r} is not a message type code "
+                "(HL7 table 0076, such as ADT or ORU): the MSH fields may be shifted",
                 adapter=self.name,
                 location=Location(**{**base.to_dict(), "field": 9}),
             )
