@@ -48,14 +48,16 @@ def register(sub: Any, groups: dict[str, Any]) -> None:
     cp.set_defaults(func=cmd_check)
 
     mp = sub.add_parser("mllp", help="run an MLLP listener that converts HL7 v2 and produces to Kafka")
-    mp.add_argument("--host", default="0.0.0.0")
+    mp.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)"
+    )
     mp.add_argument("--port", type=int, required=True)
     _source_args(mp)
     mp.add_argument(
         "--dedup-window",
         type=float,
         default=3600.0,
-        help="seconds during which a repeated MSH-10 is acknowledged but not re-published",
+        help="seconds during which the same message again (MSH-7 aside) is acknowledged but not re-published",
     )
     mp.add_argument("--ack-timeout", type=float, default=30.0, help="seconds to wait for the broker's ack")
     mp.add_argument(
