@@ -7,18 +7,23 @@ Acknowledgement rules (original mode, MSA-1):
 
 * ``AA`` only after the broker acknowledged the bundle (``acks=all``), i.e. after
   ``Publisher.publish(...).get()`` returned.
-* ``AE`` when the message is bad: the ERR segment carries the located error (ERR-2 location
+* ``AE`` when the message is bad, or when nothing in it can be turned into FHIR (an unsupported
+  message type: ERR-3 200; no segment we map: 100), and only once the raw message is in the dead
+  letters with the reason. The ERR segment carries the located error (ERR-2 location
   ``segment^sequence^field^repetition^component``, ERR-3 the HL7 table 0357 code, ERR-8 the text).
-* ``AR`` when the message could not be stored: no broker, broker timeout, or a configuration error
-  such as a missing signing key. The sender should retry.
-* A message whose MSH-10 (with MSH-3/MSH-4) was already published within ``dedup_window`` seconds is
-  acknowledged ``AA`` again and not re-published. Concurrent duplicates wait for the first copy.
+* ``AR`` when the message could not be stored, in the bundles topic or in the dead letters: no
+  broker, broker timeout, or a configuration error such as a missing signing key. The sender should
+  retry.
+* A duplicate is the same message again: the same bytes apart from MSH-7 and segment ends, within
+  ``dedup_window`` seconds of its acceptance. It is acknowledged ``AA`` again and not re-published;
+  concurrent copies wait for the first. A control id reused for other content is a new message.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import multiprocessing
 import time
@@ -73,13 +78,26 @@ def _message_text(message: bytes) -> str:
     return message.decode("utf-8", errors="replace").lstrip("\ufeff\r\n\x0b ")
 
 
+def _valid_delimiters(fs: str, enc: str) -> bool:
+    """HL7's rule for MSH-1 and MSH-2: 4 encoding characters (5 from v2.7), all distinct, none a
+    letter, digit or white space. Text escaped with anything else would be unreadable."""
+    chars = fs + enc
+    return 4 <= len(enc) <= 5 and len(set(chars)) == len(chars) and not any(c.isalnum() or c.isspace() for c in chars)
+
+
 def _header_fields(message: bytes) -> dict[str, str]:
-    """Best-effort MSH fields of an incoming message, for addressing the ACK (never raises). Values
-    are raw (still encoded with the message's own delimiters, ``fs`` and ``encoding``)."""
+    """Best-effort MSH fields of an incoming message, for addressing the ACK (never raises).
+
+    With valid delimiters the values are raw (still encoded with the message's own ``fs`` and
+    ``encoding``), so that the ACK can copy them as they came. With an invalid MSH-2 the ACK uses the
+    standard delimiters, and the values, whose components cannot be told apart, are escaped with
+    those. With an unusable MSH-1 no field can be found: nothing is copied."""
     text = _message_text(message)
     if not text.startswith("MSH") or len(text) < 8:
         return {}
     fs = text[3]
+    if fs.isalnum() or fs.isspace():
+        return {}
     line = text.split("\r", 1)[0].split("\n", 1)[0]
     parts = line.split(fs)
 
@@ -87,21 +105,27 @@ def _header_fields(message: bytes) -> dict[str, str]:
         return parts[n - 1] if len(parts) >= n else ""
 
     enc = get(2)
-    if len(enc) < 2 or fs in enc or fs.isalnum() or fs in "\r\n":
-        return {}  # not usable delimiters: the ACK uses the standard ones and copies nothing raw
-    comp = enc[0]
-    mtype = get(9).split(comp)
+    own = _valid_delimiters(fs, enc)
+
+    def value(n: int) -> str:
+        return get(n) if own else _esc(get(n))
+
+    if own:
+        mtype = get(9).split(enc[0])
+        trigger = mtype[1] if len(mtype) > 1 else ""
+    else:
+        fs, enc, trigger = "|", "^~\\&", ""
     return {
         "fs": fs,
         "encoding": enc,
-        "sending_app": get(3),
-        "sending_fac": get(4),
-        "receiving_app": get(5),
-        "receiving_fac": get(6),
-        "control_id": get(10),
-        "processing_id": get(11) or "P",
-        "version": get(12) or "2.5",
-        "trigger": mtype[1] if len(mtype) > 1 else "",
+        "sending_app": value(3),
+        "sending_fac": value(4),
+        "receiving_app": value(5),
+        "receiving_fac": value(6),
+        "control_id": value(10),
+        "processing_id": value(11) or "P",
+        "version": value(12) or "2.5",
+        "trigger": trigger,
     }
 
 
@@ -110,11 +134,27 @@ def _segment_sequence(message: bytes, position: int | None) -> tuple[str, int | 
     (what ERL-1 and ERL-2 report)."""
     if position is None:
         return "", None
-    segments = [s for s in _message_text(message).replace("\r\n", "\r").replace("\n", "\r").split("\r") if s]
+    text = _message_text(message)
+    segments = [s for s in text.replace("\r\n", "\r").replace("\n", "\r").split("\r") if s]
     if not 1 <= position <= len(segments):
         return "", None
-    name = segments[position - 1][:3]
-    return name, sum(1 for s in segments[:position] if s[:3] == name)
+    fs = text[3] if len(text) > 3 else "|"  # the message's own MSH-1, even where the ACK cannot use it
+    names = [s.split(fs, 1)[0][:3] for s in segments[:position]]
+    return names[-1], names.count(names[-1])
+
+
+def _content_digest(message: bytes) -> str:
+    """What makes two messages the same message: SHA-256 of the bytes without MSH-7 (the time the
+    sender built it, which a re-send after a lost ACK may renew), segment ends normalised and blank
+    lines dropped. MSH-3, MSH-4 and MSH-10 are part of it."""
+    data = message.removeprefix(b"\xef\xbb\xbf").lstrip(b"\r\n\x0b ")
+    segments = [s for s in data.replace(b"\r\n", b"\r").replace(b"\n", b"\r").split(b"\r") if s.strip()]
+    if segments and segments[0][:3] == b"MSH" and len(segments[0]) > 3:
+        fields = segments[0].split(segments[0][3:4])
+        if len(fields) > 6:
+            fields[6] = b""
+            segments[0] = segments[0][3:4].join(fields)
+    return hashlib.sha256(b"\r".join(segments)).hexdigest()
 
 
 def build_ack(
@@ -164,6 +204,7 @@ def build_ack(
             "101": "Required field missing",
             "102": "Data type error",
             "200": "Unsupported message type",
+            "203": "Unsupported version id",
             "207": "Application internal error",
         }.get(ecode, "")
         msg = str(error) if error is not None else text
@@ -172,9 +213,15 @@ def build_ack(
 
 
 def _err_code(error: ParseError) -> str:
+    """The HL7 table 0357 code of a rejected message's error."""
     m = error.message.lower()
+    loc = error.location
     if "empty" in m or "missing" in m:
         return "101"
+    if loc.segment == "MSH" and loc.field == 9:
+        return "200"
+    if loc.segment == "MSH" and loc.field == 12:
+        return "203"
     if "segment" in m:
         return "100"
     return "102"
@@ -206,12 +253,18 @@ class MllpServer:
         self.ack_timeout = ack_timeout
         self.max_dedup = max_dedup
         self._publisher: Any = None
-        self._seen: OrderedDict[tuple[str, str, str], float] = OrderedDict()
-        self._inflight: dict[tuple[str, str, str], asyncio.Future[bytes]] = {}
+        #: content digest of each message accepted within the window -> (when, its sender and control id)
+        self._seen: OrderedDict[str, tuple[float, tuple[str, str, str]]] = OrderedDict()
+        #: how many of those carry each (MSH-3, MSH-4, MSH-10): a reuse of a control id is logged
+        self._ids: dict[tuple[str, str, str], int] = {}
+        #: content digest -> whether the copy being processed was accepted
+        self._inflight: dict[str, asyncio.Future[bool]] = {}
         self._lock = asyncio.Lock()
         self._publisher_lock = asyncio.Lock()
         self.server: asyncio.Server | None = None
-        self.stats = {"received": 0, "aa": 0, "ae": 0, "ar": 0, "duplicates": 0, "dead_lettered": 0}
+        self.stats = {
+            "received": 0, "aa": 0, "ae": 0, "ar": 0, "duplicates": 0, "reused_ids": 0, "dead_lettered": 0
+        }
         #: conversion is CPU-bound: with workers > 0 it runs in a pool of processes (spawned, so the
         #: Kafka producer's threads are never forked) and the event loop only does I/O.
         self._pool: ProcessPoolExecutor | None = None
@@ -280,8 +333,76 @@ class MllpServer:
     async def handle(self, message: bytes) -> bytes:
         """Process one message and return the ACK bytes (unframed). Never raises."""
         self.stats["received"] += 1
+        h = _header_fields(message)
+        if not h.get("control_id"):  # nothing the sender could correlate a duplicate ACK with
+            return (await self._process(message))[0]
+        ids = (h.get("sending_app", ""), h.get("sending_fac", ""), h["control_id"])
+        digest = _content_digest(message)
+        async with self._lock:
+            self._expire()
+            if digest in self._seen:
+                return self._duplicate(message, ids)
+            pending = self._inflight.get(digest)
+            if pending is None:
+                fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+                self._inflight[digest] = fut
+                if self._ids.get(ids):
+                    # a counter reset, or two feeds sharing ids: other content, so a new message
+                    self.stats["reused_ids"] += 1
+                    _log().warning("mllp.control_id_reused", message_id=ids[2], sending_app=ids[0], sending_facility=ids[1])
+        if pending is not None:
+            if await asyncio.shield(pending):
+                return self._duplicate(message, ids)
+            # the first copy was not kept: this one stands on its own
+            ack, accepted = await self._process(message)
+            if accepted:
+                await self._remember(digest, ids)
+            return ack
+        try:
+            ack, accepted = await self._process(message)
+            if accepted:
+                await self._remember(digest, ids)
+            fut.set_result(accepted)
+            return ack
+        except BaseException:
+            fut.set_result(False)
+            raise
+        finally:
+            self._inflight.pop(digest, None)
+
+    def _duplicate(self, message: bytes, ids: tuple[str, str, str]) -> bytes:
+        self.stats["duplicates"] += 1
+        self.stats["aa"] += 1
+        _log().info("mllp.duplicate", message_id=ids[2])
+        return build_ack(message, "AA", "duplicate: already accepted")
+
+    async def _remember(self, digest: str, ids: tuple[str, str, str]) -> None:
+        async with self._lock:
+            if digest not in self._seen:
+                self._ids[ids] = self._ids.get(ids, 0) + 1
+            self._seen[digest] = (time.monotonic(), ids)
+            self._seen.move_to_end(digest)
+            while len(self._seen) > self.max_dedup:
+                self._forget_oldest()
+
+    def _expire(self) -> None:
+        cutoff = time.monotonic() - self.dedup_window
+        while self._seen and next(iter(self._seen.values()))[0] < cutoff:
+            self._forget_oldest()
+
+    def _forget_oldest(self) -> None:
+        _digest, (_t, ids) = self._seen.popitem(last=False)
+        left = self._ids.get(ids, 1) - 1
+        if left > 0:
+            self._ids[ids] = left
+        else:
+            self._ids.pop(ids, None)
+
+    async def _process(self, message: bytes) -> tuple[bytes, bool]:
+        """Convert and store one message: the ACK, and whether the bundle was accepted (AA)."""
         from adapters.base import ConvertedBundle, RejectedRecord
-        from adapters.errors import InternalAdapterError
+        from adapters.errors import InternalAdapterError, ParseError
+        from bridge.publish import nothing_converted
 
         try:
             if self._pool is not None:
@@ -294,81 +415,32 @@ class MllpServer:
         except Exception as exc:  # a crashing adapter: report, do not drop the connection
             _log().exception("mllp.adapter_crash")
             self.stats["ar"] += 1
-            return build_ack(message, "AR", f"internal error: {type(exc).__name__}")
+            return build_ack(message, "AR", f"internal error: {type(exc).__name__}"), False
         rejected = [o for o in outcomes if isinstance(o, RejectedRecord)]
         bundles = [o for o in outcomes if isinstance(o, ConvertedBundle)]
-        if rejected or not bundles:
-            if rejected:
-                err = rejected[0].error
-                _log().info("mllp.rejected", error=str(err))
-                # nothing is lost: the raw message goes to the dead letters with the located reason
-                # before the sender is told (if that fails, AR: the sender keeps it and retries)
-                stored = await self._dead_letter(message, err)
-                if stored is not None:
-                    return stored
-                if isinstance(err, InternalAdapterError):  # our bug, not the sender's: retry later
-                    self.stats["ar"] += 1
-                    return build_ack(message, "AR", f"internal error, kept in the dead letters: {err.message}", err, "207")
-                self.stats["ae"] += 1
-                return build_ack(message, "AE", err.message, err, _err_code(err))
-            self.stats["ae"] += 1
-            return build_ack(message, "AE", "no message in frame", None, "100")
-        if len(bundles) > 1:
-            self.stats["ae"] += 1
-            return build_ack(message, "AE", "one message per MLLP frame expected", None, "100")
-        cb = bundles[0]
-        h = _header_fields(message)
-        key = (h.get("sending_app", ""), h.get("sending_fac", ""), cb.message_id or "")
-        if not cb.message_id:
-            return await self._publish(message, cb)
-        async with self._lock:
-            self._expire()
-            if key in self._seen:
-                self.stats["duplicates"] += 1
-                self.stats["aa"] += 1
-                _log().info("mllp.duplicate", message_id=cb.message_id)
-                return build_ack(message, "AA", "duplicate: already accepted")
-            pending = self._inflight.get(key)
-            if pending is None:
-                fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-                self._inflight[key] = fut
-        if pending is not None:
-            first_ack = await asyncio.shield(pending)
-            if b"MSA|AA|" in first_ack:
-                self.stats["duplicates"] += 1
-                self.stats["aa"] += 1
-                return build_ack(message, "AA", "duplicate: already accepted")
-            return await self.handle_again(message, cb, key)
-        try:
-            ack = await self._publish(message, cb)
-            if b"MSA|AA|" in ack:
-                async with self._lock:
-                    self._seen[key] = time.monotonic()
-                    while len(self._seen) > self.max_dedup:
-                        self._seen.popitem(last=False)
-            fut.set_result(ack)
-            return ack
-        except BaseException:
-            fut.set_result(build_ack(message, "AR", "cancelled"))
-            raise
-        finally:
-            self._inflight.pop(key, None)
-
-    async def handle_again(self, message: bytes, cb: ConvertedBundle, key: tuple[str, str, str]) -> bytes:
-        """A duplicate of a copy that was not accepted: try publishing this one."""
-        ack = await self._publish(message, cb)
-        if b"MSA|AA|" in ack:
-            async with self._lock:
-                self._seen[key] = time.monotonic()
-        return ack
-
-    def _expire(self) -> None:
-        cutoff = time.monotonic() - self.dedup_window
-        while self._seen:
-            _key, t = next(iter(self._seen.items()))
-            if t >= cutoff:
-                break
-            self._seen.popitem(last=False)
+        if rejected:
+            err = rejected[0].error
+            code = "207" if isinstance(err, InternalAdapterError) else _err_code(err)
+        elif len(bundles) != 1:
+            what = "no message in frame" if not bundles else "one message per MLLP frame expected"
+            err, code = ParseError(what, adapter=self.adapter.name), "100"
+        else:
+            empty = nothing_converted(bundles[0], self.adapter.name)
+            if empty is None:
+                return await self._publish(message, bundles[0])
+            err = empty
+            code = "200" if (err.location.segment, err.location.field) == ("MSH", 9) else "100"
+        _log().info("mllp.rejected", error=str(err), code=code)
+        # nothing is lost: the raw message goes to the dead letters with the located reason before
+        # the sender is told (if that fails, AR: the sender keeps it and retries)
+        stored = await self._dead_letter(message, err)
+        if stored is not None:
+            return stored, False
+        if code == "207":  # our bug, not the sender's: retry later
+            self.stats["ar"] += 1
+            return build_ack(message, "AR", f"internal error, kept in the dead letters: {err.message}", err, code), False
+        self.stats["ae"] += 1
+        return build_ack(message, "AE", err.message, err, code), False
 
     async def _get_publisher(self) -> Any:
         if self._publisher is None:
@@ -407,13 +479,13 @@ class MllpServer:
             self.stats["dead_lettered"] += 1
         return failed
 
-    async def _publish(self, message: bytes, cb: ConvertedBundle) -> bytes:
+    async def _publish(self, message: bytes, cb: ConvertedBundle) -> tuple[bytes, bool]:
         failed = await self._stored(message, lambda publisher: publisher.publish(cb, self.adapter, self.source))
         if failed is not None:
-            return failed
+            return failed, False
         self.stats["aa"] += 1
         _log().info("mllp.accepted", message_id=cb.message_id, bundle_sha256=cb.sha256)
-        return build_ack(message, "AA")
+        return build_ack(message, "AA"), True
 
     def _reject(self, message: bytes, exc: BaseException, *, reset: bool) -> bytes:
         self.stats["ar"] += 1

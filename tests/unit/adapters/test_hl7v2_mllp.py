@@ -217,3 +217,61 @@ async def test_an_adapter_bug_gets_ar_and_the_message_is_kept(dead_letters) -> N
     (ack,) = await acks_from(dead_letters, GOOD, adapter=Broken())
     assert seg(ack, "MSA")[1] == "AR" and seg(ack, "ERR")[3].startswith("207^")
     assert [d[0] for pub in dead_letters.made for d in pub.dead] == [GOOD]
+
+
+# -- issue 19: an AA means the message is kept -------------------------------------------------------
+
+
+def test_mllp_listens_on_loopback_unless_told_otherwise() -> None:
+    """Like `serve`: an MLLP port open on every interface took PHI from anyone who could reach it."""
+    from bridge.cli import build_parser
+
+    args = build_parser().parse_args(["mllp", "--port", "2575", "--source", "st-mary"])
+    assert args.host == "127.0.0.1"
+    args = build_parser().parse_args(["mllp", "--host", "0.0.0.0", "--port", "2575", "--source", "st-mary"])
+    assert args.host == "0.0.0.0"
+
+
+def _adapter_error(message: bytes) -> Any:
+    from adapters.base import RejectedRecord
+
+    (outcome,) = HL7v2Adapter().convert(message, SRC, filename="mllp")
+    assert isinstance(outcome, RejectedRecord)
+    return outcome.error
+
+
+def test_ae_text_is_readable_when_the_messages_delimiters_are_invalid() -> None:
+    """MSH-2 'ab' made 'a' the component separator of the ACK's own text ('inv\\S\\lid ...'): an
+    invalid MSH-2 gets an ACK in the standard delimiters, read here by python-hl7."""
+    import hl7
+
+    message = b"MSH|ab|EPIC|STM|FB|FB|20240101120000||ADT^A01|C7|P|2.5.1\rPID|1||M1^^^^MR\r"
+    err = _adapter_error(message)
+    ack = hl7.parse(build_ack(message, "AE", err.message, err).decode())
+    assert str(ack.segment("MSH")[2]) == "^~\\&"
+    assert str(ack.segment("MSA")[2]) == "C7"  # the sender can still match the ACK to its message
+    assert ack.unescape(str(ack.segment("MSA")[3])) == err.message
+    assert "invalid encoding characters 'ab' in MSH-2" in ack.unescape(str(ack.segment("ERR")[8]))
+    assert str(ack.segment("ERR")[2]) == "MSH^1^2"
+
+
+def test_erl_names_a_bad_segment_by_its_id_alone() -> None:
+    """ERL-1 is the segment ID: it was the segment's first three characters, a delimiter included."""
+    message = b"MSH|^~\\&|EPIC|STM|FB|FB|20240101120000||ADT^A01|C8|P|2.5.1\rPID|1||M1^^^^MR\rxx|1\r"
+    err = _adapter_error(message)
+    assert seg(build_ack(message, "AE", err.message, err), "ERR")[2] == "xx^1"
+
+
+def test_the_same_message_is_the_same_content_apart_from_msh7() -> None:
+    """What the listener de-duplicates on: a re-send with a renewed MSH-7 or other segment ends is the
+    same message; a reused control id with any other content is not."""
+    from bridge.mllp import _content_digest
+
+    msg = b"MSH|^~\\&|EPIC|STM|FB|FB|20240101120000||ADT^A01|C1|P|2.5.1\rPID|1||M1^^^^MR||DOE^J\r"
+    same = _content_digest(msg)
+    assert _content_digest(msg.replace(b"20240101120000", b"20240101123000")) == same
+    assert _content_digest(msg.replace(b"\r", b"\r\n")) == same
+    assert _content_digest(b"\xef\xbb\xbf" + msg + b"\r\r") == same
+    assert _content_digest(msg.replace(b"M1^", b"M2^")) != same  # a reused control id
+    assert _content_digest(msg.replace(b"|C1|", b"|C2|")) != same
+    assert _content_digest(msg.replace(b"|EPIC|", b"|CERNER|")) != same
