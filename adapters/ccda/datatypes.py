@@ -18,6 +18,7 @@ from lxml import etree
 from adapters.base import SourceInfo
 from adapters.bundle import BundleBuilder
 from adapters.ccda.xmlsecure import XSI_TYPE
+from adapters.common import ucum
 from adapters.common.codes import is_oid, is_uuid, system_uri
 from adapters.common.dates import date_part, hl7_ts_to_fhir
 from adapters.errors import Location
@@ -370,11 +371,20 @@ def quantity(pq: El | None, ctx: Ctx) -> dict[str, Any] | None:
             ctx.warn("bad-quantity", f"quantity value {pq.get('value')!r} is not a number", pq)
         return None
     q: dict[str, Any] = {"value": val}
-    unit = " ".join((pq.get("unit") or "").split()) or None  # FHIR codes have no outer or double spaces
-    if unit and unit != "1":
-        q.update(unit=unit, system="http://unitsofmeasure.org", code=unit)
-    elif unit == "1":
-        q.update(unit="1", system="http://unitsofmeasure.org", code="1")
+    unit = " ".join((pq.get("unit") or "").split()) or None
+    if unit:
+        # PQ/@unit is UCUM by the CDA spec, but documents carry "mEq/L", "mcg" or "mmHg": only a unit
+        # the UCUM grammar accepts (as written or as a known spelling) becomes a UCUM code
+        q["unit"] = unit
+        code = ucum.to_ucum(unit)
+        if code:
+            q.update(system=ucum.SYSTEM, code=code)
+        else:
+            ctx.warn(
+                "unknown-unit",
+                f"unit {unit!r} is not UCUM and not a known spelling of a UCUM unit; kept as text",
+                pq,
+            )
     return q
 
 

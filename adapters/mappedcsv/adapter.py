@@ -15,6 +15,7 @@ from typing import Any
 
 from adapters.base import Adapter, Outcome, RejectedRecord, SourceInfo, sha256_hex
 from adapters.bundle import BundleBuilder
+from adapters.common import ucum
 from adapters.common.csvread import BadRow, CsvFileError, decode, read_csv
 from adapters.common.dates import parse_date_format
 from adapters.common.guard import guarded
@@ -72,6 +73,43 @@ def compact(obj: Any) -> Any:
         out_l = [compact(v) for v in obj]
         return [v for v in out_l if v not in (None, {}, [])]
     return obj
+
+
+_QUANTITY_KEYS = frozenset({"value", "comparator", "unit", "system", "code", "id", "extension"})
+_INDEX = re.compile(r"\[\d+\]")
+
+
+def _quantities(obj: Any, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(path, Quantity) for every Quantity in a resource: a numeric ``value`` with a unit or a code.
+
+    No other FHIR type has a numeric ``value`` beside only Quantity's elements (Identifier's and
+    Coding's are strings, Money has a currency).
+    """
+    if isinstance(obj, dict):
+        v = obj.get("value")
+        if (
+            isinstance(v, int | float)
+            and not isinstance(v, bool)
+            and ("unit" in obj or "code" in obj)
+            and obj.keys() <= _QUANTITY_KEYS
+        ):
+            yield path, obj
+            return
+        for k, child in obj.items():
+            yield from _quantities(child, f"{path}.{k}" if path else k)
+    elif isinstance(obj, list):
+        for i, child in enumerate(obj):
+            yield from _quantities(child, f"{path}[{i}]")
+
+
+def _unit_column(spec: ResourceSpec, path: str) -> str | None:
+    """The column a Quantity's code (else unit) came from, for the warning's location."""
+    bare = _INDEX.sub("", path)
+    for leaf in ("code", "unit"):
+        for f in spec.fields:
+            if f.column and _INDEX.sub("", f.path) == f"{bare}.{leaf}":
+                return f.column
+    return None
 
 
 class MappedCsvAdapter(Adapter):
@@ -286,10 +324,41 @@ class MappedCsvAdapter(Adapter):
         if spec.profile:
             res["meta"] = {"profile": list(spec.profile)}
         res = compact(res)
+        self._units(res, spec, b, line)
         key = self._template(spec.key, values) if spec.key else None
         if spec.key and not key:
             raise RowError(None, f"{spec.name}: key {spec.key!r} is empty for this row")
         return b.add(res, spec.name, key if key else f"line:{line}")
+
+    def _units(self, res: dict[str, Any], spec: ResourceSpec, b: BundleBuilder, line: int) -> None:
+        """Give every Quantity of the resource a UCUM code when its unit is (or maps to) UCUM.
+
+        A mapping copies unit cells as the vendor writes them (``mcg/mL``, ``mEq/L``); a code the UCUM
+        grammar rejects is never emitted under the UCUM system: it is dropped, the text stays in
+        ``unit``, and one ``unknown-unit`` warning names the column. Codes of another system are the
+        mapping's choice and are left alone.
+        """
+        for path, q in _quantities(res, ""):
+            system, code, unit = q.get("system"), q.get("code"), q.get("unit")
+            if system not in (None, ucum.SYSTEM) or not isinstance(code or unit, str):
+                continue
+            sent = str(code or unit)
+            found = ucum.to_ucum(sent)
+            if found:
+                q["system"], q["code"] = ucum.SYSTEM, found
+                q.setdefault("unit", sent)
+                continue
+            if code is None and system is None:
+                continue  # text only, and the mapping claims nothing: nothing to correct
+            q.pop("code", None)
+            q.pop("system", None)
+            q.setdefault("unit", sent)
+            b.warn(
+                "unknown-unit",
+                f"{spec.name}.{path}: unit {sent!r} is not UCUM and not a known spelling of a UCUM unit; "
+                "kept as text",
+                Location(line=line, column=_unit_column(spec, path)),
+            )
 
     def _template(self, template: str | None, values: dict[str, str]) -> str:
         if not template:
