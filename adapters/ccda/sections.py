@@ -601,6 +601,7 @@ def observation(
     *,
     organizer_time: str | None = None,
     negation_expressed: bool = False,
+    members: bool = True,
 ) -> str | None:
     res: dict[str, Any] = {
         "resourceType": "Observation",
@@ -673,6 +674,19 @@ def observation(
     if ctx.encounter_ref:
         res["encounter"] = {"reference": ctx.encounter_ref}
     _note(res, o, ctx)
+    if members:
+        # observations inside an observation (a nutrition assessment in a nutritional status, an
+        # assessment scale's items) are facts of their own: converted alike and listed as hasMember
+        nested = [
+            r
+            for er in o.findall("entryRelationship")
+            for sub in er.findall("observation")
+            if sub.find("code") is not None
+            for r in [observation(sub, ctx, category)]
+            if r
+        ]
+        if nested:
+            res["hasMember"] = [{"reference": r} for r in nested]
     return add(ctx, o, res)
 
 
@@ -1191,7 +1205,7 @@ def pregnancy(o: El, ctx: Ctx) -> list[str]:
         answer = _PREGNANCY_UNKNOWN
     elif negated(o) and val is not None and val.get("code") == PREGNANT:
         answer = _NOT_PREGNANT
-    ref = observation(o, ctx, "social-history", negation_expressed=answer is not None)
+    ref = observation(o, ctx, "social-history", negation_expressed=answer is not None, members=False)
     if ref is None:
         return []
     res = ctx.b.get(ref) or {}

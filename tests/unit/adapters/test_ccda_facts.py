@@ -463,3 +463,26 @@ def test_eicr_pregnancy_observation_uses_the_pregnancy_status_code_and_says_not_
     assert codes(pregnant["valueCodeableConcept"]) == {"77386006"}
     [edd] = pregnant["component"]
     assert codes(edd["code"]) == {"11778-8"} and edd["valueDateTime"] == "2020-12-05"
+
+
+# -- found while measuring: observations inside an observation were dropped without a word ------------
+def test_an_observation_inside_an_observation_is_kept_as_a_member() -> None:
+    doc = document(
+        section(
+            f"{T}.2.57",
+            "61144-2",
+            f"""
+  <entry><observation classCode="OBS" moodCode="EVN"><templateId root="{T}.4.124"/><id root="n1"/>
+   <code code="75305-3" {LN}/><statusCode code="completed"/><effectiveTime value="20200512"/>
+   <value xsi:type="CD" code="248324001" {SCT} displayName="Well nourished"/>
+   <entryRelationship typeCode="SUBJ"><observation classCode="OBS" moodCode="EVN">
+    <templateId root="{T}.4.138"/><id root="n1a"/><code code="75303-8" {LN}/><statusCode code="completed"/>
+    <value xsi:type="CD" code="386619000" {SCT} displayName="Low sodium diet"/></observation></entryRelationship>
+  </observation></entry>""",
+        )
+    )
+    out = convert(doc)
+    obs = obs_by_code(out)
+    status, assessment = obs["75305-3"], obs["75303-8"]
+    assert codes(assessment["valueCodeableConcept"]) == {"386619000"}
+    assert status["hasMember"] == [{"reference": f"Observation/{assessment['id']}"}]
