@@ -26,7 +26,7 @@ T = TypeVar("T")
 
 SETTINGS = web.AppKey("settings", Settings)
 BACKEND = web.AppKey("backend", object)
-ALLOWED_HOSTS = web.AppKey("allowed_hosts", object)
+ALLOWED_HOSTS: web.AppKey[frozenset[str] | None] = web.AppKey("allowed_hosts")
 
 FHIR_VERSION = "4.0.1"
 

@@ -354,7 +354,7 @@ def require_ledger_signer_key(settings: Any) -> str:
     if path is None or not path.is_file():
         raise ConfigError(f"no ledger signing key at {path}: {hint}")
     try:
-        text = path.read_text(encoding="utf-8").strip()
+        text: str = path.read_text(encoding="utf-8").strip()
         signer = Signer.from_text(text)
     except OSError as exc:
         raise ConfigError(f"cannot read the ledger signing key {path}: {exc.strerror}") from None
