@@ -91,7 +91,10 @@ class ConvertedBundle:
 
     ``body`` is the canonical JSON (sorted keys, compact, UTF-8) of ``bundle``; ``sha256`` is its hex
     digest. ``routing_key`` is the source patient key (used as the Kafka record key), ``message_id``
-    the record's id in the source system (MSH-10, CDA id, CSV line) when it has one.
+    the record's id in the source system (MSH-10, CDA id, CSV line) when it has one. ``raw`` is the
+    record's original bytes, when the adapter keeps them: the streaming layer dead-letters them if it
+    refuses the bundle (one that holds nothing but its Provenance, say), so that the record can be
+    converted again later.
     """
 
     bundle: dict[str, Any]
@@ -102,6 +105,7 @@ class ConvertedBundle:
     input_sha256: str
     warnings: tuple[ConversionWarning, ...] = ()
     location: Location = field(default_factory=Location)
+    raw: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -197,8 +197,11 @@ class BundleBuilder:
         message_id: str | None = None,
         location: Location | None = None,
         validate: bool = True,
+        raw: bytes | None = None,
     ) -> ConvertedBundle:
-        """Finish the bundle. Raises :class:`ValidationFailed` when it is not valid R4."""
+        """Finish the bundle. Raises :class:`ValidationFailed` when it is not valid R4.
+
+        ``raw``, the record's original bytes, is carried on the result for dead letters (not hashed)."""
         entries = list(self._entries.values())
         prov = self.provenance()
         entries.append(prov)
@@ -240,6 +243,7 @@ class BundleBuilder:
             input_sha256=self.input_sha256,
             warnings=tuple(self.warnings),
             location=location or Location(),
+            raw=raw,
         )
 
 

@@ -92,7 +92,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from bridge.broker import resolve_bootstrap
     from bridge.errors import FhirbridgeError
     from bridge.progress import IngestProgress
-    from bridge.publish import Publisher, nothing_converted
+    from bridge.publish import Publisher, conversion_headers, nothing_converted
     from bridge.topics import ensure_topics
 
     settings = _settings()
@@ -131,8 +131,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                 if outcome is None:
                     break
                 if isinstance(outcome, ConvertedBundle) and (empty := nothing_converted(outcome, adapter.name)) is not None:
-                    # a rejection: its bytes are not in the bundle, so the dead letter names the file and location
-                    outcome = RejectedRecord(empty, b"", outcome.message_id)
+                    outcome = RejectedRecord(empty, outcome.raw or b"", outcome.message_id)
                 if isinstance(outcome, ConvertedBundle):
                     summary["converted"] += 1
                     summary["warnings"] += len(outcome.warnings)
@@ -147,7 +146,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                     pending.append(
                         publisher.dead_letter(
                             outcome.raw, error=err, stage=f"ingest:{adapter.name}", location=str(loc), file=str(path),
-                            headers=[("fb-source-org", source.org_id.encode()), ("fb-adapter", adapter.name.encode())],
+                            headers=conversion_headers(adapter.name, source, options),
                         )
                     )
                 progress.advance_record()

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from bridge.errors import BrokerUnavailable, FhirbridgeError
 from bridge.logging import get_logger
+from bridge.publish import conversion_headers, nothing_converted
 
 if TYPE_CHECKING:
     from adapters.base import Adapter, ConvertedBundle, SourceInfo
@@ -402,7 +403,6 @@ class MllpServer:
         """Convert and store one message: the ACK, and whether the bundle was accepted (AA)."""
         from adapters.base import ConvertedBundle, RejectedRecord
         from adapters.errors import InternalAdapterError, ParseError
-        from bridge.publish import nothing_converted
 
         try:
             if self._pool is not None:
@@ -472,7 +472,7 @@ class MllpServer:
                 error=err,
                 stage=f"mllp:{self.adapter.name}",
                 location=str(err.location),
-                headers=[("fb-source-org", self.source.org_id.encode()), ("fb-adapter", self.adapter.name.encode())],
+                headers=conversion_headers(self.adapter.name, self.source),
             ),
         )
         if failed is None:

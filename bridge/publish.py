@@ -89,6 +89,49 @@ def nothing_converted(converted: ConvertedBundle, adapter_name: str) -> ParseErr
     )
 
 
+# How a dead letter from ingest or MLLP was converted, so that a replay converts it the same way.
+H_ADAPTER = "fb-adapter"
+H_ADAPTER_OPTIONS = "fb-adapter-options"
+H_SOURCE_TIMEZONE = "fb-source-timezone"
+H_SOURCE_MRN_SYSTEM = "fb-source-mrn-system"
+H_SOURCE_ENCOUNTER_SYSTEM = "fb-source-encounter-system"
+
+
+def conversion_headers(adapter_name: str, source: SourceInfo, options: dict[str, str] | None = None) -> list[tuple[str, bytes]]:
+    """The headers of an ingest or MLLP dead letter that say how to convert its record again."""
+    import json
+
+    from bridge.envelope import H_SOURCE
+
+    out = [(H_SOURCE, source.org_id), (H_ADAPTER, adapter_name), (H_SOURCE_TIMEZONE, source.timezone)]
+    if source.mrn_system:
+        out.append((H_SOURCE_MRN_SYSTEM, source.mrn_system))
+    if source.encounter_system:
+        out.append((H_SOURCE_ENCOUNTER_SYSTEM, source.encounter_system))
+    if options:
+        out.append((H_ADAPTER_OPTIONS, json.dumps(options, sort_keys=True)))
+    return [(k, v.encode("utf-8")) for k, v in out]
+
+
+def conversion_from_headers(headers: dict[str, str]) -> tuple[dict[str, str], SourceInfo]:
+    """The adapter options and the source of :func:`conversion_headers` (raises ValueError when unusable)."""
+    import json
+
+    from adapters.base import SourceInfo
+    from bridge.envelope import H_SOURCE
+
+    options = json.loads(headers.get(H_ADAPTER_OPTIONS) or "{}")
+    if not isinstance(options, dict) or not all(isinstance(v, str) for v in options.values()):
+        raise ValueError(f"{H_ADAPTER_OPTIONS} is not an object of strings")
+    source = SourceInfo(
+        headers.get(H_SOURCE, ""),
+        mrn_system=headers.get(H_SOURCE_MRN_SYSTEM) or None,
+        encounter_system=headers.get(H_SOURCE_ENCOUNTER_SYSTEM) or None,
+        timezone=headers.get(H_SOURCE_TIMEZONE) or "UTC",
+    )
+    return options, source
+
+
 def signing_key_path(settings: Settings, org: str) -> Path:
     base = settings.signing_keys_dir or settings.data_dir / "keys"
     return base / f"{org}.key"

@@ -28,7 +28,7 @@ from bridge.config import Settings
 from bridge.consumer import ConsumerRuntime, Record, consumer_config
 from bridge.errors import ConfigError, FhirbridgeError
 from bridge.logging import get_logger
-from bridge.publish import Publisher, producer_config
+from bridge.publish import Publisher, conversion_from_headers, nothing_converted, producer_config
 
 log = get_logger(__name__)
 
@@ -375,31 +375,20 @@ def _redrive_dead_letters(
 ) -> None:
     """Re-convert ingest-stage dead letters with their adapter; re-send consumer-stage ones to the bundles topic
     (or process them with ``--sink``)."""
-    from adapters import registry
-    from adapters.base import ConvertedBundle, SourceInfo
-
     publisher = Publisher(settings, bootstrap)
     sink = _build_sink(settings, bootstrap, sink_name) if sink_name else None
     runtime = _NoGroupRuntime(settings, bootstrap, sink, publisher, group_id="replay-deadletters", consumer=_Idle()) if sink else None
     target = to_topic or settings.topics.bundles
     try:
         for batch in batches:
-            futures = []
+            futures: list[Any] = []
             to_sink: list[Record] = []
             for rec in batch:
                 h = envelope.headers_dict(rec.headers)
                 original = [(k, v) for k, v in rec.headers if not k.startswith("fb-dl-")]
                 stage = h.get("fb-dl-stage", "")
-                if stage.startswith("ingest:"):
-                    adapter = registry.get(stage.split(":", 1)[1])
-                    source = SourceInfo(h.get(envelope.H_SOURCE, ""))
-                    for outcome in adapter.convert(rec.value or b"", source, filename=h.get("fb-dl-file")):
-                        if isinstance(outcome, ConvertedBundle):
-                            futures.append(publisher.publish(outcome, adapter, source))
-                            report.processed += 1
-                        else:
-                            report.dead_lettered += 1
-                            log.warning("replay.still_failing", location=str(outcome.error.location), error=outcome.error.message)
+                if stage.startswith(("ingest:", "mllp:")):
+                    _convert_again(rec, h, stage.split(":", 1)[1], publisher, futures, report)
                 elif runtime is not None:
                     to_sink.append(Record(rec.topic, rec.partition, rec.offset, rec.timestamp, rec.key, rec.value, original))
                 else:
@@ -417,6 +406,30 @@ def _redrive_dead_letters(
         publisher.close()
         if sink is not None:
             sink.close()
+
+
+def _convert_again(rec: Record, headers: dict[str, str], adapter_name: str, publisher: Publisher, futures: list[Any],
+                   report: ReplayReport) -> None:
+    """Convert an ingest or MLLP dead letter again, with the adapter, options and source it was converted
+    with, and publish what converts; what still fails stays a dead letter (it is counted and logged)."""
+    from adapters import registry
+    from adapters.base import ConvertedBundle
+
+    try:
+        options, source = conversion_from_headers(headers)
+        adapter = registry.create(adapter_name, options)
+    except (ValueError, FhirbridgeError) as exc:
+        report.dead_lettered += 1
+        log.warning("replay.still_failing", offset=rec.offset, error=f"cannot convert again: {exc}")
+        return
+    for outcome in adapter.convert(rec.value or b"", source, filename=headers.get("fb-dl-file")):
+        error = outcome.error if not isinstance(outcome, ConvertedBundle) else nothing_converted(outcome, adapter.name)
+        if error is None:
+            futures.append(publisher.publish(outcome, adapter, source))  # type: ignore[arg-type]
+            report.processed += 1
+        else:
+            report.dead_lettered += 1
+            log.warning("replay.still_failing", offset=rec.offset, location=str(error.location), error=error.message)
 
 
 class _Idle:

@@ -251,4 +251,5 @@ class HL7v2Adapter(Adapter):
             message_id=msg.control_id or None,
             location=Location(file=filename, message_index=msg.index, line=msh.line),
             validate=self.validate,
+            raw=raw_bytes,
         )

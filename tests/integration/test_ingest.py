@@ -62,7 +62,8 @@ def test_ingest_dead_letters_a_record_that_converts_to_nothing(
     feed = tmp_path / "feed.hl7"
     feed.write_bytes(GOOD + b"\n" + MFN + b"\n" + ONLY_MSH)
     done = subprocess.run(
-        [sys.executable, "-m", "bridge.cli", "ingest", "--adapter", "hl7v2", "--source", "st-mary", "--no-progress", str(feed)],
+        [sys.executable, "-m", "bridge.cli", "ingest", "--adapter", "hl7v2", "--source", "st-mary", "--timezone",
+         "America/Chicago", "--no-progress", str(feed)],
         env=env, capture_output=True, text=True, timeout=120,
     )
     err = done.stderr
@@ -80,3 +81,13 @@ def test_ingest_dead_letters_a_record_that_converts_to_nothing(
     assert b"message 2" in headers[0]["fb-dl-location"] and b"MSH-9" in headers[0]["fb-dl-location"]
     assert b"message 3" in headers[1]["fb-dl-location"]
     assert b"nothing in it was converted to FHIR" in headers[0]["fb-dl-error-message"]
+
+    # the dead letters keep the records themselves and how they were converted, so a replay can redo it
+    by_location = sorted(dead, key=lambda r: dict(r.headers)["fb-dl-location"])
+    assert [r.value for r in by_location] == [MFN, ONLY_MSH]
+    assert all(dict(r.headers)["fb-source-timezone"] == b"America/Chicago" for r in dead)
+    replay = subprocess.run([sys.executable, "-m", "bridge.cli", "replay", "--dead-letters"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert replay.returncode == 0, replay.stderr
+    assert "processed 0, dead-lettered 2" in replay.stdout, replay.stdout
+    assert len(_read(settings, settings.topics.bundles, 2, timeout=5)) == 1  # still not published as empty bundles

@@ -279,6 +279,9 @@ async def test_what_cannot_be_converted_is_dead_lettered_then_answered_ae(ready:
     assert "nothing in it was converted to FHIR" in reasons[MFN]
     assert dict(dead[0].headers)["fb-dl-stage"] == b"mllp:hl7v2"
     assert records(ready, 0) == []  # and nothing in the bundles topic
+    # a replay converts them again the same way (they were copied into the bundles topic as they were)
+    assert main(["replay", "--dead-letters"]) == 0
+    assert records(ready, 0) == []
 
 
 async def test_a_message_that_cannot_be_dead_lettered_gets_ar(ready: Settings) -> None:
