@@ -60,10 +60,25 @@ def configure_logging(level: str | None = None, *, force: bool = False) -> None:
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_StderrLogger,
         cache_logger_on_first_use=True,
     )
     _configured = True
+
+
+class _StderrLogger:
+    """Writes each event to the ``sys.stderr`` of the moment: loggers are cached on first use, and a
+    stream captured then (a test's, closed since) must not be the one written to later."""
+
+    def __init__(self, *args: object) -> None:
+        pass
+
+    def msg(self, message: str) -> None:
+        stream = sys.stderr
+        stream.write(message + "\n")
+        stream.flush()
+
+    log = debug = info = warning = warn = error = critical = exception = fatal = msg
 
 
 class BadRequestFilter(logging.Filter):

@@ -42,9 +42,7 @@ if TYPE_CHECKING:
     from adapters.errors import ParseError
 
 
-def _log() -> Any:
-    """The logger, looked up per use (a module-level cached proxy would pin a closed stream in tests)."""
-    return get_logger("bridge.mllp")
+log = get_logger(__name__)
 
 
 START = b"\x0b"
@@ -313,7 +311,7 @@ class MllpServer:
                 except asyncio.IncompleteReadError:
                     break
                 except asyncio.LimitOverrunError:
-                    _log().warning("mllp.frame_too_large", peer=str(peer), limit=MAX_FRAME)
+                    log.warning("mllp.frame_too_large", peer=str(peer), limit=MAX_FRAME)
                     writer.write(frame(build_ack(b"", "AR", f"frame larger than {MAX_FRAME} bytes")))
                     await writer.drain()
                     break
@@ -321,12 +319,12 @@ class MllpServer:
                 if START in message:  # a new frame started before the previous ended: keep the last
                     partial, message = message.rsplit(START, 1)
                     # the sender gets no ACK for the unfinished one and sends it again, as MLLP expects
-                    _log().warning("mllp.partial_frame_discarded", peer=str(peer), bytes=len(partial))
+                    log.warning("mllp.partial_frame_discarded", peer=str(peer), bytes=len(partial))
                 ack = await self.handle(message)
                 writer.write(frame(ack))
                 await writer.drain()
         except (ConnectionError, OSError) as exc:
-            _log().info("mllp.connection_lost", peer=str(peer), error=str(exc))
+            log.info("mllp.connection_lost", peer=str(peer), error=str(exc))
         finally:
             writer.close()  # no wait_closed(): the transport closes on its own, also at shutdown
 
@@ -350,7 +348,7 @@ class MllpServer:
                 if self._ids.get(ids):
                     # a counter reset, or two feeds sharing ids: other content, so a new message
                     self.stats["reused_ids"] += 1
-                    _log().warning("mllp.control_id_reused", message_id=ids[2], sending_app=ids[0], sending_facility=ids[1])
+                    log.warning("mllp.control_id_reused", message_id=ids[2], sending_app=ids[0], sending_facility=ids[1])
         if pending is not None:
             if await asyncio.shield(pending):
                 return self._duplicate(message, ids)
@@ -374,7 +372,7 @@ class MllpServer:
     def _duplicate(self, message: bytes, ids: tuple[str, str, str]) -> bytes:
         self.stats["duplicates"] += 1
         self.stats["aa"] += 1
-        _log().info("mllp.duplicate", message_id=ids[2])
+        log.info("mllp.duplicate", message_id=ids[2])
         return build_ack(message, "AA", "duplicate: already accepted")
 
     async def _remember(self, digest: str, ids: tuple[str, str, str]) -> None:
@@ -413,7 +411,7 @@ class MllpServer:
             else:
                 outcomes = convert_all(self.adapter, self.source, message)
         except Exception as exc:  # a crashing adapter: report, do not drop the connection
-            _log().exception("mllp.adapter_crash")
+            log.exception("mllp.adapter_crash")
             self.stats["ar"] += 1
             return build_ack(message, "AR", f"internal error: {type(exc).__name__}"), False
         rejected = [o for o in outcomes if isinstance(o, RejectedRecord)]
@@ -430,7 +428,7 @@ class MllpServer:
                 return await self._publish(message, bundles[0])
             err = empty
             code = "200" if (err.location.segment, err.location.field) == ("MSH", 9) else "100"
-        _log().info("mllp.rejected", error=str(err), code=code)
+        log.info("mllp.rejected", error=str(err), code=code)
         # nothing is lost: the raw message goes to the dead letters with the located reason before
         # the sender is told (if that fails, AR: the sender keeps it and retries)
         stored = await self._dead_letter(message, err)
@@ -484,12 +482,12 @@ class MllpServer:
         if failed is not None:
             return failed, False
         self.stats["aa"] += 1
-        _log().info("mllp.accepted", message_id=cb.message_id, bundle_sha256=cb.sha256)
+        log.info("mllp.accepted", message_id=cb.message_id, bundle_sha256=cb.sha256)
         return build_ack(message, "AA"), True
 
     def _reject(self, message: bytes, exc: BaseException, *, reset: bool) -> bytes:
         self.stats["ar"] += 1
-        _log().warning("mllp.not_stored", error=f"{type(exc).__name__}: {exc}")
+        log.warning("mllp.not_stored", error=f"{type(exc).__name__}: {exc}")
         if reset and self._publisher is not None:
             pub, self._publisher = self._publisher, None
             # off the event loop: closing waits for the producer's I/O thread
@@ -548,7 +546,7 @@ def _close_quietly(pub: Any, timeout: float = 5) -> None:
         pub.close(timeout)
         return
     except Exception as exc:
-        _log().info("mllp.producer_force_close", error=f"{type(exc).__name__}: {exc}")
+        log.info("mllp.producer_force_close", error=f"{type(exc).__name__}: {exc}")
     producer = getattr(pub, "producer", pub)
     sender = getattr(producer, "_sender", None)
     with contextlib.suppress(Exception):
@@ -583,7 +581,7 @@ async def serve_forever(
         workers=workers,
     )
     srv = await server.start(host, port)
-    _log().info("mllp.listening", host=host, port=server.port, source=source.org_id)
+    log.info("mllp.listening", host=host, port=server.port, source=source.org_id)
     try:
         async with srv:
             await srv.serve_forever()

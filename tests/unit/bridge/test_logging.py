@@ -64,3 +64,20 @@ async def test_malformed_requests_log_one_json_warning_each(
     assert len(bad) == 3 and all(e["level"] == "warning" and e["status"] == 400 for e in bad)
     assert {e["error"] for e in bad} >= {"LineTooLong"}
     assert "Traceback" not in err and secret.decode() not in err
+
+
+def test_a_cached_logger_writes_to_the_stderr_of_the_moment(json_logging: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loggers are cached on first use; one made under a stream since closed (a test's) must not write to it."""
+    import io
+
+    from bridge.logging import get_logger
+
+    configure_logging(force=True)
+    log = get_logger("bridge.test")
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr("sys.stderr", first)
+    log.info("test.first")
+    first.close()
+    monkeypatch.setattr("sys.stderr", second)
+    log.info("test.second")
+    assert json.loads(second.getvalue())["event"] == "test.second"
