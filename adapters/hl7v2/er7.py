@@ -448,7 +448,9 @@ def parse_message(raw: RawMessage) -> Message:
         else:
             if not _SEGMENT_NAME.match(name):
                 raise ParseError(
-                    f"invalid segment name {name[:10]!r}: expected three upper-case letters or digits",
+                    # the line is not quoted: a line break inside a field makes it free text (a note, a name)
+                    "invalid segment name: the line does not start with three upper-case letters or digits "
+                    "and the field separator (a line break inside a field?)",
                     adapter=ADAPTER,
                     location=Location(message_index=raw.index, line=lineno, segment_index=i),
                 )

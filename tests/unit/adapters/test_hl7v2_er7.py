@@ -137,3 +137,13 @@ def test_padding_and_dos_eof_between_messages_are_ignored() -> None:
         "1",
         "2",
     ]
+
+
+def test_an_invalid_segment_name_error_does_not_quote_the_line() -> None:
+    """A line break inside a field turns free text into a 'segment'; its words must not reach the error
+    (which goes into ACKs, dead-letter headers and logs)."""
+    text = "MSH|^~\\&|A|B|C|D|20240101||ORU^R01|1|P|2.5\rPID|1||M1\rOBX|1|TX|||Patient reports\rSmith family history\r"
+    with pytest.raises(ParseError) as exc:
+        parse(text)
+    assert "Smith" not in str(exc.value) and "invalid segment name" in str(exc.value)
+    assert exc.value.location.line == 4
