@@ -11,8 +11,9 @@ brings in pint) is built on first use, not at import, so processes that never se
 The spellings, in the order they are tried:
 
 1. :data:`MISLEADING`: strings that *are* valid UCUM but mean something else in every clinical feed
-   (``K/uL`` is kelvin per microlitre, ``m/uL`` metre per microlitre, ``F`` farad, ``C`` coulomb, ``pH`` picohenry, ``ft``
-   femtotonne, ``u/L`` atomic mass units per litre, ``mg%`` a hundredth of a milligram);
+   (``K/uL`` is kelvin per microlitre, ``m/uL`` metre per microlitre, ``F`` farad, ``C`` coulomb,
+   ``pH`` picohenry, ``ft`` femtotonne, ``u/L`` atomic mass units per litre, ``mg%`` a hundredth of a
+   milligram);
 2. the string itself, when it is UCUM (kept as sent, e.g. ``mg/dl``: rewriting valid UCUM could change
    its meaning);
 3. :data:`ALIASES`: whole-unit spellings that are not UCUM (``mmHg``, ``bpm``, ``x10E3/uL``, ``mEq/L``,
@@ -221,10 +222,9 @@ def is_ucum(code: str) -> bool:
         return False
     from ucumvert import parse_ucum
 
-    parser = _parser()
     try:
         with _lock:  # one Earley parse at a time: cheap (misses only) and no reliance on lark's reentrancy
-            parse_ucum(code, parser)
+            parse_ucum(code, _parser())
     except Exception:  # any parse failure, whatever lark raises, means "not UCUM"
         return False
     return True
