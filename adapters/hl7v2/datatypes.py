@@ -74,19 +74,17 @@ class Context:
         return LazyLoc(self.message_index, seg, field, rep, comp)
 
     def warn(self, code: str, message: str, loc: Loc) -> None:
-        self._sink(code, message, loc.resolve() if isinstance(loc, LazyLoc) else loc)
-
-    def warn_once(self, code: str, message: str, loc: Loc) -> None:
-        """:meth:`warn`, unless the same warning was already recorded for the same place.
+        """Record a warning, unless the same one was already recorded for the same place.
 
         One field often feeds several values (OBX-6 is the unit of the value and of both ends of the
-        reference range); its problem is reported once.
+        reference range; OBR-7 is the report's and the order's time): its problem is reported once.
         """
         where = (loc.seg.index, loc.field, loc.rep, loc.comp) if isinstance(loc, LazyLoc) else (loc,)
         key = (code, message, *where)
-        if key not in self._once:
-            self._once.add(key)
-            self.warn(code, message, loc)
+        if key in self._once:
+            return
+        self._once.add(key)
+        self._sink(code, message, loc.resolve() if isinstance(loc, LazyLoc) else loc)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -693,7 +691,7 @@ def quantity(ctx: Context, value: int | float, unit_field: Field, loc: Loc) -> d
             q["system"] = system
             q["code"] = code
             return q
-    ctx.warn_once(
+    ctx.warn(
         "unknown-unit",
         f"unit {code or text!r} is not UCUM and not a known spelling of a UCUM unit; kept as text",
         loc,

@@ -147,3 +147,21 @@ def test_immunization_dose_units_are_ucum() -> None:
     assert isinstance(out, ConvertedBundle)
     (imm,) = [e["resource"] for e in out.bundle["entry"] if e["resource"]["resourceType"] == "Immunization"]
     assert imm["doseQuantity"] == {"value": 0.5, "unit": "milliliter", "system": UCUM, "code": "mL"}
+
+
+def test_an_unknown_unit_coding_system_is_warned_once_per_field() -> None:
+    b = convert("OBX|1|NM|2345-7^Glucose^LN||5.4|blobs^^XYZSYS|1.0-9.0|||||F\r")
+    assert [w.code for w in b.warnings if w.location.field == 6] == ["unknown-code-system"]
+
+
+def test_a_field_read_for_two_resources_is_warned_once() -> None:
+    # OBR-7 is the report's effective time and the order's occurrence: one bad value, one warning
+    (out,) = A.convert(
+        (
+            HEAD.replace("20240101080000+0000", "20241301080000")
+            + "OBX|1|NM|2345-7^Glucose^LN||5.4|mg/dL|||||F\r"
+        ).encode(),
+        SRC,
+    )
+    assert isinstance(out, ConvertedBundle)
+    assert [(w.code, w.location.field) for w in out.warnings] == [("invalid-timestamp", 7)]
