@@ -47,9 +47,13 @@ def capability_statement(base: str) -> dict[str, Any]:
                     *(
                         {"type": t, "interaction": [{"code": "read"}]}
                         for t in (
+                            # every type the built-in adapters emit (the read route serves any stored type)
                             "Encounter", "Observation", "DiagnosticReport", "Condition", "Procedure", "Immunization",
                             "MedicationRequest", "MedicationStatement", "AllergyIntolerance", "ServiceRequest",
-                            "Appointment", "DocumentReference", "Practitioner", "Organization", "Location", "Coverage",
+                            "Appointment", "DocumentReference", "Practitioner", "PractitionerRole", "Organization",
+                            "Location", "Coverage", "Specimen", "Device", "DeviceUseStatement", "Composition",
+                            "CarePlan", "Goal", "FamilyMemberHistory", "ImagingStudy", "ChargeItem", "SupplyDelivery",
+                            "Provenance",
                         )
                     ),
                 ],
