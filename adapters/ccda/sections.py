@@ -920,18 +920,13 @@ def _encounter_participants(
         rp = first(e, "responsibleParty/assignedEntity")
         if rp is not None:
             people.append((rp, "ATND", None, None))
-    for ep in e.findall("encounterParticipant"):
-        ae = ep.find("assignedEntity")
-        if ae is not None:
-            tc = ep.get("typeCode") or ""
-            fn = first(ep, "sdtc_functionCode", "functionCode")
-            people.append((ae, tc if tc in _PARTICIPATION_TYPES else None, fn, ep.find("time")))
-    for pf in e.findall("performer"):
-        ae = pf.find("assignedEntity")
-        if ae is not None:
-            tc = pf.get("typeCode") or "PRF"
-            fn = first(pf, "sdtc_functionCode", "functionCode")
-            people.append((ae, tc if tc in _PARTICIPATION_TYPES else None, fn, pf.find("time")))
+    for tag, default_type in (("encounterParticipant", ""), ("performer", "PRF")):
+        for p in e.findall(tag):
+            ae = p.find("assignedEntity")
+            if ae is not None:
+                tc = p.get("typeCode") or default_type
+                fn = first(p, "sdtc_functionCode", "functionCode")
+                people.append((ae, tc if tc in _PARTICIPATION_TYPES else None, fn, p.find("time")))
     for au in e.findall("author"):
         ae = au.find("assignedAuthor")
         if ae is not None:
