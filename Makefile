@@ -1,7 +1,7 @@
 # fhirbridge: the two commands of the README.
 #   make demo   install into .venv, then run the whole stack with the shipped demo data
 #               (the data is kept in .demo/ and reused; `make demo FRESH=1` starts over)
-#   make test   install into .venv, then ruff, mypy and the whole test suite
+#   make test   install into .venv, then ruff (format check and lint), mypy and the whole test suite
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 BIN     = $(VENV)/bin
@@ -22,12 +22,14 @@ demo: $(STAMP)
 	$(BIN)/fhirbridge demo $(if $(FRESH),--fresh)
 
 lint: $(STAMP)
+	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
 test: $(STAMP)
+	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/pytest -q -p no:cacheprovider

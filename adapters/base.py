@@ -140,6 +140,7 @@ class Adapter(ABC):
             from adapters.errors import AdapterError
 
             raise AdapterError(f"adapter {self.name!r} takes no options; got {', '.join(sorted(options))}")
+
     #: Human description shown by ``fhirbridge adapters list``.
     description: ClassVar[str] = ""
     #: File suffixes this adapter usually reads (a hint for tooling, not enforced).
@@ -167,13 +168,17 @@ class Adapter(ABC):
             return
         files = files_under(path)
         if not files:
-            yield RejectedRecord(self.error("the directory holds no files to convert", Location(file=str(path))), b"")
+            yield RejectedRecord(
+                self.error("the directory holds no files to convert", Location(file=str(path))), b""
+            )
             return
         for file in files:
             try:
                 data = file.read_bytes()
             except OSError as exc:
-                yield RejectedRecord(self.error(f"cannot read: {exc.strerror}", Location(file=str(file))), b"")
+                yield RejectedRecord(
+                    self.error(f"cannot read: {exc.strerror}", Location(file=str(file))), b""
+                )
                 continue
             yield from self.convert(data, source, filename=str(file))
 

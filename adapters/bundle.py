@@ -157,7 +157,9 @@ class BundleBuilder:
             },
             "agent": [
                 {
-                    "type": {"coding": [{"system": PARTICIPANT_TYPE_SYSTEM, "code": "author", "display": "Author"}]},
+                    "type": {
+                        "coding": [{"system": PARTICIPANT_TYPE_SYSTEM, "code": "author", "display": "Author"}]
+                    },
                     "who": {
                         "identifier": {"system": ORG_IDENTIFIER_SYSTEM, "value": org},
                         "display": self.source.name or org,
@@ -165,7 +167,9 @@ class BundleBuilder:
                 },
                 {
                     "type": {
-                        "coding": [{"system": PARTICIPANT_TYPE_SYSTEM, "code": "assembler", "display": "Assembler"}]
+                        "coding": [
+                            {"system": PARTICIPANT_TYPE_SYSTEM, "code": "assembler", "display": "Assembler"}
+                        ]
                     },
                     "who": {
                         "identifier": {
@@ -225,7 +229,9 @@ class BundleBuilder:
             except (KeyError, TypeError) as exc:
                 # the R4B models raise these bare for an unknown, empty or non-string resourceType
                 raise ValidationFailed(
-                    self.adapter_name, [{"loc": ("entry", "resource", "resourceType"), "msg": f"{type(exc).__name__}: {exc}"}], location
+                    self.adapter_name,
+                    [{"loc": ("entry", "resource", "resourceType"), "msg": f"{type(exc).__name__}: {exc}"}],
+                    location,
                 ) from exc
             except ValidationError as exc:
                 raise ValidationFailed(

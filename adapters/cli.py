@@ -49,7 +49,9 @@ def register(sub: Any, groups: dict[str, Any]) -> None:
 
     mp = sub.add_parser("mllp", help="run an MLLP listener that converts HL7 v2 and produces to Kafka")
     mp.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)"
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)",
     )
     mp.add_argument("--port", type=int, required=True)
     _source_args(mp)

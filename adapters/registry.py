@@ -47,12 +47,17 @@ def load_class(name: str) -> type[Adapter]:
     try:
         cls = ep.load()
     except Exception as exc:  # an import failure in a plugin must name the plugin
-        raise AdapterLoadError(f"{ep.name} = {ep.value}", f"cannot be imported: {type(exc).__name__}: {exc}") from exc
+        raise AdapterLoadError(
+            f"{ep.name} = {ep.value}", f"cannot be imported: {type(exc).__name__}: {exc}"
+        ) from exc
     if not (isinstance(cls, type) and issubclass(cls, Adapter)):
-        raise AdapterLoadError(f"{ep.name} = {ep.value}", "does not point to a subclass of adapters.base.Adapter")
+        raise AdapterLoadError(
+            f"{ep.name} = {ep.value}", "does not point to a subclass of adapters.base.Adapter"
+        )
     if getattr(cls, "name", None) != name:
         raise AdapterLoadError(
-            f"{ep.name} = {ep.value}", f"class declares name {getattr(cls, 'name', None)!r}, entry point says {name!r}"
+            f"{ep.name} = {ep.value}",
+            f"class declares name {getattr(cls, 'name', None)!r}, entry point says {name!r}",
         )
     return cls
 

@@ -113,14 +113,24 @@ def start_consumers(env: dict[str, str], logs: Path, tag: str) -> dict[str, subp
 
 def print_budget(rows: list[tuple[str, float]], n: int, wall_s: float) -> None:
     total = sum(ms for _, ms in rows if not _.startswith("  "))
-    print(f"CPU budget, ms per bundle ({n} bundles, {wall_s:.1f} s wall; 2 cores = {2000 * wall_s / n:.2f} ms/bundle available):")
+    print(
+        f"CPU budget, ms per bundle ({n} bundles, {wall_s:.1f} s wall; 2 cores = {2000 * wall_s / n:.2f} ms/bundle available):"
+    )
     for name, ms in rows:
         print(f"  {name:<58} {ms:7.3f}")
-    print(f"  {'total':<58} {total:7.3f}  -> CPU-bound ceiling {2000 / total if total else 0:,.0f} bundles/s on 2 cores")
+    print(
+        f"  {'total':<58} {total:7.3f}  -> CPU-bound ceiling {2000 / total if total else 0:,.0f} bundles/s on 2 cores"
+    )
 
 
-def measure_latency(settings: Settings, bootstrap: str, adapter: object, items: list[tuple[str, ConvertedBundle]],
-                    rate: float, index: IndexStore) -> dict[str, float]:
+def measure_latency(
+    settings: Settings,
+    bootstrap: str,
+    adapter: object,
+    items: list[tuple[str, ConvertedBundle]],
+    rate: float,
+    index: IndexStore,
+) -> dict[str, float]:
     """Publish ``items`` at ``rate``/s; latency to the ledger receipt and to the index row, per bundle."""
     import statistics
     import threading
@@ -133,7 +143,9 @@ def measure_latency(settings: Settings, bootstrap: str, adapter: object, items: 
     def watch_index() -> None:
         nonlocal last_rowid
         while not stop.is_set():
-            rows = index.db.query("SELECT rowid, bundle_sha256 FROM bundles WHERE rowid > ? ORDER BY rowid", (last_rowid,))
+            rows = index.db.query(
+                "SELECT rowid, bundle_sha256 FROM bundles WHERE rowid > ? ORDER BY rowid", (last_rowid,)
+            )
             now = time.time()
             for rowid, sha in rows:
                 queryable.setdefault(sha, now)
@@ -142,8 +154,13 @@ def measure_latency(settings: Settings, bootstrap: str, adapter: object, items: 
 
     watcher = threading.Thread(target=watch_index, daemon=True)
     watcher.start()
-    receipts = KafkaConsumer(settings.topics.receipts, bootstrap_servers=bootstrap, auto_offset_reset="latest",
-                             enable_auto_commit=False, group_id=None)
+    receipts = KafkaConsumer(
+        settings.topics.receipts,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="latest",
+        enable_auto_commit=False,
+        group_id=None,
+    )
     receipts.poll(timeout_ms=1000)
     for tp in receipts.assignment():
         receipts.seek_to_end(tp)
@@ -160,7 +177,9 @@ def measure_latency(settings: Settings, bootstrap: str, adapter: object, items: 
     ledgered: dict[str, float] = {}
     deadline = time.time() + 120
     while (len(ledgered) < len(items) or len(queryable) < len(items)) and time.time() < deadline:
-        polled = receipts.poll(timeout_ms=5)  # noida-db answers empty fetches at once: poll briefly, then sleep
+        polled = receipts.poll(
+            timeout_ms=5
+        )  # noida-db answers empty fetches at once: poll briefly, then sleep
         if not polled:
             time.sleep(0.01)
         for msgs in polled.values():
@@ -177,7 +196,12 @@ def measure_latency(settings: Settings, bootstrap: str, adapter: object, items: 
     def q(xs: list[float], p: int) -> float:
         return statistics.quantiles(xs, n=100)[p - 1] if len(xs) > 1 else (xs[0] if xs else float("nan"))
 
-    return {"ledger_p50": q(led, 50), "ledger_p99": q(led, 99), "index_p50": q(idx, 50), "index_p99": q(idx, 99)}
+    return {
+        "ledger_p50": q(led, 50),
+        "ledger_p99": q(led, 99),
+        "index_p50": q(idx, 50),
+        "index_p99": q(idx, 99),
+    }
 
 
 def main() -> None:
@@ -186,27 +210,40 @@ def main() -> None:
     ap.add_argument("--broker", default="noida", choices=["noida", "tansu"])
     ap.add_argument("--latency-messages", type=int, default=2000)
     ap.add_argument("--keep", action="store_true", help="keep the work directory (data, consumer logs)")
-    ap.add_argument("--ingest-processes", type=int, default=2,
-                    help="`fhirbridge ingest` processes running at once: one per org, or an org's files split over "
-                         "several; 0: one per org, one after the other (the set-up before issue 6)")
+    ap.add_argument(
+        "--ingest-processes",
+        type=int,
+        default=2,
+        help="`fhirbridge ingest` processes running at once: one per org, or an org's files split over "
+        "several; 0: one per org, one after the other (the set-up before issue 6)",
+    )
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="fhirbridge-bench-"))
     data_dir = work / "data"
     broker = start_local(args.broker, data_dir)
     try:
-        env = dict(os.environ, FHIRBRIDGE_DATA_DIR=str(data_dir), KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap,
-                   FHIRBRIDGE_LOG_LEVEL="warning", FHIRBRIDGE_LOG_FORMAT="json")
+        env = dict(
+            os.environ,
+            FHIRBRIDGE_DATA_DIR=str(data_dir),
+            KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap,
+            FHIRBRIDGE_LOG_LEVEL="warning",
+            FHIRBRIDGE_LOG_FORMAT="json",
+        )
         settings = Settings.from_env(env)
         people = max(1, args.messages // 2)
-        feeds = generate(people, hospitals=2, overlap=0.35, seed=99, messages_per_patient=2, max_messages=args.messages)
+        feeds = generate(
+            people, hospitals=2, overlap=0.35, seed=99, messages_per_patient=2, max_messages=args.messages
+        )
         total = sum(len(v) for v in feeds.values())
         files = write_files(work / "feeds", feeds, per_file=500)
         size = sum(p.stat().st_size for fs in files.values() for p in fs)
         print(f"broker {args.broker} at {broker.bootstrap}; {total} ADT messages, {size / 1e6:.1f} MB of ER7")
 
         for org in feeds:
-            subprocess.run(cli("keys", "create", "--org", org), env=env, check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(
+                cli("keys", "create", "--org", org), env=env, check=True, stdout=subprocess.DEVNULL
+            )
         skey, _vkey = generate_key(settings.ledger_origin)
         assert settings.ledger_key_file is not None
         settings.ledger_key_file.write_text(skey)
@@ -223,10 +260,14 @@ def main() -> None:
                     converted.append((org, o))
         convert_s = time.perf_counter() - t0
         payload = sum(len(c.body) for _, c in converted)
-        print(f"convert+validate in-process: {len(converted) / convert_s:,.0f} msgs/s ({payload / 1e6:.1f} MB of bundles)")
+        print(
+            f"convert+validate in-process: {len(converted) / convert_s:,.0f} msgs/s ({payload / 1e6:.1f} MB of bundles)"
+        )
 
         # -- peer: raw kafka-python produce of the same bytes
-        raw_topic = Topics(bundles="bench.raw", deadletter="bench.raw.dl", receipts="bench.raw.rc", partitions=3)
+        raw_topic = Topics(
+            bundles="bench.raw", deadletter="bench.raw.dl", receipts="bench.raw.rc", partitions=3
+        )
         ensure_topics(broker.bootstrap, raw_topic)
         prod = KafkaProducer(**producer_config(settings, broker.bootstrap))
         t0 = time.perf_counter()
@@ -237,11 +278,19 @@ def main() -> None:
         raw_s = time.perf_counter() - t0
         prod.close()
         raw_rate = len(converted) / raw_s
-        print(f"peer raw kafka-python produce (acks=all, idempotent): {raw_rate:,.0f} msgs/s, {payload / raw_s / 1e6:.1f} MB/s")
+        print(
+            f"peer raw kafka-python produce (acks=all, idempotent): {raw_rate:,.0f} msgs/s, {payload / raw_s / 1e6:.1f} MB/s"
+        )
 
-        cons = KafkaConsumer("bench.raw", bootstrap_servers=broker.bootstrap, auto_offset_reset="earliest",
-                             enable_auto_commit=False, group_id=None, consumer_timeout_ms=5000,
-                             max_partition_fetch_bytes=settings.topics.max_message_bytes)
+        cons = KafkaConsumer(
+            "bench.raw",
+            bootstrap_servers=broker.bootstrap,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+            group_id=None,
+            consumer_timeout_ms=5000,
+            max_partition_fetch_bytes=settings.topics.max_message_bytes,
+        )
         t0 = time.perf_counter()
         n = 0
         for _ in cons:
@@ -253,7 +302,9 @@ def main() -> None:
         print(f"peer raw kafka-python consume: {n / raw_cons_s:,.0f} msgs/s")
 
         # -- bridge publisher alone (signing + envelope), same bytes
-        pub_settings = replace(settings, topics=Topics(bundles="bench.pub", deadletter="bench.pub.dl", receipts="bench.pub.rc"))
+        pub_settings = replace(
+            settings, topics=Topics(bundles="bench.pub", deadletter="bench.pub.dl", receipts="bench.pub.rc")
+        )
         ensure_topics(broker.bootstrap, pub_settings.topics)
         pub = Publisher(pub_settings, broker.bootstrap)
         t0 = time.perf_counter()
@@ -269,7 +320,9 @@ def main() -> None:
         # The peers' topics go before the stack runs: noida-db rewrites its whole store on every autosave,
         # so their 20,000 records would tax the broker (and the stack's budget) for the rest of the run.
         admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap, client_id="bench-admin")
-        admin.delete_topics([t for ts in (raw_topic, pub_settings.topics) for t in (ts.bundles, ts.deadletter, ts.receipts)])
+        admin.delete_topics(
+            [t for ts in (raw_topic, pub_settings.topics) for t in (ts.bundles, ts.deadletter, ts.receipts)]
+        )
         admin.close()
 
         # -- the demo stack end to end
@@ -290,8 +343,17 @@ def main() -> None:
             jobs = [(org, paths[i::per]) for org, paths in files.items() for i in range(per) if paths[i::per]]
         ingests: list[tuple[subprocess.Popen[bytes], Path]] = []
         for i, (org, paths) in enumerate(jobs):
-            cmd = cli("ingest", "--adapter", "hl7v2", "--source", org, "--timezone", "America/Chicago", "--no-progress",
-                      *map(str, paths))
+            cmd = cli(
+                "ingest",
+                "--adapter",
+                "hl7v2",
+                "--source",
+                org,
+                "--timezone",
+                "America/Chicago",
+                "--no-progress",
+                *map(str, paths),
+            )
             err_path = logs / f"ingest-{i}.log"
             with open(err_path, "wb") as err_file:
                 proc = subprocess.Popen(cmd, env=ienv, stdout=subprocess.DEVNULL, stderr=err_file)
@@ -329,8 +391,13 @@ def main() -> None:
         n = total
         rows: list[tuple[str, float]] = []
         startup = sum(float(lg["cpu_s"]["start-up"]) for lg in ingest_logs)
-        split = {k: sum(float(lg["cpu_s"][k]) for lg in ingest_logs) for k in ("convert", "publish", "producer threads and the rest")}
-        rows.append((f"ingest ({len(ingests)} processes, all threads, incl. start-up)", ingest_cpu * 1000 / n))
+        split = {
+            k: sum(float(lg["cpu_s"][k]) for lg in ingest_logs)
+            for k in ("convert", "publish", "producer threads and the rest")
+        }
+        rows.append(
+            (f"ingest ({len(ingests)} processes, all threads, incl. start-up)", ingest_cpu * 1000 / n)
+        )
         rows.append(("  start-up (imports, topics, keys)", startup * 1000 / n))
         rows.append(("  convert + validate (adapter, main thread)", split["convert"] * 1000 / n))
         rows.append(("  sign + send (Publisher.publish, main thread)", split["publish"] * 1000 / n))
@@ -343,15 +410,25 @@ def main() -> None:
                 if k not in ("records", "process"):
                     rows.append((f"  {k}", float(st[k])))
         print_budget(rows, n, e2e_s)
-        print(f"ingest (fhirbridge ingest, {len(ingests)} processes, incl. start-up): {total / ingest_s:,.0f} msgs/s ({ingest_s:.1f}s)")
-        print(f"all {total} in the ledger after {ledger_done:.1f}s; all queryable (index) after {index_done:.1f}s")
+        print(
+            f"ingest (fhirbridge ingest, {len(ingests)} processes, incl. start-up): {total / ingest_s:,.0f} msgs/s ({ingest_s:.1f}s)"
+        )
+        print(
+            f"all {total} in the ledger after {ledger_done:.1f}s; all queryable (index) after {index_done:.1f}s"
+        )
         print(f"end to end: {e2e_rate:,.0f} bundles/s sustained, from first ingest to last queryable")
         print(f"ratio ingest / raw produce: {total / ingest_s / raw_rate:.2f}")
 
         # -- latency at half the sustained rate: fresh bundles, paced, produced by the bridge publisher
         rate = max(1.0, e2e_rate / 2)
-        fresh = generate(max(1, args.latency_messages // 2), hospitals=2, seed=123, messages_per_patient=2,
-                         max_messages=args.latency_messages, start=datetime(2026, 9, 1))
+        fresh = generate(
+            max(1, args.latency_messages // 2),
+            hospitals=2,
+            seed=123,
+            messages_per_patient=2,
+            max_messages=args.latency_messages,
+            start=datetime(2026, 9, 1),
+        )
         paced: list[tuple[str, ConvertedBundle]] = []
         for org, msgs in fresh.items():
             for o in adapter.convert("\n".join(msgs).encode(), SourceInfo(org, timezone="America/Chicago")):
@@ -361,7 +438,9 @@ def main() -> None:
         time.sleep(4)
         lat = measure_latency(settings, broker.bootstrap, adapter, paced, rate, index)
         print(f"latency at {rate:,.0f} bundles/s (half the sustained rate), {len(paced)} bundles:")
-        print(f"  produce -> ledger-committed: p50 {lat['ledger_p50']:.0f} ms, p99 {lat['ledger_p99']:.0f} ms")
+        print(
+            f"  produce -> ledger-committed: p50 {lat['ledger_p50']:.0f} ms, p99 {lat['ledger_p99']:.0f} ms"
+        )
         print(f"  produce -> queryable:        p50 {lat['index_p50']:.0f} ms, p99 {lat['index_p99']:.0f} ms")
         for cproc in procs.values():
             cproc.terminate()

@@ -67,12 +67,23 @@ from bridge.mpi.features import extract_features
 from bridge.mpi.matcher import link_records
 from tests.services.postgres import admin_dsn
 
-LOINC = [("2345-7", "Glucose", "mg/dL", 70, 140), ("718-7", "Hemoglobin", "g/dL", 11, 17),
-         ("2160-0", "Creatinine", "mg/dL", 0.5, 1.4), ("2951-2", "Sodium", "mmol/L", 134, 146),
-         ("8480-6", "Systolic BP", "mm[Hg]", 95, 170), ("8462-4", "Diastolic BP", "mm[Hg]", 55, 100),
-         ("29463-7", "Body weight", "kg", 45, 120), ("8867-4", "Heart rate", "/min", 50, 110)]
-SNOMED = [("44054006", "Diabetes mellitus type 2"), ("38341003", "Hypertension"), ("195967001", "Asthma"),
-          ("13645005", "COPD"), ("49436004", "Atrial fibrillation")]
+LOINC = [
+    ("2345-7", "Glucose", "mg/dL", 70, 140),
+    ("718-7", "Hemoglobin", "g/dL", 11, 17),
+    ("2160-0", "Creatinine", "mg/dL", 0.5, 1.4),
+    ("2951-2", "Sodium", "mmol/L", 134, 146),
+    ("8480-6", "Systolic BP", "mm[Hg]", 95, 170),
+    ("8462-4", "Diastolic BP", "mm[Hg]", 55, 100),
+    ("29463-7", "Body weight", "kg", 45, 120),
+    ("8867-4", "Heart rate", "/min", 50, 110),
+]
+SNOMED = [
+    ("44054006", "Diabetes mellitus type 2"),
+    ("38341003", "Hypertension"),
+    ("195967001", "Asthma"),
+    ("13645005", "COPD"),
+    ("49436004", "Atrial fibrillation"),
+]
 
 
 def _pid(org: str, mrn: str) -> str:
@@ -81,9 +92,13 @@ def _pid(org: str, mrn: str) -> str:
 
 def patient(org: str, mrn: str, p: Any) -> dict[str, Any]:
     return {
-        "resourceType": "Patient", "id": _pid(org, mrn), "meta": {"source": f"urn:fhirbridge:{org}"},
-        "identifier": [{"system": f"urn:fhirbridge:{org}:mrn", "value": mrn},
-                       {"system": "http://hl7.org/fhir/sid/us-ssn", "value": p.ssn.replace("-", "")}],
+        "resourceType": "Patient",
+        "id": _pid(org, mrn),
+        "meta": {"source": f"urn:fhirbridge:{org}"},
+        "identifier": [
+            {"system": f"urn:fhirbridge:{org}:mrn", "value": mrn},
+            {"system": "http://hl7.org/fhir/sid/us-ssn", "value": p.ssn.replace("-", "")},
+        ],
         "name": [{"family": p.family, "given": [g for g in (p.given, p.middle) if g]}],
         "gender": "female" if p.sex == "F" else "male",
         "birthDate": f"{p.dob[:4]}-{p.dob[4:6]}-{p.dob[6:]}",
@@ -92,7 +107,9 @@ def patient(org: str, mrn: str, p: Any) -> dict[str, Any]:
     }
 
 
-def clinical(org: str, pid: str, rng: random.Random, n: int, shared: list[tuple[str, str, float]] | None = None) -> list[dict[str, Any]]:
+def clinical(
+    org: str, pid: str, rng: random.Random, n: int, shared: list[tuple[str, str, float]] | None = None
+) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     subject = {"reference": f"Patient/{pid}"}
     for k in range(n):
@@ -100,13 +117,27 @@ def clinical(org: str, pid: str, rng: random.Random, n: int, shared: list[tuple[
         day = f"20{rng.randint(15, 26)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}"
         kind = k % 10
         if kind == 0:
-            out.append({"resourceType": "Encounter", "id": rid, "status": "finished",
-                        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
-                        "subject": subject, "period": {"start": f"{day}T09:00:00Z", "end": f"{day}T09:30:00Z"}})
+            out.append(
+                {
+                    "resourceType": "Encounter",
+                    "id": rid,
+                    "status": "finished",
+                    "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+                    "subject": subject,
+                    "period": {"start": f"{day}T09:00:00Z", "end": f"{day}T09:30:00Z"},
+                }
+            )
         elif kind == 1:
             code, text = rng.choice(SNOMED)
-            out.append({"resourceType": "Condition", "id": rid, "subject": subject, "onsetDateTime": day,
-                        "code": {"coding": [{"system": "http://snomed.info/sct", "code": code, "display": text}]}})
+            out.append(
+                {
+                    "resourceType": "Condition",
+                    "id": rid,
+                    "subject": subject,
+                    "onsetDateTime": day,
+                    "code": {"coding": [{"system": "http://snomed.info/sct", "code": code, "display": text}]},
+                }
+            )
         else:
             code, text, unit, lo, hi = rng.choice(LOINC)
             value = round(rng.uniform(lo, hi), 1)
@@ -114,15 +145,38 @@ def clinical(org: str, pid: str, rng: random.Random, n: int, shared: list[tuple[
             if shared and rng.random() < 0.5:
                 code, when, value = shared[k % len(shared)]
                 text, unit = next((t, u) for c, t, u, _, _ in LOINC if c == code)
-            out.append({"resourceType": "Observation", "id": rid, "status": "final", "subject": subject,
-                        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "laboratory"}]}],
-                        "code": {"coding": [{"system": "http://loinc.org", "code": code, "display": text}]},
-                        "effectiveDateTime": when,
-                        "valueQuantity": {"value": value, "unit": unit, "system": "http://unitsofmeasure.org", "code": unit}})
+            out.append(
+                {
+                    "resourceType": "Observation",
+                    "id": rid,
+                    "status": "final",
+                    "subject": subject,
+                    "category": [
+                        {
+                            "coding": [
+                                {
+                                    "system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                                    "code": "laboratory",
+                                }
+                            ]
+                        }
+                    ],
+                    "code": {"coding": [{"system": "http://loinc.org", "code": code, "display": text}]},
+                    "effectiveDateTime": when,
+                    "valueQuantity": {
+                        "value": value,
+                        "unit": unit,
+                        "system": "http://unitsofmeasure.org",
+                        "code": unit,
+                    },
+                }
+            )
     return out
 
 
-def population(people: int, seed: int = 1) -> tuple[list[IncomingBundle], list[tuple[str, dict[str, Any]]], str]:
+def population(
+    people: int, seed: int = 1
+) -> tuple[list[IncomingBundle], list[tuple[str, dict[str, Any]]], str]:
     rng = random.Random(seed)
     bundles: list[IncomingBundle] = []
     patients: list[tuple[str, dict[str, Any]]] = []
@@ -131,8 +185,23 @@ def population(people: int, seed: int = 1) -> tuple[list[IncomingBundle], list[t
     for i in range(people):
         person = population_person(rng)
         heavy = i == 0
-        seen = list(HOSPITALS) if heavy else (rng.sample(list(HOSPITALS), rng.choice([2, 3])) if rng.random() < 0.35 else [rng.choice(HOSPITALS)])
-        shared = [(c, f"2024-0{m % 9 + 1}-1{m % 9}T08:00:00Z", float(m)) for m, (c, *_rest) in enumerate(LOINC * 40)] if heavy else None
+        seen = (
+            list(HOSPITALS)
+            if heavy
+            else (
+                rng.sample(list(HOSPITALS), rng.choice([2, 3]))
+                if rng.random() < 0.35
+                else [rng.choice(HOSPITALS)]
+            )
+        )
+        shared = (
+            [
+                (c, f"2024-0{m % 9 + 1}-1{m % 9}T08:00:00Z", float(m))
+                for m, (c, *_rest) in enumerate(LOINC * 40)
+            ]
+            if heavy
+            else None
+        )
         for j, h in enumerate(seen):
             p = person if j == 0 else population_noisy(person, rng)
             mrn = f"{h.mrn_prefix}{i:07d}"
@@ -140,10 +209,22 @@ def population(people: int, seed: int = 1) -> tuple[list[IncomingBundle], list[t
             n = 333 if heavy else rng.randint(6, 20)
             resources = [pat, *clinical(h.org_id, pat["id"], rng, n, shared)]
             offset += 1
-            bundles.append(IncomingBundle({"resourceType": "Bundle", "timestamp": "2026-01-01T00:00:00Z",
-                                           "entry": [{"resource": r} for r in resources]},
-                                          f"{offset:064x}", h.org_id, f"urn:fhirbridge:{h.org_id}:mrn|{mrn}",
-                                          "fhir.bundles", offset % 3, offset, "2026-01-02T00:00:00.000Z"))
+            bundles.append(
+                IncomingBundle(
+                    {
+                        "resourceType": "Bundle",
+                        "timestamp": "2026-01-01T00:00:00Z",
+                        "entry": [{"resource": r} for r in resources],
+                    },
+                    f"{offset:064x}",
+                    h.org_id,
+                    f"urn:fhirbridge:{h.org_id}:mrn|{mrn}",
+                    "fhir.bundles",
+                    offset % 3,
+                    offset,
+                    "2026-01-02T00:00:00.000Z",
+                )
+            )
             patients.append((h.org_id, pat))
             if heavy and j == 0:
                 heavy_pid = pat["id"]
@@ -161,11 +242,15 @@ async def http_latency(base: str, pids: list[str], requests: int, count: int) ->
     out: list[float] = []
     async with aiohttp.ClientSession() as session:
         for k in range(min(20, requests)):  # warm up
-            async with session.get(f"{base}/Patient/{pids[k % len(pids)]}/$everything", params={"_count": str(count)}) as r:
+            async with session.get(
+                f"{base}/Patient/{pids[k % len(pids)]}/$everything", params={"_count": str(count)}
+            ) as r:
                 await r.read()
         for k in range(requests):
             t = time.perf_counter()
-            async with session.get(f"{base}/Patient/{pids[k % len(pids)]}/$everything", params={"_count": str(count)}) as resp:
+            async with session.get(
+                f"{base}/Patient/{pids[k % len(pids)]}/$everything", params={"_count": str(count)}
+            ) as resp:
                 body = await resp.read()
             out.append((time.perf_counter() - t) * 1000)
             assert resp.status == 200, body[:300]
@@ -175,9 +260,15 @@ async def http_latency(base: str, pids: list[str], requests: int, count: int) ->
 def start_service(settings: Settings) -> tuple[subprocess.Popen[bytes], str]:
     """``fhirbridge serve`` in its own process (its own heap, as in production)."""
     port = free_port()
-    env = dict(os.environ, FHIRBRIDGE_DATA_DIR=str(settings.data_dir), FHIRBRIDGE_INDEX_URL=settings.index_url,
-               FHIRBRIDGE_MPI_URL=settings.mpi_url, FHIRBRIDGE_LEDGER_URL=settings.ledger_url,
-               FHIRBRIDGE_HTTP_PORT=str(port), FHIRBRIDGE_LOG_LEVEL="warning")
+    env = dict(
+        os.environ,
+        FHIRBRIDGE_DATA_DIR=str(settings.data_dir),
+        FHIRBRIDGE_INDEX_URL=settings.index_url,
+        FHIRBRIDGE_MPI_URL=settings.mpi_url,
+        FHIRBRIDGE_LEDGER_URL=settings.ledger_url,
+        FHIRBRIDGE_HTTP_PORT=str(port),
+        FHIRBRIDGE_LOG_LEVEL="warning",
+    )
     proc = subprocess.Popen([sys.executable, "-m", "bridge.cli", "serve"], env=env)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
@@ -221,14 +312,18 @@ def batch_link(patients: list[tuple[str, dict[str, Any]]]) -> tuple[float, float
     return time.perf_counter() - t, time.process_time() - c, res.candidates
 
 
-def report_floor(name: str, patients: list[tuple[str, dict[str, Any]]], link_s: float, link_cpu: float) -> None:
+def report_floor(
+    name: str, patients: list[tuple[str, dict[str, Any]]], link_s: float, link_cpu: float
+) -> None:
     """Print the linking floor (:func:`batch_link`), measured right after the incremental linking, and
     the ratio of the two rates."""
     wall, cpu, pairs = batch_link(patients)
     n = len(patients)
-    print(f"[{name}] linking floor, the same matcher in memory (batch linker, no database, "
-          f"{pairs:,} candidate pairs): {n / wall:,.0f} records/s wall, {n / cpu:,.0f} per CPU-second; "
-          f"incremental index / floor: {wall / link_s:.2f} wall, {cpu / link_cpu:.2f} per CPU-second")
+    print(
+        f"[{name}] linking floor, the same matcher in memory (batch linker, no database, "
+        f"{pairs:,} candidate pairs): {n / wall:,.0f} records/s wall, {n / cpu:,.0f} per CPU-second; "
+        f"incremental index / floor: {wall / link_s:.2f} wall, {cpu / link_cpu:.2f} per CPU-second"
+    )
 
 
 def settle(url: str) -> None:
@@ -253,14 +348,22 @@ def run_mpi_only(name: str, url: str, patients: list[tuple[str, dict[str, Any]]]
         stats = mpi.stats()
     finally:
         mpi.close()
-    print(f"[{name}] MPI only: linked {len(patients):,} records in {wall:.1f}s: {len(patients) / wall:,.0f} records/s "
-          f"wall, {len(patients) / cpu:,.0f} per CPU-second; {stats['persons']:,} persons, pairs {stats['pairs']}; "
-          f"machine check {check:.2f} s before, {check_after:.2f} s after")
+    print(
+        f"[{name}] MPI only: linked {len(patients):,} records in {wall:.1f}s: {len(patients) / wall:,.0f} records/s "
+        f"wall, {len(patients) / cpu:,.0f} per CPU-second; {stats['persons']:,} persons, pairs {stats['pairs']}; "
+        f"machine check {check:.2f} s before, {check_after:.2f} s after"
+    )
     report_floor(name, patients, wall, cpu)
 
 
-def run_backend(name: str, settings: Settings, bundles: list[IncomingBundle], patients: list[tuple[str, dict[str, Any]]],
-                heavy: str, requests: int) -> dict[str, float]:
+def run_backend(
+    name: str,
+    settings: Settings,
+    bundles: list[IncomingBundle],
+    patients: list[tuple[str, dict[str, Any]]],
+    heavy: str,
+    requests: int,
+) -> dict[str, float]:
     store = IndexStore.open(settings.index_url)
     mpi = PersonIndex.open(settings.mpi_url)
     n_res = sum(len(b.bundle["entry"]) for b in bundles)
@@ -280,10 +383,12 @@ def run_backend(name: str, settings: Settings, bundles: list[IncomingBundle], pa
     settle(settings.mpi_url)
     linked = mpi.linked_patient_ids(heavy)
     heavy_rows = len(store.resources_for_patients(linked))
-    print(f"[{name}] loaded {n_res:,} resources in {load_s:.0f}s ({n_res / load_s:,.0f}/s); "
-          f"linked {len(patients):,} records in {link_s:.0f}s ({len(patients) / link_s:,.0f} records/s, "
-          f"{len(patients) / link_cpu:,.0f} per CPU-second); machine check {check:.2f} s before, "
-          f"{check_after:.2f} s after")
+    print(
+        f"[{name}] loaded {n_res:,} resources in {load_s:.0f}s ({n_res / load_s:,.0f}/s); "
+        f"linked {len(patients):,} records in {link_s:.0f}s ({len(patients) / link_s:,.0f} records/s, "
+        f"{len(patients) / link_cpu:,.0f} per CPU-second); machine check {check:.2f} s before, "
+        f"{check_after:.2f} s after"
+    )
     print(f"[{name}] heavy person: {len(linked)} linked records, {heavy_rows} resources")
     report_floor(name, patients, link_s, link_cpu)
 
@@ -307,19 +412,34 @@ def run_backend(name: str, settings: Settings, bundles: list[IncomingBundle], pa
         proc.terminate()
         proc.wait(30)
     res = {
-        "heavy_p50": statistics.median(heavy_lat), "heavy_p99": pct(heavy_lat, 99),
-        "rand_p50": statistics.median(rand_lat), "rand_p99": pct(rand_lat, 99),
-        "floor_p50": statistics.median(floor), "floor_p99": pct(floor, 99),
+        "heavy_p50": statistics.median(heavy_lat),
+        "heavy_p99": pct(heavy_lat, 99),
+        "rand_p50": statistics.median(rand_lat),
+        "rand_p99": pct(rand_lat, 99),
+        "floor_p50": statistics.median(floor),
+        "floor_p99": pct(floor, 99),
     }
-    print(f"[{name}] $everything heavy person (~{heavy_rows} resources, _count=1000): p50 {res['heavy_p50']:.1f} ms, p99 {res['heavy_p99']:.1f} ms")
-    print(f"[{name}] $everything random linked persons: p50 {res['rand_p50']:.1f} ms, p99 {res['rand_p99']:.1f} ms")
-    print(f"[{name}] raw SQL floor (one query, same rows): p50 {res['floor_p50']:.1f} ms, p99 {res['floor_p99']:.1f} ms; "
-          f"ratio $everything/floor p50 {res['heavy_p50'] / res['floor_p50']:.1f}x")
+    print(
+        f"[{name}] $everything heavy person (~{heavy_rows} resources, _count=1000): p50 {res['heavy_p50']:.1f} ms, p99 {res['heavy_p99']:.1f} ms"
+    )
+    print(
+        f"[{name}] $everything random linked persons: p50 {res['rand_p50']:.1f} ms, p99 {res['rand_p99']:.1f} ms"
+    )
+    print(
+        f"[{name}] raw SQL floor (one query, same rows): p50 {res['floor_p50']:.1f} ms, p99 {res['floor_p99']:.1f} ms; "
+        f"ratio $everything/floor p50 {res['heavy_p50'] / res['floor_p50']:.1f}x"
+    )
     return res
 
 
-def run_postgres(admin: str, base: Settings, bundles: list[IncomingBundle], patients: list[tuple[str, dict[str, Any]]],
-                 heavy: str, args: argparse.Namespace) -> None:
+def run_postgres(
+    admin: str,
+    base: Settings,
+    bundles: list[IncomingBundle],
+    patients: list[tuple[str, dict[str, Any]]],
+    heavy: str,
+    args: argparse.Namespace,
+) -> None:
     import psycopg
 
     dbs = [f"fb_bench_{uuid.uuid4().hex[:8]}" for _ in range(2)]
@@ -344,14 +464,18 @@ def main() -> None:
     ap.add_argument("--people", type=int, default=100_000)
     ap.add_argument("--backend", choices=["sqlite", "postgres", "both"], default="both")
     ap.add_argument("--requests", type=int, default=300)
-    ap.add_argument("--pg", default=None, help="admin DSN (default: FHIRBRIDGE_TEST_PG, else a private server)")
+    ap.add_argument(
+        "--pg", default=None, help="admin DSN (default: FHIRBRIDGE_TEST_PG, else a private server)"
+    )
     ap.add_argument("--mpi-only", action="store_true", help="measure the MPI linking alone")
     args = ap.parse_args()
     t = time.perf_counter()
     bundles, patients, heavy = population(args.people)
     n_res = sum(len(b.bundle["entry"]) for b in bundles)
-    print(f"population: {args.people:,} people, {len(patients):,} patient records, {n_res:,} resources "
-          f"(generated in {time.perf_counter() - t:.0f}s)")
+    print(
+        f"population: {args.people:,} people, {len(patients):,} patient records, {n_res:,} resources "
+        f"(generated in {time.perf_counter() - t:.0f}s)"
+    )
     work = Path(tempfile.mkdtemp(prefix="fhirbridge-query-"))
     base = Settings.from_env({"FHIRBRIDGE_DATA_DIR": str(work)})
     # the GC settings of `fhirbridge index run` / `serve` (bridge/gctune.py), as in production

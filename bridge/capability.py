@@ -31,28 +31,65 @@ def capability_statement(base: str) -> dict[str, Any]:
                             {"name": "birthdate", "type": "date"},
                         ],
                         "operation": [
-                            {"name": "everything", "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"}
+                            {
+                                "name": "everything",
+                                "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything",
+                            }
                         ],
                     },
                     {
                         "type": "Person",
                         "interaction": [{"code": "read"}],
                         "operation": [
-                            {"name": "mpi-review-queue", "definition": f"{base}/openapi.json#/paths/~1Person~1$mpi-review-queue"},
-                            {"name": "mpi-link", "definition": f"{base}/openapi.json#/paths/~1Person~1$mpi-link"},
-                            {"name": "mpi-unlink", "definition": f"{base}/openapi.json#/paths/~1Person~1$mpi-unlink"},
-                            {"name": "mpi-history", "definition": f"{base}/openapi.json#/paths/~1Person~1$mpi-history"},
+                            {
+                                "name": "mpi-review-queue",
+                                "definition": f"{base}/openapi.json#/paths/~1Person~1$mpi-review-queue",
+                            },
+                            {
+                                "name": "mpi-link",
+                                "definition": f"{base}/openapi.json#/paths/~1Person~1$mpi-link",
+                            },
+                            {
+                                "name": "mpi-unlink",
+                                "definition": f"{base}/openapi.json#/paths/~1Person~1$mpi-unlink",
+                            },
+                            {
+                                "name": "mpi-history",
+                                "definition": f"{base}/openapi.json#/paths/~1Person~1$mpi-history",
+                            },
                         ],
                     },
                     *(
                         {"type": t, "interaction": [{"code": "read"}]}
                         for t in (
                             # every type the built-in adapters emit (the read route serves any stored type)
-                            "Encounter", "Observation", "DiagnosticReport", "Condition", "Procedure", "Immunization",
-                            "MedicationRequest", "MedicationStatement", "AllergyIntolerance", "ServiceRequest",
-                            "Appointment", "DocumentReference", "Practitioner", "PractitionerRole", "Organization",
-                            "Location", "Coverage", "Specimen", "Device", "DeviceUseStatement", "Composition",
-                            "CarePlan", "Goal", "FamilyMemberHistory", "ImagingStudy", "ChargeItem", "SupplyDelivery",
+                            "Encounter",
+                            "Observation",
+                            "DiagnosticReport",
+                            "Condition",
+                            "Procedure",
+                            "Immunization",
+                            "MedicationRequest",
+                            "MedicationStatement",
+                            "AllergyIntolerance",
+                            "ServiceRequest",
+                            "Appointment",
+                            "DocumentReference",
+                            "Practitioner",
+                            "PractitionerRole",
+                            "Organization",
+                            "Location",
+                            "Coverage",
+                            "Specimen",
+                            "Device",
+                            "DeviceUseStatement",
+                            "Composition",
+                            "CarePlan",
+                            "Goal",
+                            "FamilyMemberHistory",
+                            "ImagingStudy",
+                            "ChargeItem",
+                            "SupplyDelivery",
                             "Provenance",
                         )
                     ),

@@ -43,7 +43,9 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fhirbridge", description="FHIR R4 interoperability bridge")
-    parser.add_argument("--log-level", default=None, help="debug, info, warning, error (env FHIRBRIDGE_LOG_LEVEL)")
+    parser.add_argument(
+        "--log-level", default=None, help="debug, info, warning, error (env FHIRBRIDGE_LOG_LEVEL)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     groups: dict[str, Any] = {}

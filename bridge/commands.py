@@ -17,18 +17,29 @@ def register(sub: Any, groups: dict[str, Any]) -> None:
     p = sub.add_parser("ingest", help="convert files with an adapter and publish the bundles to Kafka")
     p.add_argument("--adapter", required=True, help="adapter name (see `fhirbridge adapters list`)")
     p.add_argument("--source", required=True, help="source organisation id")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="adapter option (repeatable)")
+    p.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE", help="adapter option (repeatable)"
+    )
     p.add_argument("--mrn-system", default=None, help="identifier system of the source's MRNs")
     p.add_argument("--encounter-system", default=None, help="identifier system of the source's visit numbers")
     p.add_argument("--timezone", default="UTC", help="IANA zone for source times without an offset")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("files", nargs="+", type=Path, metavar="FILE", help="input files or directories (every file under them)")
+    p.add_argument(
+        "files",
+        nargs="+",
+        type=Path,
+        metavar="FILE",
+        help="input files or directories (every file under them)",
+    )
     p.set_defaults(func=cmd_ingest)
 
     p = groups["ledger"].add_parser("run", help="consume fhir.bundles into the Merkle ledger")
     _consumer_args(p)
-    p.add_argument("--unsigned", action="store_true",
-                   help="run without a signing key: entries are appended but no checkpoint is signed (tests only)")
+    p.add_argument(
+        "--unsigned",
+        action="store_true",
+        help="run without a signing key: entries are appended but no checkpoint is signed (tests only)",
+    )
     p.set_defaults(func=cmd_ledger_run)
 
     p = groups["index"].add_parser("run", help="consume fhir.bundles into the resource index and MPI")
@@ -40,7 +51,9 @@ def register(sub: Any, groups: dict[str, Any]) -> None:
     p.add_argument("--port", type=int, default=None)
     p.set_defaults(func=cmd_serve)
 
-    p = groups["broker"].add_parser("start", help="start the embedded broker (noida-db, or tansu) and print its address")
+    p = groups["broker"].add_parser(
+        "start", help="start the embedded broker (noida-db, or tansu) and print its address"
+    )
     p.add_argument("--kind", choices=["noida", "tansu"], default=None)
     p.add_argument("--port", type=int, default=None)
     p.add_argument("--foreground", action="store_true", help="stay attached; stop the broker on Ctrl-C")
@@ -69,8 +82,13 @@ def register(sub: Any, groups: dict[str, Any]) -> None:
 def _consumer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group", default=None, help="consumer group id")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
-    p.add_argument("--exit-when-idle", type=float, default=None, metavar="SECONDS",
-                   help="exit after this many seconds without records (batch jobs, tests)")
+    p.add_argument(
+        "--exit-when-idle",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="exit after this many seconds without records (batch jobs, tests)",
+    )
 
 
 def _settings() -> Any:
@@ -99,7 +117,12 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     try:
         options = dict(_kv(o) for o in args.option)
         adapter = registry.create(args.adapter, options)
-        source = SourceInfo(args.source, mrn_system=args.mrn_system, encounter_system=args.encounter_system, timezone=args.timezone)
+        source = SourceInfo(
+            args.source,
+            mrn_system=args.mrn_system,
+            encounter_system=args.encounter_system,
+            timezone=args.timezone,
+        )
         bootstrap = resolve_bootstrap(settings)
         ensure_topics(bootstrap, settings.topics)
         # Files are throughput work: a longer linger fills batches of ~10-20 records instead of 1-2,
@@ -130,7 +153,10 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                 cpu["convert"] += t1 - t0
                 if outcome is None:
                     break
-                if isinstance(outcome, ConvertedBundle) and (empty := nothing_converted(outcome, adapter.name)) is not None:
+                if (
+                    isinstance(outcome, ConvertedBundle)
+                    and (empty := nothing_converted(outcome, adapter.name)) is not None
+                ):
                     outcome = RejectedRecord(empty, outcome.raw or b"", outcome.message_id)
                 if isinstance(outcome, ConvertedBundle):
                     summary["converted"] += 1
@@ -142,10 +168,16 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                     err = outcome.error
                     loc = err.location.with_file(str(path))
                     reasons[err.message] = reasons.get(err.message, 0) + 1
-                    progress.print(f"[red]rejected[/red] {loc}: {err.message}", plain=f"rejected {loc}: {err.message}")
+                    progress.print(
+                        f"[red]rejected[/red] {loc}: {err.message}", plain=f"rejected {loc}: {err.message}"
+                    )
                     pending.append(
                         publisher.dead_letter(
-                            outcome.raw, error=err, stage=f"ingest:{adapter.name}", location=str(loc), file=str(path),
+                            outcome.raw,
+                            error=err,
+                            stage=f"ingest:{adapter.name}",
+                            location=str(loc),
+                            file=str(path),
                             headers=conversion_headers(adapter.name, source, options),
                         )
                     )
@@ -156,10 +188,19 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         summary["published"] += _settle(pending, publisher)
     publisher.close()
     elapsed = time.perf_counter() - started
-    cpu["producer threads and the rest"] = time.process_time() - cpu["start-up"] - cpu["convert"] - cpu["publish"]
+    cpu["producer threads and the rest"] = (
+        time.process_time() - cpu["start-up"] - cpu["convert"] - cpu["publish"]
+    )
     log = get_logger("bridge.ingest")
-    log.info("ingest.cpu", pid=os.getpid(), bundles=summary["converted"], cpu_s={k: round(v, 4) for k, v in cpu.items()},
-             cpu_ms_per_bundle={k: round(v * 1000 / max(1, summary["converted"]), 4) for k, v in cpu.items() if k != "start-up"})
+    log.info(
+        "ingest.cpu",
+        pid=os.getpid(),
+        bundles=summary["converted"],
+        cpu_s={k: round(v, 4) for k, v in cpu.items()},
+        cpu_ms_per_bundle={
+            k: round(v * 1000 / max(1, summary["converted"]), 4) for k, v in cpu.items() if k != "start-up"
+        },
+    )
     rate = summary["converted"] / elapsed if elapsed > 0 else 0.0
     print(
         f"converted {summary['converted']}, published {summary['published']}, rejected {summary['rejected']}, "
@@ -262,7 +303,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from bridge import service
 
     settings = _settings()
-    settings = replace(settings, http_host=args.host or settings.http_host, http_port=args.port or settings.http_port)
+    settings = replace(
+        settings, http_host=args.host or settings.http_host, http_port=args.port or settings.http_port
+    )
     tune_gc(settings.gc_threshold)
     service.run(settings)
     return 0
@@ -336,7 +379,9 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         key_path.rename(key_path.with_suffix(f".{int(time.time())}.retired"))
     signer.save(key_path)
     registry = TrustRegistry.load(registry_path) if registry_path.is_file() else TrustRegistry()
-    registry.add(args.org, TrustedKey(signer.key_id, signer.public_bytes, args.not_before or utc_now(), args.not_after))
+    registry.add(
+        args.org, TrustedKey(signer.key_id, signer.public_bytes, args.not_before or utc_now(), args.not_after)
+    )
     registry.save(registry_path)
     print(f"org {args.org}: key {signer.key_id} written to {key_path}; trusted in {registry_path}")
     return 0

@@ -58,7 +58,9 @@ class Settings:
     http_host: str = "127.0.0.1"
     http_port: int = 8080
     public_base_url: str | None = None
-    allowed_hosts: tuple[str, ...] = ()  # Host header names the service answers (empty: see allowed_host_names)
+    allowed_hosts: tuple[
+        str, ...
+    ] = ()  # Host header names the service answers (empty: see allowed_host_names)
     session_timeout_ms: int = 6000
     heartbeat_interval_ms: int = 1500
     consumer_batch_size: int = 500
@@ -102,13 +104,17 @@ class Settings:
             ledger_key_file=Path(key_file) if key_file else data_dir / "ledger.key",
             ledger_checkpoint_every=_int(env, "FHIRBRIDGE_CHECKPOINT_EVERY", 1000),
             ledger_checkpoint_interval_ms=_int(env, "FHIRBRIDGE_CHECKPOINT_INTERVAL_MS", 1000, minimum=0),
-            ledger_witness_keys=tuple(k for k in env.get("FHIRBRIDGE_LEDGER_WITNESS_KEYS", "").split(",") if k.strip()),
+            ledger_witness_keys=tuple(
+                k for k in env.get("FHIRBRIDGE_LEDGER_WITNESS_KEYS", "").split(",") if k.strip()
+            ),
             trust_registry_file=Path(trust) if trust else None,
             signing_keys_dir=Path(signing) if signing else None,
             http_host=env.get("FHIRBRIDGE_HTTP_HOST", "127.0.0.1"),
             http_port=_int(env, "FHIRBRIDGE_HTTP_PORT", 8080, minimum=0),
             public_base_url=env.get("FHIRBRIDGE_PUBLIC_URL") or None,
-            allowed_hosts=tuple(h.strip().lower() for h in env.get("FHIRBRIDGE_ALLOWED_HOSTS", "").split(",") if h.strip()),
+            allowed_hosts=tuple(
+                h.strip().lower() for h in env.get("FHIRBRIDGE_ALLOWED_HOSTS", "").split(",") if h.strip()
+            ),
             session_timeout_ms=_int(env, "FHIRBRIDGE_SESSION_TIMEOUT_MS", 6000),
             heartbeat_interval_ms=_int(env, "FHIRBRIDGE_HEARTBEAT_INTERVAL_MS", 1500),
             consumer_batch_size=_int(env, "FHIRBRIDGE_CONSUMER_BATCH", 500),
@@ -171,7 +177,9 @@ def _compression(value: str) -> str | None:
     if v in ("", "none"):
         return None
     if v not in COMPRESSION_TYPES:
-        raise ConfigError(f"FHIRBRIDGE_COMPRESSION must be none or one of {', '.join(COMPRESSION_TYPES)}, got {value!r}")
+        raise ConfigError(
+            f"FHIRBRIDGE_COMPRESSION must be none or one of {', '.join(COMPRESSION_TYPES)}, got {value!r}"
+        )
     from kafka import codec
 
     if not getattr(codec, f"has_{v}")():

@@ -175,7 +175,9 @@ def instance_id(settings: Settings, group_id: str) -> str:
     return settings.consumer_instance_id or f"{group_id}@{socket.gethostname()}"
 
 
-def consumer_config(settings: Settings, bootstrap: str, group_id: str | None, **overrides: Any) -> dict[str, Any]:
+def consumer_config(
+    settings: Settings, bootstrap: str, group_id: str | None, **overrides: Any
+) -> dict[str, Any]:
     cfg: dict[str, Any] = {
         "bootstrap_servers": bootstrap,
         "group_id": group_id,
@@ -219,14 +221,18 @@ class ConsumerRuntime:
         self.dead_letters = dead_letters
         self.group_id = group_id
         self.topics = list(topics or [settings.topics.bundles])
-        self.consumer = consumer or KafkaConsumer(*self.topics, **consumer_config(settings, bootstrap, group_id))
+        self.consumer = consumer or KafkaConsumer(
+            *self.topics, **consumer_config(settings, bootstrap, group_id)
+        )
         self.metrics = metrics or ConsumerMetrics(group_id)
         self.max_backoff = max_backoff
         self._stop = threading.Event()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sink-{sink.name}")
         self.processed = 0
         self.dead_lettered = 0
-        self.cpu = CpuClock()  # the polling thread's stages; the worker's are added by _process_and_dead_letter
+        self.cpu = (
+            CpuClock()
+        )  # the polling thread's stages; the worker's are added by _process_and_dead_letter
         self._cpu_lock = threading.Lock()
         self._process_cpu0 = time.process_time()
 
@@ -401,8 +407,15 @@ class ConsumerRuntime:
             return
         futures = []
         for rec, err in poison:
-            with structlog.contextvars.bound_contextvars(topic=rec.topic, partition=rec.partition, offset=rec.offset):
-                log.warning("record.dead_lettered", sink=self.sink.name, error_class=type(err).__name__, error=str(err))
+            with structlog.contextvars.bound_contextvars(
+                topic=rec.topic, partition=rec.partition, offset=rec.offset
+            ):
+                log.warning(
+                    "record.dead_lettered",
+                    sink=self.sink.name,
+                    error_class=type(err).__name__,
+                    error=str(err),
+                )
             futures.append(
                 self.dead_letters.dead_letter(
                     rec.value,
@@ -451,7 +464,10 @@ class ConsumerRuntime:
         breakdown of it when the sink keeps a :class:`CpuClock` as ``cpu``.
         """
         n = self.processed + self.dead_lettered
-        out: dict[str, Any] = {"records": n, "process": round((time.process_time() - self._process_cpu0) * 1000 / max(1, n), 4)}
+        out: dict[str, Any] = {
+            "records": n,
+            "process": round((time.process_time() - self._process_cpu0) * 1000 / max(1, n), 4),
+        }
         with self._cpu_lock:
             out.update(self.cpu.per_record_ms(n))
         sink_cpu = getattr(self.sink, "cpu", None)
@@ -466,5 +482,11 @@ class ConsumerRuntime:
         except Exception as exc:  # closing must not mask the reason we stopped
             log.warning("consumer.close_failed", error=str(exc))
         self.sink.close()
-        log.info("consumer.stopped", group=self.group_id, processed=self.processed, dead_lettered=self.dead_lettered,
-                 pid=os.getpid(), cpu_ms_per_record=self.cpu_report())
+        log.info(
+            "consumer.stopped",
+            group=self.group_id,
+            processed=self.processed,
+            dead_lettered=self.dead_lettered,
+            pid=os.getpid(),
+            cpu_ms_per_record=self.cpu_report(),
+        )

@@ -78,7 +78,9 @@ def prepare_data_dir(data_dir: Path, *, fresh: bool) -> bool:
         shutil.rmtree(data_dir)
         marked = False
     data_dir.mkdir(parents=True, exist_ok=True)
-    (data_dir / MARKER).write_text("This directory belongs to `fhirbridge demo`; `fhirbridge demo --fresh` clears it.\n")
+    (data_dir / MARKER).write_text(
+        "This directory belongs to `fhirbridge demo`; `fhirbridge demo --fresh` clears it.\n"
+    )
     return marked and (data_dir / "index.db").exists()
 
 
@@ -92,7 +94,9 @@ def _wait(predicate: Any, timeout: float, what: str, children: list[Any] = ()) -
     while time.monotonic() < deadline:
         for child in children:
             if child.poll() is not None:
-                raise DemoFailed(f"{child.args[3]} exited with code {child.returncode} while waiting for {what}")
+                raise DemoFailed(
+                    f"{child.args[3]} exited with code {child.returncode} while waiting for {what}"
+                )
         try:
             if predicate():
                 return
@@ -102,7 +106,9 @@ def _wait(predicate: Any, timeout: float, what: str, children: list[Any] = ()) -
     raise DemoFailed(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-def run_demo(data_dir: Path, port: int, *, data: Path = DEMO_DATA, exit_when_ready: bool = False, fresh: bool = False) -> int:
+def run_demo(
+    data_dir: Path, port: int, *, data: Path = DEMO_DATA, exit_when_ready: bool = False, fresh: bool = False
+) -> int:
     from bridge.broker import free_port, start_local
     from bridge.config import Settings
     from bridge.index.store import IndexStore
@@ -118,7 +124,9 @@ def run_demo(data_dir: Path, port: int, *, data: Path = DEMO_DATA, exit_when_rea
     logs.mkdir(exist_ok=True)
     port = port or free_port()
     if reuse:
-        print(f"fhirbridge demo: reusing the data kept in {data_dir} (`--fresh`, or `make demo FRESH=1`, starts over)")
+        print(
+            f"fhirbridge demo: reusing the data kept in {data_dir} (`--fresh`, or `make demo FRESH=1`, starts over)"
+        )
     else:
         print(f"fhirbridge demo: data in {data_dir} (kept after Ctrl-C; the next run reuses it)")
     broker = start_local("noida", data_dir)
@@ -129,7 +137,11 @@ def run_demo(data_dir: Path, port: int, *, data: Path = DEMO_DATA, exit_when_rea
 
     def spawn(name: str, *args: str) -> None:
         out = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
-        children.append(subprocess.Popen(_cli(*args), env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+        children.append(
+            subprocess.Popen(
+                _cli(*args), env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        )
         out.close()
         print(f"  {name:<11} pid {children[-1].pid}, log {logs / (name + '.log')}")
 
@@ -149,8 +161,12 @@ def run_demo(data_dir: Path, port: int, *, data: Path = DEMO_DATA, exit_when_rea
         from bridge.publish import signing_key_path
 
         for org in orgs:
-            if not signing_key_path(settings, org).exists():  # a kept key stays: its bundles are signed with it
-                subprocess.run(_cli("keys", "create", "--org", org), env=env, check=True, stdout=subprocess.DEVNULL)
+            if not signing_key_path(
+                settings, org
+            ).exists():  # a kept key stays: its bundles are signed with it
+                subprocess.run(
+                    _cli("keys", "create", "--org", org), env=env, check=True, stdout=subprocess.DEVNULL
+                )
         assert settings.ledger_key_file is not None
         if not settings.ledger_key_file.exists():  # a new key would orphan the kept checkpoints
             skey, vkey = generate_key(settings.ledger_origin)
@@ -163,7 +179,12 @@ def run_demo(data_dir: Path, port: int, *, data: Path = DEMO_DATA, exit_when_rea
         spawn("index", "index", "run")
         spawn("serve", "serve")
         base = f"http://127.0.0.1:{port}"
-        _wait(lambda: _get_json(f"{base}/metadata")["resourceType"] == "CapabilityStatement", 30, "the HTTP service", children)
+        _wait(
+            lambda: _get_json(f"{base}/metadata")["resourceType"] == "CapabilityStatement",
+            30,
+            "the HTTP service",
+            children,
+        )
         expected = _count_messages(data)
         index = IndexStore.open(settings.index_url)
         stored = index.counts()["bundles"]
@@ -172,12 +193,28 @@ def run_demo(data_dir: Path, port: int, *, data: Path = DEMO_DATA, exit_when_rea
             for org in orgs:
                 files = sorted((data / org).glob("*.hl7"))
                 print(f"  ingest      {org}: {len(files)} files")
-                subprocess.run(_cli("ingest", "--adapter", "hl7v2", "--source", org, "--timezone", "America/Chicago",
-                                    *map(str, files)), env=env, check=True)
+                subprocess.run(
+                    _cli(
+                        "ingest",
+                        "--adapter",
+                        "hl7v2",
+                        "--source",
+                        org,
+                        "--timezone",
+                        "America/Chicago",
+                        *map(str, files),
+                    ),
+                    env=env,
+                    check=True,
+                )
         index = IndexStore.open(settings.index_url)
         ledger = Ledger.open(settings.ledger_url, origin=settings.ledger_origin)
-        _wait(lambda: index.counts()["bundles"] >= expected and ledger.size() >= expected, 120,
-              f"{expected} bundles in the index and the ledger", children)
+        _wait(
+            lambda: index.counts()["bundles"] >= expected and ledger.size() >= expected,
+            120,
+            f"{expected} bundles in the index and the ledger",
+            children,
+        )
         shared = _shared_patient(index)
         index.close()
         ledger.close()
@@ -209,8 +246,10 @@ def run_demo(data_dir: Path, port: int, *, data: Path = DEMO_DATA, exit_when_rea
             print(f"  MPI review queue     {base}/Person/$mpi-review-queue")
         env_file = data_dir / "env"
         env_file.write_text("\n".join(environment_lines(data_dir)) + "\n")
-        print(f"\nThe other commands (`fhirbridge ledger verify`, `replay`, `ingest`, ...) work on this demo's data and "
-              f"broker in a shell with\n  {chr(10).join(environment_lines(data_dir))}\n(also in {env_file}: `. {env_file}`)")
+        print(
+            f"\nThe other commands (`fhirbridge ledger verify`, `replay`, `ingest`, ...) work on this demo's data and "
+            f"broker in a shell with\n  {chr(10).join(environment_lines(data_dir))}\n(also in {env_file}: `. {env_file}`)"
+        )
         if exit_when_ready:
             return 0
         print("\nPress Ctrl-C to stop.")
@@ -248,9 +287,21 @@ def _shared_patient(index: Any) -> tuple[str, str, str] | None:
 
 def register_demo(sub: Any) -> None:
     p = sub.add_parser("demo", help="run the whole stack locally with the shipped demo data")
-    p.add_argument("--data-dir", type=Path, default=Path(".demo"),
-                   help="the demo's own directory: created if missing, reused if the demo made it (default .demo)")
-    p.add_argument("--fresh", action="store_true", help="clear the data a previous demo run kept in --data-dir")
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(".demo"),
+        help="the demo's own directory: created if missing, reused if the demo made it (default .demo)",
+    )
+    p.add_argument(
+        "--fresh", action="store_true", help="clear the data a previous demo run kept in --data-dir"
+    )
     p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--exit-when-ready", action="store_true", help="stop everything once the data is queryable")
-    p.set_defaults(func=lambda a: run_demo(a.data_dir.resolve(), a.port, exit_when_ready=a.exit_when_ready, fresh=a.fresh))
+    p.add_argument(
+        "--exit-when-ready", action="store_true", help="stop everything once the data is queryable"
+    )
+    p.set_defaults(
+        func=lambda a: run_demo(
+            a.data_dir.resolve(), a.port, exit_when_ready=a.exit_when_ready, fresh=a.fresh
+        )
+    )

@@ -14,20 +14,119 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-GIVEN_F = ["MARY", "PATRICIA", "JENNIFER", "LINDA", "ELIZABETH", "BARBARA", "SUSAN", "JESSICA", "SARAH", "KAREN",
-           "NANCY", "LISA", "MARGARET", "SANDRA", "ASHLEY", "EMILY", "DONNA", "MICHELLE", "CAROL", "AMANDA"]
-GIVEN_M = ["JAMES", "ROBERT", "JOHN", "MICHAEL", "DAVID", "WILLIAM", "RICHARD", "JOSEPH", "THOMAS", "CHARLES",
-           "CHRISTOPHER", "DANIEL", "MATTHEW", "ANTHONY", "MARK", "DONALD", "STEVEN", "PAUL", "ANDREW", "JOSHUA"]
-NICK = {"ELIZABETH": "LIZ", "WILLIAM": "BILL", "ROBERT": "BOB", "MARGARET": "PEGGY", "JOSEPH": "JOE",
-        "MICHAEL": "MIKE", "JENNIFER": "JEN", "CHRISTOPHER": "CHRIS", "DANIEL": "DAN", "THOMAS": "TOM"}
-FAMILY = ["SMITH", "JOHNSON", "WILLIAMS", "BROWN", "JONES", "GARCIA", "MILLER", "DAVIS", "RODRIGUEZ", "MARTINEZ",
-          "HERNANDEZ", "LOPEZ", "GONZALEZ", "WILSON", "ANDERSON", "THOMAS", "TAYLOR", "MOORE", "JACKSON", "MARTIN",
-          "LEE", "PEREZ", "THOMPSON", "WHITE", "HARRIS", "SANCHEZ", "CLARK", "RAMIREZ", "LEWIS", "ROBINSON"]
-STREETS = ["MAIN ST", "OAK AVE", "PINE RD", "MAPLE DR", "CEDAR LN", "ELM ST", "LAKE VIEW RD", "HILL ST", "PARK AVE"]
-CITIES = [("SPRINGFIELD", "IL", "62701"), ("PEORIA", "IL", "61602"), ("CHAMPAIGN", "IL", "61820"),
-          ("DECATUR", "IL", "62521"), ("BLOOMINGTON", "IL", "61701")]
-DOCTORS = [("1001", "NGUYEN", "ANNA"), ("1002", "OKAFOR", "CHIDI"), ("1003", "SCHMIDT", "PETER"),
-           ("1004", "PATEL", "RAVI"), ("1005", "KOWALSKI", "MARTA")]
+GIVEN_F = [
+    "MARY",
+    "PATRICIA",
+    "JENNIFER",
+    "LINDA",
+    "ELIZABETH",
+    "BARBARA",
+    "SUSAN",
+    "JESSICA",
+    "SARAH",
+    "KAREN",
+    "NANCY",
+    "LISA",
+    "MARGARET",
+    "SANDRA",
+    "ASHLEY",
+    "EMILY",
+    "DONNA",
+    "MICHELLE",
+    "CAROL",
+    "AMANDA",
+]
+GIVEN_M = [
+    "JAMES",
+    "ROBERT",
+    "JOHN",
+    "MICHAEL",
+    "DAVID",
+    "WILLIAM",
+    "RICHARD",
+    "JOSEPH",
+    "THOMAS",
+    "CHARLES",
+    "CHRISTOPHER",
+    "DANIEL",
+    "MATTHEW",
+    "ANTHONY",
+    "MARK",
+    "DONALD",
+    "STEVEN",
+    "PAUL",
+    "ANDREW",
+    "JOSHUA",
+]
+NICK = {
+    "ELIZABETH": "LIZ",
+    "WILLIAM": "BILL",
+    "ROBERT": "BOB",
+    "MARGARET": "PEGGY",
+    "JOSEPH": "JOE",
+    "MICHAEL": "MIKE",
+    "JENNIFER": "JEN",
+    "CHRISTOPHER": "CHRIS",
+    "DANIEL": "DAN",
+    "THOMAS": "TOM",
+}
+FAMILY = [
+    "SMITH",
+    "JOHNSON",
+    "WILLIAMS",
+    "BROWN",
+    "JONES",
+    "GARCIA",
+    "MILLER",
+    "DAVIS",
+    "RODRIGUEZ",
+    "MARTINEZ",
+    "HERNANDEZ",
+    "LOPEZ",
+    "GONZALEZ",
+    "WILSON",
+    "ANDERSON",
+    "THOMAS",
+    "TAYLOR",
+    "MOORE",
+    "JACKSON",
+    "MARTIN",
+    "LEE",
+    "PEREZ",
+    "THOMPSON",
+    "WHITE",
+    "HARRIS",
+    "SANCHEZ",
+    "CLARK",
+    "RAMIREZ",
+    "LEWIS",
+    "ROBINSON",
+]
+STREETS = [
+    "MAIN ST",
+    "OAK AVE",
+    "PINE RD",
+    "MAPLE DR",
+    "CEDAR LN",
+    "ELM ST",
+    "LAKE VIEW RD",
+    "HILL ST",
+    "PARK AVE",
+]
+CITIES = [
+    ("SPRINGFIELD", "IL", "62701"),
+    ("PEORIA", "IL", "61602"),
+    ("CHAMPAIGN", "IL", "61820"),
+    ("DECATUR", "IL", "62521"),
+    ("BLOOMINGTON", "IL", "61701"),
+]
+DOCTORS = [
+    ("1001", "NGUYEN", "ANNA"),
+    ("1002", "OKAFOR", "CHIDI"),
+    ("1003", "SCHMIDT", "PETER"),
+    ("1004", "PATEL", "RAVI"),
+    ("1005", "KOWALSKI", "MARTA"),
+]
 
 
 @dataclass(frozen=True)
@@ -95,15 +194,108 @@ def _noisy(p: Person, rng: random.Random) -> Person:
 # ~0.8 %). population_person keeps those lists as the common head and adds a long tail built from
 # syllables, drawn with Zipf-like weights, so that frequencies fall off as in census name tables.
 
-_FAMILY_HEAD = ["BAR", "KEL", "MOR", "HAN", "WIL", "STE", "LAN", "DON", "FER", "GAL", "HOL", "MAR", "BRO", "CAR",
-                "DAL", "ED", "FAR", "GRE", "HAR", "JAN", "KIR", "LIN", "MAC", "NOR", "OST", "PAR", "QUIN", "ROS",
-                "SAL", "TOR", "VAN", "WES", "ZIM", "ABE", "BEL", "COR", "DUN", "ELL", "FOS", "GIL"]
+_FAMILY_HEAD = [
+    "BAR",
+    "KEL",
+    "MOR",
+    "HAN",
+    "WIL",
+    "STE",
+    "LAN",
+    "DON",
+    "FER",
+    "GAL",
+    "HOL",
+    "MAR",
+    "BRO",
+    "CAR",
+    "DAL",
+    "ED",
+    "FAR",
+    "GRE",
+    "HAR",
+    "JAN",
+    "KIR",
+    "LIN",
+    "MAC",
+    "NOR",
+    "OST",
+    "PAR",
+    "QUIN",
+    "ROS",
+    "SAL",
+    "TOR",
+    "VAN",
+    "WES",
+    "ZIM",
+    "ABE",
+    "BEL",
+    "COR",
+    "DUN",
+    "ELL",
+    "FOS",
+    "GIL",
+]
 _FAMILY_MID = ["", "", "", "A", "E", "I", "O", "AN", "ER", "IN"]
-_FAMILY_TAIL = ["RING", "TON", "SEN", "LEY", "MAN", "BERG", "FORD", "WELL", "WOOD", "SON", "STEIN", "ER", "ERS",
-                "INS", "OWSKI", "ELLI", "EZ", "ARD", "ICK", "ETT", "OW", "LAND", "MORE", "STON", "HAM", "BY",
-                "DALE", "FIELD", "HART", "KINS"]
-_GIVEN_HEAD = ["AL", "BRI", "CA", "DA", "E", "FE", "GA", "HA", "I", "JA", "KA", "LA", "MA", "NA", "O", "PE", "RA",
-               "SA", "TA", "VA", "WIN", "ZE", "LU", "MI", "RO"]
+_FAMILY_TAIL = [
+    "RING",
+    "TON",
+    "SEN",
+    "LEY",
+    "MAN",
+    "BERG",
+    "FORD",
+    "WELL",
+    "WOOD",
+    "SON",
+    "STEIN",
+    "ER",
+    "ERS",
+    "INS",
+    "OWSKI",
+    "ELLI",
+    "EZ",
+    "ARD",
+    "ICK",
+    "ETT",
+    "OW",
+    "LAND",
+    "MORE",
+    "STON",
+    "HAM",
+    "BY",
+    "DALE",
+    "FIELD",
+    "HART",
+    "KINS",
+]
+_GIVEN_HEAD = [
+    "AL",
+    "BRI",
+    "CA",
+    "DA",
+    "E",
+    "FE",
+    "GA",
+    "HA",
+    "I",
+    "JA",
+    "KA",
+    "LA",
+    "MA",
+    "NA",
+    "O",
+    "PE",
+    "RA",
+    "SA",
+    "TA",
+    "VA",
+    "WIN",
+    "ZE",
+    "LU",
+    "MI",
+    "RO",
+]
 _GIVEN_TAIL_F = ["NA", "RA", "LIE", "LYN", "DRA", "NIA", "ELLE", "RIA", "SHA", "TTE"]
 _GIVEN_TAIL_M = ["SON", "TON", "VIN", "RIS", "DEN", "RON", "MAR", "LEN", "CUS", "DRIC"]
 _TOWN_TAIL = ["VILLE", "TON", " CITY", " FALLS", " GROVE", "BURG", " HEIGHTS", "FORD"]
@@ -177,11 +369,27 @@ def _typo(s: str, rng: random.Random) -> str:
 
 
 def _esc(s: str) -> str:
-    return s.replace("\\", "\\E\\").replace("|", "\\F\\").replace("^", "\\S\\").replace("&", "\\T\\").replace("~", "\\R\\")
+    return (
+        s.replace("\\", "\\E\\")
+        .replace("|", "\\F\\")
+        .replace("^", "\\S\\")
+        .replace("&", "\\T\\")
+        .replace("~", "\\R\\")
+    )
 
 
-def adt_message(h: Hospital, trigger: str, control_id: str, when: datetime, mrn: str, p: Person, visit: str,
-                patient_class: str, doctor: tuple[str, str, str], phone_style: int = 0) -> str:
+def adt_message(
+    h: Hospital,
+    trigger: str,
+    control_id: str,
+    when: datetime,
+    mrn: str,
+    p: Person,
+    visit: str,
+    patient_class: str,
+    doctor: tuple[str, str, str],
+    phone_style: int = 0,
+) -> str:
     ts = when.strftime("%Y%m%d%H%M%S") + "-0600"
     admit = ts
     city, state, zipc = p.city
@@ -200,9 +408,16 @@ def adt_message(h: Hospital, trigger: str, control_id: str, when: datetime, mrn:
     return "\r".join(segs) + "\r"
 
 
-def generate(n_people: int, *, hospitals: int = 2, overlap: float = 0.35, seed: int = 7,
-             messages_per_patient: int = 2, start: datetime | None = None,
-             max_messages: int | None = None) -> dict[str, list[str]]:
+def generate(
+    n_people: int,
+    *,
+    hospitals: int = 2,
+    overlap: float = 0.35,
+    seed: int = 7,
+    messages_per_patient: int = 2,
+    start: datetime | None = None,
+    max_messages: int | None = None,
+) -> dict[str, list[str]]:
     """ADT messages per hospital org id. ``overlap`` of the people are seen by more than one hospital.
 
     ``max_messages`` stops the feed at exactly that many messages in all.
@@ -229,8 +444,18 @@ def generate(n_people: int, *, hospitals: int = 2, overlap: float = 0.35, seed: 
                 trigger = ("A04", "A08", "A03")[m % 3] if m else rng.choice(["A01", "A04"])
                 visit = f"V{h.mrn_prefix}{i:06d}{m // 3:02d}"
                 out[h.org_id].append(
-                    adt_message(h, trigger, f"{h.mrn_prefix}{counters[h.org_id]:08d}", when + timedelta(hours=m), mrn,
-                                recorded, visit, "I" if trigger in ("A01", "A03") else "O", doctor, phone_style=m % 2)
+                    adt_message(
+                        h,
+                        trigger,
+                        f"{h.mrn_prefix}{counters[h.org_id]:08d}",
+                        when + timedelta(hours=m),
+                        mrn,
+                        recorded,
+                        visit,
+                        "I" if trigger in ("A01", "A03") else "O",
+                        doctor,
+                        phone_style=m % 2,
+                    )
                 )
     return out
 

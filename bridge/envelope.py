@@ -291,14 +291,18 @@ class TrustRegistry:
             raise SignatureError(f"record from {env.source_org!r} is not signed", field=H_SIGNATURE)
         key = next((k for k in self.orgs.get(env.source_org, []) if k.key_id == env.key_id), None)
         if key is None:
-            raise SignatureError(f"key {env.key_id} is not trusted for org {env.source_org!r}", field=H_KEY_ID)
+            raise SignatureError(
+                f"key {env.key_id} is not trusted for org {env.source_org!r}", field=H_KEY_ID
+            )
         produced = _parse_time(env.produced_at, H_PRODUCED_AT)
         ready = self._ready.get(key)
         if ready is None:
             try:
                 public = Ed25519PublicKey.from_public_bytes(key.public_key)
             except ValueError:
-                raise SignatureError(f"signature by key {env.key_id} does not verify", field=H_SIGNATURE) from None
+                raise SignatureError(
+                    f"signature by key {env.key_id} does not verify", field=H_SIGNATURE
+                ) from None
             ready = (
                 public,
                 _parse_time(key.not_before, "not_before") if key.not_before else None,
@@ -313,4 +317,6 @@ class TrustRegistry:
         try:
             public.verify(env.signature, env.signing_payload())
         except (InvalidSignature, ValueError):
-            raise SignatureError(f"signature by key {env.key_id} does not verify", field=H_SIGNATURE) from None
+            raise SignatureError(
+                f"signature by key {env.key_id} does not verify", field=H_SIGNATURE
+            ) from None

@@ -8,8 +8,16 @@ from typing import Any
 from prometheus_client import Counter, Gauge
 
 CONSUMED = Counter("fhirbridge_consumer_consumed", "Records consumed", ["group", "topic", "partition"])
-DEAD = Counter("fhirbridge_consumer_dead_lettered", "Records sent to the dead-letter topic", ["group", "topic", "partition"])
-COMMITTED = Gauge("fhirbridge_consumer_committed_offset", "Last committed offset (next to read)", ["group", "topic", "partition"])
+DEAD = Counter(
+    "fhirbridge_consumer_dead_lettered",
+    "Records sent to the dead-letter topic",
+    ["group", "topic", "partition"],
+)
+COMMITTED = Gauge(
+    "fhirbridge_consumer_committed_offset",
+    "Last committed offset (next to read)",
+    ["group", "topic", "partition"],
+)
 LAG = Gauge("fhirbridge_consumer_lag", "High watermark minus position", ["group", "topic", "partition"])
 BACKOFF = Counter("fhirbridge_consumer_backoffs", "Times the consumer paused for a dependency", ["group"])
 

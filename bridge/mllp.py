@@ -81,7 +81,11 @@ def _valid_delimiters(fs: str, enc: str) -> bool:
     """HL7's rule for MSH-1 and MSH-2: 4 encoding characters (5 from v2.7), all distinct, none a
     letter, digit or white space. Text escaped with anything else would be unreadable."""
     chars = fs + enc
-    return 4 <= len(enc) <= 5 and len(set(chars)) == len(chars) and not any(c.isalnum() or c.isspace() for c in chars)
+    return (
+        4 <= len(enc) <= 5
+        and len(set(chars)) == len(chars)
+        and not any(c.isalnum() or c.isspace() for c in chars)
+    )
 
 
 def _header_fields(message: bytes) -> dict[str, str]:
@@ -195,7 +199,14 @@ def build_ack(
             name, sequence = _segment_sequence(message, loc.segment_index)
             erl = comp.join(
                 _esc(str(x), fs, enc) if x is not None else ""
-                for x in (loc.segment or name, sequence, loc.field, loc.repetition, loc.component, loc.subcomponent)
+                for x in (
+                    loc.segment or name,
+                    sequence,
+                    loc.field,
+                    loc.repetition,
+                    loc.component,
+                    loc.subcomponent,
+                )
             ).rstrip(comp)
         ecode = err_code or ("207" if code == "AR" else "100")
         ename = {
@@ -207,7 +218,21 @@ def build_ack(
             "207": "Application internal error",
         }.get(ecode, "")
         msg = str(error) if error is not None else text
-        segs.append(fs.join(["ERR", "", erl, comp.join([ecode, _esc(ename, fs, enc), "HL70357"]), "E", "", "", "", _esc(msg[:500], fs, enc)]))
+        segs.append(
+            fs.join(
+                [
+                    "ERR",
+                    "",
+                    erl,
+                    comp.join([ecode, _esc(ename, fs, enc), "HL70357"]),
+                    "E",
+                    "",
+                    "",
+                    "",
+                    _esc(msg[:500], fs, enc),
+                ]
+            )
+        )
     return ("\r".join(segs) + "\r").encode("utf-8")
 
 
@@ -262,7 +287,13 @@ class MllpServer:
         self._publisher_lock = asyncio.Lock()
         self.server: asyncio.Server | None = None
         self.stats = {
-            "received": 0, "aa": 0, "ae": 0, "ar": 0, "duplicates": 0, "reused_ids": 0, "dead_lettered": 0
+            "received": 0,
+            "aa": 0,
+            "ae": 0,
+            "ar": 0,
+            "duplicates": 0,
+            "reused_ids": 0,
+            "dead_lettered": 0,
         }
         #: conversion is CPU-bound: with workers > 0 it runs in a pool of processes (spawned, so the
         #: Kafka producer's threads are never forked) and the event loop only does I/O.
@@ -348,7 +379,12 @@ class MllpServer:
                 if self._ids.get(ids):
                     # a counter reset, or two feeds sharing ids: other content, so a new message
                     self.stats["reused_ids"] += 1
-                    log.warning("mllp.control_id_reused", message_id=ids[2], sending_app=ids[0], sending_facility=ids[1])
+                    log.warning(
+                        "mllp.control_id_reused",
+                        message_id=ids[2],
+                        sending_app=ids[0],
+                        sending_facility=ids[1],
+                    )
         if pending is not None:
             if await asyncio.shield(pending):
                 return self._duplicate(message, ids)
@@ -436,7 +472,9 @@ class MllpServer:
             return stored, False
         if code == "207":  # our bug, not the sender's: retry later
             self.stats["ar"] += 1
-            return build_ack(message, "AR", f"internal error, kept in the dead letters: {err.message}", err, code), False
+            return build_ack(
+                message, "AR", f"internal error, kept in the dead letters: {err.message}", err, code
+            ), False
         self.stats["ae"] += 1
         return build_ack(message, "AE", err.message, err, code), False
 
@@ -478,7 +516,9 @@ class MllpServer:
         return failed
 
     async def _publish(self, message: bytes, cb: ConvertedBundle) -> tuple[bytes, bool]:
-        failed = await self._stored(message, lambda publisher: publisher.publish(cb, self.adapter, self.source))
+        failed = await self._stored(
+            message, lambda publisher: publisher.publish(cb, self.adapter, self.source)
+        )
         if failed is not None:
             return failed, False
         self.stats["aa"] += 1

@@ -14,7 +14,10 @@ DESCRIPTIONS: dict[tuple[str, str], str] = {
     ("GET", "/metadata"): "FHIR R4 CapabilityStatement.",
     ("GET", "/metrics"): "Prometheus metrics.",
     ("GET", "/Patient"): "Search patients by identifier (system|value), name, birthdate.",
-    ("GET", "/Patient/{id}/$everything"): "Merged cross-provider history: start, end, _since, _type, _count, _offset, _proof.",
+    (
+        "GET",
+        "/Patient/{id}/$everything",
+    ): "Merged cross-provider history: start, end, _since, _type, _count, _offset, _proof.",
     ("GET", "/{type}/{id}"): "Read one indexed resource.",
     ("GET", "/ledger/checkpoint"): "Latest signed checkpoint (C2SP signed note, text/plain).",
     ("GET", "/ledger/entries/{index}"): "One ledger entry.",
@@ -33,10 +36,13 @@ def build_openapi(app: web.Application) -> dict[str, Any]:
             continue
         path = re.sub(r"\{(\w+):[^}]+\}", r"{\1}", path)
         params = [
-            {"name": p, "in": "path", "required": True, "schema": {"type": "string"}} for p in re.findall(r"\{(\w+)\}", path)
+            {"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
+            for p in re.findall(r"\{(\w+)\}", path)
         ]
         op: dict[str, Any] = {
-            "summary": DESCRIPTIONS.get((route.method, path), (route.handler.__doc__ or "").strip().split("\n")[0]),
+            "summary": DESCRIPTIONS.get(
+                (route.method, path), (route.handler.__doc__ or "").strip().split("\n")[0]
+            ),
             "responses": {
                 "200": {"description": "OK"},
                 "4XX": {"description": "OperationOutcome", "content": {"application/fhir+json": {}}},

@@ -30,7 +30,9 @@ class IngestProgress:
         self.progress.__enter__()
         return self
 
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.progress.__exit__(et, ev, tb)
 
     def start_file(self, path: Path) -> None:

@@ -80,7 +80,9 @@ def nothing_converted(converted: ConvertedBundle, adapter_name: str) -> ParseErr
         # the warning goes on to say the known segments were mapped generically: none were
         what = unsupported.message.split(";", 1)[0]
         where = Location(**{**converted.location.to_dict(), **unsupported.location.to_dict()})
-        return ParseError(f"{what}: nothing in it was converted to FHIR", adapter=adapter_name, location=where)
+        return ParseError(
+            f"{what}: nothing in it was converted to FHIR", adapter=adapter_name, location=where
+        )
     why = "; ".join(w.message for code in _WHY_EMPTY for w in converted.warnings if w.code == code)
     return ParseError(
         f"nothing in this record was converted to FHIR: {why or 'it gave no resources'}",
@@ -97,7 +99,9 @@ H_SOURCE_MRN_SYSTEM = "fb-source-mrn-system"
 H_SOURCE_ENCOUNTER_SYSTEM = "fb-source-encounter-system"
 
 
-def conversion_headers(adapter_name: str, source: SourceInfo, options: dict[str, str] | None = None) -> list[tuple[str, bytes]]:
+def conversion_headers(
+    adapter_name: str, source: SourceInfo, options: dict[str, str] | None = None
+) -> list[tuple[str, bytes]]:
     """The headers of an ingest or MLLP dead letter that say how to convert its record again."""
     import json
 
@@ -144,7 +148,9 @@ class Publisher:
     acknowledged the record on all in-sync replicas.
     """
 
-    def __init__(self, settings: Settings, bootstrap: str, producer: KafkaProducer | None = None, **overrides: Any) -> None:
+    def __init__(
+        self, settings: Settings, bootstrap: str, producer: KafkaProducer | None = None, **overrides: Any
+    ) -> None:
         """``overrides`` change :func:`producer_config` (``fhirbridge ingest`` lingers longer than MLLP)."""
         self.settings = settings
         self.topics = settings.topics
@@ -186,7 +192,9 @@ class Publisher:
         )
         return self.signer(source.org_id).sign(env)
 
-    def publish(self, converted: ConvertedBundle, adapter: Adapter, source: SourceInfo) -> FutureRecordMetadata:
+    def publish(
+        self, converted: ConvertedBundle, adapter: Adapter, source: SourceInfo
+    ) -> FutureRecordMetadata:
         env = self.envelope(converted, adapter, source)
         try:
             return self.producer.send(
@@ -251,4 +259,3 @@ def dead_letter_headers(
     if file:
         add.append((DL_FILE, file))
     return out + [(k, v.encode("utf-8")) for k, v in add]
-

@@ -43,7 +43,8 @@ DEFAULT_COUNT = 100
 MAX_COUNT = 1000
 #: a FHIR date/dateTime search value at any precision (ASCII digits only; matched whole)
 _DATE = re.compile(
-    r"(\d{4})(?:-(\d{2})(?:-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})(?:\.(\d+))?)?(Z|[+-]\d{2}:\d{2})?)?)?)?", re.ASCII
+    r"(\d{4})(?:-(\d{2})(?:-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})(?:\.(\d+))?)?(Z|[+-]\d{2}:\d{2})?)?)?)?",
+    re.ASCII,
 )
 
 
@@ -79,10 +80,14 @@ def check_query(request: web.Request, known: set[str]) -> None:
     for name in known:
         values = request.query.getall(name, [])
         if len(values) > 1:
-            raise FhirHTTPError(400, "invalid", f"parameter {name} is given {len(values)} times; give it once")
+            raise FhirHTTPError(
+                400, "invalid", f"parameter {name} is given {len(values)} times; give it once"
+            )
     fmt = request.query.get("_format")
     if fmt is not None and fmt.strip().lower().split(";")[0].strip() not in JSON_FORMATS:
-        raise FhirHTTPError(400, "not-supported", f"_format {fmt!r} is not supported: this server returns JSON only")
+        raise FhirHTTPError(
+            400, "not-supported", f"_format {fmt!r} is not supported: this server returns JSON only"
+        )
 
 
 def check_no_nul(request: web.Request, names: set[str]) -> None:
@@ -133,7 +138,9 @@ _MIN_US = date.min.toordinal() * _US_PER_DAY
 _MAX_US = (date.max.toordinal() + 1) * _US_PER_DAY - 1
 
 
-@functools.lru_cache(maxsize=4096)  # in_range asks for the same bounds (and most stored dates) once per resource
+@functools.lru_cache(
+    maxsize=4096
+)  # in_range asks for the same bounds (and most stored dates) once per resource
 def _interval(value: str) -> tuple[int, int]:
     """The half-open UTC interval a FHIR date/dateTime denotes, in microseconds since day 0 of the
     proleptic Gregorian calendar (integers: an interval at the ends of years 0001-9999, or moved there
@@ -172,7 +179,11 @@ def _interval(value: str) -> tuple[int, int]:
         width = 1_000_000
     else:
         width = 10 ** max(0, 6 - len(frac))
-    lo = day0 * _US_PER_DAY + ((hour * 60 + minute) * 60 + second) * 1_000_000 + int(frac[:6].ljust(6, "0") if frac else 0)
+    lo = (
+        day0 * _US_PER_DAY
+        + ((hour * 60 + minute) * 60 + second) * 1_000_000
+        + int(frac[:6].ljust(6, "0") if frac else 0)
+    )
     return lo - offset, lo - offset + width
 
 
@@ -246,7 +257,14 @@ def merge_duplicates(resources: list[StoredResource]) -> list[MergedEntry]:
         merged.append(entry)
         if r.dedupe_key is not None:
             by_key[r.dedupe_key] = entry
-    merged.sort(key=lambda m: (m.resource.resource_type != "Patient", m.resource.clinical_date or "", m.resource.resource_type, m.resource.id))
+    merged.sort(
+        key=lambda m: (
+            m.resource.resource_type != "Patient",
+            m.resource.clinical_date or "",
+            m.resource.resource_type,
+            m.resource.id,
+        )
+    )
     return merged
 
 
@@ -260,10 +278,16 @@ def everything(backend: Any, patient_id: str, params: EverythingParams) -> dict[
     if patient_id not in linked:
         linked = [patient_id, *linked]
     # ``types == []``: ``_type`` held only empty values (``_type=,``), which match nothing (with a warning)
-    resources = [] if params.types == [] else index.resources_for_patients(linked, types=params.types, since=params.since)
+    resources = (
+        []
+        if params.types == []
+        else index.resources_for_patients(linked, types=params.types, since=params.since)
+    )
     start, end = params.start, params.end
     if start or end:
-        resources = [r for r in resources if r.resource_type == "Patient" or in_range(r.clinical_date, start, end)]
+        resources = [
+            r for r in resources if r.resource_type == "Patient" or in_range(r.clinical_date, start, end)
+        ]
     resources = [r for r in resources if r.resource_type != "Provenance"]
     merged = merge_duplicates(resources)
     total = len(merged)
@@ -278,7 +302,9 @@ def everything(backend: Any, patient_id: str, params: EverythingParams) -> dict[
         idents = {(s["bundle_sha256"], s["source_org"]) for found_for in sources.values() for s in found_for}
         found = ledger.find_many(sorted(idents))
         leaf_cache.update({ident: found.get(ident) for ident in idents})
-    ext_cache: dict[tuple[str, str, str | None], dict[str, Any]] = {}  # one extension object per source bundle
+    ext_cache: dict[
+        tuple[str, str, str | None], dict[str, Any]
+    ] = {}  # one extension object per source bundle
     entries = []
     # with _proof=true and a checkpoint: the page's entries with a source that gets no inclusion proof,
     # because its bundle was logged after the checkpoint ("pending") or is not in the ledger ("unlogged")
@@ -315,7 +341,13 @@ def everything(backend: Any, patient_id: str, params: EverythingParams) -> dict[
         if exts:
             entry["extension"] = exts
         entries.append(entry)
-    return {"entries": entries, "total": total, "linked": linked, "checkpoint": checkpoint, "unproven": unproven}
+    return {
+        "entries": entries,
+        "total": total,
+        "linked": linked,
+        "checkpoint": checkpoint,
+        "unproven": unproven,
+    }
 
 
 def _checkpoint(ledger: Any) -> dict[str, Any] | None:
@@ -327,7 +359,10 @@ def _checkpoint(ledger: Any) -> dict[str, Any] | None:
 
 
 def _provenance_ext(
-    src: dict[str, Any], ledger: Any, cache: dict[tuple[str, str], int | None], checkpoint: dict[str, Any] | None
+    src: dict[str, Any],
+    ledger: Any,
+    cache: dict[tuple[str, str], int | None],
+    checkpoint: dict[str, Any] | None,
 ) -> dict[str, Any]:
     sub: list[dict[str, Any]] = [
         {"url": "sourceOrg", "valueString": src["source_org"]},
@@ -362,30 +397,44 @@ async def patient_everything(request: web.Request) -> web.Response:
 
     pid = request.match_info["id"]
     if "\x00" in pid:  # never a known id (answered here: PostgreSQL cannot even compare it)
-        raise FhirHTTPError(404, "not-found", f"Patient/{pid!r} is not known: an id never contains a NUL character")
+        raise FhirHTTPError(
+            404, "not-found", f"Patient/{pid!r} is not known: an id never contains a NUL character"
+        )
     check_query(request, EVERYTHING_PARAMS)
     check_no_nul(request, EVERYTHING_PARAMS)
     warnings = [
-        operation_outcome("warning", "not-supported", f"parameter {name!r} is not supported by $everything and was ignored")
+        operation_outcome(
+            "warning", "not-supported", f"parameter {name!r} is not supported by $everything and was ignored"
+        )
         for name in dict.fromkeys(request.query)
         if name not in EVERYTHING_PARAMS
     ]
     types_raw = request.query.get("_type")
-    types = list(dict.fromkeys(t.strip() for t in types_raw.split(",") if t.strip())) if types_raw is not None else None
+    types = (
+        list(dict.fromkeys(t.strip() for t in types_raw.split(",") if t.strip()))
+        if types_raw is not None
+        else None
+    )
     if types == []:  # ``_type=`` or ``_type=,``: like an unknown type, it matches nothing, and is said so
         warnings.append(
-            operation_outcome("warning", "not-supported", f"_type {types_raw!r} names no resource type: it matches nothing")
+            operation_outcome(
+                "warning", "not-supported", f"_type {types_raw!r} names no resource type: it matches nothing"
+            )
         )
     for t in types or ():
         if t not in EVERYTHING_TYPES:
             warnings.append(
                 operation_outcome(
-                    "warning", "not-supported", f"_type {t!r} is not a resource type $everything returns: it matches nothing"
+                    "warning",
+                    "not-supported",
+                    f"_type {t!r} is not a resource type $everything returns: it matches nothing",
                 )
             )
     proof_raw = request.query.get("_proof", "false").strip().lower()
     if proof_raw not in ("true", "false"):
-        raise FhirHTTPError(400, "invalid", f"parameter _proof: {request.query['_proof']!r} is not true or false")
+        raise FhirHTTPError(
+            400, "invalid", f"parameter _proof: {request.query['_proof']!r} is not true or false"
+        )
     since = _date_param(request, "_since")
     params = EverythingParams(
         start=_date_param(request, "start"),
@@ -400,19 +449,27 @@ async def patient_everything(request: web.Request) -> web.Response:
     backend = backend_of(request)
     result = await backend.run(everything, backend, pid, params)
     if params.proof and result["checkpoint"] is None:
-        why = "no ledger is configured" if not backend.has_ledger else "the ledger has no signed checkpoint yet"
-        warnings.append(operation_outcome("warning", "incomplete", f"_proof=true: {why}, so no proofs are included"))
+        why = (
+            "no ledger is configured" if not backend.has_ledger else "the ledger has no signed checkpoint yet"
+        )
+        warnings.append(
+            operation_outcome("warning", "incomplete", f"_proof=true: {why}, so no proofs are included")
+        )
     elif params.proof:
         size = result["checkpoint"]["size"]
         for reason, why in (
-            ("pending", f"a source bundle logged after the latest checkpoint (tree size {size}): retry after the next checkpoint"),
+            (
+                "pending",
+                f"a source bundle logged after the latest checkpoint (tree size {size}): retry after the next checkpoint",
+            ),
             ("unlogged", "a source bundle that is not in the ledger"),
         ):
             n = result["unproven"][reason]
             if n:
                 warnings.append(
                     operation_outcome(
-                        "warning", "incomplete",
+                        "warning",
+                        "incomplete",
                         f"_proof=true: {n} {'entry' if n == 1 else 'entries'} on this page carr{'ies' if n == 1 else 'y'} "
                         f"no inclusion proof for {why}",
                     )
@@ -421,7 +478,12 @@ async def patient_everything(request: web.Request) -> web.Response:
     query = [(k, v) for k, v in request.query.items() if k != "_offset"]  # the query exactly as given
     links = [{"relation": "self", "url": f"{self_url}?{urlencode([*query, ('_offset', params.offset)])}"}]
     if params.offset + params.count < result["total"]:
-        links.append({"relation": "next", "url": f"{self_url}?{urlencode([*query, ('_offset', params.offset + params.count)])}"})
+        links.append(
+            {
+                "relation": "next",
+                "url": f"{self_url}?{urlencode([*query, ('_offset', params.offset + params.count)])}",
+            }
+        )
     if params.offset > 0:
         prev = max(0, params.offset - params.count)
         links.append({"relation": "previous", "url": f"{self_url}?{urlencode([*query, ('_offset', prev)])}"})
@@ -431,8 +493,7 @@ async def patient_everything(request: web.Request) -> web.Response:
         "type": "searchset",
         "total": result["total"],
         "link": links,
-        "entry": result["entries"]
-        + [{"resource": w, "search": {"mode": "outcome"}} for w in warnings],
+        "entry": result["entries"] + [{"resource": w, "search": {"mode": "outcome"}} for w in warnings],
     }
     if result["checkpoint"] is not None:
         bundle["meta"] = {"extension": [{"url": CHECKPOINT_EXT, "valueString": result["checkpoint"]["note"]}]}
@@ -442,7 +503,9 @@ async def patient_everything(request: web.Request) -> web.Response:
 SEARCH_LIMIT = 200  # Patient search returns no more entries than this, and says so (no paging yet)
 
 
-def _search_patients(backend: Any, identifier: str | None, name: str | None, birthdate: str | None) -> tuple[list[dict[str, Any]], int]:
+def _search_patients(
+    backend: Any, identifier: str | None, name: str | None, birthdate: str | None
+) -> tuple[list[dict[str, Any]], int]:
     """The first ``SEARCH_LIMIT`` matching Patients, and the number of matches."""
     index: IndexStore = backend.index()
     if identifier:
@@ -451,8 +514,9 @@ def _search_patients(backend: Any, identifier: str | None, name: str | None, bir
         patients = [p for p in (index.get("Patient", i) for i in ids) if p is not None]
         found = [p for p in patients if _matches(p, name, birthdate)]
         return found[:SEARCH_LIMIT], len(found)
-    return index.search_patients(name=name, birthdate=birthdate, limit=SEARCH_LIMIT,
-                                 match=lambda p: _matches(p, name, birthdate))
+    return index.search_patients(
+        name=name, birthdate=birthdate, limit=SEARCH_LIMIT, match=lambda p: _matches(p, name, birthdate)
+    )
 
 
 def _matches(patient: dict[str, Any], name: str | None, birthdate: str | None) -> bool:
@@ -489,21 +553,26 @@ async def patient_search(request: web.Request) -> web.Response:
     ]
     entries += [
         {
-            "resource": operation_outcome("warning", "not-supported", f"search parameter {k!r} is not supported and was ignored"),
+            "resource": operation_outcome(
+                "warning", "not-supported", f"search parameter {k!r} is not supported and was ignored"
+            ),
             "search": {"mode": "outcome"},
         }
         for k in dict.fromkeys(request.query)
         if k not in supported
     ]
     if total > len(patients):
-        entries.append({
-            "resource": operation_outcome(
-                "warning", "too-costly",
-                f"{total} patients match; only the first {len(patients)} are returned (this search has no paging): "
-                "narrow it with more parameters",
-            ),
-            "search": {"mode": "outcome"},
-        })
+        entries.append(
+            {
+                "resource": operation_outcome(
+                    "warning",
+                    "too-costly",
+                    f"{total} patients match; only the first {len(patients)} are returned (this search has no paging): "
+                    "narrow it with more parameters",
+                ),
+                "search": {"mode": "outcome"},
+            }
+        )
     return fhir_response(
         {
             "resourceType": "Bundle",

@@ -77,7 +77,9 @@ class ReplayReport:
             if p.start is None:
                 out.append(f"  partition {p.partition}: nothing at or after --from-time")
             elif p.past_end:
-                out.append(f"  partition {p.partition}: offset {p.start} is past the last record: nothing to replay")
+                out.append(
+                    f"  partition {p.partition}: offset {p.start} is past the last record: nothing to replay"
+                )
             else:
                 extra = f", {p.after_to_time} after --to-time skipped" if p.after_to_time else ""
                 out.append(f"  partition {p.partition}: from offset {p.start}, {p.read} records{extra}")
@@ -128,8 +130,13 @@ class Reader:
         return dict(begin)
 
     def read(
-        self, starts: dict[TopicPartition, int | None], report: ReplayReport, to_time_ms: int | None, batch: int = 500,
-        idle_s: float = 3.0, frozen_end: bool = False,
+        self,
+        starts: dict[TopicPartition, int | None],
+        report: ReplayReport,
+        to_time_ms: int | None,
+        batch: int = 500,
+        idle_s: float = 3.0,
+        frozen_end: bool = False,
     ) -> Iterator[list[Record]]:
         """Yield batches (in each partition's offset order) until every partition reaches its high watermark.
 
@@ -193,7 +200,10 @@ class Reader:
                         self.consumer.pause(tp)
             if time.monotonic() - last_data > idle_s:
                 for tp in pending:  # said in the report (and the exit code), never a silent short replay
-                    report.partitions[tp.partition].incomplete = (self.consumer.position(tp), self.consumer.highwater(tp))
+                    report.partitions[tp.partition].incomplete = (
+                        self.consumer.position(tp),
+                        self.consumer.highwater(tp),
+                    )
                 break
 
     def close(self) -> None:
@@ -218,8 +228,12 @@ def replay(
     """Run one replay. See the module docstring; raises ConfigError for an inconsistent request."""
     if not dry_run and (sink_name is None) == (to_topic is None) and not dead_letters:
         raise ConfigError("give exactly one of --sink or --to-topic (or --dead-letters, or --dry-run)")
-    if rebuild and (from_offset is not None or from_time or to_time or partitions or dead_letters or to_topic):
-        raise ConfigError("--rebuild replays the whole topic: it takes no range, partition, --dead-letters or --to-topic")
+    if rebuild and (
+        from_offset is not None or from_time or to_time or partitions or dead_letters or to_topic
+    ):
+        raise ConfigError(
+            "--rebuild replays the whole topic: it takes no range, partition, --dead-letters or --to-topic"
+        )
     if rebuild and sink_name is None:
         raise ConfigError("--rebuild needs --sink ledger or --sink index")
     if from_offset is not None and from_time:
@@ -237,7 +251,9 @@ def replay(
     try:
         tps = reader.partitions(partitions)
         starts = reader.start_offsets(tps, from_offset, from_ms)
-        batches = reader.read(starts, report, to_ms, batch=settings.consumer_batch_size, frozen_end=dead_letters)
+        batches = reader.read(
+            starts, report, to_ms, batch=settings.consumer_batch_size, frozen_end=dead_letters
+        )
         if dry_run:
             for _ in batches:
                 pass
@@ -273,7 +289,14 @@ class _NoGroupRuntime(ConsumerRuntime):
         return None
 
 
-def _into_sink(settings: Settings, bootstrap: str, batches: Iterator[list[Record]], report: ReplayReport, name: str, rebuild: bool) -> None:
+def _into_sink(
+    settings: Settings,
+    bootstrap: str,
+    batches: Iterator[list[Record]],
+    report: ReplayReport,
+    name: str,
+    rebuild: bool,
+) -> None:
     sink = _build_sink(settings, bootstrap, name)
     if rebuild:
         _reset(sink)
@@ -297,7 +320,9 @@ def _reset(sink: Any) -> None:
             sink.mpi.reset()
 
 
-def _rebuild_ledger(settings: Settings, bootstrap: str, batches: Iterator[list[Record]], report: ReplayReport) -> None:
+def _rebuild_ledger(
+    settings: Settings, bootstrap: str, batches: Iterator[list[Record]], report: ReplayReport
+) -> None:
     from bridge.sinks import build_ledger_sink
 
     order = _receipt_order(settings, bootstrap)
@@ -354,12 +379,15 @@ def _receipt_order(settings: Settings, bootstrap: str) -> dict[tuple[str, str], 
     return order
 
 
-def _copy(settings: Settings, bootstrap: str, batches: Iterator[list[Record]], report: ReplayReport, to_topic: str) -> None:
+def _copy(
+    settings: Settings, bootstrap: str, batches: Iterator[list[Record]], report: ReplayReport, to_topic: str
+) -> None:
     producer = KafkaProducer(**producer_config(settings, bootstrap, client_id="fhirbridge-replay"))
     try:
         for batch in batches:
             futures = [
-                producer.send(to_topic, key=r.key, value=r.value, headers=r.headers, timestamp_ms=r.timestamp) for r in batch
+                producer.send(to_topic, key=r.key, value=r.value, headers=r.headers, timestamp_ms=r.timestamp)
+                for r in batch
             ]
             producer.flush(60)
             for f in futures:
@@ -370,14 +398,22 @@ def _copy(settings: Settings, bootstrap: str, batches: Iterator[list[Record]], r
 
 
 def _redrive_dead_letters(
-    settings: Settings, bootstrap: str, batches: Iterator[list[Record]], report: ReplayReport, sink_name: str | None,
+    settings: Settings,
+    bootstrap: str,
+    batches: Iterator[list[Record]],
+    report: ReplayReport,
+    sink_name: str | None,
     to_topic: str | None,
 ) -> None:
     """Re-convert ingest-stage dead letters with their adapter; re-send consumer-stage ones to the bundles topic
     (or process them with ``--sink``)."""
     publisher = Publisher(settings, bootstrap)
     sink = _build_sink(settings, bootstrap, sink_name) if sink_name else None
-    runtime = _NoGroupRuntime(settings, bootstrap, sink, publisher, group_id="replay-deadletters", consumer=_Idle()) if sink else None
+    runtime = (
+        _NoGroupRuntime(settings, bootstrap, sink, publisher, group_id="replay-deadletters", consumer=_Idle())
+        if sink
+        else None
+    )
     target = to_topic or settings.topics.bundles
     try:
         for batch in batches:
@@ -390,9 +426,15 @@ def _redrive_dead_letters(
                 if stage.startswith(("ingest:", "mllp:")):
                     _convert_again(rec, h, stage.split(":", 1)[1], publisher, futures, report)
                 elif runtime is not None:
-                    to_sink.append(Record(rec.topic, rec.partition, rec.offset, rec.timestamp, rec.key, rec.value, original))
+                    to_sink.append(
+                        Record(
+                            rec.topic, rec.partition, rec.offset, rec.timestamp, rec.key, rec.value, original
+                        )
+                    )
                 else:
-                    futures.append(publisher.producer.send(target, key=rec.key, value=rec.value, headers=original))
+                    futures.append(
+                        publisher.producer.send(target, key=rec.key, value=rec.value, headers=original)
+                    )
                     report.copied += 1
             if runtime is not None and to_sink:
                 before = (runtime.processed, runtime.dead_lettered)
@@ -408,8 +450,14 @@ def _redrive_dead_letters(
             sink.close()
 
 
-def _convert_again(rec: Record, headers: dict[str, str], adapter_name: str, publisher: Publisher, futures: list[Any],
-                   report: ReplayReport) -> None:
+def _convert_again(
+    rec: Record,
+    headers: dict[str, str],
+    adapter_name: str,
+    publisher: Publisher,
+    futures: list[Any],
+    report: ReplayReport,
+) -> None:
     """Convert an ingest or MLLP dead letter again, with the adapter, options and source it was converted
     with, and publish what converts; what still fails stays a dead letter (it is counted and logged)."""
     from adapters import registry
@@ -423,13 +471,19 @@ def _convert_again(rec: Record, headers: dict[str, str], adapter_name: str, publ
         log.warning("replay.still_failing", offset=rec.offset, error=f"cannot convert again: {exc}")
         return
     for outcome in adapter.convert(rec.value or b"", source, filename=headers.get("fb-dl-file")):
-        error = outcome.error if not isinstance(outcome, ConvertedBundle) else nothing_converted(outcome, adapter.name)
+        error = (
+            outcome.error
+            if not isinstance(outcome, ConvertedBundle)
+            else nothing_converted(outcome, adapter.name)
+        )
         if error is None:
             futures.append(publisher.publish(outcome, adapter, source))  # type: ignore[arg-type]
             report.processed += 1
         else:
             report.dead_lettered += 1
-            log.warning("replay.still_failing", offset=rec.offset, location=str(error.location), error=error.message)
+            log.warning(
+                "replay.still_failing", offset=rec.offset, location=str(error.location), error=error.message
+            )
 
 
 class _Idle:
@@ -458,13 +512,23 @@ def register(sub: Any) -> None:
     p = sub.add_parser("replay", help="re-drive a sink, copy a topic, or re-drive dead letters from Kafka")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--sink", choices=["ledger", "index"], help="write into this sink")
-    target.add_argument("--to-topic", help="copy the records (key, value, headers, timestamp) into this topic")
-    p.add_argument("--topic", default=None, help="source topic (default fhir.bundles, or fhir.deadletter with --dead-letters)")
-    p.add_argument("--partition", type=int, action="append", default=None, help="only this partition (repeatable)")
+    target.add_argument(
+        "--to-topic", help="copy the records (key, value, headers, timestamp) into this topic"
+    )
+    p.add_argument(
+        "--topic",
+        default=None,
+        help="source topic (default fhir.bundles, or fhir.deadletter with --dead-letters)",
+    )
+    p.add_argument(
+        "--partition", type=int, action="append", default=None, help="only this partition (repeatable)"
+    )
     p.add_argument("--from-offset", type=int, default=None)
     p.add_argument("--from-time", default=None, metavar="ISO8601")
     p.add_argument("--to-time", default=None, metavar="ISO8601")
-    p.add_argument("--rebuild", action="store_true", help="empty the sink first, then rebuild it from the whole topic")
+    p.add_argument(
+        "--rebuild", action="store_true", help="empty the sink first, then rebuild it from the whole topic"
+    )
     p.add_argument("--dead-letters", action="store_true", help="re-drive dead-lettered records (after a fix)")
     p.add_argument("--dry-run", action="store_true", help="count records per partition; write nothing")
     p.set_defaults(func=cmd_replay)
@@ -478,9 +542,18 @@ def cmd_replay(args: Any) -> int:
     try:
         settings = Settings.from_env()
         report = replay(
-            settings, resolve_bootstrap(settings), sink_name=args.sink, to_topic=args.to_topic, topic=args.topic,
-            partitions=args.partition, from_offset=args.from_offset, from_time=args.from_time, to_time=args.to_time,
-            rebuild=args.rebuild, dead_letters=args.dead_letters, dry_run=args.dry_run,
+            settings,
+            resolve_bootstrap(settings),
+            sink_name=args.sink,
+            to_topic=args.to_topic,
+            topic=args.topic,
+            partitions=args.partition,
+            from_offset=args.from_offset,
+            from_time=args.from_time,
+            to_time=args.to_time,
+            rebuild=args.rebuild,
+            dead_letters=args.dead_letters,
+            dry_run=args.dry_run,
         )
     except ConfigError as exc:
         print(f"fhirbridge replay: error: {exc}", file=sys.stderr)

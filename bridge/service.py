@@ -96,7 +96,9 @@ class Backend:
 
 
 @web.middleware
-async def outcome_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+async def outcome_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
     try:
         return await handler(request)
     except FhirHTTPError as exc:
@@ -109,18 +111,27 @@ async def outcome_middleware(request: web.Request, handler: Callable[[web.Reques
     except Exception as exc:
         log.exception("http.unhandled", path=request.path)
         return fhir_response(
-            operation_outcome("fatal", "exception", f"internal error ({type(exc).__name__}); see the server log"), status=500
+            operation_outcome(
+                "fatal", "exception", f"internal error ({type(exc).__name__}); see the server log"
+            ),
+            status=500,
         )
 
 
 @web.middleware
-async def host_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+async def host_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
     """Refuse a ``Host`` the service was not configured to answer for (the links it builds use it)."""
     allowed = request.app[ALLOWED_HOSTS]
     if allowed is not None and _host_name(request.host) not in allowed:
         return fhir_response(
-            operation_outcome("error", "invalid", "this service does not answer for the host named in the Host header "
-                              "(FHIRBRIDGE_ALLOWED_HOSTS, FHIRBRIDGE_PUBLIC_URL)"),
+            operation_outcome(
+                "error",
+                "invalid",
+                "this service does not answer for the host named in the Host header "
+                "(FHIRBRIDGE_ALLOWED_HOSTS, FHIRBRIDGE_PUBLIC_URL)",
+            ),
             status=400,
         )
     return await handler(request)

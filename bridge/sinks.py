@@ -56,7 +56,11 @@ def parse_bundle(value: bytes) -> dict[str, Any]:
         raise BadBundle("bundle has no entry array", field="entry")
     for i, e in enumerate(entries):
         r = e.get("resource") if isinstance(e, dict) else None
-        if not isinstance(r, dict) or not isinstance(r.get("resourceType"), str) or not isinstance(r.get("id"), str):
+        if (
+            not isinstance(r, dict)
+            or not isinstance(r.get("resourceType"), str)
+            or not isinstance(r.get("id"), str)
+        ):
             raise BadBundle(f"entry[{i}] has no resource with resourceType and id", field=f"entry[{i}]")
         if not _FHIR_ID.fullmatch(r["id"]):  # found by review: "" (and NUL, which PostgreSQL cannot store)
             raise BadBundle(
@@ -66,7 +70,9 @@ def parse_bundle(value: bytes) -> dict[str, Any]:
     return bundle
 
 
-def in_batch_order(records: Sequence[Record], poison: list[tuple[Record, BaseException]]) -> list[tuple[Record, BaseException]]:
+def in_batch_order(
+    records: Sequence[Record], poison: list[tuple[Record, BaseException]]
+) -> list[tuple[Record, BaseException]]:
     """The poison records in the order of the batch (the sinks find them in several passes)."""
     if len(poison) < 2:
         return poison
@@ -88,7 +94,9 @@ class EnvelopeChecker:
     def check(self, rec: Record) -> envelope.Envelope:
         env = envelope.parse(rec.headers, rec.value)
         if self.trust is None:
-            raise envelope.SignatureError("no trust registry configured: refusing unauthenticated records", field="fb-signature")
+            raise envelope.SignatureError(
+                "no trust registry configured: refusing unauthenticated records", field="fb-signature"
+            )
         self.trust.verify(env)
         return env
 
@@ -110,7 +118,13 @@ class LedgerSink:
 
     name = "ledger"
 
-    def __init__(self, ledger: Ledger, checker: EnvelopeChecker, receipts: Any | None = None, receipts_topic: str = "ledger.receipts") -> None:
+    def __init__(
+        self,
+        ledger: Ledger,
+        checker: EnvelopeChecker,
+        receipts: Any | None = None,
+        receipts_topic: str = "ledger.receipts",
+    ) -> None:
         self.ledger = ledger
         self.checker = checker
         self.receipts = receipts
@@ -169,8 +183,14 @@ class LedgerSink:
                         self.receipts_topic,
                         key=e.bundle_sha256.encode(),
                         value=orjson.dumps(
-                            {"bundle_sha256": e.bundle_sha256, "source_org": e.source_org, "leaf_index": idx,
-                             "topic": r.topic, "partition": r.partition, "offset": r.offset}
+                            {
+                                "bundle_sha256": e.bundle_sha256,
+                                "source_org": e.source_org,
+                                "leaf_index": idx,
+                                "topic": r.topic,
+                                "partition": r.partition,
+                                "offset": r.offset,
+                            }
                         ),
                     )
                     for e, idx, r in zip(entries, indices, kept, strict=True)
@@ -282,7 +302,9 @@ class IndexSink:
         except TransientError:
             raise
         except Exception as exc:  # the record's fault, or the MPI's: find the Patients it refuses
-            log.warning("index.mpi_batch_refused", error_class=type(exc).__name__, error=str(exc), patients=len(kept))
+            log.warning(
+                "index.mpi_batch_refused", error_class=type(exc).__name__, error=str(exc), patients=len(kept)
+            )
         refused: set[int] = set()
         for p in kept:
             if id(p.record) in refused:
@@ -293,7 +315,15 @@ class IndexSink:
                 raise
             except Exception as exc:
                 refused.add(id(p.record))
-                poison.append((p.record, MpiRefused(f"entry[{p.entry}] (Patient/{p.resource['id']}): {type(exc).__name__}: {exc}", f"entry[{p.entry}]")))
+                poison.append(
+                    (
+                        p.record,
+                        MpiRefused(
+                            f"entry[{p.entry}] (Patient/{p.resource['id']}): {type(exc).__name__}: {exc}",
+                            f"entry[{p.entry}]",
+                        ),
+                    )
+                )
 
     def _upsert_mpi(self, patients: list[tuple[str, dict[str, Any]]]) -> None:
         """Feed the MPI; a lost database connection is transient: reopen the MPI on the next try."""
@@ -368,7 +398,9 @@ def require_ledger_signer_key(settings: Any) -> str:
     return text
 
 
-def build_ledger_sink(settings: Any, bootstrap: str, *, receipts: bool = True, unsigned: bool = False) -> LedgerSink:
+def build_ledger_sink(
+    settings: Any, bootstrap: str, *, receipts: bool = True, unsigned: bool = False
+) -> LedgerSink:
     if not unsigned:
         require_ledger_signer_key(settings)
     producer = None
@@ -377,7 +409,9 @@ def build_ledger_sink(settings: Any, bootstrap: str, *, receipts: bool = True, u
 
         from bridge.publish import producer_config
 
-        producer = KafkaProducer(**producer_config(settings, bootstrap, client_id="fhirbridge-ledger-receipts"))
+        producer = KafkaProducer(
+            **producer_config(settings, bootstrap, client_id="fhirbridge-ledger-receipts")
+        )
     return LedgerSink(open_ledger(settings), load_checker(settings), producer, settings.topics.receipts)
 
 

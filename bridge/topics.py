@@ -27,13 +27,17 @@ def topic_specs(topics: Topics) -> list[TopicSpec]:
     return [
         TopicSpec(topics.bundles, topics.partitions, topics.replication, common),
         TopicSpec(topics.deadletter, 1, topics.replication, common),
-        TopicSpec(topics.receipts, topics.partitions, topics.replication, {"retention.ms": str(topics.retention_ms)}),
+        TopicSpec(
+            topics.receipts, topics.partitions, topics.replication, {"retention.ms": str(topics.retention_ms)}
+        ),
     ]
 
 
 def ensure_topics(bootstrap: str, topics: Topics) -> list[str]:
     """Create any missing topic; returns the names created. Existing topics are left as they are."""
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="fhirbridge-admin", request_timeout_ms=15000)
+    admin = KafkaAdminClient(
+        bootstrap_servers=bootstrap, client_id="fhirbridge-admin", request_timeout_ms=15000
+    )
     created: list[str] = []
     try:
         existing = set(admin.list_topics())

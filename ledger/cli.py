@@ -130,9 +130,11 @@ def _verify(args: argparse.Namespace) -> int:
     if url.startswith("sqlite://") and not Path(url[len("sqlite://") :]).is_file():
         return _err(f"no ledger database at {url[len('sqlite://') :]} (give --url or set {DEFAULT_URL_ENV})")
     configured = settings.ledger_verifier_key()
-    keys = [_read_key(k) for k in args.key] or (
-        [os.environ[PUBLIC_KEY_ENV].strip()] if os.environ.get(PUBLIC_KEY_ENV) else []
-    ) or ([configured] if configured else [])
+    keys = (
+        [_read_key(k) for k in args.key]
+        or ([os.environ[PUBLIC_KEY_ENV].strip()] if os.environ.get(PUBLIC_KEY_ENV) else [])
+        or ([configured] if configured else [])
+    )
     if not keys:
         return _err(f"give the log's verifier key with --key or {PUBLIC_KEY_ENV}")
     trusted = None

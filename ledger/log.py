@@ -317,7 +317,9 @@ class Ledger:
                 return self._fold(ranges)
             if not 0 <= check_size <= current:
                 raise OutOfRange(
-                    f"tree size {check_size} is beyond the log size {current}", value=check_size, limit=current
+                    f"tree size {check_size} is beyond the log size {current}",
+                    value=check_size,
+                    limit=current,
                 )
         elif missing:
             fetched = self._storage.get_tiles(missing)

@@ -256,7 +256,9 @@ class _SqlBase:
         with self._guard() as conn, self._begin(conn):
             self._schema_lock(conn)
             for stmt in _SCHEMA:
-                conn.execute(stmt.format(blob=self.blob_type, key=self.key_type, without_rowid=self.without_rowid))
+                conn.execute(
+                    stmt.format(blob=self.blob_type, key=self.key_type, without_rowid=self.without_rowid)
+                )
             row = conn.execute("SELECT origin, size, schema_version FROM ledger_meta WHERE id = 1").fetchone()
             if row is None:
                 conn.execute(
@@ -277,7 +279,9 @@ class _SqlBase:
         """Schema 2 -> 3: every entry into the key B-trees (the tail starts empty), old indexes dropped."""
         for table, col in (("ledger_dkeys", "dkey"), ("ledger_lkeys", "lkey")):
             conn.execute(f"DELETE FROM {table}")
-            conn.execute(f"INSERT INTO {table} (k, idx) SELECT {col}, idx FROM ledger_entries ORDER BY {col}, idx")
+            conn.execute(
+                f"INSERT INTO {table} (k, idx) SELECT {col}, idx FROM ledger_entries ORDER BY {col}, idx"
+            )
         conn.execute("DELETE FROM ledger_tail")
         for name in _V2_INDEXES:
             conn.execute(f"DROP INDEX IF EXISTS {name}")
@@ -559,7 +563,9 @@ class _SqlBase:
     def _main_matches(self, conn: Any, dkeys: list[int]) -> list[Any]:
         """``(idx, entry)`` of the merged entries whose dkey is in ``dkeys``."""
         found: list[Any] = []
-        prefix = "SELECT idx, entry FROM ledger_entries WHERE idx IN (SELECT idx FROM ledger_dkeys WHERE k IN ("
+        prefix = (
+            "SELECT idx, entry FROM ledger_entries WHERE idx IN (SELECT idx FROM ledger_dkeys WHERE k IN ("
+        )
         full = prefix + ",".join([self.ph] * _CHUNK) + "))"  # the same text every time: a cached statement
         for chunk in _chunks(dkeys):
             sql = full if len(chunk) == _CHUNK else prefix + ",".join([self.ph] * len(chunk)) + "))"
@@ -593,7 +599,9 @@ class _SqlBase:
         tail_hits, idxs = tail.index.lookup(dkeys)
         for chunk in _chunks(idxs):
             marks = ",".join([self.ph] * len(chunk))
-            found += conn.execute(f"SELECT idx, entry FROM ledger_entries WHERE idx IN ({marks})", chunk).fetchall()
+            found += conn.execute(
+                f"SELECT idx, entry FROM ledger_entries WHERE idx IN ({marks})", chunk
+            ).fetchall()
         out: dict[tuple[str, str], int] = {}
         if found:  # usually none or a few 32-bit key collisions: a batch of new entries
             hits = {int(k) for k in probe} | tail_hits

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-SAMPLES = Path(os.environ.get("FHIRBRIDGE_SAMPLES", Path(__file__).resolve().parents[1].parent / "shared" / "samples"))
+SAMPLES = Path(
+    os.environ.get("FHIRBRIDGE_SAMPLES", Path(__file__).resolve().parents[1].parent / "shared" / "samples")
+)
 
 
 @pytest.fixture(scope="session")

@@ -261,7 +261,9 @@ class FhirPassthroughAdapter(Adapter):
             raw = orjson.dumps(e)
             request = e.get("request") if isinstance(e, dict) else None
             if request is not None and not isinstance(request, dict):
-                rejected.append(RejectedRecord(self.error("Bundle.entry.request must be an object", loc), raw))
+                rejected.append(
+                    RejectedRecord(self.error("Bundle.entry.request must be an object", loc), raw)
+                )
                 continue
             if not isinstance(e, dict) or not isinstance(e.get("resource"), dict):
                 method = (e.get("request") or {}).get("method") if isinstance(e, dict) else None
@@ -399,7 +401,11 @@ class FhirPassthroughAdapter(Adapter):
             ref = f"{rtype}/{nid}"
             if b.has(ref):
                 if added.get(ref) == it.resource:  # the same source resource converts the same way
-                    b.warn("duplicate-resource", f"{rtype}/{src_id} appears twice, identical; kept once", it.location)
+                    b.warn(
+                        "duplicate-resource",
+                        f"{rtype}/{src_id} appears twice, identical; kept once",
+                        it.location,
+                    )
                     continue
                 # nothing is dropped unseen: the first stays, this one is rejected with its raw entry
                 duplicates.append(

@@ -56,7 +56,9 @@ LOOKUP_FILES = ("organizations", "providers", "payers")
 NOT_CONVERTED = ("claims", "claims_transactions", "patient_expenses")
 
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-_DATETIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$")  # FHIR: seconds required
+_DATETIME = re.compile(
+    r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$"
+)  # FHIR: seconds required
 _YEAR = re.compile(r"^\d{4}$")
 _ENC_CLASS = {
     "ambulatory": ("AMB", "ambulatory"),
@@ -223,7 +225,9 @@ class SyntheaCsvAdapter(Adapter):
             if clashes:  # one would silently replace the other: refuse the export, say which
                 listed = "; ".join(", ".join(names) for names in clashes.values())
                 yield RejectedRecord(
-                    self.error(f"the zip holds several files for the same table ({listed}): one export per zip", floc),
+                    self.error(
+                        f"the zip holds several files for the same table ({listed}): one export per zip", floc
+                    ),
                     data,
                 )
                 return

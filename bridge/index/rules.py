@@ -115,7 +115,9 @@ def _codings(concept: Any) -> list[str]:
     if not isinstance(concept, dict):
         return []
     return sorted(
-        f"{c.get('system', '')}|{c.get('code', '')}" for c in concept.get("coding") or () if isinstance(c, dict) and c.get("code")
+        f"{c.get('system', '')}|{c.get('code', '')}"
+        for c in concept.get("coding") or ()
+        if isinstance(c, dict) and c.get("code")
     )
 
 
@@ -206,8 +208,14 @@ _UNSET: Any = object()
 DEDUPE_RULES_VERSION = "2"
 #: The resource types :func:`dedupe_key` may merge.
 DEDUPE_TYPES = (
-    "Observation", "Condition", "AllergyIntolerance", "Immunization", "MedicationRequest", "MedicationStatement",
-    "Procedure", "DiagnosticReport",
+    "Observation",
+    "Condition",
+    "AllergyIntolerance",
+    "Immunization",
+    "MedicationRequest",
+    "MedicationStatement",
+    "Procedure",
+    "DiagnosticReport",
 )
 
 

@@ -142,8 +142,15 @@ _NEWER = """((excluded.content_sha256 <> resources.content_sha256
                  AND excluded.last_updated < resources.last_updated))"""
 _OTHER_PATIENT = "COALESCE(excluded.patient_id, '') <> COALESCE(resources.patient_id, '')"
 _VERSIONED = (
-    "source_org", "patient_id", "clinical_date", "last_updated", "version_time", "dedupe_key", "bundle_sha256",
-    "content_sha256", "body",
+    "source_org",
+    "patient_id",
+    "clinical_date",
+    "last_updated",
+    "version_time",
+    "dedupe_key",
+    "bundle_sha256",
+    "content_sha256",
+    "body",
 )
 _UPSERT_RESOURCE = (
     "INSERT INTO resources (resource_type, id, " + ", ".join(_VERSIONED) + ") "
@@ -169,8 +176,15 @@ def _by_resource(
     """Add rows of :data:`_SOURCES` to ``out``, per (type, id), in row order; returns ``out``."""
     for r in rows:
         out.setdefault((r[0], r[1]), []).append(
-            {"bundle_sha256": r[2], "source_org": r[3], "source_patient": r[4], "topic": r[5], "partition": r[6],
-             "offset": r[7], "received_at": r[8]}
+            {
+                "bundle_sha256": r[2],
+                "source_org": r[3],
+                "source_patient": r[4],
+                "topic": r[5],
+                "partition": r[6],
+                "offset": r[7],
+                "received_at": r[8],
+            }
         )
     return out
 
@@ -234,10 +248,13 @@ class IndexStore:
         unique under either key, so they are copied as they are). A delivery dropped before stays
         dropped until the stream is replayed into the index, which adds it."""
         if self.db.kind == "postgres":
-            key = [r[0] for r in self.db.query(
-                "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid "
-                "AND a.attnum = ANY(i.indkey) WHERE i.indrelid = 'resource_sources'::regclass AND i.indisprimary"
-            )]
+            key = [
+                r[0]
+                for r in self.db.query(
+                    "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid "
+                    "AND a.attnum = ANY(i.indkey) WHERE i.indrelid = 'resource_sources'::regclass AND i.indisprimary"
+                )
+            ]
         else:
             key = [r[1] for r in self.db.query("PRAGMA table_info(resource_sources)") if r[5]]
         if "source_org" in key:
@@ -245,7 +262,9 @@ class IndexStore:
         with self.db.transaction() as db:
             if self.db.kind == "postgres":
                 db.execute("ALTER TABLE resource_sources DROP CONSTRAINT resource_sources_pkey")
-                db.execute("ALTER TABLE resource_sources ADD PRIMARY KEY (resource_type, id, bundle_sha256, source_org)")
+                db.execute(
+                    "ALTER TABLE resource_sources ADD PRIMARY KEY (resource_type, id, bundle_sha256, source_org)"
+                )
             else:  # SQLite cannot change a primary key: a new table, the rows copied
                 db.execute(_SOURCES_TABLE.format(name="resource_sources_new"))
                 db.execute(
@@ -253,7 +272,9 @@ class IndexStore:
                 )
                 db.execute("DROP TABLE resource_sources")
                 db.execute("ALTER TABLE resource_sources_new RENAME TO resource_sources")
-                db.execute("CREATE INDEX IF NOT EXISTS resource_sources_patient ON resource_sources (patient_id)")
+                db.execute(
+                    "CREATE INDEX IF NOT EXISTS resource_sources_patient ON resource_sources (patient_id)"
+                )
         log.info("index.sources_keyed_by_org")
 
     def _add_moved_flag(self) -> None:
@@ -292,7 +313,9 @@ class IndexStore:
                         for rid, when, old, body in rows
                         if (new := dedupe_key(orjson.loads(body), when)) != old
                     ]
-                    db.executemany("UPDATE resources SET dedupe_key = ? WHERE resource_type = ? AND id = ?", updates)
+                    db.executemany(
+                        "UPDATE resources SET dedupe_key = ? WHERE resource_type = ? AND id = ?", updates
+                    )
                     seen += len(rows)
                     changed += len(updates)
             db.execute(
@@ -301,7 +324,9 @@ class IndexStore:
                 (DEDUPE_RULES_VERSION,),
             )
         if seen:
-            log.info("index.dedupe_keys_refreshed", rules=DEDUPE_RULES_VERSION, resources=seen, changed=changed)
+            log.info(
+                "index.dedupe_keys_refreshed", rules=DEDUPE_RULES_VERSION, resources=seen, changed=changed
+            )
 
     @classmethod
     def open(cls, url: str) -> IndexStore:
@@ -347,8 +372,18 @@ class IndexStore:
                     )
                 )
                 src_rows.append(
-                    (rtype, resource["id"], b.bundle_sha256, b.source_org, b.source_patient, b.topic, b.partition, b.offset,
-                     b.received_at, owner)
+                    (
+                        rtype,
+                        resource["id"],
+                        b.bundle_sha256,
+                        b.source_org,
+                        b.source_patient,
+                        b.topic,
+                        b.partition,
+                        b.offset,
+                        b.received_at,
+                        owner,
+                    )
                 )
                 if rtype == "Patient":
                     for ident in resource.get("identifier") or ():
@@ -390,7 +425,9 @@ class IndexStore:
 
     # -- reads ----------------------------------------------------------------------------------
     def get(self, resource_type: str, rid: str) -> dict[str, Any] | None:
-        rows = self.db.query("SELECT body FROM resources WHERE resource_type = ? AND id = ?", (resource_type, rid))
+        rows = self.db.query(
+            "SELECT body FROM resources WHERE resource_type = ? AND id = ?", (resource_type, rid)
+        )
         return orjson.loads(rows[0][0]) if rows else None
 
     def patients_by_identifier(self, system: str | None, value: str) -> list[str]:
@@ -401,7 +438,8 @@ class IndexStore:
             )
         else:
             rows = self.db.query(
-                "SELECT DISTINCT patient_id FROM patient_identifiers WHERE value = ? ORDER BY patient_id", (value,)
+                "SELECT DISTINCT patient_id FROM patient_identifiers WHERE value = ? ORDER BY patient_id",
+                (value,),
             )
         return [r[0] for r in rows]
 
@@ -494,7 +532,9 @@ class IndexStore:
     def fingerprint(self) -> str:
         """A digest of the whole index content, to compare a rebuilt index with the original."""
         h = hashlib.sha256()
-        for r in self.db.query("SELECT resource_type, id, last_updated, body FROM resources ORDER BY resource_type, id"):
+        for r in self.db.query(
+            "SELECT resource_type, id, last_updated, body FROM resources ORDER BY resource_type, id"
+        ):
             h.update("\x1f".join(str(x) for x in r).encode())
         for r in self.db.query(
             "SELECT resource_type, id, bundle_sha256, source_org FROM resource_sources "

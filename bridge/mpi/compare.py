@@ -123,7 +123,9 @@ class FeatureTable:
         # fast path for the common case of exactly one strong identifier: its value and its system (a
         # typo test of the value alone: the same answer as of "system|value" when the systems are equal,
         # at a fraction of the length)
-        self.cols["idv"] = np.array([i[0][1] if len(i) == 1 else "" for i in idents] if n else [], dtype=object)
+        self.cols["idv"] = np.array(
+            [i[0][1] if len(i) == 1 else "" for i in idents] if n else [], dtype=object
+        )
         self.cols["idsys"] = np.array(
             [i[0][0] if len(i) == 1 else "" for i in idents] if n else [], dtype=object
         )
@@ -407,9 +409,7 @@ def compare_pairs(t: FeatureTable, ia: np.ndarray, ib: np.ndarray) -> np.ndarray
     # (only ">= 75" and ">= 90" are asked of it)
     ratio = p.similarity("a_ts", "a_ts", fuzz.ratio, equal=100.0, missing=0.0, cutoff=75.0)
     # a space typed in the wrong place
-    ratio = np.maximum(
-        ratio, p.similarity("a_ns", "a_ns", fuzz.ratio, equal=100.0, missing=0.0, cutoff=75.0)
-    )
+    ratio = np.maximum(ratio, p.similarity("a_ns", "a_ns", fuzz.ratio, equal=100.0, missing=0.0, cutoff=75.0))
     lv = np.zeros(n, dtype=np.int8)
     lv[ratio >= 75] = 1
     lv[ratio >= 90] = 2

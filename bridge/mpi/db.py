@@ -302,9 +302,10 @@ class Database:
         if not m[2].strip():
             # a plain INSERT (no ON CONFLICT clause): COPY, which the server loads faster than INSERT ...
             # SELECT unnest (1,000 records into a 150,000-record table: ~15 ms against ~20, commit included)
-            with self._pg.cursor() as cur, cur.copy(
-                m[1].replace("INSERT INTO ", "COPY ", 1) + " FROM STDIN (FORMAT BINARY)"
-            ) as copy:
+            with (
+                self._pg.cursor() as cur,
+                cur.copy(m[1].replace("INSERT INTO ", "COPY ", 1) + " FROM STDIN (FORMAT BINARY)") as copy,
+            ):
                 copy.set_types(list(types))
                 for row in rows:
                     copy.write_row(row)

@@ -176,7 +176,6 @@ def _no_nul(value: str | None, name: str) -> None:
         raise MpiInputError(f"{name} contains a NUL character")
 
 
-
 def _int_param(request: web.Request, name: str, default: int, hi: int) -> int:
     raw = request.query.get(name)
     if raw is None:

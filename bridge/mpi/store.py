@@ -424,7 +424,9 @@ class PersonIndex:
                 _PATIENT_INSERT, [(r[0], r[1], persons.get(r[0], r[2]), *r[3:]) for r in rows], _PATIENT_TYPES
             )
 
-    def _candidates(self, cache: RecordCache, changed: list[str], placed: Placed) -> tuple[np.ndarray, np.ndarray]:
+    def _candidates(
+        self, cache: RecordCache, changed: list[str], placed: Placed
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Candidate pairs ``(changed record, other record)`` from the in-memory blocks, as cache rows.
 
         Each pair once: a pair of two changed records is owned by the one with the smaller id. In no

@@ -23,7 +23,9 @@ from bridge.config import Settings, Topics
 def _broker_kinds() -> list[str]:
     if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
         return ["external"]
-    kinds = [k.strip() for k in os.environ.get("FHIRBRIDGE_TEST_BROKERS", "noida,tansu").split(",") if k.strip()]
+    kinds = [
+        k.strip() for k in os.environ.get("FHIRBRIDGE_TEST_BROKERS", "noida,tansu").split(",") if k.strip()
+    ]
     bad = set(kinds) - {"noida", "tansu"}
     if bad:
         raise pytest.UsageError(f"FHIRBRIDGE_TEST_BROKERS: unknown broker(s) {sorted(bad)}")
@@ -34,7 +36,9 @@ _brokers: dict[str, BrokerHandle] = {}
 
 
 @pytest.fixture(scope="session", params=_broker_kinds())
-def broker(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerHandle]:
+def broker(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[BrokerHandle]:
     kind = request.param
     if kind == "external":
         yield BrokerHandle(bootstrap=os.environ["KAFKA_BOOTSTRAP_SERVERS"], kind="external")

@@ -29,15 +29,37 @@ def synthetic_bundles(org: str, n: int, start: int = 0) -> Iterator[ConvertedBun
     rng = random.Random(start)
     for i in range(start, start + n):
         p = _person(rng)
-        b = BundleBuilder(adapter_name="hl7v2", adapter_version="test", source=source, input_sha256=f"{i:064x}",
-                          record_key=str(i), recorded="2026-01-01T00:00:00Z")
-        pref = b.add({"resourceType": "Patient", "identifier": [{"system": source.mrn_system_uri, "value": f"M{i}"}],
-                      "name": [{"family": p.family, "given": [p.given, p.middle]}], "gender": "female" if p.sex == "F" else "male",
-                      "birthDate": f"{p.dob[:4]}-{p.dob[4:6]}-{p.dob[6:]}",
-                      "address": [{"line": [p.street], "city": p.city[0], "state": p.city[1], "postalCode": p.city[2]}]}, f"M{i}")
-        b.add({"resourceType": "Encounter", "status": "finished",
-               "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
-               "subject": {"reference": pref}, "period": {"start": "2026-01-01T10:00:00Z"}}, f"V{i}")
+        b = BundleBuilder(
+            adapter_name="hl7v2",
+            adapter_version="test",
+            source=source,
+            input_sha256=f"{i:064x}",
+            record_key=str(i),
+            recorded="2026-01-01T00:00:00Z",
+        )
+        pref = b.add(
+            {
+                "resourceType": "Patient",
+                "identifier": [{"system": source.mrn_system_uri, "value": f"M{i}"}],
+                "name": [{"family": p.family, "given": [p.given, p.middle]}],
+                "gender": "female" if p.sex == "F" else "male",
+                "birthDate": f"{p.dob[:4]}-{p.dob[4:6]}-{p.dob[6:]}",
+                "address": [
+                    {"line": [p.street], "city": p.city[0], "state": p.city[1], "postalCode": p.city[2]}
+                ],
+            },
+            f"M{i}",
+        )
+        b.add(
+            {
+                "resourceType": "Encounter",
+                "status": "finished",
+                "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+                "subject": {"reference": pref},
+                "period": {"start": "2026-01-01T10:00:00Z"},
+            },
+            f"V{i}",
+        )
         yield b.build(routing_key=f"{source.mrn_system_uri}|M{i}", message_id=f"MSG{i}", validate=False)
 
 
@@ -59,8 +81,13 @@ def publish_synthetic(publisher: Publisher, org: str, n: int, start: int = 0, ch
 
 def start_consumer(kind: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     out = open(log, "ab")  # noqa: SIM115 - the child owns it
-    proc = subprocess.Popen([sys.executable, "-m", "bridge.cli", kind, "run"], env=env, stdout=out,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bridge.cli", kind, "run"],
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     out.close()
     return proc
 

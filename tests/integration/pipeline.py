@@ -40,7 +40,9 @@ class Stack:
         sink: Any = build_ledger_sink(s, bootstrap) if kind == "ledger" else build_index_sink(s)
         return ConsumerRuntime(s, bootstrap, sink, Publisher(s, bootstrap), group_id=group)
 
-    def drain(self, kind: str, group: str, expected: Callable[[ConsumerRuntime], bool], timeout: float = 90) -> ConsumerRuntime:
+    def drain(
+        self, kind: str, group: str, expected: Callable[[ConsumerRuntime], bool], timeout: float = 90
+    ) -> ConsumerRuntime:
         """Run a consumer until ``expected(runtime)`` holds, then stop it gracefully."""
         rt = self.runtime(kind, group)
         done = threading.Event()
@@ -54,8 +56,10 @@ class Stack:
 
         rt.run(until=until, poll_timeout_ms=200)
         if not done.is_set():
-            pytest.fail(f"{kind} consumer did not reach the expected state within {timeout}s "
-                        f"(processed {rt.processed}, dead-lettered {rt.dead_lettered})")
+            pytest.fail(
+                f"{kind} consumer did not reach the expected state within {timeout}s "
+                f"(processed {rt.processed}, dead-lettered {rt.dead_lettered})"
+            )
         return rt
 
 

@@ -18,8 +18,21 @@ pytestmark = pytest.mark.integration
 
 def _demo(data_dir: Path, port: int, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "bridge.cli", "demo", "--data-dir", str(data_dir), "--port", str(port), "--exit-when-ready", *extra],
-        capture_output=True, text=True, timeout=240,
+        [
+            sys.executable,
+            "-m",
+            "bridge.cli",
+            "demo",
+            "--data-dir",
+            str(data_dir),
+            "--port",
+            str(port),
+            "--exit-when-ready",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
 
 
@@ -39,8 +52,14 @@ def test_demo_runs_to_ready_prints_working_links_and_keeps_its_data(tmp_path: Pa
     (line,) = [x.strip() for x in proc.stdout.splitlines() if x.strip().startswith("export ")]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FHIRBRIDGE_", "KAFKA_"))}
     env.update(dict(kv.split("=", 1) for kv in line.removeprefix("export ").split()))
-    verify = subprocess.run([sys.executable, "-m", "bridge.cli", "ledger", "verify"], env=env, cwd=tmp_path,
-                            capture_output=True, text=True, timeout=120)
+    verify = subprocess.run(
+        [sys.executable, "-m", "bridge.cli", "ledger", "verify"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert (data_dir / "env").read_text().strip() == line
 

@@ -22,6 +22,7 @@ from .pipeline import Stack, make_stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
+
 # The 20,000 bundles on noida-db (on disk, the Kafka-like broker). Crash safety is a property of
 # the consumer, not the broker, so tansu runs the same test on 5,000 to keep the suite under 10 minutes.
 # FHIRBRIDGE_FAULT_BUNDLES overrides both.
@@ -38,16 +39,22 @@ def _wait(pred, timeout: float, what: str, state=None, logs: list[Path] = ()) ->
     deadline = time.monotonic() + timeout
     while not pred():
         if time.monotonic() > deadline:
-            tails = "\n".join(f"--- {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-8:]) for p in logs)
+            tails = "\n".join(
+                f"--- {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-8:]) for p in logs
+            )
             pytest.fail(f"timed out waiting for {what}; state {state() if state else ''}\n{tails}")
         time.sleep(0.25)
 
 
-def test_kill_9_consumers_during_ingest_loses_and_duplicates_nothing(stack: Stack, tmp_path: Path, broker) -> None:  # type: ignore[no-untyped-def]
+def test_kill_9_consumers_during_ingest_loses_and_duplicates_nothing(
+    stack: Stack, tmp_path: Path, broker
+) -> None:  # type: ignore[no-untyped-def]
     s = stack.settings
     n = _bundles(broker.kind)
     env = settings_env(s)
-    producer = threading.Thread(target=publish_synthetic, args=(Publisher(s, s.bootstrap_servers or ""), "st-mary", n))
+    producer = threading.Thread(
+        target=publish_synthetic, args=(Publisher(s, s.bootstrap_servers or ""), "st-mary", n)
+    )
     producer.start()
     rng = random.Random(4)
     logs = {k: tmp_path / f"{k}.log" for k in ("ledger", "index")}
@@ -72,8 +79,13 @@ def _kill_and_check(stack, producer, procs, env, logs, rng, n) -> None:  # type:
 
     ledger = stack.open_ledger()
     index = IndexStore.open(s.index_url)
-    _wait(lambda: ledger.size() >= n and index.counts()["bundles"] >= n, 240, "both consumers to catch up",
-          lambda: (ledger.size(), index.counts(), {k: p.poll() for k, p in procs.items()}), list(logs.values()))
+    _wait(
+        lambda: ledger.size() >= n and index.counts()["bundles"] >= n,
+        240,
+        "both consumers to catch up",
+        lambda: (ledger.size(), index.counts(), {k: p.poll() for k, p in procs.items()}),
+        list(logs.values()),
+    )
     time.sleep(2)  # anything still in flight would show up as an extra leaf
     for p in procs.values():
         assert stop(p) == 0
@@ -86,11 +98,18 @@ def _kill_and_check(stack, producer, procs, env, logs, rng, n) -> None:  # type:
     index.close()
 
 
-def test_postgres_restart_pauses_and_resumes_without_loss(stack: Stack, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+def test_postgres_restart_pauses_and_resumes_without_loss(
+    stack: Stack, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     pg = PostgresServer()
     pg.start()
     try:
-        s = replace(stack.settings, ledger_url=pg.create_db("ledger"), index_url=pg.create_db("idx"), mpi_url=pg.create_db("mpi"))
+        s = replace(
+            stack.settings,
+            ledger_url=pg.create_db("ledger"),
+            index_url=pg.create_db("idx"),
+            mpi_url=pg.create_db("mpi"),
+        )
         env = settings_env(s)
         n = 3000
         procs = {k: start_consumer(k, env, tmp_path / f"{k}.log") for k in ("ledger", "index")}
@@ -107,8 +126,13 @@ def test_postgres_restart_pauses_and_resumes_without_loss(stack: Stack, tmp_path
 
         ledger = Ledger.open(s.ledger_url, origin=s.ledger_origin)
         index = IndexStore.open(s.index_url)
-        _wait(lambda: ledger.size() >= n and index.counts()["bundles"] >= n, 120, "consumers to resume after the restart",
-              lambda: (ledger.size(), index.counts()), [tmp_path / "ledger.log", tmp_path / "index.log"])
+        _wait(
+            lambda: ledger.size() >= n and index.counts()["bundles"] >= n,
+            120,
+            "consumers to resume after the restart",
+            lambda: (ledger.size(), index.counts()),
+            [tmp_path / "ledger.log", tmp_path / "index.log"],
+        )
         for p in procs.values():
             assert stop(p) == 0
         assert ledger.size() == n and index.counts()["bundles"] == n

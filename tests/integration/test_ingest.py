@@ -32,8 +32,12 @@ ONLY_MSH = b"MSH|^~\\&|EPIC|STM|FB|FB|20240101120000||ADT^A08^ADT_A01|ING-3|P|2.
 
 def _read(settings: Settings, topic: str, expect: int, timeout: float = 20) -> list[Any]:
     consumer = KafkaConsumer(
-        topic, bootstrap_servers=settings.bootstrap_servers, auto_offset_reset="earliest",
-        enable_auto_commit=False, consumer_timeout_ms=1000, group_id=None,
+        topic,
+        bootstrap_servers=settings.bootstrap_servers,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        consumer_timeout_ms=1000,
+        group_id=None,
     )
     got: list[Any] = []
     deadline = time.monotonic() + timeout
@@ -62,9 +66,24 @@ def test_ingest_dead_letters_a_record_that_converts_to_nothing(
     feed = tmp_path / "feed.hl7"
     feed.write_bytes(GOOD + b"\n" + MFN + b"\n" + ONLY_MSH)
     done = subprocess.run(
-        [sys.executable, "-m", "bridge.cli", "ingest", "--adapter", "hl7v2", "--source", "st-mary", "--timezone",
-         "America/Chicago", "--no-progress", str(feed)],
-        env=env, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "bridge.cli",
+            "ingest",
+            "--adapter",
+            "hl7v2",
+            "--source",
+            "st-mary",
+            "--timezone",
+            "America/Chicago",
+            "--no-progress",
+            str(feed),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     err = done.stderr
     assert done.returncode == 1, err
@@ -86,8 +105,15 @@ def test_ingest_dead_letters_a_record_that_converts_to_nothing(
     by_location = sorted(dead, key=lambda r: dict(r.headers)["fb-dl-location"])
     assert [r.value for r in by_location] == [MFN, ONLY_MSH]
     assert all(dict(r.headers)["fb-source-timezone"] == b"America/Chicago" for r in dead)
-    replay = subprocess.run([sys.executable, "-m", "bridge.cli", "replay", "--dead-letters"], env=env,
-                            capture_output=True, text=True, timeout=120)
+    replay = subprocess.run(
+        [sys.executable, "-m", "bridge.cli", "replay", "--dead-letters"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert replay.returncode == 0, replay.stderr
     assert "processed 0, dead-lettered 2" in replay.stdout, replay.stdout
-    assert len(_read(settings, settings.topics.bundles, 2, timeout=5)) == 1  # still not published as empty bundles
+    assert (
+        len(_read(settings, settings.topics.bundles, 2, timeout=5)) == 1
+    )  # still not published as empty bundles

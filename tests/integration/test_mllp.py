@@ -202,10 +202,14 @@ def ready(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
 
 
 def listener(settings: Settings) -> MllpServer:
-    return MllpServer(HL7v2Adapter(), SRC, lambda: Publisher(settings, settings.bootstrap_servers or ""), ack_timeout=30)
+    return MllpServer(
+        HL7v2Adapter(), SRC, lambda: Publisher(settings, settings.bootstrap_servers or ""), ack_timeout=30
+    )
 
 
-REUSED = MSG.replace(b"MRN-77", b"MRN-78").replace(b"DOE^JANE", b"ROE^RICHARD")  # CTRL-1 again, another patient
+REUSED = MSG.replace(b"MRN-77", b"MRN-78").replace(
+    b"DOE^JANE", b"ROE^RICHARD"
+)  # CTRL-1 again, another patient
 
 
 async def test_a_reused_control_id_with_other_content_is_published(ready: Settings) -> None:
@@ -223,20 +227,28 @@ async def test_a_reused_control_id_with_other_content_is_published(ready: Settin
     assert ["duplicate" in field(a, "MSA", 3) for a in acks] == [False, False, True, True]
     assert server.stats["duplicates"] == 2 and server.stats["reused_ids"] == 1
     got = records(ready, 2)
-    assert sorted(r.key for r in got) == [b"urn:fhirbridge:st-mary:mrn|MRN-77", b"urn:fhirbridge:st-mary:mrn|MRN-78"]
+    assert sorted(r.key for r in got) == [
+        b"urn:fhirbridge:st-mary:mrn|MRN-77",
+        b"urn:fhirbridge:st-mary:mrn|MRN-78",
+    ]
 
 
 async def test_concurrent_copies_are_published_once_and_a_reused_id_beside_them_too(ready: Settings) -> None:
     server = listener(ready)
     await server.start("127.0.0.1", 0)
     try:
-        acks = await asyncio.gather(*(asyncio.to_thread(mllp_send, server.port, m) for m in (MSG, MSG, REUSED)))
+        acks = await asyncio.gather(
+            *(asyncio.to_thread(mllp_send, server.port, m) for m in (MSG, MSG, REUSED))
+        )
     finally:
         await server.close()
     assert [field(a, "MSA", 1) for (a,) in acks] == ["AA"] * 3
     assert server.stats["duplicates"] == 1
     got = records(ready, 2)
-    assert sorted(r.key for r in got) == [b"urn:fhirbridge:st-mary:mrn|MRN-77", b"urn:fhirbridge:st-mary:mrn|MRN-78"]
+    assert sorted(r.key for r in got) == [
+        b"urn:fhirbridge:st-mary:mrn|MRN-77",
+        b"urn:fhirbridge:st-mary:mrn|MRN-78",
+    ]
 
 
 MFN = (
@@ -249,7 +261,9 @@ GARBLED = (
     b"MSH|^~\\&|EPIC|STM|FB|FB|20240101120000||20240101120000|GARBLED-1|P|2.5.1\r"
     b"PID|1||MRN-80^^^^MR||DOE^JANE\r"
 )
-BAD_DELIMITERS = b"MSH|ab|EPIC|STM|FB|FB|20240101120000||ADT^A01|DELIM-1|P|2.5.1\rPID|1||MRN-81^^^^MR||DOE^JANE\r"
+BAD_DELIMITERS = (
+    b"MSH|ab|EPIC|STM|FB|FB|20240101120000||ADT^A01|DELIM-1|P|2.5.1\rPID|1||MRN-81^^^^MR||DOE^JANE\r"
+)
 
 
 async def test_what_cannot_be_converted_is_dead_lettered_then_answered_ae(ready: Settings) -> None:
@@ -287,7 +301,9 @@ async def test_what_cannot_be_converted_is_dead_lettered_then_answered_ae(ready:
 async def test_a_message_that_cannot_be_dead_lettered_gets_ar(ready: Settings) -> None:
     """The bundles topic works but the dead letters cannot be written (an illegal topic name): the
     unsupported message is kept nowhere, so the sender must keep it: AR, not AE (it was AA)."""
-    broken = replace(ready, topics=Topics(bundles=ready.topics.bundles, deadletter="no such topic!", partitions=3))
+    broken = replace(
+        ready, topics=Topics(bundles=ready.topics.bundles, deadletter="no such topic!", partitions=3)
+    )
     server = listener(broken)
     await server.start("127.0.0.1", 0)
     try:

@@ -25,7 +25,9 @@ def stack(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Stack:
 
 def _ingest(stack: Stack, files: dict[str, list[Path]]) -> None:
     for org, paths in files.items():
-        assert stack.cli("ingest", "--adapter", "hl7v2", "--source", org, "--no-progress", *map(str, paths)) == 0
+        assert (
+            stack.cli("ingest", "--adapter", "hl7v2", "--source", org, "--no-progress", *map(str, paths)) == 0
+        )
 
 
 async def test_two_hospitals_end_to_end(stack: Stack, tmp_path: Path) -> None:
@@ -47,7 +49,10 @@ async def test_two_hospitals_end_to_end(stack: Stack, tmp_path: Path) -> None:
     text = generate_latest(REGISTRY).decode()
     topic = stack.settings.topics.bundles
     consumed = sum(
-        REGISTRY.get_sample_value("fhirbridge_consumer_consumed_total", {"group": "t-ledger", "topic": topic, "partition": str(p)}) or 0
+        REGISTRY.get_sample_value(
+            "fhirbridge_consumer_consumed_total", {"group": "t-ledger", "topic": topic, "partition": str(p)}
+        )
+        or 0
         for p in range(3)
     )
     assert consumed == n
@@ -69,7 +74,9 @@ async def test_two_hospitals_end_to_end(stack: Stack, tmp_path: Path) -> None:
         assert resp.headers["Content-Type"].startswith("application/fhir+json")
         bundle = await resp.json()
         assert bundle["type"] == "searchset"
-        patients = {e["resource"]["id"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient"}
+        patients = {
+            e["resource"]["id"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient"
+        }
         assert patients == {pid_a, pid_b}
         sources = {
             sub["valueString"]
@@ -80,7 +87,10 @@ async def test_two_hospitals_end_to_end(stack: Stack, tmp_path: Path) -> None:
         }
         assert sources == {"st-mary", "riverside"}
         encounters = [e for e in bundle["entry"] if e["resource"]["resourceType"] == "Encounter"]
-        assert encounters and all(e["resource"]["subject"]["reference"] in {f"Patient/{pid_a}", f"Patient/{pid_b}"} for e in encounters)
+        assert encounters and all(
+            e["resource"]["subject"]["reference"] in {f"Patient/{pid_a}", f"Patient/{pid_b}"}
+            for e in encounters
+        )
 
         # every entry's proof verifies offline against the signed checkpoint in the bundle
         note = bundle["meta"]["extension"][0]["valueString"]
@@ -89,7 +99,9 @@ async def test_two_hospitals_end_to_end(stack: Stack, tmp_path: Path) -> None:
         for e in bundle["entry"]:
             for ext in e.get("extension", []):
                 sub = ext["extension"]
-                leaf = base64.b64decode(next(s["valueBase64Binary"] for s in sub if s["url"] == "ledgerEntry"))
+                leaf = base64.b64decode(
+                    next(s["valueBase64Binary"] for s in sub if s["url"] == "ledgerEntry")
+                )
                 idx = next(s["valueInteger"] for s in sub if s["url"] == "ledgerIndex")
                 proof = [base64.b64decode(s["valueBase64Binary"]) for s in sub if s["url"] == "proofHash"]
                 merkle.verify_inclusion(merkle.leaf_hash(leaf), idx, cp.size, proof, cp.root_hash)
@@ -121,7 +133,9 @@ async def test_two_hospitals_end_to_end(stack: Stack, tmp_path: Path) -> None:
     index.close()
 
 
-def test_malformed_hl7_is_located_and_dead_lettered(stack: Stack, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_malformed_hl7_is_located_and_dead_lettered(
+    stack: Stack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from kafka import KafkaConsumer
 
     # read bytes: read_text() would turn the \r segment separators into \n
@@ -140,8 +154,10 @@ def test_malformed_hl7_is_located_and_dead_lettered(stack: Stack, tmp_path: Path
     assert "Traceback" not in err
 
     consumer = KafkaConsumer(
-        stack.settings.topics.deadletter, bootstrap_servers=stack.settings.bootstrap_servers,
-        auto_offset_reset="earliest", consumer_timeout_ms=10000,
+        stack.settings.topics.deadletter,
+        bootstrap_servers=stack.settings.bootstrap_servers,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=10000,
     )
     records = [next(iter(consumer))]
     consumer.close()

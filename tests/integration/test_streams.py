@@ -28,12 +28,18 @@ def stack(settings, monkeypatch: pytest.MonkeyPatch) -> Stack:  # type: ignore[n
 
 def _ingest(stack: Stack, files: dict[str, list[Path]]) -> None:
     for org, paths in files.items():
-        assert stack.cli("ingest", "--adapter", "hl7v2", "--source", org, "--no-progress", *map(str, paths)) == 0
+        assert (
+            stack.cli("ingest", "--adapter", "hl7v2", "--source", org, "--no-progress", *map(str, paths)) == 0
+        )
 
 
 def _dead_letters(stack: Stack, n: int) -> list:  # type: ignore[type-arg]
-    consumer = KafkaConsumer(stack.settings.topics.deadletter, bootstrap_servers=stack.settings.bootstrap_servers,
-                             auto_offset_reset="earliest", consumer_timeout_ms=10000)
+    consumer = KafkaConsumer(
+        stack.settings.topics.deadletter,
+        bootstrap_servers=stack.settings.bootstrap_servers,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=10000,
+    )
     out = []
     for m in consumer:
         out.append(m)
@@ -51,8 +57,14 @@ def _send_raw(stack: Stack, value: bytes, env: Envelope, signer: OrgSigner | Non
 
 
 def _env_for(value: bytes, org: str = "st-mary", message_id: str = "X1") -> Envelope:
-    return Envelope(source_org=org, adapter="hl7v2", adapter_version="1.0.0",
-                    bundle_sha256=hashlib.sha256(value).hexdigest(), produced_at=utc_now(), message_id=message_id)
+    return Envelope(
+        source_org=org,
+        adapter="hl7v2",
+        adapter_version="1.0.0",
+        bundle_sha256=hashlib.sha256(value).hexdigest(),
+        produced_at=utc_now(),
+        message_id=message_id,
+    )
 
 
 def test_poison_mix_lands_in_dead_letters_and_good_records_land(stack: Stack, tmp_path: Path) -> None:
@@ -62,10 +74,10 @@ def test_poison_mix_lands_in_dead_letters_and_good_records_land(stack: Stack, tm
     trusted = OrgSigner.load(stack.settings.data_dir / "keys" / "st-mary.key")
     forger = OrgSigner("st-mary", trusted.key_id, OrgSigner.generate("st-mary").private_key)
     bundle = b'{"resourceType":"Bundle","type":"transaction","entry":[]}'
-    _send_raw(stack, b"{not json", _env_for(b"{not json"), trusted)                          # bad JSON
-    _send_raw(stack, bundle, _env_for(bundle), forger)                                      # forged signature
-    _send_raw(stack, bundle, _env_for(bundle, message_id="M" * 70_000), trusted)            # oversized ledger entry
-    _send_raw(stack, bundle + b" ", _env_for(bundle), trusted)                              # value does not match hash
+    _send_raw(stack, b"{not json", _env_for(b"{not json"), trusted)  # bad JSON
+    _send_raw(stack, bundle, _env_for(bundle), forger)  # forged signature
+    _send_raw(stack, bundle, _env_for(bundle, message_id="M" * 70_000), trusted)  # oversized ledger entry
+    _send_raw(stack, bundle + b" ", _env_for(bundle), trusted)  # value does not match hash
 
     ledger = stack.open_ledger()
     rt = stack.drain("ledger", "g-ledger", lambda rt: rt.processed + rt.dead_lettered >= n + 4)
@@ -129,7 +141,9 @@ def test_a_slow_sink_does_not_end_a_replay_early(stack: Stack, tmp_path: Path) -
     try:
         tps = reader.partitions(None)
         got = 0
-        for batch in reader.read(reader.start_offsets(tps, None, None), report, None, batch=max(1, n // 4), idle_s=0.5):
+        for batch in reader.read(
+            reader.start_offsets(tps, None, None), report, None, batch=max(1, n // 4), idle_s=0.5
+        ):
             got += len(batch)
             time.sleep(0.7)  # longer than the idle limit
     finally:
@@ -174,13 +188,17 @@ def test_dead_letters_redrive_after_fix(stack: Stack, tmp_path: Path) -> None:
     assert rt.processed == 0 and ledger.size() == 0
     # a re-drive before the fix: every record fails again and is dead-lettered again, once; the re-drive
     # stops at the end it saw first instead of reading its own new dead letters (found by review)
-    early = replay(stack.settings, stack.settings.bootstrap_servers or "", dead_letters=True, sink_name="ledger")
+    early = replay(
+        stack.settings, stack.settings.bootstrap_servers or "", dead_letters=True, sink_name="ledger"
+    )
     assert (early.processed, early.dead_lettered) == (0, n)
     # ...until the fix (trusting the new key); then the dead letters are re-driven into the ledger: the
     # originals and their copies from the early re-drive, which the ledger dedupes
     trusted.write_text(new_trust)
     assert key_path.exists()
-    report = replay(stack.settings, stack.settings.bootstrap_servers or "", dead_letters=True, sink_name="ledger")
+    report = replay(
+        stack.settings, stack.settings.bootstrap_servers or "", dead_letters=True, sink_name="ledger"
+    )
     assert report.processed == 2 * n
     assert ledger.size() == n
     ledger.close()
@@ -201,7 +219,9 @@ def test_copy_to_topic_keeps_key_headers_and_timestamp(stack: Stack, tmp_path: P
 
 
 def _read_all(bootstrap: str, topic: str, n: int) -> list:  # type: ignore[type-arg]
-    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", consumer_timeout_ms=10000)
+    consumer = KafkaConsumer(
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", consumer_timeout_ms=10000
+    )
     out = []
     for m in consumer:
         out.append(m)

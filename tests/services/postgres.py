@@ -198,19 +198,37 @@ class PostgresServer:
             os.chown(self.base, self.user.pw_uid, self.user.pw_gid)
         self._write_owner()
         result = subprocess.run(
-            [str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8",
-             "--locale=C", "--no-sync"],
-            capture_output=True, **self._as_user(),
+            [
+                str(self.bin / "initdb"),
+                "-D",
+                str(self.data),
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ],
+            capture_output=True,
+            **self._as_user(),
         )
         if result.returncode != 0:
             shutil.rmtree(self.base, ignore_errors=True)
-            raise PostgresUnavailable(f"initdb failed ({result.returncode}): {result.stderr.decode(errors='replace')[-2000:]}")
+            raise PostgresUnavailable(
+                f"initdb failed ({result.returncode}): {result.stderr.decode(errors='replace')[-2000:]}"
+            )
 
     def _as_user(self) -> dict[str, Any]:
         if self.user is None:
             return {}
-        return {"user": self.user.pw_uid, "group": self.user.pw_gid, "extra_groups": [],
-                "env": {**os.environ, "HOME": str(self.base), "USER": self.user.pw_name}}
+        return {
+            "user": self.user.pw_uid,
+            "group": self.user.pw_gid,
+            "extra_groups": [],
+            "env": {**os.environ, "HOME": str(self.base), "USER": self.user.pw_name},
+        }
 
     def _write_owner(self) -> None:
         owner = {"owner_pid": os.getpid(), "postmaster_pid": self._proc.pid if self._proc else None}
@@ -227,8 +245,14 @@ class PostgresServer:
         """Start the postmaster and return once it accepts connections."""
         if self.pid is not None:
             return
-        settings = ["-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.base}",
-                    "-c", "max_connections=200"]
+        settings = [
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            f"unix_socket_directories={self.base}",
+            "-c",
+            "max_connections=200",
+        ]
         if not self.durable:
             settings += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
         with open(self.log, "ab") as out:
@@ -236,7 +260,10 @@ class PostgresServer:
                 os.chown(self.log, self.user.pw_uid, self.user.pw_gid)
             self._proc = subprocess.Popen(
                 [str(self.bin / "postgres"), "-D", str(self.data), "-p", str(self.port), *settings],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
                 **self._as_user(),
             )
         self._write_owner()
@@ -248,13 +275,17 @@ class PostgresServer:
         deadline = time.monotonic() + timeout
         while True:
             if self._proc is not None and self._proc.poll() is not None:
-                raise PostgresUnavailable(f"postgres exited with code {self._proc.returncode}: {self.log_tail()}")
+                raise PostgresUnavailable(
+                    f"postgres exited with code {self._proc.returncode}: {self.log_tail()}"
+                )
             try:
                 psycopg.connect(self.dsn(), connect_timeout=2).close()
                 return
             except psycopg.OperationalError as exc:
                 if time.monotonic() > deadline:
-                    raise PostgresUnavailable(f"postgres not ready after {timeout:.0f} s: {exc}; {self.log_tail()}") from exc
+                    raise PostgresUnavailable(
+                        f"postgres not ready after {timeout:.0f} s: {exc}; {self.log_tail()}"
+                    ) from exc
                 time.sleep(0.1)
 
     def log_tail(self, chars: int = 2000) -> str:

@@ -120,7 +120,9 @@ def test_convert_directory_reads_every_file_recursively_in_a_stable_order(tmp_pa
     (d / ".git").mkdir()
     (d / "z.hl7").write_text(GOOD.replace("C1", "Z1"))
     (d / "a.hl7").write_text(GOOD.replace("C1", "A1"))
-    (d / "b" / "deeper" / "feed").write_text(GOOD.replace("C1", "B1"))  # no suffix: real feeds often have none
+    (d / "b" / "deeper" / "feed").write_text(
+        GOOD.replace("C1", "B1")
+    )  # no suffix: real feeds often have none
     (d / ".hidden.hl7").write_text(GOOD.replace("C1", "H1"))
     (d / ".git" / "x.hl7").write_text(GOOD.replace("C1", "G1"))
     rc = main(["convert", "-a", "hl7v2", "-s", "x", str(d), "-o", str(tmp_path / "out")])
@@ -128,7 +130,11 @@ def test_convert_directory_reads_every_file_recursively_in_a_stable_order(tmp_pa
     assert rc == 0, report
     (f,) = report["files"]
     assert [b["message_id"] for b in f["bundles"]] == ["A1", "B1", "Z1"]
-    assert [b["location"]["file"] for b in f["bundles"]] == [str(d / "a.hl7"), str(d / "b" / "deeper" / "feed"), str(d / "z.hl7")]
+    assert [b["location"]["file"] for b in f["bundles"]] == [
+        str(d / "a.hl7"),
+        str(d / "b" / "deeper" / "feed"),
+        str(d / "z.hl7"),
+    ]
 
 
 def test_convert_directory_with_a_bad_file_locates_the_error_in_that_file(tmp_path: Path) -> None:

@@ -195,14 +195,22 @@ def test_synthea_bundle_passes_through(samples: Path) -> None:
 def test_a_non_object_request_and_an_impossible_timestamp_are_located_not_fatal() -> None:
     """Found by review: ``"request": "POST"`` crashed the whole bundle (valid entries included) as an
     adapter error, and ``timestamp: 2020-13-45T99:99:99Z`` passed the pattern into Provenance.recorded."""
-    doc = {"resourceType": "Bundle", "type": "transaction",
-           "entry": [{"resource": PATIENT, "request": "POST"}, {"resource": OBS}]}
+    doc = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [{"resource": PATIENT, "request": "POST"}, {"resource": OBS}],
+    }
     outs = run(json.dumps(doc).encode())
     rejected = [o for o in outs if isinstance(o, RejectedRecord)]
     assert [o.error.message for o in rejected] == ["Bundle.entry.request must be an object"]
     assert "Bundle.entry[0]" in str(rejected[0].error.location)
     assert any(isinstance(o, ConvertedBundle) for o in outs)
-    doc = {"resourceType": "Bundle", "type": "collection", "timestamp": "2020-13-45T99:99:99Z", "entry": [{"resource": PATIENT}]}
+    doc = {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "timestamp": "2020-13-45T99:99:99Z",
+        "entry": [{"resource": PATIENT}],
+    }
     [out] = run(json.dumps(doc).encode())
     assert isinstance(out, ConvertedBundle)
     validate_bundle(out.bundle)
@@ -212,7 +220,11 @@ def test_a_second_different_resource_with_the_same_id_is_rejected_not_dropped() 
     """Found by review: the later of two resources with one id replaced the first with only a warning,
     so the first was lost. Now the first is kept and the second rejected, located, with its raw entry."""
     other = {**PATIENT, "name": [{"family": "Other"}]}
-    doc = {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": PATIENT}, {"resource": other}]}
+    doc = {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [{"resource": PATIENT}, {"resource": other}],
+    }
     outs = run(json.dumps(doc).encode())
     [rej] = [o for o in outs if isinstance(o, RejectedRecord)]
     assert "appears again with different content" in rej.error.message
@@ -220,7 +232,11 @@ def test_a_second_different_resource_with_the_same_id_is_rejected_not_dropped() 
     [out] = [o for o in outs if isinstance(o, ConvertedBundle)]
     [pat] = [e["resource"] for e in out.bundle["entry"] if e["resource"]["resourceType"] == "Patient"]
     assert pat["name"] == PATIENT["name"]
-    same = {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": PATIENT}, {"resource": PATIENT}]}
+    same = {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [{"resource": PATIENT}, {"resource": PATIENT}],
+    }
     outs = run(json.dumps(same).encode())
     assert all(isinstance(o, ConvertedBundle) for o in outs)
     assert any(w.code == "duplicate-resource" for o in outs for w in o.warnings)  # type: ignore[union-attr]

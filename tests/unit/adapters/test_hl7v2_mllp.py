@@ -184,7 +184,9 @@ async def test_a_frame_without_the_trailing_cr_is_answered(no_broker) -> None:  
     server = MllpServer(HL7v2Adapter(), SRC, no_broker)
     await server.start("127.0.0.1", 0)
     try:
-        a1, a2 = await _send_chunks(server.port, [START + BAD + b"\x1c", frame(BAD.replace(b"C101", b"C102"))], 2)
+        a1, a2 = await _send_chunks(
+            server.port, [START + BAD + b"\x1c", frame(BAD.replace(b"C101", b"C102"))], 2
+        )
     finally:
         await server.close()
     assert seg(a1[1:-2], "MSA")[2] == "C101" and seg(a2[1:-2], "MSA")[2] == "C102"

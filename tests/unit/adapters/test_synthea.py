@@ -258,9 +258,15 @@ def test_an_impossible_encounter_time_rejects_that_row_only(tmp_path: Path, star
     files = dict(CURRENT)
     files["encounters.csv"] = files["encounters.csv"].replace("2020-01-01T10:00:00Z", start, 1)
     outs = list(SyntheaCsvAdapter().convert_path(write(tmp_path, files), SRC))
-    bad = [o for o in outs if isinstance(o, RejectedRecord) and str(o.error.location.file).endswith("encounters.csv")]
+    bad = [
+        o
+        for o in outs
+        if isinstance(o, RejectedRecord) and str(o.error.location.file).endswith("encounters.csv")
+    ]
     assert len(bad) == 1 and start in bad[0].error.message
     loc = bad[0].error.location
     assert loc.line == 2 and loc.column == "START"
-    [out] = [o for o in outs if isinstance(o, ConvertedBundle)]  # the patient and the other rows still convert
+    [out] = [
+        o for o in outs if isinstance(o, ConvertedBundle)
+    ]  # the patient and the other rows still convert
     assert of(out, "Patient") and not of(out, "Encounter")

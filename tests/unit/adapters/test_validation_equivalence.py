@@ -447,14 +447,20 @@ def test_choice_types_and_primitive_values_under_a_known_shape() -> None:
     both = copy.deepcopy(b)
     both["entry"][i]["resource"]["valueString"] = "7.2"  # value[x] twice
     assert assert_same_verdict(both)[0] == "invalid"
-    for field, bad in [("status", "final "), ("effectiveDateTime", "2024-02-30"), ("effectiveDateTime", "2024-03-05T25:00:00Z")]:
+    for field, bad in [
+        ("status", "final "),
+        ("effectiveDateTime", "2024-02-30"),
+        ("effectiveDateTime", "2024-03-05T25:00:00Z"),
+    ]:
         m = copy.deepcopy(b)
         assert field in m["entry"][i]["resource"]
         m["entry"][i]["resource"][field] = bad  # same shape as the accepted original, a bad value
         assert assert_same_verdict(m)[0] == "invalid", field
         assert not V.fast_accepts(m)
     q = copy.deepcopy(b)
-    q["entry"][i]["resource"]["valueQuantity"]["value"] = 8.25  # a new, valid value: decided without the library
+    q["entry"][i]["resource"]["valueQuantity"]["value"] = (
+        8.25  # a new, valid value: decided without the library
+    )
     assert assert_same_verdict(q)[0] == "ok"
     assert V.fast_accepts(q)
 
@@ -567,6 +573,10 @@ def test_long_values_and_unknown_resource_types_are_not_remembered() -> None:
     assert not any(data in accepted for _validate, accepted in V._adapters.values())
     before = len(V._resource_classes)
     for i in range(50):
-        odd = {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": {"resourceType": f"Nope{i}"}}]}
+        odd = {
+            "resourceType": "Bundle",
+            "type": "collection",
+            "entry": [{"resource": {"resourceType": f"Nope{i}"}}],
+        }
         assert V.fast_accepts(odd) is False
     assert len(V._resource_classes) == before

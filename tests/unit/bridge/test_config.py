@@ -39,8 +39,13 @@ def test_tune_gc_freezes_the_heap_and_sets_the_thresholds() -> None:
 def test_compression_and_consumer_batching_settings() -> None:
     s = Settings.from_env({})
     assert (s.compression, s.consumer_linger_ms, s.consumer_idle_sleep_ms) == ("gzip", 50, 20)
-    s = Settings.from_env({"FHIRBRIDGE_COMPRESSION": "none", "FHIRBRIDGE_CONSUMER_LINGER_MS": "0",
-                           "FHIRBRIDGE_CONSUMER_IDLE_SLEEP_MS": "5"})
+    s = Settings.from_env(
+        {
+            "FHIRBRIDGE_COMPRESSION": "none",
+            "FHIRBRIDGE_CONSUMER_LINGER_MS": "0",
+            "FHIRBRIDGE_CONSUMER_IDLE_SLEEP_MS": "5",
+        }
+    )
     assert (s.compression, s.consumer_linger_ms, s.consumer_idle_sleep_ms) == (None, 0, 5)
     with pytest.raises(ConfigError, match="FHIRBRIDGE_COMPRESSION"):
         Settings.from_env({"FHIRBRIDGE_COMPRESSION": "brotli"})
@@ -74,16 +79,29 @@ def test_a_compression_codec_must_be_installed(monkeypatch: pytest.MonkeyPatch) 
 def test_out_of_range_numbers_are_refused_by_name(name: str, value: str) -> None:
     with pytest.raises(ConfigError, match=f"{name} must be at least"):
         Settings.from_env({name: value})
-    assert Settings.from_env({"FHIRBRIDGE_RETENTION_MS": "-1", "FHIRBRIDGE_CONSUMER_LINGER_MS": "0"}).topics.retention_ms == -1
+    assert (
+        Settings.from_env(
+            {"FHIRBRIDGE_RETENTION_MS": "-1", "FHIRBRIDGE_CONSUMER_LINGER_MS": "0"}
+        ).topics.retention_ms
+        == -1
+    )
 
 
 def test_every_producer_compresses_as_configured() -> None:
     from bridge.publish import producer_config
 
     assert producer_config(Settings.from_env({}), "127.0.0.1:1")["compression_type"] == "gzip"
-    assert producer_config(Settings.from_env({"FHIRBRIDGE_COMPRESSION": "none"}), "127.0.0.1:1")["compression_type"] is None
+    assert (
+        producer_config(Settings.from_env({"FHIRBRIDGE_COMPRESSION": "none"}), "127.0.0.1:1")[
+            "compression_type"
+        ]
+        is None
+    )
     cfg = producer_config(Settings.from_env({}), "127.0.0.1:1")
-    assert (cfg["acks"], cfg["enable_idempotence"]) == ("all", True)  # compression leaves the guarantees alone
+    assert (cfg["acks"], cfg["enable_idempotence"]) == (
+        "all",
+        True,
+    )  # compression leaves the guarantees alone
 
 
 def test_ingest_lingers_longer_than_the_other_producers(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -95,14 +95,21 @@ def test_poll_batch_returns_a_full_batch_at_once() -> None:
 
 def test_poll_batch_gathers_a_trickle_until_the_linger_ends() -> None:
     consumer = _ScriptedConsumer([1, 0, 2, 0, 1] + [0] * 1000)
-    rt = _runtime(consumer, FHIRBRIDGE_CONSUMER_BATCH="500", FHIRBRIDGE_CONSUMER_LINGER_MS="150",
-                  FHIRBRIDGE_CONSUMER_IDLE_SLEEP_MS="10")
+    rt = _runtime(
+        consumer,
+        FHIRBRIDGE_CONSUMER_BATCH="500",
+        FHIRBRIDGE_CONSUMER_LINGER_MS="150",
+        FHIRBRIDGE_CONSUMER_IDLE_SLEEP_MS="10",
+    )
     t0 = time.monotonic()
     records = rt.poll_batch(timeout_ms=5000)
     elapsed = time.monotonic() - t0
     assert [r.offset for r in records] == [0, 1, 2, 3]
     assert 0.14 <= elapsed < 1.0  # waited the linger after the first record, not the 5 s poll timeout
-    assert all(max_records == 500 - got for (_, max_records), got in zip(consumer.polls, [0, 1, 1, 3, 3], strict=False))
+    assert all(
+        max_records == 500 - got
+        for (_, max_records), got in zip(consumer.polls, [0, 1, 1, 3, 3], strict=False)
+    )
     assert len(consumer.polls) < 40  # slept between the polls instead of spinning
 
 
@@ -143,8 +150,19 @@ def test_iso_millis_matches_datetime_isoformat() -> None:
     from bridge.consumer import iso_millis
 
     rng = random.Random(6)
-    for ms in [-62_135_596_800_000, -50_000_000_000_000, 0, -1, 999, 1000, 1_767_225_599_999, 4_102_444_800_000] + [rng.randrange(0, 4_102_444_800_000) for _ in range(2000)]:
-        expected = datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    for ms in [
+        -62_135_596_800_000,
+        -50_000_000_000_000,
+        0,
+        -1,
+        999,
+        1000,
+        1_767_225_599_999,
+        4_102_444_800_000,
+    ] + [rng.randrange(0, 4_102_444_800_000) for _ in range(2000)]:
+        expected = (
+            datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        )
         assert iso_millis(ms) == expected, ms
 
 
@@ -239,7 +257,10 @@ def test_records_assigned_by_a_rebalance_during_a_batch_are_not_skipped(mode: st
     settings = Settings.from_env({"FHIRBRIDGE_CONSUMER_LINGER_MS": "5"})
     rt = ConsumerRuntime(settings, "127.0.0.1:1", _Sink(), None, group_id="g", consumer=consumer)  # type: ignore[arg-type]
     deadline = time.monotonic() + 10
-    rt.run(until=lambda: time.monotonic() > deadline or consumer.committed[consumer.p1] >= 300, poll_timeout_ms=50)
+    rt.run(
+        until=lambda: time.monotonic() > deadline or consumer.committed[consumer.p1] >= 300,
+        poll_timeout_ms=50,
+    )
     assert consumer.committed[consumer.p1] == 300
     assert {o for p, o in seen if p == 1} == set(range(300))
     assert {o for p, o in seen if p == 0} == set(range(20))

@@ -14,13 +14,19 @@ from bridge.demodata import generate
 
 
 def _resources(bundles: list[ConvertedBundle], rtype: str) -> list[dict[str, Any]]:
-    return [e["resource"] for b in bundles for e in b.bundle["entry"] if e["resource"]["resourceType"] == rtype]
+    return [
+        e["resource"] for b in bundles for e in b.bundle["entry"] if e["resource"]["resourceType"] == rtype
+    ]
 
 
 def _convert(org: str, messages: list[str]) -> list[ConvertedBundle]:
     adapter = HL7v2Adapter()
-    out = [o for m in messages for o in adapter.convert(m.encode(), SourceInfo(org, timezone="America/Chicago"))]
-    assert all(isinstance(o, ConvertedBundle) for o in out), [o for o in out if not isinstance(o, ConvertedBundle)]
+    out = [
+        o for m in messages for o in adapter.convert(m.encode(), SourceInfo(org, timezone="America/Chicago"))
+    ]
+    assert all(isinstance(o, ConvertedBundle) for o in out), [
+        o for o in out if not isinstance(o, ConvertedBundle)
+    ]
     return out  # type: ignore[return-value]
 
 

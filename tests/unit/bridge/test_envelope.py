@@ -24,7 +24,9 @@ def _signed(signer: OrgSigner, body: bytes = BODY, produced_at: str = "2026-06-0
     )
 
 
-def _registry(*signers: OrgSigner, not_before: str | None = None, not_after: str | None = None) -> TrustRegistry:
+def _registry(
+    *signers: OrgSigner, not_before: str | None = None, not_after: str | None = None
+) -> TrustRegistry:
     reg = TrustRegistry()
     for s in signers:
         reg.add(s.org, TrustedKey(s.key_id, s.public_bytes, not_before, not_after))
@@ -111,7 +113,6 @@ def test_keys_and_registry_persist(tmp_path: Path) -> None:
     reg = _registry(signer)
     reg.save(tmp_path / "trust.json")
     TrustRegistry.load(tmp_path / "trust.json").verify(env.parse(_signed(loaded).headers(), BODY))
-
 
 
 def test_a_replaced_trusted_key_takes_effect_at_once() -> None:

@@ -15,7 +15,11 @@ from bridge.index.store import IncomingBundle, IndexStore
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[IndexStore]:
-    url = f"sqlite://{tmp_path / 'index.db'}" if request.param == "sqlite" else request.getfixturevalue("pg_dsn")
+    url = (
+        f"sqlite://{tmp_path / 'index.db'}"
+        if request.param == "sqlite"
+        else request.getfixturevalue("pg_dsn")
+    )
     s = IndexStore.open(url)
     yield s
     s.close()
@@ -32,20 +36,41 @@ def _patient(pid: str, ssn: str, family: str = "DOE") -> dict[str, Any]:
 
 
 def _bundle(
-    sha: str, org: str, *resources: dict[str, Any], ts: str = "2026-01-01T00:00:00.000Z", offset: int = 0, source_ts: str | None = None
+    sha: str,
+    org: str,
+    *resources: dict[str, Any],
+    ts: str = "2026-01-01T00:00:00.000Z",
+    offset: int = 0,
+    source_ts: str | None = None,
 ) -> IncomingBundle:
-    bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "transaction", "entry": [{"resource": r} for r in resources]}
+    bundle: dict[str, Any] = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [{"resource": r} for r in resources],
+    }
     if source_ts:
         bundle["timestamp"] = source_ts
     return IncomingBundle(
         bundle=bundle,
-        bundle_sha256=sha, source_org=org, source_patient=f"{org}|mrn", topic="t", partition=0, offset=offset, received_at=ts,
+        bundle_sha256=sha,
+        source_org=org,
+        source_patient=f"{org}|mrn",
+        topic="t",
+        partition=0,
+        offset=offset,
+        received_at=ts,
     )
 
 
 def _enc(eid: str, pid: str, start: str) -> dict[str, Any]:
-    return {"resourceType": "Encounter", "id": eid, "status": "finished", "class": {"code": "IMP"},
-            "subject": {"reference": f"Patient/{pid}"}, "period": {"start": start}}
+    return {
+        "resourceType": "Encounter",
+        "id": eid,
+        "status": "finished",
+        "class": {"code": "IMP"},
+        "subject": {"reference": f"Patient/{pid}"},
+        "period": {"start": start},
+    }
 
 
 def test_apply_is_idempotent_and_keeps_provenance(store: IndexStore) -> None:
@@ -72,8 +97,28 @@ def test_older_record_never_overwrites_newer(store: IndexStore) -> None:
 
 def test_late_older_message_does_not_overwrite_newer_by_source_time(store: IndexStore) -> None:
     # the A08 (newer at the source) arrives first; the older A01 is re-sent later
-    store.apply([_bundle("h2", "st-mary", _patient("p1", "111", "NEW"), ts="2026-01-01T00:00:00.000Z", source_ts="2026-01-01T10:00:00-06:00")])
-    store.apply([_bundle("h1", "st-mary", _patient("p1", "111", "OLD"), ts="2026-02-01T00:00:00.000Z", source_ts="2026-01-01T09:00:00-06:00")])
+    store.apply(
+        [
+            _bundle(
+                "h2",
+                "st-mary",
+                _patient("p1", "111", "NEW"),
+                ts="2026-01-01T00:00:00.000Z",
+                source_ts="2026-01-01T10:00:00-06:00",
+            )
+        ]
+    )
+    store.apply(
+        [
+            _bundle(
+                "h1",
+                "st-mary",
+                _patient("p1", "111", "OLD"),
+                ts="2026-02-01T00:00:00.000Z",
+                source_ts="2026-01-01T09:00:00-06:00",
+            )
+        ]
+    )
     patient = store.get("Patient", "p1")
     assert patient is not None and patient["name"][0]["family"] == "NEW"
 
@@ -99,13 +144,23 @@ def test_identifier_linking_is_transitive(store: IndexStore) -> None:
     b = _patient("b", "111")
     b["identifier"].append({"system": "urn:dl", "value": "D1"})
     c = {**_patient("c", "999"), "identifier": [{"system": "urn:dl", "value": "D1"}]}
-    store.apply([_bundle("h1", "x", a), _bundle("h2", "y", b), _bundle("h3", "z", c), _bundle("h4", "z", _patient("d", "222"))])
+    store.apply(
+        [
+            _bundle("h1", "x", a),
+            _bundle("h2", "y", b),
+            _bundle("h3", "z", c),
+            _bundle("h4", "z", _patient("d", "222")),
+        ]
+    )
     assert store.identifier_linked("a") == ["a", "b", "c"]
     assert store.patients_by_identifier("http://hl7.org/fhir/sid/us-ssn", "111") == ["a", "b"]
 
 
 def test_reset_then_rebuild_gives_same_fingerprint(store: IndexStore) -> None:
-    bundles = [_bundle(f"h{i}", "st-mary", _patient(f"p{i}", str(i)), _enc(f"e{i}", f"p{i}", "2026-01-01"), offset=i) for i in range(20)]
+    bundles = [
+        _bundle(f"h{i}", "st-mary", _patient(f"p{i}", str(i)), _enc(f"e{i}", f"p{i}", "2026-01-01"), offset=i)
+        for i in range(20)
+    ]
     store.apply(bundles)
     fp = store.fingerprint()
     store.reset()
@@ -116,7 +171,17 @@ def test_reset_then_rebuild_gives_same_fingerprint(store: IndexStore) -> None:
 
 
 def test_filters(store: IndexStore) -> None:
-    store.apply([_bundle("h1", "st-mary", _patient("p1", "1"), _enc("e1", "p1", "2026-01-01"), ts="2026-01-05T00:00:00.000Z")])
+    store.apply(
+        [
+            _bundle(
+                "h1",
+                "st-mary",
+                _patient("p1", "1"),
+                _enc("e1", "p1", "2026-01-01"),
+                ts="2026-01-05T00:00:00.000Z",
+            )
+        ]
+    )
     store.apply([_bundle("h2", "st-mary", _enc("e2", "p1", "2026-02-01"), ts="2026-02-05T00:00:00.000Z")])
     assert [r.id for r in store.resources_for_patients(["p1"], types=["Encounter"])] == ["e1", "e2"]
     assert [r.id for r in store.resources_for_patients(["p1"], since="2026-02-01")] == ["e2"]
@@ -129,7 +194,9 @@ def test_sqlite_connection_gets_a_large_page_cache_and_rarer_checkpoints(tmp_pat
         assert s.db.query("PRAGMA cache_size")[0][0] == -65536
         assert s.db.query("PRAGMA wal_autocheckpoint")[0][0] == 10000
         assert s.db.query("PRAGMA journal_mode")[0][0] == "wal"
-        assert s.db.query("PRAGMA synchronous")[0][0] == 1  # NORMAL, as before: commits as durable as they were
+        assert (
+            s.db.query("PRAGMA synchronous")[0][0] == 1
+        )  # NORMAL, as before: commits as durable as they were
     finally:
         s.close()
 
@@ -139,9 +206,19 @@ def test_keys_written_under_older_rules_are_recomputed_on_open(store: IndexStore
     once when a newer release opens it."""
     from bridge.index.rules import DEDUPE_RULES_VERSION, dedupe_key
 
-    obs = {"resourceType": "Observation", "id": "o1", "subject": {"reference": "Patient/p1"},
-           "code": {"coding": [{"system": "http://loinc.org", "code": "85354-9"}]}, "effectiveDateTime": "2026-01-01",
-           "component": [{"code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]}, "valueQuantity": {"value": 120}}]}
+    obs = {
+        "resourceType": "Observation",
+        "id": "o1",
+        "subject": {"reference": "Patient/p1"},
+        "code": {"coding": [{"system": "http://loinc.org", "code": "85354-9"}]},
+        "effectiveDateTime": "2026-01-01",
+        "component": [
+            {
+                "code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]},
+                "valueQuantity": {"value": 120},
+            }
+        ],
+    }
     store.apply([_bundle("h1", "st-mary", _patient("p1", "1"), obs)])
     store.db.execute("UPDATE resources SET dedupe_key = 'stale' WHERE id = 'o1'")
     store.db.execute("UPDATE index_meta SET value = 'old' WHERE key = 'dedupe_rules'")
@@ -149,7 +226,9 @@ def test_keys_written_under_older_rules_are_recomputed_on_open(store: IndexStore
     try:
         stored = again.db.query("SELECT dedupe_key FROM resources WHERE id = 'o1'")[0][0]
         assert stored == dedupe_key(obs, "2026-01-01") and "components:" in stored
-        assert again.db.query("SELECT value FROM index_meta WHERE key = 'dedupe_rules'") == [(DEDUPE_RULES_VERSION,)]
+        assert again.db.query("SELECT value FROM index_meta WHERE key = 'dedupe_rules'") == [
+            (DEDUPE_RULES_VERSION,)
+        ]
     finally:
         again.close()
 
@@ -159,13 +238,26 @@ def _moved(store: IndexStore, rid: str) -> bool:
 
 
 @pytest.mark.parametrize("newest_first", [False, True])
-def test_a_resource_delivered_under_another_patient_is_marked_moved(store: IndexStore, newest_first: bool) -> None:
+def test_a_resource_delivered_under_another_patient_is_marked_moved(
+    store: IndexStore, newest_first: bool
+) -> None:
     """Whichever version wins (deliveries in order, or the older one arriving last), a resource whose
     deliveries name different patients is marked, and its page provenance lists every delivery."""
-    old = _bundle("h1", "st-mary", _enc("e1", "pa", "2026-01-01"), ts="2026-01-01T00:00:00.000Z",
-                  source_ts="2026-01-01T00:00:00Z")
-    new = _bundle("h2", "st-mary", _enc("e1", "pb", "2026-01-01"), ts="2026-01-02T00:00:00.000Z", offset=1,
-                  source_ts="2026-01-02T00:00:00Z")
+    old = _bundle(
+        "h1",
+        "st-mary",
+        _enc("e1", "pa", "2026-01-01"),
+        ts="2026-01-01T00:00:00.000Z",
+        source_ts="2026-01-01T00:00:00Z",
+    )
+    new = _bundle(
+        "h2",
+        "st-mary",
+        _enc("e1", "pb", "2026-01-01"),
+        ts="2026-01-02T00:00:00.000Z",
+        offset=1,
+        source_ts="2026-01-02T00:00:00Z",
+    )
     store.apply([_bundle("h0", "st-mary", _enc("e2", "pb", "2026-01-03"), _enc("e3", "pb", "2026-01-04"))])
     store.apply([new, old] if newest_first else [old, new])
     assert _moved(store, "e1") and not _moved(store, "e2") and not _moved(store, "e3")
@@ -226,7 +318,10 @@ def test_the_same_bundle_from_two_organisations_is_two_deliveries(store: IndexSt
     store.apply([a])
     store.apply([c])
     store.apply([a])  # again: nothing new
-    assert [s["source_org"] for s in store.sources_of([("Encounter", "e1")])[("Encounter", "e1")]] == ["st-mary", "riverside"]
+    assert [s["source_org"] for s in store.sources_of([("Encounter", "e1")])[("Encounter", "e1")]] == [
+        "st-mary",
+        "riverside",
+    ]
     first = store.fingerprint()
     store.reset()
     store.apply([c])
@@ -249,10 +344,15 @@ def test_an_index_with_deliveries_keyed_without_the_organisation_is_rekeyed(stor
             "DROP TABLE resource_sources; ALTER TABLE s_old RENAME TO resource_sources"
         )
     with _reopened(store) as again:
-        again.apply([_bundle("h1", "riverside", _enc("e1", "pa", "2026-01-01"), ts="2026-01-02T00:00:00.000Z")])
+        again.apply(
+            [_bundle("h1", "riverside", _enc("e1", "pa", "2026-01-01"), ts="2026-01-02T00:00:00.000Z")]
+        )
         orgs = [s["source_org"] for s in again.sources_of([("Encounter", "e1")])[("Encounter", "e1")]]
         assert orgs == ["st-mary", "riverside"]
-        assert again.sources_for_patients(["pa"])[("Encounter", "e1")] == again.sources_of([("Encounter", "e1")])[("Encounter", "e1")]
+        assert (
+            again.sources_for_patients(["pa"])[("Encounter", "e1")]
+            == again.sources_of([("Encounter", "e1")])[("Encounter", "e1")]
+        )
         IndexStore.open(again.db.url).close()  # opening again: nothing left to migrate
 
 
@@ -260,9 +360,25 @@ def test_name_search_prefilter_never_drops_a_true_match(store: IndexStore) -> No
     """``lower(body) LIKE %name%`` dropped true matches: a non-ASCII name on PostgreSQL (``lower`` is not
     ``casefold``: ß is not ss, ς is not σ) and a name with ``"``, ``\\`` or a control character on both
     backends (the body is JSON text, where those are escaped). ``match`` alone decides there."""
-    names = {"p1": "Strauss", "p2": "ΟΔΥΣΣΕΥΣ", "p3": 'Robert "Bob" Smith', "p4": "Back\\slash", "p5": "Tab\tName"}
-    store.apply([_bundle("h1", "st-mary", *({"resourceType": "Patient", "id": pid, "name": [{"text": text}]}
-                                            for pid, text in names.items()))])
+    names = {
+        "p1": "Strauss",
+        "p2": "ΟΔΥΣΣΕΥΣ",
+        "p3": 'Robert "Bob" Smith',
+        "p4": "Back\\slash",
+        "p5": "Tab\tName",
+    }
+    store.apply(
+        [
+            _bundle(
+                "h1",
+                "st-mary",
+                *(
+                    {"resourceType": "Patient", "id": pid, "name": [{"text": text}]}
+                    for pid, text in names.items()
+                ),
+            )
+        ]
+    )
 
     def search(needle: str) -> list[str]:
         def match(p: dict[str, Any]) -> bool:

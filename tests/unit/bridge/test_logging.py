@@ -39,7 +39,9 @@ async def _raw(port: int, request: bytes) -> bytes:
 async def test_malformed_requests_log_one_json_warning_each(
     tmp_path: Path, json_logging: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    configure_logging(force=True)  # in the test's own phase: its handler writes to this phase's captured stderr
+    configure_logging(
+        force=True
+    )  # in the test's own phase: its handler writes to this phase's captured stderr
     settings = Settings.from_env({"FHIRBRIDGE_DATA_DIR": str(tmp_path)})
     runner = web.AppRunner(create_app(settings, Backend(settings)), access_log=None)
     await runner.setup()
@@ -49,9 +51,17 @@ async def test_malformed_requests_log_one_json_warning_each(
     secret = b"SSN123456789"
     try:
         for request in (
-            b"GET /Patient?identifier=" + secret + b"x" * 20000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n",  # URL too long
-            b"GET /metadata HTTP/1.1\r\nHost: localhost\r\nX-Note: " + secret + b"a" * 20000 + b"\r\n\r\n",  # header
-            b"GET /Patient?name=" + secret + b"\x00 HTTP/1.1\r\nHost: localhost\r\n\r\n",  # NUL in the request line
+            b"GET /Patient?identifier="
+            + secret
+            + b"x" * 20000
+            + b" HTTP/1.1\r\nHost: localhost\r\n\r\n",  # URL too long
+            b"GET /metadata HTTP/1.1\r\nHost: localhost\r\nX-Note: "
+            + secret
+            + b"a" * 20000
+            + b"\r\n\r\n",  # header
+            b"GET /Patient?name="
+            + secret
+            + b"\x00 HTTP/1.1\r\nHost: localhost\r\n\r\n",  # NUL in the request line
         ):
             assert (await _raw(port, request)).startswith(b"HTTP/1.")
     finally:
@@ -66,7 +76,9 @@ async def test_malformed_requests_log_one_json_warning_each(
     assert "Traceback" not in err and secret.decode() not in err
 
 
-def test_a_cached_logger_writes_to_the_stderr_of_the_moment(json_logging: None, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_cached_logger_writes_to_the_stderr_of_the_moment(
+    json_logging: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Loggers are cached on first use; one made under a stream since closed (a test's) must not write to it."""
     import io
 

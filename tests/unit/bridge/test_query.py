@@ -15,14 +15,32 @@ from bridge.service import Backend, create_app
 
 
 def _bundle(sha: str, org: str, resources: list[dict[str, Any]], ts: str) -> IncomingBundle:
-    return IncomingBundle({"resourceType": "Bundle", "entry": [{"resource": r} for r in resources]}, sha, org, f"{org}|1", "t", 0, 0, ts)
+    return IncomingBundle(
+        {"resourceType": "Bundle", "entry": [{"resource": r} for r in resources]},
+        sha,
+        org,
+        f"{org}|1",
+        "t",
+        0,
+        0,
+        ts,
+    )
 
 
 def _glucose(oid: str, pid: str, when: str, value: float) -> dict[str, Any]:
     return {
-        "resourceType": "Observation", "id": oid, "status": "final", "subject": {"reference": f"Patient/{pid}"},
-        "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7"}]}, "effectiveDateTime": when,
-        "valueQuantity": {"value": value, "unit": "mg/dL", "system": "http://unitsofmeasure.org", "code": "mg/dL"},
+        "resourceType": "Observation",
+        "id": oid,
+        "status": "final",
+        "subject": {"reference": f"Patient/{pid}"},
+        "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7"}]},
+        "effectiveDateTime": when,
+        "valueQuantity": {
+            "value": value,
+            "unit": "mg/dL",
+            "system": "http://unitsofmeasure.org",
+            "code": "mg/dL",
+        },
     }
 
 
@@ -34,19 +52,48 @@ async def client(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
     settings = Settings.from_env(env)
     store = IndexStore.open(settings.index_url)
     ssn = {"system": "http://hl7.org/fhir/sid/us-ssn", "value": "123456789"}
-    store.apply([
-        _bundle("h1", "st-mary", [
-            {"resourceType": "Patient", "id": "pa", "identifier": [ssn], "name": [{"family": "DOE", "given": ["JANE"]}], "birthDate": "1980-02-14"},
-            _glucose("oa1", "pa", "2026-01-10T08:00:00Z", 98),
-            _glucose("oa2", "pa", "2026-02-10T08:00:00Z", 110),
-        ], "2026-02-11T00:00:00.000Z"),
-        _bundle("h2", "riverside", [
-            {"resourceType": "Patient", "id": "pb", "identifier": [ssn], "name": [{"family": "DOE", "given": ["JANE"]}], "birthDate": "1980-02-14"},
-            _glucose("ob1", "pb", "2026-01-10T08:00:00Z", 98),  # the same fact as oa1
-            _glucose("ob2", "pb", "2026-03-10T08:00:00Z", 120),
-        ], "2026-03-11T00:00:00.000Z"),
-        _bundle("h3", "lakeside", [{"resourceType": "Patient", "id": "pc", "name": [{"family": "OTHER"}]}], "2026-03-11T00:00:00.000Z"),
-    ])
+    store.apply(
+        [
+            _bundle(
+                "h1",
+                "st-mary",
+                [
+                    {
+                        "resourceType": "Patient",
+                        "id": "pa",
+                        "identifier": [ssn],
+                        "name": [{"family": "DOE", "given": ["JANE"]}],
+                        "birthDate": "1980-02-14",
+                    },
+                    _glucose("oa1", "pa", "2026-01-10T08:00:00Z", 98),
+                    _glucose("oa2", "pa", "2026-02-10T08:00:00Z", 110),
+                ],
+                "2026-02-11T00:00:00.000Z",
+            ),
+            _bundle(
+                "h2",
+                "riverside",
+                [
+                    {
+                        "resourceType": "Patient",
+                        "id": "pb",
+                        "identifier": [ssn],
+                        "name": [{"family": "DOE", "given": ["JANE"]}],
+                        "birthDate": "1980-02-14",
+                    },
+                    _glucose("ob1", "pb", "2026-01-10T08:00:00Z", 98),  # the same fact as oa1
+                    _glucose("ob2", "pb", "2026-03-10T08:00:00Z", 120),
+                ],
+                "2026-03-11T00:00:00.000Z",
+            ),
+            _bundle(
+                "h3",
+                "lakeside",
+                [{"resourceType": "Patient", "id": "pc", "name": [{"family": "OTHER"}]}],
+                "2026-03-11T00:00:00.000Z",
+            ),
+        ]
+    )
     store.close()
     backend = Backend(settings)  # no ledger, identifier linking only
     async with TestClient(TestServer(create_app(settings, backend))) as c:
@@ -69,7 +116,9 @@ async def test_merges_linked_patients_and_dedupes_same_fact(client: Any) -> None
     ids = _ids(b)
     assert set(ids) == {"pa", "pb", "oa1", "oa2", "ob2"}  # ob1 merged into oa1
     merged = next(e for e in b["entry"] if e["resource"]["id"] == "oa1")
-    orgs = {s["valueString"] for ext in merged["extension"] for s in ext["extension"] if s["url"] == "sourceOrg"}
+    orgs = {
+        s["valueString"] for ext in merged["extension"] for s in ext["extension"] if s["url"] == "sourceOrg"
+    }
     assert orgs == {"st-mary", "riverside"}
     assert b["total"] == 5
 
@@ -176,10 +225,14 @@ async def test_format_proof_and_type_values_are_checked(client: Any) -> None:
     assert _ids(await _everything(client, _format="application/fhir+json"))
     assert (await client.get("/Patient/pa/$everything", params={"_proof": "yes"})).status == 400
     b = await _everything(client, _proof="true")  # this service has no ledger: said, not silently skipped
-    outcomes = [e["resource"]["issue"][0]["diagnostics"] for e in b["entry"] if e["search"]["mode"] == "outcome"]
+    outcomes = [
+        e["resource"]["issue"][0]["diagnostics"] for e in b["entry"] if e["search"]["mode"] == "outcome"
+    ]
     assert any("no ledger is configured" in d for d in outcomes)
     b = await _everything(client, _type="Observation,Foo")
-    outcomes = [e["resource"]["issue"][0]["diagnostics"] for e in b["entry"] if e["search"]["mode"] == "outcome"]
+    outcomes = [
+        e["resource"]["issue"][0]["diagnostics"] for e in b["entry"] if e["search"]["mode"] == "outcome"
+    ]
     assert any("'Foo'" in d for d in outcomes) and set(_ids(b)) == {"oa1", "oa2", "ob2"}
 
 
@@ -201,32 +254,68 @@ async def test_provenance_does_not_depend_on_the_page_size(
 
     monkeypatch.setattr(index_store, "SOURCES_BY_KEY_MAX", by_key_max)
     x = _glucose("x", "pc", "2026-01-05T08:00:00Z", 70)
-    settings = _store_with(tmp_path, [
-        _bundle("h4", "st-mary", [{"resourceType": "Patient", "id": "pa"}, {"resourceType": "Patient", "id": "pc"}, x],
-                "2026-01-06T00:00:00.000Z"),
-        _bundle("h5", "riverside", [{**x, "subject": {"reference": "Patient/pa"}}], "2026-01-07T00:00:00.000Z"),
-        _bundle("h6", "riverside", [_glucose(f"y{i}", "pa", f"2026-02-{i % 28 + 1:02d}T{i // 28:02d}:00:00Z", 80 + i)
-                                    for i in range(60)],  # a page of over 50 entries took another path
-                "2026-02-28T00:00:00.000Z"),
-    ])
+    settings = _store_with(
+        tmp_path,
+        [
+            _bundle(
+                "h4",
+                "st-mary",
+                [{"resourceType": "Patient", "id": "pa"}, {"resourceType": "Patient", "id": "pc"}, x],
+                "2026-01-06T00:00:00.000Z",
+            ),
+            _bundle(
+                "h5", "riverside", [{**x, "subject": {"reference": "Patient/pa"}}], "2026-01-07T00:00:00.000Z"
+            ),
+            _bundle(
+                "h6",
+                "riverside",
+                [
+                    _glucose(f"y{i}", "pa", f"2026-02-{i % 28 + 1:02d}T{i // 28:02d}:00:00Z", 80 + i)
+                    for i in range(60)
+                ],  # a page of over 50 entries took another path
+                "2026-02-28T00:00:00.000Z",
+            ),
+        ],
+    )
     async with TestClient(TestServer(create_app(settings, Backend(settings)))) as c:
         for count in ("5", "100"):
             b = await _everything(c, _count=count)
             entry = next(e for e in b["entry"] if e["resource"]["id"] == "x")
-            shas = {s["valueString"] for ext in entry["extension"] for s in ext["extension"] if s["url"] == "bundleSha256"}
+            shas = {
+                s["valueString"]
+                for ext in entry["extension"]
+                for s in ext["extension"]
+                if s["url"] == "bundleSha256"
+            }
             assert shas == {"h4", "h5"}, count
 
 
 async def test_name_search_folds_non_ascii_and_is_not_cut_short(tmp_path: Path) -> None:
-    patients = [{"resourceType": "Patient", "id": f"p{i:03d}", "name": [{"family": "Doe", "given": ["Jane"]}],
-                 "address": [{"line": ["1 Élodie Martin Street"]}]} for i in range(230)]
-    patients.append({"resourceType": "Patient", "id": "p999", "name": [{"family": "Martin", "given": ["Élodie"]}]})
+    patients = [
+        {
+            "resourceType": "Patient",
+            "id": f"p{i:03d}",
+            "name": [{"family": "Doe", "given": ["Jane"]}],
+            "address": [{"line": ["1 Élodie Martin Street"]}],
+        }
+        for i in range(230)
+    ]
+    patients.append(
+        {"resourceType": "Patient", "id": "p999", "name": [{"family": "Martin", "given": ["Élodie"]}]}
+    )
     settings = _store_with(tmp_path, [_bundle("h7", "st-mary", patients, "2026-01-01T00:00:00.000Z")])
     async with TestClient(TestServer(create_app(settings, Backend(settings)))) as c:
         # 231 bodies mention each name; only the last by id has it as a name (the first 200 do not)
-        for needle, expected in (("élodie", ["p999"]), ("ÉLODIE", ["p999"]), ("martin", ["p999"]), ("elodie", [])):
+        for needle, expected in (
+            ("élodie", ["p999"]),
+            ("ÉLODIE", ["p999"]),
+            ("martin", ["p999"]),
+            ("elodie", []),
+        ):
             resp = await c.get("/Patient", params={"name": needle})
-            ids = [e["resource"]["id"] for e in (await resp.json())["entry"] if e["search"]["mode"] == "match"]
+            ids = [
+                e["resource"]["id"] for e in (await resp.json())["entry"] if e["search"]["mode"] == "match"
+            ]
             assert ids == expected, needle
 
 
@@ -245,15 +334,35 @@ async def _get(c: Any, url: str, **params: str) -> tuple[int, dict[str, Any]]:
 
 
 def _outcomes(bundle: dict[str, Any]) -> list[str]:
-    return [e["resource"]["issue"][0]["diagnostics"] for e in bundle["entry"] if e["search"]["mode"] == "outcome"]
+    return [
+        e["resource"]["issue"][0]["diagnostics"] for e in bundle["entry"] if e["search"]["mode"] == "outcome"
+    ]
 
 
 async def test_extreme_dates_answer_200_not_500(tmp_path: Path, index_env: dict[str, str]) -> None:
     """A stored date in 9999 and parameters at the ends of the calendar overflowed ``datetime`` (500)."""
-    cov = {"resourceType": "Coverage", "id": "cov", "beneficiary": {"reference": "Patient/pa"}, "period": {"start": "9999-12-31"}}
-    settings = _store_with(tmp_path, [_bundle("h1", "st-mary", [
-        {"resourceType": "Patient", "id": "pa"}, _glucose("o1", "pa", "2026-01-01T00:00:00Z", 1), cov,
-    ], "2026-01-01T00:00:00.000Z")], **index_env)
+    cov = {
+        "resourceType": "Coverage",
+        "id": "cov",
+        "beneficiary": {"reference": "Patient/pa"},
+        "period": {"start": "9999-12-31"},
+    }
+    settings = _store_with(
+        tmp_path,
+        [
+            _bundle(
+                "h1",
+                "st-mary",
+                [
+                    {"resourceType": "Patient", "id": "pa"},
+                    _glucose("o1", "pa", "2026-01-01T00:00:00Z", 1),
+                    cov,
+                ],
+                "2026-01-01T00:00:00.000Z",
+            )
+        ],
+        **index_env,
+    )
     async with TestClient(TestServer(create_app(settings, Backend(settings)))) as c:
         for params, expected in [
             ({"start": "2026-01-01"}, {"pa", "o1", "cov"}),
@@ -283,7 +392,11 @@ async def test_extreme_dates_answer_200_not_500(tmp_path: Path, index_env: dict[
         ("2026-01-10T08:00:00Z", "2026-01-10T08:00:00+00:00", "2026-01-10T08:00:01+00:00"),
         ("2026-01-10T08:00:00.5Z", "2026-01-10T08:00:00.500000+00:00", "2026-01-10T08:00:00.600000+00:00"),
         ("2026-01-10T08:00:00.123Z", "2026-01-10T08:00:00.123000+00:00", "2026-01-10T08:00:00.124000+00:00"),
-        ("2026-01-10T08:00:00.12345678Z", "2026-01-10T08:00:00.123456+00:00", "2026-01-10T08:00:00.123457+00:00"),
+        (
+            "2026-01-10T08:00:00.12345678Z",
+            "2026-01-10T08:00:00.123456+00:00",
+            "2026-01-10T08:00:00.123457+00:00",
+        ),
         ("2026-01-10T08:00+01:00", "2026-01-10T07:00:00+00:00", "2026-01-10T07:01:00+00:00"),
         ("2024-02", "2024-02-01T00:00:00+00:00", "2024-03-01T00:00:00+00:00"),
     ],
@@ -293,7 +406,15 @@ def test_date_range_follows_the_precision_given_and_clamps(value: str, lo: str, 
 
 
 def test_date_range_refuses_what_is_not_a_date() -> None:
-    for value in ("0000", "2026-13", "2026-02-30", "2026-01-10T24:00:00Z", "2026-01-10T10:00+99:00", "٢٠٢٦", "2026\n"):
+    for value in (
+        "0000",
+        "2026-13",
+        "2026-02-30",
+        "2026-01-10T24:00:00Z",
+        "2026-01-10T10:00+99:00",
+        "٢٠٢٦",
+        "2026\n",
+    ):
         with pytest.raises(ValueError):
             date_range(value)
 
@@ -314,7 +435,12 @@ def test_utc_millis_rounds_up_to_the_stored_millisecond_and_clamps() -> None:
         ("2026-01-10T07:59:59Z", "2026-01-10T08:00Z", None, False),
         ("2026-01-10T08:00:00.5Z", None, "2026-01-10T08:00:00.4Z", False),
         ("2026-01-10T08:00:00.45Z", None, "2026-01-10T08:00:00.4Z", True),
-        ("2026-01-10T08:00:00.123456789Z", "2026-01-10T08:00:00.123456Z", "2026-01-10T08:00:00.123456Z", True),
+        (
+            "2026-01-10T08:00:00.123456789Z",
+            "2026-01-10T08:00:00.123456Z",
+            "2026-01-10T08:00:00.123456Z",
+            True,
+        ),
         ("9999-12-31", "9999-12-31T23:59:59Z", "9999-12-31", True),
         ("9999-12-31T23:59:59.999999Z", None, "9999-12-31", True),
         ("0001-01-01", None, "0001-01-01T00:00:00+01:00", False),  # 0000-12-31T23:00Z: before year 1 starts
@@ -327,21 +453,40 @@ def test_in_range_at_every_precision_and_the_ends_of_the_calendar(
     assert in_range(clinical, start, end) is expected
 
 
-async def test_a_minute_precision_bound_covers_the_whole_minute(tmp_path: Path, index_env: dict[str, str]) -> None:
-    settings = _store_with(tmp_path, [_bundle("h1", "st-mary", [
-        {"resourceType": "Patient", "id": "pa"}, _glucose("o0830", "pa", "2026-01-10T08:00:30Z", 6),
-        _glucose("o0801", "pa", "2026-01-10T08:01:00Z", 7),
-    ], "2026-01-11T00:00:00.000Z")], **index_env)
+async def test_a_minute_precision_bound_covers_the_whole_minute(
+    tmp_path: Path, index_env: dict[str, str]
+) -> None:
+    settings = _store_with(
+        tmp_path,
+        [
+            _bundle(
+                "h1",
+                "st-mary",
+                [
+                    {"resourceType": "Patient", "id": "pa"},
+                    _glucose("o0830", "pa", "2026-01-10T08:00:30Z", 6),
+                    _glucose("o0801", "pa", "2026-01-10T08:01:00Z", 7),
+                ],
+                "2026-01-11T00:00:00.000Z",
+            )
+        ],
+        **index_env,
+    )
     async with TestClient(TestServer(create_app(settings, Backend(settings)))) as c:
         assert _ids(await _everything(c, end="2026-01-10T08:00Z", _type="Observation")) == ["o0830"]
         b = await _everything(c, start="2026-01-10T08:00Z", end="2026-01-10T08:00Z", _type="Observation")
         assert _ids(b) == ["o0830"]
         # a stored value has its own precision too: 08:00:30Z is that whole second
-        assert set(_ids(await _everything(c, start="2026-01-10T08:00:30.5Z", _type="Observation"))) == {"o0830", "o0801"}
+        assert set(_ids(await _everything(c, start="2026-01-10T08:00:30.5Z", _type="Observation"))) == {
+            "o0830",
+            "o0801",
+        }
         assert set(_ids(await _everything(c, start="2026-01-10T08:00:31Z", _type="Observation"))) == {"o0801"}
 
 
-async def test_proof_true_says_which_entries_carry_no_proof(tmp_path: Path, index_env: dict[str, str]) -> None:
+async def test_proof_true_says_which_entries_carry_no_proof(
+    tmp_path: Path, index_env: dict[str, str]
+) -> None:
     """An entry whose bundle was logged after the latest checkpoint, or never, got no proof and no notice."""
     import base64
     import hashlib
@@ -353,21 +498,46 @@ async def test_proof_true_says_which_entries_carry_no_proof(tmp_path: Path, inde
         return hashlib.sha256(s.encode()).hexdigest()
 
     def logged(h: str, org: str, off: int) -> LedgerEntry:
-        return LedgerEntry(bundle_sha256=h, source_org=org, adapter="hl7v2", adapter_version="1", topic="t",
-                           partition=0, offset=off, ingested_at="2026-01-11T00:00:00Z", message_id=None)
+        return LedgerEntry(
+            bundle_sha256=h,
+            source_org=org,
+            adapter="hl7v2",
+            adapter_version="1",
+            topic="t",
+            partition=0,
+            offset=off,
+            ingested_at="2026-01-11T00:00:00Z",
+            message_id=None,
+        )
 
     h1, h2, h3, h4 = sha("b1"), sha("b2"), sha("b3"), sha("b4")
-    settings = _store_with(tmp_path, [
-        _bundle(h1, "A", [{"resourceType": "Patient", "id": "pa"}, _glucose("o1", "pa", "2026-01-10T08:00:00Z", 98)],
-                "2026-01-11T00:00:00.000Z"),
-        _bundle(h2, "A", [_glucose("o2", "pa", "2026-02-10T08:00:00Z", 120)], "2026-01-12T00:00:00.000Z"),  # logged later
-        _bundle(h3, "A", [_glucose("o3", "pa", "2026-03-10T08:00:00Z", 130)], "2026-01-13T00:00:00.000Z"),  # logged later
-        _bundle(h4, "A", [_glucose("o4", "pa", "2026-04-10T08:00:00Z", 140)], "2026-01-14T00:00:00.000Z"),  # never logged
-    ], **index_env)
+    settings = _store_with(
+        tmp_path,
+        [
+            _bundle(
+                h1,
+                "A",
+                [{"resourceType": "Patient", "id": "pa"}, _glucose("o1", "pa", "2026-01-10T08:00:00Z", 98)],
+                "2026-01-11T00:00:00.000Z",
+            ),
+            _bundle(
+                h2, "A", [_glucose("o2", "pa", "2026-02-10T08:00:00Z", 120)], "2026-01-12T00:00:00.000Z"
+            ),  # logged later
+            _bundle(
+                h3, "A", [_glucose("o3", "pa", "2026-03-10T08:00:00Z", 130)], "2026-01-13T00:00:00.000Z"
+            ),  # logged later
+            _bundle(
+                h4, "A", [_glucose("o4", "pa", "2026-04-10T08:00:00Z", 140)], "2026-01-14T00:00:00.000Z"
+            ),  # never logged
+        ],
+        **index_env,
+    )
     ledger_url = index_env.get("FHIRBRIDGE_INDEX_URL") or f"sqlite:///{tmp_path / 'ledger.db'}"
     origin = "test.fhirbridge/ledger"
     skey, vkey = note.generate_key(origin)
-    led = Ledger.open(ledger_url, origin=origin, signer_key=skey, checkpoint_every=10**6, checkpoint_interval_ms=10**9)
+    led = Ledger.open(
+        ledger_url, origin=origin, signer_key=skey, checkpoint_every=10**6, checkpoint_interval_ms=10**9
+    )
     led.append([logged(h1, "A", 1)])
     led.checkpoint_now()
     led.append([logged(h2, "A", 2), logged(h3, "A", 3)])
@@ -382,25 +552,41 @@ async def test_proof_true_says_which_entries_carry_no_proof(tmp_path: Path, inde
             for ext in e.get("extension", []):
                 sub = {x["url"]: x for x in ext["extension"]}
                 if "ledgerEntry" in sub:  # the proofs included still verify
-                    proof = [base64.b64decode(x["valueBase64Binary"]) for x in ext["extension"] if x["url"] == "proofHash"]
+                    proof = [
+                        base64.b64decode(x["valueBase64Binary"])
+                        for x in ext["extension"]
+                        if x["url"] == "proofHash"
+                    ]
                     leaf = merkle.leaf_hash(base64.b64decode(sub["ledgerEntry"]["valueBase64Binary"]))
-                    merkle.verify_inclusion(leaf, sub["ledgerIndex"]["valueInteger"], cp.size, proof, cp.root_hash)
+                    merkle.verify_inclusion(
+                        leaf, sub["ledgerIndex"]["valueInteger"], cp.size, proof, cp.root_hash
+                    )
                     proven.add(e["resource"]["id"])
         assert proven == {"pa", "o1"}
         outcomes = _outcomes(b)
         assert len(outcomes) == 2, outcomes
         assert "2 entries on this page carry no inclusion proof" in outcomes[0]
-        assert "logged after the latest checkpoint (tree size 1): retry after the next checkpoint" in outcomes[0]
-        assert "1 entry on this page carries no inclusion proof" in outcomes[1] and "not in the ledger" in outcomes[1]
+        assert (
+            "logged after the latest checkpoint (tree size 1): retry after the next checkpoint" in outcomes[0]
+        )
+        assert (
+            "1 entry on this page carries no inclusion proof" in outcomes[1]
+            and "not in the ledger" in outcomes[1]
+        )
         # counted per page: the first page holds only proven entries, so it has no such warning
         assert _outcomes(await _everything(c, _proof="true", _count="2")) == []
         # without _proof nothing is said
         assert _outcomes(await _everything(c)) == []
 
 
-async def test_nul_characters_give_400_or_404_on_both_backends(tmp_path: Path, index_env: dict[str, str]) -> None:
-    settings = _store_with(tmp_path, [_bundle("h1", "st-mary", [{"resourceType": "Patient", "id": "pa"}],
-                                              "2026-01-01T00:00:00.000Z")], **index_env)
+async def test_nul_characters_give_400_or_404_on_both_backends(
+    tmp_path: Path, index_env: dict[str, str]
+) -> None:
+    settings = _store_with(
+        tmp_path,
+        [_bundle("h1", "st-mary", [{"resourceType": "Patient", "id": "pa"}], "2026-01-01T00:00:00.000Z")],
+        **index_env,
+    )
     async with TestClient(TestServer(create_app(settings, Backend(settings)))) as c:
         for path, status, name in [
             ("/Patient/a%00b/$everything", 404, None),
@@ -439,11 +625,21 @@ async def test_name_search_is_the_same_on_both_backends(tmp_path: Path, index_en
         {"resourceType": "Patient", "id": "p6", "name": [{"family": "Back\\slash"}]},
         {"resourceType": "Patient", "id": "p7", "name": [{"family": "Tab\tName"}]},
     ]
-    settings = _store_with(tmp_path, [_bundle("h1", "st-mary", patients, "2026-01-01T00:00:00.000Z")], **index_env)
+    settings = _store_with(
+        tmp_path, [_bundle("h1", "st-mary", patients, "2026-01-01T00:00:00.000Z")], **index_env
+    )
     async with TestClient(TestServer(create_app(settings, Backend(settings)))) as c:
         for needle, expected in [
-            ("strauß", ["p1"]), ("ØRSTED", ["p2"]), ('"bob"', ["p3"]), ('"BOB" smith', ["p3"]), ("οδυσσευς", ["p4"]),
-            ("back\\slash", ["p6"]), ("abc\\", []), ("b\tn", ["p7"]), ("smith", ["p3"]), ("back", ["p6"]),
+            ("strauß", ["p1"]),
+            ("ØRSTED", ["p2"]),
+            ('"bob"', ["p3"]),
+            ('"BOB" smith', ["p3"]),
+            ("οδυσσευς", ["p4"]),
+            ("back\\slash", ["p6"]),
+            ("abc\\", []),
+            ("b\tn", ["p7"]),
+            ("smith", ["p3"]),
+            ("back", ["p6"]),
         ]:
             status, body = await _get(c, "/Patient", name=needle)
             assert status == 200, (needle, body)
@@ -453,11 +649,23 @@ async def test_name_search_is_the_same_on_both_backends(tmp_path: Path, index_en
 # -- issue 19: a true total, and a Host the service was not given ----------------------------------
 
 
-async def test_patient_search_total_is_true_and_truncation_is_announced(tmp_path: Path, index_env: dict[str, str]) -> None:
+async def test_patient_search_total_is_true_and_truncation_is_announced(
+    tmp_path: Path, index_env: dict[str, str]
+) -> None:
     ssn = {"system": "http://hl7.org/fhir/sid/us-ssn", "value": "999"}
-    patients = [{"resourceType": "Patient", "id": f"p{i:03d}", "identifier": [ssn], "name": [{"family": "Doe"}],
-                 "birthDate": "1990-01-01"} for i in range(230)]
-    settings = _store_with(tmp_path, [_bundle("h1", "st-mary", patients, "2026-01-01T00:00:00.000Z")], **index_env)
+    patients = [
+        {
+            "resourceType": "Patient",
+            "id": f"p{i:03d}",
+            "identifier": [ssn],
+            "name": [{"family": "Doe"}],
+            "birthDate": "1990-01-01",
+        }
+        for i in range(230)
+    ]
+    settings = _store_with(
+        tmp_path, [_bundle("h1", "st-mary", patients, "2026-01-01T00:00:00.000Z")], **index_env
+    )
     async with TestClient(TestServer(create_app(settings, Backend(settings)))) as c:
         for params in ({"name": "doe"}, {"birthdate": "1990"}, {"identifier": f"{ssn['system']}|999"}):
             status, body = await _get(c, "/Patient", **params)
@@ -473,8 +681,10 @@ async def test_patient_search_total_is_true_and_truncation_is_announced(tmp_path
 
 
 async def test_a_host_header_the_service_was_not_given_is_refused(tmp_path: Path) -> None:
-    settings = _store_with(tmp_path, [_bundle("h1", "st-mary", [{"resourceType": "Patient", "id": "pa"}],
-                                              "2026-01-01T00:00:00.000Z")])
+    settings = _store_with(
+        tmp_path,
+        [_bundle("h1", "st-mary", [{"resourceType": "Patient", "id": "pa"}], "2026-01-01T00:00:00.000Z")],
+    )
     async with TestClient(TestServer(create_app(settings, Backend(settings)))) as c:
         for host in ("evil.example", "evil.example:8080", "127.0.0.1.evil.example"):
             resp = await c.get("/Patient/pa/$everything", headers={"Host": host})
@@ -487,12 +697,16 @@ async def test_a_host_header_the_service_was_not_given_is_refused(tmp_path: Path
             full_urls = [e["fullUrl"] for e in (await resp.json())["entry"]]
             assert all(u.lower().startswith(f"http://{host.lower()}/") for u in full_urls)
     # configured names, or a public URL that the links come from
-    for env, host, status in (({"FHIRBRIDGE_ALLOWED_HOSTS": "fhir.hospital.example"}, "fhir.hospital.example", 200),
-                              ({"FHIRBRIDGE_ALLOWED_HOSTS": "fhir.hospital.example"}, "localhost", 400),
-                              ({"FHIRBRIDGE_PUBLIC_URL": "https://fhir.hie.example"}, "internal-proxy-name", 200)):
+    for env, host, status in (
+        ({"FHIRBRIDGE_ALLOWED_HOSTS": "fhir.hospital.example"}, "fhir.hospital.example", 200),
+        ({"FHIRBRIDGE_ALLOWED_HOSTS": "fhir.hospital.example"}, "localhost", 400),
+        ({"FHIRBRIDGE_PUBLIC_URL": "https://fhir.hie.example"}, "internal-proxy-name", 200),
+    ):
         s = Settings.from_env({"FHIRBRIDGE_DATA_DIR": str(tmp_path), **env})
         async with TestClient(TestServer(create_app(s, Backend(s)))) as c:
             resp = await c.get("/Patient/pa/$everything", headers={"Host": host})
             assert resp.status == status, (env, host)
             if "FHIRBRIDGE_PUBLIC_URL" in env:
-                assert all(e["fullUrl"].startswith("https://fhir.hie.example/") for e in (await resp.json())["entry"])
+                assert all(
+                    e["fullUrl"].startswith("https://fhir.hie.example/") for e in (await resp.json())["entry"]
+                )

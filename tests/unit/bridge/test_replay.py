@@ -14,7 +14,10 @@ from bridge.replay import parse_time_ms, replay
     ("kwargs", "message"),
     [
         ({"to_topic": "fhir.bundles"}, "is the topic being read"),
-        ({"dry_run": True, "from_time": "2026-02-01T00:00:00Z", "to_time": "2026-01-01T00:00:00Z"}, "before --from-time"),
+        (
+            {"dry_run": True, "from_time": "2026-02-01T00:00:00Z", "to_time": "2026-01-01T00:00:00Z"},
+            "before --from-time",
+        ),
         ({"dry_run": True, "from_time": "1960-01-01T00:00:00Z"}, "before 1970"),
         ({"dry_run": True, "from_time": "2026-01-01T00:00:00"}, "needs a UTC offset"),
     ],

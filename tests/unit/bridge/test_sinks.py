@@ -15,18 +15,27 @@ from ledger.log import Ledger
 
 
 def _bundle(pid: str) -> bytes:
-    bundle = {"resourceType": "Bundle", "type": "transaction", "timestamp": "2026-01-01T00:00:00Z",
-              "entry": [{"resource": {"resourceType": "Patient", "id": pid, "name": [{"family": "DOE"}]}}]}
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "timestamp": "2026-01-01T00:00:00Z",
+        "entry": [{"resource": {"resourceType": "Patient", "id": pid, "name": [{"family": "DOE"}]}}],
+    }
     return orjson.dumps(bundle, option=orjson.OPT_SORT_KEYS)
 
 
 def _record(signer: OrgSigner, offset: int, value: bytes, *, forge: bool = False) -> Record:
     import hashlib
 
-    env = signer.sign(Envelope("st-mary", "hl7v2", "1", hashlib.sha256(value).hexdigest(), utc_now(), f"m{offset}"))
+    env = signer.sign(
+        Envelope("st-mary", "hl7v2", "1", hashlib.sha256(value).hexdigest(), utc_now(), f"m{offset}")
+    )
     headers = env.headers()
     if forge:
-        headers = [(k, v if k != "fb-signature" else OrgSigner.generate("st-mary").sign(env).headers()[-1][1]) for k, v in headers]
+        headers = [
+            (k, v if k != "fb-signature" else OrgSigner.generate("st-mary").sign(env).headers()[-1][1])
+            for k, v in headers
+        ]
     return Record("fhir.bundles", 0, offset, 1_767_225_600_000 + offset, b"st-mary|mrn", value, headers)
 
 
@@ -80,7 +89,11 @@ def test_index_sink_dead_letters_in_batch_order_and_times_its_stages(tmp_path: P
 def test_in_batch_order_sorts_poison_by_position_in_the_batch() -> None:
     recs = [Record("t", 0, i, 0, None, b"") for i in range(4)]
     err = ValueError("x")
-    assert [r.offset for r, _ in in_batch_order(recs, [(recs[3], err), (recs[0], err), (recs[2], err)])] == [0, 2, 3]
+    assert [r.offset for r, _ in in_batch_order(recs, [(recs[3], err), (recs[0], err), (recs[2], err)])] == [
+        0,
+        2,
+        3,
+    ]
     assert in_batch_order(recs, []) == []
 
 
@@ -105,17 +118,31 @@ def test_a_record_timestamp_outside_years_1_to_9999_is_poison_not_fatal(tmp_path
 
 
 def _patient_bundle(pid: str, city: str, timestamp: str, family: str = "DOE") -> bytes:
-    patient = {"resourceType": "Patient", "id": pid, "name": [{"family": family, "given": ["Jan"]}], "gender": "female",
-               "birthDate": "1970-02-03", "address": [{"city": city, "postalCode": "12345"}]}
-    bundle = {"resourceType": "Bundle", "type": "transaction", "timestamp": timestamp, "entry": [{"resource": patient}]}
+    patient = {
+        "resourceType": "Patient",
+        "id": pid,
+        "name": [{"family": family, "given": ["Jan"]}],
+        "gender": "female",
+        "birthDate": "1970-02-03",
+        "address": [{"city": city, "postalCode": "12345"}],
+    }
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "timestamp": timestamp,
+        "entry": [{"resource": patient}],
+    }
     return orjson.dumps(bundle, option=orjson.OPT_SORT_KEYS)
 
 
 def _mpi_sink(tmp_path: Path, checker: EnvelopeChecker) -> IndexSink:
     from bridge.mpi import PersonIndex
 
-    return IndexSink(IndexStore.open(f"sqlite://{tmp_path / 'index.db'}"), checker,
-                     PersonIndex.open(f"sqlite://{tmp_path / 'mpi.db'}"))
+    return IndexSink(
+        IndexStore.open(f"sqlite://{tmp_path / 'index.db'}"),
+        checker,
+        PersonIndex.open(f"sqlite://{tmp_path / 'mpi.db'}"),
+    )
 
 
 def test_a_resource_id_that_is_not_a_fhir_id_is_poison_and_the_rest_is_indexed(tmp_path: Path) -> None:
@@ -123,11 +150,17 @@ def test_a_resource_id_that_is_not_a_fhir_id_is_poison_and_the_rest_is_indexed(t
     the consumer stopped on it at every restart."""
     signer, checker = _fixture()
     sink = _mpi_sink(tmp_path, checker)
-    records = [_record(signer, 0, _bundle("p0")), _record(signer, 1, _bundle("")),
-               _record(signer, 2, _bundle("a\u0000b")), _record(signer, 3, _bundle("p3"))]
+    records = [
+        _record(signer, 0, _bundle("p0")),
+        _record(signer, 1, _bundle("")),
+        _record(signer, 2, _bundle("a\u0000b")),
+        _record(signer, 3, _bundle("p3")),
+    ]
     poison = sink.process(records)
     assert [(r.offset, type(e).__name__, getattr(e, "field", None)) for r, e in poison] == [
-        (1, "BadBundle", "entry[0].resource.id"), (2, "BadBundle", "entry[0].resource.id")]
+        (1, "BadBundle", "entry[0].resource.id"),
+        (2, "BadBundle", "entry[0].resource.id"),
+    ]
     assert "is not a FHIR id" in str(poison[0][1])
     assert sink.mpi is not None and sink.mpi.person_id("p0") and sink.mpi.person_id("p3")
     sink.close()
@@ -149,7 +182,9 @@ def test_a_patient_the_mpi_refuses_dead_letters_its_record_only(tmp_path: Path) 
     sink.mpi.upsert_patients = upsert  # type: ignore[method-assign]
     records = [_record(signer, i, _bundle(pid)) for i, pid in enumerate(["p0", "bad", "p2"])]
     poison = sink.process(records)
-    assert [(r.offset, type(e).__name__, getattr(e, "field", None)) for r, e in poison] == [(1, "MpiRefused", "entry[0]")]
+    assert [(r.offset, type(e).__name__, getattr(e, "field", None)) for r, e in poison] == [
+        (1, "MpiRefused", "entry[0]")
+    ]
     assert "Patient/bad" in str(poison[0][1]) and "ValueError: planted" in str(poison[0][1])
     assert sink.mpi.person_id("p0") and sink.mpi.person_id("p2") and sink.mpi.person_id("bad") is None
     sink.close()
@@ -200,7 +235,9 @@ def _ledger_env(monkeypatch: Any, tmp_path: Path, key_text: str | None) -> Path:
     return key
 
 
-def test_ledger_run_without_a_key_file_refuses_naming_the_path_and_keygen(monkeypatch: Any, tmp_path: Path, capsys: Any) -> None:
+def test_ledger_run_without_a_key_file_refuses_naming_the_path_and_keygen(
+    monkeypatch: Any, tmp_path: Path, capsys: Any
+) -> None:
     from bridge.cli import main
 
     key = _ledger_env(monkeypatch, tmp_path, None)

@@ -117,7 +117,9 @@ def test_reader_batch_lookup_over_many_keys(led: Ledger) -> None:
     assert found == {(entry(i).bundle_sha256, "org-a"): i // 2 for i in range(0, 1210, 2)}
 
 
-def test_a_lookup_that_keeps_racing_merges_is_unavailable(led: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_lookup_that_keeps_racing_merges_is_unavailable(
+    led: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
     led.append([entry(i) for i in range(10)])
     storage: Any = led.storage
     monkeypatch.setattr(storage, "_load_reader_tail", lambda conn, epoch, firsts: False)
@@ -148,7 +150,12 @@ def test_a_schema_2_database_is_migrated_in_place(tmp_path: Any) -> None:
         assert audit(led, [VKEY]).ok
     conn = sqlite3.connect(path)
     assert conn.execute("SELECT schema_version FROM ledger_meta").fetchone()[0] == 3
-    assert conn.execute("SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND name LIKE 'ledger_entries_%'").fetchone()[0] == 0
+    assert (
+        conn.execute(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND name LIKE 'ledger_entries_%'"
+        ).fetchone()[0]
+        == 0
+    )
     conn.close()
 
 
@@ -157,7 +164,9 @@ batches = st.lists(st.lists(st.integers(0, 120), min_size=1, max_size=40), min_s
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(batches=batches, merge_at=st.integers(1, 100))
-def test_property_indices_match_a_dictionary(tmp_path_factory: Any, batches: list[list[int]], merge_at: int) -> None:
+def test_property_indices_match_a_dictionary(
+    tmp_path_factory: Any, batches: list[list[int]], merge_at: int
+) -> None:
     # Whatever the batches (with replays within and across them) and wherever merges fall, every
     # append returns what a plain dictionary of first appearances says, and both lookups agree.
     url = f"sqlite:///{tmp_path_factory.mktemp('p')}/l.db"
@@ -188,7 +197,9 @@ def test_colliding_dedup_keys_are_different_entries(led: Ledger) -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(
-    batches=st.lists(st.lists(st.integers(-5, 5) | st.integers(-(2**31), 2**31 - 1), max_size=30), max_size=6),
+    batches=st.lists(
+        st.lists(st.integers(-5, 5) | st.integers(-(2**31), 2**31 - 1), max_size=30), max_size=6
+    ),
     query=st.lists(st.integers(-6, 6) | st.integers(-(2**32), 2**32), max_size=20),
 )
 def test_property_key_index_lookup_equals_a_scan(batches: list[list[int]], query: list[int]) -> None:

@@ -142,7 +142,11 @@ async def test_cosignatures_are_accepted_and_attached(client: Any) -> None:
 
 
 async def test_entry_and_checkpoint_numbers_past_bigint_or_not_ascii_are_400(client: Any) -> None:
-    for path in ("/ledger/entries/%C2%B2", "/ledger/entries/99999999999999999999", "/ledger/checkpoint?size=99999999999999999999"):
+    for path in (
+        "/ledger/entries/%C2%B2",
+        "/ledger/entries/99999999999999999999",
+        "/ledger/checkpoint?size=99999999999999999999",
+    ):
         resp = await client.get(path)
         assert resp.status == 400, path
         assert (await resp.json())["resourceType"] == "OperationOutcome"

@@ -153,13 +153,15 @@ class StoreContract:
         mpi.upsert_patients([("org-b", {**ALICE_B, "gender": "female", "birthDate": "1980-04-12"})])
         assert mpi.linked_patient_ids("a1") == ["a1"]
         # the re-scored pair was left alone: no new event, the manual decision stays in place
-        assert [h["action"] for h in mpi.history("a1") if {h["patient_a"], h["patient_b"]} == {"a1", "b1"}] == [
+        assert [
+            h["action"] for h in mpi.history("a1") if {h["patient_a"], h["patient_b"]} == {"a1", "b1"}
+        ] == [
             "auto-match",
             "unlink",
         ]
-        assert mpi.db.all("SELECT state, origin FROM mpi_pair WHERE patient_a = 'a1' AND patient_b = 'b1'") == [
-            ("NO_MATCH", "manual")
-        ]
+        assert mpi.db.all(
+            "SELECT state, origin FROM mpi_pair WHERE patient_a = 'a1' AND patient_b = 'b1'"
+        ) == [("NO_MATCH", "manual")]
         # a third record matching both cannot bridge the unlinked pair
         third = {**ALICE_A, "id": "d1"}
         mpi.upsert_patients([("org-d", third)])
@@ -186,12 +188,20 @@ class StoreContract:
         mpi.upsert_patients([("org-a", ALICE_A), ("org-c", BOB), ("org-c", ALICE_C)])
         mpi.link("a1", "c1", actor="u")
         mpi.unlink("c1", "c2", actor="u")
-        before = (mpi.db.all("SELECT * FROM mpi_pair ORDER BY rec_hi, rec_lo"), mpi.history("a1"), mpi.history("c2"))
+        before = (
+            mpi.db.all("SELECT * FROM mpi_pair ORDER BY rec_hi, rec_lo"),
+            mpi.history("a1"),
+            mpi.history("c2"),
+        )
         with pytest.raises(MpiConflict, match="'c1' and 'c2'"):
             mpi.link("a1", "c2", actor="u")
         assert sorted(mpi.linked_patient_ids("a1")) == ["a1", "c1"]
         assert mpi.linked_patient_ids("c2") == ["c2"]
-        after = (mpi.db.all("SELECT * FROM mpi_pair ORDER BY rec_hi, rec_lo"), mpi.history("a1"), mpi.history("c2"))
+        after = (
+            mpi.db.all("SELECT * FROM mpi_pair ORDER BY rec_hi, rec_lo"),
+            mpi.history("a1"),
+            mpi.history("c2"),
+        )
         assert after == before  # nothing changed
         # the latest decision on the unlinked pair itself still wins: linking c1 and c2 replaces it
         mpi.link("c1", "c2", actor="u")
@@ -419,10 +429,14 @@ class StoreContract:
         db = mpi.db
         rows = [(f"k{i}", "v") for i in range(5000)]
         with db.write():
-            db.insert_many_background("INSERT INTO mpi_meta (key, value) VALUES (?, ?)", rows, ("text", "text"))
+            db.insert_many_background(
+                "INSERT INTO mpi_meta (key, value) VALUES (?, ?)", rows, ("text", "text")
+            )
             assert db.one("SELECT COUNT(*) FROM mpi_meta WHERE key LIKE 'k%'") == (5000,)
         with pytest.raises(Exception, match=r"(?i)unique|duplicate"), db.write():
-            db.insert_many_background("INSERT INTO mpi_meta (key, value) VALUES (?, ?)", rows[:1], ("text", "text"))
+            db.insert_many_background(
+                "INSERT INTO mpi_meta (key, value) VALUES (?, ?)", rows[:1], ("text", "text")
+            )
             db.one("SELECT 1")
         assert db.one("SELECT COUNT(*) FROM mpi_meta WHERE key LIKE 'k%'") == (5000,)
 
@@ -534,7 +548,9 @@ class StoreContract:
             consumer.upsert_patients(recs[1:45])
             assert consumer.model().fitted_on_records == 45  # without the fit: the priors, fitted on 0
 
-    def test_a_rolled_back_fit_is_not_weighed_with(self, mpi_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    def test_a_rolled_back_fit_is_not_weighed_with(
+        self, mpi_url: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
         """A fit whose transaction rolls back never stored its model; no later batch may weigh with it,
         not even after a batch that changes nothing (found by review)."""
         cfg = dataclasses.replace(MpiConfig(), em_min_records=10_000)  # no automatic fit

@@ -133,6 +133,8 @@ def test_value_counts_of_a_key_without_values_past_the_first_slots() -> None:
 
     cache = RecordCache(TF_KEYS, None)
     empty = dict.fromkeys(("gn", "gm", "fn", "fm", "b", "s", "a", "c", "z", "t"), "")
-    cache.put_many([(f"p{i}", "o", {**empty, "g": f"g{i}", "f": f"f{i}", "i": []}, "d", i + 1) for i in range(600)])
+    cache.put_many(
+        [(f"p{i}", "o", {**empty, "g": f"g{i}", "f": f"f{i}", "i": []}, "d", i + 1) for i in range(600)]
+    )
     assert cache.value_counts("c") == {}
     assert cache.value_counts("g") == {f"g{i}": 1 for i in range(600)}

@@ -118,15 +118,30 @@ def test_malformed_elements_never_raise(
 
 def _elements(keys: dict[str, Any]) -> Any:
     """Lists of FHIR-shaped elements whose known keys hold plausible or arbitrary JSON values."""
-    return st.lists(st.fixed_dictionaries({}, optional={k: v | json_values for k, v in keys.items()}), max_size=3)
+    return st.lists(
+        st.fixed_dictionaries({}, optional={k: v | json_values for k, v in keys.items()}), max_size=3
+    )
 
 
 @settings(max_examples=300, deadline=None)
 @given(
-    names=_elements({"use": st.sampled_from(["official", "usual"]), "given": st.just(["Ann"]), "family": st.just("Lee"),
-                     "text": st.just("Ann Lee")}),
-    addresses=_elements({"use": st.just("home"), "period": st.just({"end": "2020"}), "line": st.just(["1 Main St"]),
-                         "city": st.just("Metro"), "postalCode": st.just("12345")}),
+    names=_elements(
+        {
+            "use": st.sampled_from(["official", "usual"]),
+            "given": st.just(["Ann"]),
+            "family": st.just("Lee"),
+            "text": st.just("Ann Lee"),
+        }
+    ),
+    addresses=_elements(
+        {
+            "use": st.just("home"),
+            "period": st.just({"end": "2020"}),
+            "line": st.just(["1 Main St"]),
+            "city": st.just("Metro"),
+            "postalCode": st.just("12345"),
+        }
+    ),
     telecom=_elements({"system": st.sampled_from(["phone", "sms"]), "value": st.just("555 123 4567")}),
     identifiers=_elements({"system": st.just(SSN), "value": st.just("123-45-6789")}),
 )
@@ -135,8 +150,14 @@ def test_malformed_values_inside_well_formed_elements_never_raise(
 ) -> None:
     """Found by review: two home addresses, one with a ``period`` that is not an object, raised
     AttributeError (the random JSON above rarely builds several element-shaped objects)."""
-    p = {"resourceType": "Patient", "id": "p", "name": names, "address": addresses, "telecom": telecom,
-         "identifier": identifiers}
+    p = {
+        "resourceType": "Patient",
+        "id": "p",
+        "name": names,
+        "address": addresses,
+        "telecom": telecom,
+        "identifier": identifiers,
+    }
     f = extract_features(p, (SSN,))
     assert all(isinstance(f[k], str) for k in ("g", "f", "b", "s", "a", "c", "z", "t"))
 
@@ -183,7 +204,9 @@ def test_fast_paths_equal_the_regular_expressions(date: str, text: str) -> None:
                 {},
                 optional={
                     "use": st.sampled_from(["official", "usual", "home", "work", "old", None]),
-                    "period": st.one_of(st.none(), st.fixed_dictionaries({}, optional={"end": st.just("2020")})),
+                    "period": st.one_of(
+                        st.none(), st.fixed_dictionaries({}, optional={"end": st.just("2020")})
+                    ),
                 },
             ),
             st.integers(),

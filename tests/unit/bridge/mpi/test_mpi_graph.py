@@ -48,12 +48,7 @@ def test_component_is_the_fixpoint_of_persons_and_match_pairs(
     assert info == {r: (g.person_of[r], int(r[1:])) for r in reached}
     # the pairs among them that can change a person, each once, (a, b) with a < b, sorted
     want = sorted(
-        {
-            (min(a, b), max(a, b), *g.links[a][b])
-            for a in reached
-            for b in g.links.get(a, {})
-            if b in reached
-        }
+        {(min(a, b), max(a, b), *g.links[a][b]) for a in reached for b in g.links.get(a, {}) if b in reached}
     )
     assert among == want
     assert all(state == "MATCH" or origin == "manual" for *_ab, state, _score, origin in among)
