@@ -1,8 +1,15 @@
-"""A very small database layer so that one SQL text serves SQLite and PostgreSQL.
+"""The one database layer: every store (the index, the MPI, the ledger) opens connections here.
 
-SQL is written with ``?`` placeholders and the ``ON CONFLICT`` upsert syntax both engines share. Lost
-or refused connections surface as :class:`bridge.errors.TransientError`, and the next call reconnects,
-so consumers can pause and retry while PostgreSQL restarts.
+:func:`connect` parses the URL (``sqlite:///abs/path.db`` or ``postgresql://...``), opens the
+connection in autocommit mode, and gives a SQLite file WAL mode and the store's :class:`SqliteTuning`.
+A store that must not import fhirbridge (the ledger) gets a :class:`Connector`, which opens its
+connections the same way. :func:`is_unavailable` says which errors mean "cannot talk to the database"
+(worth a retry, never the record's fault), for every store alike.
+
+:class:`Database` is the index's statement helper: SQL written with ``?`` placeholders and the
+``ON CONFLICT`` upsert syntax both engines share. Lost or refused connections surface as
+:class:`bridge.errors.TransientError`, and the next call reconnects, so consumers can pause and retry
+while PostgreSQL restarts.
 """
 
 from __future__ import annotations
@@ -13,12 +20,128 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bridge.errors import ConfigError, TransientError
 
 _PLACEHOLDER = re.compile(r"\?")
+
+
+@dataclass(frozen=True, slots=True)
+class DbUrl:
+    """A parsed database URL: ``kind`` is ``sqlite`` (``target`` a path, ``""`` in memory) or ``postgresql``."""
+
+    kind: str
+    target: str
+
+    @classmethod
+    def parse(cls, url: str, *, memory: bool = False) -> DbUrl:
+        """Raises :class:`ConfigError` for another scheme, and for ``sqlite://`` (in memory) unless ``memory``."""
+        if url.startswith(("postgresql://", "postgres://")):
+            return cls("postgresql", url)
+        if url.startswith("sqlite:///"):
+            # the part after "sqlite://" is the path: sqlite:///abs/path.db -> /abs/path.db
+            path = url[len("sqlite://") :]
+            return cls("sqlite", path[1:] if path.startswith("//") else path)
+        if url == "sqlite://" and memory:
+            return cls("sqlite", "")
+        raise ConfigError(f"unsupported database URL {url!r}: use sqlite:///PATH or postgresql://...")
+
+
+@dataclass(frozen=True, slots=True)
+class SqliteTuning:
+    """How a store sets up a SQLite connection (PostgreSQL connections ignore it).
+
+    ``page_size`` takes effect only when the file is created; ``cache_kib`` is the page cache;
+    ``wal_autocheckpoint`` is in pages. Each store says why it chose its values where it defines them.
+    """
+
+    synchronous: str = "NORMAL"
+    page_size: int | None = None
+    cache_kib: int | None = None
+    wal_autocheckpoint: int | None = None
+    busy_timeout_ms: int = 30_000
+    foreign_keys: bool = False
+
+
+def connect(url: str | DbUrl, tuning: SqliteTuning | None = None, *, connect_timeout: int = 5) -> Any:
+    """A new connection in autocommit mode: SQLite (WAL, ``tuning``) or PostgreSQL (psycopg 3).
+
+    Raises :class:`ConfigError` for an unsupported URL; a connection that fails raises the driver's own
+    error (``sqlite3.Error``, ``psycopg.Error``), which :func:`is_unavailable` classifies.
+    """
+    db = url if isinstance(url, DbUrl) else DbUrl.parse(url, memory=True)
+    if db.kind == "postgresql":
+        import psycopg
+
+        return psycopg.connect(db.target, autocommit=True, connect_timeout=connect_timeout)
+    t = tuning or SqliteTuning()
+    if db.target:
+        Path(db.target).parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(
+        db.target or ":memory:",
+        timeout=t.busy_timeout_ms / 1000,
+        isolation_level=None,
+        check_same_thread=False,
+    )
+    try:
+        if t.page_size:
+            conn.execute(f"PRAGMA page_size={int(t.page_size)}")
+        enable_wal(conn, t.busy_timeout_ms / 1000)
+        conn.execute(f"PRAGMA synchronous={t.synchronous}")
+        conn.execute(f"PRAGMA busy_timeout={int(t.busy_timeout_ms)}")
+        if t.cache_kib:
+            conn.execute(f"PRAGMA cache_size=-{int(t.cache_kib)}")
+        if t.wal_autocheckpoint:
+            conn.execute(f"PRAGMA wal_autocheckpoint={int(t.wal_autocheckpoint)}")
+        if t.foreign_keys:
+            conn.execute("PRAGMA foreign_keys=ON")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def is_unavailable(exc: BaseException, conn: Any = None) -> bool:
+    """Whether ``exc`` means the database cannot be talked to now (lost, refused, locked, busy, I/O).
+
+    ``conn``, when given, is the connection the error came from: a broken PostgreSQL connection
+    counts too, whatever the error.
+    """
+    if isinstance(exc, TransientError | sqlite3.OperationalError):
+        return True
+    try:
+        import psycopg
+    except ImportError:  # pragma: no cover - psycopg is a dependency
+        return False
+    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+        return True
+    return conn is not None and bool(getattr(conn, "broken", False) or getattr(conn, "closed", False))
+
+
+class Connector:
+    """Opens connections to one database with one store's tuning: ``connector()`` is a new connection.
+
+    What a store outside fhirbridge's package (the ledger) is given instead of a URL, so that it opens
+    its connections exactly as the others do.
+    """
+
+    def __init__(self, url: str, tuning: SqliteTuning | None = None, *, connect_timeout: int = 5) -> None:
+        self.db = DbUrl.parse(url)
+        self.tuning = tuning
+        self.connect_timeout = connect_timeout
+
+    @property
+    def kind(self) -> str:
+        return self.db.kind
+
+    def __call__(self) -> Any:
+        return connect(self.db, self.tuning, connect_timeout=self.connect_timeout)
+
+    def is_unavailable(self, exc: BaseException, conn: Any = None) -> bool:
+        return is_unavailable(exc, conn)
 
 
 def enable_wal(conn: sqlite3.Connection, timeout: float = 30.0) -> None:
@@ -54,7 +177,7 @@ class WalCheckpointer:
     """
 
     def __init__(self, path: str) -> None:
-        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._conn = connect(DbUrl("sqlite", path))
         self._wake = threading.Event()
         self._stopping = False
         self.failures = 0
@@ -83,42 +206,32 @@ class WalCheckpointer:
         self._conn.close()
 
 
+INDEX_TUNING = SqliteTuning(synchronous="NORMAL", busy_timeout_ms=30_000, foreign_keys=True)
+
+
 class Database:
     """One connection (per process or thread) to ``sqlite:///path`` or ``postgresql://...``."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, tuning: SqliteTuning = INDEX_TUNING) -> None:
         self.url = url
-        if url.startswith("sqlite:///"):
-            self.kind = "sqlite"
-            # sqlite:///abs/path.db -> /abs/path.db (the part after "sqlite://" is the path)
-            self.path = Path(url[len("sqlite://") :])
-        elif url.startswith(("postgresql://", "postgres://")):
-            self.kind = "postgres"
-        else:
-            raise ConfigError(f"unsupported database URL {url!r}: use sqlite:///PATH or postgresql://...")
+        self._db = DbUrl.parse(url)
+        self.kind = "postgres" if self._db.kind == "postgresql" else "sqlite"
+        if self.kind == "sqlite":
+            self.path = Path(self._db.target)
+        self.tuning = tuning
         self._conn: Any = None
 
     # -- connection -----------------------------------------------------------------------------
     def connect(self) -> Any:
         if self._conn is not None:
             return self._conn
-        conn: Any
-        if self.kind == "sqlite":
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-            enable_wal(conn)
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA busy_timeout=30000")
-            conn.execute("PRAGMA foreign_keys=ON")
-        else:
-            import psycopg
-
-            try:
-                conn = psycopg.connect(self.url, autocommit=True, connect_timeout=5)
-            except psycopg.OperationalError as exc:
+        try:
+            self._conn = connect(self._db, self.tuning)
+        except Exception as exc:
+            if self.kind == "postgres" and is_unavailable(exc):
                 raise TransientError(f"PostgreSQL unavailable: {exc}") from exc
-        self._conn = conn
-        return conn
+            raise
+        return self._conn
 
     def close(self) -> None:
         if self._conn is not None:

@@ -13,14 +13,27 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
-from bridge.db import WalCheckpointer, enable_wal
+from bridge.db import DbUrl, SqliteTuning, WalCheckpointer, connect
+from bridge.errors import ConfigError
 from bridge.mpi.config import MpiError
 
 _ADVISORY_KEY = 0x6D7069  # "mpi"
 _INSERT = re.compile(r"(?s)^\s*(INSERT INTO \w+ \([^)]*\)) VALUES \([?, ]+\)(.*)$")
+MPI_TUNING = SqliteTuning(
+    synchronous="NORMAL",
+    # 16 KiB pages (new databases; an existing file keeps its page size): a batch inserts random uuid
+    # keys into several indexes, dirtying a page per key or so, and every dirty page is one WAL frame
+    # written at commit. Fewer, larger leaves mean fewer frames: the commit of a 1,000-record batch at
+    # 150,000 records costs about a third less CPU than with 4 KiB pages.
+    page_size=16384,
+    cache_kib=65536,  # 64 MiB page cache: the indexes of a large MPI stay hot
+    # A batch dirties thousands of random index pages (uuid keys); checkpointing every 80 MB of WAL
+    # (5,000 pages of 16 KiB) instead of every 4 MB lets a page rewritten by several batches be copied once.
+    wal_autocheckpoint=5000,
+    busy_timeout_ms=30_000,
+)
 #: ids per ``IN (...)`` list on SQLite (host parameter limit: 999 before 3.32, 32766 since)
 CHUNK = 2000 if sqlite3.sqlite_version_info >= (3, 32, 0) else 500
 
@@ -134,48 +147,25 @@ class Database:
         self._lite: sqlite3.Connection | None = None
         self._checkpointer: WalCheckpointer | None = None
         self._path = ""
-        if url.startswith(("postgresql://", "postgres://")):
-            try:
-                import psycopg
-            except ImportError as exc:  # pragma: no cover - psycopg is a dependency
-                raise MpiError("PostgreSQL support needs psycopg 3") from exc
-            try:
-                self._pg = psycopg.connect(url, autocommit=True, connect_timeout=10)
-            except psycopg.Error as exc:
-                raise MpiError(f"cannot connect to the MPI database: {exc}") from exc
+        try:
+            db = DbUrl.parse(url, memory=True)
+        except ConfigError as exc:
+            raise MpiError(
+                f"unsupported MPI database URL {url!r}: use sqlite:///PATH or postgresql://..."
+            ) from exc
+        self._path = db.target
+        try:
+            conn = connect(db, MPI_TUNING, connect_timeout=10)
+        except (sqlite3.Error, OSError) as exc:
+            raise MpiError(f"cannot open the MPI database {db.target!r}: {exc}") from exc
+        except Exception as exc:  # psycopg.Error: the DSN may carry a password, so the URL is not repeated
+            raise MpiError(f"cannot connect to the MPI database: {exc}") from exc
+        if db.kind == "postgresql":
+            self._pg = conn
             self.kind = "postgresql"
-        elif url.startswith("sqlite:///") or url == "sqlite://":
-            # as bridge.db: the part after "sqlite://" is the path, so sqlite:///abs/path.db -> /abs/path.db;
-            # a bare "sqlite://" is an in-memory database
-            path = url[len("sqlite://") :]
-            target = path or ":memory:"
-            self._path = path
-            if path:
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
-            try:
-                self._lite = sqlite3.connect(
-                    target, isolation_level=None, check_same_thread=False, timeout=30
-                )
-            except sqlite3.Error as exc:
-                raise MpiError(f"cannot open the MPI database {path!r}: {exc}") from exc
-            # 16 KiB pages (new databases; an existing file keeps its page size): a batch inserts random
-            # uuid keys into several indexes, dirtying a page per key or so, and every dirty page is one
-            # WAL frame written at commit. Fewer, larger leaves mean fewer frames: the commit of a
-            # 1,000-record batch at 150,000 records costs about a third less CPU than with 4 KiB pages.
-            self._lite.execute("PRAGMA page_size=16384")
-            enable_wal(self._lite)
-            self._lite.execute("PRAGMA synchronous=NORMAL")
-            self._lite.execute("PRAGMA busy_timeout=30000")
-            self._lite.execute(
-                "PRAGMA cache_size=-65536"
-            )  # 64 MiB page cache: indexes of large indexes stay hot
-            # A batch dirties thousands of random index pages (uuid keys); checkpointing every 80 MB of
-            # WAL (5,000 pages of 16 KiB) instead of every 4 MB lets a page rewritten by several batches be
-            # copied once.
-            self._lite.execute("PRAGMA wal_autocheckpoint=5000")
-            self.kind = "sqlite"
         else:
-            raise MpiError(f"unsupported MPI database URL {url!r}: use sqlite:///PATH or postgresql://...")
+            self._lite = conn
+            self.kind = "sqlite"
         self._in_write = False
         self._worker: ThreadPoolExecutor | None = None
         self._pending: list[Pending] = []
