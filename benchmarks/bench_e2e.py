@@ -9,7 +9,7 @@ measures:
 * seconds from the start of ingest until every bundle is in the ledger and in the index (queryable);
 * peer, same run: producing the same bundle bytes with a bare kafka-python producer (same acks=all,
   idempotent config) and consuming them back with a bare consumer;
-* bridge producer alone: publishing pre-converted bundles through ``bridge.publish.Publisher``
+* bridge producer alone: publishing pre-converted bundles through ``bridge.stream.producer.Publisher``
   (signing included), for the "producer >= 70% of raw" goal.
 
 The stack's run also prints a CPU budget in ms per bundle: each ``fhirbridge ingest`` process (from
@@ -44,14 +44,14 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 
 from adapters import registry
 from adapters.base import ConvertedBundle, SourceInfo
-from bridge.broker import start_local
 from bridge.config import Settings, Topics
-from bridge.demodata import generate, write_files
-from bridge.index.store import IndexStore
-from bridge.publish import Publisher, producer_config
-from bridge.topics import ensure_topics
+from bridge.stores.index.store import IndexStore
+from bridge.stream.broker import start_local
+from bridge.stream.producer import Publisher, producer_config
+from bridge.stream.topics import ensure_topics
 from ledger.log import Ledger
 from ledger.note import generate_key
+from tests.support.demodata import generate, write_files
 
 
 def cli(*args: str) -> list[str]:

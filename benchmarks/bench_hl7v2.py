@@ -252,12 +252,12 @@ async def mllp_latency(seconds: float, rate: float, connections: int, workers: i
     import tempfile
     from dataclasses import replace
 
-    from bridge.broker import start_local
     from bridge.config import Settings
-    from bridge.envelope import OrgSigner
-    from bridge.mllp import END, MllpServer, frame
-    from bridge.publish import Publisher, signing_key_path
-    from bridge.topics import ensure_topics
+    from bridge.ingest.mllp import END, MllpServer, frame
+    from bridge.stream.broker import start_local
+    from bridge.stream.envelope import OrgSigner
+    from bridge.stream.producer import Publisher, signing_key_path
+    from bridge.stream.topics import ensure_topics
 
     tmp = Path(tempfile.mkdtemp(prefix="fhirbridge-bench-"))
     handle = None

@@ -1,7 +1,7 @@
 """Query-service benchmark (issue 7): $everything latency on a 2M-resource population, SQLite and PostgreSQL.
 
 Population: N people (default 100,000) seen by 3 providers with overlapping patients and demographic
-noise (bridge.demodata.population_person: census-like name and ZIP frequencies; population_noisy:
+noise (tests.support.demodata.population_person: census-like name and ZIP frequencies; population_noisy:
 nicknames, dropped middle initials, moved addresses, typos, day/month swaps), about 20 resources per
 patient record (encounters, observations, conditions),
 so about 2,000,000 resources. One "heavy" person has about 1,000 resources over 3 linked records,
@@ -57,15 +57,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bridge.broker import free_port
 from bridge.config import Settings
-from bridge.demodata import HOSPITALS, population_noisy, population_person
 from bridge.gctune import tune_gc
-from bridge.index.store import IncomingBundle, IndexStore
 from bridge.mpi import MpiConfig, PersonIndex
 from bridge.mpi.features import extract_features
 from bridge.mpi.matcher import link_records
+from bridge.stores.index.store import IncomingBundle, IndexStore
+from bridge.stream.broker import free_port
 from tests.services.postgres import admin_dsn
+from tests.support.demodata import HOSPITALS, population_noisy, population_person
 
 LOINC = [
     ("2345-7", "Glucose", "mg/dL", 70, 140),

@@ -41,7 +41,7 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
-from bridge.db import enable_wal
+from bridge.stores.db import enable_wal
 from ledger.errors import LedgerError, StorageUnavailable
 from ledger.tiles import Tile, split_key, tile_key
 

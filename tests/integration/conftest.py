@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from bridge.broker import BrokerHandle, start_local
 from bridge.config import Settings, Topics
+from bridge.stream.broker import BrokerHandle, start_local
 
 
 def _broker_kinds() -> list[str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from adapters.base import ConvertedBundle, SourceInfo
 from adapters.bundle import BundleBuilder
-from bridge.publish import Publisher
+from bridge.stream.producer import Publisher
 
 
 class _Adapter:
@@ -23,7 +23,7 @@ def synthetic_bundles(org: str, n: int, start: int = 0) -> Iterator[ConvertedBun
     """Small, distinct, valid-shaped bundles (one Patient, one Encounter) without the cost of conversion."""
     import random
 
-    from bridge.demodata import _person
+    from tests.support.demodata import _person
 
     source = SourceInfo(org)
     rng = random.Random(start)

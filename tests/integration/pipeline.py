@@ -13,9 +13,9 @@ import pytest
 
 from bridge.cli import main
 from bridge.config import Settings
-from bridge.consumer import ConsumerRuntime
-from bridge.publish import Publisher
-from bridge.sinks import build_index_sink, build_ledger_sink, open_ledger
+from bridge.consumers.runtime import ConsumerRuntime
+from bridge.consumers.sinks import build_index_sink, build_ledger_sink, open_ledger
+from bridge.stream.producer import Publisher
 from ledger.log import Ledger
 from ledger.note import generate_key
 
@@ -78,7 +78,7 @@ def make_stack(settings: Settings, monkeypatch: pytest.MonkeyPatch, orgs: list[s
 
 
 def write_feeds(tmp: Path, n_people: int, seed: int = 11) -> dict[str, list[Path]]:
-    from bridge.demodata import generate, write_files
+    from tests.support.demodata import generate, write_files
 
     feeds = generate(n_people, hospitals=2, overlap=0.5, seed=seed, messages_per_patient=2)
     return {org: paths for org, paths in write_files(tmp / "feeds", feeds, per_file=10).items() if paths}

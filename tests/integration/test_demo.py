@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.broker import free_port
+from bridge.stream.broker import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from bridge.config import Settings
-from bridge.index.store import IndexStore
-from bridge.publish import Publisher
+from bridge.stores.index.store import IndexStore
+from bridge.stream.producer import Publisher
 from tests.services.postgres import PostgresServer
 
 from .conftest import settings_env

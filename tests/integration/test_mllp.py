@@ -15,8 +15,8 @@ from adapters.base import SourceInfo
 from adapters.hl7v2 import HL7v2Adapter
 from bridge.cli import main
 from bridge.config import Settings, Topics
-from bridge.mllp import END, MllpServer, frame
-from bridge.publish import Publisher
+from bridge.ingest.mllp import END, MllpServer, frame
+from bridge.stream.producer import Publisher
 
 from .conftest import settings_env
 
@@ -151,9 +151,9 @@ def test_a_producer_dropped_after_a_broker_failure_is_really_closed(tmp_path) ->
     import threading
     from dataclasses import replace
 
-    from bridge.broker import start_local
     from bridge.config import Topics
-    from bridge.mllp import _close_quietly
+    from bridge.ingest.mllp import _close_quietly
+    from bridge.stream.broker import start_local
 
     handle = start_local("noida", tmp_path)
     try:

@@ -9,8 +9,8 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from bridge.config import Settings
-from bridge.index.store import IndexStore
-from bridge.service import create_app
+from bridge.service.app import create_app
+from bridge.stores.index.store import IndexStore
 from ledger import checkpoint, merkle
 
 from .pipeline import Stack, count_messages, make_stack, write_feeds

@@ -11,10 +11,10 @@ import orjson
 import pytest
 from kafka import KafkaConsumer
 
-from bridge.envelope import Envelope, OrgSigner, utc_now
-from bridge.index.store import IndexStore
-from bridge.publish import Publisher
-from bridge.replay import replay
+from bridge.consumers.replay import replay
+from bridge.stores.index.store import IndexStore
+from bridge.stream.envelope import Envelope, OrgSigner, utc_now
+from bridge.stream.producer import Publisher
 
 from .pipeline import Stack, count_messages, make_stack, write_feeds
 
@@ -130,7 +130,7 @@ def test_replay_guarantees_ledger_and_index(stack: Stack, tmp_path: Path) -> Non
 def test_a_slow_sink_does_not_end_a_replay_early(stack: Stack, tmp_path: Path) -> None:
     """The time the caller spends on a batch is not the broker being idle (found by review: a rebuild
     whose batches took over 3 s stopped early, with exit 0, and left a partial index)."""
-    from bridge.replay import Reader, ReplayReport
+    from bridge.consumers.replay import Reader, ReplayReport
 
     files = write_feeds(tmp_path, 3, seed=8)
     _ingest(stack, files)

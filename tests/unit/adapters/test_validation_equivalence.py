@@ -118,7 +118,7 @@ def test_every_hl7v2_sample_is_accepted_by_the_fast_path(samples: Path) -> None:
 
 
 def test_synthetic_adt_feed_is_accepted_by_the_fast_path() -> None:
-    from bridge.demodata import generate
+    from tests.support.demodata import generate
 
     feeds = generate(12, seed=11)
     n = 0
@@ -169,7 +169,7 @@ def test_repeated_validation_uses_the_cache_and_agrees() -> None:
 @functools.cache
 def base() -> list[dict[str, Any]]:
     """Valid bundles of several shapes; validating them warms the element cache."""
-    from bridge.demodata import generate
+    from tests.support.demodata import generate
 
     src = SourceInfo("mut", timezone="America/Chicago")
     out: list[dict[str, Any]] = []

@@ -88,7 +88,7 @@ def test_out_of_range_numbers_are_refused_by_name(name: str, value: str) -> None
 
 
 def test_every_producer_compresses_as_configured() -> None:
-    from bridge.publish import producer_config
+    from bridge.stream.producer import producer_config
 
     assert producer_config(Settings.from_env({}), "127.0.0.1:1")["compression_type"] == "gzip"
     assert (
@@ -105,8 +105,8 @@ def test_every_producer_compresses_as_configured() -> None:
 
 
 def test_ingest_lingers_longer_than_the_other_producers(monkeypatch: pytest.MonkeyPatch) -> None:
-    import bridge.publish
-    from bridge.publish import Publisher, producer_config
+    import bridge.stream.producer
+    from bridge.stream.producer import Publisher, producer_config
 
     s = Settings.from_env({})
     assert s.ingest_linger_ms == 50 and producer_config(s, "127.0.0.1:1")["linger_ms"] == 10
@@ -117,6 +117,6 @@ def test_ingest_lingers_longer_than_the_other_producers(monkeypatch: pytest.Monk
         def __init__(self, **cfg: object) -> None:
             seen.update(cfg)
 
-    monkeypatch.setattr(bridge.publish, "KafkaProducer", _Producer)
+    monkeypatch.setattr(bridge.stream.producer, "KafkaProducer", _Producer)
     Publisher(s, "127.0.0.1:1", linger_ms=s.ingest_linger_ms)
     assert seen["linger_ms"] == 50 and seen["acks"] == "all" and seen["compression_type"] == "gzip"

@@ -7,7 +7,7 @@ import pytest
 import structlog
 
 from bridge.config import Settings
-from bridge.consumer import Record, batch_context, consumer_config, instance_id
+from bridge.consumers.runtime import Record, batch_context, consumer_config, instance_id
 
 
 def test_batch_log_context_names_topic_partitions_and_offsets() -> None:
@@ -67,7 +67,7 @@ class _ScriptedConsumer:
 
 
 def _runtime(consumer: _ScriptedConsumer, **env: str) -> Any:
-    from bridge.consumer import ConsumerRuntime
+    from bridge.consumers.runtime import ConsumerRuntime
 
     settings = Settings.from_env(env)
 
@@ -123,7 +123,7 @@ def test_poll_batch_gives_up_after_the_timeout_without_spinning() -> None:
 
 
 def test_cpu_clock_adds_up_stages_per_record() -> None:
-    from bridge.consumer import CpuClock
+    from bridge.consumers.runtime import CpuClock
 
     clock = CpuClock()
     with clock.stage("work"):
@@ -147,7 +147,7 @@ def test_iso_millis_matches_datetime_isoformat() -> None:
     import random
     from datetime import UTC, datetime
 
-    from bridge.consumer import iso_millis
+    from bridge.consumers.runtime import iso_millis
 
     rng = random.Random(6)
     for ms in [
@@ -231,7 +231,7 @@ def test_records_assigned_by_a_rebalance_during_a_batch_are_not_skipped(mode: st
     """While a batch runs (over a second) or backs off (its database is down), the runtime polls with
     its partitions paused to keep its group membership. A partition that a rebalance assigns meanwhile
     arrives unpaused: its records must not be polled and dropped, or the next commit skips them."""
-    from bridge.consumer import ConsumerRuntime
+    from bridge.consumers.runtime import ConsumerRuntime
     from bridge.errors import TransientError
 
     consumer = _RebalancingConsumer()

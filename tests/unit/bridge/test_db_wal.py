@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.db import enable_wal
+from bridge.stores.db import enable_wal
 
 
 def _locked(path: Path) -> sqlite3.Connection:
@@ -44,7 +44,7 @@ def test_gives_up_after_the_timeout(tmp_path: Path) -> None:
 
 
 def test_checkpointer_copies_the_wal_while_the_writer_goes_on(tmp_path: Path) -> None:
-    from bridge.db import WalCheckpointer
+    from bridge.stores.db import WalCheckpointer
 
     path = tmp_path / "ck.db"
     writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)

@@ -9,8 +9,8 @@ import pytest
 
 from adapters.base import ConvertedBundle, SourceInfo
 from adapters.hl7v2 import HL7v2Adapter
-from bridge.demo import DEMO_DATA
-from bridge.demodata import generate
+from bridge.cli.demo import DEMO_DATA
+from tests.support.demodata import generate
 
 
 def _resources(bundles: list[ConvertedBundle], rtype: str) -> list[dict[str, Any]]:

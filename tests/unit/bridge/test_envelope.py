@@ -5,8 +5,15 @@ from pathlib import Path
 
 import pytest
 
-from bridge import envelope as env
-from bridge.envelope import Envelope, EnvelopeError, OrgSigner, SignatureError, TrustedKey, TrustRegistry
+from bridge.stream import envelope as env
+from bridge.stream.envelope import (
+    Envelope,
+    EnvelopeError,
+    OrgSigner,
+    SignatureError,
+    TrustedKey,
+    TrustRegistry,
+)
 
 BODY = b'{"resourceType":"Bundle","type":"transaction","entry":[]}'
 

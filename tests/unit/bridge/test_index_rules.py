@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from bridge.index.rules import clinical_date, dedupe_key, patient_of
+from bridge.stores.index.rules import clinical_date, dedupe_key, patient_of
 
 
 def _obs(**kw: object) -> dict[str, object]:
@@ -65,7 +65,7 @@ def test_types_without_a_safe_rule_never_merge() -> None:
 
 
 def test_dedupe_key_with_a_precomputed_clinical_date_matches_its_own() -> None:
-    from bridge.index.rules import clinical_date, dedupe_key
+    from bridge.stores.index.rules import clinical_date, dedupe_key
 
     obs = {
         "resourceType": "Observation",

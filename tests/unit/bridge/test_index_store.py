@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
-from bridge.index.store import IncomingBundle, IndexStore
+from bridge.stores.index.store import IncomingBundle, IndexStore
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -204,7 +204,7 @@ def test_sqlite_connection_gets_a_large_page_cache_and_rarer_checkpoints(tmp_pat
 def test_keys_written_under_older_rules_are_recomputed_on_open(store: IndexStore) -> None:
     """dedupe_key is stored: an index written by an older release (other rules) has its keys recomputed
     once when a newer release opens it."""
-    from bridge.index.rules import DEDUPE_RULES_VERSION, dedupe_key
+    from bridge.stores.index.rules import DEDUPE_RULES_VERSION, dedupe_key
 
     obs = {
         "resourceType": "Observation",
@@ -267,7 +267,7 @@ def test_a_resource_delivered_under_another_patient_is_marked_moved(
     expected = store.sources_of([(r.resource_type, r.id) for r in page])
     assert {s["bundle_sha256"] for s in expected[("Encounter", "e1")]} == {"h1", "h2"}
     assert store.sources_for_page(["pb"], page) == expected  # by key (a small page)
-    import bridge.index.store as index_store
+    import bridge.stores.index.store as index_store
 
     try:
         index_store.SOURCES_BY_KEY_MAX, saved = 0, index_store.SOURCES_BY_KEY_MAX

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from bridge.config import Settings
 from bridge.logging import configure_logging
-from bridge.service import Backend, create_app
+from bridge.service.app import Backend, create_app
 
 
 @pytest.fixture

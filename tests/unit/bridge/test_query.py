@@ -9,9 +9,9 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from bridge.config import Settings
-from bridge.index.store import IncomingBundle, IndexStore
-from bridge.query import date_range, in_range, utc_millis
-from bridge.service import Backend, create_app
+from bridge.service.app import Backend, create_app
+from bridge.service.fhir.query import date_range, in_range, utc_millis
+from bridge.stores.index.store import IncomingBundle, IndexStore
 
 
 def _bundle(sha: str, org: str, resources: list[dict[str, Any]], ts: str) -> IncomingBundle:
@@ -250,7 +250,7 @@ async def test_provenance_does_not_depend_on_the_page_size(
 ) -> None:
     """A resource delivered first under another subject keeps both deliveries as its sources, on a
     small page and on a large one (whose provenance is found by patient, and by key for moved ones)."""
-    import bridge.index.store as index_store
+    import bridge.stores.index.store as index_store
 
     monkeypatch.setattr(index_store, "SOURCES_BY_KEY_MAX", by_key_max)
     x = _glucose("x", "pc", "2026-01-05T08:00:00Z", 70)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from bridge.config import ConfigError, Settings
-from bridge.replay import parse_time_ms, replay
+from bridge.consumers.replay import parse_time_ms, replay
 
 
 @pytest.mark.parametrize(

@@ -7,10 +7,10 @@ from typing import Any
 
 import orjson
 
-from bridge.consumer import Record
-from bridge.envelope import Envelope, OrgSigner, TrustedKey, TrustRegistry, utc_now
-from bridge.index.store import IndexStore
-from bridge.sinks import EnvelopeChecker, IndexSink, LedgerSink, in_batch_order
+from bridge.consumers.runtime import Record
+from bridge.consumers.sinks import EnvelopeChecker, IndexSink, LedgerSink, in_batch_order
+from bridge.stores.index.store import IndexStore
+from bridge.stream.envelope import Envelope, OrgSigner, TrustedKey, TrustRegistry, utc_now
 from ledger.log import Ledger
 
 
@@ -259,8 +259,8 @@ def test_ledger_key_named_for_another_origin_is_refused(monkeypatch: Any, tmp_pa
     import pytest
 
     from bridge.config import Settings
+    from bridge.consumers.sinks import require_ledger_signer_key
     from bridge.errors import ConfigError
-    from bridge.sinks import require_ledger_signer_key
     from ledger.note import generate_key
 
     _ledger_env(monkeypatch, tmp_path, generate_key("other.example/log")[0])

@@ -23,12 +23,12 @@ import orjson
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError, OffsetOutOfRangeError
 
-from bridge import envelope
 from bridge.config import Settings
-from bridge.consumer import ConsumerRuntime, Record, consumer_config
+from bridge.consumers.runtime import ConsumerRuntime, Record, consumer_config
 from bridge.errors import ConfigError, FhirbridgeError
 from bridge.logging import get_logger
-from bridge.publish import Publisher, conversion_from_headers, nothing_converted, producer_config
+from bridge.stream import envelope
+from bridge.stream.producer import Publisher, conversion_from_headers, nothing_converted, producer_config
 
 log = get_logger(__name__)
 
@@ -273,7 +273,7 @@ def replay(
 
 
 def _build_sink(settings: Settings, bootstrap: str, name: str) -> Any:
-    from bridge.sinks import build_index_sink, build_ledger_sink
+    from bridge.consumers.sinks import build_index_sink, build_ledger_sink
 
     if name == "ledger":
         return build_ledger_sink(settings, bootstrap)
@@ -323,7 +323,7 @@ def _reset(sink: Any) -> None:
 def _rebuild_ledger(
     settings: Settings, bootstrap: str, batches: Iterator[list[Record]], report: ReplayReport
 ) -> None:
-    from bridge.sinks import build_ledger_sink
+    from bridge.consumers.sinks import build_ledger_sink
 
     order = _receipt_order(settings, bootstrap)
     first: dict[tuple[str, str], Record] = {}
@@ -537,7 +537,7 @@ def register(sub: Any) -> None:
 def cmd_replay(args: Any) -> int:
     import sys
 
-    from bridge.broker import resolve_bootstrap
+    from bridge.stream.broker import resolve_bootstrap
 
     try:
         settings = Settings.from_env()

@@ -1,4 +1,4 @@
-"""The ledger and index sinks, both driven by :class:`bridge.consumer.ConsumerRuntime`.
+"""The ledger and index sinks, both driven by :class:`bridge.consumers.runtime.ConsumerRuntime`.
 
 Both check every record's envelope (headers present, value hash matches, signature by a trusted org
 key) before using it; a record that fails goes to the dead letters with the reason, never into the
@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 
-from bridge import envelope
-from bridge.consumer import BadTimestamp, CpuClock, Record
+from bridge.consumers.runtime import BadTimestamp, CpuClock, Record
 from bridge.errors import ConfigError, FhirbridgeError, TransientError
-from bridge.index.store import IncomingBundle, IndexStore, content_digest
 from bridge.logging import get_logger
+from bridge.stores.index.store import IncomingBundle, IndexStore, content_digest
+from bridge.stream import envelope
 
 if TYPE_CHECKING:
     from bridge.mpi import PersonIndex
@@ -407,7 +407,7 @@ def build_ledger_sink(
     if receipts:
         from kafka import KafkaProducer
 
-        from bridge.publish import producer_config
+        from bridge.stream.producer import producer_config
 
         producer = KafkaProducer(
             **producer_config(settings, bootstrap, client_id="fhirbridge-ledger-receipts")

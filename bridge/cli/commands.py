@@ -72,8 +72,8 @@ def register(sub: Any, groups: dict[str, Any]) -> None:
     p.add_argument("--not-after", default=None, help="RFC 3339 end of validity (default: none)")
     p.set_defaults(func=cmd_keys_create)
 
-    from bridge.demo import register_demo
-    from bridge.replay import register as register_replay
+    from bridge.cli.demo import register_demo
+    from bridge.consumers.replay import register as register_replay
 
     register_demo(sub)
     register_replay(sub)
@@ -107,11 +107,11 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from adapters import registry
     from adapters.base import ConvertedBundle, RejectedRecord, SourceInfo
     from adapters.errors import AdapterError
-    from bridge.broker import resolve_bootstrap
     from bridge.errors import FhirbridgeError
-    from bridge.progress import IngestProgress
-    from bridge.publish import Publisher, conversion_headers, nothing_converted
-    from bridge.topics import ensure_topics
+    from bridge.ingest.progress import IngestProgress
+    from bridge.stream.broker import resolve_bootstrap
+    from bridge.stream.producer import Publisher, conversion_headers, nothing_converted
+    from bridge.stream.topics import ensure_topics
 
     settings = _settings()
     try:
@@ -233,11 +233,11 @@ def _kv(option: str) -> tuple[str, str]:
 
 # -- consumers ------------------------------------------------------------------------------------
 def _run_consumer(args: argparse.Namespace, sink_factory: Any, default_group: str) -> int:
-    from bridge.broker import resolve_bootstrap
-    from bridge.consumer import ConsumerRuntime
+    from bridge.consumers.runtime import ConsumerRuntime
     from bridge.errors import FhirbridgeError
-    from bridge.publish import Publisher
-    from bridge.topics import ensure_topics
+    from bridge.stream.broker import resolve_bootstrap
+    from bridge.stream.producer import Publisher
+    from bridge.stream.topics import ensure_topics
 
     settings = _settings()
     try:
@@ -272,7 +272,7 @@ def _run_consumer(args: argparse.Namespace, sink_factory: Any, default_group: st
 
 
 def cmd_ledger_run(args: argparse.Namespace) -> int:
-    from bridge.sinks import build_ledger_sink
+    from bridge.consumers.sinks import build_ledger_sink
 
     def factory(settings: Any, bootstrap: str) -> Any:
         return build_ledger_sink(settings, bootstrap, unsigned=args.unsigned)
@@ -280,8 +280,8 @@ def cmd_ledger_run(args: argparse.Namespace) -> int:
     if args.unsigned:
         get_logger("bridge.ledger").warning("ledger.unsigned", detail="no checkpoint will be signed")
     else:
+        from bridge.consumers.sinks import require_ledger_signer_key
         from bridge.errors import ConfigError
-        from bridge.sinks import require_ledger_signer_key
 
         try:  # before any broker is looked for: a missing key is the first thing to say
             require_ledger_signer_key(_settings())
@@ -291,7 +291,7 @@ def cmd_ledger_run(args: argparse.Namespace) -> int:
 
 
 def cmd_index_run(args: argparse.Namespace) -> int:
-    from bridge.sinks import build_index_sink
+    from bridge.consumers.sinks import build_index_sink
 
     return _run_consumer(args, lambda settings, bootstrap: build_index_sink(settings), "fhirbridge-index")
 
@@ -300,7 +300,7 @@ def cmd_index_run(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from bridge import service
+    from bridge.service import app as service
 
     settings = _settings()
     settings = replace(
@@ -312,8 +312,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_broker_start(args: argparse.Namespace) -> int:
-    from bridge.broker import running_local, start_local
     from bridge.errors import FhirbridgeError
+    from bridge.stream.broker import running_local, start_local
 
     settings = _settings()
     existing = running_local(settings.data_dir)
@@ -337,7 +337,7 @@ def cmd_broker_start(args: argparse.Namespace) -> int:
 def cmd_broker_stop(args: argparse.Namespace) -> int:
     import json
 
-    from bridge.broker import STATE_FILE, stop_pid
+    from bridge.stream.broker import STATE_FILE, stop_pid
 
     settings = _settings()
     state_file = settings.data_dir / STATE_FILE
@@ -352,9 +352,9 @@ def cmd_broker_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_topics_create(args: argparse.Namespace) -> int:
-    from bridge.broker import resolve_bootstrap
     from bridge.errors import FhirbridgeError
-    from bridge.topics import ensure_topics, topic_specs
+    from bridge.stream.broker import resolve_bootstrap
+    from bridge.stream.topics import ensure_topics, topic_specs
 
     settings = _settings()
     try:
@@ -368,8 +368,8 @@ def cmd_topics_create(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
-    from bridge.envelope import OrgSigner, TrustedKey, TrustRegistry, utc_now
-    from bridge.publish import signing_key_path
+    from bridge.stream.envelope import OrgSigner, TrustedKey, TrustRegistry, utc_now
+    from bridge.stream.producer import signing_key_path
 
     settings = _settings()
     key_path = signing_key_path(settings, args.org)

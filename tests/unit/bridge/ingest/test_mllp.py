@@ -12,7 +12,7 @@ import pytest
 from adapters.base import SourceInfo
 from adapters.hl7v2 import HL7v2Adapter
 from bridge.config import Settings
-from bridge.mllp import END, START, MllpServer, build_ack, frame
+from bridge.ingest.mllp import END, START, MllpServer, build_ack, frame
 
 SRC = SourceInfo("st-mary")
 GOOD = b"MSH|^~\\&|EPIC|STM|FB|FB|20240101120000||ADT^A01^ADT_A01|C100|P|2.5.1\rPID|1||M1^^^^MR||DOE^J\r"
@@ -45,8 +45,8 @@ def no_broker(tmp_path: Path):  # type: ignore[no-untyped-def]
     """A factory of real Publishers whose real KafkaProducer points at a closed port."""
     from kafka import KafkaProducer
 
-    from bridge.envelope import OrgSigner
-    from bridge.publish import Publisher, signing_key_path
+    from bridge.stream.envelope import OrgSigner
+    from bridge.stream.producer import Publisher, signing_key_path
 
     settings = replace(
         Settings.from_env({"FHIRBRIDGE_DATA_DIR": str(tmp_path)}), bootstrap_servers="127.0.0.1:1"
@@ -267,7 +267,7 @@ def test_erl_names_a_bad_segment_by_its_id_alone() -> None:
 def test_the_same_message_is_the_same_content_apart_from_msh7() -> None:
     """What the listener de-duplicates on: a re-send with a renewed MSH-7 or other segment ends is the
     same message; a reused control id with any other content is not."""
-    from bridge.mllp import _content_digest
+    from bridge.ingest.mllp import _content_digest
 
     msg = b"MSH|^~\\&|EPIC|STM|FB|FB|20240101120000||ADT^A01|C1|P|2.5.1\rPID|1||M1^^^^MR||DOE^J\r"
     same = _content_digest(msg)

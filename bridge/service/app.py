@@ -17,9 +17,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from bridge.config import Settings
-from bridge.httputil import FhirHTTPError, fhir_response, operation_outcome
-from bridge.index.store import IndexStore
 from bridge.logging import get_logger
+from bridge.service.http import FhirHTTPError, fhir_response, operation_outcome
+from bridge.stores.index.store import IndexStore
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -150,7 +150,7 @@ def backend_of(request: web.Request) -> Backend:
 
 
 async def metadata(request: web.Request) -> web.Response:
-    from bridge.capability import capability_statement
+    from bridge.service.fhir.capability import capability_statement
 
     return fhir_response(capability_statement(base_url(request)))
 
@@ -181,7 +181,8 @@ def base_url(request: web.Request) -> str:
 
 
 def create_app(settings: Settings, backend: Backend | None = None) -> web.Application:
-    from bridge import openapi, query
+    from bridge.service import openapi
+    from bridge.service.fhir import query
 
     app = web.Application(middlewares=[host_middleware, outcome_middleware], client_max_size=16 * 1024 * 1024)
     app[SETTINGS] = settings
@@ -194,7 +195,7 @@ def create_app(settings: Settings, backend: Backend | None = None) -> web.Applic
     query.setup_query_routes(app)
     openapi.setup_openapi_routes(app)
     if be.has_ledger:
-        from bridge.ledger_routes import setup_ledger_routes
+        from bridge.service.ledger import setup_ledger_routes
 
         setup_ledger_routes(app, be.ledger)
     if be.has_mpi:
@@ -211,7 +212,7 @@ def create_app(settings: Settings, backend: Backend | None = None) -> web.Applic
 
 def default_backend(settings: Settings) -> Backend:
     def ledger_factory() -> Any:
-        from bridge.sinks import open_ledger
+        from bridge.consumers.sinks import open_ledger
 
         return open_ledger(settings, signer=False)
 

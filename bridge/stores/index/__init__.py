@@ -1,5 +1,5 @@
 """The resource index: FHIR resources and their provenance, keyed by deterministic ids."""
 
-from bridge.index.store import IndexStore, StoredResource
+from bridge.stores.index.store import IndexStore, StoredResource
 
 __all__ = ["IndexStore", "StoredResource"]

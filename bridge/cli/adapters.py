@@ -345,7 +345,7 @@ def cmd_mllp(args: argparse.Namespace) -> int:
     from bridge.config import Settings
     from bridge.errors import FhirbridgeError
     from bridge.gctune import tune_gc
-    from bridge.mllp import serve_forever
+    from bridge.ingest.mllp import serve_forever
 
     try:
         tune_gc(Settings.from_env().gc_threshold)

@@ -3,7 +3,7 @@
 The producer is idempotent with ``acks=all`` and bounded retries; ``max_request_size`` is raised for
 large bundles (a real cluster also needs the topic's ``max.message.bytes``, which
 ``fhirbridge topics create`` sets). Each bundle is signed with its source organisation's key (see
-:mod:`bridge.envelope`).
+:mod:`bridge.stream.envelope`).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
 from bridge.config import Settings
-from bridge.envelope import Envelope, OrgSigner, utc_now
 from bridge.errors import BrokerUnavailable, ConfigError
+from bridge.stream.envelope import Envelope, OrgSigner, utc_now
 
 if TYPE_CHECKING:
     from kafka.producer.future import FutureRecordMetadata
@@ -105,7 +105,7 @@ def conversion_headers(
     """The headers of an ingest or MLLP dead letter that say how to convert its record again."""
     import json
 
-    from bridge.envelope import H_SOURCE
+    from bridge.stream.envelope import H_SOURCE
 
     out = [(H_SOURCE, source.org_id), (H_ADAPTER, adapter_name), (H_SOURCE_TIMEZONE, source.timezone)]
     if source.mrn_system:
@@ -122,7 +122,7 @@ def conversion_from_headers(headers: dict[str, str]) -> tuple[dict[str, str], So
     import json
 
     from adapters.base import SourceInfo
-    from bridge.envelope import H_SOURCE
+    from bridge.stream.envelope import H_SOURCE
 
     options = json.loads(headers.get(H_ADAPTER_OPTIONS) or "{}")
     if not isinstance(options, dict) or not all(isinstance(v, str) for v in options.values()):
@@ -162,7 +162,7 @@ class Publisher:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Publisher:
-        from bridge.broker import resolve_bootstrap
+        from bridge.stream.broker import resolve_bootstrap
 
         return cls(settings, resolve_bootstrap(settings))
 

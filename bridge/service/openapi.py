@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from bridge import __version__
-from bridge.httputil import json_response
+from bridge.service.http import json_response
 
 DESCRIPTIONS: dict[tuple[str, str], str] = {
     ("GET", "/metadata"): "FHIR R4 CapabilityStatement.",

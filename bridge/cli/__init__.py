@@ -18,9 +18,9 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 REGISTRARS = (
-    "bridge.commands",
-    "adapters.cli",
-    "ledger.cli",
+    "bridge.cli.commands",
+    "bridge.cli.adapters",
+    "bridge.cli.ledger",
     "bridge.mpi.cli",
 )
 

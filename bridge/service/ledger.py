@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from bridge.httputil import json_response, outcome_response
+from bridge.service.http import json_response, outcome_response
 
 if TYPE_CHECKING:
     from ledger.log import Ledger

@@ -4,10 +4,10 @@
 
 * gathers every Patient linked to ``{id}`` (MPI MATCH links; possible matches are never merged into
   the view), then every resource in their compartments;
-* honours ``start``/``end`` (the clinical date, per type in :mod:`bridge.index.rules`), ``_since``
+* honours ``start``/``end`` (the clinical date, per type in :mod:`bridge.stores.index.rules`), ``_since``
   (``meta.lastUpdated``), ``_type``, ``_count`` with searchset paging; any other parameter yields an
   OperationOutcome warning entry: never silently ignored;
-* merges resources stating the same clinical fact (:func:`bridge.index.rules.dedupe_key`) into one
+* merges resources stating the same clinical fact (:func:`bridge.stores.index.rules.dedupe_key`) into one
   entry that lists every source;
 * gives each entry its provenance (source org, source patient, bundle SHA-256, ledger leaf index);
   ``_proof=true`` adds an RFC 9162 inclusion proof per source against the latest signed checkpoint,
@@ -30,9 +30,9 @@ from urllib.parse import urlencode
 import orjson
 from aiohttp import web
 
-from bridge.httputil import FhirHTTPError, fhir_response, operation_outcome
-from bridge.index.rules import CLINICAL_DATE_PATHS, PATIENT_REFERENCE_PATHS
-from bridge.index.store import IndexStore, StoredResource
+from bridge.service.http import FhirHTTPError, fhir_response, operation_outcome
+from bridge.stores.index.rules import CLINICAL_DATE_PATHS, PATIENT_REFERENCE_PATHS
+from bridge.stores.index.store import IndexStore, StoredResource
 
 PROVENANCE_EXT = "https://fhirbridge.dev/fhir/StructureDefinition/entry-provenance"
 CHECKPOINT_EXT = "https://fhirbridge.dev/fhir/StructureDefinition/ledger-checkpoint"
@@ -393,7 +393,7 @@ def _provenance_ext(
 
 
 async def patient_everything(request: web.Request) -> web.Response:
-    from bridge.service import backend_of, base_url
+    from bridge.service.app import backend_of, base_url
 
     pid = request.match_info["id"]
     if "\x00" in pid:  # never a known id (answered here: PostgreSQL cannot even compare it)
@@ -535,7 +535,7 @@ def _name_strings(patient: dict[str, Any]) -> list[str]:
 
 
 async def patient_search(request: web.Request) -> web.Response:
-    from bridge.service import backend_of, base_url
+    from bridge.service.app import backend_of, base_url
 
     supported = {"identifier", "name", "birthdate", "_format"}
     check_query(request, supported)
@@ -586,7 +586,7 @@ async def patient_search(request: web.Request) -> web.Response:
 
 
 async def read_resource(request: web.Request) -> web.Response:
-    from bridge.service import backend_of
+    from bridge.service.app import backend_of
 
     rtype, rid = request.match_info["type"], request.match_info["id"]
     backend = backend_of(request)

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from bridge.errors import BrokerUnavailable, FhirbridgeError
 from bridge.logging import get_logger
-from bridge.publish import conversion_headers, nothing_converted
+from bridge.stream.producer import conversion_headers, nothing_converted
 
 if TYPE_CHECKING:
     from adapters.base import Adapter, ConvertedBundle, SourceInfo
@@ -254,7 +254,7 @@ def _err_code(error: ParseError) -> str:
 class MllpServer:
     """Converts each framed message with ``adapter`` and publishes it; see the module docstring.
 
-    ``publisher_factory`` returns a :class:`bridge.publish.Publisher` (it is called again after a
+    ``publisher_factory`` returns a :class:`bridge.stream.producer.Publisher` (it is called again after a
     failure, so a broker that comes back is picked up); it may raise
     :class:`~bridge.errors.BrokerUnavailable`.
     """
@@ -612,7 +612,7 @@ async def serve_forever(
 ) -> None:
     """Run the listener with the configured Kafka publisher until cancelled."""
     from bridge.config import Settings
-    from bridge.publish import Publisher
+    from bridge.stream.producer import Publisher
 
     settings = Settings.from_env()
     server = MllpServer(

@@ -24,7 +24,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-DEMO_DATA = Path(__file__).resolve().parents[1] / "deploy" / "demo" / "data"
+DEMO_DATA = Path(__file__).resolve().parents[2] / "deploy" / "demo" / "data"
 MARKER = ".fhirbridge-demo"
 
 
@@ -62,7 +62,7 @@ def prepare_data_dir(data_dir: Path, *, fresh: bool) -> bool:
     not delete, nor mix its files with, what it did not create), for a file in its place, and when
     a demo still runs there.
     """
-    from bridge.broker import running_local
+    from bridge.stream.broker import running_local
 
     if data_dir.exists() and not data_dir.is_dir():
         raise DemoFailed(f"{data_dir} exists and is not a directory")
@@ -109,9 +109,9 @@ def _wait(predicate: Any, timeout: float, what: str, children: list[Any] = ()) -
 def run_demo(
     data_dir: Path, port: int, *, data: Path = DEMO_DATA, exit_when_ready: bool = False, fresh: bool = False
 ) -> int:
-    from bridge.broker import free_port, start_local
     from bridge.config import Settings
-    from bridge.index.store import IndexStore
+    from bridge.stores.index.store import IndexStore
+    from bridge.stream.broker import free_port, start_local
     from ledger.log import Ledger
     from ledger.note import generate_key
 
@@ -158,7 +158,7 @@ def run_demo(
 
     try:
         orgs = sorted(p.name for p in data.iterdir() if p.is_dir())
-        from bridge.publish import signing_key_path
+        from bridge.stream.producer import signing_key_path
 
         for org in orgs:
             if not signing_key_path(

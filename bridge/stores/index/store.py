@@ -22,9 +22,15 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from bridge.db import Database
-from bridge.index.rules import DEDUPE_RULES_VERSION, DEDUPE_TYPES, clinical_date, dedupe_key, patient_of
 from bridge.logging import get_logger
+from bridge.stores.db import Database
+from bridge.stores.index.rules import (
+    DEDUPE_RULES_VERSION,
+    DEDUPE_TYPES,
+    clinical_date,
+    dedupe_key,
+    patient_of,
+)
 
 log = get_logger(__name__)
 
@@ -299,7 +305,7 @@ class IndexStore:
 
     def _refresh_dedupe_keys(self) -> None:
         """Recompute the stored de-duplication keys if they were written under other rules
-        (:data:`~bridge.index.rules.DEDUPE_RULES_VERSION`): once, when a newer release opens the index."""
+        (:data:`~bridge.stores.index.rules.DEDUPE_RULES_VERSION`): once, when a newer release opens the index."""
         row = self.db.query("SELECT value FROM index_meta WHERE key = 'dedupe_rules'")
         if row and row[0][0] == DEDUPE_RULES_VERSION:
             return
