@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from bridge.ledger_routes import setup_ledger_routes
+from bridge.service.ledger import setup_ledger_routes
 from ledger import checkpoint, merkle, note
 from ledger.log import Ledger, LedgerEntry
 

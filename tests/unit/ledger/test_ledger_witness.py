@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from aiohttp import ClientSession, web
 
-from bridge.ledger_routes import setup_ledger_routes
+from bridge.service.ledger import setup_ledger_routes
 from ledger import checkpoint, note
 from ledger.errors import CheckpointMismatch, InvalidKey, VerificationError
 from ledger.log import Ledger, LedgerEntry
@@ -142,7 +142,7 @@ async def test_poll_once_end_to_end_pushes_cosignature_to_the_log(tmp_path: Any,
 async def test_witness_cli_loop_once_cosigns_and_prints(
     tmp_path: Any, aiohttp_server: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from ledger.cli import _witness_loop
+    from bridge.cli.ledger import _witness_loop
 
     log = new_log(tmp_path, "log")
     log.append([entry(i) for i in range(3)])
