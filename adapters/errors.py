@@ -1,5 +1,8 @@
 """Typed, located adapter errors (public API).
 
+:class:`AdapterError` is the root of every exception the ``adapters`` package defines; the package
+imports nothing from ``bridge``, so the root lives here. Details live in attributes, not in the text.
+
 A :class:`Location` says where in the input a problem sits. Fields that do not apply to a format
 stay ``None``: HL7 v2 uses message/segment/field/repetition/component, C-CDA uses ``xpath`` and
 ``line``, CSV uses ``line`` and ``column``.
@@ -9,8 +12,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Any
-
-from bridge.errors import FhirbridgeError
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,8 +66,8 @@ class Location:
         return ", ".join(parts) if parts else "(unknown location)"
 
 
-class AdapterError(FhirbridgeError):
-    """Base of errors raised by adapters and the adapter registry."""
+class AdapterError(Exception):
+    """The root of every error of the adapters, their shared parts and the adapter registry."""
 
 
 class AdapterNotFound(AdapterError):

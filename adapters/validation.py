@@ -38,6 +38,8 @@ import types
 import typing
 from typing import Any
 
+from adapters.errors import AdapterError
+
 #: Upper bounds of the memo tables (each is emptied when full): shapes are bounded by the adapters'
 #: code paths (a few thousand); primitive verdicts (per annotation) by the variety of codes, names and
 #: dates in a feed.
@@ -69,7 +71,7 @@ _KNOWN_MODEL_VALIDATORS = frozenset({"reject_null_complex_elements", "validate_a
 _PRIMITIVE_EXTENSION_VALIDATOR = "validate_extension_or_fhir_comment_required"
 
 
-class _Declined(Exception):
+class _Declined(AdapterError):
     """The walk does not decide this input; the library will."""
 
 

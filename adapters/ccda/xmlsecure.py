@@ -20,6 +20,8 @@ from typing import Any
 
 from lxml import etree
 
+from adapters.errors import AdapterError
+
 CDA_NS = "urn:hl7-org:v3"
 SDTC_NS = "urn:hl7-org:sdtc"
 XSI_TYPE = "{http://www.w3.org/2001/XMLSchema-instance}type"
@@ -40,11 +42,11 @@ _DOCTYPE_PATTERNS = (
 _ROOT_NS = re.compile(rb"<(?:[A-Za-z_][\w.-]*:)?ClinicalDocument\b[^>]*?(\s+xmlns=[\"']urn:hl7-org:v3[\"'])")
 
 
-class UnsafeXml(Exception):
+class UnsafeXml(AdapterError):
     """The document uses a forbidden XML feature or is too large. ``str()`` says which."""
 
 
-class BadXml(Exception):
+class BadXml(AdapterError):
     """The document is not well-formed XML. Carries ``line`` when libxml2 reports one."""
 
     def __init__(self, message: str, line: int | None = None) -> None:

@@ -14,15 +14,26 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from adapters.errors import AdapterError
+
 csv.field_size_limit(16 * 1024 * 1024)
 
 
-class CsvFileError(Exception):
+class CsvFileError(AdapterError):
     """The file as a whole is unusable (empty, undecodable, no header). ``line`` when known."""
 
     def __init__(self, message: str, line: int | None = None) -> None:
         super().__init__(message)
         self.line = line
+
+
+class RowError(AdapterError):
+    """A field of a row is unusable. ``column`` names it (``None``: the row as a whole); the adapter
+    turns the error into a :class:`~adapters.errors.ParseError` located by file, line and column."""
+
+    def __init__(self, column: str | None, message: str) -> None:
+        super().__init__(message)
+        self.column = column
 
 
 @dataclass(slots=True)

@@ -67,10 +67,6 @@ def _is_instant(value: Any) -> bool:
     return True
 
 
-class Stu3Detected(Exception):
-    """Internal: the input is FHIR STU3."""
-
-
 def _r4b_class(resource_type: str) -> Any:
     from fhir.resources.R4B import get_fhir_model_class
 

@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from adapters.base import SourceInfo
 from adapters.common import ucum as ucum_units
-from adapters.errors import Location
+from adapters.errors import AdapterError, Location
 from adapters.hl7v2.er7 import Field, Segment
 
 Warn = Callable[[str, str, Location], None]
@@ -106,7 +106,7 @@ def _zone(name: str) -> ZoneInfo | timezone:
         return UTC
 
 
-class BadTimestamp(ValueError):
+class BadTimestamp(AdapterError):
     """A TS/DTM that is not a valid date/time."""
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from adapters.base import Adapter, Outcome, RejectedRecord, SourceInfo, sha256_hex
 from adapters.bundle import BundleBuilder
 from adapters.common import ucum
-from adapters.common.csvread import BadRow, CsvFileError, decode, read_csv
+from adapters.common.csvread import BadRow, CsvFileError, RowError, decode, read_csv
 from adapters.common.dates import parse_date_format
 from adapters.common.guard import guarded
 from adapters.errors import AdapterError, InternalAdapterError, Location, ValidationFailed
@@ -33,12 +33,6 @@ EXAMPLES = Path(__file__).parent / "examples"
 _SEG = re.compile(r"([a-zA-Z][a-zA-Z0-9]*)(?:\[(\d+)\])?")
 _TRUE = {"true", "t", "yes", "y", "1"}
 _FALSE = {"false", "f", "no", "n", "0"}
-
-
-class RowError(ValueError):
-    def __init__(self, column: str | None, message: str) -> None:
-        super().__init__(message)
-        self.column = column
 
 
 def set_path(obj: dict[str, Any], path: str, value: Any) -> None:

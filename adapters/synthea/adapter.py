@@ -24,7 +24,7 @@ from typing import Any
 from adapters.base import Adapter, Outcome, RejectedRecord, SourceInfo, sha256_hex
 from adapters.bundle import BundleBuilder
 from adapters.common.codes import name_to_uri
-from adapters.common.csvread import BadRow, CsvFileError, Row, decode, read_csv
+from adapters.common.csvread import BadRow, CsvFileError, Row, RowError, decode, read_csv
 from adapters.common.guard import guarded
 from adapters.errors import AdapterError, InternalAdapterError, Location, ValidationFailed
 
@@ -85,14 +85,6 @@ _ETHNICITY = {
     "nonhispanic": ("2186-5", "Not Hispanic or Latino"),
 }
 _MARITAL = {"M": "Married", "S": "Never Married", "D": "Divorced", "W": "Widowed"}
-
-
-class RowError(ValueError):
-    """A field of a row is unusable; carries the column name."""
-
-    def __init__(self, column: str, message: str) -> None:
-        super().__init__(message)
-        self.column = column
 
 
 def dt(value: str | None, column: str, *, required: bool = False) -> str | None:
