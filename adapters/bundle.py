@@ -17,15 +17,15 @@ import hashlib
 from typing import Any
 
 import orjson
+import structlog
 from pydantic import ValidationError
 
 from adapters.base import ConversionWarning, ConvertedBundle, SourceInfo
 from adapters.errors import Location, ValidationFailed
 from adapters.ids import business_key, resource_id
 from adapters.validation import fast_accepts
-from bridge.logging import get_logger
 
-_log = get_logger(__name__)
+log = structlog.get_logger(__name__)
 
 WARNING_EXTENSION_URL = "https://fhirbridge.dev/fhir/StructureDefinition/conversion-warning"
 ORG_IDENTIFIER_SYSTEM = "urn:fhirbridge:org"
@@ -69,7 +69,7 @@ def validate_bundle(bundle: dict[str, Any]) -> None:
 
         _bundle_model = Bundle
     _bundle_model.model_validate(bundle)  # raises with the error located in the bundle
-    _log.debug("r4b_fast_validation_declined", reason="not plain JSON, or declined by the fast path")
+    log.debug("bundle.r4b_fast_validation_declined", reason="not plain JSON, or declined by the fast path")
 
 
 class BundleBuilder:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterator
-from typing import Any, ClassVar
+from typing import ClassVar
+
+import structlog
 
 from adapters.base import Adapter, ConvertedBundle, Outcome, RejectedRecord, SourceInfo
 from adapters.bundle import EPOCH, BundleBuilder
@@ -13,12 +15,8 @@ from adapters.errors import AdapterError, InternalAdapterError, Location, ParseE
 from adapters.hl7v2 import datatypes as dt
 from adapters.hl7v2.er7 import Message, RawMessage, Segment, decode_input, parse_message, split_messages
 from adapters.hl7v2.mapping import Conversion
-from bridge.logging import get_logger
 
-
-def _log() -> Any:
-    """The logger, looked up per use (a module-level cached proxy would pin a closed stream in tests)."""
-    return get_logger("adapters.hl7v2")
+log = structlog.get_logger(__name__)
 
 
 SUPPORTED_VERSIONS = (
@@ -136,7 +134,7 @@ class HL7v2Adapter(Adapter):
                 control_id,
             )
         except ValidationFailed as exc:
-            _log().error("hl7v2.invalid_output", error=str(exc), file=filename, message_index=raw.index)
+            log.error("hl7v2.invalid_output", error=str(exc), file=filename, message_index=raw.index)
             return RejectedRecord(
                 InternalAdapterError(
                     str(exc),
@@ -147,7 +145,7 @@ class HL7v2Adapter(Adapter):
                 control_id,
             )
         except Exception as exc:  # a mapping bug must not take down the other messages
-            _log().exception("hl7v2.internal_error", file=filename, message_index=raw.index)
+            log.exception("hl7v2.internal_error", file=filename, message_index=raw.index)
             return RejectedRecord(
                 InternalAdapterError(
                     f"internal error: {type(exc).__name__}: {exc}",
@@ -238,7 +236,7 @@ class HL7v2Adapter(Adapter):
                 Location(message_index=msg.index),
             )
         if builder.warnings:
-            _log().warning(
+            log.warning(
                 "hl7v2.conversion_warnings",
                 file=filename,
                 message_index=msg.index,
