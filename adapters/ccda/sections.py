@@ -911,7 +911,7 @@ def _encounter_participants(
     The header's responsibleParty is the attender (the eCR IG's responsible provider, ATND);
     encounterParticipant keeps its typeCode (ADM, ATND, CON, DIS, REF) and time; an encounter activity's
     performer is typed by its sdtc:functionCode (ATTPHYS, ADMPHYS, DISPHYS), else by its typeCode (PRF,
-    PPRF, SPRF). Authors stay participants without a type, as before: FHIR R4 Encounter has no recorder.
+    PPRF, SPRF). Authors are participants without a type: FHIR R4 Encounter has no recorder.
     """
     from adapters.ccda.header import practitioner, practitioner_role
 
