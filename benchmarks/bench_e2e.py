@@ -46,10 +46,10 @@ from adapters import registry
 from adapters.base import ConvertedBundle, SourceInfo
 from bridge.config import Settings, Topics
 from bridge.stores.index.store import IndexStore
+from bridge.stores.ledger import open_ledger
 from bridge.stream.broker import start_local
 from bridge.stream.producer import Publisher, producer_config
 from bridge.stream.topics import ensure_topics
-from ledger.log import Ledger
 from ledger.note import generate_key
 from tests.support.demodata import generate, write_files
 
@@ -330,7 +330,7 @@ def main() -> None:
         logs.mkdir()
         procs = start_consumers(env, logs, "e2e")
         index = IndexStore.open(settings.index_url)
-        ledger = Ledger.open(settings.ledger_url, origin=settings.ledger_origin)
+        ledger = open_ledger(settings.ledger_url, origin=settings.ledger_origin)
         time.sleep(4)  # let both consumers join their groups before the clock starts
         assert broker.pid is not None
         cpu0 = {"broker": group_cpu(broker.pid), **{k: proc_cpu(p.pid) for k, p in procs.items()}}

@@ -32,8 +32,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bridge.stores.ledger import open_ledger
 from ledger import merkle
-from ledger.log import Ledger, LedgerEntry
+from ledger.log import LedgerEntry
 
 
 def make_entry(i: int) -> LedgerEntry:
@@ -84,7 +85,7 @@ def fmt(label: str, samples: list[float]) -> str:
 
 
 def bench_ours(url: str, n: int, batch: int, proofs: int, label: str) -> dict[str, float]:
-    led = Ledger.open(url, origin="bench.fhirbridge/ledger", checkpoint_every=100_000)
+    led = open_ledger(url, origin="bench.fhirbridge/ledger", checkpoint_every=100_000)
     # Only the append calls are timed: building the entries is the consumer's work, not the ledger's.
     append_s = append_cpu = 0.0
     for start in range(0, n, batch):

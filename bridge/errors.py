@@ -1,11 +1,15 @@
-"""The root of fhirbridge's exception tree.
+"""The root of the ``bridge`` package's exception tree, and the roots of all three packages.
 
-Every error fhirbridge raises on purpose derives from :class:`FhirbridgeError`. Details live in
-attributes, not in the message text, so that logs can show them as keys and PHI stays out of
-message strings.
+Every error ``bridge`` raises on purpose derives from :class:`FhirbridgeError`; the ``adapters`` and
+``ledger`` packages have roots of their own, since they import nothing from ``bridge``.
+:data:`ERROR_ROOTS` holds the three: the CLI maps them to exit codes in one place, the service to
+OperationOutcomes. Details live in attributes, not in the message text, so that logs can show them
+as keys and PHI stays out of message strings.
 """
 
 from __future__ import annotations
+
+from ledger.errors import LedgerError
 
 
 class FhirbridgeError(Exception):
@@ -22,3 +26,9 @@ class BrokerUnavailable(FhirbridgeError):
 
 class TransientError(FhirbridgeError):
     """A dependency (database, broker) is down for now. Consumers pause, back off and retry; nothing is skipped."""
+
+
+#: every package's error root (see the module docstring)
+ERROR_ROOTS: tuple[type[Exception], ...] = (FhirbridgeError, LedgerError)
+#: the roots, and ``ValueError`` (a bad value given where a caller checks none, such as an org id)
+ERRORS_OR_VALUE: tuple[type[Exception], ...] = (*ERROR_ROOTS, ValueError)

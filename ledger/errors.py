@@ -7,8 +7,6 @@ translated at the boundary with ``raise ... from exc``. Details live in attribut
 
 from __future__ import annotations
 
-from bridge.errors import FhirbridgeError
-
 __all__ = [
     "CheckpointMismatch",
     "EntryTooLarge",
@@ -22,8 +20,8 @@ __all__ = [
 ]
 
 
-class LedgerError(FhirbridgeError):
-    """Base class of every ledger error."""
+class LedgerError(Exception):
+    """Base class of every ledger error (the ``ledger`` package's one root; it imports nothing from fhirbridge)."""
 
 
 class VerificationError(LedgerError):

@@ -21,7 +21,7 @@ from ledger import merkle
 from ledger import note as _note
 from ledger.entry import LedgerEntry, canonical_many
 from ledger.errors import InvalidEntry, InvalidKey, LedgerError, OutOfRange, VerificationError
-from ledger.storage import InsertRow, Storage, Txn, dedup_keys, leaf_key, leaf_keys, open_storage
+from ledger.storage import Connector, InsertRow, Storage, Txn, dedup_keys, leaf_key, leaf_keys, open_storage
 from ledger.tiles import TILE_WIDTH, TileBuilder, locate, needed_tiles, node_in_blob
 
 __all__ = ["Ledger", "LedgerEntry"]
@@ -65,7 +65,7 @@ class Ledger:
     @classmethod
     def open(
         cls,
-        url: str,
+        connector: Connector,
         *,
         origin: str,
         signer_key: str | None = None,
@@ -73,14 +73,15 @@ class Ledger:
         checkpoint_interval_ms: int = 1000,
         witness_keys: Sequence[str] = (),
     ) -> Ledger:
-        """Open the log at ``url`` (``sqlite:///abs/path.db`` or ``postgresql://...``), creating it.
+        """Open the log in the database ``connector`` connects to, creating it (fhirbridge opens it with
+        ``bridge.stores.ledger.open_ledger(url, ...)``).
 
         ``signer_key`` (``PRIVATE+KEY+...``) is needed only by the writer; ``witness_keys`` are the
         verifier keys whose cosignatures :meth:`add_cosignatures` accepts. Raises
         :class:`~ledger.errors.StorageUnavailable`, :class:`~ledger.errors.InvalidKey` or
         :class:`~ledger.errors.LedgerError` (another log's database, bad URL).
         """
-        storage = open_storage(url, origin)
+        storage = open_storage(connector, origin)
         try:
             return cls(
                 storage,

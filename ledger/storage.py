@@ -41,11 +41,19 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
-from bridge.stores.db import enable_wal
 from ledger.errors import LedgerError, StorageUnavailable
 from ledger.tiles import Tile, split_key, tile_key
 
-__all__ = ["EntryRow", "InsertRow", "PostgresStorage", "SqliteStorage", "Storage", "Txn", "open_storage"]
+__all__ = [
+    "Connector",
+    "EntryRow",
+    "InsertRow",
+    "PostgresStorage",
+    "SqliteStorage",
+    "Storage",
+    "Txn",
+    "open_storage",
+]
 
 SCHEMA_VERSION = 3
 """3: two-level key index (2 indexed ``dkey``/``lkey`` on ``ledger_entries``, and is migrated in place;
@@ -57,7 +65,23 @@ take 2 MB per key type at most, held sorted in memory by the writer and by reade
 and key type)."""
 MERGED_KEYS_MAX = 1 << 24
 """Up to this many merged entries (64 MB of keys) a writer keeps their dedup keys in memory."""
-PAGE_SIZE = 16384  # SQLite page size of a new ledger file
+
+
+class Connector(Protocol):
+    """How the ledger gets its database connections: the caller decides how they are opened (fhirbridge's
+    is ``bridge.stores.db.Connector`` with the ledger's tuning: WAL, ``synchronous=FULL``, 16 KiB pages).
+
+    Calling it opens a new connection in autocommit mode (``sqlite3`` with ``isolation_level=None``, or
+    psycopg 3 with ``autocommit=True``); ``kind`` is ``"sqlite"`` or ``"postgresql"``;
+    ``is_unavailable(exc, conn)`` says whether an error means the database cannot be reached now.
+    """
+
+    @property
+    def kind(self) -> str: ...
+
+    def __call__(self) -> Any: ...
+
+    def is_unavailable(self, exc: BaseException, conn: Any = None) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +190,8 @@ class _SqlBase:
     key_type = "INTEGER"
     without_rowid = " WITHOUT ROWID"
 
-    def __init__(self, origin: str) -> None:
+    def __init__(self, connector: Connector, origin: str) -> None:
+        self._connector = connector
         self._origin = origin
         self._lock = threading.RLock()
         self._conn: Any = None
@@ -180,10 +205,10 @@ class _SqlBase:
 
     # -- subclass hooks ------------------------------------------------------------------------------
     def _connect(self) -> Any:
-        raise NotImplementedError
+        return self._connector()
 
     def _is_unavailable(self, exc: BaseException) -> bool:
-        raise NotImplementedError
+        return self._connector.is_unavailable(exc, self._conn)
 
     def _begin(self, conn: Any) -> contextlib.AbstractContextManager[Any]:
         raise NotImplementedError
@@ -858,32 +883,12 @@ class _SqlTxn:
 
 
 class SqliteStorage(_SqlBase):
-    """SQLite in WAL mode with ``synchronous=FULL``: a returned append survives a power cut."""
+    """SQLite in WAL mode; with ``synchronous=FULL`` (the connector's job) a returned append survives a
+    power cut."""
 
-    def __init__(self, path: str, origin: str, *, busy_timeout_ms: int = 10_000) -> None:
-        super().__init__(origin)
-        self.path = path
-        self.busy_timeout_ms = busy_timeout_ms
+    def __init__(self, connector: Connector, origin: str) -> None:
+        super().__init__(connector, origin)
         self._init_schema()
-
-    def _connect(self) -> Any:
-        conn = sqlite3.connect(
-            self.path, isolation_level=None, check_same_thread=False, timeout=self.busy_timeout_ms / 1000
-        )
-        # 16 KB pages (only takes effect when the file is created): a tile (<= 16,320 bytes) fits in
-        # one page, and random index inserts split and log fewer pages; measured ~20% faster appends.
-        conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
-        enable_wal(conn, self.busy_timeout_ms / 1000)  # waits while another opener switches a new file
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA cache_size=-65536")
-        conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
-        # fewer, larger WAL checkpoints for batched appends (10,000 pages = up to 160 MB of WAL)
-        conn.execute("PRAGMA wal_autocheckpoint=10000")
-        return conn
-
-    def _is_unavailable(self, exc: BaseException) -> bool:
-        # OperationalError covers "database is locked", "unable to open database file" and I/O errors.
-        return isinstance(exc, sqlite3.OperationalError)
 
     def _is_db_error(self, exc: BaseException) -> bool:
         return isinstance(exc, sqlite3.Error)
@@ -908,23 +913,9 @@ class PostgresStorage(_SqlBase):
     key_type = "BIGINT"
     without_rowid = ""
 
-    def __init__(self, dsn: str, origin: str) -> None:
-        super().__init__(origin)
-        self.dsn = dsn
+    def __init__(self, connector: Connector, origin: str) -> None:
+        super().__init__(connector, origin)
         self._init_schema()
-
-    def _connect(self) -> Any:
-        import psycopg
-
-        return psycopg.connect(self.dsn, autocommit=True, connect_timeout=5)
-
-    def _is_unavailable(self, exc: BaseException) -> bool:
-        import psycopg
-
-        if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
-            return True
-        conn = self._conn
-        return conn is not None and bool(getattr(conn, "broken", False) or getattr(conn, "closed", False))
 
     def _begin(self, conn: Any) -> contextlib.AbstractContextManager[Any]:
         return conn.transaction()  # type: ignore[no-any-return]
@@ -959,20 +950,14 @@ class PostgresStorage(_SqlBase):
         return list(cur.fetchall())
 
 
-def open_storage(url: str, origin: str) -> _SqlBase:
-    """Open (creating the schema if absent) the store at ``url``.
+def open_storage(connector: Connector, origin: str) -> _SqlBase:
+    """Open (creating the schema if absent) the store ``connector`` connects to.
 
-    ``sqlite:///abs/path.db`` or ``postgresql://user@host:port/db``. Raises
-    :class:`~ledger.errors.LedgerError` for an unknown scheme or a database holding another log, and
-    :class:`~ledger.errors.StorageUnavailable` when the database cannot be reached.
+    Raises :class:`~ledger.errors.LedgerError` for an unknown kind or a database holding another log,
+    and :class:`~ledger.errors.StorageUnavailable` when the database cannot be reached.
     """
-    if url.startswith("sqlite:///"):
-        path = url[len("sqlite://") :]
-        if path.startswith("//"):
-            path = path[1:]
-        return SqliteStorage(path, origin)
-    if url.startswith("sqlite://:memory:") or url == "sqlite://":
-        raise LedgerError("an in-memory SQLite ledger cannot be shared; use sqlite:///abs/path.db")
-    if url.startswith(("postgresql://", "postgres://")):
-        return PostgresStorage(url, origin)
-    raise LedgerError("ledger URL must be sqlite:///abs/path.db or postgresql://user@host:port/db")
+    if connector.kind == "sqlite":
+        return SqliteStorage(connector, origin)
+    if connector.kind == "postgresql":
+        return PostgresStorage(connector, origin)
+    raise LedgerError(f"unsupported ledger database kind {connector.kind!r} (sqlite or postgresql)")

@@ -153,7 +153,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     from adapters.base import ConvertedBundle
     from adapters.errors import InternalAdapterError
-    from bridge.errors import FhirbridgeError
+    from bridge.errors import ERROR_ROOTS
 
     try:
         source = _source(args)
@@ -221,7 +221,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
                             "internal": isinstance(err, InternalAdapterError),
                         }
                     )
-        except FhirbridgeError as exc:
+        except ERROR_ROOTS as exc:
             entry["errors"].append({"message": str(exc), "location": {"file": str(path)}, "where": str(path)})
         except OSError as exc:
             entry["errors"].append(
@@ -343,7 +343,7 @@ def cmd_mllp(args: argparse.Namespace) -> int:
     except UsageError as exc:
         return _usage(str(exc))
     from bridge.config import Settings
-    from bridge.errors import FhirbridgeError
+    from bridge.errors import ERROR_ROOTS
     from bridge.gctune import tune_gc
     from bridge.ingest.mllp import serve_forever
 
@@ -360,7 +360,7 @@ def cmd_mllp(args: argparse.Namespace) -> int:
                 workers=args.workers,
             )
         )
-    except FhirbridgeError as exc:
+    except ERROR_ROOTS as exc:
         print(f"fhirbridge mllp: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:

@@ -107,7 +107,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from adapters import registry
     from adapters.base import ConvertedBundle, RejectedRecord, SourceInfo
     from adapters.errors import AdapterError
-    from bridge.errors import FhirbridgeError
+    from bridge.errors import ERRORS_OR_VALUE
     from bridge.ingest.progress import IngestProgress
     from bridge.stream.broker import resolve_bootstrap
     from bridge.stream.producer import Publisher, conversion_headers, nothing_converted
@@ -129,7 +129,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         # which halves the producer's CPU per record (docs/streams.md#producer).
         publisher = Publisher(settings, bootstrap, linger_ms=settings.ingest_linger_ms)
         publisher.signer(source.org_id)  # fail fast when the org has no key
-    except (FhirbridgeError, ValueError) as exc:
+    except ERRORS_OR_VALUE as exc:
         return _fail(str(exc), 2 if isinstance(exc, AdapterError | ValueError) else 1)
 
     missing = [f for f in args.files if not f.exists()]
@@ -234,7 +234,7 @@ def _kv(option: str) -> tuple[str, str]:
 # -- consumers ------------------------------------------------------------------------------------
 def _run_consumer(args: argparse.Namespace, sink_factory: Any, default_group: str) -> int:
     from bridge.consumers.runtime import ConsumerRuntime
-    from bridge.errors import FhirbridgeError
+    from bridge.errors import ERROR_ROOTS
     from bridge.stream.broker import resolve_bootstrap
     from bridge.stream.producer import Publisher
     from bridge.stream.topics import ensure_topics
@@ -246,7 +246,7 @@ def _run_consumer(args: argparse.Namespace, sink_factory: Any, default_group: st
         sink = sink_factory(settings, bootstrap)
         dead = Publisher(settings, bootstrap)
         runtime = ConsumerRuntime(settings, bootstrap, sink, dead, group_id=args.group or default_group)
-    except FhirbridgeError as exc:
+    except ERROR_ROOTS as exc:
         return _fail(str(exc))
     if args.metrics_port:
         from prometheus_client import start_http_server
@@ -312,7 +312,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_broker_start(args: argparse.Namespace) -> int:
-    from bridge.errors import FhirbridgeError
+    from bridge.errors import ERROR_ROOTS
     from bridge.stream.broker import running_local, start_local
 
     settings = _settings()
@@ -322,7 +322,7 @@ def cmd_broker_start(args: argparse.Namespace) -> int:
         return 0
     try:
         handle = start_local(args.kind or settings.local_broker, settings.data_dir, args.port)
-    except FhirbridgeError as exc:
+    except ERROR_ROOTS as exc:
         return _fail(str(exc))
     print(handle.bootstrap, flush=True)
     if args.foreground:
@@ -352,14 +352,14 @@ def cmd_broker_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_topics_create(args: argparse.Namespace) -> int:
-    from bridge.errors import FhirbridgeError
+    from bridge.errors import ERROR_ROOTS
     from bridge.stream.broker import resolve_bootstrap
     from bridge.stream.topics import ensure_topics, topic_specs
 
     settings = _settings()
     try:
         created = ensure_topics(resolve_bootstrap(settings), settings.topics)
-    except FhirbridgeError as exc:
+    except ERROR_ROOTS as exc:
         return _fail(str(exc))
     for spec in topic_specs(settings.topics):
         state = "created" if spec.name in created else "exists"

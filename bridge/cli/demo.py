@@ -24,6 +24,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from bridge.stores.ledger import open_ledger
+
 DEMO_DATA = Path(__file__).resolve().parents[2] / "deploy" / "demo" / "data"
 MARKER = ".fhirbridge-demo"
 
@@ -112,7 +114,6 @@ def run_demo(
     from bridge.config import Settings
     from bridge.stores.index.store import IndexStore
     from bridge.stream.broker import free_port, start_local
-    from ledger.log import Ledger
     from ledger.note import generate_key
 
     try:
@@ -208,7 +209,7 @@ def run_demo(
                     check=True,
                 )
         index = IndexStore.open(settings.index_url)
-        ledger = Ledger.open(settings.ledger_url, origin=settings.ledger_origin)
+        ledger = open_ledger(settings.ledger_url, origin=settings.ledger_origin)
         _wait(
             lambda: index.counts()["bundles"] >= expected and ledger.size() >= expected,
             120,

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bridge.stores.ledger import open_ledger
+
 DEFAULT_URL_ENV = "FHIRBRIDGE_LEDGER_URL"
 ORIGIN_ENV = "FHIRBRIDGE_LEDGER_ORIGIN"
 PUBLIC_KEY_ENV = "FHIRBRIDGE_LEDGER_PUBLIC_KEY"
@@ -123,7 +125,6 @@ def _verify(args: argparse.Namespace) -> int:
     from bridge.config import Settings
     from ledger.audit import audit
     from ledger.errors import LedgerError
-    from ledger.log import Ledger
 
     settings = Settings.from_env()
     url = args.url or settings.ledger_url
@@ -145,7 +146,7 @@ def _verify(args: argparse.Namespace) -> int:
             return _err(f"cannot read {args.from_checkpoint}: {exc.strerror}")
     try:
         origin = args.origin or _origin_from_keys(keys)
-        led = Ledger.open(url, origin=origin)
+        led = open_ledger(url, origin=origin)
         try:
             report = audit(led, keys, trusted_checkpoint=trusted)
         finally:

@@ -25,7 +25,7 @@ from kafka.errors import KafkaError, OffsetOutOfRangeError
 
 from bridge.config import Settings
 from bridge.consumers.runtime import ConsumerRuntime, Record, consumer_config
-from bridge.errors import ConfigError, FhirbridgeError
+from bridge.errors import ERROR_ROOTS, ERRORS_OR_VALUE, ConfigError
 from bridge.logging import get_logger
 from bridge.stream import envelope
 from bridge.stream.producer import Publisher, conversion_from_headers, nothing_converted, producer_config
@@ -466,7 +466,7 @@ def _convert_again(
     try:
         options, source = conversion_from_headers(headers)
         adapter = registry.create(adapter_name, options)
-    except (ValueError, FhirbridgeError) as exc:
+    except ERRORS_OR_VALUE as exc:
         report.dead_lettered += 1
         log.warning("replay.still_failing", offset=rec.offset, error=f"cannot convert again: {exc}")
         return
@@ -558,7 +558,7 @@ def cmd_replay(args: Any) -> int:
     except ConfigError as exc:
         print(f"fhirbridge replay: error: {exc}", file=sys.stderr)
         return 2
-    except (FhirbridgeError, KafkaError) as exc:
+    except (*ERROR_ROOTS, KafkaError) as exc:
         print(f"fhirbridge replay: error: {exc}", file=sys.stderr)
         return 1
     print("\n".join(report.lines()))

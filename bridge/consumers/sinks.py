@@ -19,6 +19,7 @@ from bridge.consumers.runtime import BadTimestamp, CpuClock, Record
 from bridge.errors import ConfigError, FhirbridgeError, TransientError
 from bridge.logging import get_logger
 from bridge.stores.index.store import IncomingBundle, IndexStore, content_digest
+from bridge.stores.ledger import open_configured_ledger
 from bridge.stream import envelope
 
 if TYPE_CHECKING:
@@ -354,19 +355,6 @@ def load_checker(settings: Any) -> EnvelopeChecker:
     return EnvelopeChecker(envelope.TrustRegistry.load(path) if path.is_file() else None)
 
 
-def open_ledger(settings: Any, *, signer: bool = True) -> Ledger:
-    from ledger.log import Ledger
-
-    return Ledger.open(
-        settings.ledger_url,
-        origin=settings.ledger_origin,
-        signer_key=settings.ledger_signer_key() if signer else None,
-        checkpoint_every=settings.ledger_checkpoint_every,
-        checkpoint_interval_ms=settings.ledger_checkpoint_interval_ms,
-        witness_keys=list(settings.ledger_witness_keys),
-    )
-
-
 def require_ledger_signer_key(settings: Any) -> str:
     """The ledger's signing key, or :class:`ConfigError` naming the path tried and how to make one.
 
@@ -412,7 +400,8 @@ def build_ledger_sink(
         producer = KafkaProducer(
             **producer_config(settings, bootstrap, client_id="fhirbridge-ledger-receipts")
         )
-    return LedgerSink(open_ledger(settings), load_checker(settings), producer, settings.topics.receipts)
+    ledger = open_configured_ledger(settings, signer_key=settings.ledger_signer_key())
+    return LedgerSink(ledger, load_checker(settings), producer, settings.topics.receipts)
 
 
 def build_index_sink(settings: Any) -> IndexSink:

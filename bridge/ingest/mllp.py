@@ -33,7 +33,7 @@ from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from bridge.errors import BrokerUnavailable, FhirbridgeError
+from bridge.errors import ERROR_ROOTS, BrokerUnavailable
 from bridge.logging import get_logger
 from bridge.stream.producer import conversion_headers, nothing_converted
 
@@ -493,7 +493,7 @@ class MllpServer:
         try:
             publisher = await self._get_publisher()
             await asyncio.wait_for(_broker_ack(loop, send(publisher)), self.ack_timeout)
-        except FhirbridgeError as exc:
+        except ERROR_ROOTS as exc:
             return self._reject(message, exc, reset=isinstance(exc, BrokerUnavailable))
         except Exception as exc:  # kafka errors (timeouts, not enough replicas, ...) -> retryable AR
             return self._reject(message, exc, reset=True)

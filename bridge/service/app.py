@@ -212,9 +212,9 @@ def create_app(settings: Settings, backend: Backend | None = None) -> web.Applic
 
 def default_backend(settings: Settings) -> Backend:
     def ledger_factory() -> Any:
-        from bridge.consumers.sinks import open_ledger
+        from bridge.stores.ledger import open_configured_ledger
 
-        return open_ledger(settings, signer=False)
+        return open_configured_ledger(settings)
 
     def mpi_factory() -> Any:
         from bridge.mpi import PersonIndex

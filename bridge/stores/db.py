@@ -64,6 +64,7 @@ class SqliteTuning:
     wal_autocheckpoint: int | None = None
     busy_timeout_ms: int = 30_000
     foreign_keys: bool = False
+    create_dirs: bool = True  # make the file's missing parent directories
 
 
 def connect(url: str | DbUrl, tuning: SqliteTuning | None = None, *, connect_timeout: int = 5) -> Any:
@@ -78,7 +79,7 @@ def connect(url: str | DbUrl, tuning: SqliteTuning | None = None, *, connect_tim
 
         return psycopg.connect(db.target, autocommit=True, connect_timeout=connect_timeout)
     t = tuning or SqliteTuning()
-    if db.target:
+    if db.target and t.create_dirs:
         Path(db.target).parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(
         db.target or ":memory:",

@@ -14,7 +14,8 @@ import pytest
 from bridge.cli import main
 from bridge.config import Settings
 from bridge.consumers.runtime import ConsumerRuntime
-from bridge.consumers.sinks import build_index_sink, build_ledger_sink, open_ledger
+from bridge.consumers.sinks import build_index_sink, build_ledger_sink
+from bridge.stores.ledger import open_configured_ledger
 from bridge.stream.producer import Publisher
 from ledger.log import Ledger
 from ledger.note import generate_key
@@ -32,7 +33,7 @@ class Stack:
         return main(list(args))
 
     def open_ledger(self) -> Ledger:
-        return open_ledger(self.settings)
+        return open_configured_ledger(self.settings, signer_key=self.settings.ledger_signer_key())
 
     def runtime(self, kind: str, group: str) -> ConsumerRuntime:
         s = self.settings

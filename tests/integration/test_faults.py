@@ -13,6 +13,7 @@ import pytest
 
 from bridge.config import Settings
 from bridge.stores.index.store import IndexStore
+from bridge.stores.ledger import open_ledger
 from bridge.stream.producer import Publisher
 from tests.services.postgres import PostgresServer
 
@@ -122,9 +123,8 @@ def test_postgres_restart_pauses_and_resumes_without_loss(
         assert all(p.poll() is None for p in procs.values()), "consumers must pause, not die"
         pg.start()
         pg.wait_ready()
-        from ledger.log import Ledger
 
-        ledger = Ledger.open(s.ledger_url, origin=s.ledger_origin)
+        ledger = open_ledger(s.ledger_url, origin=s.ledger_origin)
         index = IndexStore.open(s.index_url)
         _wait(
             lambda: ledger.size() >= n and index.counts()["bundles"] >= n,

@@ -9,9 +9,10 @@ import hashlib
 
 import pytest
 
+from bridge.stores.ledger import open_ledger
 from ledger import merkle, note
 from ledger.errors import StorageUnavailable
-from ledger.log import Ledger, LedgerEntry
+from ledger.log import LedgerEntry
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 
@@ -46,7 +47,7 @@ def _kill_backends(dsn: str) -> int:
 
 
 def test_lost_connection_is_storage_unavailable_then_reconnects(pg_dsn: str) -> None:
-    led = Ledger.open(pg_dsn, origin=ORIGIN, signer_key=SKEY, checkpoint_every=1)
+    led = open_ledger(pg_dsn, origin=ORIGIN, signer_key=SKEY, checkpoint_every=1)
     led.append([entry(i) for i in range(10)])
     assert _kill_backends(pg_dsn) >= 1
     with pytest.raises(StorageUnavailable):
@@ -63,11 +64,11 @@ def test_lost_connection_is_storage_unavailable_then_reconnects(pg_dsn: str) -> 
 
 def test_refused_connection_is_storage_unavailable() -> None:
     with pytest.raises(StorageUnavailable):
-        Ledger.open("postgresql://postgres@127.0.0.1:1/nothing", origin=ORIGIN)
+        open_ledger("postgresql://postgres@127.0.0.1:1/nothing", origin=ORIGIN)
 
 
 def test_bulk_append_uses_one_transaction_per_call(pg_dsn: str) -> None:
-    led = Ledger.open(pg_dsn, origin=ORIGIN)
+    led = open_ledger(pg_dsn, origin=ORIGIN)
     assert led.append([entry(i) for i in range(2000)]) == list(range(2000))
     assert led.append([entry(i) for i in range(1990, 2010)]) == list(range(1990, 2010))
     assert led.size() == 2010

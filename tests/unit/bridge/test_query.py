@@ -12,6 +12,7 @@ from bridge.config import Settings
 from bridge.service.app import Backend, create_app
 from bridge.service.fhir.query import date_range, in_range, utc_millis
 from bridge.stores.index.store import IncomingBundle, IndexStore
+from bridge.stores.ledger import open_ledger
 
 
 def _bundle(sha: str, org: str, resources: list[dict[str, Any]], ts: str) -> IncomingBundle:
@@ -492,7 +493,7 @@ async def test_proof_true_says_which_entries_carry_no_proof(
     import hashlib
 
     from ledger import checkpoint, merkle, note
-    from ledger.log import Ledger, LedgerEntry
+    from ledger.log import LedgerEntry
 
     def sha(s: str) -> str:
         return hashlib.sha256(s.encode()).hexdigest()
@@ -535,14 +536,14 @@ async def test_proof_true_says_which_entries_carry_no_proof(
     ledger_url = index_env.get("FHIRBRIDGE_INDEX_URL") or f"sqlite:///{tmp_path / 'ledger.db'}"
     origin = "test.fhirbridge/ledger"
     skey, vkey = note.generate_key(origin)
-    led = Ledger.open(
+    led = open_ledger(
         ledger_url, origin=origin, signer_key=skey, checkpoint_every=10**6, checkpoint_interval_ms=10**9
     )
     led.append([logged(h1, "A", 1)])
     led.checkpoint_now()
     led.append([logged(h2, "A", 2), logged(h3, "A", 3)])
     led.close()
-    backend = Backend(settings, ledger_factory=lambda: Ledger.open(ledger_url, origin=origin))
+    backend = Backend(settings, ledger_factory=lambda: open_ledger(ledger_url, origin=origin))
     async with TestClient(TestServer(create_app(settings, backend))) as c:
         b = await _everything(c, _proof="true")
         cp = checkpoint.open(b["meta"]["extension"][0]["valueString"], [vkey])

@@ -10,8 +10,8 @@ import orjson
 from bridge.consumers.runtime import Record
 from bridge.consumers.sinks import EnvelopeChecker, IndexSink, LedgerSink, in_batch_order
 from bridge.stores.index.store import IndexStore
+from bridge.stores.ledger import open_ledger
 from bridge.stream.envelope import Envelope, OrgSigner, TrustedKey, TrustRegistry, utc_now
-from ledger.log import Ledger
 
 
 def _bundle(pid: str) -> bytes:
@@ -57,7 +57,7 @@ def _mixed(signer: OrgSigner) -> list[Record]:
 
 def test_ledger_sink_dead_letters_in_batch_order_and_times_its_stages(tmp_path: Path) -> None:
     signer, checker = _fixture()
-    sink = LedgerSink(Ledger.open(f"sqlite://{tmp_path / 'ledger.db'}", origin="test/ledger"), checker)
+    sink = LedgerSink(open_ledger(f"sqlite://{tmp_path / 'ledger.db'}", origin="test/ledger"), checker)
     poison = sink.process(_mixed(signer))
     assert [(r.offset, type(e).__name__) for r, e in poison] == [(1, "BadBundle"), (2, "SignatureError")]
     assert sink.ledger.size() == 2
@@ -105,7 +105,7 @@ def test_a_record_timestamp_outside_years_1_to_9999_is_poison_not_fatal(tmp_path
     signer, checker = _fixture()
     good = _record(signer, 0, _bundle("p0"))
     far = replace(_record(signer, 1, _bundle("p1")), timestamp=10**15)  # year ~33,658
-    ledger_sink = LedgerSink(Ledger.open(f"sqlite://{tmp_path / 'ledger.db'}", origin="test/ledger"), checker)
+    ledger_sink = LedgerSink(open_ledger(f"sqlite://{tmp_path / 'ledger.db'}", origin="test/ledger"), checker)
     poison = ledger_sink.process([good, far])
     assert [(r.offset, type(e).__name__) for r, e in poison] == [(1, "BadTimestamp")]
     assert "outside the years 1-9999" in str(poison[0][1]) and ledger_sink.ledger.size() == 1

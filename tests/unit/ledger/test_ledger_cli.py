@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 
 from bridge.cli import main
+from bridge.stores.ledger import open_ledger
 from ledger import checkpoint, note
-from ledger.log import Ledger, LedgerEntry
+from ledger.log import LedgerEntry
 
 
 def entry(i: int) -> LedgerEntry:
@@ -48,7 +49,7 @@ def test_keygen_bad_name_is_a_clean_error(tmp_path: Any, capsys: pytest.CaptureF
 def signed_log(tmp_path: Any) -> tuple[str, str, str]:
     skey, vkey = note.generate_key("cli.test/log")
     url = f"sqlite:///{tmp_path}/l.db"
-    led = Ledger.open(url, origin="cli.test/log", signer_key=skey, checkpoint_every=20)
+    led = open_ledger(url, origin="cli.test/log", signer_key=skey, checkpoint_every=20)
     for s in range(0, 100, 25):
         led.append([entry(i) for i in range(s, s + 25)])
     led.close()
@@ -78,7 +79,7 @@ def test_verify_reports_first_bad_index_and_exits_1(
 
 def test_verify_from_checkpoint(signed_log: tuple[str, str, str], tmp_path: Any) -> None:
     url, pub, skey = signed_log
-    led = Ledger.open(url, origin="cli.test/log")
+    led = open_ledger(url, origin="cli.test/log")
     good = tmp_path / "kept.txt"
     good.write_text(checkpoint.sign("cli.test/log", 30, led.root_hash(30), skey))
     bad = tmp_path / "other.txt"

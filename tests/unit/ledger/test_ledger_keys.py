@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ledger_helpers import make_entry as entry
 
+from bridge.stores.ledger import open_ledger
 from ledger import merkle, note
 from ledger.audit import audit
 from ledger.errors import StorageUnavailable
@@ -23,7 +24,7 @@ SKEY, VKEY = note.generate_key(ORIGIN)
 
 
 def open_small(url: str, merge_at: int = 50) -> Ledger:
-    led = Ledger.open(url, origin=ORIGIN, signer_key=SKEY, checkpoint_every=10**9)
+    led = open_ledger(url, origin=ORIGIN, signer_key=SKEY, checkpoint_every=10**9)
     led.storage.merge_at = merge_at  # type: ignore[attr-defined]
     return led
 

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from ledger_helpers import make_entry
 
+from bridge.stores.ledger import open_ledger
 from ledger import checkpoint, merkle, note
 from ledger.audit import audit
 from ledger.errors import (
@@ -30,7 +31,7 @@ LOG_SKEY, LOG_VKEY = note.generate_key(ORIGIN)
 
 @pytest.fixture
 def led(url: str) -> Iterator[Ledger]:
-    ledger = Ledger.open(
+    ledger = open_ledger(
         url, origin=ORIGIN, signer_key=LOG_SKEY, checkpoint_every=100, checkpoint_interval_ms=3_600_000
     )
     yield ledger
@@ -91,7 +92,7 @@ def test_invalid_entries_are_rejected_before_anything_is_written(led: Ledger) ->
 
 @pytest.mark.parametrize("sizes", [[1], [3, 5], [255, 1, 1], [256, 300, 7]])
 def test_roots_and_proofs_match_the_in_memory_tree(url: str, sizes: list[int]) -> None:
-    led = Ledger.open(url, origin=ORIGIN)
+    led = open_ledger(url, origin=ORIGIN)
     total = 0
     for n in sizes:
         led.append([make_entry(i) for i in range(total, total + n)])
@@ -116,10 +117,10 @@ def test_roots_and_proofs_match_the_in_memory_tree(url: str, sizes: list[int]) -
 
 
 def test_reopened_log_continues_the_same_tree(url: str) -> None:
-    led = Ledger.open(url, origin=ORIGIN)
+    led = open_ledger(url, origin=ORIGIN)
     led.append([make_entry(i) for i in range(300)])
     led.close()
-    led = Ledger.open(url, origin=ORIGIN)
+    led = open_ledger(url, origin=ORIGIN)
     led.append([make_entry(i) for i in range(300, 530)])
     assert led.root_hash() == merkle.root_hash(leaf_hashes(530))
     led.close()
@@ -154,7 +155,7 @@ def test_checkpoints_are_signed_every_n_entries(led: Ledger) -> None:
 
 
 def test_checkpoints_are_signed_after_the_interval(url: str) -> None:
-    led = Ledger.open(
+    led = open_ledger(
         url, origin=ORIGIN, signer_key=LOG_SKEY, checkpoint_every=10_000, checkpoint_interval_ms=0
     )
     led.append([make_entry(0)])
@@ -175,7 +176,7 @@ def test_checkpoint_now_and_maybe_checkpoint(led: Ledger) -> None:
 
 
 def test_without_signer_no_checkpoints(url: str) -> None:
-    led = Ledger.open(url, origin=ORIGIN)
+    led = open_ledger(url, origin=ORIGIN)
     led.append([make_entry(0)])
     assert led.checkpoint_now() is None
     assert led.latest_checkpoint() is None
@@ -183,8 +184,8 @@ def test_without_signer_no_checkpoints(url: str) -> None:
 
 
 def test_a_reader_sees_the_writers_commits_without_reopening(url: str) -> None:
-    writer = Ledger.open(url, origin=ORIGIN, signer_key=LOG_SKEY, checkpoint_every=1)
-    reader = Ledger.open(url, origin=ORIGIN)
+    writer = open_ledger(url, origin=ORIGIN, signer_key=LOG_SKEY, checkpoint_every=1)
+    reader = open_ledger(url, origin=ORIGIN)
     assert reader.size() == 0
     writer.append([make_entry(i) for i in range(10)])
     assert reader.size() == 10
@@ -198,8 +199,8 @@ def test_a_reader_sees_the_writers_commits_without_reopening(url: str) -> None:
 
 
 def test_two_writers_interleaving_stay_consistent(url: str) -> None:
-    a = Ledger.open(url, origin=ORIGIN)
-    b = Ledger.open(url, origin=ORIGIN)
+    a = open_ledger(url, origin=ORIGIN)
+    b = open_ledger(url, origin=ORIGIN)
     a.append([make_entry(i) for i in range(5)])
     b.append([make_entry(i) for i in range(3, 9)])  # b's right edge is stale: it must reload
     a.append([make_entry(9)])
@@ -210,9 +211,9 @@ def test_two_writers_interleaving_stay_consistent(url: str) -> None:
 
 
 def test_another_origin_is_refused(url: str) -> None:
-    Ledger.open(url, origin=ORIGIN).close()
+    open_ledger(url, origin=ORIGIN).close()
     with pytest.raises(LedgerError, match="holds the log"):
-        Ledger.open(url, origin="other.example/log")
+        open_ledger(url, origin="other.example/log")
 
 
 def test_reset_empties_the_log(led: Ledger) -> None:
@@ -226,8 +227,8 @@ def test_reset_empties_the_log(led: Ledger) -> None:
 
 
 def test_a_reader_drops_its_tile_cache_when_another_process_resets(url: str) -> None:
-    writer = Ledger.open(url, origin=ORIGIN)
-    reader = Ledger.open(url, origin=ORIGIN)
+    writer = open_ledger(url, origin=ORIGIN)
+    reader = open_ledger(url, origin=ORIGIN)
     writer.append([make_entry(i) for i in range(600)])
     before = reader.inclusion_proof(5, 600)  # caches the complete tiles
     writer.reset()
@@ -242,8 +243,8 @@ def test_a_reader_drops_its_tile_cache_when_another_process_resets(url: str) -> 
 
 
 def test_a_writer_notices_a_reset_by_another_process_even_at_the_same_size(url: str) -> None:
-    a = Ledger.open(url, origin=ORIGIN)
-    b = Ledger.open(url, origin=ORIGIN)
+    a = open_ledger(url, origin=ORIGIN)
+    b = open_ledger(url, origin=ORIGIN)
     a.append([make_entry(i) for i in range(300)])
     b.reset()
     b.append([make_entry(i, org="org-new") for i in range(300)])  # same size, other tree
@@ -279,7 +280,7 @@ def test_find_leaf(led: Ledger) -> None:
 
 def test_cosignatures_from_configured_witnesses_are_attached(url: str) -> None:
     wskey, wvkey = note.generate_key("witness.test/w1", note.ALG_COSIGNATURE_V1)
-    led = Ledger.open(url, origin=ORIGIN, signer_key=LOG_SKEY, witness_keys=[wvkey])
+    led = open_ledger(url, origin=ORIGIN, signer_key=LOG_SKEY, witness_keys=[wvkey])
     led.append([make_entry(0)])
     signed = led.latest_checkpoint() or ""
     line = checkpoint.cosign(signed, LOG_VKEY, wskey)
@@ -302,7 +303,7 @@ def test_cosignatures_from_configured_witnesses_are_attached(url: str) -> None:
 
 @pytest.fixture
 def audited(url: str) -> Iterator[Ledger]:
-    led = Ledger.open(url, origin=ORIGIN, signer_key=LOG_SKEY, checkpoint_every=100)
+    led = open_ledger(url, origin=ORIGIN, signer_key=LOG_SKEY, checkpoint_every=100)
     for start in range(0, 600, 150):
         led.append([make_entry(i) for i in range(start, start + 150)])
     led.checkpoint_now()
@@ -419,14 +420,18 @@ def test_audit_with_the_wrong_key_fails(audited: Ledger) -> None:
 
 def test_sqlite_unreachable_path_is_storage_unavailable(tmp_path: Any) -> None:
     with pytest.raises(StorageUnavailable):
-        Ledger.open(f"sqlite:///{tmp_path}/missing-dir/x.db", origin=ORIGIN)
+        open_ledger(f"sqlite:///{tmp_path}/missing-dir/x.db", origin=ORIGIN)
 
 
 def test_sqlite_locked_database_is_storage_unavailable_then_recovers(tmp_path: Any) -> None:
+    from dataclasses import replace
+
+    from bridge.stores.ledger import LEDGER_TUNING, ledger_connector
     from ledger.storage import SqliteStorage
 
     path = f"{tmp_path}/l.db"
-    led = Ledger(SqliteStorage(path, ORIGIN, busy_timeout_ms=50), origin=ORIGIN)
+    connector = ledger_connector(f"sqlite:///{path}", replace(LEDGER_TUNING, busy_timeout_ms=50))
+    led = Ledger(SqliteStorage(connector, ORIGIN), origin=ORIGIN)
     led.append([make_entry(0)])
     blocker = sqlite3.connect(path, isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
@@ -443,7 +448,7 @@ def test_a_corrupt_sqlite_file_is_a_ledger_error_not_a_raw_sqlite_error(tmp_path
     path = tmp_path / "corrupt.db"
     path.write_bytes(b"this is not a database" * 100)
     with pytest.raises(LedgerError):
-        Ledger.open(f"sqlite:///{path}", origin=ORIGIN)
+        open_ledger(f"sqlite:///{path}", origin=ORIGIN)
 
 
 def test_append_of_non_entries_is_invalid_entry(led: Ledger) -> None:
@@ -453,13 +458,13 @@ def test_append_of_non_entries_is_invalid_entry(led: Ledger) -> None:
 
 def test_bad_url_is_a_ledger_error() -> None:
     with pytest.raises(LedgerError):
-        Ledger.open("mysql://x", origin=ORIGIN)
+        open_ledger("mysql://x", origin=ORIGIN)
 
 
 def test_sqlite_entries_are_keyed_by_rowid_and_the_keys_live_in_clustered_tables(tmp_path: Any) -> None:
     # `idx INTEGER PRIMARY KEY` is the rowid; `BIGINT PRIMARY KEY` would add another B-tree per row.
     # The lookup keys are in WITHOUT ROWID tables (one B-tree each), not in indexes on the entries.
-    Ledger.open(f"sqlite:///{tmp_path}/l.db", origin=ORIGIN).close()
+    open_ledger(f"sqlite:///{tmp_path}/l.db", origin=ORIGIN).close()
     conn = sqlite3.connect(f"{tmp_path}/l.db")
     sql = "SELECT name FROM sqlite_master WHERE tbl_name = 'ledger_entries' AND type = 'index'"
     indexes = {r[0] for r in conn.execute(sql)}
@@ -473,7 +478,7 @@ def test_sqlite_entries_are_keyed_by_rowid_and_the_keys_live_in_clustered_tables
 def test_batch_paths_build_the_same_tree(url: str, dup_at: int | None) -> None:
     # An all-new batch takes the vectorised path; a batch with a duplicate (within the batch or of a
     # logged entry) takes the per-entry path. Both must give the same indices, rows and tree.
-    with Ledger.open(url, origin=ORIGIN, signer_key=LOG_SKEY) as led:
+    with open_ledger(url, origin=ORIGIN, signer_key=LOG_SKEY) as led:
         led.append([make_entry(i) for i in range(100)])
         batch = [make_entry(i) for i in range(100, 400)]
         # a replay (other offset) of a logged entry, or of the batch entry just before it
@@ -508,14 +513,14 @@ def test_property_batch_keys_equal_the_single_keys(hashes: list[bytes]) -> None:
 
 def test_a_database_of_another_schema_version_is_refused(tmp_path: Any) -> None:
     url = f"sqlite:///{tmp_path}/l.db"
-    Ledger.open(url, origin=ORIGIN).close()
+    open_ledger(url, origin=ORIGIN).close()
     raw_exec(url, "UPDATE ledger_meta SET schema_version = 1")
     with pytest.raises(LedgerError, match="schema version 1"):
-        Ledger.open(url, origin=ORIGIN)
+        open_ledger(url, origin=ORIGIN)
 
 
 def test_a_new_sqlite_ledger_uses_16_kb_pages_and_wal(tmp_path: Any) -> None:
-    with Ledger.open(f"sqlite:///{tmp_path}/l.db", origin=ORIGIN) as led:
+    with open_ledger(f"sqlite:///{tmp_path}/l.db", origin=ORIGIN) as led:
         led.append([make_entry(i) for i in range(3)])
     conn = sqlite3.connect(f"{tmp_path}/l.db")
     assert conn.execute("PRAGMA page_size").fetchone()[0] == 16384
@@ -541,7 +546,7 @@ def test_an_audit_of_a_live_log_covers_the_size_it_started_with(led: Ledger, url
     ``size`` entries and says that more arrived."""
     led.append([make_entry(i) for i in range(300)])
     led.checkpoint_now()
-    reader = Ledger.open(url, origin=ORIGIN)
+    reader = open_ledger(url, origin=ORIGIN)
     try:
         original = reader.storage.iter_entries
 
@@ -567,7 +572,7 @@ def test_a_proof_and_its_checkpoint_are_for_the_same_size(led: Ledger, url: str)
     newer note, which a client then failed to verify."""
     led.append([make_entry(i) for i in range(25)])
     led.checkpoint_now()
-    reader = Ledger.open(url, origin=ORIGIN)
+    reader = open_ledger(url, origin=ORIGIN)
     try:
         original = reader.storage.latest_checkpoint
         calls = 0

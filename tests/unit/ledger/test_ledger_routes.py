@@ -11,6 +11,7 @@ import pytest
 from aiohttp import web
 
 from bridge.service.ledger import setup_ledger_routes
+from bridge.stores.ledger import open_ledger
 from ledger import checkpoint, merkle, note
 from ledger.log import Ledger, LedgerEntry
 
@@ -27,7 +28,7 @@ def entry(i: int) -> LedgerEntry:
 
 @pytest.fixture
 def led(tmp_path: Any) -> Iterator[Ledger]:
-    ledger = Ledger.open(
+    ledger = open_ledger(
         f"sqlite:///{tmp_path}/l.db",
         origin=ORIGIN,
         signer_key=SKEY,
@@ -55,7 +56,7 @@ async def test_checkpoint_is_a_signed_note_in_text_plain(client: Any) -> None:
 
 
 async def test_checkpoint_404_when_none(tmp_path: Any, aiohttp_client: Any) -> None:
-    empty = Ledger.open(f"sqlite:///{tmp_path}/e.db", origin=ORIGIN)
+    empty = open_ledger(f"sqlite:///{tmp_path}/e.db", origin=ORIGIN)
     app = web.Application()
     setup_ledger_routes(app, lambda: empty)
     c = await aiohttp_client(app)

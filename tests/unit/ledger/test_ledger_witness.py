@@ -10,6 +10,7 @@ import pytest
 from aiohttp import ClientSession, web
 
 from bridge.service.ledger import setup_ledger_routes
+from bridge.stores.ledger import open_ledger
 from ledger import checkpoint, note
 from ledger.errors import CheckpointMismatch, InvalidKey, VerificationError
 from ledger.log import Ledger, LedgerEntry
@@ -27,7 +28,7 @@ def entry(i: int, org: str = "org") -> LedgerEntry:
 
 
 def new_log(tmp_path: Any, name: str) -> Ledger:
-    return Ledger.open(
+    return open_ledger(
         f"sqlite:///{tmp_path}/{name}.db",
         origin=ORIGIN,
         signer_key=SKEY,
