@@ -20,7 +20,8 @@ from bridge.mpi.config import (
     MpiInputError,
     MpiNotFound,
 )
-from bridge.mpi.store import PersonIndex, person_id_for
+from bridge.mpi.persons import person_id_for
+from bridge.mpi.store import PersonIndex
 
 __all__ = [
     "MatchState",

@@ -63,7 +63,7 @@ def _cmd_link(args: argparse.Namespace) -> int:
     from bridge.mpi.config import MpiConfig, MpiError
     from bridge.mpi.features import extract_features
     from bridge.mpi.matcher import link_records
-    from bridge.mpi.store import person_id_for
+    from bridge.mpi.persons import person_id_for
 
     try:
         overrides: dict[str, Any] = {}

@@ -1,6 +1,6 @@
 """In-memory copy of what reclustering reads: every record's person and the pairs that join or part them.
 
-Reclustering (:meth:`~bridge.mpi.store.PersonIndex._recluster`) rebuilds the persons around a batch's
+Reclustering (:func:`~bridge.mpi.persons.recluster`) rebuilds the persons around a batch's
 new MATCH pairs. It needs the *component* of those records: everything connected to them through
 current persons or MATCH pairs, with the pairs among them. Read from the database, that is three
 statements per step of the search, about 7 ms of a 100 ms batch of 1,000 records on SQLite and more on
@@ -97,7 +97,7 @@ class PersonGraph:
     def component(
         self, seeds: Iterable[str], seq_of: Callable[[str], int]
     ) -> tuple[dict[str, tuple[str, int]], list[tuple[str, str, str, float | None, str]]]:
-        """What :meth:`~bridge.mpi.store.PersonIndex._component` reads from the database: the records
+        """What :func:`~bridge.mpi.persons.component` reads from the database: the records
         connected to ``seeds`` through persons or MATCH pairs as ``{patient: (person id, seq)}``, and the
         pairs among them ``(a, b, state, score, origin)`` with ``a < b``, sorted (only those that can
         change a person: the others are ignored by reclustering anyway)."""

@@ -18,6 +18,8 @@ from bridge.mpi import (
     PersonIndex,
     person_id_for,
 )
+from bridge.mpi.linking import candidates
+from bridge.mpi.persons import component
 
 ALICE_A = patient(
     "a1",
@@ -321,9 +323,9 @@ class StoreContract:
             other.upsert_patients([("org-b", ALICE_B)])  # loads a1 from the database, links b1 to it
             assert other.linked_patient_ids("b1") == ["b1", "a1"]
             # the other writer only added records: this one catches up (reads b1) without a rebuild
-            before = mpi._cache
+            before = mpi._state.cache
             mpi.upsert_patients([("org-d", {**ALICE_B, "id": "d0"})])
-            assert mpi._cache is before and before is not None and "b1" in before
+            assert mpi._state.cache is before and before is not None and "b1" in before
             assert mpi.linked_patient_ids("d0") == ["d0", "a1", "b1"]
             moved = patient("a1", "Zoe", "Quist", "1931-01-01", "female", city="Elsewhere")
             other.upsert_patients([("org-a", moved)])  # a1 changes: it no longer matches b1
@@ -344,7 +346,7 @@ class StoreContract:
         recs, _truth = population(60, seed=11)
         for k in range(0, len(recs), 15):
             mpi.upsert_patients(recs[k : k + 15])
-        assert mpi._graph is not None  # built once this process was the only writer
+        assert mpi._state.graph is not None  # built once this process was the only writer
         linked = [p["id"] for _, p in recs if len(mpi.linked_patient_ids(p["id"])) > 1]
         with PersonIndex.open(mpi_url) as other:  # the review API, say
             a, b = linked[0], mpi.linked_patient_ids(linked[0])[1]
@@ -357,16 +359,16 @@ class StoreContract:
         for k in range(0, len(changed), 20):
             mpi.upsert_patients(changed[k : k + 20])
         mpi.upsert_patients([("org-z", {**recs[2][1], "id": "copy-of-2"})])
-        graph = mpi._graph
+        graph = mpi._state.graph
         assert graph is not None
         assert_graph_is_current(mpi)
         assert mpi.person_id(a) != mpi.person_id(b)
-        cache = mpi._cache
+        cache = mpi._state.cache
         assert cache is not None
         for seeds in ([a], [b, "copy-of-2"], [p["id"] for _, p in recs[::7]]):
             info, pairs = graph.component(seeds, lambda pid: cache.state[pid][2])
             with mpi.db.read():
-                want_info, want_pairs = mpi._component(seeds)
+                want_info, want_pairs = component(mpi.db, seeds)
             assert info == want_info
             assert pairs == [x for x in want_pairs if x[2] == "MATCH" or x[4] == "manual"]
 
@@ -376,7 +378,7 @@ class StoreContract:
         mpi.upsert_patients([("org-a", ALICE_A)])
         mpi.upsert_patients([("org-b", ALICE_B)])
         mpi.upsert_patients([("org-c", BOB)])
-        assert mpi._graph is not None and mpi.linked_patient_ids("a1") == ["a1", "b1"]
+        assert mpi._state.graph is not None and mpi.linked_patient_ids("a1") == ["a1", "b1"]
         with PersonIndex.open(mpi_url) as other:
             other.unlink("a1", "b1", actor="registrar")
         # a third record matching both cannot bridge them: the ingesting process must know of the unlink
@@ -384,7 +386,7 @@ class StoreContract:
         assert mpi.person_id("a1") != mpi.person_id("b1")
         assert_graph_is_current(mpi)
         mpi.upsert_patients([("org-e", {**BOB, "id": "e1"})])
-        assert mpi._graph is not None  # rebuilt once this process was again the only writer
+        assert mpi._state.graph is not None  # rebuilt once this process was again the only writer
         assert_graph_is_current(mpi)
 
     def test_failed_batch_leaves_no_trace_in_memory(
@@ -393,7 +395,7 @@ class StoreContract:
         def boom(*args: object, **kwargs: object) -> dict[str, str]:
             raise RuntimeError("disk full")
 
-        monkeypatch.setattr(mpi, "_recluster", boom)
+        monkeypatch.setattr("bridge.mpi.linking.recluster", boom)
         with pytest.raises(RuntimeError):
             mpi.upsert_patients([("org-a", ALICE_A), ("org-b", ALICE_B)])
         monkeypatch.undo()
@@ -498,8 +500,8 @@ class StoreContract:
             first.upsert_patients(recs[:1])  # one record: nothing to compare
             second.upsert_patients(recs[1:])
             stored = second.db.one("SELECT value FROM mpi_meta WHERE key = 'em_patterns'")
-            assert stored is not None and second._cache is not None
-            assert second._cache.patterns == load_patterns(stored[0])
+            assert stored is not None and second._state.cache is not None
+            assert second._state.cache.patterns == load_patterns(stored[0])
             assert sum(load_patterns(stored[0]).values()) > 0
 
     def test_a_batch_weighs_with_the_model_stored_last(self, mpi_url: str) -> None:
@@ -510,13 +512,13 @@ class StoreContract:
         with PersonIndex.open(mpi_url, cfg) as consumer, PersonIndex.open(mpi_url, cfg) as other:
             consumer.upsert_patients(recs[:30])
             consumer.upsert_patients(recs[30:40])  # the only writer: the (absent) model is remembered
-            assert consumer._model_blob_known and consumer._model_blob is None
+            assert consumer._state.model_blob_known and consumer._state.model_blob is None
             model = other.fit()
             stored = other.db.one("SELECT value FROM mpi_meta WHERE key = 'model'")
             assert stored is not None and model.fitted_on_records == 40
             consumer.upsert_patients(recs[40:])
-            assert consumer._model_blob == stored[0]
-            assert consumer._model_from(consumer._model_blob).fitted_on_records == 40
+            assert consumer._state.model_blob == stored[0]
+            assert consumer._state.model_from(consumer._state.model_blob).fitted_on_records == 40
 
     def test_a_batch_that_changes_nothing_does_not_keep_an_old_model(self, mpi_url: str) -> None:
         """After a fit elsewhere, a batch that changes nothing takes the new generation token without
@@ -532,7 +534,7 @@ class StoreContract:
             assert stored is not None
             consumer.upsert_patients(recs[:1])  # identical demographics: nothing to do
             consumer.upsert_patients(recs[40:])
-            assert consumer._model_blob == stored[0]
+            assert consumer._state.model_blob == stored[0]
 
     def test_a_reset_elsewhere_forgets_the_model(self, mpi_url: str) -> None:
         """A reset by another process deletes the model. A first batch after it that compares nothing
@@ -564,15 +566,15 @@ class StoreContract:
             def fail(*_: object, **__: object) -> None:
                 raise OSError("disk I/O error")
 
-            monkeypatch.setattr(mpi, "_bump_generation", fail)  # the fit's last statement
+            monkeypatch.setattr(mpi._state, "bump_generation", fail)  # the fit's last statement
             with pytest.raises(OSError, match="disk I/O"):
                 mpi.fit()
             monkeypatch.undo()
             assert mpi.db.one("SELECT value FROM mpi_meta WHERE key = 'model'") == stored
             mpi.upsert_patients(recs[:1])  # identical demographics: nothing to do
             mpi.upsert_patients(recs[50:])
-            assert stored is not None and mpi._model_blob == stored[0]
-            assert mpi._model_from(mpi._model_blob).fitted_on_records == 40
+            assert stored is not None and mpi._state.model_blob == stored[0]
+            assert mpi._state.model_from(mpi._state.model_blob).fitted_on_records == 40
 
     def test_write_settles_background_inserts_before_a_rollback(self, mpi: PersonIndex) -> None:
         """A caller that fails without waiting for its background insert: the insert still belongs to
@@ -638,10 +640,10 @@ class StoreContract:
         assert elapsed < 5.0  # 17.8 s before blocks were capped (generous bound: shared CI machines)
         for i in range(20):
             assert f"dup{i}" in mpi.linked_patient_ids(f"ann{i}")
-        cache = mpi._cache
+        cache = mpi._state.cache
         assert cache is not None and len(cache.members("b:19700101f")) == 500
         changed = [p["id"] for _, p in recs]
-        ia, ib = mpi._candidates(cache, changed, cache.placed(changed))
+        ia, ib = candidates(cache, changed, cache.placed(changed), mpi.config.max_block_size)
         # the b:19700101f block alone would make all 124 750 pairs candidates; the other keys give ~13 000
         assert len(ia) < 500 * 499 // 2 // 5
         pairs = {
@@ -655,13 +657,13 @@ def assert_graph_is_current(mpi: PersonIndex) -> None:
     """The in-memory person graph, if the index holds one, is what the database says."""
     from bridge.mpi.graph import PersonGraph
 
-    if mpi._graph is None:
+    if mpi._state.graph is None:
         return
     with mpi.db.read():
         fresh = PersonGraph.load(mpi.db)
-    assert mpi._graph.person_of == fresh.person_of
-    assert mpi._graph.members == fresh.members
-    assert mpi._graph.links == fresh.links
+    assert mpi._state.graph.person_of == fresh.person_of
+    assert mpi._state.graph.members == fresh.members
+    assert mpi._state.graph.links == fresh.links
 
 
 def test_match_state_is_a_str_enum() -> None:

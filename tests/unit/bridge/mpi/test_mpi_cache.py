@@ -12,10 +12,10 @@ from mpi_helpers import patient
 
 from bridge.mpi.blocking import blocking_keys
 from bridge.mpi.cache import RecordCache
-from bridge.mpi.config import DEFAULT_STRONG_SYSTEMS, MpiConfig
+from bridge.mpi.config import DEFAULT_STRONG_SYSTEMS
 from bridge.mpi.features import extract_features
+from bridge.mpi.linking import candidates
 from bridge.mpi.matcher import TF_KEYS
-from bridge.mpi.store import PersonIndex
 
 GIVEN = ["Ann", "Anne", "Bob", "Rob", "Cara"]
 FAMILY = ["Lee", "Li", "Ray", "Rae"]
@@ -103,11 +103,9 @@ def test_candidates_are_the_pairs_sharing_a_small_block(recs: list[tuple], cap: 
     changed = ids[split:]
     placed = cache.put_batch([(pid, "o", by_id[pid], "d", split + n + 1) for n, pid in enumerate(changed)])
     assert placed.keys == [blocking_keys(by_id[pid]) for pid in changed]
-    mpi = PersonIndex.__new__(PersonIndex)
-    mpi.config = MpiConfig(max_block_size=cap)
-    ia, ib = mpi._candidates(cache, changed, placed)
+    ia, ib = candidates(cache, changed, placed, cap)
     # asked afresh (after the batch), the blocking index gives the same pairs
-    again = mpi._candidates(cache, changed, cache.placed(changed))
+    again = candidates(cache, changed, cache.placed(changed), cap)
     assert sorted(zip(ia.tolist(), ib.tolist(), strict=True)) == sorted(
         zip(again[0].tolist(), again[1].tolist(), strict=True)
     )
@@ -129,8 +127,6 @@ def test_candidates_are_the_pairs_sharing_a_small_block(recs: list[tuple], cap: 
 def test_value_counts_of_a_key_without_values_past_the_first_slots() -> None:
     """The TF slots are shared by the TF keys, but each key's counts grow only with its own values: a
     key that never had a value must still answer (found by review: IndexError past 1,024 slots)."""
-    from bridge.mpi.store import TF_KEYS
-
     cache = RecordCache(TF_KEYS, None)
     empty = dict.fromkeys(("gn", "gm", "fn", "fm", "b", "s", "a", "c", "z", "t"), "")
     cache.put_many(
