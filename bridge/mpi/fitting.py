@@ -80,7 +80,7 @@ def fit(state: IndexState, *, total: int | None, incremental: bool) -> FSModel:
         # them) before its next batch, instead of writing its own older copy over them
         state.bump_generation(cache, updated=False)
         log.info(
-            "mpi_em_fit",
+            "mpi.em_fit",
             records=total,
             sampled=sampled,
             pairs=pairs,

@@ -198,7 +198,7 @@ def candidates(
     if over.any():
         flat_keys = list(itertools.chain.from_iterable(placed.keys))
         log.debug(
-            "mpi_blocks_skipped",
+            "mpi.blocks_skipped",
             blocks=len({k for k, o in zip(flat_keys, over, strict=True) if o}),
             cap=cap,
         )

@@ -181,7 +181,7 @@ def _em_or_fallback(
     model.fitted_on_records = records
     problem = model.implausibility()
     if problem is not None:
-        log.warning("mpi_em_rejected", reason=problem, pairs=len(gamma), records=records)
+        log.warning("mpi.em_rejected", reason=problem, pairs=len(gamma), records=records)
         fallback = start or FSModel.prior()
         fallback.fitted_on_records = records
         return fallback

@@ -106,7 +106,7 @@ class IndexState:
             cache.put_many(
                 [(pid, org, orjson.loads(blob), digest, int(seq)) for pid, org, blob, digest, seq in rows]
             )
-            log.debug("mpi_cache_caught_up", added=len(rows), records=len(cache))
+            log.debug("mpi.cache_caught_up", added=len(rows), records=len(cache))
         else:
             rows = db.all(
                 "SELECT patient_id, source_org, features, digest, seq FROM mpi_patient ORDER BY seq"
@@ -116,7 +116,7 @@ class IndexState:
                 TF_KEYS,
                 gen,
             )
-            log.info("mpi_cache_loaded", records=len(cache))
+            log.info("mpi.cache_loaded", records=len(cache))
         cache.gen = gen
         meta = db.one("SELECT value FROM mpi_meta WHERE key = 'em_patterns'")
         if meta is not None:
