@@ -21,14 +21,14 @@ name were left in small indexes (a 120-record test population then linked two na
 over 40 seeds against 2).
 
 At 100,000 people (152,000 records, ``benchmarks/bench_query.py``) these keys give about 10 candidate
-pairs per record. Sorting a whole 9-digit identifier (as before) made blocks of dozens of people with
-the same digits, postal code + family initial alone blocks of hundreds, Soundex + year without sex twice
-the pairs: together 29 pairs per record. The price is a few FEBRL pairs with errors in several fields
-(pair completeness 1.0000 / 0.9964 / 0.9977, against 1.0000 / 0.9969 / 0.9986; MATCH F1 changed by
-at most 0.0006, persons F1 by 0.0001). Adding the sex to ``b:`` and ``zf:`` (2026-12-03) took the query
-benchmark from 12.0 to 9.6 pairs per record (as the batch linker counts them) and the synthetic
-population of ``benchmarks/bench_mpi.py`` from 7.3 to 6.1, with the same pair completeness on both and on
-FEBRL (which has no sex: every record there gets both letters, and the same pairs as before).
+pairs per record (9.6 as the batch linker counts them; 6.1 on the synthetic population of
+``benchmarks/bench_mpi.py``). Looser keys cost more: a whole 9-digit identifier sorted makes blocks of
+dozens of people with the same digits, postal code + family initial alone blocks of hundreds, Soundex +
+year without sex twice the pairs (together 29 pairs per record); ``b:`` and ``zf:`` without the sex give
+12.0 (7.3 on the synthetic population) with the same pair completeness. The price of the tighter keys is
+a few FEBRL pairs with errors in several fields (pair completeness 1.0000 / 0.9964 / 0.9977, against
+1.0000 / 0.9969 / 0.9986 with the looser ones; MATCH F1 within 0.0006, persons F1 within 0.0001). FEBRL
+has no sex: every record there gets both letters, so the sex on the keys changes none of its pairs.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def blocking_keys(f: Features) -> list[str]:
         if len(value) >= 6:
             # Two keys, each with one half's characters sorted: equal values share both, and an adjacent
             # transposition anywhere leaves one of them unchanged (within the first h+1 characters: the
-            # first; from position h on: the second). Sorting the whole value did that too, but 9-digit
+            # first; from position h on: the second). Sorting the whole value would do that too, but 9-digit
             # numbers with the same digits are common enough to make blocks of dozens of people.
             h = len(value) // 2
             add("is:" + tag + "|" + "".join(sorted(value[: h + 1])) + value[h + 1 :])

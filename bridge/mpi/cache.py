@@ -10,10 +10,11 @@ so :class:`RecordCache` keeps them in memory:
 * every ``upsert_patients`` updates it and the database in the same call (write-through), and stamps the
   database with a new *generation* token (``mpi_meta.records_gen``) in the same transaction;
 * before each write the token is read inside the (serialised) write transaction: if another process
-  wrote records since, the cache is dropped and reloaded. A failed transaction drops it as well.
+  wrote records since, the cache reads the records added (if that is all that happened) or is
+  reloaded. A failed transaction drops it.
 
-Only record-level state is cached. Persons and pairs, which manual link/unlink change from other
-processes (the HTTP service), are always read from the database.
+Only record-level state is cached here. Persons and the pairs that change them are kept by
+:mod:`bridge.mpi.graph`, trusted under the same token (see :mod:`bridge.mpi.state`).
 
 Layout: every record has a *row* (a small integer, fixed for the life of the cache). Its comparison
 values are integer codes in one shared vocabulary, held column by column in one ``int32`` array
@@ -88,8 +89,8 @@ class RecordCache:
         #: Nothing here is left for the garbage collector to walk: the dict holds only ints (so it is
         #: untracked), the numpy object array is not traversed, and tuples of ints are untracked after
         #: their first collection. With a set per shared key (a quarter of a million sets at 152,000
-        #: records) the blocks took 60 MiB more, and a full collection walked them all (94 ms, where it
-        #: now takes 5; with the consumer's thresholds, bridge/gctune.py, full collections are rare).
+        #: records) the blocks take 60 MiB more, and a full collection walks them all (94 ms, against 5
+        #: without them; with the consumer's thresholds, bridge/gctune.py, full collections are rare).
         self.blocks: dict[str, int] = {}
         self._sets = np.empty(1024, dtype=object)
         self._n_sets = 0

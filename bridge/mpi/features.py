@@ -156,7 +156,7 @@ def extract_features(patient: Mapping[str, Any], strong_systems: Iterable[str]) 
     pid = patient.get("id")
     if not isinstance(pid, str) or not pid:
         raise MpiInputError("Patient has no id")
-    if "\x00" in pid:  # PostgreSQL cannot store it in text (found by review)
+    if "\x00" in pid:  # PostgreSQL cannot store it in text
         raise MpiInputError("Patient id contains a NUL character")
     name = _pick_name(patient.get("name"))
     given = norm_name(_first_str(name.get("given")))

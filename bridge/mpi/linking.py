@@ -106,7 +106,8 @@ def _upsert(state: IndexState, batch: dict[str, tuple[str, Features]]) -> None:
         if graph is not None:
             for pid in updated:
                 graph.drop_auto_pairs(pid)
-        db.exec_in("DELETE FROM mpi_block WHERE patient_id IN ({in})", updated)  # legacy rows
+        # mpi_block has rows only in an index written before blocks were kept in memory
+        db.exec_in("DELETE FROM mpi_block WHERE patient_id IN ({in})", updated)
         recs = sorted(records[pid][2] for pid in updated)
         for side in ("rec_hi", "rec_lo"):
             for a, b in db.all_in(
@@ -250,8 +251,8 @@ def _score_new(
     graph = state.graph
     assert cache is not None
     if not len(ia):
-        if cache.patterns == {}:  # counting, nothing counted yet: say so (found by review). Without
-            # the row, another process reads "counts not kept" and stops counting; EM then samples
+        if cache.patterns == {}:  # counting, nothing counted yet: say so. Without the row, another
+            # process reads "counts not kept" and stops counting; EM then samples
             state.set_meta("em_patterns", dump_patterns(cache.patterns))
         maybe_fit(state, total)
         return

@@ -169,7 +169,7 @@ def decide(
     when a typo-ridden demographic record keeps the probability below the threshold.
     """
     # decided as small integers (index into _STATES), then mapped once: filling an object array with
-    # a string (np.full) took most of this function's time
+    # a string (np.full) would take most of this function's time
     code = np.zeros(len(prob), dtype=np.int8)
     code[prob >= config.possible_threshold] = 1
     code[(prob >= config.match_threshold) & (evidence >= config.min_match_evidence_bits)] = 2

@@ -137,7 +137,7 @@ async def _read_body(request: web.Request) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if body.get("resourceType") == "Parameters":
         parameters = body.get("parameter") or []
-        if not isinstance(parameters, list):  # found by review: a number here gave a 500
+        if not isinstance(parameters, list):  # iterating a number would fail as a 500
             raise MpiInputError("Parameters.parameter must be an array")
         for p in parameters:
             if not isinstance(p, dict) or not isinstance(p.get("name"), str):
