@@ -13,7 +13,7 @@ from typing import Any
 
 from adapters.base import Adapter, Outcome, RejectedRecord, SourceInfo, sha256_hex
 from adapters.bundle import BundleBuilder
-from adapters.ccda import header, sections
+from adapters.ccda import header
 from adapters.ccda.datatypes import (
     Ctx,
     El,
@@ -26,6 +26,8 @@ from adapters.ccda.datatypes import (
     ts,
 )
 from adapters.ccda.narrative import plain_div, to_xhtml
+from adapters.ccda.sections.dispatch import convert_entry, section_kind
+from adapters.ccda.sections.encounters import encounter
 from adapters.ccda.xmlsecure import DEFAULT_MAX_BYTES, BadXml, UnsafeXml, parse
 from adapters.errors import AdapterError, InternalAdapterError, Location, ValidationFailed
 
@@ -232,7 +234,7 @@ class CcdaAdapter(Adapter):
         )
         ee = first(root, "componentOf/encompassingEncounter")
         if ee is not None:
-            ctx.encounter_ref = sections.encounter(ee, ctx, header=True)[0]
+            ctx.encounter_ref = encounter(ee, ctx, header=True)[0]
         legal = root.find("legalAuthenticator")
         legal_ref = header.practitioner(legal.find("assignedEntity"), ctx) if legal is not None else None
         for perf in root.findall("documentationOf/serviceEvent/performer"):
@@ -350,7 +352,7 @@ class CcdaAdapter(Adapter):
         return comp
 
     def _section(self, sec: El, ctx: Ctx) -> dict[str, Any] | None:
-        kind = sections.section_kind(sec)
+        kind = section_kind(sec)
         out: dict[str, Any] = {}
         title = sec.find("title")
         t = " ".join("".join(title.itertext()).split()) if title is not None else ""
@@ -369,7 +371,7 @@ class CcdaAdapter(Adapter):
             for stmt in entry:
                 if not isinstance(stmt.tag, str) or stmt.tag in ("templateId",):
                     continue
-                refs.extend(sections.convert_entry(stmt, ctx, kind))
+                refs.extend(convert_entry(stmt, ctx, kind))
         if refs:
             out["entry"] = [{"reference": r} for r in dict.fromkeys(refs)]
         subs = [s for s in (self._section(c, ctx) for c in sec.findall("component/section")) if s]
@@ -441,7 +443,7 @@ class CcdaAdapter(Adapter):
                 else [c for c in root if isinstance(c.tag, str)]
             )
             for s in stmts:
-                sections.convert_entry(s, ctx, None)
+                convert_entry(s, ctx, None)
         return b.build(
             routing_key=ctx.patient_ref or ctx.doc_key, message_id=None, location=Location(file=filename)
         )
