@@ -58,9 +58,10 @@ def build_openapi(app: web.Application) -> dict[str, Any]:
     }
 
 
+routes = web.RouteTableDef()
+
+
+@routes.get("/openapi.json")
 async def openapi_json(request: web.Request) -> web.Response:
+    """This service's OpenAPI document."""
     return json_response(build_openapi(request.app))
-
-
-def setup_openapi_routes(app: web.Application) -> None:
-    app.router.add_get("/openapi.json", openapi_json)

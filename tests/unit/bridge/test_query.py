@@ -10,7 +10,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from bridge.config import Settings
 from bridge.service.app import Backend, create_app
-from bridge.service.fhir.query import date_range, in_range, utc_millis
+from bridge.service.fhir.dates import date_range, in_range, utc_millis
 from bridge.stores.index.store import IncomingBundle, IndexStore
 from bridge.stores.ledger import open_ledger
 

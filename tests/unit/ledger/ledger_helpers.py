@@ -1,10 +1,24 @@
-"""Shared by the Ledger tests: the entries they append (the ``url`` fixture is in conftest.py)."""
+"""Shared by the Ledger tests: the entries they append, and the service over one ledger (the ``url``
+fixture is in conftest.py)."""
 
 from __future__ import annotations
 
 import hashlib
+import tempfile
+from collections.abc import Callable
 
-from ledger.log import LedgerEntry
+from aiohttp import web
+
+from bridge.config import Settings
+from bridge.service.app import create_app
+from bridge.service.context import Backend
+from ledger.log import Ledger, LedgerEntry
+
+
+def ledger_app(get_ledger: Callable[[], Ledger]) -> web.Application:
+    """The query service with ``get_ledger``'s ledger (its index, unused, in a directory of its own)."""
+    settings = Settings.from_env({"FHIRBRIDGE_DATA_DIR": tempfile.mkdtemp(prefix="fhirbridge-ledger-test-")})
+    return create_app(settings, Backend(settings, ledger_factory=get_ledger))
 
 
 def make_entry(i: int, org: str = "org-a", offset: int | None = None) -> LedgerEntry:

@@ -8,9 +8,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from aiohttp import web
+from ledger_helpers import ledger_app
 
-from bridge.service.ledger import setup_ledger_routes
 from bridge.stores.ledger import open_ledger
 from ledger import checkpoint, merkle, note
 from ledger.log import Ledger, LedgerEntry
@@ -42,8 +41,7 @@ def led(tmp_path: Any) -> Iterator[Ledger]:
 
 @pytest.fixture
 async def client(led: Ledger, aiohttp_client: Any) -> Any:
-    app = web.Application()
-    setup_ledger_routes(app, lambda: led)
+    app = ledger_app(lambda: led)
     return await aiohttp_client(app)
 
 
@@ -57,8 +55,7 @@ async def test_checkpoint_is_a_signed_note_in_text_plain(client: Any) -> None:
 
 async def test_checkpoint_404_when_none(tmp_path: Any, aiohttp_client: Any) -> None:
     empty = open_ledger(f"sqlite:///{tmp_path}/e.db", origin=ORIGIN)
-    app = web.Application()
-    setup_ledger_routes(app, lambda: empty)
+    app = ledger_app(lambda: empty)
     c = await aiohttp_client(app)
     resp = await c.get("/ledger/checkpoint")
     assert resp.status == 404

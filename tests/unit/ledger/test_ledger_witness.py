@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 from aiohttp import ClientSession, web
+from ledger_helpers import ledger_app
 
-from bridge.service.ledger import setup_ledger_routes
 from bridge.stores.ledger import open_ledger
 from ledger import checkpoint, note
 from ledger.errors import CheckpointMismatch, InvalidKey, VerificationError
@@ -114,8 +114,7 @@ def test_a_log_key_cannot_be_used_as_witness_key(tmp_path: Any) -> None:
 
 async def test_poll_once_end_to_end_pushes_cosignature_to_the_log(tmp_path: Any, aiohttp_server: Any) -> None:
     log = new_log(tmp_path, "log")
-    app = web.Application()
-    setup_ledger_routes(app, lambda: log)
+    app = ledger_app(lambda: log)
     server = await aiohttp_server(app)
     url = str(server.make_url("/"))
     w = Witness(VKEY, WSKEY, tmp_path / "w")
@@ -147,8 +146,7 @@ async def test_witness_cli_loop_once_cosigns_and_prints(
 
     log = new_log(tmp_path, "log")
     log.append([entry(i) for i in range(3)])
-    app = web.Application()
-    setup_ledger_routes(app, lambda: log)
+    app = ledger_app(lambda: log)
     server = await aiohttp_server(app)
     w = Witness(VKEY, WSKEY, tmp_path / "w")
     assert await _witness_loop(w, str(server.make_url("/")), 0.0, "127.0.0.1", 0, True) == 0

@@ -1,6 +1,4 @@
-"""FHIR read/search routes and the merged ``Patient/$everything``.
-
-``$everything`` (docs/query.md):
+"""``Patient/{id}/$everything``: the merged, de-duplicated, provable history of a patient.
 
 * gathers every Patient linked to ``{id}`` (MPI MATCH links; possible matches are never merged into
   the view), then every resource in their compartments;
@@ -11,28 +9,37 @@
   entry that lists every source;
 * gives each entry its provenance (source org, source patient, bundle SHA-256, ledger leaf index);
   ``_proof=true`` adds an RFC 9162 inclusion proof per source against the latest signed checkpoint,
-  which travels in ``Bundle.meta``.
+  which travels in ``Bundle.meta`` (docs/query.md).
 """
 
 from __future__ import annotations
 
 import base64
-import calendar
-import functools
 import operator
-import re
 import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
 
 import orjson
 from aiohttp import web
 
-from bridge.service.http import FhirHTTPError, fhir_response, operation_outcome
+from bridge.service.context import Backend, base_url, stores
+from bridge.service.fhir.dates import in_range, utc_millis
+from bridge.service.http import (
+    FhirHTTPError,
+    check_no_nul,
+    check_query,
+    date_param,
+    fhir_response,
+    int_param,
+    operation_outcome,
+)
 from bridge.stores.index.rules import CLINICAL_DATE_PATHS, PATIENT_REFERENCE_PATHS
-from bridge.stores.index.store import IndexStore, StoredResource
+from bridge.stores.index.store import StoredResource
+from ledger.merkle import leaf_hash
+
+routes = web.RouteTableDef()
 
 PROVENANCE_EXT = "https://fhirbridge.dev/fhir/StructureDefinition/entry-provenance"
 CHECKPOINT_EXT = "https://fhirbridge.dev/fhir/StructureDefinition/ledger-checkpoint"
@@ -41,11 +48,6 @@ EVERYTHING_PARAMS = {"start", "end", "_since", "_type", "_count", "_offset", "_p
 EVERYTHING_TYPES = {"Patient", "Appointment", *PATIENT_REFERENCE_PATHS, *CLINICAL_DATE_PATHS}
 DEFAULT_COUNT = 100
 MAX_COUNT = 1000
-#: a FHIR date/dateTime search value at any precision (ASCII digits only; matched whole)
-_DATE = re.compile(
-    r"(\d{4})(?:-(\d{2})(?:-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})(?:\.(\d+))?)?(Z|[+-]\d{2}:\d{2})?)?)?)?",
-    re.ASCII,
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,175 +70,6 @@ class MergedEntry:
     @property
     def keys(self) -> list[tuple[str, str]]:
         return [(r.resource_type, r.id) for r in (self.resource, *self.duplicates)]
-
-
-#: ``_format`` values meaning JSON (the only format served)
-JSON_FORMATS = {"json", "application/json", "application/fhir+json"}
-
-
-def check_query(request: web.Request, known: set[str]) -> None:
-    """400 for a known parameter given twice (which copy would apply is not obvious, and the paging
-    links must repeat the query exactly) and for a ``_format`` other than JSON."""
-    for name in known:
-        values = request.query.getall(name, [])
-        if len(values) > 1:
-            raise FhirHTTPError(
-                400, "invalid", f"parameter {name} is given {len(values)} times; give it once"
-            )
-    fmt = request.query.get("_format")
-    if fmt is not None and fmt.strip().lower().split(";")[0].strip() not in JSON_FORMATS:
-        raise FhirHTTPError(
-            400, "not-supported", f"_format {fmt!r} is not supported: this server returns JSON only"
-        )
-
-
-def check_no_nul(request: web.Request, names: set[str]) -> None:
-    """400 naming the parameter for a value of one of ``names`` holding a NUL character: no FHIR value
-    holds one, and PostgreSQL text cannot (the store would fail with a 500 there, not on SQLite)."""
-    for name in sorted(names):
-        if any("\x00" in v for v in request.query.getall(name, [])):
-            raise FhirHTTPError(400, "invalid", f"parameter {name}: the value contains a NUL character")
-
-
-def utc_millis(value: str) -> str:
-    """A FHIR date/dateTime parameter as the index's stored instant form (UTC, milliseconds, ``Z``): the
-    first instant it denotes, rounded up to the millisecond (the stored ``meta.lastUpdated`` values are
-    whole milliseconds), so that string comparison with them is exact. Clamped to years 0001-9999."""
-    lo = -(-_interval(value)[0] // 1000) * 1000
-    return _as_datetime(lo).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _date_param(request: web.Request, name: str) -> str | None:
-    value = request.query.get(name)
-    if value is None:
-        return None
-    if not _DATE.fullmatch(value):
-        raise FhirHTTPError(400, "invalid", f"parameter {name}: {value!r} is not a FHIR date or dateTime")
-    try:
-        _interval(value)
-    except ValueError:
-        raise FhirHTTPError(400, "invalid", f"parameter {name}: {value!r} is not a valid date") from None
-    return value
-
-
-def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise FhirHTTPError(400, "invalid", f"parameter {name}: {raw!r} is not an integer") from None
-    if not lo <= value <= hi:
-        raise FhirHTTPError(400, "invalid", f"parameter {name} must be between {lo} and {hi}")
-    return value
-
-
-_US_PER_DAY = 86_400_000_000
-#: the first and last microsecond a datetime can hold, as microseconds since day 0 of the proleptic calendar
-_MIN_US = date.min.toordinal() * _US_PER_DAY
-_MAX_US = (date.max.toordinal() + 1) * _US_PER_DAY - 1
-
-
-@functools.lru_cache(
-    maxsize=4096
-)  # in_range asks for the same bounds (and most stored dates) once per resource
-def _interval(value: str) -> tuple[int, int]:
-    """The half-open UTC interval a FHIR date/dateTime denotes, in microseconds since day 0 of the
-    proleptic Gregorian calendar (integers: an interval at the ends of years 0001-9999, or moved there
-    by an offset, never overflows).
-
-    The precision given sets the width (FHIR search): a year, a month, a day, a minute
-    (``T08:00Z``: 08:00:00 to 08:00:59.999999), a second, or the fraction of a second written (``.5``:
-    a tenth; below a microsecond, the microsecond it falls in). Values without an offset are taken as
-    UTC. Raises ValueError for a malformed value.
-    """
-    m = _DATE.fullmatch(value)
-    if m is None:
-        raise ValueError(f"not a FHIR date or dateTime: {value!r}")
-    year_s, month_s, day_s, hour_s, minute_s, second_s, frac, tz = m.groups()
-    year, month = int(year_s), int(month_s or 1)
-    first = date(year, month, int(day_s or 1))  # ValueError for year 0, month 13, day 30 of February
-    day0 = first.toordinal()
-    if month_s is None:
-        return day0 * _US_PER_DAY, (day0 + (366 if calendar.isleap(year) else 365)) * _US_PER_DAY
-    if day_s is None:
-        return day0 * _US_PER_DAY, (day0 + calendar.monthrange(year, month)[1]) * _US_PER_DAY
-    if hour_s is None:
-        return day0 * _US_PER_DAY, (day0 + 1) * _US_PER_DAY
-    hour, minute, second = int(hour_s), int(minute_s), int(second_s or 0)
-    if hour > 23 or minute > 59 or second > 59:
-        raise ValueError(f"not a valid time: {value!r}")
-    offset = 0
-    if tz and tz != "Z":
-        oh, om = int(tz[1:3]), int(tz[4:6])
-        if oh > 23 or om > 59:
-            raise ValueError(f"not a valid offset: {value!r}")
-        offset = (1 if tz[0] == "+" else -1) * (oh * 60 + om) * 60_000_000
-    if second_s is None:
-        width = 60_000_000
-    elif frac is None:
-        width = 1_000_000
-    else:
-        width = 10 ** max(0, 6 - len(frac))
-    lo = (
-        day0 * _US_PER_DAY
-        + ((hour * 60 + minute) * 60 + second) * 1_000_000
-        + int(frac[:6].ljust(6, "0") if frac else 0)
-    )
-    return lo - offset, lo - offset + width
-
-
-def _as_datetime(us: int) -> datetime:
-    """Microseconds from :func:`_interval` as an aware UTC datetime, clamped to datetime.min/max."""
-    return datetime.min.replace(tzinfo=UTC) + timedelta(microseconds=min(max(us, _MIN_US), _MAX_US) - _MIN_US)
-
-
-def date_range(value: str) -> tuple[datetime, datetime]:
-    """The half-open UTC interval a FHIR date/dateTime denotes, at the precision given (see
-    :func:`_interval`), clamped to datetime.min/max in UTC (``9999-12-31`` ends at datetime.max).
-
-    Values without an offset are taken as UTC. Raises ValueError for a malformed value.
-    """
-    lo, hi = _interval(value)
-    return _as_datetime(lo), _as_datetime(hi)
-
-
-def _stored_interval(value: str) -> tuple[int, int]:
-    """:func:`_interval` of a stored clinical date; one Python's ISO parser reads but FHIR's grammar
-    does not (``2026-01-10 08:00:00+0100``) is taken as the second it names, as before."""
-    try:
-        return _interval(value)
-    except ValueError:
-        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))  # ValueError: no date at all
-    offset = dt.utcoffset() or timedelta(0)
-    naive = dt.replace(tzinfo=None)
-    lo = (
-        naive.toordinal() * _US_PER_DAY
-        + ((naive.hour * 60 + naive.minute) * 60 + naive.second) * 1_000_000
-        + naive.microsecond
-        - offset // timedelta(microseconds=1)
-    )
-    return lo, lo + 1_000_000
-
-
-def in_range(clinical: str | None, start: str | None, end: str | None) -> bool:
-    """Whether a clinical date overlaps [start, end], each taken at its own precision (FHIR search semantics).
-
-    A resource without a clinical date never matches a date filter. Dates at the ends of the calendar
-    (``9999-12-31``, ``0001-01-01T00:00:00+01:00``) compare like any other: nothing overflows.
-    """
-    if start is None and end is None:
-        return True
-    if not clinical:
-        return False
-    try:
-        lo, hi = _stored_interval(clinical)
-    except ValueError:
-        return False
-    if start is not None and hi <= _interval(start)[0]:
-        return False
-    return not (end is not None and lo >= _interval(end)[1])
 
 
 #: the order in which copies of a fact compete to lead its entry (the earliest received first)
@@ -268,7 +101,7 @@ def merge_duplicates(resources: list[StoredResource]) -> list[MergedEntry]:
     return merged
 
 
-def everything(backend: Any, patient_id: str, params: EverythingParams) -> dict[str, Any]:
+def everything(backend: Backend, patient_id: str, params: EverythingParams) -> dict[str, Any]:
     """Compute a page of ``$everything`` (runs in the DB thread pool)."""
     index = backend.index()
     if index.get("Patient", patient_id) is None:
@@ -379,8 +212,6 @@ def _provenance_ext(
         if index is not None:
             sub.append({"url": "ledgerIndex", "valueInteger": index})
             if checkpoint is not None and index < checkpoint["size"]:
-                from ledger.merkle import leaf_hash
-
                 leaf = ledger.entry(index).canonical()
                 proof = ledger.inclusion_proof(index, checkpoint["size"])
                 sub += [
@@ -392,9 +223,9 @@ def _provenance_ext(
     return {"url": PROVENANCE_EXT, "extension": sub}
 
 
+@routes.get(r"/Patient/{id}/$everything")
 async def patient_everything(request: web.Request) -> web.Response:
-    from bridge.service.app import backend_of, base_url
-
+    """The merged history of a patient and the patients linked to them (docs/query.md)."""
     pid = request.match_info["id"]
     if "\x00" in pid:  # never a known id (answered here: PostgreSQL cannot even compare it)
         raise FhirHTTPError(
@@ -435,18 +266,18 @@ async def patient_everything(request: web.Request) -> web.Response:
         raise FhirHTTPError(
             400, "invalid", f"parameter _proof: {request.query['_proof']!r} is not true or false"
         )
-    since = _date_param(request, "_since")
+    since = date_param(request, "_since")
     params = EverythingParams(
-        start=_date_param(request, "start"),
-        end=_date_param(request, "end"),
+        start=date_param(request, "start"),
+        end=date_param(request, "end"),
         since=utc_millis(since) if since else None,
         types=types,
-        count=_int_param(request, "_count", DEFAULT_COUNT, 1, MAX_COUNT),
-        offset=_int_param(request, "_offset", 0, 0, 10**9),
+        count=int_param(request, "_count", DEFAULT_COUNT, 1, MAX_COUNT),
+        offset=int_param(request, "_offset", 0, 0, 10**9),
         proof=proof_raw == "true",
         base=base_url(request),
     )
-    backend = backend_of(request)
+    backend = stores(request)
     result = await backend.run(everything, backend, pid, params)
     if params.proof and result["checkpoint"] is None:
         why = (
@@ -498,105 +329,3 @@ async def patient_everything(request: web.Request) -> web.Response:
     if result["checkpoint"] is not None:
         bundle["meta"] = {"extension": [{"url": CHECKPOINT_EXT, "valueString": result["checkpoint"]["note"]}]}
     return fhir_response(bundle)
-
-
-SEARCH_LIMIT = 200  # Patient search returns no more entries than this, and says so (no paging yet)
-
-
-def _search_patients(
-    backend: Any, identifier: str | None, name: str | None, birthdate: str | None
-) -> tuple[list[dict[str, Any]], int]:
-    """The first ``SEARCH_LIMIT`` matching Patients, and the number of matches."""
-    index: IndexStore = backend.index()
-    if identifier:
-        system, sep, value = identifier.partition("|")
-        ids = index.patients_by_identifier(system if sep else None, value if sep else identifier)
-        patients = [p for p in (index.get("Patient", i) for i in ids) if p is not None]
-        found = [p for p in patients if _matches(p, name, birthdate)]
-        return found[:SEARCH_LIMIT], len(found)
-    return index.search_patients(
-        name=name, birthdate=birthdate, limit=SEARCH_LIMIT, match=lambda p: _matches(p, name, birthdate)
-    )
-
-
-def _matches(patient: dict[str, Any], name: str | None, birthdate: str | None) -> bool:
-    if name:
-        needle = name.casefold()
-        if not any(needle in s.casefold() for s in _name_strings(patient)):
-            return False
-    return not birthdate or str(patient.get("birthDate", "")).startswith(birthdate)
-
-
-def _name_strings(patient: dict[str, Any]) -> list[str]:
-    out = []
-    for n in patient.get("name") or ():
-        out += [n.get("family", ""), *n.get("given", []), n.get("text", "")]
-    return [s for s in out if s]
-
-
-async def patient_search(request: web.Request) -> web.Response:
-    from bridge.service.app import backend_of, base_url
-
-    supported = {"identifier", "name", "birthdate", "_format"}
-    check_query(request, supported)
-    check_no_nul(request, supported)
-    identifier = request.query.get("identifier")
-    name = request.query.get("name")
-    birthdate = _date_param(request, "birthdate")
-    if not (identifier or name or birthdate):
-        raise FhirHTTPError(400, "required", "give at least one of identifier, name, birthdate")
-    backend = backend_of(request)
-    patients, total = await backend.run(_search_patients, backend, identifier, name, birthdate)
-    base = base_url(request)
-    entries: list[dict[str, Any]] = [
-        {"fullUrl": f"{base}/Patient/{p['id']}", "resource": p, "search": {"mode": "match"}} for p in patients
-    ]
-    entries += [
-        {
-            "resource": operation_outcome(
-                "warning", "not-supported", f"search parameter {k!r} is not supported and was ignored"
-            ),
-            "search": {"mode": "outcome"},
-        }
-        for k in dict.fromkeys(request.query)
-        if k not in supported
-    ]
-    if total > len(patients):
-        entries.append(
-            {
-                "resource": operation_outcome(
-                    "warning",
-                    "too-costly",
-                    f"{total} patients match; only the first {len(patients)} are returned (this search has no paging): "
-                    "narrow it with more parameters",
-                ),
-                "search": {"mode": "outcome"},
-            }
-        )
-    return fhir_response(
-        {
-            "resourceType": "Bundle",
-            "id": str(uuid.uuid4()),
-            "type": "searchset",
-            "total": total,
-            "link": [{"relation": "self", "url": str(request.url)}],
-            "entry": entries,
-        }
-    )
-
-
-async def read_resource(request: web.Request) -> web.Response:
-    from bridge.service.app import backend_of
-
-    rtype, rid = request.match_info["type"], request.match_info["id"]
-    backend = backend_of(request)
-    resource = await backend.run(lambda: backend.index().get(rtype, rid))
-    if resource is None:
-        raise FhirHTTPError(404, "not-found", f"{rtype}/{rid} is not known")
-    return fhir_response(resource)
-
-
-def setup_query_routes(app: web.Application) -> None:
-    app.router.add_get("/Patient", patient_search)
-    app.router.add_get(r"/Patient/{id}/$everything", patient_everything)
-    app.router.add_get(r"/{type:[A-Z][A-Za-z]+}/{id:[A-Za-z0-9\-\.]{1,64}}", read_resource)

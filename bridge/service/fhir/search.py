@@ -1,0 +1,104 @@
+"""``GET /Patient``: search by identifier, name and birth date (the first 200 matches, a true total)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from bridge.service.context import Backend, base_url, stores
+from bridge.service.http import (
+    FhirHTTPError,
+    check_no_nul,
+    check_query,
+    date_param,
+    fhir_response,
+    operation_outcome,
+)
+
+routes = web.RouteTableDef()
+
+SEARCH_LIMIT = 200  # Patient search returns no more entries than this, and says so (no paging yet)
+
+
+def _search_patients(
+    backend: Backend, identifier: str | None, name: str | None, birthdate: str | None
+) -> tuple[list[dict[str, Any]], int]:
+    """The first ``SEARCH_LIMIT`` matching Patients, and the number of matches."""
+    index = backend.index()
+    if identifier:
+        system, sep, value = identifier.partition("|")
+        ids = index.patients_by_identifier(system if sep else None, value if sep else identifier)
+        patients = [p for p in (index.get("Patient", i) for i in ids) if p is not None]
+        found = [p for p in patients if _matches(p, name, birthdate)]
+        return found[:SEARCH_LIMIT], len(found)
+    return index.search_patients(
+        name=name, birthdate=birthdate, limit=SEARCH_LIMIT, match=lambda p: _matches(p, name, birthdate)
+    )
+
+
+def _matches(patient: dict[str, Any], name: str | None, birthdate: str | None) -> bool:
+    if name:
+        needle = name.casefold()
+        if not any(needle in s.casefold() for s in _name_strings(patient)):
+            return False
+    return not birthdate or str(patient.get("birthDate", "")).startswith(birthdate)
+
+
+def _name_strings(patient: dict[str, Any]) -> list[str]:
+    out = []
+    for n in patient.get("name") or ():
+        out += [n.get("family", ""), *n.get("given", []), n.get("text", "")]
+    return [s for s in out if s]
+
+
+@routes.get("/Patient")
+async def patient_search(request: web.Request) -> web.Response:
+    """Patients by identifier (``system|value``), name (a case-folded substring) and birth date."""
+    supported = {"identifier", "name", "birthdate", "_format"}
+    check_query(request, supported)
+    check_no_nul(request, supported)
+    identifier = request.query.get("identifier")
+    name = request.query.get("name")
+    birthdate = date_param(request, "birthdate")
+    if not (identifier or name or birthdate):
+        raise FhirHTTPError(400, "required", "give at least one of identifier, name, birthdate")
+    backend = stores(request)
+    patients, total = await backend.run(_search_patients, backend, identifier, name, birthdate)
+    base = base_url(request)
+    entries: list[dict[str, Any]] = [
+        {"fullUrl": f"{base}/Patient/{p['id']}", "resource": p, "search": {"mode": "match"}} for p in patients
+    ]
+    entries += [
+        {
+            "resource": operation_outcome(
+                "warning", "not-supported", f"search parameter {k!r} is not supported and was ignored"
+            ),
+            "search": {"mode": "outcome"},
+        }
+        for k in dict.fromkeys(request.query)
+        if k not in supported
+    ]
+    if total > len(patients):
+        entries.append(
+            {
+                "resource": operation_outcome(
+                    "warning",
+                    "too-costly",
+                    f"{total} patients match; only the first {len(patients)} are returned (this search has no paging): "
+                    "narrow it with more parameters",
+                ),
+                "search": {"mode": "outcome"},
+            }
+        )
+    return fhir_response(
+        {
+            "resourceType": "Bundle",
+            "id": str(uuid.uuid4()),
+            "type": "searchset",
+            "total": total,
+            "link": [{"relation": "self", "url": str(request.url)}],
+            "entry": entries,
+        }
+    )
