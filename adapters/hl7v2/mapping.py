@@ -15,16 +15,15 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from adapters.bundle import BundleBuilder
+from adapters.common.encounter_class import encounter_class
 from adapters.hl7v2 import datatypes as dt
 from adapters.hl7v2.er7 import Field, Message, Segment
 
 if TYPE_CHECKING:
     from adapters.hl7v2.adapter import HL7v2Adapter
 
-V3_ACT = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
 V3_PARTICIPATION = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
 V3_MARITAL = "http://terminology.hl7.org/CodeSystem/v3-MaritalStatus"
-V3_NULL = "http://terminology.hl7.org/CodeSystem/v3-NullFlavor"
 V2 = "http://terminology.hl7.org/CodeSystem/v2-"
 US_CORE = "http://hl7.org/fhir/us/core/StructureDefinition/"
 
@@ -37,15 +36,8 @@ GENDER = {
     "N": "unknown",
     "X": "other",
 }
-ENCOUNTER_CLASS = {
-    "E": ("EMER", "emergency"),
-    "I": ("IMP", "inpatient encounter"),
-    "O": ("AMB", "ambulatory"),
-    "P": ("PRENC", "pre-admission"),
-    "R": ("AMB", "ambulatory"),
-    "B": ("IMP", "inpatient encounter"),
-    "C": ("AMB", "ambulatory"),
-}
+#: PV1-2 patient class (table 0004) -> v3 ActEncounterCode
+ENCOUNTER_CLASS = {"E": "EMER", "I": "IMP", "O": "AMB", "P": "PRENC", "R": "AMB", "B": "IMP", "C": "AMB"}
 #: Encounter.status implied by the trigger event (None: decide from PV1-45).
 ENCOUNTER_STATUS = {
     "A01": "in-progress",
@@ -803,15 +795,9 @@ class Conversion:
         if status is None:
             status = "finished" if seg.v(45) else "in-progress" if seg.v(44) else "unknown"
         r["status"] = status
-        if cls_code in ENCOUNTER_CLASS:
-            code, display = ENCOUNTER_CLASS[cls_code]
-            r["class"] = {"system": V3_ACT, "code": code, "display": display}
-        else:
-            if cls_code not in ("", "U", "N"):
-                self.warn(
-                    "unknown-code", f"unknown patient class {cls_code!r} (table 0004)", self.loc(seg, 2)
-                )
-            r["class"] = {"system": V3_NULL, "code": "UNK", "display": "unknown"}
+        if cls_code not in ENCOUNTER_CLASS and cls_code not in ("", "U", "N"):
+            self.warn("unknown-code", f"unknown patient class {cls_code!r} (table 0004)", self.loc(seg, 2))
+        r["class"] = encounter_class(ENCOUNTER_CLASS.get(cls_code))
         if visit:
             ident = dt.cx_identifier(
                 ctx, visit, self.loc(seg, 19), default_system=self.source.encounter_system_uri

@@ -25,6 +25,7 @@ from adapters.base import Adapter, Outcome, RejectedRecord, SourceInfo, sha256_h
 from adapters.bundle import BundleBuilder
 from adapters.common.codes import name_to_uri
 from adapters.common.csvread import BadRow, CsvFileError, Row, RowError, decode, read_csv
+from adapters.common.encounter_class import encounter_class
 from adapters.common.guard import guarded
 from adapters.errors import AdapterError, InternalAdapterError, Location, ValidationFailed
 
@@ -34,7 +35,6 @@ LOINC = "http://loinc.org"
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
 CVX = "http://hl7.org/fhir/sid/cvx"
 UCUM = "http://unitsofmeasure.org"
-V3_ACT = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
 CDC_RACE = "urn:oid:2.16.840.1.113883.6.238"
 
 #: files converted, keyed by name; the value is the patient column.
@@ -60,17 +60,18 @@ _DATETIME = re.compile(
     r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$"
 )  # FHIR: seconds required
 _YEAR = re.compile(r"^\d{4}$")
+#: ENCOUNTERCLASS -> v3 ActEncounterCode
 _ENC_CLASS = {
-    "ambulatory": ("AMB", "ambulatory"),
-    "wellness": ("AMB", "ambulatory"),
-    "outpatient": ("AMB", "ambulatory"),
-    "urgentcare": ("AMB", "ambulatory"),
-    "emergency": ("EMER", "emergency"),
-    "inpatient": ("IMP", "inpatient encounter"),
-    "home": ("HH", "home health"),
-    "hospice": ("HH", "home health"),
-    "snf": ("IMP", "inpatient encounter"),
-    "virtual": ("VR", "virtual"),
+    "ambulatory": "AMB",
+    "wellness": "AMB",
+    "outpatient": "AMB",
+    "urgentcare": "AMB",
+    "emergency": "EMER",
+    "inpatient": "IMP",
+    "home": "HH",
+    "hospice": "HH",
+    "snf": "IMP",
+    "virtual": "VR",
 }
 _RACE = {
     "white": ("2106-3", "White"),
@@ -630,14 +631,14 @@ class _PatientConverter:
         start = dt(v.get("START"), "START", required=True)
         stop = dt(v.get("STOP"), "STOP")
         ec = (v.get("ENCOUNTERCLASS") or "").strip().lower()
-        code, disp = _ENC_CLASS.get(ec, ("AMB", "ambulatory"))
+        code = _ENC_CLASS.get(ec, "AMB")
         if ec and ec not in _ENC_CLASS:
             self.b.warn("unknown-encounter-class", f"ENCOUNTERCLASS {ec!r} mapped to AMB")
         res: dict[str, Any] = {
             "resourceType": "Encounter",
             "identifier": [{"system": SYNTHEA_SYSTEM, "value": eid}],
             "status": "finished",
-            "class": {"system": V3_ACT, "code": code, "display": disp},
+            "class": encounter_class(code),
             "subject": {"reference": self.pref},
             "period": {"start": start, **({"end": stop} if stop else {})},
         }

@@ -10,9 +10,7 @@ from adapters.ccda.header import location, organization, practitioner, practitio
 from adapters.ccda.sections.entry import PARTICIPATION_TYPE, T, add, cc, status_code, templates
 from adapters.ccda.sections.plan import planned
 from adapters.ccda.sections.problems import problem_concern
-
-_ENC_CLASS = {"AMB", "EMER", "FLD", "HH", "IMP", "ACUTE", "NONAC", "OBSENC", "PRENC", "SS", "VR"}
-
+from adapters.common.encounter_class import ENCOUNTER_CLASSES, encounter_class
 
 #: v3-ParticipationType codes of encounter participants (FHIR's encounter-participant-type value set
 #: and the CDA performer type) -> display.
@@ -107,14 +105,8 @@ def encounter(e: El, ctx: Ctx, *, header: bool = False) -> list[str]:
     code = concept(e.find("code"), ctx)
     cls = None
     for c in (code or {}).get("coding", []):
-        if c.get("system", "").endswith("v3-ActCode") and c.get("code") in _ENC_CLASS:
-            cls = {"system": c["system"], "code": c["code"]}
-    if cls is None:  # class is required; say "unknown" rather than guess ambulatory
-        cls = {
-            "system": "http://terminology.hl7.org/CodeSystem/v3-NullFlavor",
-            "code": "UNK",
-            "display": "unknown",
-        }
+        if c.get("system", "").endswith("v3-ActCode") and c.get("code") in ENCOUNTER_CLASSES:
+            cls = c["code"]
     status = status_code(e)
     res: dict[str, Any] = {
         "resourceType": "Encounter",
@@ -125,7 +117,7 @@ def encounter(e: El, ctx: Ctx, *, header: bool = False) -> list[str]:
             "nullified": "entered-in-error",
             "new": "planned",
         }.get(status, "finished"),
-        "class": cls,
+        "class": encounter_class(cls),
         "subject": {"reference": ctx.patient_ref},
     }
     if code:
