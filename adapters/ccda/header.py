@@ -18,31 +18,23 @@ from adapters.ccda.datatypes import (
     telecoms,
     ts,
 )
+from adapters.common.race import CDC_RACE_ETHNICITY, ethnicity_extension, race_extension
 
 _GENDER = {"M": "male", "F": "female", "UN": "other", "U": "unknown", "UNK": "unknown"}
-_OMB_RACE = {"1002-5", "2028-9", "2054-5", "2076-8", "2106-3", "2131-1"}
-_OMB_ETH = {"2135-2", "2186-5"}
-_CDC = "urn:oid:2.16.840.1.113883.6.238"
 
 
-def _race_ext(codes: list[El], url: str, omb: set[str], ctx: Ctx) -> dict[str, Any] | None:
-    parts: list[dict[str, Any]] = []
-    texts: list[str] = []
+def _cdc_codings(codes: list[El]) -> list[dict[str, Any]]:
+    """CDC race/ethnicity codings of ``raceCode``/``ethnicGroupCode`` elements; null-flavoured ones skipped."""
+    out = []
     for c in codes:
         code = c.get("code")
         if not code or c.get("nullFlavor"):
             continue
-        coding = {"system": _CDC, "code": code}
+        coding = {"system": CDC_RACE_ETHNICITY, "code": code}
         if c.get("displayName"):
             coding["display"] = c.get("displayName")
-            texts.append(c.get("displayName"))
-        else:
-            texts.append(code)
-        parts.append({"url": "ombCategory" if code in omb else "detailed", "valueCoding": coding})
-    if not parts:
-        return None
-    parts.append({"url": "text", "valueString": ", ".join(texts)})
-    return {"url": url, "extension": parts}
+        out.append(coding)
+    return out
 
 
 def patient(pr: El, ctx: Ctx) -> str:
@@ -76,19 +68,11 @@ def patient(pr: El, ctx: Ctx) -> str:
         if ms:
             res["maritalStatus"] = ms
         exts = []
-        race = _race_ext(
-            p.findall("raceCode") + p.findall("sdtc_raceCode"),
-            "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race",
-            _OMB_RACE,
-            ctx,
-        )
+        race = race_extension(_cdc_codings(p.findall("raceCode") + p.findall("sdtc_raceCode")))
         if race:
             exts.append(race)
-        eth = _race_ext(
-            p.findall("ethnicGroupCode") + p.findall("sdtc_ethnicGroupCode"),
-            "http://hl7.org/fhir/us/core/StructureDefinition/us-core-ethnicity",
-            _OMB_ETH,
-            ctx,
+        eth = ethnicity_extension(
+            _cdc_codings(p.findall("ethnicGroupCode") + p.findall("sdtc_ethnicGroupCode"))
         )
         if eth:
             exts.append(eth)

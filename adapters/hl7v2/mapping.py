@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from adapters.bundle import BundleBuilder
 from adapters.common.encounter_class import encounter_class
+from adapters.common.race import CDC_RACE_ETHNICITY, ethnicity_extension, race_extension
 from adapters.hl7v2 import datatypes as dt
 from adapters.hl7v2.er7 import Field, Message, Segment
 
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
 V3_PARTICIPATION = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
 V3_MARITAL = "http://terminology.hl7.org/CodeSystem/v3-MaritalStatus"
 V2 = "http://terminology.hl7.org/CodeSystem/v2-"
-US_CORE = "http://hl7.org/fhir/us/core/StructureDefinition/"
 
 GENDER = {
     "M": "male",
@@ -653,9 +653,8 @@ class Conversion:
         return ref
 
     def _race_ethnicity(self, seg: Segment, r: dict[str, Any]) -> None:
-        for n, ext_name in ((10, "us-core-race"), (22, "us-core-ethnicity")):
+        for n, build in ((10, race_extension), (22, ethnicity_extension)):
             codings = []
-            texts = []
             for i, f in enumerate(seg.reps(n), start=1):
                 cc = dt.codeable(self.ctx, f, self.loc(seg, n, i))
                 if not cc:
@@ -665,17 +664,12 @@ class Conversion:
                         c = dict(c)
                         c.pop("version", None)
                         if c.get("system") in (f"{V2}0005", f"{V2}0189", None):
-                            c["system"] = "urn:oid:2.16.840.1.113883.6.238"
+                            c["system"] = CDC_RACE_ETHNICITY
                         codings.append(c)
-                        if c.get("display"):
-                            texts.append(c["display"])
                         break
-            if codings:
-                ext: list[dict[str, Any]] = [
-                    {"url": "ombCategory" if n == 10 else "detailed", "valueCoding": c} for c in codings
-                ]
-                ext.append({"url": "text", "valueString": ", ".join(texts) or codings[0]["code"]})
-                r.setdefault("extension", []).append({"url": US_CORE + ext_name, "extension": ext})
+            ext = build(codings)
+            if ext:
+                r.setdefault("extension", []).append(ext)
 
     def pd1(self, seg: Segment) -> None:
         if not self.patient_ref:

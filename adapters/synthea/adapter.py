@@ -27,6 +27,7 @@ from adapters.common.codes import name_to_uri
 from adapters.common.csvread import BadRow, CsvFileError, Row, RowError, decode, read_csv
 from adapters.common.encounter_class import encounter_class
 from adapters.common.guard import guarded
+from adapters.common.race import CDC_RACE_ETHNICITY, ethnicity_extension, race_extension
 from adapters.errors import AdapterError, InternalAdapterError, Location, ValidationFailed
 
 SYNTHEA_SYSTEM = "https://github.com/synthetichealth/synthea"
@@ -35,7 +36,6 @@ LOINC = "http://loinc.org"
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
 CVX = "http://hl7.org/fhir/sid/cvx"
 UCUM = "http://unitsofmeasure.org"
-CDC_RACE = "urn:oid:2.16.840.1.113883.6.238"
 
 #: files converted, keyed by name; the value is the patient column.
 PATIENT_FILES = {
@@ -471,34 +471,16 @@ class SyntheaCsvAdapter(Adapter):
                 ]
             res["address"] = [addr]
         exts: list[dict[str, Any]] = []
-        race = _RACE.get((v.get("RACE") or "").strip().lower())
-        if race:
-            exts.append(
-                {
-                    "url": "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race",
-                    "extension": [
-                        {
-                            "url": "ombCategory",
-                            "valueCoding": {"system": CDC_RACE, "code": race[0], "display": race[1]},
-                        },
-                        {"url": "text", "valueString": race[1]},
-                    ],
-                }
+        for table, column, build in (
+            (_RACE, "RACE", race_extension),
+            (_ETHNICITY, "ETHNICITY", ethnicity_extension),
+        ):
+            found = table.get((v.get(column) or "").strip().lower())
+            ext = build(
+                [{"system": CDC_RACE_ETHNICITY, "code": found[0], "display": found[1]}] if found else []
             )
-        eth = _ETHNICITY.get((v.get("ETHNICITY") or "").strip().lower())
-        if eth:
-            exts.append(
-                {
-                    "url": "http://hl7.org/fhir/us/core/StructureDefinition/us-core-ethnicity",
-                    "extension": [
-                        {
-                            "url": "ombCategory",
-                            "valueCoding": {"system": CDC_RACE, "code": eth[0], "display": eth[1]},
-                        },
-                        {"url": "text", "valueString": eth[1]},
-                    ],
-                }
-            )
+            if ext:
+                exts.append(ext)
         if g in ("M", "F"):
             exts.append(
                 {"url": "http://hl7.org/fhir/us/core/StructureDefinition/us-core-birthsex", "valueCode": g}
