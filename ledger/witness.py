@@ -12,6 +12,7 @@ log grew, ``GET {log}/ledger/proof/consistency?from=&to=``; it pushes its cosign
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -21,10 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import structlog
+from aiohttp import web
+
 from ledger import checkpoint as _checkpoint
 from ledger import merkle
 from ledger import note as _note
-from ledger.errors import CheckpointMismatch, InvalidKey, VerificationError
+from ledger.errors import CheckpointMismatch, InvalidKey, LedgerError, VerificationError
 
 __all__ = ["Witness", "WitnessState"]
 
@@ -195,9 +200,8 @@ async def poll_once(witness: Witness, session: Any, log_url: str, *, push: bool 
     return cosigned
 
 
-def witness_app(witness: Witness) -> Any:
+def witness_app(witness: Witness) -> web.Application:
     """An aiohttp application serving ``GET /witness/checkpoint``, ``/witness/key``, ``/witness/evidence``."""
-    from aiohttp import web
 
     async def get_checkpoint(request: web.Request) -> web.Response:
         cosigned = witness.cosigned()
@@ -216,3 +220,40 @@ def witness_app(witness: Witness) -> Any:
     app.router.add_get("/witness/key", get_key)
     app.router.add_get("/witness/evidence", get_evidence)
     return app
+
+
+async def run_witness(
+    witness: Witness, log_url: str, interval: float, host: str, port: int, once: bool
+) -> int:
+    """Poll ``log_url`` every ``interval`` seconds, cosigning what is consistent, and serve the witness
+    application on ``host:port`` (``once``: one poll, the cosigned note printed, no server). Returns 1
+    when a poll failed or a checkpoint was refused (the evidence is kept), else 0."""
+    log = structlog.get_logger("ledger.witness")
+    runner = None
+    if not once:
+        runner = web.AppRunner(witness_app(witness))
+        await runner.setup()
+        await web.TCPSite(runner, host, port).start()
+        log.info("witness.listening", host=host, port=port, key=witness.verifier_key)
+    status = 0
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+            while True:
+                try:
+                    cosigned = await poll_once(witness, session, log_url)
+                    if cosigned is not None:
+                        log.info("witness.cosigned", size=int(cosigned.split("\n")[1]))
+                        if once:
+                            print(cosigned, end="")
+                except CheckpointMismatch as exc:
+                    log.error("witness.refused", kind=exc.kind, reason=str(exc))
+                    status = 1
+                except (TimeoutError, LedgerError, aiohttp.ClientError) as exc:
+                    log.warning("witness.poll_failed", error=f"{type(exc).__name__}: {exc}")
+                    status = 1
+                if once:
+                    return status
+                await asyncio.sleep(interval)
+    finally:
+        if runner is not None:
+            await runner.cleanup()

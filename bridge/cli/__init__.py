@@ -18,9 +18,14 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 REGISTRARS = (
-    "bridge.cli.commands",
+    "bridge.cli.ingest",
+    "bridge.cli.consumers",
+    "bridge.cli.serve",
+    "bridge.cli.broker",
     "bridge.cli.adapters",
     "bridge.cli.ledger",
+    "bridge.cli.demo",
+    "bridge.cli.replay",
     "bridge.mpi.cli",
 )
 

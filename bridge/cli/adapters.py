@@ -149,11 +149,7 @@ def _usage(msg: str) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     """The ``convert`` command; see the module docstring for exit codes."""
-    import orjson
-
-    from adapters.base import ConvertedBundle
-    from adapters.errors import InternalAdapterError
-    from bridge.errors import ERROR_ROOTS
+    from bridge.ingest.convert import convert_to_directory
 
     try:
         source = _source(args)
@@ -169,105 +165,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
     except OSError as exc:
         return _usage(f"cannot create {args.out}: {exc.strerror}")
 
-    files: list[dict[str, Any]] = []
-    used_names: set[str] = set()
-    any_error = False
-    n_bundles = 0
-    for path in args.inputs:
-        entry: dict[str, Any] = {
-            "file": str(path),
-            "status": "ok",
-            "bundles": [],
-            "errors": [],
-            "warnings": [],
-        }
-        stem = _safe(path.name if path.is_dir() else path.stem) or "input"
-        base = stem
-        k = 2
-        while base in used_names:
-            base = f"{stem}-{k}"
-            k += 1
-        used_names.add(base)
-        try:
-            for i, outcome in enumerate(adapter.convert_path(path, source), start=1):
-                if isinstance(outcome, ConvertedBundle):
-                    name = f"{base}.{i:04d}.json"
-                    (args.out / name).write_bytes(outcome.body)
-                    n_bundles += 1
-                    warnings = [w.to_dict() for w in outcome.warnings]
-                    entry["bundles"].append(
-                        {
-                            "output": name,
-                            "record": i,
-                            "message_id": outcome.message_id,
-                            "routing_key": outcome.routing_key,
-                            "sha256": outcome.sha256,
-                            "resources": len(outcome.bundle.get("entry", [])),
-                            "warnings": len(warnings),
-                            "location": outcome.location.to_dict(),
-                        }
-                    )
-                    for w in warnings:
-                        entry["warnings"].append({"record": i, **w})
-                else:
-                    err = outcome.error
-                    entry["errors"].append(
-                        {
-                            "record": i,
-                            "message": err.message,
-                            "location": err.location.to_dict(),
-                            "where": str(err.location),
-                            "message_id": outcome.message_id,
-                            "internal": isinstance(err, InternalAdapterError),
-                        }
-                    )
-        except ERROR_ROOTS as exc:
-            entry["errors"].append({"message": str(exc), "location": {"file": str(path)}, "where": str(path)})
-        except OSError as exc:
-            entry["errors"].append(
-                {
-                    "message": f"cannot read: {exc.strerror}",
-                    "location": {"file": str(path)},
-                    "where": str(path),
-                }
-            )
-        except Exception as exc:  # a crashing adapter must still not print a traceback
-            entry["errors"].append(
-                {
-                    "message": f"internal error in adapter {adapter.name}: {type(exc).__name__}: {exc}",
-                    "location": {"file": str(path)},
-                    "where": str(path),
-                    "internal": True,
-                }
-            )
-        if entry["errors"]:
-            entry["status"] = "error"
-            any_error = True
-        files.append(entry)
-        _print_file(entry)
-    summary = {
-        "files": len(files),
-        "files_with_errors": sum(f["status"] == "error" for f in files),
-        "bundles": n_bundles,
-        "warnings": sum(len(f["warnings"]) for f in files),
-    }
-    report = {
-        "adapter": adapter.name,
-        "adapter_version": getattr(adapter, "version", None),
-        "source": source.org_id,
-        "status": "error" if any_error else "ok",
-        "summary": summary,
-        "files": files,
-    }
-    (args.out / "report.json").write_bytes(
-        orjson.dumps(report, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
-    )
+    report = convert_to_directory(adapter, source, args.inputs, args.out, on_file=_print_file)
+    summary = report["summary"]
     s = summary
     print(
         f"{s['bundles']} bundle(s) from {s['files']} file(s), {s['files_with_errors']} with errors, "
         f"{s['warnings']} warning(s); report: {args.out / 'report.json'}"
     )
-    return 1 if any_error else 0
+    return 1 if report["status"] == "error" else 0
 
 
 def _print_file(entry: dict[str, Any]) -> None:
@@ -277,10 +182,6 @@ def _print_file(entry: dict[str, Any]) -> None:
     )
     for e in entry["errors"][:20]:
         print(f"       error: {e['where']}: {e['message']}")
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("._")
 
 
 def cmd_list(args: argparse.Namespace) -> int:

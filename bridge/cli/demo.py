@@ -286,7 +286,7 @@ def _shared_patient(index: Any) -> tuple[str, str, str] | None:
     return (rows[0][0], rows[0][1], rows[0][2]) if rows else None
 
 
-def register_demo(sub: Any) -> None:
+def register(sub: Any, groups: dict[str, Any]) -> None:
     p = sub.add_parser("demo", help="run the whole stack locally with the shipped demo data")
     p.add_argument(
         "--data-dir",

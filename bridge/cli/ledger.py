@@ -181,7 +181,7 @@ def _witness_run(args: argparse.Namespace) -> int:
     import asyncio
 
     from ledger.errors import LedgerError
-    from ledger.witness import Witness
+    from ledger.witness import Witness, run_witness
 
     try:
         witness = Witness(_read_key(args.log_key), _read_key(args.key), args.state)
@@ -191,46 +191,5 @@ def _witness_run(args: argparse.Namespace) -> int:
     if not port.isdigit():
         return _err("--listen must be host:port")
     return asyncio.run(
-        _witness_loop(witness, args.log_url, args.interval, host or "127.0.0.1", int(port), args.once)
+        run_witness(witness, args.log_url, args.interval, host or "127.0.0.1", int(port), args.once)
     )
-
-
-async def _witness_loop(witness: Any, log_url: str, interval: float, host: str, port: int, once: bool) -> int:
-    import asyncio
-
-    import aiohttp
-    from aiohttp import web
-
-    from bridge.logging import get_logger
-    from ledger.errors import CheckpointMismatch, LedgerError
-    from ledger.witness import poll_once, witness_app
-
-    log = get_logger("ledger.witness")
-    runner = None
-    if not once:
-        runner = web.AppRunner(witness_app(witness))
-        await runner.setup()
-        await web.TCPSite(runner, host, port).start()
-        log.info("witness listening", host=host, port=port, key=witness.verifier_key)
-    status = 0
-    try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-            while True:
-                try:
-                    cosigned = await poll_once(witness, session, log_url)
-                    if cosigned is not None:
-                        log.info("cosigned", size=int(cosigned.split("\n")[1]))
-                        if once:
-                            print(cosigned, end="")
-                except CheckpointMismatch as exc:
-                    log.error("refused checkpoint", kind=exc.kind, reason=str(exc))
-                    status = 1
-                except (TimeoutError, LedgerError, aiohttp.ClientError) as exc:
-                    log.warning("poll failed", error=f"{type(exc).__name__}: {exc}")
-                    status = 1
-                if once:
-                    return status
-                await asyncio.sleep(interval)
-    finally:
-        if runner is not None:
-            await runner.cleanup()

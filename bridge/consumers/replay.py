@@ -17,20 +17,36 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import KafkaError, OffsetOutOfRangeError
+from kafka.errors import OffsetOutOfRangeError
 
 from bridge.config import Settings
+from bridge.consumers.index_sink import build_index_sink
+from bridge.consumers.ledger_sink import build_ledger_sink
 from bridge.consumers.runtime import ConsumerRuntime, Record, consumer_config
-from bridge.errors import ERROR_ROOTS, ERRORS_OR_VALUE, ConfigError
+from bridge.errors import ConfigError
 from bridge.logging import get_logger
 from bridge.stream import envelope
-from bridge.stream.producer import Publisher, conversion_from_headers, nothing_converted, producer_config
+from bridge.stream.producer import Publisher, producer_config
 
 log = get_logger(__name__)
+
+
+class Reconverted(Protocol):
+    futures: list[Any]
+    published: int
+    failed: int
+
+
+class Reconvert(Protocol):
+    """Converts a dead letter's record again and publishes what converts (the ingest pipeline's)."""
+
+    def __call__(
+        self, value: bytes, headers: dict[str, str], adapter_name: str, publisher: Publisher
+    ) -> Reconverted: ...
 
 
 def parse_time_ms(value: str, what: str) -> int:
@@ -224,8 +240,13 @@ def replay(
     rebuild: bool = False,
     dead_letters: bool = False,
     dry_run: bool = False,
+    reconvert: Reconvert | None = None,
 ) -> ReplayReport:
-    """Run one replay. See the module docstring; raises ConfigError for an inconsistent request."""
+    """Run one replay. See the module docstring; raises ConfigError for an inconsistent request.
+
+    ``reconvert`` converts an ingest or MLLP dead letter again (the ingest pipeline's
+    ``convert_again``); without it such letters stay where they are.
+    """
     if not dry_run and (sink_name is None) == (to_topic is None) and not dead_letters:
         raise ConfigError("give exactly one of --sink or --to-topic (or --dead-letters, or --dry-run)")
     if rebuild and (
@@ -259,7 +280,7 @@ def replay(
                 pass
             return report
         if dead_letters:
-            _redrive_dead_letters(settings, bootstrap, batches, report, sink_name, to_topic)
+            _redrive_dead_letters(settings, bootstrap, batches, report, sink_name, to_topic, reconvert)
         elif to_topic:
             _copy(settings, bootstrap, batches, report, to_topic)
         elif sink_name == "ledger" and rebuild:
@@ -273,7 +294,6 @@ def replay(
 
 
 def _build_sink(settings: Settings, bootstrap: str, name: str) -> Any:
-    from bridge.consumers.sinks import build_index_sink, build_ledger_sink
 
     if name == "ledger":
         return build_ledger_sink(settings, bootstrap)
@@ -323,7 +343,6 @@ def _reset(sink: Any) -> None:
 def _rebuild_ledger(
     settings: Settings, bootstrap: str, batches: Iterator[list[Record]], report: ReplayReport
 ) -> None:
-    from bridge.consumers.sinks import build_ledger_sink
 
     order = _receipt_order(settings, bootstrap)
     first: dict[tuple[str, str], Record] = {}
@@ -404,6 +423,7 @@ def _redrive_dead_letters(
     report: ReplayReport,
     sink_name: str | None,
     to_topic: str | None,
+    reconvert: Reconvert | None,
 ) -> None:
     """Re-convert ingest-stage dead letters with their adapter; re-send consumer-stage ones to the bundles topic
     (or process them with ``--sink``)."""
@@ -424,7 +444,13 @@ def _redrive_dead_letters(
                 original = [(k, v) for k, v in rec.headers if not k.startswith("fb-dl-")]
                 stage = h.get("fb-dl-stage", "")
                 if stage.startswith(("ingest:", "mllp:")):
-                    _convert_again(rec, h, stage.split(":", 1)[1], publisher, futures, report)
+                    if reconvert is None:
+                        report.dead_lettered += 1
+                        continue
+                    again = reconvert(rec.value or b"", h, stage.split(":", 1)[1], publisher)
+                    futures += again.futures
+                    report.processed += again.published
+                    report.dead_lettered += again.failed
                 elif runtime is not None:
                     to_sink.append(
                         Record(
@@ -450,42 +476,6 @@ def _redrive_dead_letters(
             sink.close()
 
 
-def _convert_again(
-    rec: Record,
-    headers: dict[str, str],
-    adapter_name: str,
-    publisher: Publisher,
-    futures: list[Any],
-    report: ReplayReport,
-) -> None:
-    """Convert an ingest or MLLP dead letter again, with the adapter, options and source it was converted
-    with, and publish what converts; what still fails stays a dead letter (it is counted and logged)."""
-    from adapters import registry
-    from adapters.base import ConvertedBundle
-
-    try:
-        options, source = conversion_from_headers(headers)
-        adapter = registry.create(adapter_name, options)
-    except ERRORS_OR_VALUE as exc:
-        report.dead_lettered += 1
-        log.warning("replay.still_failing", offset=rec.offset, error=f"cannot convert again: {exc}")
-        return
-    for outcome in adapter.convert(rec.value or b"", source, filename=headers.get("fb-dl-file")):
-        error = (
-            outcome.error
-            if not isinstance(outcome, ConvertedBundle)
-            else nothing_converted(outcome, adapter.name)
-        )
-        if error is None:
-            futures.append(publisher.publish(outcome, adapter, source))  # type: ignore[arg-type]
-            report.processed += 1
-        else:
-            report.dead_lettered += 1
-            log.warning(
-                "replay.still_failing", offset=rec.offset, location=str(error.location), error=error.message
-            )
-
-
 class _Idle:
     """Stands in for the group consumer in replays: nothing to pause, commit or close."""
 
@@ -506,60 +496,3 @@ class _Idle:
     def close(self, **_: Any) -> None: ...
 
     def commit(self, *_: Any) -> None: ...
-
-
-def register(sub: Any) -> None:
-    p = sub.add_parser("replay", help="re-drive a sink, copy a topic, or re-drive dead letters from Kafka")
-    target = p.add_mutually_exclusive_group()
-    target.add_argument("--sink", choices=["ledger", "index"], help="write into this sink")
-    target.add_argument(
-        "--to-topic", help="copy the records (key, value, headers, timestamp) into this topic"
-    )
-    p.add_argument(
-        "--topic",
-        default=None,
-        help="source topic (default fhir.bundles, or fhir.deadletter with --dead-letters)",
-    )
-    p.add_argument(
-        "--partition", type=int, action="append", default=None, help="only this partition (repeatable)"
-    )
-    p.add_argument("--from-offset", type=int, default=None)
-    p.add_argument("--from-time", default=None, metavar="ISO8601")
-    p.add_argument("--to-time", default=None, metavar="ISO8601")
-    p.add_argument(
-        "--rebuild", action="store_true", help="empty the sink first, then rebuild it from the whole topic"
-    )
-    p.add_argument("--dead-letters", action="store_true", help="re-drive dead-lettered records (after a fix)")
-    p.add_argument("--dry-run", action="store_true", help="count records per partition; write nothing")
-    p.set_defaults(func=cmd_replay)
-
-
-def cmd_replay(args: Any) -> int:
-    import sys
-
-    from bridge.stream.broker import resolve_bootstrap
-
-    try:
-        settings = Settings.from_env()
-        report = replay(
-            settings,
-            resolve_bootstrap(settings),
-            sink_name=args.sink,
-            to_topic=args.to_topic,
-            topic=args.topic,
-            partitions=args.partition,
-            from_offset=args.from_offset,
-            from_time=args.from_time,
-            to_time=args.to_time,
-            rebuild=args.rebuild,
-            dead_letters=args.dead_letters,
-            dry_run=args.dry_run,
-        )
-    except ConfigError as exc:
-        print(f"fhirbridge replay: error: {exc}", file=sys.stderr)
-        return 2
-    except (*ERROR_ROOTS, KafkaError) as exc:
-        print(f"fhirbridge replay: error: {exc}", file=sys.stderr)
-        return 1
-    print("\n".join(report.lines()))
-    return 0 if report.complete else 1

@@ -35,11 +35,16 @@ import structlog
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import CommitFailedError, KafkaError, RebalanceInProgressError
 from kafka.structs import OffsetAndMetadata
+from prometheus_client import start_http_server
 
 from bridge.config import Settings
 from bridge.errors import TransientError
+from bridge.gctune import tune_gc
 from bridge.logging import get_logger
 from bridge.metrics import ConsumerMetrics
+from bridge.stream.broker import resolve_bootstrap
+from bridge.stream.producer import Publisher
+from bridge.stream.topics import ensure_topics
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -490,3 +495,38 @@ class ConsumerRuntime:
             pid=os.getpid(),
             cpu_ms_per_record=self.cpu_report(),
         )
+
+
+def run_consumer(
+    settings: Settings,
+    sink_factory: Callable[[Settings, str], Any],
+    group_id: str,
+    *,
+    metrics_port: int | None = None,
+    exit_when_idle: float | None = None,
+) -> None:
+    """Run a consumer group member until SIGTERM/SIGINT (or, with ``exit_when_idle``, until that many
+    seconds pass without a record): the topics made if missing, metrics served on ``metrics_port``."""
+    bootstrap = resolve_bootstrap(settings)
+    ensure_topics(bootstrap, settings.topics)
+    sink = sink_factory(settings, bootstrap)
+    dead = Publisher(settings, bootstrap)
+    runtime = ConsumerRuntime(settings, bootstrap, sink, dead, group_id=group_id)
+    if metrics_port:
+        start_http_server(metrics_port, addr=settings.http_host)
+    tune_gc(settings.gc_threshold)
+    runtime.install_signal_handlers()
+    until = None
+    if exit_when_idle:
+        idle = {"since": time.monotonic(), "seen": 0}
+
+        def until() -> bool:
+            if runtime.processed + runtime.dead_lettered != idle["seen"]:
+                idle["seen"] = runtime.processed + runtime.dead_lettered
+                idle["since"] = time.monotonic()
+            return bool(time.monotonic() - idle["since"] > exit_when_idle)
+
+    try:
+        runtime.run(until=until)
+    finally:
+        dead.close()

@@ -34,8 +34,8 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from bridge.errors import ERROR_ROOTS, BrokerUnavailable
+from bridge.ingest.pipeline import conversion_headers, nothing_converted
 from bridge.logging import get_logger
-from bridge.stream.producer import conversion_headers, nothing_converted
 
 if TYPE_CHECKING:
     from adapters.base import Adapter, ConvertedBundle, SourceInfo

@@ -268,3 +268,16 @@ def resolve_bootstrap(settings: Settings) -> str:
     raise BrokerUnavailable(
         "no broker: set KAFKA_BOOTSTRAP_SERVERS, or start the embedded one with `fhirbridge broker start`"
     )
+
+
+def stop_running(data_dir: Path) -> dict[str, str] | None:
+    """Stop the local broker ``broker start`` left running for ``data_dir``, by its PID; its state
+    (kind, pid, bootstrap), or None when none is recorded."""
+    state_file = data_dir / STATE_FILE
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError):
+        return None
+    stop_pid(int(state["pid"]))
+    state_file.unlink(missing_ok=True)
+    return {k: str(v) for k, v in state.items()}

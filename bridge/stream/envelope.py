@@ -320,3 +320,23 @@ class TrustRegistry:
             raise SignatureError(
                 f"signature by key {env.key_id} does not verify", field=H_SIGNATURE
             ) from None
+
+
+def create_org_key(
+    key_path: Path,
+    registry_path: Path,
+    org: str,
+    *,
+    not_before: str | None = None,
+    not_after: str | None = None,
+) -> OrgSigner:
+    """A new signing key for ``org`` at ``key_path`` (an existing one is kept, renamed ``.<time>.retired``),
+    trusted in the registry at ``registry_path`` from ``not_before`` (default: now)."""
+    signer = OrgSigner.generate(org)
+    if key_path.exists():
+        key_path.rename(key_path.with_suffix(f".{int(time.time())}.retired"))
+    signer.save(key_path)
+    registry = TrustRegistry.load(registry_path) if registry_path.is_file() else TrustRegistry()
+    registry.add(org, TrustedKey(signer.key_id, signer.public_bytes, not_before or utc_now(), not_after))
+    registry.save(registry_path)
+    return signer

@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     from kafka.producer.future import FutureRecordMetadata
 
     from adapters.base import Adapter, ConvertedBundle, SourceInfo
-    from adapters.errors import ParseError
 
 # Dead-letter headers added to the original record's headers.
 DL_ERROR_CLASS = "fb-dl-error-class"
@@ -56,84 +55,6 @@ def producer_config(settings: Settings, bootstrap: str, **overrides: Any) -> dic
     }
     cfg.update(overrides)
     return cfg
-
-
-#: Conversion warnings that say why a record gave no resources, in the order they are reported.
-_WHY_EMPTY = ("no-content", "missing-segment", "no-patient")
-
-
-def nothing_converted(converted: ConvertedBundle, adapter_name: str) -> ParseError | None:
-    """The located reason when a bundle holds nothing but the Provenance its adapter adds, else None.
-
-    Such a record was read but none of it became FHIR (an unsupported message type, a message with
-    no segment the adapter maps): publishing the empty bundle would report the record as kept while
-    its content is nowhere. ``ingest`` and ``mllp`` dead-letter it with this reason instead.
-    """
-    from adapters.errors import Location, ParseError
-
-    for entry in converted.bundle.get("entry") or ():
-        resource = entry.get("resource") or {}
-        if resource.get("resourceType") != "Provenance" or resource.get("target"):
-            return None
-    unsupported = next((w for w in converted.warnings if w.code == "unsupported-message-type"), None)
-    if unsupported is not None:
-        # the warning goes on to say the known segments were mapped generically: none were
-        what = unsupported.message.split(";", 1)[0]
-        where = Location(**{**converted.location.to_dict(), **unsupported.location.to_dict()})
-        return ParseError(
-            f"{what}: nothing in it was converted to FHIR", adapter=adapter_name, location=where
-        )
-    why = "; ".join(w.message for code in _WHY_EMPTY for w in converted.warnings if w.code == code)
-    return ParseError(
-        f"nothing in this record was converted to FHIR: {why or 'it gave no resources'}",
-        adapter=adapter_name,
-        location=converted.location,
-    )
-
-
-# How a dead letter from ingest or MLLP was converted, so that a replay converts it the same way.
-H_ADAPTER = "fb-adapter"
-H_ADAPTER_OPTIONS = "fb-adapter-options"
-H_SOURCE_TIMEZONE = "fb-source-timezone"
-H_SOURCE_MRN_SYSTEM = "fb-source-mrn-system"
-H_SOURCE_ENCOUNTER_SYSTEM = "fb-source-encounter-system"
-
-
-def conversion_headers(
-    adapter_name: str, source: SourceInfo, options: dict[str, str] | None = None
-) -> list[tuple[str, bytes]]:
-    """The headers of an ingest or MLLP dead letter that say how to convert its record again."""
-    import json
-
-    from bridge.stream.envelope import H_SOURCE
-
-    out = [(H_SOURCE, source.org_id), (H_ADAPTER, adapter_name), (H_SOURCE_TIMEZONE, source.timezone)]
-    if source.mrn_system:
-        out.append((H_SOURCE_MRN_SYSTEM, source.mrn_system))
-    if source.encounter_system:
-        out.append((H_SOURCE_ENCOUNTER_SYSTEM, source.encounter_system))
-    if options:
-        out.append((H_ADAPTER_OPTIONS, json.dumps(options, sort_keys=True)))
-    return [(k, v.encode("utf-8")) for k, v in out]
-
-
-def conversion_from_headers(headers: dict[str, str]) -> tuple[dict[str, str], SourceInfo]:
-    """The adapter options and the source of :func:`conversion_headers` (raises ValueError when unusable)."""
-    import json
-
-    from adapters.base import SourceInfo
-    from bridge.stream.envelope import H_SOURCE
-
-    options = json.loads(headers.get(H_ADAPTER_OPTIONS) or "{}")
-    if not isinstance(options, dict) or not all(isinstance(v, str) for v in options.values()):
-        raise ValueError(f"{H_ADAPTER_OPTIONS} is not an object of strings")
-    source = SourceInfo(
-        headers.get(H_SOURCE, ""),
-        mrn_system=headers.get(H_SOURCE_MRN_SYSTEM) or None,
-        encounter_system=headers.get(H_SOURCE_ENCOUNTER_SYSTEM) or None,
-        timezone=headers.get(H_SOURCE_TIMEZONE) or "UTC",
-    )
-    return options, source
 
 
 def signing_key_path(settings: Settings, org: str) -> Path:

@@ -13,8 +13,9 @@ import pytest
 
 from bridge.cli import main
 from bridge.config import Settings
+from bridge.consumers.index_sink import build_index_sink
+from bridge.consumers.ledger_sink import build_ledger_sink
 from bridge.consumers.runtime import ConsumerRuntime
-from bridge.consumers.sinks import build_index_sink, build_ledger_sink
 from bridge.stores.ledger import open_configured_ledger
 from bridge.stream.producer import Publisher
 from ledger.log import Ledger

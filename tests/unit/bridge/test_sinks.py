@@ -7,8 +7,10 @@ from typing import Any
 
 import orjson
 
+from bridge.consumers.checks import EnvelopeChecker, in_batch_order
+from bridge.consumers.index_sink import IndexSink
+from bridge.consumers.ledger_sink import LedgerSink
 from bridge.consumers.runtime import Record
-from bridge.consumers.sinks import EnvelopeChecker, IndexSink, LedgerSink, in_batch_order
 from bridge.stores.index.store import IndexStore
 from bridge.stores.ledger import open_ledger
 from bridge.stream.envelope import Envelope, OrgSigner, TrustedKey, TrustRegistry, utc_now
@@ -259,7 +261,7 @@ def test_ledger_key_named_for_another_origin_is_refused(monkeypatch: Any, tmp_pa
     import pytest
 
     from bridge.config import Settings
-    from bridge.consumers.sinks import require_ledger_signer_key
+    from bridge.consumers.ledger_sink import require_ledger_signer_key
     from bridge.errors import ConfigError
     from ledger.note import generate_key
 

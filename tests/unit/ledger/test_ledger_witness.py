@@ -142,23 +142,23 @@ async def test_poll_once_end_to_end_pushes_cosignature_to_the_log(tmp_path: Any,
 async def test_witness_cli_loop_once_cosigns_and_prints(
     tmp_path: Any, aiohttp_server: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from bridge.cli.ledger import _witness_loop
+    from ledger.witness import run_witness
 
     log = new_log(tmp_path, "log")
     log.append([entry(i) for i in range(3)])
     app = ledger_app(lambda: log)
     server = await aiohttp_server(app)
     w = Witness(VKEY, WSKEY, tmp_path / "w")
-    assert await _witness_loop(w, str(server.make_url("/")), 0.0, "127.0.0.1", 0, True) == 0
+    assert await run_witness(w, str(server.make_url("/")), 0.0, "127.0.0.1", 0, True) == 0
     printed = capsys.readouterr().out
     printed = printed[printed.index(ORIGIN + "\n") :]  # unconfigured structlog also writes to stdout
     assert checkpoint.open(printed, [VKEY, WVKEY]).size == 3
     # A rollback served by the log makes the loop report failure (exit status 1), with evidence kept.
     log.append([entry(i) for i in range(3, 6)])
-    assert await _witness_loop(w, str(server.make_url("/")), 0.0, "127.0.0.1", 0, True) == 0
+    assert await run_witness(w, str(server.make_url("/")), 0.0, "127.0.0.1", 0, True) == 0
     log.reset()
     log.append([entry(i) for i in range(2)])
-    assert await _witness_loop(w, str(server.make_url("/")), 0.0, "127.0.0.1", 0, True) == 1
+    assert await run_witness(w, str(server.make_url("/")), 0.0, "127.0.0.1", 0, True) == 1
     assert [e["kind"] for e in w.evidence()] == ["rollback"]
     log.close()
 

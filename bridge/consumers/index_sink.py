@@ -1,0 +1,167 @@
+"""The index sink: every resource upserted by its deterministic id, with its bundle's provenance; the
+Patient versions the index keeps feed the MPI (docs/query.md, docs/mpi.md)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+from bridge.consumers.checks import (
+    BadBundle,
+    EnvelopeChecker,
+    LocatedError,
+    in_batch_order,
+    is_retryable,
+    load_checker,
+    parse_bundle,
+)
+from bridge.consumers.runtime import BadTimestamp, CpuClock, Record
+from bridge.errors import TransientError
+from bridge.logging import get_logger
+from bridge.mpi import PersonIndex
+from bridge.stores.index.store import IncomingBundle, IndexStore, content_digest
+
+log = get_logger(__name__)
+
+
+class MpiRefused(LocatedError):
+    """The MPI could not index a Patient of the record's bundle (the bundle itself is in the index)."""
+
+
+class _PatientEntry(NamedTuple):
+    source_org: str
+    resource: dict[str, Any]
+    record: Record
+    #: the Patient's position in its bundle's ``entry`` array
+    entry: int
+
+
+class IndexSink:
+    """Upserts every resource by its deterministic id, with the bundle's provenance; feeds the MPI."""
+
+    name = "index"
+
+    def __init__(
+        self,
+        store: IndexStore,
+        checker: EnvelopeChecker,
+        mpi: PersonIndex | None = None,
+        mpi_factory: Callable[[], PersonIndex] | None = None,
+    ) -> None:
+        self.store = store
+        self.checker = checker
+        self.mpi = mpi
+        self.mpi_factory = mpi_factory
+        self.cpu = CpuClock()
+
+    def process(self, records: Sequence[Record]) -> list[tuple[Record, BaseException]]:
+        poison: list[tuple[Record, BaseException]] = []
+        incoming: list[IncomingBundle] = []
+        patients: list[_PatientEntry] = []
+        with self.cpu.stage("envelope"):
+            checked = self.checker.check_many(records, poison)
+        t0 = time.thread_time()
+        for rec, env in checked:
+            try:
+                bundle = parse_bundle(rec.value or b"")
+                received_at = rec.timestamp_iso
+            except (BadBundle, BadTimestamp) as exc:
+                poison.append((rec, exc))
+                continue
+            incoming.append(
+                IncomingBundle(
+                    bundle=bundle,
+                    bundle_sha256=env.bundle_sha256,
+                    source_org=env.source_org,
+                    source_patient=rec.key.decode("utf-8", "replace") if rec.key else None,
+                    topic=rec.topic,
+                    partition=rec.partition,
+                    offset=rec.offset,
+                    received_at=received_at,
+                )
+            )
+            for i, e in enumerate(bundle["entry"]):
+                if e["resource"]["resourceType"] == "Patient":
+                    patients.append(_PatientEntry(env.source_org, e["resource"], rec, i))
+        self.cpu.add("parse", time.thread_time() - t0)
+        if incoming:
+            with self.cpu.stage("store"):
+                self.store.apply(incoming)  # TransientError propagates: the runtime backs off
+        if patients and (self.mpi is not None or self.mpi_factory is not None):
+            with self.cpu.stage("mpi"):
+                self._feed_mpi(patients, poison)
+        return in_batch_order(records, poison)
+
+    def _feed_mpi(self, patients: list[_PatientEntry], poison: list[tuple[Record, BaseException]]) -> None:
+        """Give the MPI the Patient versions the index keeps, and nothing else.
+
+        A delivery the index did not keep (an older version arriving late, or a replay of the stream
+        from an earlier offset) is not current, so it must not reach the MPI either: the MPI takes
+        each upsert as the latest, and would re-score the older demographics and add to the link
+        history on every replay (found by review). If the MPI refuses the batch for a reason other
+        than its database, the Patients are tried one by one, and the records of those it refuses
+        go to the dead letters with the reason (one bad record no longer stops the consumer).
+        """
+        current = self.store.current_versions("Patient", [p.resource["id"] for p in patients])
+        kept = [p for p in patients if current.get(p.resource["id"]) == content_digest(p.resource)]
+        if not kept:
+            return
+        try:
+            self._upsert_mpi([(p.source_org, p.resource) for p in kept])
+            return
+        except TransientError:
+            raise
+        except Exception as exc:  # the record's fault, or the MPI's: find the Patients it refuses
+            log.warning(
+                "index.mpi_batch_refused", error_class=type(exc).__name__, error=str(exc), patients=len(kept)
+            )
+        refused: set[int] = set()
+        for p in kept:
+            if id(p.record) in refused:
+                continue
+            try:
+                self._upsert_mpi([(p.source_org, p.resource)])
+            except TransientError:
+                raise
+            except Exception as exc:
+                refused.add(id(p.record))
+                poison.append(
+                    (
+                        p.record,
+                        MpiRefused(
+                            f"entry[{p.entry}] (Patient/{p.resource['id']}): {type(exc).__name__}: {exc}",
+                            f"entry[{p.entry}]",
+                        ),
+                    )
+                )
+
+    def _upsert_mpi(self, patients: list[tuple[str, dict[str, Any]]]) -> None:
+        """Feed the MPI; a lost database connection is transient: reopen the MPI on the next try."""
+        try:
+            if self.mpi is None:
+                assert self.mpi_factory is not None
+                self.mpi = self.mpi_factory()
+            self.mpi.upsert_patients(patients)
+        except Exception as exc:
+            if not is_retryable(exc):
+                raise
+            if self.mpi is not None:
+                with contextlib.suppress(Exception):
+                    self.mpi.close()
+            self.mpi = None if self.mpi_factory is not None else self.mpi
+            raise TransientError(f"MPI database unavailable: {type(exc).__name__}: {exc}") from exc
+
+    def close(self) -> None:
+        self.store.close()
+        if self.mpi is not None:
+            self.mpi.close()
+
+
+def build_index_sink(settings: Any) -> IndexSink:
+
+    def mpi_factory() -> PersonIndex:
+        return PersonIndex.open(settings.mpi_url)
+
+    return IndexSink(IndexStore.open(settings.index_url), load_checker(settings), mpi_factory(), mpi_factory)

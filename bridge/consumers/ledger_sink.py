@@ -1,0 +1,164 @@
+"""The ledger sink: one leaf per bundle (hash and provenance, no PHI), deduplicated by (hash, source);
+a receipt per append to ``ledger.receipts`` before the offsets are committed (docs/streams.md)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+from kafka import KafkaProducer
+
+from bridge.consumers.checks import BadBundle, EnvelopeChecker, check_bundle, in_batch_order, load_checker
+from bridge.consumers.runtime import BadTimestamp, CpuClock, Record
+from bridge.errors import ConfigError, TransientError
+from bridge.logging import get_logger
+from bridge.stores.ledger import open_configured_ledger
+from bridge.stream.producer import producer_config
+from ledger.errors import EntryTooLarge, InvalidEntry, InvalidKey, StorageUnavailable
+from ledger.log import Ledger, LedgerEntry
+from ledger.note import Signer
+
+log = get_logger(__name__)
+
+
+class LedgerSink:
+    """Appends one leaf per bundle (hash and provenance metadata, no PHI); dedupes by (hash, source)."""
+
+    name = "ledger"
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        checker: EnvelopeChecker,
+        receipts: Any | None = None,
+        receipts_topic: str = "ledger.receipts",
+    ) -> None:
+        self.ledger = ledger
+        self.checker = checker
+        self.receipts = receipts
+        self.receipts_topic = receipts_topic
+        self.cpu = CpuClock()
+
+    def process(self, records: Sequence[Record]) -> list[tuple[Record, BaseException]]:
+
+        poison: list[tuple[Record, BaseException]] = []
+        entries: list[LedgerEntry] = []
+        kept: list[Record] = []
+        with self.cpu.stage("envelope"):
+            checked = self.checker.check_many(records, poison)
+        with self.cpu.stage("parse"):
+            parsed = []
+            for rec, env in checked:
+                try:
+                    check_bundle(rec.value or b"")
+                except BadBundle as exc:
+                    poison.append((rec, exc))
+                    continue
+                parsed.append((rec, env))
+        t0 = time.thread_time()
+        for rec, env in parsed:
+            try:
+                entry = LedgerEntry(
+                    bundle_sha256=env.bundle_sha256,
+                    source_org=env.source_org,
+                    adapter=env.adapter,
+                    adapter_version=env.adapter_version,
+                    topic=rec.topic,
+                    partition=rec.partition,
+                    offset=rec.offset,
+                    ingested_at=rec.timestamp_iso,
+                    message_id=env.message_id or None,
+                )
+                entry.canonical()  # raises EntryTooLarge over 64 KB
+            except (EntryTooLarge, InvalidEntry, BadTimestamp) as exc:
+                poison.append((rec, exc))
+                continue
+            entries.append(entry)
+            kept.append(rec)
+        self.cpu.add("entry", time.thread_time() - t0)
+        if entries:
+            try:
+                with self.cpu.stage("append"):
+                    indices = self.ledger.append(entries)
+            except StorageUnavailable as exc:
+                raise TransientError(str(exc)) from exc
+            if self.receipts is not None:
+                t0 = time.thread_time()
+                futures = [
+                    self.receipts.send(
+                        self.receipts_topic,
+                        key=e.bundle_sha256.encode(),
+                        value=orjson.dumps(
+                            {
+                                "bundle_sha256": e.bundle_sha256,
+                                "source_org": e.source_org,
+                                "leaf_index": idx,
+                                "topic": r.topic,
+                                "partition": r.partition,
+                                "offset": r.offset,
+                            }
+                        ),
+                    )
+                    for e, idx, r in zip(entries, indices, kept, strict=True)
+                ]
+                self.receipts.flush(30)
+                for f in futures:
+                    f.get(timeout=30)
+                self.cpu.add("receipts", time.thread_time() - t0)
+        return in_batch_order(records, poison)
+
+    def idle(self) -> None:
+        """Sign a checkpoint over entries appended since the last one, once the interval has passed."""
+
+        try:
+            self.ledger.maybe_checkpoint()
+        except StorageUnavailable as exc:
+            raise TransientError(str(exc)) from exc
+
+    def close(self) -> None:
+        self.ledger.close()
+
+
+def require_ledger_signer_key(settings: Any) -> str:
+    """The ledger's signing key, or :class:`ConfigError` naming the path tried and how to make one.
+
+    A writer without a key would append entries and never sign a checkpoint, so that nobody could
+    verify them: the ledger consumer refuses to start instead (``--unsigned`` is for tests).
+    """
+
+    path = settings.ledger_key_file
+    hint = (
+        "create one with `fhirbridge ledger keygen --name ORIGIN --out DIR` and point FHIRBRIDGE_LEDGER_KEY_FILE "
+        "at the .key file (or run `fhirbridge ledger run --unsigned`, for tests only)"
+    )
+    if path is None or not path.is_file():
+        raise ConfigError(f"no ledger signing key at {path}: {hint}")
+    try:
+        text: str = path.read_text(encoding="utf-8").strip()
+        signer = Signer.from_text(text)
+    except OSError as exc:
+        raise ConfigError(f"cannot read the ledger signing key {path}: {exc.strerror}") from None
+    except (InvalidKey, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not a ledger signing key ({exc}): {hint}") from None
+    if signer.name != settings.ledger_origin:
+        raise ConfigError(
+            f"the ledger signing key {path} is named {signer.name!r}, but the ledger's origin is "
+            f"{settings.ledger_origin!r} (FHIRBRIDGE_LEDGER_ORIGIN): verifiers look a checkpoint's key up by its origin"
+        )
+    return text
+
+
+def build_ledger_sink(
+    settings: Any, bootstrap: str, *, receipts: bool = True, unsigned: bool = False
+) -> LedgerSink:
+    if not unsigned:
+        require_ledger_signer_key(settings)
+    producer = None
+    if receipts:
+        producer = KafkaProducer(
+            **producer_config(settings, bootstrap, client_id="fhirbridge-ledger-receipts")
+        )
+    ledger = open_configured_ledger(settings, signer_key=settings.ledger_signer_key())
+    return LedgerSink(ledger, load_checker(settings), producer, settings.topics.receipts)
