@@ -9,6 +9,7 @@ as keys and PHI stays out of message strings.
 
 from __future__ import annotations
 
+from adapters.errors import AdapterError
 from ledger.errors import LedgerError
 
 
@@ -29,6 +30,6 @@ class TransientError(FhirbridgeError):
 
 
 #: every package's error root (see the module docstring)
-ERROR_ROOTS: tuple[type[Exception], ...] = (FhirbridgeError, LedgerError)
+ERROR_ROOTS: tuple[type[Exception], ...] = (FhirbridgeError, AdapterError, LedgerError)
 #: the roots, and ``ValueError`` (a bad value given where a caller checks none, such as an org id)
 ERRORS_OR_VALUE: tuple[type[Exception], ...] = (*ERROR_ROOTS, ValueError)
