@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta, timezone
-from functools import lru_cache
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from adapters.base import SourceInfo
 from adapters.common import ucum as ucum_units
-from adapters.errors import AdapterError, Location
+from adapters.common.dates import BadTimestamp, parse_ts
+from adapters.errors import Location
 from adapters.hl7v2.er7 import Field, Segment
 
 Warn = Callable[[str, str, Location], None]
@@ -88,79 +86,7 @@ class Context:
 
 
 # --------------------------------------------------------------------------------------------------
-# TS / DTM / DT / TM
-
-_TS = re.compile(
-    r"^(\d{4})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:\.(\d{1,4}))?)?)?)?)?)?"
-    r"\s*(?:([+-])(\d{2})(\d{2})?)?$"
-)
-
-
-@lru_cache(maxsize=64)
-def _zone(name: str) -> ZoneInfo | timezone:
-    if name in ("UTC", "Z", ""):
-        return UTC
-    try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
-        return UTC
-
-
-class BadTimestamp(AdapterError):
-    """A TS/DTM that is not a valid date/time."""
-
-
-@lru_cache(maxsize=8192)
-def parse_ts(value: str, tz_name: str) -> tuple[str, str]:
-    """An HL7 TS/DTM to ``(precision, FHIR value)``.
-
-    precision is ``year``, ``month``, ``day`` or ``time``. Dates keep their precision
-    (``YYYY``, ``YYYY-MM``, ``YYYY-MM-DD``). A value with a time becomes a FHIR dateTime with seconds
-    and an offset: the message's own offset when it has one, otherwise the offset of ``tz_name`` at that
-    local time (DST-aware). Hours without minutes get ``:00:00``; fractions are kept (up to 4 digits).
-    Raises :class:`BadTimestamp` for anything that is not a real calendar date/time.
-    """
-    m = _TS.match(value.strip())
-    if not m:
-        raise BadTimestamp(f"not an HL7 timestamp: {value!r}")
-    y, mo, d, hh, mi, ss, frac, sign, oh, om = m.groups()
-    year = int(y)
-    if year < 1:
-        raise BadTimestamp(f"year 0 in {value!r}")
-    if mo is None:
-        return "year", y
-    if not 1 <= int(mo) <= 12:
-        raise BadTimestamp(f"month {mo} in {value!r}")
-    if d is None:
-        return "month", f"{y}-{mo}"
-    try:
-        datetime(year, int(mo), int(d))
-    except ValueError as exc:
-        raise BadTimestamp(f"{exc} in {value!r}") from None
-    if hh is None:
-        return "day", f"{y}-{mo}-{d}"
-    h, mn, s = int(hh), int(mi or 0), int(ss or 0)
-    if h > 23 or mn > 59 or s > 59:
-        if h == 24 and mn == 0 and s == 0:
-            raise BadTimestamp(f"24:00 is not a FHIR time in {value!r}")
-        raise BadTimestamp(f"time out of range in {value!r}")
-    if sign:
-        offh, offm = int(oh), int(om or 0)
-        if offh > 14 or offm > 59:
-            raise BadTimestamp(f"offset out of range in {value!r}")
-        off = f"{sign}{offh:02d}:{offm:02d}"
-    else:
-        tz = _zone(tz_name)
-        local = datetime(year, int(mo), int(d), h, mn, s, tzinfo=tz)
-        delta = local.utcoffset() or timedelta(0)
-        total = int(delta.total_seconds() // 60)
-        sgn = "-" if total < 0 else "+"
-        total = abs(total)
-        off = f"{sgn}{total // 60:02d}:{total % 60:02d}"
-    if off in ("+00:00", "-00:00"):
-        off = "Z" if not sign or off == "+00:00" else off
-    fr = f".{frac}" if frac else ""
-    return "time", f"{y}-{mo}-{d}T{h:02d}:{mn:02d}:{s:02d}{fr}{off}"
+# TS / DTM / DT / TM: read by adapters.common.dates.parse_ts, as in every adapter
 
 
 def fhir_datetime(ctx: Context, value: str, loc: Loc) -> str | None:
@@ -170,7 +96,7 @@ def fhir_datetime(ctx: Context, value: str, loc: Loc) -> str | None:
     try:
         return parse_ts(value, ctx.source.timezone)[1]
     except BadTimestamp as exc:
-        ctx.warn("invalid-timestamp", f"{exc}; value dropped", loc)
+        ctx.warn("invalid-timestamp", f"{exc.described()}; value dropped", loc)
         return None
 
 
@@ -181,7 +107,7 @@ def fhir_date(ctx: Context, value: str, loc: Loc) -> str | None:
     try:
         prec, v = parse_ts(value, ctx.source.timezone)
     except BadTimestamp as exc:
-        ctx.warn("invalid-date", f"{exc}; value dropped", loc)
+        ctx.warn("invalid-date", f"{exc.described()}; value dropped", loc)
         return None
     return v[:10] if prec == "time" else v
 
@@ -193,7 +119,7 @@ def fhir_instant(ctx: Context, value: str, loc: Loc) -> str | None:
     try:
         prec, v = parse_ts(value, ctx.source.timezone)
     except BadTimestamp as exc:
-        ctx.warn("invalid-timestamp", f"{exc}; value dropped", loc)
+        ctx.warn("invalid-timestamp", f"{exc.described()}; value dropped", loc)
         return None
     if prec != "time":
         ctx.warn("imprecise-instant", f"{value!r} has no time of day; an instant needs one", loc)

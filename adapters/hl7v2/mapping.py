@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from adapters.bundle import BundleBuilder
+from adapters.common.dates import BadTimestamp, parse_ts
 from adapters.common.encounter_class import encounter_class
 from adapters.common.race import CDC_RACE_ETHNICITY, ethnicity_extension, race_extension
 from adapters.hl7v2 import datatypes as dt
@@ -588,7 +589,7 @@ class Conversion:
         if seg.v(7):
             loc = self.loc(seg, 7)
             try:
-                prec, v = dt.parse_ts(seg.v(7), self.source.timezone)
+                prec, v = parse_ts(seg.v(7), self.source.timezone)
                 r["birthDate"] = v[:10] if prec == "time" else v
                 if prec == "time":
                     r["_birthDate"] = {
@@ -599,8 +600,8 @@ class Conversion:
                             }
                         ]
                     }
-            except dt.BadTimestamp as exc:
-                self.warn("invalid-date", f"birth date: {exc}; dropped", loc)
+            except BadTimestamp as exc:
+                self.warn("invalid-date", f"birth date: {exc.described()}; dropped", loc)
         addrs = [
             a for i, f in enumerate(seg.reps(11), start=1) if (a := dt.address(ctx, f, self.loc(seg, 11, i)))
         ]

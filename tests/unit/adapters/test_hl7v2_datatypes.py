@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adapters.base import SourceInfo
+from adapters.common.dates import parse_ts
 from adapters.errors import Location
 from adapters.hl7v2 import datatypes as dt
 from adapters.hl7v2.er7 import DEFAULT_ENCODING, Field
@@ -59,7 +60,7 @@ LOC = Location(segment="PID", field=7)
     ],
 )
 def test_parse_ts_precisions_and_offsets(value: str, tz: str, expected: tuple[str, str]) -> None:
-    assert dt.parse_ts(value, tz) == expected
+    assert parse_ts(value, tz) == expected
 
 
 @pytest.mark.parametrize(
