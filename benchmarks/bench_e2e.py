@@ -155,7 +155,7 @@ def measure_latency(
     watcher = threading.Thread(target=watch_index, daemon=True)
     watcher.start()
     receipts = KafkaConsumer(
-        settings.topics.receipts,
+        settings.kafka.topics.receipts,
         bootstrap_servers=bootstrap,
         auto_offset_reset="latest",
         enable_auto_commit=False,
@@ -244,10 +244,10 @@ def main() -> None:
             subprocess.run(
                 cli("keys", "create", "--org", org), env=env, check=True, stdout=subprocess.DEVNULL
             )
-        skey, _vkey = generate_key(settings.ledger_origin)
-        assert settings.ledger_key_file is not None
-        settings.ledger_key_file.write_text(skey)
-        ensure_topics(broker.bootstrap, settings.topics)
+        skey, _vkey = generate_key(settings.ledger.origin)
+        assert settings.ledger.key_file is not None
+        settings.ledger.key_file.write_text(skey)
+        ensure_topics(broker.bootstrap, settings.kafka.topics)
 
         # -- convert once in-process to get the exact bundle bytes for the raw peers
         adapter = registry.get("hl7v2")
@@ -289,7 +289,7 @@ def main() -> None:
             enable_auto_commit=False,
             group_id=None,
             consumer_timeout_ms=5000,
-            max_partition_fetch_bytes=settings.topics.max_message_bytes,
+            max_partition_fetch_bytes=settings.kafka.topics.max_message_bytes,
         )
         t0 = time.perf_counter()
         n = 0
@@ -303,9 +303,13 @@ def main() -> None:
 
         # -- bridge publisher alone (signing + envelope), same bytes
         pub_settings = replace(
-            settings, topics=Topics(bundles="bench.pub", deadletter="bench.pub.dl", receipts="bench.pub.rc")
+            settings,
+            kafka=replace(
+                settings.kafka,
+                topics=Topics(bundles="bench.pub", deadletter="bench.pub.dl", receipts="bench.pub.rc"),
+            ),
         )
-        ensure_topics(broker.bootstrap, pub_settings.topics)
+        ensure_topics(broker.bootstrap, pub_settings.kafka.topics)
         pub = Publisher(pub_settings, broker.bootstrap)
         t0 = time.perf_counter()
         futs = [pub.publish(c, adapter, SourceInfo(org)) for org, c in converted]
@@ -321,7 +325,11 @@ def main() -> None:
         # so their 20,000 records would tax the broker (and the stack's budget) for the rest of the run.
         admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap, client_id="bench-admin")
         admin.delete_topics(
-            [t for ts in (raw_topic, pub_settings.topics) for t in (ts.bundles, ts.deadletter, ts.receipts)]
+            [
+                t
+                for ts in (raw_topic, pub_settings.kafka.topics)
+                for t in (ts.bundles, ts.deadletter, ts.receipts)
+            ]
         )
         admin.close()
 
@@ -329,8 +337,8 @@ def main() -> None:
         logs = work / "logs"
         logs.mkdir()
         procs = start_consumers(env, logs, "e2e")
-        index = IndexStore.open(settings.index_url)
-        ledger = open_ledger(settings.ledger_url, origin=settings.ledger_origin)
+        index = IndexStore.open(settings.stores.index_url)
+        ledger = open_ledger(settings.ledger.url, origin=settings.ledger.origin)
         time.sleep(4)  # let both consumers join their groups before the clock starts
         assert broker.pid is not None
         cpu0 = {"broker": group_cpu(broker.pid), **{k: proc_cpu(p.pid) for k, p in procs.items()}}

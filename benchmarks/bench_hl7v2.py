@@ -250,7 +250,6 @@ def bench_messages(label: str, messages: list[bytes], seconds: float) -> dict[st
 async def mllp_latency(seconds: float, rate: float, connections: int, workers: int = 0) -> None:
     import asyncio
     import tempfile
-    from dataclasses import replace
 
     from bridge.config import Settings
     from bridge.ingest.mllp import END, MllpServer, frame
@@ -265,11 +264,9 @@ async def mllp_latency(seconds: float, rate: float, connections: int, workers: i
     if not bootstrap:
         handle = start_local("noida", tmp / "broker")
         bootstrap = handle.bootstrap
-    settings = replace(
-        Settings.from_env({"FHIRBRIDGE_DATA_DIR": str(tmp / "data")}), bootstrap_servers=bootstrap
-    )
+    settings = Settings.from_env({"FHIRBRIDGE_DATA_DIR": str(tmp / "data")}).with_bootstrap(bootstrap)
     OrgSigner.generate(SRC.org_id).save(signing_key_path(settings, SRC.org_id))
-    ensure_topics(bootstrap, settings.topics)
+    ensure_topics(bootstrap, settings.kafka.topics)
     server = MllpServer(
         HL7v2Adapter(), SRC, lambda: Publisher(settings, bootstrap), ack_timeout=30, workers=workers
     )

@@ -263,9 +263,9 @@ def start_service(settings: Settings) -> tuple[subprocess.Popen[bytes], str]:
     env = dict(
         os.environ,
         FHIRBRIDGE_DATA_DIR=str(settings.data_dir),
-        FHIRBRIDGE_INDEX_URL=settings.index_url,
-        FHIRBRIDGE_MPI_URL=settings.mpi_url,
-        FHIRBRIDGE_LEDGER_URL=settings.ledger_url,
+        FHIRBRIDGE_INDEX_URL=settings.stores.index_url,
+        FHIRBRIDGE_MPI_URL=settings.stores.mpi_url,
+        FHIRBRIDGE_LEDGER_URL=settings.ledger.url,
         FHIRBRIDGE_HTTP_PORT=str(port),
         FHIRBRIDGE_LOG_LEVEL="warning",
     )
@@ -364,8 +364,8 @@ def run_backend(
     heavy: str,
     requests: int,
 ) -> dict[str, float]:
-    store = IndexStore.open(settings.index_url)
-    mpi = PersonIndex.open(settings.mpi_url)
+    store = IndexStore.open(settings.stores.index_url)
+    mpi = PersonIndex.open(settings.stores.mpi_url)
     n_res = sum(len(b.bundle["entry"]) for b in bundles)
     t = time.perf_counter()
     for k in range(0, len(bundles), 500):
@@ -375,12 +375,12 @@ def run_backend(
     # rows vacuumed and analysed, as an operator does after a bulk load. Otherwise the linking figure
     # includes the tail of the load: the kernel writing back gigabytes of dirty pages, autovacuum on
     # the same 2 cores.
-    settle(settings.index_url)
+    settle(settings.stores.index_url)
     check = machine_check()
     link_s, link_cpu = link(mpi, patients)
     check_after = machine_check()
     # the same for the MPI database before the latency measurements (the plans need statistics)
-    settle(settings.mpi_url)
+    settle(settings.stores.mpi_url)
     linked = mpi.linked_patient_ids(heavy)
     heavy_rows = len(store.resources_for_patients(linked))
     print(
@@ -448,9 +448,11 @@ def run_postgres(
             conn.execute(f'CREATE DATABASE "{d}"')
     root = admin.rsplit("/", 1)[0]
     try:
-        pg = replace(base, index_url=f"{root}/{dbs[0]}", mpi_url=f"{root}/{dbs[1]}")
+        pg = replace(
+            base, stores=replace(base.stores, index_url=f"{root}/{dbs[0]}", mpi_url=f"{root}/{dbs[1]}")
+        )
         if args.mpi_only:
-            run_mpi_only("postgres", pg.mpi_url, patients)
+            run_mpi_only("postgres", pg.stores.mpi_url, patients)
         else:
             run_backend("postgres", pg, bundles, patients, heavy, args.requests)
     finally:
@@ -485,7 +487,7 @@ def main() -> None:
             bundles = []  # only the Patient records are used
         if args.backend in ("sqlite", "both"):
             if args.mpi_only:
-                run_mpi_only("sqlite", base.mpi_url, patients)
+                run_mpi_only("sqlite", base.stores.mpi_url, patients)
             else:
                 run_backend("sqlite", base, bundles, patients, heavy, args.requests)
         if args.backend in ("postgres", "both"):

@@ -38,39 +38,104 @@ class Topics:
 
 
 @dataclass(frozen=True, slots=True)
-class Settings:
-    """Everything a fhirbridge process needs to know. Build with :meth:`from_env`."""
+class KafkaSettings:
+    """The broker, the topics, and how producers and consumers talk to them (docs/streams.md)."""
 
-    data_dir: Path = Path("var")
     bootstrap_servers: str | None = None
     local_broker: str = "noida"  # noida | tansu: which local broker to start when there is no cluster
     topics: Topics = field(default_factory=Topics)
-    ledger_url: str = ""
+    session_timeout_ms: int = 6000
+    heartbeat_interval_ms: int = 1500
+    max_poll_interval_ms: int = 20000
+    consumer_instance_id: str | None = None
+    consumer_batch_size: int = 500
+    consumer_linger_ms: int = 50  # wait this long after a batch's first record for more (docs/streams.md)
+    consumer_idle_sleep_ms: int = 20  # sleep between polls that return less than a full batch
+    max_request_size: int = 8 * 1024 * 1024
+    ingest_linger_ms: int = 50  # producer linger of `fhirbridge ingest` (MLLP and the consumers keep 10 ms)
+    compression: str | None = "gzip"  # producer compression_type (None: off); docs/streams.md#producer
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerSettings:
+    """The Merkle ledger: its database, checkpoint origin and signing key, checkpoint cadence, witnesses."""
+
+    url: str = ""
+    origin: str = "fhirbridge.example/ledger"
+    key_file: Path | None = None
+    checkpoint_every: int = 1000
+    checkpoint_interval_ms: int = 1000
+    witness_keys: tuple[str, ...] = ()
+
+    def signer_key(self) -> str | None:
+        """The ledger's signed-note private key, read from ``key_file`` when it exists."""
+        if self.key_file and self.key_file.is_file():
+            return self.key_file.read_text(encoding="utf-8").strip()
+        return None
+
+    def verifier_key(self) -> str | None:
+        """The verifier key in the ``.pub`` file beside ``key_file``, when there is one."""
+        pub = self.key_file.with_suffix(".pub") if self.key_file else None
+        if pub and pub.is_file():
+            return pub.read_text(encoding="utf-8").strip()
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSettings:
+    """The databases the consumers write and the service reads (the ledger's is in LedgerSettings)."""
+
     index_url: str = ""
     mpi_url: str = ""
-    ledger_origin: str = "fhirbridge.example/ledger"
-    ledger_key_file: Path | None = None
-    ledger_checkpoint_every: int = 1000
-    ledger_checkpoint_interval_ms: int = 1000
-    ledger_witness_keys: tuple[str, ...] = ()
-    trust_registry_file: Path | None = None
-    signing_keys_dir: Path | None = None
-    http_host: str = "127.0.0.1"
-    http_port: int = 8080
+
+
+@dataclass(frozen=True, slots=True)
+class HttpSettings:
+    """The query service's address and the names it answers for (docs/query.md)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
     public_base_url: str | None = None
     allowed_hosts: tuple[
         str, ...
     ] = ()  # Host header names the service answers (empty: see allowed_host_names)
-    session_timeout_ms: int = 6000
-    heartbeat_interval_ms: int = 1500
-    consumer_batch_size: int = 500
-    consumer_linger_ms: int = 50  # wait this long after a batch's first record for more (docs/streams.md)
-    consumer_idle_sleep_ms: int = 20  # sleep between polls that return less than a full batch
-    max_poll_interval_ms: int = 20000
-    consumer_instance_id: str | None = None
-    max_request_size: int = 8 * 1024 * 1024
-    ingest_linger_ms: int = 50  # producer linger of `fhirbridge ingest` (MLLP and the consumers keep 10 ms)
-    compression: str | None = "gzip"  # producer compression_type (None: off); docs/streams.md#producer
+
+    def allowed_host_names(self) -> frozenset[str] | None:
+        """The host names a request's ``Host`` may carry; ``None`` means any.
+
+        Without a public URL the service builds its links (``fullUrl``, paging) from ``Host``, so it
+        must not answer for a name it was not given: ``FHIRBRIDGE_ALLOWED_HOSTS``, else the bind
+        address and the loopback names. With ``FHIRBRIDGE_PUBLIC_URL`` the links come from that URL,
+        and a reverse proxy may send any ``Host``, unless ``FHIRBRIDGE_ALLOWED_HOSTS`` is set as well.
+        """
+        if self.allowed_hosts:
+            return frozenset(self.allowed_hosts)
+        if self.public_base_url:
+            return None
+        names = {"localhost", "127.0.0.1", "::1"}
+        if self.host not in ("", "0.0.0.0", "::"):
+            names.add(self.host.strip("[]").lower())
+        return frozenset(names)
+
+
+@dataclass(frozen=True, slots=True)
+class TrustSettings:
+    """The source organisations' signing keys and the registry of keys the consumers trust (docs/envelope.md)."""
+
+    registry_file: Path | None = None
+    signing_keys_dir: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything a fhirbridge process needs to know, grouped by what it is about. Build with :meth:`from_env`."""
+
+    data_dir: Path = Path("var")
+    kafka: KafkaSettings = field(default_factory=KafkaSettings)
+    ledger: LedgerSettings = field(default_factory=LedgerSettings)
+    stores: StoreSettings = field(default_factory=StoreSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
+    trust: TrustSettings = field(default_factory=TrustSettings)
     gc_threshold: tuple[int, int, int] | None = (50_000, 20, 10)  # None: Python's default
 
     @classmethod
@@ -94,79 +159,60 @@ class Settings:
         signing = env.get("FHIRBRIDGE_SIGNING_KEYS_DIR")
         return cls(
             data_dir=data_dir,
-            bootstrap_servers=env.get("KAFKA_BOOTSTRAP_SERVERS") or None,
-            local_broker=local,
-            topics=topics,
-            ledger_url=env.get("FHIRBRIDGE_LEDGER_URL") or f"sqlite://{data_dir / 'ledger.db'}",
-            index_url=env.get("FHIRBRIDGE_INDEX_URL") or f"sqlite://{data_dir / 'index.db'}",
-            mpi_url=env.get("FHIRBRIDGE_MPI_URL") or f"sqlite://{data_dir / 'mpi.db'}",
-            ledger_origin=env.get("FHIRBRIDGE_LEDGER_ORIGIN", "fhirbridge.example/ledger"),
-            ledger_key_file=Path(key_file) if key_file else data_dir / "ledger.key",
-            ledger_checkpoint_every=_int(env, "FHIRBRIDGE_CHECKPOINT_EVERY", 1000),
-            ledger_checkpoint_interval_ms=_int(env, "FHIRBRIDGE_CHECKPOINT_INTERVAL_MS", 1000, minimum=0),
-            ledger_witness_keys=tuple(
-                k for k in env.get("FHIRBRIDGE_LEDGER_WITNESS_KEYS", "").split(",") if k.strip()
+            kafka=KafkaSettings(
+                bootstrap_servers=env.get("KAFKA_BOOTSTRAP_SERVERS") or None,
+                local_broker=local,
+                topics=topics,
+                session_timeout_ms=_int(env, "FHIRBRIDGE_SESSION_TIMEOUT_MS", 6000),
+                heartbeat_interval_ms=_int(env, "FHIRBRIDGE_HEARTBEAT_INTERVAL_MS", 1500),
+                max_poll_interval_ms=_int(env, "FHIRBRIDGE_MAX_POLL_INTERVAL_MS", 20000),
+                consumer_instance_id=env.get("FHIRBRIDGE_CONSUMER_INSTANCE_ID") or None,
+                consumer_batch_size=_int(env, "FHIRBRIDGE_CONSUMER_BATCH", 500),
+                consumer_linger_ms=_int(env, "FHIRBRIDGE_CONSUMER_LINGER_MS", 50, minimum=0),
+                consumer_idle_sleep_ms=_int(env, "FHIRBRIDGE_CONSUMER_IDLE_SLEEP_MS", 20),
+                max_request_size=_int(env, "FHIRBRIDGE_MAX_REQUEST_SIZE", 8 * 1024 * 1024),
+                ingest_linger_ms=_int(env, "FHIRBRIDGE_INGEST_LINGER_MS", 50, minimum=0),
+                compression=_compression(env.get("FHIRBRIDGE_COMPRESSION", "gzip")),
             ),
-            trust_registry_file=Path(trust) if trust else None,
-            signing_keys_dir=Path(signing) if signing else None,
-            http_host=env.get("FHIRBRIDGE_HTTP_HOST", "127.0.0.1"),
-            http_port=_int(env, "FHIRBRIDGE_HTTP_PORT", 8080, minimum=0),
-            public_base_url=env.get("FHIRBRIDGE_PUBLIC_URL") or None,
-            allowed_hosts=tuple(
-                h.strip().lower() for h in env.get("FHIRBRIDGE_ALLOWED_HOSTS", "").split(",") if h.strip()
+            ledger=LedgerSettings(
+                url=env.get("FHIRBRIDGE_LEDGER_URL") or f"sqlite://{data_dir / 'ledger.db'}",
+                origin=env.get("FHIRBRIDGE_LEDGER_ORIGIN", "fhirbridge.example/ledger"),
+                key_file=Path(key_file) if key_file else data_dir / "ledger.key",
+                checkpoint_every=_int(env, "FHIRBRIDGE_CHECKPOINT_EVERY", 1000),
+                checkpoint_interval_ms=_int(env, "FHIRBRIDGE_CHECKPOINT_INTERVAL_MS", 1000, minimum=0),
+                witness_keys=tuple(
+                    k for k in env.get("FHIRBRIDGE_LEDGER_WITNESS_KEYS", "").split(",") if k.strip()
+                ),
             ),
-            session_timeout_ms=_int(env, "FHIRBRIDGE_SESSION_TIMEOUT_MS", 6000),
-            heartbeat_interval_ms=_int(env, "FHIRBRIDGE_HEARTBEAT_INTERVAL_MS", 1500),
-            consumer_batch_size=_int(env, "FHIRBRIDGE_CONSUMER_BATCH", 500),
-            consumer_linger_ms=_int(env, "FHIRBRIDGE_CONSUMER_LINGER_MS", 50, minimum=0),
-            consumer_idle_sleep_ms=_int(env, "FHIRBRIDGE_CONSUMER_IDLE_SLEEP_MS", 20),
-            max_poll_interval_ms=_int(env, "FHIRBRIDGE_MAX_POLL_INTERVAL_MS", 20000),
-            consumer_instance_id=env.get("FHIRBRIDGE_CONSUMER_INSTANCE_ID") or None,
-            max_request_size=_int(env, "FHIRBRIDGE_MAX_REQUEST_SIZE", 8 * 1024 * 1024),
-            ingest_linger_ms=_int(env, "FHIRBRIDGE_INGEST_LINGER_MS", 50, minimum=0),
-            compression=_compression(env.get("FHIRBRIDGE_COMPRESSION", "gzip")),
+            stores=StoreSettings(
+                index_url=env.get("FHIRBRIDGE_INDEX_URL") or f"sqlite://{data_dir / 'index.db'}",
+                mpi_url=env.get("FHIRBRIDGE_MPI_URL") or f"sqlite://{data_dir / 'mpi.db'}",
+            ),
+            http=HttpSettings(
+                host=env.get("FHIRBRIDGE_HTTP_HOST", "127.0.0.1"),
+                port=_int(env, "FHIRBRIDGE_HTTP_PORT", 8080, minimum=0),
+                public_base_url=env.get("FHIRBRIDGE_PUBLIC_URL") or None,
+                allowed_hosts=tuple(
+                    h.strip().lower() for h in env.get("FHIRBRIDGE_ALLOWED_HOSTS", "").split(",") if h.strip()
+                ),
+            ),
+            trust=TrustSettings(
+                registry_file=Path(trust) if trust else None,
+                signing_keys_dir=Path(signing) if signing else None,
+            ),
             gc_threshold=_gc_threshold(env.get("FHIRBRIDGE_GC_THRESHOLD", "50000,20,10")),
         )
 
-    def allowed_host_names(self) -> frozenset[str] | None:
-        """The host names a request's ``Host`` may carry; ``None`` means any.
-
-        Without a public URL the service builds its links (``fullUrl``, paging) from ``Host``, so it
-        must not answer for a name it was not given: ``FHIRBRIDGE_ALLOWED_HOSTS``, else the bind
-        address and the loopback names. With ``FHIRBRIDGE_PUBLIC_URL`` the links come from that URL,
-        and a reverse proxy may send any ``Host``, unless ``FHIRBRIDGE_ALLOWED_HOSTS`` is set as well.
-        """
-        if self.allowed_hosts:
-            return frozenset(self.allowed_hosts)
-        if self.public_base_url:
-            return None
-        names = {"localhost", "127.0.0.1", "::1"}
-        if self.http_host not in ("", "0.0.0.0", "::"):
-            names.add(self.http_host.strip("[]").lower())
-        return frozenset(names)
-
     def with_bootstrap(self, bootstrap: str) -> Settings:
-        return replace(self, bootstrap_servers=bootstrap)
+        return replace(self, kafka=replace(self.kafka, bootstrap_servers=bootstrap))
 
     def require_bootstrap(self) -> str:
-        if not self.bootstrap_servers:
+        if not self.kafka.bootstrap_servers:
             raise ConfigError(
                 "KAFKA_BOOTSTRAP_SERVERS is not set. Point it at a Kafka cluster, or start the embedded "
                 "broker with `fhirbridge broker start` and export the address it prints."
             )
-        return self.bootstrap_servers
-
-    def ledger_signer_key(self) -> str | None:
-        """The ledger's signed-note private key, read from ``ledger_key_file`` when it exists."""
-        if self.ledger_key_file and self.ledger_key_file.is_file():
-            return self.ledger_key_file.read_text(encoding="utf-8").strip()
-        return None
-
-    def ledger_verifier_key(self) -> str | None:
-        pub = self.ledger_key_file.with_suffix(".pub") if self.ledger_key_file else None
-        if pub and pub.is_file():
-            return pub.read_text(encoding="utf-8").strip()
-        return None
+        return self.kafka.bootstrap_servers
 
 
 COMPRESSION_TYPES = ("gzip", "snappy", "lz4", "zstd")

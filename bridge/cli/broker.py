@@ -42,7 +42,7 @@ def cmd_broker_start(args: argparse.Namespace) -> int:
         print(existing.bootstrap)
         return 0
     try:
-        handle = start_local(args.kind or config.local_broker, config.data_dir, args.port)
+        handle = start_local(args.kind or config.kafka.local_broker, config.data_dir, args.port)
     except ERROR_ROOTS as exc:
         return fail(str(exc))
     print(handle.bootstrap, flush=True)
@@ -72,10 +72,10 @@ def cmd_topics_create(args: argparse.Namespace) -> int:
 
     config = settings()
     try:
-        created = ensure_topics(resolve_bootstrap(config), config.topics)
+        created = ensure_topics(resolve_bootstrap(config), config.kafka.topics)
     except ERROR_ROOTS as exc:
         return fail(str(exc))
-    for spec in topic_specs(config.topics):
+    for spec in topic_specs(config.kafka.topics):
         state = "created" if spec.name in created else "exists"
         print(f"{spec.name}\t{spec.partitions} partitions\t{state}\t{spec.configs}")
     return 0
@@ -87,7 +87,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 
     config = settings()
     key_path = signing_key_path(config, args.org)
-    registry_path = config.trust_registry_file or config.data_dir / "trust.json"
+    registry_path = config.trust.registry_file or config.data_dir / "trust.json"
     signer = create_org_key(
         key_path, registry_path, args.org, not_before=args.not_before, not_after=args.not_after
     )

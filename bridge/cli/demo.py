@@ -168,13 +168,13 @@ def run_demo(
                 subprocess.run(
                     _cli("keys", "create", "--org", org), env=env, check=True, stdout=subprocess.DEVNULL
                 )
-        assert settings.ledger_key_file is not None
-        if not settings.ledger_key_file.exists():  # a new key would orphan the kept checkpoints
-            skey, vkey = generate_key(settings.ledger_origin)
-            fd = os.open(settings.ledger_key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        assert settings.ledger.key_file is not None
+        if not settings.ledger.key_file.exists():  # a new key would orphan the kept checkpoints
+            skey, vkey = generate_key(settings.ledger.origin)
+            fd = os.open(settings.ledger.key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 fh.write(skey + "\n")
-            settings.ledger_key_file.with_suffix(".pub").write_text(vkey + "\n")
+            settings.ledger.key_file.with_suffix(".pub").write_text(vkey + "\n")
         subprocess.run(_cli("topics", "create"), env=env, check=True, stdout=subprocess.DEVNULL)
         spawn("ledger", "ledger", "run")
         spawn("index", "index", "run")
@@ -187,7 +187,7 @@ def run_demo(
             children,
         )
         expected = _count_messages(data)
-        index = IndexStore.open(settings.index_url)
+        index = IndexStore.open(settings.stores.index_url)
         stored = index.counts()["bundles"]
         index.close()
         if stored < expected:  # a first run, or one stopped before it had everything
@@ -208,8 +208,8 @@ def run_demo(
                     env=env,
                     check=True,
                 )
-        index = IndexStore.open(settings.index_url)
-        ledger = open_ledger(settings.ledger_url, origin=settings.ledger_origin)
+        index = IndexStore.open(settings.stores.index_url)
+        ledger = open_ledger(settings.ledger.url, origin=settings.ledger.origin)
         _wait(
             lambda: index.counts()["bundles"] >= expected and ledger.size() >= expected,
             120,
@@ -223,7 +223,7 @@ def run_demo(
         if shared:
             from bridge.mpi import PersonIndex
 
-            mpi = PersonIndex.open(settings.mpi_url)
+            mpi = PersonIndex.open(settings.stores.mpi_url)
             holder: dict[str, str | None] = {}
 
             def linked() -> bool:

@@ -54,10 +54,10 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             timezone=args.timezone,
         )
         bootstrap = resolve_bootstrap(config)
-        ensure_topics(bootstrap, config.topics)
+        ensure_topics(bootstrap, config.kafka.topics)
         # Files are throughput work: a longer linger fills batches of ~10-20 records instead of 1-2,
         # which halves the producer's CPU per record (docs/streams.md#producer).
-        publisher = Publisher(config, bootstrap, linger_ms=config.ingest_linger_ms)
+        publisher = Publisher(config, bootstrap, linger_ms=config.kafka.ingest_linger_ms)
         publisher.signer(source.org_id)  # fail fast when the org has no key
     except ERRORS_OR_VALUE as exc:
         return fail(str(exc), 2 if isinstance(exc, AdapterError | ValueError) else 1)

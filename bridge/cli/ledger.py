@@ -127,10 +127,10 @@ def _verify(args: argparse.Namespace) -> int:
     from ledger.errors import LedgerError
 
     settings = Settings.from_env()
-    url = args.url or settings.ledger_url
+    url = args.url or settings.ledger.url
     if url.startswith("sqlite://") and not Path(url[len("sqlite://") :]).is_file():
         return _err(f"no ledger database at {url[len('sqlite://') :]} (give --url or set {DEFAULT_URL_ENV})")
-    configured = settings.ledger_verifier_key()
+    configured = settings.ledger.verifier_key()
     keys = (
         [_read_key(k) for k in args.key]
         or ([os.environ[PUBLIC_KEY_ENV].strip()] if os.environ.get(PUBLIC_KEY_ENV) else [])

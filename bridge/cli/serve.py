@@ -21,7 +21,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from bridge.service.app import run
 
     config = settings()
-    config = replace(config, http_host=args.host or config.http_host, http_port=args.port or config.http_port)
+    config = replace(
+        config,
+        http=replace(config.http, host=args.host or config.http.host, port=args.port or config.http.port),
+    )
     tune_gc(config.gc_threshold)
     run(config)
     return 0

@@ -105,7 +105,7 @@ class EnvelopeChecker:
 
 def load_checker(settings: Any) -> EnvelopeChecker:
     """The envelope checker over the configured trust registry (none configured: every record is refused)."""
-    path = settings.trust_registry_file or settings.data_dir / "trust.json"
+    path = settings.trust.registry_file or settings.data_dir / "trust.json"
     return EnvelopeChecker(envelope.TrustRegistry.load(path) if path.is_file() else None)
 
 

@@ -162,6 +162,8 @@ class IndexSink:
 def build_index_sink(settings: Any) -> IndexSink:
 
     def mpi_factory() -> PersonIndex:
-        return PersonIndex.open(settings.mpi_url)
+        return PersonIndex.open(settings.stores.mpi_url)
 
-    return IndexSink(IndexStore.open(settings.index_url), load_checker(settings), mpi_factory(), mpi_factory)
+    return IndexSink(
+        IndexStore.open(settings.stores.index_url), load_checker(settings), mpi_factory(), mpi_factory
+    )

@@ -128,7 +128,7 @@ def require_ledger_signer_key(settings: Any) -> str:
     verify them: the ledger consumer refuses to start instead (``--unsigned`` is for tests).
     """
 
-    path = settings.ledger_key_file
+    path = settings.ledger.key_file
     hint = (
         "create one with `fhirbridge ledger keygen --name ORIGIN --out DIR` and point FHIRBRIDGE_LEDGER_KEY_FILE "
         "at the .key file (or run `fhirbridge ledger run --unsigned`, for tests only)"
@@ -142,10 +142,10 @@ def require_ledger_signer_key(settings: Any) -> str:
         raise ConfigError(f"cannot read the ledger signing key {path}: {exc.strerror}") from None
     except (InvalidKey, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path} is not a ledger signing key ({exc}): {hint}") from None
-    if signer.name != settings.ledger_origin:
+    if signer.name != settings.ledger.origin:
         raise ConfigError(
             f"the ledger signing key {path} is named {signer.name!r}, but the ledger's origin is "
-            f"{settings.ledger_origin!r} (FHIRBRIDGE_LEDGER_ORIGIN): verifiers look a checkpoint's key up by its origin"
+            f"{settings.ledger.origin!r} (FHIRBRIDGE_LEDGER_ORIGIN): verifiers look a checkpoint's key up by its origin"
         )
     return text
 
@@ -160,5 +160,5 @@ def build_ledger_sink(
         producer = KafkaProducer(
             **producer_config(settings, bootstrap, client_id="fhirbridge-ledger-receipts")
         )
-    ledger = open_configured_ledger(settings, signer_key=settings.ledger_signer_key())
-    return LedgerSink(ledger, load_checker(settings), producer, settings.topics.receipts)
+    ledger = open_configured_ledger(settings, signer_key=settings.ledger.signer_key())
+    return LedgerSink(ledger, load_checker(settings), producer, settings.kafka.topics.receipts)

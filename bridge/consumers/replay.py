@@ -259,7 +259,7 @@ def replay(
         raise ConfigError("--rebuild needs --sink ledger or --sink index")
     if from_offset is not None and from_time:
         raise ConfigError("give --from-offset or --from-time, not both")
-    source = topic or (settings.topics.deadletter if dead_letters else settings.topics.bundles)
+    source = topic or (settings.kafka.topics.deadletter if dead_letters else settings.kafka.topics.bundles)
     if to_topic is not None and to_topic == source:
         raise ConfigError(f"--to-topic {to_topic!r} is the topic being read: a copy into itself never ends")
     from_ms = parse_time_ms(from_time, "--from-time") if from_time else None
@@ -273,7 +273,7 @@ def replay(
         tps = reader.partitions(partitions)
         starts = reader.start_offsets(tps, from_offset, from_ms)
         batches = reader.read(
-            starts, report, to_ms, batch=settings.consumer_batch_size, frozen_end=dead_letters
+            starts, report, to_ms, batch=settings.kafka.consumer_batch_size, frozen_end=dead_letters
         )
         if dry_run:
             for _ in batches:
@@ -368,8 +368,8 @@ def _rebuild_ledger(
     sink = build_ledger_sink(settings, bootstrap)
     try:
         sink.ledger.reset()
-        for i in range(0, len(ordered), settings.consumer_batch_size):
-            chunk = ordered[i : i + settings.consumer_batch_size]
+        for i in range(0, len(ordered), settings.kafka.consumer_batch_size):
+            chunk = ordered[i : i + settings.kafka.consumer_batch_size]
             poison = sink.process(chunk)
             report.processed += len(chunk) - len(poison)
             report.dead_lettered += len(poison)
@@ -379,11 +379,11 @@ def _rebuild_ledger(
 
 
 def _receipt_order(settings: Settings, bootstrap: str) -> dict[tuple[str, str], int]:
-    reader = Reader(settings, bootstrap, settings.topics.receipts)
+    reader = Reader(settings, bootstrap, settings.kafka.topics.receipts)
     order: dict[tuple[str, str], int] = {}
     try:
         tps = reader.partitions(None)
-        scratch = ReplayReport(settings.topics.receipts)
+        scratch = ReplayReport(settings.kafka.topics.receipts)
         for batch in reader.read(reader.start_offsets(tps, None, None), scratch, None):
             for rec in batch:
                 try:
@@ -434,7 +434,7 @@ def _redrive_dead_letters(
         if sink
         else None
     )
-    target = to_topic or settings.topics.bundles
+    target = to_topic or settings.kafka.topics.bundles
     try:
         for batch in batches:
             futures: list[Any] = []

@@ -177,7 +177,7 @@ def instance_id(settings: Settings, group_id: str) -> str:
     """
     import socket
 
-    return settings.consumer_instance_id or f"{group_id}@{socket.gethostname()}"
+    return settings.kafka.consumer_instance_id or f"{group_id}@{socket.gethostname()}"
 
 
 def consumer_config(
@@ -190,14 +190,14 @@ def consumer_config(
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
         # Never the 45 s default: a group join is held about session_timeout_ms / 2.
-        "session_timeout_ms": settings.session_timeout_ms,
-        "heartbeat_interval_ms": settings.heartbeat_interval_ms,
-        "max_poll_records": settings.consumer_batch_size,
-        "max_partition_fetch_bytes": settings.topics.max_message_bytes + 64 * 1024,
-        "fetch_max_bytes": max(52428800, settings.topics.max_message_bytes * 2),
+        "session_timeout_ms": settings.kafka.session_timeout_ms,
+        "heartbeat_interval_ms": settings.kafka.heartbeat_interval_ms,
+        "max_poll_records": settings.kafka.consumer_batch_size,
+        "max_partition_fetch_bytes": settings.kafka.topics.max_message_bytes + 64 * 1024,
+        "fetch_max_bytes": max(52428800, settings.kafka.topics.max_message_bytes * 2),
         # Also the rebalance timeout: a member killed with SIGKILL holds up the group's next join
         # this long on some brokers. The runtime polls even while it backs off, so this can be short.
-        "max_poll_interval_ms": settings.max_poll_interval_ms,
+        "max_poll_interval_ms": settings.kafka.max_poll_interval_ms,
     }
     if group_id is not None:
         cfg["group_instance_id"] = instance_id(settings, group_id)
@@ -225,7 +225,7 @@ class ConsumerRuntime:
         self.sink = sink
         self.dead_letters = dead_letters
         self.group_id = group_id
-        self.topics = list(topics or [settings.topics.bundles])
+        self.topics = list(topics or [settings.kafka.topics.bundles])
         self.consumer = consumer or KafkaConsumer(
             *self.topics, **consumer_config(settings, bootstrap, group_id)
         )
@@ -288,9 +288,9 @@ class ConsumerRuntime:
         (the sink's transaction, the offset commit, the receipts' acknowledgement) rarer while the
         stream trickles in; a backlog fills a batch at once and is not delayed.
         """
-        size = self.settings.consumer_batch_size
-        linger = self.settings.consumer_linger_ms / 1000
-        idle_sleep = self.settings.consumer_idle_sleep_ms / 1000
+        size = self.settings.kafka.consumer_batch_size
+        linger = self.settings.kafka.consumer_linger_ms / 1000
+        idle_sleep = self.settings.kafka.consumer_idle_sleep_ms / 1000
         start = time.monotonic()
         first_at: float | None = None
         records: list[Record] = []
@@ -508,12 +508,12 @@ def run_consumer(
     """Run a consumer group member until SIGTERM/SIGINT (or, with ``exit_when_idle``, until that many
     seconds pass without a record): the topics made if missing, metrics served on ``metrics_port``."""
     bootstrap = resolve_bootstrap(settings)
-    ensure_topics(bootstrap, settings.topics)
+    ensure_topics(bootstrap, settings.kafka.topics)
     sink = sink_factory(settings, bootstrap)
     dead = Publisher(settings, bootstrap)
     runtime = ConsumerRuntime(settings, bootstrap, sink, dead, group_id=group_id)
     if metrics_port:
-        start_http_server(metrics_port, addr=settings.http_host)
+        start_http_server(metrics_port, addr=settings.http.host)
     tune_gc(settings.gc_threshold)
     runtime.install_signal_handlers()
     until = None

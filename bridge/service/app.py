@@ -109,7 +109,7 @@ def create_app(settings: Settings, backend: Backend | None = None) -> web.Applic
     and the MPI's routes are mounted only when the backend has them."""
     app = web.Application(middlewares=[host_middleware, errors_middleware], client_max_size=16 * 1024 * 1024)
     app[SETTINGS] = settings
-    app[ALLOWED_HOSTS] = settings.allowed_host_names()
+    app[ALLOWED_HOSTS] = settings.http.allowed_host_names()
     be = backend or default_backend(settings)
     app[BACKEND] = be
     app.add_routes(routes)
@@ -138,12 +138,12 @@ def default_backend(settings: Settings) -> Backend:
         return open_configured_ledger(settings)
 
     def mpi_factory() -> Any:
-        return PersonIndex.open(settings.mpi_url)
+        return PersonIndex.open(settings.stores.mpi_url)
 
     return Backend(settings, ledger_factory=ledger_factory, mpi_factory=mpi_factory)
 
 
 def run(settings: Settings) -> None:
     app = create_app(settings)
-    log.info("http.start", url=f"http://{settings.http_host}:{settings.http_port}/")
-    web.run_app(app, host=settings.http_host, port=settings.http_port, print=None, access_log=None)
+    log.info("http.start", url=f"http://{settings.http.host}:{settings.http.port}/")
+    web.run_app(app, host=settings.http.host, port=settings.http.port, print=None, access_log=None)

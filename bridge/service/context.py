@@ -36,7 +36,7 @@ class Backend:
         threads: int = 4,
     ) -> None:
         self.settings = settings
-        self._index_factory = index_factory or (lambda: IndexStore.open(settings.index_url))
+        self._index_factory = index_factory or (lambda: IndexStore.open(settings.stores.index_url))
         self._ledger_factory = ledger_factory
         self._mpi_factory = mpi_factory
         self._local = threading.local()
@@ -106,7 +106,7 @@ async def run_db(request: web.Request, fn: Callable[..., T], *args: Any) -> T:
 def base_url(request: web.Request) -> str:
     """The base of every link the service writes: ``FHIRBRIDGE_PUBLIC_URL``, else the request's own
     scheme and ``Host`` (which the host middleware has checked against the allowed names)."""
-    configured = request.app[SETTINGS].public_base_url
+    configured = request.app[SETTINGS].http.public_base_url
     if configured:
         return configured.rstrip("/")
     return f"{request.scheme}://{request.host}"

@@ -66,10 +66,10 @@ def open_ledger(
 def open_configured_ledger(settings: Any, *, signer_key: str | None = None) -> Ledger:
     """The ledger of ``settings`` (a reader without ``signer_key``, the consumer with it)."""
     return open_ledger(
-        settings.ledger_url,
-        origin=settings.ledger_origin,
+        settings.ledger.url,
+        origin=settings.ledger.origin,
         signer_key=signer_key,
-        checkpoint_every=settings.ledger_checkpoint_every,
-        checkpoint_interval_ms=settings.ledger_checkpoint_interval_ms,
-        witness_keys=list(settings.ledger_witness_keys),
+        checkpoint_every=settings.ledger.checkpoint_every,
+        checkpoint_interval_ms=settings.ledger.checkpoint_interval_ms,
+        witness_keys=list(settings.ledger.witness_keys),
     )

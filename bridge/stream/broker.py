@@ -247,21 +247,21 @@ def running_local(data_dir: Path) -> BrokerHandle | None:
 
 def ensure_broker(settings: Settings, *, allow_docker: bool = True) -> BrokerHandle:
     """Find or start a broker, in the documented order."""
-    if settings.bootstrap_servers:
-        return BrokerHandle(bootstrap=settings.bootstrap_servers, kind="external")
+    if settings.kafka.bootstrap_servers:
+        return BrokerHandle(bootstrap=settings.kafka.bootstrap_servers, kind="external")
     existing = running_local(settings.data_dir)
     if existing is not None:
         return existing
     if allow_docker and docker_engine_available():
         log.info("broker.testcontainers")
         return start_testcontainers()
-    return start_local(settings.local_broker, settings.data_dir)
+    return start_local(settings.kafka.local_broker, settings.data_dir)
 
 
 def resolve_bootstrap(settings: Settings) -> str:
     """The bootstrap servers for a client command: the env var, else a running local broker."""
-    if settings.bootstrap_servers:
-        return settings.bootstrap_servers
+    if settings.kafka.bootstrap_servers:
+        return settings.kafka.bootstrap_servers
     existing = running_local(settings.data_dir)
     if existing is not None:
         return existing.bootstrap

@@ -46,10 +46,10 @@ def producer_config(settings: Settings, bootstrap: str, **overrides: Any) -> dic
         "max_in_flight_requests_per_connection": 5,
         "linger_ms": 10,
         "batch_size": 256 * 1024,
-        "max_request_size": settings.max_request_size,
+        "max_request_size": settings.kafka.max_request_size,
         # FHIR JSON shrinks about 12x; the embedded noida-db rewrites its whole store on every autosave,
         # so stored bytes cost broker CPU for as long as data keeps arriving (docs/streams.md#producer)
-        "compression_type": settings.compression,
+        "compression_type": settings.kafka.compression,
         "request_timeout_ms": 30000,
         "max_block_ms": 15000,
     }
@@ -58,7 +58,7 @@ def producer_config(settings: Settings, bootstrap: str, **overrides: Any) -> dic
 
 
 def signing_key_path(settings: Settings, org: str) -> Path:
-    base = settings.signing_keys_dir or settings.data_dir / "keys"
+    base = settings.trust.signing_keys_dir or settings.data_dir / "keys"
     return base / f"{org}.key"
 
 
@@ -74,7 +74,7 @@ class Publisher:
     ) -> None:
         """``overrides`` change :func:`producer_config` (``fhirbridge ingest`` lingers longer than MLLP)."""
         self.settings = settings
-        self.topics = settings.topics
+        self.topics = settings.kafka.topics
         try:
             self.producer = producer or KafkaProducer(**producer_config(settings, bootstrap, **overrides))
         except KafkaError as exc:

@@ -72,12 +72,15 @@ def settings(tmp_path: Path, broker: BrokerHandle) -> Settings:
     base = Settings.from_env({"FHIRBRIDGE_DATA_DIR": str(tmp_path / "data")})
     return replace(
         base,
-        bootstrap_servers=broker.bootstrap,
-        topics=Topics(
-            bundles=f"fhir.bundles.{suffix}",
-            deadletter=f"fhir.deadletter.{suffix}",
-            receipts=f"ledger.receipts.{suffix}",
-            partitions=3,
+        kafka=replace(
+            base.kafka,
+            bootstrap_servers=broker.bootstrap,
+            topics=Topics(
+                bundles=f"fhir.bundles.{suffix}",
+                deadletter=f"fhir.deadletter.{suffix}",
+                receipts=f"ledger.receipts.{suffix}",
+                partitions=3,
+            ),
         ),
     )
 
@@ -87,15 +90,15 @@ def settings_env(settings: Settings) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         {
-            "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers or "",
+            "KAFKA_BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers or "",
             "FHIRBRIDGE_DATA_DIR": str(settings.data_dir),
-            "FHIRBRIDGE_TOPIC_BUNDLES": settings.topics.bundles,
-            "FHIRBRIDGE_TOPIC_DEADLETTER": settings.topics.deadletter,
-            "FHIRBRIDGE_TOPIC_RECEIPTS": settings.topics.receipts,
-            "FHIRBRIDGE_PARTITIONS": str(settings.topics.partitions),
-            "FHIRBRIDGE_LEDGER_URL": settings.ledger_url,
-            "FHIRBRIDGE_INDEX_URL": settings.index_url,
-            "FHIRBRIDGE_MPI_URL": settings.mpi_url,
+            "FHIRBRIDGE_TOPIC_BUNDLES": settings.kafka.topics.bundles,
+            "FHIRBRIDGE_TOPIC_DEADLETTER": settings.kafka.topics.deadletter,
+            "FHIRBRIDGE_TOPIC_RECEIPTS": settings.kafka.topics.receipts,
+            "FHIRBRIDGE_PARTITIONS": str(settings.kafka.topics.partitions),
+            "FHIRBRIDGE_LEDGER_URL": settings.ledger.url,
+            "FHIRBRIDGE_INDEX_URL": settings.stores.index_url,
+            "FHIRBRIDGE_MPI_URL": settings.stores.mpi_url,
             "FHIRBRIDGE_LOG_FORMAT": "json",
         }
     )

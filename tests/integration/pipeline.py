@@ -34,7 +34,7 @@ class Stack:
         return main(list(args))
 
     def open_ledger(self) -> Ledger:
-        return open_configured_ledger(self.settings, signer_key=self.settings.ledger_signer_key())
+        return open_configured_ledger(self.settings, signer_key=self.settings.ledger.signer_key())
 
     def runtime(self, kind: str, group: str) -> ConsumerRuntime:
         s = self.settings
@@ -71,10 +71,10 @@ def make_stack(settings: Settings, monkeypatch: pytest.MonkeyPatch, orgs: list[s
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     for org in orgs:
         assert main(["keys", "create", "--org", org]) == 0
-    skey, vkey = generate_key(settings.ledger_origin)
-    assert settings.ledger_key_file is not None
-    settings.ledger_key_file.write_text(skey)
-    settings.ledger_key_file.with_suffix(".pub").write_text(vkey)
+    skey, vkey = generate_key(settings.ledger.origin)
+    assert settings.ledger.key_file is not None
+    settings.ledger.key_file.write_text(skey)
+    settings.ledger.key_file.with_suffix(".pub").write_text(vkey)
     assert main(["topics", "create"]) == 0
     return Stack(settings, vkey, skey)
 

@@ -54,7 +54,7 @@ def test_kill_9_consumers_during_ingest_loses_and_duplicates_nothing(
     n = _bundles(broker.kind)
     env = settings_env(s)
     producer = threading.Thread(
-        target=publish_synthetic, args=(Publisher(s, s.bootstrap_servers or ""), "st-mary", n)
+        target=publish_synthetic, args=(Publisher(s, s.kafka.bootstrap_servers or ""), "st-mary", n)
     )
     producer.start()
     rng = random.Random(4)
@@ -79,7 +79,7 @@ def _kill_and_check(stack, producer, procs, env, logs, rng, n) -> None:  # type:
     producer.join()
 
     ledger = stack.open_ledger()
-    index = IndexStore.open(s.index_url)
+    index = IndexStore.open(s.stores.index_url)
     _wait(
         lambda: ledger.size() >= n and index.counts()["bundles"] >= n,
         240,
@@ -107,25 +107,24 @@ def test_postgres_restart_pauses_and_resumes_without_loss(
     try:
         s = replace(
             stack.settings,
-            ledger_url=pg.create_db("ledger"),
-            index_url=pg.create_db("idx"),
-            mpi_url=pg.create_db("mpi"),
+            ledger=replace(stack.settings.ledger, url=pg.create_db("ledger")),
+            stores=replace(stack.settings.stores, index_url=pg.create_db("idx"), mpi_url=pg.create_db("mpi")),
         )
         env = settings_env(s)
         n = 3000
         procs = {k: start_consumer(k, env, tmp_path / f"{k}.log") for k in ("ledger", "index")}
         request.addfinalizer(lambda: [kill9(p) for p in procs.values()])
-        publish_synthetic(Publisher(s, s.bootstrap_servers or ""), "st-mary", n // 2)
+        publish_synthetic(Publisher(s, s.kafka.bootstrap_servers or ""), "st-mary", n // 2)
         time.sleep(1.5)
         pg.stop("immediate")  # PostgreSQL goes away mid-stream
-        publish_synthetic(Publisher(s, s.bootstrap_servers or ""), "st-mary", n // 2, start=n // 2)
+        publish_synthetic(Publisher(s, s.kafka.bootstrap_servers or ""), "st-mary", n // 2, start=n // 2)
         time.sleep(4)
         assert all(p.poll() is None for p in procs.values()), "consumers must pause, not die"
         pg.start()
         pg.wait_ready()
 
-        ledger = open_ledger(s.ledger_url, origin=s.ledger_origin)
-        index = IndexStore.open(s.index_url)
+        ledger = open_ledger(s.ledger.url, origin=s.ledger.origin)
+        index = IndexStore.open(s.stores.index_url)
         _wait(
             lambda: ledger.size() >= n and index.counts()["bundles"] >= n,
             120,

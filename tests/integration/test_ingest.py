@@ -33,7 +33,7 @@ ONLY_MSH = b"MSH|^~\\&|EPIC|STM|FB|FB|20240101120000||ADT^A08^ADT_A01|ING-3|P|2.
 def _read(settings: Settings, topic: str, expect: int, timeout: float = 20) -> list[Any]:
     consumer = KafkaConsumer(
         topic,
-        bootstrap_servers=settings.bootstrap_servers,
+        bootstrap_servers=settings.kafka.bootstrap_servers,
         auto_offset_reset="earliest",
         enable_auto_commit=False,
         consumer_timeout_ms=1000,
@@ -91,9 +91,9 @@ def test_ingest_dead_letters_a_record_that_converts_to_nothing(
     assert "message 2" in err and "MFN^M02 is not one of the supported message types" in err
     assert "message 3" in err and "ADT^A08 message produced no resources" in err
     assert "DOE" not in err and "Traceback" not in err
-    (bundle,) = _read(settings, settings.topics.bundles, 1)
+    (bundle,) = _read(settings, settings.kafka.topics.bundles, 1)
     assert bundle.key == b"urn:fhirbridge:st-mary:mrn|MRN-90"
-    dead = _read(settings, settings.topics.deadletter, 2)
+    dead = _read(settings, settings.kafka.topics.deadletter, 2)
     headers = sorted((dict(r.headers) for r in dead), key=lambda h: h["fb-dl-location"])
     assert [h["fb-dl-stage"] for h in headers] == [b"ingest:hl7v2"] * 2
     assert [h["fb-dl-file"] for h in headers] == [str(feed).encode()] * 2
@@ -115,5 +115,5 @@ def test_ingest_dead_letters_a_record_that_converts_to_nothing(
     assert replay.returncode == 0, replay.stderr
     assert "processed 0, dead-lettered 2" in replay.stdout, replay.stdout
     assert (
-        len(_read(settings, settings.topics.bundles, 2, timeout=5)) == 1
+        len(_read(settings, settings.kafka.topics.bundles, 2, timeout=5)) == 1
     )  # still not published as empty bundles

@@ -45,8 +45,8 @@ async def send(port: int, *messages: bytes) -> list[tuple[str, float]]:
 
 def records(settings: Settings, expect: int, timeout: float = 20, topic: str | None = None) -> list:
     consumer = KafkaConsumer(
-        topic or settings.topics.bundles,
-        bootstrap_servers=settings.bootstrap_servers,
+        topic or settings.kafka.topics.bundles,
+        bootstrap_servers=settings.kafka.bootstrap_servers,
         auto_offset_reset="earliest",
         enable_auto_commit=False,
         consumer_timeout_ms=1000,
@@ -72,9 +72,12 @@ async def test_aa_after_broker_ack_and_dedup(settings: Settings, monkeypatch: py
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     assert main(["keys", "create", "--org", "st-mary"]) == 0
     assert main(["topics", "create"]) == 0
-    assert settings.bootstrap_servers
+    assert settings.kafka.bootstrap_servers
     server = MllpServer(
-        HL7v2Adapter(), SRC, lambda: Publisher(settings, settings.bootstrap_servers or ""), ack_timeout=30
+        HL7v2Adapter(),
+        SRC,
+        lambda: Publisher(settings, settings.kafka.bootstrap_servers or ""),
+        ack_timeout=30,
     )
     await server.start("127.0.0.1", 0)
     try:
@@ -157,15 +160,19 @@ def test_a_producer_dropped_after_a_broker_failure_is_really_closed(tmp_path) ->
 
     handle = start_local("noida", tmp_path)
     try:
+        base = Settings.from_env({"FHIRBRIDGE_DATA_DIR": str(tmp_path)})
         settings = replace(
-            Settings.from_env({"FHIRBRIDGE_DATA_DIR": str(tmp_path)}),
-            bootstrap_servers=handle.bootstrap,
-            topics=Topics(bundles="fb." + os.urandom(3).hex(), partitions=1),
+            base,
+            kafka=replace(
+                base.kafka,
+                bootstrap_servers=handle.bootstrap,
+                topics=Topics(bundles="fb." + os.urandom(3).hex(), partitions=1),
+            ),
         )
         pub = Publisher(settings, handle.bootstrap)
-        pub.producer.send(settings.topics.bundles, b"x").get(10)
+        pub.producer.send(settings.kafka.topics.bundles, b"x").get(10)
         handle.stop()
-        pub.producer.send(settings.topics.bundles, b"y")  # pending: the broker is gone
+        pub.producer.send(settings.kafka.topics.bundles, b"y")  # pending: the broker is gone
         time.sleep(0.5)
         _close_quietly(pub, timeout=0.5)
         assert pub.producer._closed
@@ -203,7 +210,10 @@ def ready(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
 
 def listener(settings: Settings) -> MllpServer:
     return MllpServer(
-        HL7v2Adapter(), SRC, lambda: Publisher(settings, settings.bootstrap_servers or ""), ack_timeout=30
+        HL7v2Adapter(),
+        SRC,
+        lambda: Publisher(settings, settings.kafka.bootstrap_servers or ""),
+        ack_timeout=30,
     )
 
 
@@ -287,7 +297,7 @@ async def test_what_cannot_be_converted_is_dead_lettered_then_answered_ae(ready:
     assert "invalid encoding characters 'ab' in MSH-2" in texts[3]  # readable: standard delimiters
     assert not any("DOE" in str(a) for a in acks)  # no patient data in an ACK
     assert server.stats["dead_lettered"] == 4 and server.stats["aa"] == 0
-    dead = records(ready, 4, topic=ready.topics.deadletter)
+    dead = records(ready, 4, topic=ready.kafka.topics.deadletter)
     assert sorted(r.value for r in dead) == sorted(sent)  # each kept as it came, with its reason
     reasons = {r.value: dict(r.headers)["fb-dl-error-message"].decode() for r in dead}
     assert "nothing in it was converted to FHIR" in reasons[MFN]
@@ -302,7 +312,11 @@ async def test_a_message_that_cannot_be_dead_lettered_gets_ar(ready: Settings) -
     """The bundles topic works but the dead letters cannot be written (an illegal topic name): the
     unsupported message is kept nowhere, so the sender must keep it: AR, not AE (it was AA)."""
     broken = replace(
-        ready, topics=Topics(bundles=ready.topics.bundles, deadletter="no such topic!", partitions=3)
+        ready,
+        kafka=replace(
+            ready.kafka,
+            topics=Topics(bundles=ready.kafka.topics.bundles, deadletter="no such topic!", partitions=3),
+        ),
     )
     server = listener(broken)
     await server.start("127.0.0.1", 0)

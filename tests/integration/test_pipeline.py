@@ -36,7 +36,7 @@ async def test_two_hospitals_end_to_end(stack: Stack, tmp_path: Path) -> None:
     _ingest(stack, files)
 
     ledger = stack.open_ledger()
-    index = IndexStore.open(stack.settings.index_url)
+    index = IndexStore.open(stack.settings.stores.index_url)
     stack.drain("ledger", "t-ledger", lambda rt: ledger.size() >= n)
     stack.drain("index", "t-index", lambda rt: index.counts()["bundles"] >= n)
     assert ledger.size() == n
@@ -47,7 +47,7 @@ async def test_two_hospitals_end_to_end(stack: Stack, tmp_path: Path) -> None:
     from prometheus_client import REGISTRY, generate_latest
 
     text = generate_latest(REGISTRY).decode()
-    topic = stack.settings.topics.bundles
+    topic = stack.settings.kafka.topics.bundles
     consumed = sum(
         REGISTRY.get_sample_value(
             "fhirbridge_consumer_consumed_total", {"group": "t-ledger", "topic": topic, "partition": str(p)}
@@ -154,8 +154,8 @@ def test_malformed_hl7_is_located_and_dead_lettered(
     assert "Traceback" not in err
 
     consumer = KafkaConsumer(
-        stack.settings.topics.deadletter,
-        bootstrap_servers=stack.settings.bootstrap_servers,
+        stack.settings.kafka.topics.deadletter,
+        bootstrap_servers=stack.settings.kafka.bootstrap_servers,
         auto_offset_reset="earliest",
         consumer_timeout_ms=10000,
     )

@@ -35,8 +35,8 @@ def _ingest(stack: Stack, files: dict[str, list[Path]]) -> None:
 
 def _dead_letters(stack: Stack, n: int) -> list:  # type: ignore[type-arg]
     consumer = KafkaConsumer(
-        stack.settings.topics.deadletter,
-        bootstrap_servers=stack.settings.bootstrap_servers,
+        stack.settings.kafka.topics.deadletter,
+        bootstrap_servers=stack.settings.kafka.bootstrap_servers,
         auto_offset_reset="earliest",
         consumer_timeout_ms=10000,
     )
@@ -50,9 +50,11 @@ def _dead_letters(stack: Stack, n: int) -> list:  # type: ignore[type-arg]
 
 
 def _send_raw(stack: Stack, value: bytes, env: Envelope, signer: OrgSigner | None) -> None:
-    pub = Publisher(stack.settings, stack.settings.bootstrap_servers or "")
+    pub = Publisher(stack.settings, stack.settings.kafka.bootstrap_servers or "")
     signed = signer.sign(env) if signer else env
-    pub.producer.send(stack.settings.topics.bundles, key=b"k", value=value, headers=signed.headers()).get(30)
+    pub.producer.send(
+        stack.settings.kafka.topics.bundles, key=b"k", value=value, headers=signed.headers()
+    ).get(30)
     pub.close()
 
 
@@ -88,7 +90,7 @@ def test_poison_mix_lands_in_dead_letters_and_good_records_land(stack: Stack, tm
     dl = _dead_letters(stack, 4)
     for m in dl:
         h = dict(m.headers)
-        assert h["fb-dl-topic"].decode() == stack.settings.topics.bundles
+        assert h["fb-dl-topic"].decode() == stack.settings.kafka.topics.bundles
         assert h["fb-dl-stage"].startswith(b"ledger:")
         assert "fb-dl-offset" in h and "fb-dl-partition" in h and "fb-dl-error-message" in h
         assert "fb-source-org" in h  # the original headers are kept
@@ -101,13 +103,13 @@ def test_replay_guarantees_ledger_and_index(stack: Stack, tmp_path: Path) -> Non
     _ingest(stack, files)
     _ingest(stack, files)  # duplicates on the topic must not change anything
     ledger = stack.open_ledger()
-    index = IndexStore.open(stack.settings.index_url)
+    index = IndexStore.open(stack.settings.stores.index_url)
     stack.drain("ledger", "g-ledger", lambda rt: rt.processed >= 2 * n)
     stack.drain("index", "g-index", lambda rt: rt.processed >= 2 * n)
     size, root, fingerprint = ledger.size(), ledger.root_hash(), index.fingerprint()
     assert size == n
 
-    s, bootstrap = stack.settings, stack.settings.bootstrap_servers or ""
+    s, bootstrap = stack.settings, stack.settings.kafka.bootstrap_servers or ""
     report = replay(s, bootstrap, sink_name="ledger", rebuild=True)
     assert report.processed == n
     assert (ledger.size(), ledger.root_hash()) == (size, root)
@@ -135,9 +137,9 @@ def test_a_slow_sink_does_not_end_a_replay_early(stack: Stack, tmp_path: Path) -
     files = write_feeds(tmp_path, 3, seed=8)
     _ingest(stack, files)
     n = count_messages(files)
-    s, bootstrap = stack.settings, stack.settings.bootstrap_servers or ""
-    reader = Reader(s, bootstrap, s.topics.bundles)
-    report = ReplayReport(s.topics.bundles)
+    s, bootstrap = stack.settings, stack.settings.kafka.bootstrap_servers or ""
+    reader = Reader(s, bootstrap, s.kafka.topics.bundles)
+    report = ReplayReport(s.kafka.topics.bundles)
     try:
         tps = reader.partitions(None)
         got = 0
@@ -160,7 +162,7 @@ def test_time_based_replay(stack: Stack, tmp_path: Path) -> None:
     time.sleep(0.5)
     second = write_feeds(tmp_path / "b", 3, seed=2)
     _ingest(stack, second)
-    s, bootstrap = stack.settings, stack.settings.bootstrap_servers or ""
+    s, bootstrap = stack.settings, stack.settings.kafka.bootstrap_servers or ""
     after = replay(s, bootstrap, dry_run=True, from_time=cut)
     assert sum(p.read for p in after.partitions.values()) == count_messages(second)
     before = replay(s, bootstrap, dry_run=True, to_time=cut)
@@ -189,7 +191,7 @@ def test_dead_letters_redrive_after_fix(stack: Stack, tmp_path: Path) -> None:
     # a re-drive before the fix: every record fails again and is dead-lettered again, once; the re-drive
     # stops at the end it saw first instead of reading its own new dead letters (found by review)
     early = replay(
-        stack.settings, stack.settings.bootstrap_servers or "", dead_letters=True, sink_name="ledger"
+        stack.settings, stack.settings.kafka.bootstrap_servers or "", dead_letters=True, sink_name="ledger"
     )
     assert (early.processed, early.dead_lettered) == (0, n)
     # ...until the fix (trusting the new key); then the dead letters are re-driven into the ledger: the
@@ -197,7 +199,7 @@ def test_dead_letters_redrive_after_fix(stack: Stack, tmp_path: Path) -> None:
     trusted.write_text(new_trust)
     assert key_path.exists()
     report = replay(
-        stack.settings, stack.settings.bootstrap_servers or "", dead_letters=True, sink_name="ledger"
+        stack.settings, stack.settings.kafka.bootstrap_servers or "", dead_letters=True, sink_name="ledger"
     )
     assert report.processed == 2 * n
     assert ledger.size() == n
@@ -208,11 +210,14 @@ def test_copy_to_topic_keeps_key_headers_and_timestamp(stack: Stack, tmp_path: P
     files = write_feeds(tmp_path, 2)
     _ingest(stack, files)
     n = count_messages(files)
-    s, bootstrap = stack.settings, stack.settings.bootstrap_servers or ""
-    target = s.topics.bundles + ".copy"
+    s, bootstrap = stack.settings, stack.settings.kafka.bootstrap_servers or ""
+    target = s.kafka.topics.bundles + ".copy"
     report = replay(s, bootstrap, to_topic=target)
     assert report.copied == n
-    src = {(m.key, m.value, m.timestamp, tuple(m.headers)) for m in _read_all(bootstrap, s.topics.bundles, n)}
+    src = {
+        (m.key, m.value, m.timestamp, tuple(m.headers))
+        for m in _read_all(bootstrap, s.kafka.topics.bundles, n)
+    }
     dst = {(m.key, m.value, m.timestamp, tuple(m.headers)) for m in _read_all(bootstrap, target, n)}
     assert src == dst
     assert all(orjson.loads(v)["resourceType"] == "Bundle" for _, v, _, _ in dst)

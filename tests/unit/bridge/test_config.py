@@ -38,7 +38,11 @@ def test_tune_gc_freezes_the_heap_and_sets_the_thresholds() -> None:
 
 def test_compression_and_consumer_batching_settings() -> None:
     s = Settings.from_env({})
-    assert (s.compression, s.consumer_linger_ms, s.consumer_idle_sleep_ms) == ("gzip", 50, 20)
+    assert (s.kafka.compression, s.kafka.consumer_linger_ms, s.kafka.consumer_idle_sleep_ms) == (
+        "gzip",
+        50,
+        20,
+    )
     s = Settings.from_env(
         {
             "FHIRBRIDGE_COMPRESSION": "none",
@@ -46,7 +50,7 @@ def test_compression_and_consumer_batching_settings() -> None:
             "FHIRBRIDGE_CONSUMER_IDLE_SLEEP_MS": "5",
         }
     )
-    assert (s.compression, s.consumer_linger_ms, s.consumer_idle_sleep_ms) == (None, 0, 5)
+    assert (s.kafka.compression, s.kafka.consumer_linger_ms, s.kafka.consumer_idle_sleep_ms) == (None, 0, 5)
     with pytest.raises(ConfigError, match="FHIRBRIDGE_COMPRESSION"):
         Settings.from_env({"FHIRBRIDGE_COMPRESSION": "brotli"})
 
@@ -57,7 +61,7 @@ def test_a_compression_codec_must_be_installed(monkeypatch: pytest.MonkeyPatch) 
     from kafka import codec
 
     monkeypatch.setattr(codec, "has_zstd", lambda: True)
-    assert Settings.from_env({"FHIRBRIDGE_COMPRESSION": "ZSTD"}).compression == "zstd"
+    assert Settings.from_env({"FHIRBRIDGE_COMPRESSION": "ZSTD"}).kafka.compression == "zstd"
     monkeypatch.setattr(codec, "has_zstd", lambda: False)
     with pytest.raises(ConfigError, match="FHIRBRIDGE_COMPRESSION=zstd needs its codec library"):
         Settings.from_env({"FHIRBRIDGE_COMPRESSION": "zstd"})
@@ -82,7 +86,7 @@ def test_out_of_range_numbers_are_refused_by_name(name: str, value: str) -> None
     assert (
         Settings.from_env(
             {"FHIRBRIDGE_RETENTION_MS": "-1", "FHIRBRIDGE_CONSUMER_LINGER_MS": "0"}
-        ).topics.retention_ms
+        ).kafka.topics.retention_ms
         == -1
     )
 
@@ -109,8 +113,8 @@ def test_ingest_lingers_longer_than_the_other_producers(monkeypatch: pytest.Monk
     from bridge.stream.producer import Publisher, producer_config
 
     s = Settings.from_env({})
-    assert s.ingest_linger_ms == 50 and producer_config(s, "127.0.0.1:1")["linger_ms"] == 10
-    assert Settings.from_env({"FHIRBRIDGE_INGEST_LINGER_MS": "5"}).ingest_linger_ms == 5
+    assert s.kafka.ingest_linger_ms == 50 and producer_config(s, "127.0.0.1:1")["linger_ms"] == 10
+    assert Settings.from_env({"FHIRBRIDGE_INGEST_LINGER_MS": "5"}).kafka.ingest_linger_ms == 5
     seen: dict[str, object] = {}
 
     class _Producer:
@@ -118,5 +122,5 @@ def test_ingest_lingers_longer_than_the_other_producers(monkeypatch: pytest.Monk
             seen.update(cfg)
 
     monkeypatch.setattr(bridge.stream.producer, "KafkaProducer", _Producer)
-    Publisher(s, "127.0.0.1:1", linger_ms=s.ingest_linger_ms)
+    Publisher(s, "127.0.0.1:1", linger_ms=s.kafka.ingest_linger_ms)
     assert seen["linger_ms"] == 50 and seen["acks"] == "all" and seen["compression_type"] == "gzip"

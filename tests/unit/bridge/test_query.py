@@ -51,7 +51,7 @@ async def client(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
     if request.param == "postgres":
         env["FHIRBRIDGE_INDEX_URL"] = request.getfixturevalue("pg_dsn")
     settings = Settings.from_env(env)
-    store = IndexStore.open(settings.index_url)
+    store = IndexStore.open(settings.stores.index_url)
     ssn = {"system": "http://hl7.org/fhir/sid/us-ssn", "value": "123456789"}
     store.apply(
         [
@@ -239,7 +239,7 @@ async def test_format_proof_and_type_values_are_checked(client: Any) -> None:
 
 def _store_with(tmp_path: Path, bundles: list[IncomingBundle], **env: str) -> Settings:
     settings = Settings.from_env({"FHIRBRIDGE_DATA_DIR": str(tmp_path), **env})
-    store = IndexStore.open(settings.index_url)
+    store = IndexStore.open(settings.stores.index_url)
     store.apply(bundles)
     store.close()
     return settings

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +47,7 @@ def no_broker(tmp_path: Path):  # type: ignore[no-untyped-def]
     from bridge.stream.envelope import OrgSigner
     from bridge.stream.producer import Publisher, signing_key_path
 
-    settings = replace(
-        Settings.from_env({"FHIRBRIDGE_DATA_DIR": str(tmp_path)}), bootstrap_servers="127.0.0.1:1"
-    )
+    settings = Settings.from_env({"FHIRBRIDGE_DATA_DIR": str(tmp_path)}).with_bootstrap("127.0.0.1:1")
     OrgSigner.generate("st-mary").save(signing_key_path(settings, "st-mary"))
 
     def factory() -> Publisher:
