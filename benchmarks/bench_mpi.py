@@ -29,10 +29,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from bridge.mpi.config import SSN_SYSTEM, MpiConfig
-from bridge.mpi.features import extract_features
-from bridge.mpi.febrl import load_febrl
-from bridge.mpi.matcher import link_records
+from bridge.stores.mpi.config import SSN_SYSTEM, MpiConfig
+from bridge.stores.mpi.features import extract_features
+from bridge.stores.mpi.febrl import load_febrl
+from bridge.stores.mpi.matcher import link_records
 
 
 def prf(pred: set[frozenset[str]], truth: set[frozenset[str]]) -> tuple[float, float, float]:
@@ -82,7 +82,7 @@ def evaluate_store(
     url: str, patients: list[dict[str, Any]], truth: set[frozenset[str]], config: MpiConfig, batch: int
 ) -> dict[str, Any]:
     """Feed the records through the incremental index in batches; score its persons and review queue."""
-    from bridge.mpi import PersonIndex
+    from bridge.stores.mpi import PersonIndex
 
     mpi = PersonIndex.open(url, config)
     try:
@@ -268,7 +268,7 @@ def common_values_batch(n: int = 500, seed: int = 3) -> list[dict[str, Any]]:
 
 def time_common_values(url: str, config: MpiConfig) -> tuple[float, int]:
     """Seconds for one ``upsert_patients`` of :func:`common_values_batch`, and the pairs stored."""
-    from bridge.mpi import PersonIndex
+    from bridge.stores.mpi import PersonIndex
 
     with PersonIndex.open(url, config) as mpi:
         mpi.reset()
@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
             f"  synthetic accuracy (persons): P/R/F1 {sp:.4f}/{sr:.4f}/{sf:.4f}; "
             f"{len(res.clusters(len(pop)))} persons found, {len(by_person)} true"
         )
-        from bridge.mpi import PersonIndex
+        from bridge.stores.mpi import PersonIndex
 
         sub = pop[: args.store_records]
         mpi = PersonIndex.open(f"sqlite://{Path(tmp) / 'tp.db'}", config)

@@ -59,10 +59,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bridge.config import Settings
 from bridge.gctune import tune_gc
-from bridge.mpi import MpiConfig, PersonIndex
-from bridge.mpi.features import extract_features
-from bridge.mpi.matcher import link_records
 from bridge.stores.index.store import IncomingBundle, IndexStore
+from bridge.stores.mpi import MpiConfig, PersonIndex
+from bridge.stores.mpi.features import extract_features
+from bridge.stores.mpi.matcher import link_records
 from bridge.stream.broker import free_port
 from tests.services.postgres import admin_dsn
 from tests.support.demodata import HOSPITALS, population_noisy, population_person

@@ -26,7 +26,7 @@ REGISTRARS = (
     "bridge.cli.ledger",
     "bridge.cli.demo",
     "bridge.cli.replay",
-    "bridge.mpi.cli",
+    "bridge.cli.mpi",
 )
 
 GROUPS = {

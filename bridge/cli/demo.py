@@ -221,7 +221,7 @@ def run_demo(
         ledger.close()
         person_id = None
         if shared:
-            from bridge.mpi import PersonIndex
+            from bridge.stores.mpi import PersonIndex
 
             mpi = PersonIndex.open(settings.stores.mpi_url)
             holder: dict[str, str | None] = {}

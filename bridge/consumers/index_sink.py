@@ -20,8 +20,8 @@ from bridge.consumers.checks import (
 from bridge.consumers.runtime import BadTimestamp, CpuClock, Record
 from bridge.errors import TransientError
 from bridge.logging import get_logger
-from bridge.mpi import PersonIndex
 from bridge.stores.index.store import IncomingBundle, IndexStore, content_digest
+from bridge.stores.mpi import PersonIndex
 
 log = get_logger(__name__)
 

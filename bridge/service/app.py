@@ -16,14 +16,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from bridge.config import Settings
 from bridge.logging import get_logger
-from bridge.mpi import PersonIndex
 from bridge.service import ledger as ledger_routes
+from bridge.service import mpi as mpi_routes
 from bridge.service import openapi
 from bridge.service.context import ALLOWED_HOSTS, BACKEND, SETTINGS, Backend, base_url
 from bridge.service.fhir import everything, read, search
 from bridge.service.fhir.capability import capability_statement
 from bridge.service.http import error_response, fhir_response, operation_outcome, outcome_response
 from bridge.stores.ledger import open_configured_ledger
+from bridge.stores.mpi import PersonIndex
 
 log = get_logger(__name__)
 routes = web.RouteTableDef()
@@ -119,9 +120,7 @@ def create_app(settings: Settings, backend: Backend | None = None) -> web.Applic
     if be.has_ledger:
         app.add_routes(ledger_routes.routes)
     if be.has_mpi:
-        from bridge.mpi.routes import setup_mpi_routes
-
-        setup_mpi_routes(app, be.mpi)
+        app.add_routes(mpi_routes.routes)
     app.add_routes(read.routes)  # last: its pattern would also match the paths above
 
     async def _close(_: web.Application) -> None:

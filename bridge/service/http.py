@@ -15,6 +15,7 @@ from aiohttp import web
 
 from bridge.errors import TransientError
 from bridge.service.fhir.dates import DATE, interval
+from bridge.stores.mpi.config import MpiConflict, MpiError, MpiInputError, MpiNotFound
 from ledger.errors import InvalidEntry, LedgerError, OutOfRange, StorageUnavailable, VerificationError
 
 FHIR_JSON = "application/fhir+json"
@@ -67,6 +68,10 @@ ERRORS: list[tuple[type[BaseException], int, str, Callable[[BaseException], str]
     (VerificationError, 422, "processing", lambda e: f"rejected: {e}"),
     (InvalidEntry, 500, "exception", lambda e: f"stored entry is invalid: {e}"),
     (LedgerError, 500, "exception", str),
+    (MpiNotFound, 404, "not-found", str),
+    (MpiConflict, 409, "conflict", str),
+    (MpiInputError, 400, "invalid", str),
+    (MpiError, 500, "exception", str),
 ]
 
 

@@ -1,4 +1,4 @@
-"""The PersonIndex contract (tests/unit/bridge/mpi/mpi_store_contract.py) on PostgreSQL."""
+"""The PersonIndex contract (tests/unit/bridge/stores/mpi/mpi_store_contract.py) on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit" / "bridge" / "mpi"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit" / "bridge" / "stores" / "mpi"))
 
 from mpi_store_contract import ConcurrencyContract, MigrationContract, StoreContract
 

@@ -1,0 +1,282 @@
+"""HTTP endpoints of the master patient index (aiohttp, FHIR JSON).
+
+* ``GET  /Person/{id}``                   the person as a FHIR ``Person``: one ``link`` per member record
+  (and per open possible match), each with ``assurance`` and extensions for state, score, origin and
+  source organisation; the pairwise link set is in ``mpi-pair`` extensions.
+* ``GET  /Person/$mpi-review-queue``      open POSSIBLE_MATCH pairs (``_count``, ``_offset``), as Parameters
+* ``POST /Person/$mpi-link``              manual link   (Parameters or JSON: patientA, patientB, actor, reason)
+* ``POST /Person/$mpi-unlink``            manual unlink (same body)
+* ``GET  /Person/$mpi-history?id=``       link history of a person or a record, as Parameters
+
+The actor of a manual decision comes from the body (``actor``) or the ``X-Fhirbridge-Actor`` header.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from bridge.service.context import Backend, run_db
+from bridge.service.http import fhir_response, int_param
+from bridge.stores.mpi.config import MpiInputError
+from bridge.stores.mpi.store import PersonIndex
+
+routes = web.RouteTableDef()
+
+EXT = "https://fhirbridge.dev/fhir/StructureDefinition/"
+EXT_STATE = EXT + "mpi-match-state"
+EXT_SCORE = EXT + "mpi-match-score"
+EXT_ORIGIN = EXT + "mpi-link-origin"
+EXT_SOURCE = EXT + "mpi-source-org"
+EXT_PAIR = EXT + "mpi-pair"
+EXT_OTHER_PERSON = EXT + "mpi-other-person"
+_ID = r"[A-Za-z0-9\-\.]{1,64}"
+_MAX_COUNT = 1000
+
+
+def _ref(kind: str, ident: str) -> dict[str, str]:
+    return {"reference": f"{kind}/{ident}"}
+
+
+def person_resource(p: dict[str, Any]) -> dict[str, Any]:
+    """Render :meth:`PersonIndex.person` output as a FHIR R4 Person."""
+    members = {m["patient_id"]: m for m in p["patients"]}
+    best: dict[str, dict[str, Any]] = {}
+    pair_exts = []
+    for lk in p["links"]:
+        parts = [
+            {"url": "patientA", "valueReference": _ref("Patient", lk["patient_a"])},
+            {"url": "patientB", "valueReference": _ref("Patient", lk["patient_b"])},
+            {"url": "state", "valueCode": lk["state"]},
+            {"url": "origin", "valueCode": lk["origin"]},
+        ]
+        if lk.get("score") is not None:
+            parts.append({"url": "score", "valueDecimal": lk["score"]})
+        if lk.get("actor"):
+            parts.append({"url": "actor", "valueString": lk["actor"]})
+        if lk.get("reason"):
+            parts.append({"url": "reason", "valueString": lk["reason"]})
+        pair_exts.append({"url": EXT_PAIR, "extension": parts})
+        for pid in (lk["patient_a"], lk["patient_b"]):
+            if lk["state"] == "NO_MATCH":
+                continue
+            current = best.get(pid)
+            rank = (lk["state"] == "MATCH", lk["origin"] == "manual", lk.get("score") or 0.0)
+            if current is None or rank > current["rank"]:
+                best[pid] = {"rank": rank, **lk}
+    links = []
+    for pid, m in members.items():
+        b = best.get(pid)
+        if b is not None and b["state"] == "MATCH":
+            state, origin, score = "MATCH", b["origin"], b.get("score")
+        else:
+            state, origin, score = "MATCH", "founding", None
+        assurance = "level4" if origin in ("manual", "founding") else "level3"
+        ext = [
+            {"url": EXT_STATE, "valueCode": state},
+            {"url": EXT_ORIGIN, "valueCode": origin},
+            {"url": EXT_SOURCE, "valueString": m["source_org"]},
+        ]
+        if score is not None:
+            ext.append({"url": EXT_SCORE, "valueDecimal": score})
+        links.append({"extension": ext, "target": _ref("Patient", pid), "assurance": assurance})
+    for lk in p["links"]:
+        if lk["state"] != "POSSIBLE_MATCH" or "other_person_id" not in lk:
+            continue
+        other = lk["patient_b"] if lk["patient_a"] in members else lk["patient_a"]
+        ext = [
+            {"url": EXT_STATE, "valueCode": "POSSIBLE_MATCH"},
+            {"url": EXT_ORIGIN, "valueCode": lk["origin"]},
+            {"url": EXT_OTHER_PERSON, "valueReference": _ref("Person", lk["other_person_id"])},
+        ]
+        if lk.get("score") is not None:
+            ext.append({"url": EXT_SCORE, "valueDecimal": lk["score"]})
+        links.append({"extension": ext, "target": _ref("Patient", other), "assurance": "level2"})
+    updated = max([m["updated_at"] for m in p["patients"]] + [lk["updated_at"] for lk in p["links"]])
+    resource: dict[str, Any] = {
+        "resourceType": "Person",
+        "id": p["id"],
+        "meta": {"lastUpdated": updated},
+        "active": True,
+    }
+    if pair_exts:
+        resource["extension"] = pair_exts
+    resource["link"] = links
+    return resource
+
+
+def _parameters(items: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    return {"resourceType": "Parameters", "parameter": [{"name": n, **v} for n, v in items]}
+
+
+def _part(name: str, value: Any) -> dict[str, Any]:
+    if isinstance(value, bool):
+        return {"name": name, "valueBoolean": value}
+    if isinstance(value, int):
+        return {"name": name, "valueInteger": value}
+    if isinstance(value, float):
+        return {"name": name, "valueDecimal": value}
+    if isinstance(value, dict) and "reference" in value:
+        return {"name": name, "valueReference": value}
+    return {"name": name, "valueString": str(value)}
+
+
+async def _read_body(request: web.Request) -> dict[str, Any]:
+    """patientA/patientB/actor/reason from a FHIR Parameters body or a flat JSON object."""
+    raw = await request.read()
+    try:
+        body = orjson.loads(raw) if raw else {}
+    except orjson.JSONDecodeError as exc:
+        raise MpiInputError(f"request body is not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise MpiInputError("request body must be a JSON object")
+    out: dict[str, Any] = {}
+    if body.get("resourceType") == "Parameters":
+        parameters = body.get("parameter") or []
+        if not isinstance(parameters, list):  # iterating a number would fail as a 500
+            raise MpiInputError("Parameters.parameter must be an array")
+        for p in parameters:
+            if not isinstance(p, dict) or not isinstance(p.get("name"), str):
+                raise MpiInputError("every Parameters.parameter needs a name")
+            value = p.get("valueString", p.get("valueId", p.get("valueCode")))
+            ref = p.get("valueReference")
+            if isinstance(ref, dict) and isinstance(ref.get("reference"), str):
+                value = ref["reference"]
+            out[p["name"]] = value
+    else:
+        out = {
+            "patientA": body.get("patientA", body.get("patient_a")),
+            "patientB": body.get("patientB", body.get("patient_b")),
+            "actor": body.get("actor"),
+            "reason": body.get("reason"),
+        }
+    for key in ("patientA", "patientB"):
+        v = out.get(key)
+        if not isinstance(v, str) or not v:
+            raise MpiInputError(f"missing {key} (a Patient id or 'Patient/<id>' reference)")
+        out[key] = v.split("/", 1)[1] if v.startswith("Patient/") else v
+    actor = out.get("actor") or request.headers.get("X-Fhirbridge-Actor")
+    if not isinstance(actor, str) or not actor.strip():
+        raise MpiInputError("missing actor (body 'actor' or header X-Fhirbridge-Actor)")
+    out["actor"] = actor.strip()
+    reason = out.get("reason")
+    out["reason"] = reason if isinstance(reason, str) and reason else None
+    for key in ("patientA", "patientB", "actor", "reason"):
+        _no_nul(out[key], key)
+    return out
+
+
+def _no_nul(value: str | None, name: str) -> None:
+    """Refuse a value holding U+0000 (PostgreSQL cannot store it in text): a 400, not a 500."""
+    if value is not None and "\x00" in value:
+        raise MpiInputError(f"{name} contains a NUL character")
+
+
+def _mpi(backend: Backend) -> PersonIndex:
+    return backend.mpi()  # type: ignore[no-any-return]
+
+
+@routes.get("/Person/{id:" + _ID + "}")
+async def get_person(request: web.Request) -> web.Response:
+    """A linked person: member patients with link states and scores (FHIR Person)."""
+    pid = request.match_info["id"]
+    person = await run_db(request, lambda backend: _mpi(backend).person(pid))
+    headers = {"Content-Location": f"Person/{person['id']}"} if person["id"] != pid else None
+    return fhir_response(person_resource(person), headers=headers)
+
+
+@routes.get("/Person/$mpi-review-queue")
+async def review_queue(request: web.Request) -> web.Response:
+    """MPI review queue: open POSSIBLE_MATCH pairs, best first (_count, _offset)."""
+    count = int_param(request, "_count", 100, 0, _MAX_COUNT)
+    offset = int_param(request, "_offset", 0, 0, 10**9)
+    items = await run_db(request, lambda backend: _mpi(backend).review_queue(limit=count + 1, offset=offset))
+    more = count > 0 and len(items) > count  # _count=0: no items, and no next page of none
+    params: list[tuple[str, dict[str, Any]]] = []
+    for it in items[:count]:
+        parts = [
+            _part("patientA", _ref("Patient", it["patient_a"])),
+            _part("patientB", _ref("Patient", it["patient_b"])),
+            {"name": "matchResult", "valueCode": "POSSIBLE_MATCH"},
+            _part("score", it["score"]),
+            _part("personA", _ref("Person", it["person_a"])),
+            _part("personB", _ref("Person", it["person_b"])),
+            _part("sourceA", it["source_a"]),
+            _part("sourceB", it["source_b"]),
+            _part("updated", it["updated_at"]),
+        ]
+        for side in ("a", "b"):
+            for k, v in it[f"demographics_{side}"].items():
+                if k != "identifiers":
+                    parts.append(_part(f"{k}{side.upper()}", v))
+        params.append(("link", {"part": parts}))
+    if more:
+        nxt = request.url.update_query({"_count": str(count), "_offset": str(offset + count)})
+        params.append(("next", {"valueUri": str(nxt)}))
+    return fhir_response(_parameters(params))
+
+
+@routes.post("/Person/$mpi-link")
+async def manual_link(request: web.Request) -> web.Response:
+    """MPI manual link of two patient records (Parameters: patientA, patientB, actor, reason)."""
+    body = await _read_body(request)
+
+    def op(m: PersonIndex) -> dict[str, Any]:
+        m.link(body["patientA"], body["patientB"], actor=body["actor"], reason=body["reason"])
+        return m.person(m.person_id(body["patientA"]) or "")
+
+    person = await run_db(request, lambda backend: op(_mpi(backend)))
+    return fhir_response(person_resource(person))
+
+
+@routes.post("/Person/$mpi-unlink")
+async def manual_unlink(request: web.Request) -> web.Response:
+    """MPI manual unlink of two patient records (Parameters: patientA, patientB, actor, reason)."""
+    body = await _read_body(request)
+
+    def op(m: PersonIndex) -> tuple[str | None, str | None]:
+        m.unlink(body["patientA"], body["patientB"], actor=body["actor"], reason=body["reason"])
+        return m.person_id(body["patientA"]), m.person_id(body["patientB"])
+
+    pa, pb = await run_db(request, lambda backend: op(_mpi(backend)))
+    return fhir_response(
+        _parameters(
+            [
+                ("personA", {"valueReference": _ref("Person", pa or "")}),
+                ("personB", {"valueReference": _ref("Person", pb or "")}),
+            ]
+        )
+    )
+
+
+@routes.get("/Person/$mpi-history")
+async def history(request: web.Request) -> web.Response:
+    """MPI link history of a person or patient record (?id=)."""
+    ident = request.query.get("id")
+    if not ident:
+        raise MpiInputError("parameter id (a Person or Patient id) is required")
+    ident = ident.split("/", 1)[1] if ident.startswith(("Patient/", "Person/")) else ident
+    _no_nul(ident, "id")
+    entries = await run_db(request, lambda backend: _mpi(backend).history(ident))
+    params = []
+    for e in entries:
+        parts = [
+            _part("seq", e["seq"]),
+            _part("at", e["at"]),
+            {"name": "action", "valueCode": e["action"]},
+        ]
+        for k in ("patient_a", "patient_b"):
+            if k in e:
+                parts.append(_part(k, _ref("Patient", e[k])))
+        for k in ("person_id", "other_person_id"):
+            if k in e:
+                parts.append(_part(k, _ref("Person", e[k])))
+        for k in ("actor", "reason", "score"):
+            if k in e:
+                parts.append(_part(k, e[k]))
+        if "detail" in e:
+            parts.append(_part("detail", orjson.dumps(e["detail"]).decode()))
+        params.append(("entry", {"part": parts}))
+    return fhir_response(_parameters(params))
