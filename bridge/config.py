@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from kafka import codec
+
 from bridge.errors import ConfigError
 
 
@@ -226,8 +228,6 @@ def _compression(value: str) -> str | None:
         raise ConfigError(
             f"FHIRBRIDGE_COMPRESSION must be none or one of {', '.join(COMPRESSION_TYPES)}, got {value!r}"
         )
-    from kafka import codec
-
     if not getattr(codec, f"has_{v}")():
         raise ConfigError(
             f"FHIRBRIDGE_COMPRESSION={v} needs its codec library, which is not installed "

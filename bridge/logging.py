@@ -17,6 +17,7 @@ import os
 import sys
 
 import structlog
+from aiohttp.http_exceptions import HttpProcessingError
 
 _configured = False
 _HANDLER = "fhirbridge"
@@ -96,8 +97,6 @@ class BadRequestFilter(logging.Filter):
 
 
 def _is_bad_request(exc: BaseException) -> bool:
-    from aiohttp.http_exceptions import HttpProcessingError
-
     return isinstance(exc, HttpProcessingError)
 
 

@@ -921,7 +921,7 @@ class PostgresStorage(_SqlBase):
         return conn.transaction()  # type: ignore[no-any-return]
 
     def _is_db_error(self, exc: BaseException) -> bool:
-        import psycopg
+        import psycopg  # only a PostgreSQL ledger needs the driver
 
         return isinstance(exc, psycopg.Error)
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from hashlib import sha256
 
-from ledger.merkle import HASH_SIZE
+from ledger.merkle import EMPTY_ROOT, HASH_SIZE, hash_range
 
 __all__ = ["TILE_HEIGHT", "TILE_WIDTH", "Tile", "TileBuilder", "level_offset", "locate", "tile_key"]
 
@@ -183,8 +183,6 @@ class TileBuilder:
 
     def root(self) -> bytes:
         """The root hash at the current size (the right edge holds every node it needs)."""
-        from ledger.merkle import EMPTY_ROOT, hash_range
-
         if self.size == 0:
             return EMPTY_ROOT
         return hash_range(0, self.size, self._must_node)

@@ -21,6 +21,7 @@ import contextvars
 import functools
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -175,8 +176,6 @@ def instance_id(settings: Settings, group_id: str) -> str:
     never evicted at all, so without it a ``kill -9`` stalls the group. Two consumers of one group on
     one host need distinct ids.
     """
-    import socket
-
     return settings.kafka.consumer_instance_id or f"{group_id}@{socket.gethostname()}"
 
 

@@ -31,16 +31,17 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from adapters.base import Adapter, ConvertedBundle, RejectedRecord, SourceInfo
+from adapters.bundle import validate_bundle
+from adapters.common.ucum import to_ucum
+from adapters.errors import InternalAdapterError, ParseError
+from bridge.config import Settings
 from bridge.errors import ERROR_ROOTS, BrokerUnavailable
 from bridge.ingest.pipeline import conversion_headers, nothing_converted
 from bridge.logging import get_logger
-
-if TYPE_CHECKING:
-    from adapters.base import Adapter, ConvertedBundle, SourceInfo
-    from adapters.errors import ParseError
-
+from bridge.stream.producer import Publisher
 
 log = get_logger(__name__)
 
@@ -435,9 +436,6 @@ class MllpServer:
 
     async def _process(self, message: bytes) -> tuple[bytes, bool]:
         """Convert and store one message: the ACK, and whether the bundle was accepted (AA)."""
-        from adapters.base import ConvertedBundle, RejectedRecord
-        from adapters.errors import InternalAdapterError, ParseError
-
         try:
             if self._pool is not None:
                 loop = asyncio.get_running_loop()
@@ -538,9 +536,6 @@ class MllpServer:
 def _warm(adapter_class: type) -> str:
     """Runs in a pool worker at start-up: the adapter's modules (and R4B models) get imported, and the
     UCUM parser built (about 0.3 s, which the first lab message would otherwise wait for)."""
-    from adapters.bundle import validate_bundle
-    from adapters.common.ucum import to_ucum
-
     validate_bundle({"resourceType": "Bundle", "type": "transaction"})
     to_ucum("mg/dL")
     return adapter_class.__name__
@@ -611,9 +606,6 @@ async def serve_forever(
     workers: int = 0,
 ) -> None:
     """Run the listener with the configured Kafka publisher until cancelled."""
-    from bridge.config import Settings
-    from bridge.stream.producer import Publisher
-
     settings = Settings.from_env()
     server = MllpServer(
         adapter,

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psycopg
+
 from bridge.errors import ConfigError, TransientError
 
 _PLACEHOLDER = re.compile(r"\?")
@@ -75,8 +77,6 @@ def connect(url: str | DbUrl, tuning: SqliteTuning | None = None, *, connect_tim
     """
     db = url if isinstance(url, DbUrl) else DbUrl.parse(url, memory=True)
     if db.kind == "postgresql":
-        import psycopg
-
         return psycopg.connect(db.target, autocommit=True, connect_timeout=connect_timeout)
     t = tuning or SqliteTuning()
     if db.target and t.create_dirs:
@@ -113,10 +113,6 @@ def is_unavailable(exc: BaseException, conn: Any = None) -> bool:
     """
     if isinstance(exc, TransientError | sqlite3.OperationalError):
         return True
-    try:
-        import psycopg
-    except ImportError:  # pragma: no cover - psycopg is a dependency
-        return False
     if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
         return True
     return conn is not None and bool(getattr(conn, "broken", False) or getattr(conn, "closed", False))
@@ -246,8 +242,6 @@ class Database:
 
     def _translate(self, exc: BaseException) -> BaseException:
         if self.kind == "postgres":
-            import psycopg
-
             if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
                 self._conn = None
                 return TransientError(f"PostgreSQL unavailable: {exc}")

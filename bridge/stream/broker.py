@@ -27,6 +27,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from kafka import KafkaAdminClient
+
 from bridge.config import Settings
 from bridge.errors import BrokerUnavailable
 from bridge.logging import get_logger
@@ -170,8 +172,6 @@ def _ensure_executable(path: Path) -> None:
 
 def wait_ready(bootstrap: str, timeout: float = 30.0, process: subprocess.Popen[bytes] | None = None) -> None:
     """Block until the broker answers a metadata request."""
-    from kafka import KafkaAdminClient
-
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     host, _, port = bootstrap.partition(",")[0].rpartition(":")

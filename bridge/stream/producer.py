@@ -16,6 +16,7 @@ from kafka.errors import KafkaError
 
 from bridge.config import Settings
 from bridge.errors import BrokerUnavailable, ConfigError
+from bridge.stream.broker import resolve_bootstrap
 from bridge.stream.envelope import Envelope, OrgSigner, utc_now
 
 if TYPE_CHECKING:
@@ -83,8 +84,6 @@ class Publisher:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Publisher:
-        from bridge.stream.broker import resolve_bootstrap
-
         return cls(settings, resolve_bootstrap(settings))
 
     def signer(self, org: str) -> OrgSigner:
