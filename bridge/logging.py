@@ -4,6 +4,10 @@ Kafka context (topic, partition, offset, message id) is bound with
 ``structlog.contextvars.bound_contextvars`` around each record a consumer handles, so every log line
 of that record carries it.
 
+Libraries log with ``structlog.get_logger(__name__)``; this module configures the output, once per
+process. Every event passes :func:`drop_phi_keys`, which drops keys that hold patient data (a name, a
+birth date, an identifier, a resource body) whatever code logged them.
+
 The standard library's records (kafka-python, aiohttp) go through the same renderer, so that the
 service log stays one JSON event per line. A malformed HTTP request (a NUL in the request line, an
 oversized header or URL), which aiohttp logs with a traceback quoting the request's bytes, becomes
@@ -32,6 +36,7 @@ def configure_logging(level: str | None = None, *, force: bool = False) -> None:
     tty = sys.stderr.isatty() and os.environ.get("FHIRBRIDGE_LOG_FORMAT", "") != "json"
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
+        drop_phi_keys,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.StackInfoRenderer(),
@@ -42,10 +47,10 @@ def configure_logging(level: str | None = None, *, force: bool = False) -> None:
         else [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
     )
     processors = shared + renderer
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name, structlog.stdlib.ExtraAdder()],
+            foreign_pre_chain=[structlog.stdlib.ExtraAdder(), structlog.stdlib.add_logger_name, *shared],
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *renderer],
         )
     )
@@ -67,6 +72,30 @@ def configure_logging(level: str | None = None, *, force: bool = False) -> None:
     _configured = True
 
 
+#: keys whose values are patient data, whatever code logs them: dropped from every event
+PHI_KEYS = frozenset(
+    {
+        "name", "names", "given", "family", "patient_name", "birth_date", "birthdate", "birthDate", "dob",
+        "ssn", "mrn", "identifier", "identifiers", "address", "line", "city", "postal_code", "postalCode",
+        "phone", "telecom", "email", "body", "resource", "bundle", "raw", "record_value", "narrative",
+        "demographics",
+    }
+)  # fmt: skip
+
+
+def drop_phi_keys(
+    logger: object, method_name: str, event_dict: structlog.types.EventDict
+) -> structlog.types.EventDict:
+    """A structlog processor: the values of :data:`PHI_KEYS` never reach a log line. The keys that were
+    dropped are listed under ``redacted``, so that the drop itself is visible."""
+    dropped = [k for k in event_dict if k in PHI_KEYS]
+    if dropped:
+        for k in dropped:
+            del event_dict[k]
+        event_dict["redacted"] = sorted(dropped)
+    return event_dict
+
+
 class _StderrLogger:
     """Writes each event to the ``sys.stderr`` of the moment: loggers are cached on first use, and a
     stream captured then (a test's, closed since) must not be the one written to later."""
@@ -80,6 +109,14 @@ class _StderrLogger:
         stream.flush()
 
     log = debug = info = warning = warn = error = critical = exception = fatal = msg
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The standard library's records to the ``sys.stderr`` of the moment, as :class:`_StderrLogger`."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
 
 
 class BadRequestFilter(logging.Filter):

@@ -119,7 +119,7 @@ def docker_engine_available() -> bool:
         except OSError:
             return False
     try:
-        import docker
+        import docker  # the test extra: only asked for when no cluster is configured
 
         client = docker.DockerClient(base_url=host, timeout=3)
         try:
@@ -224,7 +224,7 @@ def start_local(
 
 
 def start_testcontainers() -> BrokerHandle:
-    from testcontainers.kafka import KafkaContainer
+    from testcontainers.kafka import KafkaContainer  # the test extra, and only with a Docker engine
 
     container = KafkaContainer().with_kraft()
     container.start()

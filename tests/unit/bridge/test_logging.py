@@ -93,3 +93,19 @@ def test_a_cached_logger_writes_to_the_stderr_of_the_moment(
     monkeypatch.setattr("sys.stderr", second)
     log.info("test.second")
     assert json.loads(second.getvalue())["event"] == "test.second"
+
+
+def test_phi_keys_are_dropped_from_every_event(json_logging: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from bridge.logging import get_logger
+
+    configure_logging(force=True)
+    out = io.StringIO()
+    monkeypatch.setattr("sys.stderr", out)
+    get_logger("bridge.test").warning("test.event", name="DOE^JANE", ssn="123456789", mrn="M1", count=3)
+    logging.getLogger("aiohttp.test").warning("stdlib %s", "event", extra={"birth_date": "1980-02-14"})
+    first, second = (json.loads(line) for line in out.getvalue().splitlines())
+    assert first["count"] == 3 and first["redacted"] == ["mrn", "name", "ssn"]
+    assert second["redacted"] == ["birth_date"]
+    assert "DOE" not in out.getvalue() and "123456789" not in out.getvalue() and "1980" not in out.getvalue()
