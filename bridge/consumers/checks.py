@@ -52,7 +52,7 @@ def parse_bundle(value: bytes) -> dict[str, Any]:
             or not isinstance(r.get("id"), str)
         ):
             raise BadBundle(f"entry[{i}] has no resource with resourceType and id", field=f"entry[{i}]")
-        if not _FHIR_ID.fullmatch(r["id"]):  # found by review: "" (and NUL, which PostgreSQL cannot store)
+        if not _FHIR_ID.fullmatch(r["id"]):  # "" and NUL (which PostgreSQL cannot store) included
             raise BadBundle(
                 f"entry[{i}].resource.id {r['id'][:80]!r} is not a FHIR id (1-64 of A-Z a-z 0-9 - .)",
                 field=f"entry[{i}].resource.id",

@@ -100,9 +100,9 @@ class IndexSink:
         A delivery the index did not keep (an older version arriving late, or a replay of the stream
         from an earlier offset) is not current, so it must not reach the MPI either: the MPI takes
         each upsert as the latest, and would re-score the older demographics and add to the link
-        history on every replay (found by review). If the MPI refuses the batch for a reason other
-        than its database, the Patients are tried one by one, and the records of those it refuses
-        go to the dead letters with the reason (one bad record no longer stops the consumer).
+        history on every replay. If the MPI refuses the batch for a reason other than its database,
+        the Patients are tried one by one, and the records of those it refuses go to the dead letters
+        with the reason, so that one bad record cannot stop the consumer.
         """
         current = self.store.current_versions("Patient", [p.resource["id"] for p in patients])
         kept = [p for p in patients if current.get(p.resource["id"]) == content_digest(p.resource)]

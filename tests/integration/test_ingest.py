@@ -1,5 +1,5 @@
 """`fhirbridge ingest` against a real broker: a record that converts to nothing is not reported as
-published; it is dead-lettered with its reason and counted as rejected (issue 19, as for MLLP)."""
+published; it is dead-lettered with its reason and counted as rejected (as the MLLP listener does)."""
 
 from __future__ import annotations
 

@@ -148,7 +148,7 @@ async def test_cli_mllp_command(settings: Settings, monkeypatch: pytest.MonkeyPa
 
 def test_a_producer_dropped_after_a_broker_failure_is_really_closed(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """kafka-python's close() flushes first and, with a record still pending, raises and leaves the
-    producer open (its I/O thread, sockets and retries alive). Found by review: the listener's reset
+    producer open (its I/O thread, sockets and retries alive). The listener's reset
     after an AR leaked one producer per broker failure."""
     import os
     import threading
@@ -182,7 +182,7 @@ def test_a_producer_dropped_after_a_broker_failure_is_really_closed(tmp_path) ->
         handle.stop()
 
 
-# -- issue 19: an AA means the message is kept -------------------------------------------------------
+# -- an AA means the message is kept -------------------------------------------------------
 # The sender here is python-hl7's MLLP client, and its parser reads the ACKs.
 
 

@@ -122,7 +122,7 @@ def test_replay_guarantees_ledger_and_index(stack: Stack, tmp_path: Path) -> Non
     assert stack.cli("ledger", "verify", "--key", stack.vkey) == 0
     dry = replay(s, bootstrap, dry_run=True, partitions=[0])
     assert set(dry.partitions) == {0} and dry.partitions[0].read > 0
-    # an offset past the end is nothing to replay, not "from the beginning" (found by review)
+    # an offset past the end is nothing to replay, not "from the beginning"
     past = replay(s, bootstrap, dry_run=True, from_offset=10**6)
     assert all(p.past_end and p.read == 0 for p in past.partitions.values()) and past.complete
     ledger.close()
@@ -130,7 +130,7 @@ def test_replay_guarantees_ledger_and_index(stack: Stack, tmp_path: Path) -> Non
 
 
 def test_a_slow_sink_does_not_end_a_replay_early(stack: Stack, tmp_path: Path) -> None:
-    """The time the caller spends on a batch is not the broker being idle (found by review: a rebuild
+    """The time the caller spends on a batch is not the broker being idle (a rebuild
     whose batches took over 3 s stopped early, with exit 0, and left a partial index)."""
     from bridge.consumers.replay import Reader, ReplayReport
 
@@ -189,7 +189,7 @@ def test_dead_letters_redrive_after_fix(stack: Stack, tmp_path: Path) -> None:
     rt = stack.drain("ledger", "g-ledger", lambda rt: rt.dead_lettered >= n)
     assert rt.processed == 0 and ledger.size() == 0
     # a re-drive before the fix: every record fails again and is dead-lettered again, once; the re-drive
-    # stops at the end it saw first instead of reading its own new dead letters (found by review)
+    # stops at the end it saw first instead of reading its own new dead letters
     early = replay(
         stack.settings, stack.settings.kafka.bootstrap_servers or "", dead_letters=True, sink_name="ledger"
     )

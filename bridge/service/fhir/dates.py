@@ -99,7 +99,7 @@ def date_range(value: str) -> tuple[datetime, datetime]:
 
 def stored_interval(value: str) -> tuple[int, int]:
     """:func:`interval` of a stored clinical date; one Python's ISO parser reads but FHIR's grammar
-    does not (``2026-01-10 08:00:00+0100``) is taken as the second it names, as before."""
+    does not (``2026-01-10 08:00:00+0100``) is taken as the second it names."""
     try:
         return interval(value)
     except ValueError:

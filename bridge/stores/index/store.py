@@ -34,9 +34,9 @@ from bridge.stores.index.rules import (
 
 log = get_logger(__name__)
 
-#: one row per delivery of a resource: the same bundle from two organisations is two deliveries (keyed
-#: like the ledger and ``bundles``, by bundle hash and organisation; until 2026-12-03 without the
-#: organisation, so the second one was dropped: :meth:`IndexStore._key_sources_by_org` migrates)
+#: one row per delivery of a resource: the same bundle from two organisations is two deliveries, keyed
+#: like the ledger and ``bundles`` by bundle hash and organisation (an index keyed without the
+#: organisation is re-keyed on open: :meth:`IndexStore._key_sources_by_org`)
 _SOURCES_TABLE = """CREATE TABLE IF NOT EXISTS {name} (
     resource_type TEXT NOT NULL,
     id TEXT NOT NULL,

@@ -538,7 +538,7 @@ def test_append_of_objects_that_only_look_like_entries_is_invalid_entry(led: Led
     assert led.size() == 0
 
 
-# -- found by review (2026-12-03) ----------------------------------------------------------------
+# -- regressions ---------------------------------------------------------------------------------
 
 
 def test_an_audit_of_a_live_log_covers_the_size_it_started_with(led: Ledger, url: str) -> None:

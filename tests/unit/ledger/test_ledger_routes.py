@@ -95,7 +95,7 @@ async def test_inclusion_by_index_and_by_leaf_hash_verify_against_the_checkpoint
         ({"leaf_hash": "00" * 32}, 404),
         ({"index": "30"}, 400),
         ({"index": "3", "size": "99"}, 404),
-        ({"index": "\u00b2"}, 400),  # isdigit() but not a number int() takes (found by review)
+        ({"index": "\u00b2"}, 400),  # isdigit() but not a number int() takes
         ({"index": "3", "size": "99999999999999999999"}, 400),  # past BIGINT
     ],
 )

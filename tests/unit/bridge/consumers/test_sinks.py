@@ -148,7 +148,7 @@ def _mpi_sink(tmp_path: Path, checker: EnvelopeChecker) -> IndexSink:
 
 
 def test_a_resource_id_that_is_not_a_fhir_id_is_poison_and_the_rest_is_indexed(tmp_path: Path) -> None:
-    """Found by review: an empty Patient id passed the bundle check, the MPI refused the whole batch, and
+    """An empty Patient id passed the bundle check, the MPI refused the whole batch, and
     the consumer stopped on it at every restart."""
     signer, checker = _fixture()
     sink = _mpi_sink(tmp_path, checker)
@@ -193,7 +193,7 @@ def test_a_patient_the_mpi_refuses_dead_letters_its_record_only(tmp_path: Path) 
 
 
 def test_replays_and_late_versions_leave_the_mpi_as_the_index_keeps_it(tmp_path: Path) -> None:
-    """Found by review: a replay from an earlier offset re-applied every older Patient version to the MPI
+    """A replay from an earlier offset re-applied every older Patient version to the MPI
     (new history events on each replay), and a version arriving late replaced a newer one in the MPI
     while the index kept the newer."""
     signer, checker = _fixture()

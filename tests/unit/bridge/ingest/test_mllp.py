@@ -172,7 +172,7 @@ async def test_conversion_in_a_worker_process(dead_letters) -> None:  # type: ig
     assert "line 3" in seg(acks[0], "ERR")[8]
 
 
-# -- found by review (2026-12-03) ----------------------------------------------------------------
+# -- regressions ---------------------------------------------------------------------------------
 
 
 async def test_a_frame_without_the_trailing_cr_is_answered(no_broker) -> None:  # type: ignore[no-untyped-def]
@@ -207,7 +207,7 @@ def test_ack_copies_the_senders_fields_with_their_own_delimiters() -> None:
 
 async def test_an_adapter_bug_gets_ar_and_the_message_is_kept(dead_letters) -> None:  # type: ignore[no-untyped-def]
     """A bug in the adapter is not the sender's error: AR (retry later), not AE, and the raw message is
-    in the dead letters (found by review: it was answered AE and kept nowhere)."""
+    in the dead letters (it was answered AE and kept nowhere)."""
 
     class Broken(HL7v2Adapter):
         def convert_message(self, *args: Any, **kwargs: Any) -> Any:
@@ -218,7 +218,7 @@ async def test_an_adapter_bug_gets_ar_and_the_message_is_kept(dead_letters) -> N
     assert [d[0] for pub in dead_letters.made for d in pub.dead] == [GOOD]
 
 
-# -- issue 19: an AA means the message is kept -------------------------------------------------------
+# -- an AA means the message is kept -------------------------------------------------------
 
 
 def test_mllp_listens_on_loopback_unless_told_otherwise() -> None:

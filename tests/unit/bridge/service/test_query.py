@@ -200,7 +200,7 @@ def test_in_range(clinical: str | None, start: str | None, end: str | None, expe
     assert in_range(clinical, start, end) is expected
 
 
-# -- found by review (2026-12-03) ----------------------------------------------------------------
+# -- regressions ---------------------------------------------------------------------------------
 
 
 async def test_since_compares_instants_not_strings(client: Any) -> None:
@@ -320,7 +320,7 @@ async def test_name_search_folds_non_ascii_and_is_not_cut_short(tmp_path: Path) 
             assert ids == expected, needle
 
 
-# -- found by review (second round) ---------------------------------------------------------------
+# -- regressions ----------------------------------------------------------------------------------
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -647,7 +647,7 @@ async def test_name_search_is_the_same_on_both_backends(tmp_path: Path, index_en
             assert _ids(body) == expected, needle
 
 
-# -- issue 19: a true total, and a Host the service was not given ----------------------------------
+# -- a true total, and a Host the service was not given ----------------------------------
 
 
 async def test_patient_search_total_is_true_and_truncation_is_announced(

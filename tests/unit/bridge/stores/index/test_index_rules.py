@@ -80,7 +80,7 @@ def test_dedupe_key_with_a_precomputed_clinical_date_matches_its_own() -> None:
 
 
 def test_observations_stating_different_facts_never_share_a_key() -> None:
-    """Found by review: only six value forms were compared, so panels, ranges, ratios and comparators
+    """Only six value forms were compared, so panels, ranges, ratios and comparators
     of different values merged, and one reading disappeared from the clinician's view."""
     del_value = {k: v for k, v in _obs().items() if k != "valueQuantity"}
     bp = {**del_value, "code": {"coding": [{"system": "http://loinc.org", "code": "85354-9"}]}}

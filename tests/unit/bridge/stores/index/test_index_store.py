@@ -196,7 +196,7 @@ def test_sqlite_connection_gets_a_large_page_cache_and_rarer_checkpoints(tmp_pat
         assert s.db.query("PRAGMA journal_mode")[0][0] == "wal"
         assert (
             s.db.query("PRAGMA synchronous")[0][0] == 1
-        )  # NORMAL, as before: commits as durable as they were
+        )  # NORMAL: the index needs no power-cut durability (the topic is the source of truth)
     finally:
         s.close()
 
@@ -311,7 +311,7 @@ def test_an_index_without_the_moved_flag_gets_it_from_its_deliveries(store: Inde
 
 
 def test_the_same_bundle_from_two_organisations_is_two_deliveries(store: IndexStore, tmp_path: Path) -> None:
-    """Found by review: deliveries were keyed by (type, id, bundle hash), so the second organisation to
+    """Deliveries were keyed by (type, id, bundle hash), so the second organisation to
     send the same bundle was dropped, and the provenance depended on the order of arrival."""
     a = _bundle("h1", "st-mary", _enc("e1", "pa", "2026-01-01"), ts="2026-01-01T00:00:00.000Z")
     c = _bundle("h1", "riverside", _enc("e1", "pa", "2026-01-01"), ts="2026-01-02T00:00:00.000Z", offset=1)

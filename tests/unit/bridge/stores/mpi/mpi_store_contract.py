@@ -185,7 +185,7 @@ class StoreContract:
             mpi.link("a1", "c1", actor="")
 
     def test_link_conflicting_with_a_manual_unlink_is_refused(self, mpi: PersonIndex) -> None:
-        """The mirror case of the test above (found by review: the link was accepted and put two
+        """The mirror case of the test above (the link was accepted and put two
         manually unlinked records into one person)."""
         mpi.upsert_patients([("org-a", ALICE_A), ("org-c", BOB), ("org-c", ALICE_C)])
         mpi.link("a1", "c1", actor="u")
@@ -472,7 +472,7 @@ class StoreContract:
     def test_a_refit_elsewhere_is_seen_before_the_next_batch(self, mpi_url: str) -> None:
         """A full refit by another process may replace the stored EM counts; the consumer's next batch
         must count on top of those, not write its own older copy over them. Hardest case: an index
-        written before counts were kept (the consumer has no copy at all). Found by review."""
+        written before counts were kept (the consumer has no copy at all)."""
         from bridge.stores.mpi.cache import load_patterns
 
         cfg = dataclasses.replace(MpiConfig(), em_min_records=10_000)  # no automatic fit in between
@@ -492,7 +492,7 @@ class StoreContract:
 
     def test_counts_are_kept_whichever_process_writes_after_a_batch_without_pairs(self, mpi_url: str) -> None:
         """A first batch with no candidate pairs stores its (empty) EM counts, so another process goes on
-        counting instead of taking the index for one written before counts were kept (found by review)."""
+        counting instead of taking the index for one written before counts were kept."""
         from bridge.stores.mpi.cache import load_patterns
 
         recs, _ = population(40, seed=3)
@@ -523,7 +523,7 @@ class StoreContract:
     def test_a_batch_that_changes_nothing_does_not_keep_an_old_model(self, mpi_url: str) -> None:
         """After a fit elsewhere, a batch that changes nothing takes the new generation token without
         needing the model; the batch after it, the only writer's again, must still weigh with the model
-        stored last (found by review: it weighed with the one remembered from before the fit)."""
+        stored last (it weighed with the one remembered from before the fit)."""
         cfg = dataclasses.replace(MpiConfig(), em_min_records=10_000)  # no automatic fit
         recs, _ = population(60, seed=7)
         with PersonIndex.open(mpi_url, cfg) as consumer, PersonIndex.open(mpi_url, cfg) as other:
@@ -539,7 +539,7 @@ class StoreContract:
     def test_a_reset_elsewhere_forgets_the_model(self, mpi_url: str) -> None:
         """A reset by another process deletes the model. A first batch after it that compares nothing
         (one record) must not leave the old model remembered: the index refits once it has enough
-        records again, as a fresh process would (found by review)."""
+        records again, as a fresh process would."""
         cfg = dataclasses.replace(MpiConfig(), em_min_records=40, em_refit_factor=2.0)
         recs, _ = population(60, seed=7)
         with PersonIndex.open(mpi_url, cfg) as consumer, PersonIndex.open(mpi_url, cfg) as other:
@@ -554,7 +554,7 @@ class StoreContract:
         self, mpi_url: str, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """A fit whose transaction rolls back never stored its model; no later batch may weigh with it,
-        not even after a batch that changes nothing (found by review)."""
+        not even after a batch that changes nothing."""
         cfg = dataclasses.replace(MpiConfig(), em_min_records=10_000)  # no automatic fit
         recs, _ = population(60, seed=7)
         with PersonIndex.open(mpi_url, cfg) as mpi:
@@ -578,7 +578,7 @@ class StoreContract:
 
     def test_write_settles_background_inserts_before_a_rollback(self, mpi: PersonIndex) -> None:
         """A caller that fails without waiting for its background insert: the insert still belongs to
-        the rolled-back transaction (found by review: on PostgreSQL it could run after the rollback,
+        the rolled-back transaction (on PostgreSQL it could run after the rollback,
         on the autocommit connection, and commit on its own)."""
         db = mpi.db
         sql = "INSERT INTO mpi_alias (old_id, person_id) VALUES (?, ?)"

@@ -126,7 +126,7 @@ def test_candidates_are_the_pairs_sharing_a_small_block(recs: list[tuple], cap: 
 
 def test_value_counts_of_a_key_without_values_past_the_first_slots() -> None:
     """The TF slots are shared by the TF keys, but each key's counts grow only with its own values: a
-    key that never had a value must still answer (found by review: IndexError past 1,024 slots)."""
+    key that never had a value must still answer (IndexError past 1,024 slots)."""
     cache = RecordCache(TF_KEYS, None)
     empty = dict.fromkeys(("gn", "gm", "fn", "fm", "b", "s", "a", "c", "z", "t"), "")
     cache.put_many(

@@ -148,7 +148,7 @@ def _elements(keys: dict[str, Any]) -> Any:
 def test_malformed_values_inside_well_formed_elements_never_raise(
     names: Any, addresses: Any, telecom: Any, identifiers: Any
 ) -> None:
-    """Found by review: two home addresses, one with a ``period`` that is not an object, raised
+    """Two home addresses, one with a ``period`` that is not an object, raised
     AttributeError (the random JSON above rarely builds several element-shaped objects)."""
     p = {
         "resourceType": "Patient",
@@ -230,6 +230,6 @@ def test_single_name_and_address_fast_paths_follow_the_rule(items: list[Any]) ->
 
 
 def test_a_patient_id_with_a_nul_character_is_refused() -> None:
-    """PostgreSQL cannot store U+0000 in text: refused up front, located by the caller (found by review)."""
+    """PostgreSQL cannot store U+0000 in text: refused up front, located by the caller."""
     with pytest.raises(MpiInputError, match="NUL"):
         extract_features({"resourceType": "Patient", "id": "a\x00b"}, ())

@@ -136,8 +136,9 @@ async def test_review_queue_and_manual_link_unlink(client: Any, mpi: PersonIndex
         ("/Person/$mpi-link", {"patient_a": "a1", "actor": "x"}, 400),
         ("/Person/$mpi-link", {"patient_a": "a1", "patient_b": "zz", "actor": "x"}, 404),
         ("/Person/$mpi-link", [1, 2], 400),
-        ("/Person/$mpi-link", {"resourceType": "Parameters", "parameter": 5}, 400),  # found by review: 500
-        ("/Person/$mpi-link", {"patient_a": "a1", "patient_b": "c\u00002", "actor": "x"}, 400),
+        ("/Person/$mpi-link", {"resourceType": "Parameters", "parameter": 5}, 400)(  # was 500
+            "/Person/$mpi-link", {"patient_a": "a1", "patient_b": "c\u00002", "actor": "x"}, 400
+        ),
         ("/Person/$mpi-unlink", {"patient_a": "a1", "patient_b": "c2", "actor": "x\u0000"}, 400),
     ],
 )
@@ -191,7 +192,7 @@ async def test_responses_are_valid_fhir(client: Any, mpi: PersonIndex) -> None:
 
 
 async def test_count_zero_has_no_next_page_and_nul_ids_are_refused(client: Any, mpi: PersonIndex) -> None:
-    """Found by review: ``_count=0`` linked to itself as the next page (a client following it looped);
+    """``_count=0`` linked to itself as the next page (a client following it looped);
     an id holding U+0000 reached the database (a 500 on PostgreSQL)."""
     r = await client.get("/Person/$mpi-review-queue", params={"_count": "0"})
     assert r.status == 200

@@ -88,7 +88,7 @@ def test_blocking_keys_carry_the_sex_and_a_missing_sex_meets_both() -> None:
         assert len(kf[kind]) == 1 and not kf[kind] & km[kind]
     # ... but a record whose sex was mistyped still shares the name and month/day keys
     assert kf["md"] == km["md"] and kf["nm"] == km["nm"]
-    # a record without a usable sex gets both letters: it meets records of either sex, as before
+    # a record without a usable sex gets both letters: it meets records of either sex
     for f in unknown:
         ku = by_kind(f)
         for kind in ("b", "sf", "zf"):
