@@ -628,7 +628,7 @@ def test_medical_equipment_and_implants() -> None:
     assert none["status"] == "not-done" and "focalDevice" not in none
 
 
-# -- found by review (2026-12-03): one odd value must not make the adapter build invalid FHIR ------
+# -- one odd value must not make the adapter build invalid FHIR -------------------------------------
 
 
 def test_dates_before_1000_offsets_past_14h_and_year_zero() -> None:
@@ -653,7 +653,7 @@ def test_a_unit_with_spaces_and_a_foreign_root_namespace() -> None:
     assert isinstance(rej, RejectedRecord) and "not in the C-CDA namespace" in rej.error.message
 
 
-# -- found while fixing issue 19: an entry with two known templateIds was dispatched in set order --------
+# -- an entry with two known templateIds is dispatched on the first in document order ------------------
 TWO_TEMPLATES = DOC.replace(
     f'<templateId root="{T}.4.78"/><id root="s1"/>',
     f'<templateId root="{T}.4.78"/><templateId root="{T}.4.4"/><id root="s1"/>',

@@ -1,4 +1,4 @@
-"""C-CDA adapter, issue 19 ("no clinical fact lost in conversion"): null-flavoured codes that carry text,
+"""C-CDA adapter, no clinical fact lost in conversion: null-flavoured codes that carry text,
 encounter dates, who and where of an encounter, eICR travel history and pregnancy status.
 
 Every document here is written for its test (a minimal C-CDA document), not copied from samples.
@@ -200,7 +200,7 @@ def test_a_negated_allergy_to_a_substance_named_only_in_text_is_not_no_known_all
     refuted, nka = of(convert(doc), "AllergyIntolerance")
     assert refuted["code"] == {"text": "Amoxicillin-clavulanate"}
     assert refuted["verificationStatus"]["coding"][0]["code"] == "refuted"
-    assert codes(nka["code"]) == {"409137002"}  # no known drug allergy, as before
+    assert codes(nka["code"]) == {"409137002"}  # no known drug allergy: a negated generic substance
 
 
 # -- encounter dates --------------------------------------------------------------------------------
@@ -228,7 +228,7 @@ def test_an_encounter_effective_time_with_value_and_high_keeps_the_value_as_its_
     assert len(encounters) == 2
     for enc in encounters:
         assert enc["period"] == {"start": "2020-03-01T10:00:00-05:00", "end": "2020-03-01T11:30:00-05:00"}
-    # a low wins over the value, as before
+    # a low wins over the value
     [enc, _] = of(
         convert(_enc_doc('<effectiveTime value="2020"><low value="20200302"/></effectiveTime>')), "Encounter"
     )
@@ -465,7 +465,7 @@ def test_eicr_pregnancy_observation_uses_the_pregnancy_status_code_and_says_not_
     assert codes(edd["code"]) == {"11778-8"} and edd["valueDateTime"] == "2020-12-05"
 
 
-# -- found while measuring: observations inside an observation were dropped without a word ------------
+# -- observations inside an observation are facts of their own ----------------------------------------
 def test_an_observation_inside_an_observation_is_kept_as_a_member() -> None:
     doc = document(
         section(

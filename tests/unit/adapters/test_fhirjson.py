@@ -193,8 +193,9 @@ def test_synthea_bundle_passes_through(samples: Path) -> None:
 
 
 def test_a_non_object_request_and_an_impossible_timestamp_are_located_not_fatal() -> None:
-    """Found by review: ``"request": "POST"`` crashed the whole bundle (valid entries included) as an
-    adapter error, and ``timestamp: 2020-13-45T99:99:99Z`` passed the pattern into Provenance.recorded."""
+    """``"request": "POST"`` rejects that entry, located, and the valid entries still convert; a
+    ``timestamp`` that matches the pattern but is no real time (2020-13-45T99:99:99Z) does not reach
+    Provenance.recorded."""
     doc = {
         "resourceType": "Bundle",
         "type": "transaction",
@@ -217,8 +218,8 @@ def test_a_non_object_request_and_an_impossible_timestamp_are_located_not_fatal(
 
 
 def test_a_second_different_resource_with_the_same_id_is_rejected_not_dropped() -> None:
-    """Found by review: the later of two resources with one id replaced the first with only a warning,
-    so the first was lost. Now the first is kept and the second rejected, located, with its raw entry."""
+    """Of two different resources with one id, the first is kept and the second rejected, located, with
+    its raw entry: neither replaces the other silently."""
     other = {**PATIENT, "name": [{"family": "Other"}]}
     doc = {
         "resourceType": "Bundle",

@@ -305,8 +305,9 @@ def test_csv_reader_flags_every_ragged_row(widths: list[int]) -> None:
 
 
 def test_csv_reader_keeps_raw_rows_across_unusual_line_breaks_and_refuses_repeated_columns() -> None:
-    """str.splitlines also breaks at \\x0c, \\x85 (Latin-1 0x85), \\u2028...: a rejected row then carried
-    another row's text. A repeated column name silently overwrote the earlier column. Found by review."""
+    """A rejected row carries its own text, whatever line breaks sit inside values (str.splitlines would
+    also break at \\x0c, \\x85 (Latin-1 0x85), \\u2028 ...); a repeated column name, which would overwrite
+    the earlier column, is refused."""
     text = "a,b\nx\x85y,1\nonly-one\n"
     _, out = read_csv(text)
     got = list(out)

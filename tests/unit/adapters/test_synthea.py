@@ -240,7 +240,7 @@ def test_bad_options(bad: str) -> None:
 
 
 def test_a_zip_with_two_files_for_one_table_is_refused(tmp_path: Path) -> None:
-    """Found by review: a/patients.csv and b/patients.csv silently replaced each other."""
+    """a/patients.csv and b/patients.csv in one zip are two exports: refused, not one read over the other."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         for folder in ("a", "b"):
@@ -253,8 +253,8 @@ def test_a_zip_with_two_files_for_one_table_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("start", ["2021-08-23T03:26Z", "2021-08-23T25:26:50Z", "2021-08-23T03:26:50+25:00"])
 def test_an_impossible_encounter_time_rejects_that_row_only(tmp_path: Path, start: str) -> None:
-    """Found by review: only the date part was checked, so the whole patient failed as an adapter bug,
-    located at patients.csv."""
+    """The whole timestamp is checked, not only its date: an impossible time rejects its row, located in
+    encounters.csv, and the patient's other rows still convert."""
     files = dict(CURRENT)
     files["encounters.csv"] = files["encounters.csv"].replace("2020-01-01T10:00:00Z", start, 1)
     outs = list(SyntheaCsvAdapter().convert_path(write(tmp_path, files), SRC))

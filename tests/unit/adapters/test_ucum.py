@@ -21,7 +21,7 @@ def accepted_by_library(code: str) -> bool:
     return True
 
 
-# the units of issue 19 that real labs send, and a few more from common panels
+# units that real labs send, and a few more from common panels
 VALID_AS_SENT = [
     "nmol/L", "umol/L", "ug/L", "pmol/L", "g/L", "10*9/L", "10*12/L", "mmol/L", "mg/dL", "U/L", "fL", "pg",
     "%", "uL", "10*3/uL", "10*6/uL", "g/dL", "{cells}/uL", "mL/min/{1.73_m2}", "/[HPF]", "[IU]/L", "m[IU]/mL",

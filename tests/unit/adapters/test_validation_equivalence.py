@@ -526,7 +526,7 @@ def test_builder_raises_located_validation_failed() -> None:
         assert [e["loc"][:4] for e in info.value.errors] == [("entry", 1, "resource", "birthDate")]
 
 
-# -- inputs that are not plain JSON (found by review) -----------------------------------------------
+# -- inputs that are not plain JSON -------------------------------------------------------------------
 
 
 def test_a_str_enum_resource_type_cannot_open_the_cache_to_another_member() -> None:
