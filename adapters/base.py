@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from adapters.errors import Location, ParseError
+from adapters.errors import AdapterError, Location, ParseError
 
 FHIRBRIDGE_SYSTEM_BASE = "urn:fhirbridge"
 
@@ -137,8 +137,6 @@ class Adapter(ABC):
         :class:`~adapters.errors.AdapterError` with a clear message for a bad or unknown one.
         """
         if options:
-            from adapters.errors import AdapterError
-
             raise AdapterError(f"adapter {self.name!r} takes no options; got {', '.join(sorted(options))}")
 
     #: Human description shown by ``fhirbridge adapters list``.

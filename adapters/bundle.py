@@ -65,7 +65,7 @@ def validate_bundle(bundle: dict[str, Any]) -> None:
     if fast_accepts(bundle):
         return
     if _bundle_model is None:
-        from fhir.resources.R4B.bundle import Bundle
+        from fhir.resources.R4B.bundle import Bundle  # 0.15 s to import: only once the fast path declines
 
         _bundle_model = Bundle
     _bundle_model.model_validate(bundle)  # raises with the error located in the bundle

@@ -33,10 +33,13 @@ is the answer, so the fast path can never reject what the library accepts.
 
 from __future__ import annotations
 
+import math
 import threading
 import types
 import typing
 from typing import Any
+
+from pydantic import TypeAdapter
 
 from adapters.errors import AdapterError
 
@@ -90,10 +93,11 @@ def cache_size() -> int:
 
 def _init() -> dict[str, Any]:
     if not _state:
-        from fhir.resources.R4B.bundle import Bundle
-        from fhir.resources.R4B.fhirprimitiveextension import FHIRPrimitiveExtension
-        from fhir_core.fhirabstractmodel import FHIRAbstractModel
-        from fhir_core.types import FhirBase, FhirElementOrResourceBase
+        # the models and fhir_core take 0.25 s to import: loaded for the first bundle, not at import
+        from fhir.resources.R4B.bundle import Bundle  # lazy, as above
+        from fhir.resources.R4B.fhirprimitiveextension import FHIRPrimitiveExtension  # lazy, as above
+        from fhir_core.fhirabstractmodel import FHIRAbstractModel  # lazy, as above
+        from fhir_core.types import FhirBase, FhirElementOrResourceBase  # lazy, as above
 
         _state.update(
             Bundle=Bundle,
@@ -138,8 +142,6 @@ def _adapter(annotation: Any) -> tuple[Any, set[Any]]:
     """The validator of a primitive field's annotation (shared by every field with that annotation)."""
     found = _adapters.get(annotation)
     if found is None:
-        from pydantic import TypeAdapter
-
         found = _adapters[annotation] = (TypeAdapter(annotation).validate_python, set())
     return found
 
@@ -205,8 +207,8 @@ def _resource_class(prefix: str, resource_type: str) -> type | None:
     cls = _resource_classes.get(key)
     if cls is not None:
         return cls
-    from fhir_core.constraints import FHIR_TYPES_MAPS
-    from pydantic._internal._validators import import_string
+    from fhir_core.constraints import FHIR_TYPES_MAPS  # fhir_core: loaded with the models (_init)
+    from pydantic._internal._validators import import_string  # lazy, as above
 
     path = FHIR_TYPES_MAPS.get(key)
     if path is None:
@@ -348,8 +350,6 @@ def _plain_json(v: Any) -> bool:
     Not needed by the walk (it dispatches on exact types); tests use it to state that every valid
     plain-JSON bundle is decided by the fast path itself.
     """
-    import math
-
     t = type(v)
     if t is str or t is int or t is bool or v is None:
         return True

@@ -19,7 +19,7 @@ from adapters.base import SourceInfo
 from adapters.bundle import BundleBuilder
 from adapters.ccda.xmlsecure import XSI_TYPE
 from adapters.common import ucum
-from adapters.common.codes import is_oid, is_uuid, system_uri
+from adapters.common.codes import OID_TO_URI, is_oid, is_uuid, system_uri
 from adapters.common.dates import date_part, hl7_ts_to_fhir
 from adapters.errors import Location
 
@@ -120,8 +120,6 @@ def identifier(ii: El | None, ctx: Ctx) -> dict[str, Any] | None:
             system = f"urn:uuid:{root.lower()}"
         elif root and not is_oid(root):
             system = ctx.source.system_for(root)
-        from adapters.common.codes import OID_TO_URI
-
         if root in OID_TO_URI:
             system = OID_TO_URI[root]
         return {"system": system, "value": ext}

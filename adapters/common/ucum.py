@@ -210,7 +210,7 @@ _lock = threading.Lock()
 
 @lru_cache(maxsize=1)
 def _parser() -> Any:
-    from ucumvert import get_ucum_parser
+    from ucumvert import get_ucum_parser  # with pint, 0.3 s to import: on the first unit, not at import
 
     return get_ucum_parser()
 
@@ -220,7 +220,7 @@ def is_ucum(code: str) -> bool:
     """True when ``code`` is a UCUM code (case-sensitive, as FHIR uses it). Never raises."""
     if not code or len(code) > MAX_LENGTH or not code.isascii() or not code.isprintable() or " " in code:
         return False
-    from ucumvert import parse_ucum
+    from ucumvert import parse_ucum  # see _parser: on the first unit, not at import
 
     try:
         with _lock:  # one Earley parse at a time: cheap (misses only) and no reliance on lark's reentrancy

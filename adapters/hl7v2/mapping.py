@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import re
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from adapters.bundle import BundleBuilder
@@ -2014,8 +2015,6 @@ class Conversion:
         dur = seg.v(dur_n)
         unit = seg.v(dur_n + 1, 1).lower()
         if dur.isdigit():
-            from datetime import datetime, timedelta
-
             mult = {"min": 1, "m": 1, "minutes": 1, "h": 60, "hr": 60, "hours": 60, "s": 1 / 60, "": 1}.get(
                 unit
             )

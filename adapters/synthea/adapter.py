@@ -18,6 +18,7 @@ import re
 import zipfile
 from collections import defaultdict
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -96,8 +97,6 @@ def dt(value: str | None, column: str, *, required: bool = False) -> str | None:
             raise RowError(column, f"{column} is empty")
         return None
     if _DATE.match(v) or _DATETIME.match(v):
-        from datetime import datetime
-
         try:  # the whole value: hours, minutes, seconds and offset too, not only the date
             parsed = datetime.fromisoformat(v.replace("Z", "+00:00"))
         except ValueError:
