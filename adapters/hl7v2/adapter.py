@@ -242,7 +242,8 @@ class HL7v2Adapter(Adapter):
                 message_index=msg.index,
                 message_id=msg.control_id,
                 count=len(builder.warnings),
-                warnings=[f"{w.code} at {w.location}: {w.message}" for w in builder.warnings],
+                # codes and locations only: a warning's text may quote the value it is about
+                warnings=[f"{w.code} at {w.location}" for w in builder.warnings],
             )
         return builder.build(
             routing_key=conv.routing_key or f"message:{input_sha}",
