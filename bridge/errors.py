@@ -17,6 +17,10 @@ class FhirbridgeError(Exception):
     """Base class of every deliberate fhirbridge error."""
 
 
+class UsageError(FhirbridgeError):
+    """A command was given arguments it cannot use (exit code 2)."""
+
+
 class ConfigError(FhirbridgeError):
     """A configuration value is missing or invalid."""
 

@@ -92,12 +92,17 @@ def exit_code(exc: Exception) -> int:
     """The one map from an error to an exit code, for what a command did not handle itself: a known
     error (any package's root) is a failed run, 1, with its one-line message; anything else is a bug,
     reported as one line naming its class (the message may hold input), also 1, never a traceback."""
-    from bridge.errors import ERROR_ROOTS
+    from bridge.errors import ERROR_ROOTS, UsageError
 
+    if isinstance(exc, UsageError):
+        print(f"fhirbridge: error: {exc}", file=sys.stderr)
+        return 2
     if isinstance(exc, ERROR_ROOTS):
         print(f"fhirbridge: error: {exc}", file=sys.stderr)
     else:
-        print(f"fhirbridge: internal error ({type(exc).__name__}); run with --log-level debug", file=sys.stderr)
+        print(
+            f"fhirbridge: internal error ({type(exc).__name__}); run with --log-level debug", file=sys.stderr
+        )
         from bridge.logging import get_logger
 
         get_logger("bridge.cli").debug("cli.internal_error", exc_info=exc)

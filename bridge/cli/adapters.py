@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bridge.errors import UsageError
+
 if TYPE_CHECKING:
     from adapters.base import Adapter, SourceInfo
 
@@ -92,10 +94,6 @@ def _source_args(p: argparse.ArgumentParser, required: bool = True) -> None:
         metavar="KEY=VALUE",
         help="adapter option (repeatable), e.g. --option mapping=map.toml",
     )
-
-
-class UsageError(Exception):
-    pass
 
 
 def _source(args: argparse.Namespace) -> SourceInfo:

@@ -24,6 +24,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from bridge.errors import FhirbridgeError
 from bridge.stores.ledger import open_ledger
 
 DEMO_DATA = Path(__file__).resolve().parents[2] / "deploy" / "demo" / "data"
@@ -53,8 +54,8 @@ def _get_json(url: str, timeout: float = 5) -> Any:
         return json.loads(resp.read())
 
 
-class DemoFailed(Exception):
-    pass
+class DemoFailed(FhirbridgeError):
+    """The demo could not bring the stack up (a process exited, a wait timed out, a directory refused)."""
 
 
 def prepare_data_dir(data_dir: Path, *, fresh: bool) -> bool:

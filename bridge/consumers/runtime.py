@@ -39,7 +39,7 @@ from kafka.structs import OffsetAndMetadata
 from prometheus_client import start_http_server
 
 from bridge.config import Settings
-from bridge.errors import TransientError
+from bridge.errors import FhirbridgeError, TransientError
 from bridge.gctune import tune_gc
 from bridge.logging import get_logger
 from bridge.metrics import ConsumerMetrics
@@ -51,7 +51,7 @@ log = get_logger(__name__)
 T = TypeVar("T")
 
 
-class BadTimestamp(ValueError):
+class BadTimestamp(FhirbridgeError):
     """A record's timestamp cannot be written as an RFC 3339 date (outside years 1-9999). The Kafka
     timestamp is not covered by the signature: such a record is poison, not a reason to stop."""
 

@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from bridge.errors import TransientError
+from bridge.errors import FhirbridgeError, TransientError
 from bridge.service.fhir.dates import DATE, interval
 from bridge.stores.mpi.config import MpiConflict, MpiError, MpiInputError, MpiNotFound
 from ledger.errors import InvalidEntry, LedgerError, OutOfRange, StorageUnavailable, VerificationError
@@ -50,7 +50,7 @@ def outcome_response(status: int, code: str, diagnostics: str, *, severity: str 
     return fhir_response(operation_outcome(severity, code, diagnostics), status=status)
 
 
-class FhirHTTPError(Exception):
+class FhirHTTPError(FhirbridgeError):
     """Raise from a handler to answer with an OperationOutcome; the middleware renders it."""
 
     def __init__(self, status: int, code: str, diagnostics: str) -> None:

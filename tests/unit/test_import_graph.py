@@ -162,3 +162,21 @@ def test_the_rules_catch_a_reverse_edge(tmp_path: Path) -> None:
     assert ("bridge.service.app", 1, True, "from bridge.service.app import create_app") in found
     assert any(name == "bridge.cli" and not top for name, _l, top, _t in found)
     assert "service" not in ALLOWED["stores"] and _layer("bridge.service.app") == "service"
+
+
+def test_every_exception_derives_from_its_package_root() -> None:
+    """No exception class outside the three roots derives from a built-in exception directly."""
+    import builtins
+
+    builtin_errors = {
+        n for n, v in vars(builtins).items() if isinstance(v, type) and issubclass(v, BaseException)
+    }
+    roots = {"FhirbridgeError", "AdapterError", "LedgerError"}
+    bad = []
+    for path in _project_files():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and node.name not in roots:
+                direct = [b.id for b in node.bases if isinstance(b, ast.Name) and b.id in builtin_errors]
+                if direct:
+                    bad.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.name}({', '.join(direct)})")
+    assert bad == []
