@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from adapters.errors import AdapterError, Location, ParseError
 
@@ -52,6 +53,14 @@ class SourceInfo:
     def __post_init__(self) -> None:
         if not self.org_id or any(c in self.org_id for c in "|/ \t\r\n"):
             raise ValueError(f"invalid source org id {self.org_id!r}: use letters, digits, '-', '.', '_'")
+        if self.timezone not in ("", "UTC"):
+            try:
+                ZoneInfo(self.timezone)
+            except (ZoneInfoNotFoundError, ValueError):
+                # an unknown zone would read every local time as UTC: hours off, without a word
+                raise ValueError(
+                    f"unknown time zone {self.timezone!r}: give an IANA zone such as America/Chicago"
+                ) from None
 
     @property
     def mrn_system_uri(self) -> str:

@@ -151,3 +151,12 @@ def test_builder_needs_a_key() -> None:
 @given(st.text(max_size=20), st.sampled_from(["Patient", "Observation"]), st.text(max_size=40))
 def test_fast_resource_id_equals_uuid5(org: str, rtype: str, key: str) -> None:
     assert resource_id(org, rtype, key) == str(uuid.uuid5(NAMESPACE, f"{org}|{rtype}|{key}"))
+
+
+def test_an_unknown_time_zone_is_refused_not_read_as_utc() -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match="unknown time zone 'America/Chicagoo'"):
+        SourceInfo("st-mary", timezone="America/Chicagoo")
+    assert SourceInfo("st-mary", timezone="America/Chicago").timezone == "America/Chicago"
+    assert SourceInfo("st-mary").timezone == "UTC"
