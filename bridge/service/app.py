@@ -19,6 +19,7 @@ from bridge.logging import get_logger
 from bridge.service import ledger as ledger_routes
 from bridge.service import mpi as mpi_routes
 from bridge.service import openapi
+from bridge.service.auth.marks import authenticated, public
 from bridge.service.context import ALLOWED_HOSTS, BACKEND, SETTINGS, Backend, base_url
 from bridge.service.fhir import everything, read, search
 from bridge.service.fhir.capability import capability_statement
@@ -79,18 +80,21 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 
 @routes.get("/metadata")
+@public
 async def metadata(request: web.Request) -> web.Response:
     """The R4 CapabilityStatement."""
     return fhir_response(capability_statement(base_url(request)))
 
 
 @routes.get("/metrics")
+@authenticated
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus metrics."""
     return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 @routes.get("/")
+@public
 async def home(request: web.Request) -> web.Response:
     base = base_url(request)
     links = [

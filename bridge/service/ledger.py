@@ -22,6 +22,7 @@ from typing import Any
 
 from aiohttp import web
 
+from bridge.service.auth.marks import public
 from bridge.service.context import Backend, run_db
 from bridge.service.http import (
     FhirHTTPError,
@@ -58,6 +59,7 @@ def _default_size(led: Ledger) -> int:
 
 
 @routes.get("/ledger/checkpoint")
+@public
 async def get_checkpoint(request: web.Request) -> web.StreamResponse:
     """The latest signed checkpoint (``?size=n``: the stored one of that size), ``text/plain``."""
     size = query_index(request, "size") if "size" in request.query else None
@@ -73,6 +75,7 @@ async def get_checkpoint(request: web.Request) -> web.StreamResponse:
 
 
 @routes.get("/ledger/entries/{index}")
+@public
 async def get_entry(request: web.Request) -> web.StreamResponse:
     """One entry and its leaf hash."""
     index = path_index(request, "index")
@@ -85,6 +88,7 @@ async def get_entry(request: web.Request) -> web.StreamResponse:
 
 
 @routes.get("/ledger/proof/inclusion")
+@public
 async def get_inclusion(request: web.Request) -> web.StreamResponse:
     """An RFC 9162 inclusion proof of ``leaf_hash`` or ``index`` at ``size`` (default: the latest checkpoint's)."""
     leaf_hex = request.query.get("leaf_hash")
@@ -121,6 +125,7 @@ async def get_inclusion(request: web.Request) -> web.StreamResponse:
 
 
 @routes.get("/ledger/proof/consistency")
+@public
 async def get_consistency(request: web.Request) -> web.StreamResponse:
     """A consistency proof from ``from`` to ``to`` (default: the latest checkpoint's size)."""
     size1 = query_index(request, "from")
@@ -137,6 +142,7 @@ async def get_consistency(request: web.Request) -> web.StreamResponse:
 
 
 @routes.get("/ledger/prove")
+@public
 async def get_prove(request: web.Request) -> web.StreamResponse:
     """Index, entry, inclusion proof and checkpoint of a bundle, in one answer."""
     bundle = request.query.get("bundle_sha256", "")
@@ -150,6 +156,7 @@ async def get_prove(request: web.Request) -> web.StreamResponse:
 
 
 @routes.post("/ledger/cosignatures")
+@public
 async def post_cosignatures(request: web.Request) -> web.StreamResponse:
     """A witness's cosigned checkpoint (``text/plain``); only the configured witnesses' cosignatures are kept."""
     body = await read_body(request, _MAX_BODY)

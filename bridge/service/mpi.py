@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from bridge.service.auth.marks import needs
 from bridge.service.context import Backend, run_db
 from bridge.service.http import fhir_response, int_param
 from bridge.stores.mpi.config import MpiInputError
@@ -179,6 +180,7 @@ def _mpi(backend: Backend) -> PersonIndex:
 
 
 @routes.get("/Person/{id:" + _ID + "}")
+@needs("Person", "r", contexts=("user", "system"))
 async def get_person(request: web.Request) -> web.Response:
     """A linked person: member patients with link states and scores (FHIR Person)."""
     pid = request.match_info["id"]
@@ -188,6 +190,7 @@ async def get_person(request: web.Request) -> web.Response:
 
 
 @routes.get("/Person/$mpi-review-queue")
+@needs("Person", "rs", contexts=("user", "system"))
 async def review_queue(request: web.Request) -> web.Response:
     """MPI review queue: open POSSIBLE_MATCH pairs, best first (_count, _offset)."""
     count = int_param(request, "_count", 100, 0, _MAX_COUNT)
@@ -219,6 +222,7 @@ async def review_queue(request: web.Request) -> web.Response:
 
 
 @routes.post("/Person/$mpi-link")
+@needs("Person", "u", contexts=("user",))
 async def manual_link(request: web.Request) -> web.Response:
     """MPI manual link of two patient records (Parameters: patientA, patientB, actor, reason)."""
     body = await _read_body(request)
@@ -232,6 +236,7 @@ async def manual_link(request: web.Request) -> web.Response:
 
 
 @routes.post("/Person/$mpi-unlink")
+@needs("Person", "u", contexts=("user",))
 async def manual_unlink(request: web.Request) -> web.Response:
     """MPI manual unlink of two patient records (Parameters: patientA, patientB, actor, reason)."""
     body = await _read_body(request)
@@ -252,6 +257,7 @@ async def manual_unlink(request: web.Request) -> web.Response:
 
 
 @routes.get("/Person/$mpi-history")
+@needs("Person", "rs", contexts=("user", "system"))
 async def history(request: web.Request) -> web.Response:
     """MPI link history of a person or patient record (?id=)."""
     ident = request.query.get("id")

@@ -8,6 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from bridge import __version__
+from bridge.service.auth.marks import public
 from bridge.service.http import json_response
 
 DESCRIPTIONS: dict[tuple[str, str], str] = {
@@ -62,6 +63,7 @@ routes = web.RouteTableDef()
 
 
 @routes.get("/openapi.json")
+@public
 async def openapi_json(request: web.Request) -> web.Response:
     """This service's OpenAPI document."""
     return json_response(build_openapi(request.app))

@@ -24,6 +24,7 @@ from urllib.parse import urlencode
 import orjson
 from aiohttp import web
 
+from bridge.service.auth.marks import needs
 from bridge.service.context import Backend, base_url, stores
 from bridge.service.fhir.dates import in_range, utc_millis
 from bridge.service.http import (
@@ -224,6 +225,7 @@ def _provenance_ext(
 
 
 @routes.get(r"/Patient/{id}/$everything")
+@needs("*", "r")
 async def patient_everything(request: web.Request) -> web.Response:
     """The merged history of a patient and the patients linked to them (docs/query.md)."""
     pid = request.match_info["id"]

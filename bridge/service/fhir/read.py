@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from bridge.service.auth.marks import PATH_TYPE, needs
 from bridge.service.context import run_db
 from bridge.service.http import FhirHTTPError, fhir_response
 
@@ -11,6 +12,7 @@ routes = web.RouteTableDef()
 
 
 @routes.get(r"/{type:[A-Z][A-Za-z]+}/{id:[A-Za-z0-9\-\.]{1,64}}")
+@needs(PATH_TYPE, "r")
 async def read_resource(request: web.Request) -> web.Response:
     """One resource of the index."""
     rtype, rid = request.match_info["type"], request.match_info["id"]

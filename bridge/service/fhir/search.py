@@ -7,6 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
+from bridge.service.auth.marks import needs
 from bridge.service.context import Backend, base_url, stores
 from bridge.service.http import (
     FhirHTTPError,
@@ -54,6 +55,7 @@ def _name_strings(patient: dict[str, Any]) -> list[str]:
 
 
 @routes.get("/Patient")
+@needs("Patient", "s")
 async def patient_search(request: web.Request) -> web.Response:
     """Patients by identifier (``system|value``), name (a case-folded substring) and birth date."""
     supported = {"identifier", "name", "birthdate", "_format"}
