@@ -92,8 +92,33 @@ class StoreSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsSettings:
+    """A listener's certificate and key (PEM files) and, for mutual TLS, the CA its clients' certificates
+    must chain to; checked and turned into an ``ssl.SSLContext`` by :func:`bridge.tls.server_context`."""
+
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    client_ca_file: Path | None = None
+
+    @property
+    def enabled(self) -> bool:
+        """Any of the three is set: the listener then serves TLS, or refuses to start."""
+        return any(f is not None for f in (self.cert_file, self.key_file, self.client_ca_file))
+
+    def with_paths(
+        self, cert_file: Path | None, key_file: Path | None, client_ca_file: Path | None
+    ) -> TlsSettings:
+        """These settings with the paths given (the CLI's ``--tls-*`` options) in place; ``None`` keeps one."""
+        return TlsSettings(
+            cert_file=cert_file or self.cert_file,
+            key_file=key_file or self.key_file,
+            client_ca_file=client_ca_file or self.client_ca_file,
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class HttpSettings:
-    """The query service's address and the names it answers for (docs/query.md)."""
+    """The query service's address, the names it answers for (docs/query.md), and its TLS."""
 
     host: str = "127.0.0.1"
     port: int = 8080
@@ -101,6 +126,7 @@ class HttpSettings:
     allowed_hosts: tuple[
         str, ...
     ] = ()  # Host header names the service answers (empty: see allowed_host_names)
+    tls: TlsSettings = field(default_factory=TlsSettings)
 
     def allowed_host_names(self) -> frozenset[str] | None:
         """The host names a request's ``Host`` may carry; ``None`` means any.
@@ -121,6 +147,13 @@ class HttpSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class MllpSettings:
+    """The MLLP listener's TLS (its address and options come from ``fhirbridge mllp``'s arguments)."""
+
+    tls: TlsSettings = field(default_factory=TlsSettings)
+
+
+@dataclass(frozen=True, slots=True)
 class TrustSettings:
     """The source organisations' signing keys and the registry of keys the consumers trust (docs/envelope.md)."""
 
@@ -137,6 +170,7 @@ class Settings:
     ledger: LedgerSettings = field(default_factory=LedgerSettings)
     stores: StoreSettings = field(default_factory=StoreSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
+    mllp: MllpSettings = field(default_factory=MllpSettings)
     trust: TrustSettings = field(default_factory=TrustSettings)
     gc_threshold: tuple[int, int, int] | None = (50_000, 20, 10)  # None: Python's default
 
@@ -197,7 +231,9 @@ class Settings:
                 allowed_hosts=tuple(
                     h.strip().lower() for h in env.get("FHIRBRIDGE_ALLOWED_HOSTS", "").split(",") if h.strip()
                 ),
+                tls=_tls(env, "FHIRBRIDGE_TLS"),
             ),
+            mllp=MllpSettings(tls=_tls(env, "FHIRBRIDGE_MLLP_TLS")),
             trust=TrustSettings(
                 registry_file=Path(trust) if trust else None,
                 signing_keys_dir=Path(signing) if signing else None,
@@ -215,6 +251,16 @@ class Settings:
                 "broker with `fhirbridge broker start` and export the address it prints."
             )
         return self.kafka.bootstrap_servers
+
+
+def _tls(env: dict[str, str], prefix: str) -> TlsSettings:
+    """``<prefix>_CERT_FILE``, ``_KEY_FILE``, ``_CLIENT_CA_FILE`` (paths; the files are read at start)."""
+
+    def path(name: str) -> Path | None:
+        value = env.get(f"{prefix}_{name}_FILE", "").strip()
+        return Path(value) if value else None
+
+    return TlsSettings(cert_file=path("CERT"), key_file=path("KEY"), client_ca_file=path("CLIENT_CA"))
 
 
 COMPRESSION_TYPES = ("gzip", "snappy", "lz4", "zstd")
