@@ -26,6 +26,7 @@ from bridge.service.fhir.capability import capability_statement
 from bridge.service.http import error_response, fhir_response, operation_outcome, outcome_response
 from bridge.stores.ledger import open_configured_ledger
 from bridge.stores.mpi import PersonIndex
+from bridge.tls import server_context, warn_if_plaintext
 
 log = get_logger(__name__)
 routes = web.RouteTableDef()
@@ -147,6 +148,17 @@ def default_backend(settings: Settings) -> Backend:
 
 
 def run(settings: Settings) -> None:
+    """Serve until interrupted: HTTPS when ``settings.http.tls`` names a certificate (checked first, a
+    :class:`~bridge.errors.ConfigError` before anything opens), with mutual TLS when it names a client
+    CA; plain HTTP otherwise, logged as ``http.plaintext_bind`` on an address other than loopback."""
+    http = settings.http
+    ssl_context = server_context(http.tls, env_prefix="FHIRBRIDGE_TLS") if http.tls.enabled else None
+    warn_if_plaintext("http.plaintext_bind", http.host, http.port, tls=ssl_context is not None)
     app = create_app(settings)
-    log.info("http.start", url=f"http://{settings.http.host}:{settings.http.port}/")
-    web.run_app(app, host=settings.http.host, port=settings.http.port, print=None, access_log=None)
+    scheme = "https" if ssl_context is not None else "http"
+    log.info(
+        "http.start",
+        url=f"{scheme}://{http.host}:{http.port}/",
+        mutual_tls=ssl_context is not None and http.tls.client_ca_file is not None,
+    )
+    web.run_app(app, host=http.host, port=http.port, ssl_context=ssl_context, print=None, access_log=None)
