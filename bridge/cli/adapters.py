@@ -70,6 +70,25 @@ def register(sub: Any, groups: dict[str, Any]) -> None:
         default=0,
         help="conversion processes (default 0: convert in the listener's process)",
     )
+    tls = mp.add_argument_group(
+        "TLS",
+        "MLLP over TLS (1.2 or newer); default: FHIRBRIDGE_MLLP_TLS_CERT_FILE, _KEY_FILE, _CLIENT_CA_FILE",
+    )
+    tls.add_argument("--tls-cert", type=Path, default=None, metavar="PEM", help="the listener's certificate")
+    tls.add_argument(
+        "--tls-key",
+        type=Path,
+        default=None,
+        metavar="PEM",
+        help="the file holding its private key (unencrypted, readable by this user only)",
+    )
+    tls.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        default=None,
+        metavar="PEM",
+        help="mutual TLS: accept only clients with a certificate from this CA",
+    )
     mp.set_defaults(func=cmd_mllp)
 
 
@@ -247,7 +266,8 @@ def cmd_mllp(args: argparse.Namespace) -> int:
     from bridge.ingest.mllp import serve_forever
 
     try:
-        tune_gc(Settings.from_env().gc_threshold)
+        config = Settings.from_env()
+        tune_gc(config.gc_threshold)
         asyncio.run(
             serve_forever(
                 args.host,
@@ -257,6 +277,7 @@ def cmd_mllp(args: argparse.Namespace) -> int:
                 dedup_window=args.dedup_window,
                 ack_timeout=args.ack_timeout,
                 workers=args.workers,
+                tls=config.mllp.tls.with_paths(args.tls_cert, args.tls_key, args.tls_client_ca),
             )
         )
     except ERROR_ROOTS as exc:

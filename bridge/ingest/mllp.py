@@ -31,17 +31,19 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime
+from ssl import SSLContext
 from typing import Any
 
 from adapters.base import Adapter, ConvertedBundle, RejectedRecord, SourceInfo
 from adapters.bundle import validate_bundle
 from adapters.common.ucum import to_ucum
 from adapters.errors import InternalAdapterError, ParseError
-from bridge.config import Settings
+from bridge.config import Settings, TlsSettings
 from bridge.errors import ERROR_ROOTS, BrokerUnavailable
 from bridge.ingest.pipeline import conversion_headers, nothing_converted
 from bridge.logging import get_logger
 from bridge.stream.producer import Publisher
+from bridge.tls import client_identity, server_context, warn_if_plaintext
 
 log = get_logger(__name__)
 
@@ -306,13 +308,18 @@ class MllpServer:
             )
 
     # ------------------------------------------------------------------------------ networking
-    async def start(self, host: str, port: int) -> asyncio.Server:
+    async def start(self, host: str, port: int, ssl: SSLContext | None = None) -> asyncio.Server:
+        """Listen on ``host``:``port`` (0: a free port, see :attr:`port`). With ``ssl`` (a context from
+        :func:`bridge.tls.server_context`) the frames travel over TLS, and with a client CA in it only
+        clients holding a certificate from that CA get through the handshake. Without TLS, an address
+        other than loopback is logged as ``mllp.plaintext_bind``."""
+        warn_if_plaintext("mllp.plaintext_bind", host, port, tls=ssl is not None)
         if self._pool is not None:  # spawn the workers and import the adapter before the first message
             loop = asyncio.get_running_loop()
             await asyncio.gather(
                 *(loop.run_in_executor(self._pool, _warm, type(self.adapter)) for _ in range(self._workers))
             )
-        self.server = await asyncio.start_server(self._client, host, port, limit=MAX_FRAME)
+        self.server = await asyncio.start_server(self._client, host, port, limit=MAX_FRAME, ssl=ssl)
         return self.server
 
     @property
@@ -333,6 +340,9 @@ class MllpServer:
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
+        identity = client_identity(writer)  # mutual TLS: the verified certificate's subject
+        if identity is not None:
+            log.info("mllp.client", peer=str(peer), **identity.log_fields())
         try:
             while True:
                 try:
@@ -604,9 +614,14 @@ async def serve_forever(
     dedup_window: float = 3600.0,
     ack_timeout: float = 30.0,
     workers: int = 0,
+    tls: TlsSettings | None = None,
 ) -> None:
-    """Run the listener with the configured Kafka publisher until cancelled."""
+    """Run the listener with the configured Kafka publisher until cancelled. ``tls`` (default: the
+    ``FHIRBRIDGE_MLLP_TLS_*`` settings) is checked before anything starts: a
+    :class:`~bridge.errors.ConfigError` if it cannot be served as configured."""
     settings = Settings.from_env()
+    tls = settings.mllp.tls if tls is None else tls
+    context = server_context(tls, env_prefix="FHIRBRIDGE_MLLP_TLS") if tls.enabled else None
     server = MllpServer(
         adapter,
         source,
@@ -615,8 +630,15 @@ async def serve_forever(
         ack_timeout=ack_timeout,
         workers=workers,
     )
-    srv = await server.start(host, port)
-    log.info("mllp.listening", host=host, port=server.port, source=source.org_id)
+    srv = await server.start(host, port, ssl=context)
+    log.info(
+        "mllp.listening",
+        host=host,
+        port=server.port,
+        source=source.org_id,
+        tls=context is not None,
+        mutual_tls=context is not None and tls.client_ca_file is not None,
+    )
     try:
         async with srv:
             await srv.serve_forever()
