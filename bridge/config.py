@@ -162,6 +162,18 @@ class TrustSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class AuthSettings:
+    """The embedded OAuth 2 authorization server (docs/auth.md): its database, the organisation its users
+    belong to by default, its signing keys, the token issuers the resource server trusts, the token lifetime."""
+
+    url: str = ""
+    organization: str = "local"
+    keys_dir: Path = Path("var/auth/keys")
+    issuers_file: Path = Path("var/auth/issuers.json")
+    token_lifetime: int = 300  # seconds; at most 300 (SMART Backend Services)
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Everything a fhirbridge process needs to know, grouped by what it is about. Build with :meth:`from_env`."""
 
@@ -172,6 +184,7 @@ class Settings:
     http: HttpSettings = field(default_factory=HttpSettings)
     mllp: MllpSettings = field(default_factory=MllpSettings)
     trust: TrustSettings = field(default_factory=TrustSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
     gc_threshold: tuple[int, int, int] | None = (50_000, 20, 10)  # None: Python's default
 
     @classmethod
@@ -238,6 +251,7 @@ class Settings:
                 registry_file=Path(trust) if trust else None,
                 signing_keys_dir=Path(signing) if signing else None,
             ),
+            auth=_auth(env, data_dir),
             gc_threshold=_gc_threshold(env.get("FHIRBRIDGE_GC_THRESHOLD", "50000,20,10")),
         )
 
@@ -261,6 +275,22 @@ def _tls(env: dict[str, str], prefix: str) -> TlsSettings:
         return Path(value) if value else None
 
     return TlsSettings(cert_file=path("CERT"), key_file=path("KEY"), client_ca_file=path("CLIENT_CA"))
+
+
+def _auth(env: dict[str, str], data_dir: Path) -> AuthSettings:
+    """``FHIRBRIDGE_AUTH_*``: defaults under ``<data>/auth`` (the database beside the others)."""
+    keys = env.get("FHIRBRIDGE_AUTH_KEYS_DIR")
+    issuers = env.get("FHIRBRIDGE_AUTH_ISSUERS")
+    lifetime = _int(env, "FHIRBRIDGE_AUTH_TOKEN_LIFETIME", 300)
+    if lifetime > 300:
+        raise ConfigError(f"FHIRBRIDGE_AUTH_TOKEN_LIFETIME must be at most 300 seconds, got {lifetime}")
+    return AuthSettings(
+        url=env.get("FHIRBRIDGE_AUTH_URL") or f"sqlite://{data_dir / 'auth.db'}",
+        organization=env.get("FHIRBRIDGE_AUTH_ORGANIZATION") or "local",
+        keys_dir=Path(keys) if keys else data_dir / "auth" / "keys",
+        issuers_file=Path(issuers) if issuers else data_dir / "auth" / "issuers.json",
+        token_lifetime=lifetime,
+    )
 
 
 COMPRESSION_TYPES = ("gzip", "snappy", "lz4", "zstd")
