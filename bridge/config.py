@@ -169,7 +169,7 @@ class AuthSettings:
     url: str = ""
     organization: str = "local"
     keys_dir: Path = Path("var/auth/keys")
-    issuers_file: Path = Path("var/auth/issuers.json")
+    issuers_file: Path = Path("var/auth/issuers.toml")
     token_lifetime: int = 300  # seconds; at most 300 (SMART Backend Services)
 
 
@@ -288,7 +288,7 @@ def _auth(env: dict[str, str], data_dir: Path) -> AuthSettings:
         url=env.get("FHIRBRIDGE_AUTH_URL") or f"sqlite://{data_dir / 'auth.db'}",
         organization=env.get("FHIRBRIDGE_AUTH_ORGANIZATION") or "local",
         keys_dir=Path(keys) if keys else data_dir / "auth" / "keys",
-        issuers_file=Path(issuers) if issuers else data_dir / "auth" / "issuers.json",
+        issuers_file=Path(issuers) if issuers else data_dir / "auth" / "issuers.toml",
         token_lifetime=lifetime,
     )
 
