@@ -1,7 +1,7 @@
 """The house rules of docs/architecture.md, read from the code: imports flow one way, and stay on top.
 
 * ``adapters`` and ``ledger`` import nothing from ``bridge``.
-* Inside ``bridge``: cross-cutting modules (config, errors, logging, metrics, gctune) import no layer;
+* Inside ``bridge``: cross-cutting modules (config, errors, logging, metrics, gctune, tls) import no layer;
   ingest -> stream; consumers -> stream, stores; service -> stores; stream and stores import no other
   layer; cli imports everything.
 * No module imports itself back through a cycle.
