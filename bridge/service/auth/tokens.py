@@ -14,7 +14,7 @@ for it cannot be reached.
   unknown ``kid`` fetches the JWKS again, at most once per cool-down (30 s) per issuer: a key rotation
   needs no restart, and a flood of made-up ``kid`` values cannot hammer the issuer. If a refresh fails,
   the keys already known stay in use. The embedded authorization server's keys are handed over
-  in-process (``static_keys``) and never fetched.
+  in-process (``static_keys``: a key set, or a function returning the current one) and never fetched.
 * Any other token is asked about at the issuer that has an ``introspection_url`` (RFC 7662, with
   client_secret_basic). Only one issuer may have one: an opaque token does not say who issued it, and
   sending it to several issuers would show each one the others' tokens. The answer is cached until the
@@ -79,6 +79,9 @@ MAX_RESPONSE_BYTES = 1024 * 1024
 JWKS_MIN_AGE, JWKS_MAX_AGE, JWKS_DEFAULT_AGE = 60.0, 86400.0, 300.0
 #: at most one JWKS fetch per issuer within this many seconds, when a ``kid`` is unknown or a fetch failed
 REFETCH_COOLDOWN = 30.0
+#: a key source given in-process as a function is asked again at most this often for an unknown ``kid``
+#: (it is cheap), and at least every JWKS_MIN_AGE seconds (so that retired keys go)
+LOCAL_COOLDOWN = 1.0
 #: cached introspection answers, at most
 INTROSPECTION_CACHE_SIZE = 10_000
 
@@ -381,12 +384,19 @@ def parse_jwks(document: Mapping[str, Any] | KeySet, *, source: str = "") -> _Ke
     return _Keys(by_kid, every)
 
 
+#: keys given in-process: a joserfc KeySet, a JWKS dict, or a function returning either (called again
+#: when a ``kid`` is unknown, and every JWKS_MIN_AGE seconds)
+KeySource = KeySet | Mapping[str, Any] | Callable[[], KeySet | Mapping[str, Any]]
+
+
 @dataclass(slots=True)
 class _IssuerState:
     issuer: Issuer
     jwt_claims: JWTClaimsRegistry
     introspection_claims: JWTClaimsRegistry
     static: bool = False
+    source: Callable[[], KeySet | Mapping[str, Any]] | None = None
+    cooldown: float = REFETCH_COOLDOWN
     keys: _Keys | None = None
     #: when the keys must be fetched again, and when a fetch was last tried
     expires: float = 0.0
@@ -401,9 +411,11 @@ class TokenVerifier:
     """Verifies access tokens issued by ``issuers`` for ``audience`` (the service's FHIR base URL).
 
     ``static_keys`` maps an issuer URL (one of ``issuers``) to its keys, given in-process rather than
-    fetched: a joserfc ``KeySet`` or a JWKS dict (``{"keys": [...]}``); private members are dropped.
+    fetched (:data:`KeySource`): a joserfc ``KeySet`` or a JWKS dict (``{"keys": [...]}``), or a
+    function returning the current one (asked again for an unknown ``kid``, at most once a second, and
+    every minute), so that a key rotated by another process is picked up; private members are dropped.
     This is how the embedded authorization server's keys are handed over; :meth:`set_static_keys`
-    replaces them after a rotation. ``session_factory`` makes the aiohttp session used to talk to the
+    replaces them. ``session_factory`` makes the aiohttp session used to talk to the
     issuers (one, made on first use, closed by :meth:`close`); ``clock`` is ``time.time`` (tests pass
     their own). Raises ConfigError for an inconsistent configuration (see :func:`check_issuers`).
     """
@@ -413,7 +425,7 @@ class TokenVerifier:
         issuers: Iterable[Issuer],
         audience: str,
         *,
-        static_keys: Mapping[str, KeySet | Mapping[str, Any]] | None = None,
+        static_keys: Mapping[str, KeySource] | None = None,
         leeway: int = 30,
         session_factory: Callable[[], aiohttp.ClientSession] | None = None,
         clock: Callable[[], float] = time.time,
@@ -453,15 +465,18 @@ class TokenVerifier:
             exp={"essential": essential},
         )
 
-    def set_static_keys(self, issuer_url: str, keys: KeySet | Mapping[str, Any]) -> None:
-        """Use ``keys`` (a KeySet or a JWKS dict) for ``issuer_url``, which must be configured, from now
-        on, instead of fetching them. Raises ConfigError for an issuer that is not configured."""
+    def set_static_keys(self, issuer_url: str, keys: KeySource) -> None:
+        """Use ``keys`` (:data:`KeySource`) for ``issuer_url``, which must be configured, from now on,
+        instead of fetching them. Raises ConfigError for an issuer that is not configured."""
         state = self._issuers.get(issuer_url)
         if state is None:
             raise ConfigError(f"static keys are given for {issuer_url}, which is not a configured issuer")
-        state.static = True
-        state.keys = parse_jwks(keys, source=issuer_url)
-        state.expires = float("inf")
+        if callable(keys):
+            state.static, state.source, state.cooldown = False, keys, LOCAL_COOLDOWN
+            state.keys, state.expires, state.fetched = None, 0.0, float("-inf")
+        else:
+            state.static, state.source = True, None
+            state.keys, state.expires = parse_jwks(keys, source=issuer_url), float("inf")
         state.generation += 1
 
     async def close(self) -> None:
@@ -540,7 +555,7 @@ class TokenVerifier:
         if state.keys is None:  # the fetch another request waited for failed
             raise IssuerUnavailable(state.issuer.url, "no keys")
         key = state.keys.find(kid, alg)
-        if key is None and not state.static and self._clock() - state.fetched >= REFETCH_COOLDOWN:
+        if key is None and not state.static and self._clock() - state.fetched >= state.cooldown:
             await self._refresh(state, why="unknown kid")
             key = state.keys.find(kid, alg)
         if key is None:
@@ -556,15 +571,20 @@ class TokenVerifier:
             if state.generation != generation:
                 return
             now = self._clock()
-            if state.keys is None and now - state.fetched < REFETCH_COOLDOWN:
+            if state.keys is None and now - state.fetched < state.cooldown:
                 raise IssuerUnavailable(state.issuer.url, "the last JWKS fetch failed")
             state.fetched = now
+            document: KeySet | Mapping[str, Any]
+            headers: Mapping[str, str] = {}
             try:
-                uri = state.jwks_uri or await self._discover(state)
-                document, headers = await self._get_json(state.issuer.url, uri)
+                if state.source is not None:
+                    document = self._from_source(state)
+                else:
+                    uri = state.jwks_uri or await self._discover(state)
+                    document, headers = await self._get_json(state.issuer.url, uri)
             except IssuerUnavailable:
                 state.jwks_uri = state.issuer.jwks_uri  # discover again next time
-                state.expires = now + REFETCH_COOLDOWN
+                state.expires = now + state.cooldown
                 if state.keys is None or why == "unknown kid":
                     raise
                 log.warning("auth.jwks_stale", issuer=state.issuer.url)
@@ -572,11 +592,20 @@ class TokenVerifier:
             finally:
                 state.generation += 1
             state.keys = parse_jwks(document, source=state.issuer.url)
-            age = cache_age(headers.get("Cache-Control"))
+            age = JWKS_MIN_AGE if state.source is not None else cache_age(headers.get("Cache-Control"))
             state.expires = now + age
-            log.info(
+            report = log.debug if state.source is not None else log.info  # a local source: every minute
+            report(
                 "auth.jwks_fetched", issuer=state.issuer.url, keys=len(state.keys.every), max_age=age, why=why
             )
+
+    def _from_source(self, state: _IssuerState) -> KeySet | Mapping[str, Any]:
+        assert state.source is not None
+        try:
+            return state.source()
+        except (FhirbridgeError, OSError, ValueError) as exc:  # a key file being rewritten, unreadable
+            log.warning("auth.key_source_failed", issuer=state.issuer.url, error=type(exc).__name__)
+            raise IssuerUnavailable(state.issuer.url, "its key source failed") from exc
 
     async def _discover(self, state: _IssuerState) -> str:
         doc, _ = await self._get_json(state.issuer.url, state.issuer.discovery_url)

@@ -571,6 +571,49 @@ async def test_set_static_keys_rotates(make_verifier: Any) -> None:
     assert (await refused(verifier, sign(old, claims_for(url)))).reason is Reason.UNKNOWN_KEY
 
 
+async def test_key_source_function_is_asked_again_for_a_rotated_key(make_verifier: Any) -> None:
+    """The embedded server's keys as a function (its key file, rotated by another process): asked on
+    first use, again for an unknown kid (at most once a second), and every minute (retired keys go)."""
+    url = "https://embedded.example/auth"
+    old, new = (
+        ECKey.generate_key("P-256", parameters={"kid": "old"}),
+        ECKey.generate_key("P-256", parameters={"kid": "new"}),
+    )
+    published = [old]
+    calls = []
+
+    def current() -> dict[str, Any]:
+        calls.append(1)
+        return KeySet(published).as_dict(private=True)
+
+    clock = Clock()
+    verifier = make_verifier([Issuer(url, "org-a")], static_keys={url: current}, clock=clock)
+    await verifier.verify(sign(old, claims_for(url)))
+    await verifier.verify(sign(old, claims_for(url)))
+    assert len(calls) == 1
+    published.append(new)  # rotated elsewhere
+    assert (await refused(verifier, sign(new, claims_for(url)))).reason is Reason.UNKNOWN_KEY  # same second
+    clock.now += tokens.LOCAL_COOLDOWN
+    await verifier.verify(sign(new, claims_for(url)))
+    assert len(calls) == 2
+    published.remove(old)  # retired
+    await verifier.verify(sign(old, claims_for(url)))  # still cached
+    clock.now += tokens.JWKS_MIN_AGE
+    assert (await refused(verifier, sign(old, claims_for(url)))).reason is Reason.UNKNOWN_KEY
+    assert len(calls) == 3
+
+
+async def test_key_source_function_failing_is_transient(make_verifier: Any) -> None:
+    url = "https://embedded.example/auth"
+
+    def broken() -> dict[str, Any]:
+        raise OSError("the key file is being rewritten")
+
+    verifier = make_verifier([Issuer(url, "org-a")], static_keys={url: broken})
+    with pytest.raises(IssuerUnavailable):
+        await verifier.verify(sign(EC_1, claims_for(url)))
+
+
 def test_static_keys_for_an_issuer_not_configured() -> None:
     with pytest.raises(ConfigError):
         TokenVerifier([Issuer("https://a.example", "org-a")], AUDIENCE, static_keys={"https://b.example": {}})
