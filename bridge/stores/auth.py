@@ -398,11 +398,14 @@ class AuthStore:
     def secret(self, name: str) -> bytes:
         """A random 32-byte secret named ``name``, made on first use and the same for every process
         sharing the database (the login form's CSRF key)."""
-        self.db.execute(
-            "INSERT INTO auth_meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
-            [f"secret:{name}", secrets.token_hex(32)],
-        )
-        rows = self.db.query("SELECT value FROM auth_meta WHERE key = ?", [f"secret:{name}"])
+        key = f"secret:{name}"
+        rows = self.db.query("SELECT value FROM auth_meta WHERE key = ?", [key])
+        if not rows:  # the first process to get here makes it; the others read that one
+            self.db.execute(
+                "INSERT INTO auth_meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
+                [key, secrets.token_hex(32)],
+            )
+            rows = self.db.query("SELECT value FROM auth_meta WHERE key = ?", [key])
         return bytes.fromhex(rows[0][0])
 
 
