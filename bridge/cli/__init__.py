@@ -27,6 +27,7 @@ REGISTRARS = (
     "bridge.cli.demo",
     "bridge.cli.replay",
     "bridge.cli.mpi",
+    "bridge.cli.auth",
 )
 
 GROUPS = {
