@@ -139,7 +139,7 @@ async def test_backend_services_token_honours_the_contract(env: Env, alg: str) -
     assert "refresh_token" not in body and "id_token" not in body
 
     token = jwt.decode(body["access_token"], await env.jwks(), algorithms=["ES256"])
-    assert token.header["alg"] == "ES256"
+    assert token.header["alg"] == "ES256" and token.header["typ"] == "at+jwt"
     assert token.header["kid"] == keys.signing_keys(env.settings).kid
     claims = token.claims
     assert claims["iss"] == env.issuer
