@@ -79,10 +79,18 @@ def _server(backend: Backend, settings: Settings, base: str) -> EmbeddedAuthoriz
     )
 
 
+def fhir_base(request: web.Request) -> str:
+    """The FHIR base the issuer (``<base>/auth``), the tokens' ``aud`` and the endpoints' URLs are built
+    on: ``FHIRBRIDGE_PUBLIC_URL`` when set, else the request's scheme and ``Host``. The one place it is
+    chosen: a verifier that knows a single audience needs ``FHIRBRIDGE_PUBLIC_URL`` set, or clients
+    that all use one host name."""
+    return base_url(request)
+
+
 async def _answer(request: web.Request, work: Any) -> web.StreamResponse:
     """``work(backend, settings, base, http)`` in the thread pool, its failures as RFC 6749 errors."""
     settings = request.app[SETTINGS]
-    base = base_url(request)
+    base = fhir_base(request)
     try:
         http = await read_request(request, base)
         response: web.StreamResponse = await run_db(request, work, settings, base, http)
@@ -273,7 +281,7 @@ def _jwks(backend: Backend, settings: Settings) -> dict[str, Any]:
 async def openid_configuration(request: web.Request) -> web.Response:
     """The issuer's metadata (OpenID Connect Discovery; RFC 8414's fields)."""
     return web.Response(
-        body=orjson.dumps(issuer_metadata(base_url(request))), content_type="application/json"
+        body=orjson.dumps(issuer_metadata(fhir_base(request))), content_type="application/json"
     )
 
 
