@@ -128,6 +128,16 @@ class HttpSettings:
     ] = ()  # Host header names the service answers (empty: see allowed_host_names)
     tls: TlsSettings = field(default_factory=TlsSettings)
 
+    def fhir_base(self) -> str:
+        """The service's one FHIR base URL, the ``aud`` of its access tokens and the base of its embedded
+        issuer: ``FHIRBRIDGE_PUBLIC_URL``, else the scheme, bind address and port (loopback for a bind to
+        every interface). Links in answers still follow the request's ``Host`` (:func:`base_url`)."""
+        if self.public_base_url:
+            return self.public_base_url.rstrip("/")
+        host = "127.0.0.1" if self.host in ("", "0.0.0.0", "::") else self.host
+        host = f"[{host}]" if ":" in host else host
+        return f"{'https' if self.tls.enabled else 'http'}://{host}:{self.port}"
+
     def allowed_host_names(self) -> frozenset[str] | None:
         """The host names a request's ``Host`` may carry; ``None`` means any.
 

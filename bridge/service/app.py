@@ -19,7 +19,13 @@ from bridge.logging import get_logger
 from bridge.service import ledger as ledger_routes
 from bridge.service import mpi as mpi_routes
 from bridge.service import openapi
+from bridge.service.auth import discovery
+from bridge.service.auth import server as auth_server
+from bridge.service.auth.discovery import issuer_url
+from bridge.service.auth.keys import current_jwks
 from bridge.service.auth.marks import authenticated, public
+from bridge.service.auth.middleware import AUTHORIZATION, Authorization, auth_middleware
+from bridge.service.auth.tokens import Issuer, TokenVerifier, load_issuers
 from bridge.service.context import ALLOWED_HOSTS, BACKEND, SETTINGS, Backend, base_url
 from bridge.service.fhir import everything, read, search
 from bridge.service.fhir.capability import capability_statement
@@ -110,16 +116,25 @@ async def home(request: web.Request) -> web.Response:
     return web.Response(text=html, content_type="text/html")
 
 
-def create_app(settings: Settings, backend: Backend | None = None) -> web.Application:
-    """The application over ``backend`` (default: the configured index, ledger and MPI); the ledger's
-    and the MPI's routes are mounted only when the backend has them."""
-    app = web.Application(middlewares=[host_middleware, errors_middleware], client_max_size=16 * 1024 * 1024)
+def create_app(
+    settings: Settings, backend: Backend | None = None, authorization: Authorization | None = None
+) -> web.Application:
+    """The application over ``backend`` (default: the configured index, ledger and MPI) and
+    ``authorization`` (default: tokens of the embedded issuer and of the trusted issuers file); the
+    ledger's and the MPI's routes are mounted only when the backend has them."""
+    app = web.Application(
+        middlewares=[host_middleware, errors_middleware, auth_middleware], client_max_size=16 * 1024 * 1024
+    )
     app[SETTINGS] = settings
     app[ALLOWED_HOSTS] = settings.http.allowed_host_names()
     be = backend or default_backend(settings)
     app[BACKEND] = be
+    auth = authorization or default_authorization(settings)
+    app[AUTHORIZATION] = auth
     app.add_routes(routes)
     app.add_routes(openapi.routes)
+    app.add_routes(discovery.routes)
+    app.add_routes(auth_server.routes)
     app.add_routes(search.routes)
     app.add_routes(everything.routes)
     if be.has_ledger:
@@ -129,10 +144,24 @@ def create_app(settings: Settings, backend: Backend | None = None) -> web.Applic
     app.add_routes(read.routes)  # last: its pattern would also match the paths above
 
     async def _close(_: web.Application) -> None:
+        if auth.verifier is not None:
+            await auth.verifier.close()
         be.close()
 
     app.on_cleanup.append(_close)
     return app
+
+
+def default_authorization(settings: Settings) -> Authorization:
+    """Tokens of the embedded authorization server (its keys read in-process, rotations included) and
+    of every issuer in ``FHIRBRIDGE_AUTH_ISSUERS`` when that file exists, for this service's FHIR base."""
+    base = settings.http.fhir_base()
+    embedded = Issuer(url=issuer_url(base), organization=settings.auth.organization)
+    issuers: list[Issuer] = [embedded]
+    if settings.auth.issuers_file.is_file():
+        issuers += [i for i in load_issuers(settings.auth.issuers_file) if i.url != embedded.url]
+    verifier = TokenVerifier(issuers, base, static_keys={embedded.url: lambda: current_jwks(settings)})
+    return Authorization(verifier)
 
 
 def default_backend(settings: Settings) -> Backend:

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from bridge.config import Settings
 from bridge.logging import get_logger
+from bridge.stores.auth import AuthStore
 from bridge.stores.index.store import IndexStore
 
 log = get_logger(__name__)
@@ -63,6 +64,11 @@ class Backend:
 
     def mpi(self) -> Any:
         return self._get("mpi", self._mpi_factory)
+
+    def auth(self) -> AuthStore:
+        """The embedded authorization server's store (clients, users, codes, seen assertions)."""
+        store: AuthStore = self._get("auth", lambda: AuthStore.open(self.settings.auth.url))
+        return store
 
     @property
     def has_ledger(self) -> bool:

@@ -14,6 +14,8 @@ import orjson
 from aiohttp import web
 
 from bridge.errors import FhirbridgeError, TransientError
+from bridge.service.auth.marks import Forbidden, Unauthorized
+from bridge.service.auth.tokens import IssuerUnavailable
 from bridge.service.fhir.dates import DATE, interval
 from bridge.stores.mpi.config import MpiConflict, MpiError, MpiInputError, MpiNotFound
 from ledger.errors import InvalidEntry, LedgerError, OutOfRange, StorageUnavailable, VerificationError
@@ -62,6 +64,7 @@ class FhirHTTPError(FhirbridgeError):
 
 #: exception class -> (status, FHIR issue-type code, diagnostics); the first class that matches wins
 ERRORS: list[tuple[type[BaseException], int, str, Callable[[BaseException], str]]] = [
+    (IssuerUnavailable, 503, "transient", lambda e: "the token's issuer cannot be reached; retry later"),
     (OutOfRange, 404, "not-found", str),
     (StorageUnavailable, 503, "transient", lambda e: "the ledger database is unavailable; retry later"),
     (TransientError, 503, "transient", lambda e: "a database is unavailable; retry later"),
@@ -75,10 +78,28 @@ ERRORS: list[tuple[type[BaseException], int, str, Callable[[BaseException], str]
 ]
 
 
+def _bearer_challenge(error: str, description: str) -> str:
+    """An RFC 6750 ``WWW-Authenticate`` value (the description is ours, never the token's content)."""
+    safe = description.replace("\\", "").replace('"', "'")
+    return f'Bearer realm="fhirbridge", error="{error}", error_description="{safe}"'
+
+
 def error_response(exc: BaseException) -> web.Response | None:
     """The OperationOutcome answer to ``exc``, or None when the table does not know it (a 500)."""
     if isinstance(exc, FhirHTTPError):
         return outcome_response(exc.status, exc.code, exc.diagnostics)
+    if isinstance(exc, Unauthorized):
+        return fhir_response(
+            operation_outcome("error", "login", f"authentication needed: {exc.reason}"),
+            status=401,
+            headers={"WWW-Authenticate": _bearer_challenge("invalid_token", exc.reason)},
+        )
+    if isinstance(exc, Forbidden):
+        return fhir_response(
+            operation_outcome("error", "forbidden", str(exc)),
+            status=403,
+            headers={"WWW-Authenticate": _bearer_challenge("insufficient_scope", str(exc))},
+        )
     for cls, status, code, diagnostics in ERRORS:
         if isinstance(exc, cls):
             return outcome_response(status, code, diagnostics(exc))

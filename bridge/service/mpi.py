@@ -8,7 +8,9 @@
 * ``POST /Person/$mpi-unlink``            manual unlink (same body)
 * ``GET  /Person/$mpi-history?id=``       link history of a person or a record, as Parameters
 
-The actor of a manual decision comes from the body (``actor``) or the ``X-Fhirbridge-Actor`` header.
+The actor of a manual decision is the access token's issuer and subject (``issuer|subject``); a body
+``actor`` is ignored. Only with authorization off (benchmarks) does it come from the body or the
+``X-Fhirbridge-Actor`` header.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import orjson
 from aiohttp import web
 
 from bridge.service.auth.marks import needs
+from bridge.service.auth.middleware import access_of
 from bridge.service.context import Backend, run_db
 from bridge.service.http import fhir_response, int_param
 from bridge.stores.mpi.config import MpiInputError
@@ -158,10 +161,15 @@ async def _read_body(request: web.Request) -> dict[str, Any]:
         if not isinstance(v, str) or not v:
             raise MpiInputError(f"missing {key} (a Patient id or 'Patient/<id>' reference)")
         out[key] = v.split("/", 1)[1] if v.startswith("Patient/") else v
-    actor = out.get("actor") or request.headers.get("X-Fhirbridge-Actor")
-    if not isinstance(actor, str) or not actor.strip():
-        raise MpiInputError("missing actor (body 'actor' or header X-Fhirbridge-Actor)")
-    out["actor"] = actor.strip()
+    access = access_of(request)
+    if access is not None:
+        # the decision is the token's: its issuer and subject, whatever the body says
+        out["actor"] = f"{access.context.issuer}|{access.context.subject}"
+    else:
+        actor = out.get("actor") or request.headers.get("X-Fhirbridge-Actor")
+        if not isinstance(actor, str) or not actor.strip():
+            raise MpiInputError("missing actor (body 'actor' or header X-Fhirbridge-Actor)")
+        out["actor"] = actor.strip()
     reason = out.get("reason")
     out["reason"] = reason if isinstance(reason, str) and reason else None
     for key in ("patientA", "patientB", "actor", "reason"):

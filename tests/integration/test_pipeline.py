@@ -12,6 +12,7 @@ from bridge.config import Settings
 from bridge.service.app import create_app
 from bridge.stores.index.store import IndexStore
 from ledger import checkpoint, merkle
+from tests.support.auth import bearer
 
 from .pipeline import Stack, count_messages, make_stack, write_feeds
 
@@ -68,7 +69,7 @@ async def test_two_hospitals_end_to_end(stack: Stack, tmp_path: Path) -> None:
     assert row, "the generated feeds share patients; the index must link them by SSN"
     pid_a, pid_b, ssn = row[0]
 
-    async with TestClient(TestServer(create_app(stack.settings))) as client:
+    async with TestClient(TestServer(create_app(stack.settings)), headers=bearer(stack.settings)) as client:
         resp = await client.get(f"/Patient/{pid_a}/$everything", params={"_proof": "true"})
         assert resp.status == 200
         assert resp.headers["Content-Type"].startswith("application/fhir+json")

@@ -12,7 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from bridge.service.auth.marks import public
-from bridge.service.context import base_url
+from bridge.service.context import SETTINGS
 from bridge.service.http import json_response
 
 routes = web.RouteTableDef()
@@ -69,4 +69,4 @@ def smart_configuration(base: str) -> dict[str, Any]:
 @public
 async def get_smart_configuration(request: web.Request) -> web.Response:
     """SMART App Launch discovery (always JSON)."""
-    return json_response(smart_configuration(base_url(request)))
+    return json_response(smart_configuration(request.app[SETTINGS].http.fhir_base()))

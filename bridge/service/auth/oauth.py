@@ -96,6 +96,8 @@ class HttpRequest:
     form: MultiDictProxy[str] = field(default_factory=lambda: MultiDictProxy(MultiDict()))
     remote: str | None = None
     cookies: Mapping[str, str] = field(default_factory=dict)
+    #: the URL as this request reached the service (its own scheme and host), path only
+    seen_url: str | None = None
 
 
 async def read_request(request: web.Request, base: str) -> HttpRequest:
@@ -121,6 +123,7 @@ async def read_request(request: web.Request, base: str) -> HttpRequest:
     return HttpRequest(
         method=request.method,
         url=base + request.path_qs,
+        seen_url=f"{request.scheme}://{request.host}{request.path}",
         headers=CIMultiDict(request.headers),
         query=MultiDictProxy(MultiDict(request.query)),
         form=MultiDictProxy(form),
@@ -287,14 +290,14 @@ class PrivateKeyJwt(JWTBearerClientAssertion):  # type: ignore[misc]
 
     CLIENT_AUTH_METHOD = "private_key_jwt"
 
-    def __init__(self, store: AuthStore, token_url: str, jwks_source: JwksSource) -> None:
+    def __init__(self, store: AuthStore, token_urls: list[str], jwks_source: JwksSource) -> None:
         super().__init__(validate_jti=True, leeway=LEEWAY)
         self.store = store
-        self.token_url = token_url
+        self.token_urls = token_urls
         self.jwks_source = jwks_source
 
     def get_audiences(self) -> list[str]:
-        return [self.token_url]
+        return self.token_urls
 
     def resolve_client_public_key(self, client: OAuthClient) -> KeySet:
         record = client.record
@@ -511,13 +514,19 @@ class EmbeddedAuthorizationServer(AuthorizationServer):  # type: ignore[misc]
         audience: str,
         lifetime: int,
         jwks_source: JwksSource = REMOTE_JWKS,
+        token_url_seen: str | None = None,
     ) -> None:
+        """``token_url_seen``: the token URL as this request reached it, which a client's assertion may
+        name as its ``aud`` besides the advertised ``<issuer>/token`` (a proxy or another host name)."""
         super().__init__(scopes_supported=None)
         self.store, self.ring = store, ring
         self.issuer, self.audience, self.lifetime = issuer, audience, lifetime
         self.register_token_generator("default", AccessTokens(self))
         self.register_client_auth_method(
-            PrivateKeyJwt.CLIENT_AUTH_METHOD, PrivateKeyJwt(store, f"{issuer}/token", jwks_source)
+            PrivateKeyJwt.CLIENT_AUTH_METHOD,
+            PrivateKeyJwt(
+                store, list(dict.fromkeys(u for u in (f"{issuer}/token", token_url_seen) if u)), jwks_source
+            ),
         )
         self.register_grant(ClientCredentials)
         self.register_grant(

@@ -55,7 +55,7 @@ from bridge.service.auth.oauth import (
     oauth_response,
     read_request,
 )
-from bridge.service.context import SETTINGS, Backend, base_url, run_db
+from bridge.service.context import SETTINGS, Backend, run_db
 from bridge.stores.auth import AuthStore, AuthUser
 
 log = get_logger(__name__)
@@ -63,28 +63,29 @@ routes = web.RouteTableDef()
 
 
 def _auth_store(backend: Backend, settings: Settings) -> AuthStore:
-    """The calling thread's auth store: opened on first use in each of the backend's threads and closed
-    with its other stores (through the backend's per-thread registry; it has no auth accessor yet)."""
-    store: AuthStore = backend._get("auth", lambda: AuthStore.open(settings.auth.url))
+    """The calling thread's auth store (the backend opens one per thread and closes it with the others)."""
+    store: AuthStore = backend.auth()
     return store
 
 
-def _server(backend: Backend, settings: Settings, base: str) -> EmbeddedAuthorizationServer:
+def _server(
+    backend: Backend, settings: Settings, base: str, token_url_seen: str | None = None
+) -> EmbeddedAuthorizationServer:
     return EmbeddedAuthorizationServer(
         _auth_store(backend, settings),
         signing_keys(settings),
         issuer=issuer_url(base),
         audience=base,
         lifetime=settings.auth.token_lifetime,
+        token_url_seen=token_url_seen,
     )
 
 
 def fhir_base(request: web.Request) -> str:
     """The FHIR base the issuer (``<base>/auth``), the tokens' ``aud`` and the endpoints' URLs are built
-    on: ``FHIRBRIDGE_PUBLIC_URL`` when set, else the request's scheme and ``Host``. The one place it is
-    chosen: a verifier that knows a single audience needs ``FHIRBRIDGE_PUBLIC_URL`` set, or clients
-    that all use one host name."""
-    return base_url(request)
+    on: the service's one base (:meth:`bridge.config.HttpSettings.fhir_base`), whatever host name the
+    client used, so that every token names the audience the verifier checks."""
+    return request.app[SETTINGS].http.fhir_base()
 
 
 async def _answer(request: web.Request, work: Any) -> web.StreamResponse:
@@ -120,7 +121,7 @@ async def token(request: web.Request) -> web.StreamResponse:
 
 
 def _token(backend: Backend, settings: Settings, base: str, http: HttpRequest) -> web.Response:
-    response: web.Response = _server(backend, settings, base).create_token_response(http)
+    response: web.Response = _server(backend, settings, base, http.seen_url).create_token_response(http)
     return response
 
 

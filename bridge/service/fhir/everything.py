@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import operator
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
@@ -24,7 +25,9 @@ from urllib.parse import urlencode
 import orjson
 from aiohttp import web
 
-from bridge.service.auth.marks import needs
+from bridge.service.auth.marks import Forbidden, needs
+from bridge.service.auth.middleware import access_of
+from bridge.service.auth.policy import Access
 from bridge.service.context import Backend, base_url, stores
 from bridge.service.fhir.dates import in_range, utc_millis
 from bridge.service.http import (
@@ -61,6 +64,8 @@ class EverythingParams:
     offset: int
     proof: bool
     base: str
+    #: the token's narrowing: whether a stored resource may be returned (None: every one)
+    permit: Callable[[StoredResource], bool] | None = None
 
 
 @dataclass
@@ -123,6 +128,8 @@ def everything(backend: Backend, patient_id: str, params: EverythingParams) -> d
             r for r in resources if r.resource_type == "Patient" or in_range(r.clinical_date, start, end)
         ]
     resources = [r for r in resources if r.resource_type != "Provenance"]
+    if params.permit is not None:
+        resources = [r for r in resources if params.permit(r)]
     merged = merge_duplicates(resources)
     total = len(merged)
     page = merged[params.offset : params.offset + params.count]
@@ -224,6 +231,31 @@ def _provenance_ext(
     return {"url": PROVENANCE_EXT, "extension": sub}
 
 
+def _authorized(
+    access: Access, pid: str, types: list[str] | None
+) -> tuple[list[str] | None, Callable[[StoredResource], bool] | None]:
+    """The types to return and the narrowing filter, for a token: the types it may read (of a patient
+    outside a ``patient/`` token's compartment, none: :class:`Forbidden`, whether the patient exists
+    or not), within ``_type`` when given; ``?category=``/``?code=`` narrowing as a filter."""
+    readable = [
+        t
+        for t in sorted(EVERYTHING_TYPES)
+        if access.allows(t, "r") and (not access.grant(t, "r")[1] or pid in (access.compartment or ()))
+    ]
+    if not readable:
+        raise Forbidden("the token's scopes do not cover this patient")
+    if len(readable) < len(EVERYTHING_TYPES) or types is not None:
+        types = [t for t in (types if types is not None else readable) if t in readable]
+    narrowed = frozenset(t for t in readable if access.narrowed(t, "r"))
+    if not narrowed:
+        return types, None
+
+    def permit(r: StoredResource) -> bool:
+        return r.resource_type not in narrowed or access.permits(orjson.loads(r.body), "r")
+
+    return types, permit
+
+
 @routes.get(r"/Patient/{id}/$everything")
 @needs("*", "r")
 async def patient_everything(request: web.Request) -> web.Response:
@@ -269,6 +301,10 @@ async def patient_everything(request: web.Request) -> web.Response:
             400, "invalid", f"parameter _proof: {request.query['_proof']!r} is not true or false"
         )
     since = date_param(request, "_since")
+    permit = None
+    access = access_of(request)
+    if access is not None:  # what the token may read of this patient, decided before any query
+        types, permit = _authorized(access, pid, types)
     params = EverythingParams(
         start=date_param(request, "start"),
         end=date_param(request, "end"),
@@ -278,6 +314,7 @@ async def patient_everything(request: web.Request) -> web.Response:
         offset=int_param(request, "_offset", 0, 0, 10**9),
         proof=proof_raw == "true",
         base=base_url(request),
+        permit=permit,
     )
     backend = stores(request)
     result = await backend.run(everything, backend, pid, params)

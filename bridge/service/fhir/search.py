@@ -8,6 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from bridge.service.auth.marks import needs
+from bridge.service.auth.middleware import access_of
 from bridge.service.context import Backend, base_url, stores
 from bridge.service.http import (
     FhirHTTPError,
@@ -24,19 +25,28 @@ SEARCH_LIMIT = 200  # Patient search returns no more entries than this, and says
 
 
 def _search_patients(
-    backend: Backend, identifier: str | None, name: str | None, birthdate: str | None
+    backend: Backend,
+    identifier: str | None,
+    name: str | None,
+    birthdate: str | None,
+    only: frozenset[str] | None = None,
 ) -> tuple[list[dict[str, Any]], int]:
-    """The first ``SEARCH_LIMIT`` matching Patients, and the number of matches."""
+    """The first ``SEARCH_LIMIT`` matching Patients, and the number of matches (among ``only``, the
+    ids of a ``patient/`` token's compartment, when given)."""
     index = backend.index()
+
+    def match(p: dict[str, Any]) -> bool:
+        return (only is None or p.get("id") in only) and _matches(p, name, birthdate)
+
     if identifier:
         system, sep, value = identifier.partition("|")
         ids = index.patients_by_identifier(system if sep else None, value if sep else identifier)
-        patients = [p for p in (index.get("Patient", i) for i in ids) if p is not None]
-        found = [p for p in patients if _matches(p, name, birthdate)]
+        patients = [
+            p for p in (index.get("Patient", i) for i in ids if only is None or i in only) if p is not None
+        ]
+        found = [p for p in patients if match(p)]
         return found[:SEARCH_LIMIT], len(found)
-    return index.search_patients(
-        name=name, birthdate=birthdate, limit=SEARCH_LIMIT, match=lambda p: _matches(p, name, birthdate)
-    )
+    return index.search_patients(name=name, birthdate=birthdate, limit=SEARCH_LIMIT, match=match)
 
 
 def _matches(patient: dict[str, Any], name: str | None, birthdate: str | None) -> bool:
@@ -66,8 +76,10 @@ async def patient_search(request: web.Request) -> web.Response:
     birthdate = date_param(request, "birthdate")
     if not (identifier or name or birthdate):
         raise FhirHTTPError(400, "required", "give at least one of identifier, name, birthdate")
+    access = access_of(request)
+    only = access.compartment if access is not None and access.grant("Patient", "s")[1] else None
     backend = stores(request)
-    patients, total = await backend.run(_search_patients, backend, identifier, name, birthdate)
+    patients, total = await backend.run(_search_patients, backend, identifier, name, birthdate, only)
     base = base_url(request)
     entries: list[dict[str, Any]] = [
         {"fullUrl": f"{base}/Patient/{p['id']}", "resource": p, "search": {"mode": "match"}} for p in patients

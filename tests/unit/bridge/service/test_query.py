@@ -13,6 +13,7 @@ from bridge.service.app import Backend, create_app
 from bridge.service.fhir.dates import date_range, in_range, utc_millis
 from bridge.stores.index.store import IncomingBundle, IndexStore
 from bridge.stores.ledger import open_ledger
+from tests.support.auth import bearer
 
 
 def _bundle(sha: str, org: str, resources: list[dict[str, Any]], ts: str) -> IncomingBundle:
@@ -97,7 +98,7 @@ async def client(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
     )
     store.close()
     backend = Backend(settings)  # no ledger, identifier linking only
-    async with TestClient(TestServer(create_app(settings, backend))) as c:
+    async with TestClient(TestServer(create_app(settings, backend)), headers=bearer(settings)) as c:
         yield c
 
 
@@ -278,7 +279,7 @@ async def test_provenance_does_not_depend_on_the_page_size(
             ),
         ],
     )
-    async with TestClient(TestServer(create_app(settings, Backend(settings)))) as c:
+    async with TestClient(TestServer(create_app(settings, Backend(settings))), headers=bearer(settings)) as c:
         for count in ("5", "100"):
             b = await _everything(c, _count=count)
             entry = next(e for e in b["entry"] if e["resource"]["id"] == "x")
@@ -305,7 +306,7 @@ async def test_name_search_folds_non_ascii_and_is_not_cut_short(tmp_path: Path) 
         {"resourceType": "Patient", "id": "p999", "name": [{"family": "Martin", "given": ["Élodie"]}]}
     )
     settings = _store_with(tmp_path, [_bundle("h7", "st-mary", patients, "2026-01-01T00:00:00.000Z")])
-    async with TestClient(TestServer(create_app(settings, Backend(settings)))) as c:
+    async with TestClient(TestServer(create_app(settings, Backend(settings))), headers=bearer(settings)) as c:
         # 231 bodies mention each name; only the last by id has it as a name (the first 200 do not)
         for needle, expected in (
             ("élodie", ["p999"]),
@@ -364,7 +365,7 @@ async def test_extreme_dates_answer_200_not_500(tmp_path: Path, index_env: dict[
         ],
         **index_env,
     )
-    async with TestClient(TestServer(create_app(settings, Backend(settings)))) as c:
+    async with TestClient(TestServer(create_app(settings, Backend(settings))), headers=bearer(settings)) as c:
         for params, expected in [
             ({"start": "2026-01-01"}, {"pa", "o1", "cov"}),
             ({"end": "2026-12-31"}, {"pa", "o1"}),
@@ -473,7 +474,7 @@ async def test_a_minute_precision_bound_covers_the_whole_minute(
         ],
         **index_env,
     )
-    async with TestClient(TestServer(create_app(settings, Backend(settings)))) as c:
+    async with TestClient(TestServer(create_app(settings, Backend(settings))), headers=bearer(settings)) as c:
         assert _ids(await _everything(c, end="2026-01-10T08:00Z", _type="Observation")) == ["o0830"]
         b = await _everything(c, start="2026-01-10T08:00Z", end="2026-01-10T08:00Z", _type="Observation")
         assert _ids(b) == ["o0830"]
@@ -544,7 +545,7 @@ async def test_proof_true_says_which_entries_carry_no_proof(
     led.append([logged(h2, "A", 2), logged(h3, "A", 3)])
     led.close()
     backend = Backend(settings, ledger_factory=lambda: open_ledger(ledger_url, origin=origin))
-    async with TestClient(TestServer(create_app(settings, backend))) as c:
+    async with TestClient(TestServer(create_app(settings, backend)), headers=bearer(settings)) as c:
         b = await _everything(c, _proof="true")
         cp = checkpoint.open(b["meta"]["extension"][0]["valueString"], [vkey])
         assert cp.size == 1
@@ -588,7 +589,7 @@ async def test_nul_characters_give_400_or_404_on_both_backends(
         [_bundle("h1", "st-mary", [{"resourceType": "Patient", "id": "pa"}], "2026-01-01T00:00:00.000Z")],
         **index_env,
     )
-    async with TestClient(TestServer(create_app(settings, Backend(settings)))) as c:
+    async with TestClient(TestServer(create_app(settings, Backend(settings))), headers=bearer(settings)) as c:
         for path, status, name in [
             ("/Patient/a%00b/$everything", 404, None),
             ("/Patient/pa/$everything?_type=Obs%00", 400, "_type"),
@@ -629,7 +630,7 @@ async def test_name_search_is_the_same_on_both_backends(tmp_path: Path, index_en
     settings = _store_with(
         tmp_path, [_bundle("h1", "st-mary", patients, "2026-01-01T00:00:00.000Z")], **index_env
     )
-    async with TestClient(TestServer(create_app(settings, Backend(settings)))) as c:
+    async with TestClient(TestServer(create_app(settings, Backend(settings))), headers=bearer(settings)) as c:
         for needle, expected in [
             ("strauß", ["p1"]),
             ("ØRSTED", ["p2"]),
@@ -667,7 +668,7 @@ async def test_patient_search_total_is_true_and_truncation_is_announced(
     settings = _store_with(
         tmp_path, [_bundle("h1", "st-mary", patients, "2026-01-01T00:00:00.000Z")], **index_env
     )
-    async with TestClient(TestServer(create_app(settings, Backend(settings)))) as c:
+    async with TestClient(TestServer(create_app(settings, Backend(settings))), headers=bearer(settings)) as c:
         for params in ({"name": "doe"}, {"birthdate": "1990"}, {"identifier": f"{ssn['system']}|999"}):
             status, body = await _get(c, "/Patient", **params)
             assert status == 200
@@ -686,7 +687,7 @@ async def test_a_host_header_the_service_was_not_given_is_refused(tmp_path: Path
         tmp_path,
         [_bundle("h1", "st-mary", [{"resourceType": "Patient", "id": "pa"}], "2026-01-01T00:00:00.000Z")],
     )
-    async with TestClient(TestServer(create_app(settings, Backend(settings)))) as c:
+    async with TestClient(TestServer(create_app(settings, Backend(settings))), headers=bearer(settings)) as c:
         for host in ("evil.example", "evil.example:8080", "127.0.0.1.evil.example"):
             resp = await c.get("/Patient/pa/$everything", headers={"Host": host})
             assert resp.status == 400, host
@@ -704,7 +705,7 @@ async def test_a_host_header_the_service_was_not_given_is_refused(tmp_path: Path
         ({"FHIRBRIDGE_PUBLIC_URL": "https://fhir.hie.example"}, "internal-proxy-name", 200),
     ):
         s = Settings.from_env({"FHIRBRIDGE_DATA_DIR": str(tmp_path), **env})
-        async with TestClient(TestServer(create_app(s, Backend(s)))) as c:
+        async with TestClient(TestServer(create_app(s, Backend(s))), headers=bearer(s)) as c:
             resp = await c.get("/Patient/pa/$everything", headers={"Host": host})
             assert resp.status == status, (env, host)
             if "FHIRBRIDGE_PUBLIC_URL" in env:

@@ -40,7 +40,8 @@ class Env:
 
     def __init__(self, client: TestClient, store: AuthStore, settings: Settings) -> None:
         self.client, self.store, self.settings = client, store, settings
-        self.base = str(client.make_url("")).rstrip("/")
+        # the service's one base, whatever address the test server got (HttpSettings.fhir_base)
+        self.base = settings.http.fhir_base()
         self.issuer = f"{self.base}/auth"
         self.token_url = f"{self.issuer}/token"
 

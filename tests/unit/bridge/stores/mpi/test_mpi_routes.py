@@ -12,6 +12,7 @@ from bridge.service.app import create_app
 from bridge.service.context import Backend
 from bridge.service.mpi import EXT_SCORE, EXT_STATE
 from bridge.stores.mpi import PersonIndex, person_id_for
+from tests.support.auth import bearer
 
 A = patient(
     "a1",
@@ -52,7 +53,9 @@ def mpi(tmp_path: Path) -> Iterator[PersonIndex]:
 async def client(aiohttp_client: Any, mpi: PersonIndex, tmp_path: Path) -> Any:
     # the whole query service, whose catch-all read route must not take the MPI's paths
     settings = Settings.from_env({"FHIRBRIDGE_DATA_DIR": str(tmp_path / "service")})
-    return await aiohttp_client(create_app(settings, Backend(settings, mpi_factory=lambda: mpi)))
+    app = create_app(settings, Backend(settings, mpi_factory=lambda: mpi))
+    # a data steward's token: the MPI's reads and decisions
+    return await aiohttp_client(app, headers=bearer(settings, "user/Person.rus", subject="dr.who"))
 
 
 def ext(link: dict[str, Any], url: str) -> Any:
@@ -132,13 +135,12 @@ async def test_review_queue_and_manual_link_unlink(client: Any, mpi: PersonIndex
 @pytest.mark.parametrize(
     ("path", "payload", "status"),
     [
-        ("/Person/$mpi-link", {"patient_a": "a1", "patient_b": "c2"}, 400),  # no actor
         ("/Person/$mpi-link", {"patient_a": "a1", "actor": "x"}, 400),
         ("/Person/$mpi-link", {"patient_a": "a1", "patient_b": "zz", "actor": "x"}, 404),
         ("/Person/$mpi-link", [1, 2], 400),
         ("/Person/$mpi-link", {"resourceType": "Parameters", "parameter": 5}, 400),  # a 500 once
         ("/Person/$mpi-link", {"patient_a": "a1", "patient_b": "c\u00002", "actor": "x"}, 400),
-        ("/Person/$mpi-unlink", {"patient_a": "a1", "patient_b": "c2", "actor": "x\u0000"}, 400),
+        ("/Person/$mpi-unlink", {"patient_a": "a1", "patient_b": "c2", "reason": "x\u0000"}, 400),
     ],
 )
 async def test_bad_requests(client: Any, path: str, payload: Any, status: int) -> None:
