@@ -90,7 +90,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 @public
 async def metadata(request: web.Request) -> web.Response:
     """The R4 CapabilityStatement."""
-    return fhir_response(capability_statement(base_url(request)))
+    base = base_url(request)
+    return fhir_response(capability_statement(base, issuer_url(request.app[SETTINGS].http.fhir_base())))
 
 
 @routes.get("/metrics")

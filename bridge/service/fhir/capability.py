@@ -7,7 +7,10 @@ from typing import Any
 from bridge import __version__
 
 
-def capability_statement(base: str) -> dict[str, Any]:
+def capability_statement(base: str, issuer: str | None = None) -> dict[str, Any]:
+    """The CapabilityStatement of the service at ``base``; ``issuer`` is the embedded authorization
+    server's (the SMART security service and its OAuth URIs are declared for it)."""
+    issuer = issuer or f"{base}/auth"
     return {
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -21,6 +24,31 @@ def capability_statement(base: str) -> dict[str, Any]:
             {
                 "mode": "server",
                 "documentation": "Merged, de-duplicated, provable cross-provider histories. See /openapi.json.",
+                "security": {
+                    "cors": False,
+                    "service": [
+                        {
+                            "coding": [
+                                {
+                                    "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                                    "code": "SMART-on-FHIR",
+                                }
+                            ],
+                            "text": "OAuth2 using SMART-on-FHIR profile (see /.well-known/smart-configuration)",
+                        }
+                    ],
+                    "extension": [
+                        {
+                            "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+                            "extension": [
+                                {"url": "token", "valueUri": f"{issuer}/token"},
+                                {"url": "authorize", "valueUri": f"{issuer}/authorize"},
+                            ],
+                        }
+                    ],
+                    "description": "Every request but /metadata, /.well-known/*, /openapi.json and the ledger's "
+                    "public reads needs a Bearer access token (SMART App Launch 2.2 scopes).",
+                },
                 "resource": [
                     {
                         "type": "Patient",
