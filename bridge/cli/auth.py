@@ -314,12 +314,5 @@ def _token(args: argparse.Namespace) -> int:
 
 
 def default_token_url() -> str:
-    """``<FHIRBRIDGE_PUBLIC_URL>/auth/token``, else the service's own address (loopback for a wildcard)."""
-    http = settings().http
-    if http.public_base_url:
-        return f"{http.public_base_url.rstrip('/')}/auth/token"
-    host = "127.0.0.1" if http.host in ("", "0.0.0.0") else ("::1" if http.host == "::" else http.host)
-    if ":" in host:
-        host = f"[{host}]"
-    scheme = "https" if http.tls.enabled else "http"
-    return f"{scheme}://{host}:{http.port}/auth/token"
+    """The embedded issuer's token endpoint: ``<FHIR base>/auth/token`` (:meth:`HttpSettings.fhir_base`)."""
+    return f"{settings().http.fhir_base()}/auth/token"

@@ -246,6 +246,19 @@ def run_demo(
             print(f"  Same SSN, all sites  {base}/Patient?identifier={system}|{value}")
             print(f"  Person (MPI)         {base}/Person/{person_id}")
             print(f"  MPI review queue     {base}/Person/$mpi-review-queue")
+        logins, token_command, token = _demo_identities(
+            settings, env, data_dir, shared[0] if shared else None
+        )
+        print(
+            "\nEvery route but /metadata, /.well-known/* and the ledger's reads needs an access token (SMART):"
+        )
+        print(f"  A token (5 minutes)  {token_command}")
+        if shared:
+            print(
+                f"  Try it               curl -H 'Authorization: Bearer {token}' '{base}/Patient/{shared[0]}/$everything'"
+            )
+        print(f"  Sign-in (SMART apps) {base}/auth/authorize   demo logins: {logins}")
+        print(f"  SMART configuration  {base}/.well-known/smart-configuration")
         env_file = data_dir / "env"
         env_file.write_text("\n".join(environment_lines(data_dir)) + "\n")
         print(
@@ -271,6 +284,86 @@ def run_demo(
         return 1
     finally:
         stop_all()
+
+
+#: the demo's users of the sign-in form: (id, kind, extra arguments)
+DEMO_USERS = (
+    ("clinician", "clinician", ("--organization", "st-mary", "--fhir-user", "Practitioner/demo-clinician")),
+    ("steward", "steward", ()),
+    ("patient", "patient", ()),
+)
+DEMO_CLIENT = "demo-backend"
+
+
+def _demo_identities(
+    settings: Any, env: dict[str, str], data_dir: Path, patient: str | None
+) -> tuple[str, str, str]:
+    """Demo users (their passwords kept in ``<data>/auth/demo-logins.txt``, mode 0600), a backend-services
+    client with its key, and a token of that client from the running service: the logins to print,
+    the command that gets a token, and a token."""
+    import secrets
+
+    from bridge.stores.auth import AuthStore
+
+    auth_dir = data_dir / "auth"
+    auth_dir.mkdir(exist_ok=True)
+    logins_file = auth_dir / "demo-logins.txt"
+    if logins_file.exists():
+        logins = dict(line.split(" ", 1) for line in logins_file.read_text().splitlines() if " " in line)
+    else:
+        logins = {uid: secrets.token_urlsafe(9) for uid, _, _ in DEMO_USERS}
+        fd = os.open(logins_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write("".join(f"{uid} {pw}\n" for uid, pw in logins.items()))
+    store = AuthStore.open(settings.auth.url)
+    try:
+        missing_users = [u for u in DEMO_USERS if store.user(u[0]) is None]
+        has_client = store.client(DEMO_CLIENT) is not None
+    finally:
+        store.close()
+    for uid, kind, extra in missing_users:
+        if kind == "patient" and patient is None:
+            continue
+        args = ("--patient", patient) if kind == "patient" and patient else extra
+        subprocess.run(
+            _cli("auth", "users", "add", "--id", uid, "--kind", kind, *args),
+            env={**env, "FHIRBRIDGE_AUTH_PASSWORD": logins[uid]},
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+    key_file = auth_dir / f"{DEMO_CLIENT}.jwk"
+    if not key_file.exists():
+        subprocess.run(
+            _cli("auth", "keygen", "--name", DEMO_CLIENT, "--out", str(auth_dir)),
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+    if not has_client:
+        subprocess.run(
+            _cli(
+                "auth",
+                "clients",
+                "add",
+                "--id",
+                DEMO_CLIENT,
+                "--jwks-file",
+                str(auth_dir / f"{DEMO_CLIENT}.jwks.json"),
+                "--scope",
+                "system/*.rs",
+            ),
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+    argv = ("auth", "token", "--client", DEMO_CLIENT, "--key-file", str(key_file), "--scope", "system/*.rs")
+    token = subprocess.run(_cli(*argv), env=env, check=True, capture_output=True, text=True).stdout.strip()
+    shown = ", ".join(f"{uid} / {pw}" for uid, pw in logins.items() if uid != "patient" or patient)
+    command = (
+        f"FHIRBRIDGE_DATA_DIR={data_dir} FHIRBRIDGE_HTTP_PORT={env['FHIRBRIDGE_HTTP_PORT']} fhirbridge auth token "
+        f"--client {DEMO_CLIENT} --key-file {key_file} --scope 'system/*.rs'"
+    )
+    return shown, command, token
 
 
 def _count_messages(data: Path) -> int:

@@ -6,6 +6,8 @@ import os
 import re
 import subprocess
 import sys
+import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -44,6 +46,11 @@ def test_demo_runs_to_ready_prints_working_links_and_keeps_its_data(tmp_path: Pa
     assert "Ready: 172 ADT messages from 2 hospitals are logged and queryable." in proc.stdout
     urls = re.findall(r"(http://127\.0\.0\.1:\d+/\S*)", proc.stdout)
     assert any("/$everything" in u for u in urls) and any("/Person/" in u for u in urls)
+    # the curl line it prints works, with its token; without one the same request is refused
+    (curl,) = [x for x in proc.stdout.splitlines() if "curl -H" in x]
+    token, url = re.search(r"Bearer ([^']+)' '(http://[^']+)'", curl).groups()  # type: ignore[union-attr]
+    assert "demo logins: clinician / " in proc.stdout
+    assert (data_dir / "auth" / "demo-logins.txt").stat().st_mode & 0o077 == 0
     # the stack is stopped on exit: nothing listens any more
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metadata", timeout=2)
@@ -62,6 +69,34 @@ def test_demo_runs_to_ready_prints_working_links_and_keeps_its_data(tmp_path: Pa
     )
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert (data_dir / "env").read_text().strip() == line
+
+    # the token of the curl line is accepted by the service over the demo's data (same port, same keys)
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "bridge.cli", "serve"],
+        env={**env, "FHIRBRIDGE_HTTP_PORT": str(port)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/metadata", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "serve did not start"
+                time.sleep(0.2)
+        with urllib.request.urlopen(
+            urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+        ) as r:
+            assert r.status == 200 and b'"resourceType":"Bundle"' in r.read()
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(url, timeout=5)
+        assert refused.value.code == 401
+    finally:
+        serve.terminate()
+        serve.wait(15)
 
     # a second run reuses what the first kept: the same ledger, nothing ingested again
     key = (data_dir / "ledger.key").read_text()
