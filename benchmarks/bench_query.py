@@ -65,6 +65,7 @@ from bridge.stores.mpi.features import extract_features
 from bridge.stores.mpi.matcher import link_records
 from bridge.stream.broker import free_port
 from tests.services.postgres import admin_dsn
+from tests.support.auth import bearer
 from tests.support.demodata import HOSPITALS, population_noisy, population_person
 
 LOINC = [
@@ -235,12 +236,14 @@ def pct(xs: list[float], q: float) -> float:
     return statistics.quantiles(xs, n=100)[q - 1] if len(xs) >= 2 else xs[0]
 
 
-async def http_latency(base: str, pids: list[str], requests: int, count: int) -> list[float]:
+async def http_latency(
+    base: str, pids: list[str], requests: int, count: int, headers: dict[str, str] | None = None
+) -> list[float]:
     """Sequential GETs of $everything against a running service; milliseconds per request."""
     import aiohttp
 
     out: list[float] = []
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(headers=headers) as session:
         for k in range(min(20, requests)):  # warm up
             async with session.get(
                 f"{base}/Patient/{pids[k % len(pids)]}/$everything", params={"_count": str(count)}
@@ -257,8 +260,9 @@ async def http_latency(base: str, pids: list[str], requests: int, count: int) ->
     return out
 
 
-def start_service(settings: Settings) -> tuple[subprocess.Popen[bytes], str]:
-    """``fhirbridge serve`` in its own process (its own heap, as in production)."""
+def start_service(settings: Settings, *, auth: bool = True) -> tuple[subprocess.Popen[bytes], str]:
+    """``fhirbridge serve`` in its own process (its own heap, as in production); ``auth=False``: the same
+    application without authorization, in this script's own server mode (no command offers that)."""
     port = free_port()
     env = dict(
         os.environ,
@@ -269,7 +273,8 @@ def start_service(settings: Settings) -> tuple[subprocess.Popen[bytes], str]:
         FHIRBRIDGE_HTTP_PORT=str(port),
         FHIRBRIDGE_LOG_LEVEL="warning",
     )
-    proc = subprocess.Popen([sys.executable, "-m", "bridge.cli", "serve"], env=env)
+    argv = ["-m", "bridge.cli", "serve"] if auth else [__file__, "--serve-without-authorization"]
+    proc = subprocess.Popen([sys.executable, *argv], env=env)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -405,12 +410,30 @@ def run_backend(
     store.close()
     mpi.close()
     proc, base = start_service(settings)
+    plain, plain_base = start_service(settings, auth=False)
+    port = int(base.rsplit(":", 1)[1])
+    headers = bearer(replace(settings, http=replace(settings.http, port=port)), "user/*.rs")
     try:
-        heavy_lat = asyncio.run(http_latency(base, [heavy], requests, 1000))
-        rand_lat = asyncio.run(http_latency(base, [p["id"] for p in multi] or [heavy], requests, 100))
+        # authorization on and off, alternating blocks of the same requests, for the p99 ratio
+        on: list[float] = []
+        off: list[float] = []
+        block = max(1, requests // 4)
+        for _ in range(4):
+            on += asyncio.run(http_latency(base, [heavy], block, 1000, headers))
+            off += asyncio.run(http_latency(plain_base, [heavy], block, 1000))
+        heavy_lat = on
+        rand_lat = asyncio.run(
+            http_latency(base, [p["id"] for p in multi] or [heavy], requests, 100, headers)
+        )
     finally:
-        proc.terminate()
-        proc.wait(30)
+        for p in (proc, plain):
+            p.terminate()
+            p.wait(30)
+    print(
+        f"[{name}] $everything heavy person, authorization on / off (alternating blocks): "
+        f"p50 {statistics.median(on):.1f} / {statistics.median(off):.1f} ms, "
+        f"p99 {pct(on, 99):.1f} / {pct(off, 99):.1f} ms; p99 ratio {pct(on, 99) / pct(off, 99):.2f} (goal <= 1.1)"
+    )
     res = {
         "heavy_p50": statistics.median(heavy_lat),
         "heavy_p99": pct(heavy_lat, 99),
@@ -461,6 +484,20 @@ def run_postgres(
                 conn.execute(f'DROP DATABASE IF EXISTS "{d}" WITH (FORCE)')
 
 
+def serve_without_authorization() -> None:
+    """The query service without authorization, to measure what authorization costs (this script only:
+    no command of fhirbridge offers it)."""
+    from aiohttp import web
+
+    from bridge.service.app import create_app
+    from bridge.service.auth.middleware import Authorization
+
+    settings = Settings.from_env()
+    tune_gc(settings.gc_threshold)
+    app = create_app(settings, authorization=Authorization.off_for_benchmarks())
+    web.run_app(app, host=settings.http.host, port=settings.http.port, print=None, access_log=None)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--people", type=int, default=100_000)
@@ -470,7 +507,11 @@ def main() -> None:
         "--pg", default=None, help="admin DSN (default: FHIRBRIDGE_TEST_PG, else a private server)"
     )
     ap.add_argument("--mpi-only", action="store_true", help="measure the MPI linking alone")
+    ap.add_argument("--serve-without-authorization", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.serve_without_authorization:
+        serve_without_authorization()
+        return
     t = time.perf_counter()
     bundles, patients, heavy = population(args.people)
     n_res = sum(len(b.bundle["entry"]) for b in bundles)
