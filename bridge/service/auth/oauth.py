@@ -10,8 +10,10 @@ RFC 7636 PKCE, OpenID Connect's ID token and RFC 9068 JWT access tokens. What is
 * **private_key_jwt** (:class:`PrivateKeyJwt`, SMART Backend Services): RS384 or ES384 only; ``aud``
   the token URL; ``exp`` at most :data:`MAX_ASSERTION_AHEAD` seconds ahead (plus the clock-skew
   leeway); a ``jti`` accepted once, remembered until the assertion expires;
-* **scopes**: a client is granted what it asks for only when every scope it asks for is one it was
-  registered with, as a space-separated set; otherwise the request is refused with ``invalid_scope``
+* **scopes**: a client is granted what it asks for only when every scope it asks for is covered by
+  those it was registered with (:func:`scope_covered`: ``system/*.rs`` covers ``system/Patient.rs``
+  and ``system/Observation.r?category=laboratory``; ``openid`` and the like only by themselves);
+  otherwise the request is refused with ``invalid_scope``
   (RFC 6749 section 3.3 allows narrowing instead; refusing says at once that the registration and the
   request disagree). An empty request is refused the same way;
 * **PKCE** is required for every authorization code, S256 only: ``plain``, or no method (which
@@ -30,7 +32,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, ClassVar
@@ -63,6 +65,7 @@ from multidict import CIMultiDict, MultiDict, MultiDictProxy
 
 from bridge.logging import get_logger
 from bridge.service.auth.keys import ALGORITHM, KeyRing
+from bridge.service.auth.scopes import ScopeSet, parse_scope
 from bridge.stores.auth import AuthClient, AuthCode, AuthStore, AuthUser
 
 log = get_logger(__name__)
@@ -81,6 +84,32 @@ CODE_LIFETIME = 120
 #: a form body larger than this is refused
 MAX_FORM_BYTES = 64 * 1024
 FORM_TYPE = "application/x-www-form-urlencoded"
+
+
+def scope_covered(requested: str, registered: Iterable[str]) -> bool:
+    """Whether the registered scopes grant everything ``requested`` grants: a resource scope is covered
+    when, for each of its letters, a registered scope of the same context covers its type without a
+    narrowing query, or with the same one; any other scope only by itself."""
+    scope = parse_scope(requested)
+    if scope is None:
+        return requested in registered
+    allowed = ScopeSet.parse(" ".join(registered))
+    if scope.resource_type == "*":
+        return all(
+            any(
+                r.context == scope.context
+                and r.resource_type == "*"
+                and letter in r.interactions
+                and (not r.params or r.params == scope.params)
+                for r in allowed.scopes
+            )
+            for letter in scope.interactions
+        )
+    for letter in scope.interactions:
+        narrowing = allowed.narrowing(scope.resource_type, letter, scope.context)
+        if () not in narrowing and scope.params not in narrowing:
+            return False
+    return True
 
 
 # -- the aiohttp request, for authlib -------------------------------------------------------------
@@ -188,7 +217,7 @@ class OAuthClient(ClientMixin):  # type: ignore[misc]
         requested = list(dict.fromkeys((scope or "").split()))
         if not requested:
             raise InvalidScopeError("the scope parameter is required")
-        outside = [s for s in requested if s not in self.record.scopes]
+        outside = [s for s in requested if not scope_covered(s, self.record.scopes)]
         if outside:
             raise InvalidScopeError(
                 f"{len(outside)} of the requested scopes are not among those the client is registered with"

@@ -650,3 +650,25 @@ async def test_no_error_carries_a_traceback(env: Env, monkeypatch: pytest.Monkey
     assert resp.status == 500
     body = await resp.json()
     assert body["error"] == "server_error" and not re.search("Traceback|secret|passwd", str(body))
+
+
+@pytest.mark.parametrize(
+    ("requested", "covered"),
+    [
+        ("system/Patient.rs", True),
+        ("system/Observation.r?category=laboratory", True),
+        ("system/Patient.read", True),
+        ("system/*.rs", True),
+        ("system/*.cruds", False),
+        ("user/Patient.rs", False),
+        ("system/Patient.u", False),
+        ("openid", False),
+        ("nonsense", False),
+    ],
+)
+def test_a_registered_wildcard_covers_the_narrower_scopes_it_grants(requested: str, covered: bool) -> None:
+    from bridge.service.auth.oauth import scope_covered
+
+    assert scope_covered(requested, ("system/*.rs",)) is covered
+    assert scope_covered("system/Observation.rs", ("system/Observation.rs?category=laboratory",)) is False
+    assert scope_covered("openid", ("openid", "fhirUser")) is True
