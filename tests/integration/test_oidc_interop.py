@@ -192,14 +192,18 @@ async def service(tmp_path: Path, issuer: OidcProvider) -> AsyncIterator[Service
         yield svc
 
 
-async def _token(issuer: OidcProvider, client_id: str, *, resource: str, scope: str) -> str:
+async def _token(issuer: OidcProvider, client_id: str, *, resource: str | None, scope: str) -> str:
     """An access token from the issuer's token endpoint: client credentials, client_secret_basic."""
     basic = f"{quote_plus(client_id)}:{quote_plus(issuer.secrets[client_id])}"  # RFC 6749 section 2.3.1
     async with (
         aiohttp.ClientSession() as session,
         session.post(
             issuer.discovery["token_endpoint"],
-            data={"grant_type": "client_credentials", "scope": scope, "resource": resource},
+            data={
+                "grant_type": "client_credentials",
+                "scope": scope,
+                **({"resource": resource} if resource is not None else {}),
+            },
             headers={"Authorization": "Basic " + base64.b64encode(basic.encode()).decode()},
         ) as r,
     ):
@@ -286,6 +290,9 @@ async def test_a_token_for_another_resource_server_is_refused(issuer: OidcProvid
     # the same for an opaque token: the introspection answer names the other audience
     opaque = await _token(issuer, OPAQUE_CLIENT, resource=OTHER_RESOURCE, scope="system/*.rs")
     assert "wrong audience" in await _refusal(await service.get("/Patient", opaque, name="andersen"))
+    # and a token asked for without a resource: opaque, and for no audience at all, so for nobody
+    unbound = await _token(issuer, JWT_CLIENT, resource=None, scope="system/*.rs")
+    assert (await service.get("/Patient", unbound, name="andersen")).status == 401
     assert service.organizations == [ORGANIZATION]
 
 

@@ -457,11 +457,13 @@ class TokenVerifier:
             self.set_static_keys(url, keys)
 
     def _claims_registry(self, issuer: Issuer, *, essential: bool) -> JWTClaimsRegistry:
+        # ``aud`` is always required: an introspection answer without one (RFC 7662 makes it optional)
+        # is a token minted for no resource in particular, which this service must not accept
         return JWTClaimsRegistry(
             now=lambda: int(self._clock()),
             leeway=self._leeway,
             iss={"essential": essential, "value": issuer.url},
-            aud={"essential": essential, "value": self.audience},
+            aud={"essential": True, "value": self.audience},
             exp={"essential": essential},
         )
 

@@ -730,11 +730,17 @@ async def test_introspection_claims_checked_when_present(
     assert (await refused(verifier, "opaque-7")).reason is reason
 
 
-async def test_introspection_without_iss_aud_exp_is_accepted(idp: IdP, make_verifier: Any) -> None:
+async def test_introspection_without_iss_and_exp_is_accepted_but_not_without_aud(
+    idp: IdP, make_verifier: Any
+) -> None:
+    """RFC 7662 makes every claim optional; an answer without ``aud`` is a token minted for no resource
+    in particular (oidc-provider issues one when no resource indicator is asked for): refused."""
     verifier = make_verifier([introspecting(idp)])
-    idp.answers["opaque-8"] = {"active": True, "scope": "system/*.rs", "client_id": "svc"}
+    idp.answers["opaque-8"] = {"active": True, "scope": "system/*.rs", "client_id": "svc", "aud": AUDIENCE}
     context = await verifier.verify("opaque-8")
     assert (context.client_id, context.expires_at, context.organization) == ("svc", None, "org-a")
+    idp.answers["opaque-8b"] = {"active": True, "scope": "system/*.rs", "client_id": "svc"}
+    assert (await refused(verifier, "opaque-8b")).reason in (Reason.MISSING_CLAIM, Reason.WRONG_AUDIENCE)
 
 
 async def test_introspection_with_wrong_client_secret_is_transient(idp: IdP, make_verifier: Any) -> None:
