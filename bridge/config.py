@@ -184,6 +184,31 @@ class AuthSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class AuditSettings:
+    """The access audit (docs/audit.md): the database of AuditEvents the service writes, and the second
+    Merkle log (its database, checkpoint origin and signing key) into which ``fhirbridge audit run``
+    appends their hashes."""
+
+    url: str = ""
+    origin: str = "fhirbridge.example/ledger/audit"
+    key_file: Path | None = None
+    log_url: str = ""
+
+    def signer_key(self) -> str | None:
+        """The audit log's signed-note private key, read from ``key_file`` when it exists."""
+        if self.key_file and self.key_file.is_file():
+            return self.key_file.read_text(encoding="utf-8").strip()
+        return None
+
+    def verifier_key(self) -> str | None:
+        """The verifier key in the ``.pub`` file beside ``key_file``, when there is one."""
+        pub = self.key_file.with_suffix(".pub") if self.key_file else None
+        if pub and pub.is_file():
+            return pub.read_text(encoding="utf-8").strip()
+        return None
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Everything a fhirbridge process needs to know, grouped by what it is about. Build with :meth:`from_env`."""
 
@@ -195,6 +220,7 @@ class Settings:
     mllp: MllpSettings = field(default_factory=MllpSettings)
     trust: TrustSettings = field(default_factory=TrustSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
     gc_threshold: tuple[int, int, int] | None = (50_000, 20, 10)  # None: Python's default
 
     @classmethod
@@ -262,6 +288,7 @@ class Settings:
                 signing_keys_dir=Path(signing) if signing else None,
             ),
             auth=_auth(env, data_dir),
+            audit=_audit(env, data_dir),
             gc_threshold=_gc_threshold(env.get("FHIRBRIDGE_GC_THRESHOLD", "50000,20,10")),
         )
 
@@ -300,6 +327,18 @@ def _auth(env: dict[str, str], data_dir: Path) -> AuthSettings:
         keys_dir=Path(keys) if keys else data_dir / "auth" / "keys",
         issuers_file=Path(issuers) if issuers else data_dir / "auth" / "issuers.toml",
         token_lifetime=lifetime,
+    )
+
+
+def _audit(env: dict[str, str], data_dir: Path) -> AuditSettings:
+    """``FHIRBRIDGE_AUDIT_*``: the databases beside the others, the origin under the ledger's."""
+    key_file = env.get("FHIRBRIDGE_AUDIT_KEY_FILE")
+    ledger_origin = env.get("FHIRBRIDGE_LEDGER_ORIGIN", "fhirbridge.example/ledger")
+    return AuditSettings(
+        url=env.get("FHIRBRIDGE_AUDIT_URL") or f"sqlite://{data_dir / 'audit.db'}",
+        origin=env.get("FHIRBRIDGE_AUDIT_ORIGIN") or f"{ledger_origin}/audit",
+        key_file=Path(key_file) if key_file else data_dir / "audit.key",
+        log_url=env.get("FHIRBRIDGE_AUDIT_LOG_URL") or f"sqlite://{data_dir / 'audit-log.db'}",
     )
 
 
