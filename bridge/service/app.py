@@ -157,7 +157,7 @@ def default_authorization(settings: Settings) -> Authorization:
     """Tokens of the embedded authorization server (its keys read in-process, rotations included) and
     of every issuer in ``FHIRBRIDGE_AUTH_ISSUERS`` when that file exists, for this service's FHIR base."""
     base = settings.http.fhir_base()
-    embedded = Issuer(url=issuer_url(base), organization=settings.auth.organization)
+    embedded = Issuer(url=issuer_url(base), organization=settings.auth.organization, user_organizations=True)
     issuers: list[Issuer] = [embedded]
     if settings.auth.issuers_file.is_file():
         issuers += [i for i in load_issuers(settings.auth.issuers_file) if i.url != embedded.url]

@@ -15,6 +15,7 @@ from joserfc import jwt
 from bridge.config import Settings
 from bridge.service.auth.discovery import issuer_url
 from bridge.service.auth.keys import signing_keys
+from bridge.service.auth.purpose import iua_claims
 
 #: what most service tests need: every resource, read and searched, as a clinician would
 READ_ALL = "user/*.rs"
@@ -30,8 +31,11 @@ def token(
     lifetime: int = 300,
     issued_at: int | None = None,
     audience: str | None = None,
+    organization: str | None = None,
+    purpose: str | tuple[str, ...] | None = None,
 ) -> str:
-    """A signed access token of the embedded issuer for ``settings``' service."""
+    """A signed access token of the embedded issuer for ``settings``' service; ``organization`` and
+    ``purpose`` go into its IHE IUA claims, as the embedded issuer writes them."""
     base = settings.http.fhir_base()
     now = int(time.time()) if issued_at is None else issued_at
     claims = {
@@ -48,6 +52,8 @@ def token(
         claims["patient"] = patient
     if fhir_user is not None:
         claims["fhirUser"] = fhir_user
+    purposes = (purpose,) if isinstance(purpose, str) else tuple(purpose or ())
+    claims.update(iua_claims(purposes, organization))
     ring = signing_keys(settings)
     return jwt.encode({"alg": "ES256", "kid": ring.kid, "typ": "at+jwt"}, claims, ring.signing_set())
 

@@ -21,7 +21,10 @@ RFC 7636 PKCE, OpenID Connect's ID token and RFC 9068 JWT access tokens. What is
 * the SMART ``aud`` parameter of an authorization request must be this server's FHIR base URL;
 * **access tokens** (:class:`AccessTokens`): JWTs signed ES256 with the active key (its ``kid`` in the
   header), claims ``iss aud sub client_id scope exp iat jti`` and, for a user, ``patient`` (with
-  ``launch/patient``) and ``fhirUser`` (with ``fhirUser``). No refresh tokens.
+  ``launch/patient``) and ``fhirUser`` (with ``fhirUser``), and the purposes of use a token request
+  states (``purpose_of_use=ETREAT``, v3-ActReason codes) as IHE IUA's
+  ``extensions.ihe_iua.purpose_of_use``, and a registered user's organisation as its
+  ``subject_organization_id`` (which the verifier reads for this issuer only). No refresh tokens.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ from multidict import CIMultiDict, MultiDict, MultiDictProxy
 
 from bridge.logging import get_logger
 from bridge.service.auth.keys import ALGORITHM, KeyRing
+from bridge.service.auth.purpose import PURPOSES, iua_claims
 from bridge.service.auth.scopes import ScopeSet, parse_scope
 from bridge.stores.auth import AuthClient, AuthCode, AuthStore, AuthUser
 
@@ -159,6 +163,21 @@ async def read_request(request: web.Request, base: str) -> HttpRequest:
         remote=request.remote,
         cookies=dict(request.cookies),
     )
+
+
+def requested_purposes(http: HttpRequest) -> tuple[str, ...]:
+    """The purposes of use a token request states: ``purpose_of_use``, v3-ActReason codes separated by
+    spaces, given once, in the form of a POST. Raises :class:`InvalidRequestError` for an unknown code."""
+    values = http.form.getall("purpose_of_use", []) if http.method == "POST" else []
+    if len(values) > 1:
+        raise InvalidRequestError("purpose_of_use is given more than once")
+    codes = tuple(dict.fromkeys(values[0].split())) if values else ()
+    unknown = [c for c in codes if c not in PURPOSES]
+    if unknown or (values and not codes):
+        raise InvalidRequestError(
+            "purpose_of_use must be v3-ActReason codes separated by spaces (such as TREAT, ETREAT, PUBHLTH)"
+        )
+    return codes
 
 
 class AiohttpPayload(OAuth2Payload):  # type: ignore[misc]
@@ -519,7 +538,8 @@ class AccessTokens(JWTBearerTokenGenerator):  # type: ignore[misc]
     def get_extra_claims(
         self, client: OAuthClient, grant_type: str, user: OAuthUser | None, scope: str
     ) -> dict[str, Any]:
-        claims: dict[str, Any] = {}
+        organization = user.record.organization if user is not None else None
+        claims: dict[str, Any] = iua_claims(self.server.purposes, organization)
         if user is not None:
             scopes = scope.split()
             if "launch/patient" in scopes and user.record.patient_id:
@@ -544,11 +564,14 @@ class EmbeddedAuthorizationServer(AuthorizationServer):  # type: ignore[misc]
         lifetime: int,
         jwks_source: JwksSource = REMOTE_JWKS,
         token_url_seen: str | None = None,
+        purposes: tuple[str, ...] = (),
     ) -> None:
         """``token_url_seen``: the token URL as this request reached it, which a client's assertion may
-        name as its ``aud`` besides the advertised ``<issuer>/token`` (a proxy or another host name)."""
+        name as its ``aud`` besides the advertised ``<issuer>/token`` (a proxy or another host name).
+        ``purposes``: the purposes of use the token request states (:func:`requested_purposes`)."""
         super().__init__(scopes_supported=None)
         self.store, self.ring = store, ring
+        self.purposes = purposes
         self.issuer, self.audience, self.lifetime = issuer, audience, lifetime
         self.register_token_generator("default", AccessTokens(self))
         self.register_client_auth_method(

@@ -32,6 +32,15 @@ class Access:
     def scopes(self) -> ScopeSet:
         return self.context.scopes
 
+    @property
+    def purposes(self) -> tuple[str, ...]:
+        """The purposes of use of the request: those the token states; TREAT for a ``user/`` token
+        that states none; none for any other (a ``system/`` token must state its own)."""
+        stated = self.context.purpose_of_use
+        if stated:
+            return stated
+        return ("TREAT",) if "user" in self.scopes.contexts() else ()
+
     def grant(self, resource_type: str, interaction: str) -> tuple[bool, bool]:
         """(allowed, limited to the compartment): allowed by some scope; limited when only ``patient/``
         scopes allow it (a user or system scope that allows it lifts the limit)."""

@@ -54,6 +54,7 @@ from bridge.service.auth.oauth import (
     error_response,
     oauth_response,
     read_request,
+    requested_purposes,
 )
 from bridge.service.context import SETTINGS, Backend, run_db
 from bridge.stores.auth import AuthStore, AuthUser
@@ -69,7 +70,11 @@ def _auth_store(backend: Backend, settings: Settings) -> AuthStore:
 
 
 def _server(
-    backend: Backend, settings: Settings, base: str, token_url_seen: str | None = None
+    backend: Backend,
+    settings: Settings,
+    base: str,
+    token_url_seen: str | None = None,
+    purposes: tuple[str, ...] = (),
 ) -> EmbeddedAuthorizationServer:
     return EmbeddedAuthorizationServer(
         _auth_store(backend, settings),
@@ -78,6 +83,7 @@ def _server(
         audience=base,
         lifetime=settings.auth.token_lifetime,
         token_url_seen=token_url_seen,
+        purposes=purposes,
     )
 
 
@@ -121,7 +127,8 @@ async def token(request: web.Request) -> web.StreamResponse:
 
 
 def _token(backend: Backend, settings: Settings, base: str, http: HttpRequest) -> web.Response:
-    response: web.Response = _server(backend, settings, base, http.seen_url).create_token_response(http)
+    server = _server(backend, settings, base, http.seen_url, requested_purposes(http))
+    response: web.Response = server.create_token_response(http)
     return response
 
 

@@ -61,6 +61,7 @@ from joserfc.jwt import JWTClaimsRegistry
 
 from bridge.errors import ConfigError, FhirbridgeError, TransientError
 from bridge.logging import get_logger
+from bridge.service.auth.purpose import PurposeError, purposes_of
 from bridge.service.auth.scopes import ScopeSet
 
 log = get_logger(__name__)
@@ -157,6 +158,10 @@ class Issuer:
     introspection_url: str | None = None
     client_id: str | None = None
     client_secret: str | None = field(default=None, repr=False)
+    #: the issuer names each user's organisation in its tokens (IHE IUA's
+    #: ``extensions.ihe_iua.subject_organization_id``): only the embedded issuer, whose users are
+    #: registered with their organisation; the claim of any other issuer is never read
+    user_organizations: bool = False
 
     @property
     def discovery_url(self) -> str:
@@ -166,7 +171,7 @@ class Issuer:
 @dataclass(frozen=True, slots=True)
 class AccessContext:
     """What a verified token says. ``organization`` comes from the issuer's configuration, never from
-    the token; ``patient`` and ``fhir_user`` are the SMART ``patient`` and ``fhirUser`` claims;
+    the token (but for the embedded issuer's users: :attr:`Issuer.user_organizations`); ``patient`` and ``fhir_user`` are the SMART ``patient`` and ``fhirUser`` claims;
     ``expires_at`` is the ``exp`` in seconds since the epoch (None for an opaque token without one)."""
 
     issuer: str
@@ -178,6 +183,8 @@ class AccessContext:
     fhir_user: str | None
     token_id: str | None
     expires_at: int | None
+    #: the v3-ActReason purposes of use the token states (:mod:`bridge.service.auth.purpose`)
+    purpose_of_use: tuple[str, ...] = ()
 
 
 _ISSUER_KEYS = ("url", "organization", "jwks_uri", "introspection_url", "client_id", "client_secret_file")
@@ -718,9 +725,19 @@ def _context(issuer: Issuer, claims: Mapping[str, Any]) -> AccessContext:
         return value
 
     exp = claims.get("exp")
+    try:
+        purposes = purposes_of(claims)
+    except PurposeError as exc:
+        raise InvalidToken(Reason.INVALID_CLAIM, claim=str(exc)) from None
+    organization = issuer.organization
+    if issuer.user_organizations:
+        named = ((claims.get("extensions") or {}).get("ihe_iua") or {}).get("subject_organization_id")
+        if named is not None and (not isinstance(named, str) or not named):
+            raise InvalidToken(Reason.INVALID_CLAIM, claim="extensions.ihe_iua.subject_organization_id")
+        organization = named or organization
     return AccessContext(
         issuer=issuer.url,
-        organization=issuer.organization,
+        organization=organization,
         subject=text("sub"),
         client_id=text("client_id") or text("azp"),
         scopes=_scopes(claims),
@@ -728,6 +745,7 @@ def _context(issuer: Issuer, claims: Mapping[str, Any]) -> AccessContext:
         fhir_user=text("fhirUser"),
         token_id=text("jti"),
         expires_at=int(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None,
+        purpose_of_use=purposes,
     )
 
 

@@ -394,6 +394,17 @@ async def test_clinician_gets_fhir_user_and_no_patient(env: Env) -> None:
     assert status == 200, body
     claims = jwt.decode(body["access_token"], await env.jwks(), algorithms=["ES256"]).claims
     assert claims["fhirUser"] == "Practitioner/7" and "patient" not in claims and "patient" not in body
+    # the clinician's organisation, which the verifier reads for this issuer only
+    assert claims["extensions"]["ihe_iua"]["subject_organization_id"] == "st-mary"
+
+
+async def test_clinician_states_a_purpose_at_the_token_request(env: Env) -> None:
+    _setup_app(env)
+    code, verifier = await _code_flow(env, "dr-who", scope="openid fhirUser user/*.rs")
+    status, body = await env.token(**_code_form(code, verifier), purpose_of_use="ETREAT")
+    assert status == 200, body
+    claims = jwt.decode(body["access_token"], await env.jwks(), algorithms=["ES256"]).claims
+    assert [c["code"] for c in claims["extensions"]["ihe_iua"]["purpose_of_use"]] == ["ETREAT"]
 
 
 async def test_launch_patient_needs_a_patient_user(env: Env) -> None:
@@ -672,3 +683,33 @@ def test_a_registered_wildcard_covers_the_narrower_scopes_it_grants(requested: s
     assert scope_covered(requested, ("system/*.rs",)) is covered
     assert scope_covered("system/Observation.rs", ("system/Observation.rs?category=laboratory",)) is False
     assert scope_covered("openid", ("openid", "fhirUser")) is True
+
+
+# -- purpose of use -------------------------------------------------------------------------------
+async def test_stated_purpose_of_use_is_in_the_token_the_ihe_iua_way(env: Env) -> None:
+    key = _register_backend(env)
+    form = {**_cc_form(_assertion(key, _claims(env))), "purpose_of_use": "PUBHLTH HRESCH"}
+    status, body = await env.token(**form)
+    assert status == 200, body
+    claims = jwt.decode(body["access_token"], await env.jwks(), algorithms=["ES256"]).claims
+    codings = claims["extensions"]["ihe_iua"]["purpose_of_use"]
+    assert [(c["system"], c["code"]) for c in codings] == [
+        ("http://terminology.hl7.org/CodeSystem/v3-ActReason", "PUBHLTH"),
+        ("http://terminology.hl7.org/CodeSystem/v3-ActReason", "HRESCH"),
+    ]
+    assert "subject_organization_id" not in claims["extensions"]["ihe_iua"]  # a client has none
+
+
+@pytest.mark.parametrize("purpose", ["NOSUCH", "", "treat"])
+async def test_unknown_purpose_of_use_is_refused(env: Env, purpose: str) -> None:
+    key = _register_backend(env)
+    status, body = await env.token(**{**_cc_form(_assertion(key, _claims(env))), "purpose_of_use": purpose})
+    assert status == 400 and body["error"] == "invalid_request"
+    assert "v3-ActReason" in body["error_description"]
+
+
+async def test_no_purpose_stated_no_purpose_claim(env: Env) -> None:
+    key = _register_backend(env)
+    status, body = await env.token(**_cc_form(_assertion(key, _claims(env))))
+    claims = jwt.decode(body["access_token"], await env.jwks(), algorithms=["ES256"]).claims
+    assert status == 200 and "extensions" not in claims

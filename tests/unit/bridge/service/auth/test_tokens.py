@@ -189,6 +189,63 @@ async def test_valid_token_gives_its_context(idp: IdP, make_verifier: Any, key: 
     assert idp.hits == {"discovery": 1, "jwks": 1}
 
 
+IUA = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
+
+
+@pytest.mark.parametrize(
+    ("extra", "purposes"),
+    [
+        ({"extensions": {"ihe_iua": {"purpose_of_use": [{"system": IUA, "code": "PUBHLTH"}]}}}, ("PUBHLTH",)),
+        ({"extensions": {"ihe_iua": {"purpose_of_use": {"system": IUA, "code": "ETREAT"}}}}, ("ETREAT",)),
+        ({"purpose_of_use": "HRESCH"}, ("HRESCH",)),
+        ({"purpose_of_use": ["TREAT", {"code": "BTG"}, "TREAT"]}, ("TREAT", "BTG")),
+        ({}, ()),
+    ],
+)
+async def test_purpose_of_use_is_read_from_the_iua_or_top_level_claim(
+    idp: IdP, make_verifier: Any, extra: dict[str, Any], purposes: tuple[str, ...]
+) -> None:
+    verifier = make_verifier([issuer_of(idp)])
+    context = await verifier.verify(sign(RSA_1, claims_for(idp.url, **extra)))
+    assert context.purpose_of_use == purposes
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"purpose_of_use": "NOSUCH"},
+        {"purpose_of_use": []},
+        {"purpose_of_use": 7},
+        {
+            "extensions": {
+                "ihe_iua": {"purpose_of_use": [{"system": "http://example.org/x", "code": "TREAT"}]}
+            }
+        },
+        {"extensions": "ihe_iua"},
+    ],
+)
+async def test_unreadable_purpose_of_use_refuses_the_token(
+    idp: IdP, make_verifier: Any, extra: dict[str, Any]
+) -> None:
+    """A purpose the consent rules could not read must not pass for no purpose at all."""
+    verifier = make_verifier([issuer_of(idp)])
+    error = await refused(verifier, sign(RSA_1, claims_for(idp.url, **extra)))
+    assert error.reason == Reason.INVALID_CLAIM
+    assert "NOSUCH" not in str(error)
+
+
+async def test_only_the_embedded_issuer_names_its_users_organisations(idp: IdP, make_verifier: Any) -> None:
+    claims = claims_for(idp.url, extensions={"ihe_iua": {"subject_organization_id": "riverside"}})
+    external = await make_verifier([issuer_of(idp)]).verify(sign(RSA_1, claims))
+    assert external.organization == "org-a"  # an issuer speaks for its organisation and no other
+    embedded = await make_verifier([issuer_of(idp, user_organizations=True)]).verify(sign(RSA_1, claims))
+    assert embedded.organization == "riverside"
+    without = await make_verifier([issuer_of(idp, user_organizations=True)]).verify(
+        sign(RSA_1, claims_for(idp.url))
+    )
+    assert without.organization == "org-a"
+
+
 async def test_keys_are_fetched_once_and_parsed_once(
     idp: IdP, make_verifier: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
