@@ -48,8 +48,9 @@ routes = web.RouteTableDef()
 PROVENANCE_EXT = "https://fhirbridge.dev/fhir/StructureDefinition/entry-provenance"
 CHECKPOINT_EXT = "https://fhirbridge.dev/fhir/StructureDefinition/ledger-checkpoint"
 EVERYTHING_PARAMS = {"start", "end", "_since", "_type", "_count", "_offset", "_proof", "_format"}
-#: the resource types a patient's compartment can hold in the index (Provenance is never returned)
-EVERYTHING_TYPES = {"Patient", "Appointment", *PATIENT_REFERENCE_PATHS, *CLINICAL_DATE_PATHS}
+#: the resource types a patient's compartment can hold in the index: Provenance is never returned, and
+#: the patient's Consents are served by ``/Consent`` (who may see them is not who may see the record)
+EVERYTHING_TYPES = {"Patient", "Appointment", *PATIENT_REFERENCE_PATHS, *CLINICAL_DATE_PATHS} - {"Consent"}
 DEFAULT_COUNT = 100
 MAX_COUNT = 1000
 

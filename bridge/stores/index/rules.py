@@ -4,10 +4,13 @@ resources from different sources state the same clinical fact (documented in doc
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import orjson
+
+from adapters.ids import business_key, resource_id
 
 #: Element paths naming the patient a resource belongs to (the Patient compartment, simplified).
 PATIENT_REFERENCE_PATHS: dict[str, tuple[str, ...]] = {
@@ -37,6 +40,7 @@ PATIENT_REFERENCE_PATHS: dict[str, tuple[str, ...]] = {
     "ImagingStudy": ("subject",),
     "CareTeam": ("subject",),
     "Device": ("patient",),
+    "Consent": ("patient",),
 }
 
 #: Element paths, in order of preference, giving the clinical date used by ``start``/``end``.
@@ -64,6 +68,7 @@ CLINICAL_DATE_PATHS: dict[str, tuple[str, ...]] = {
     "Claim": ("billablePeriod.start", "created"),
     "ExplanationOfBenefit": ("billablePeriod.start", "created"),
     "ImagingStudy": ("started",),
+    "Consent": ("dateTime",),
 }
 
 
@@ -76,11 +81,25 @@ def get_path(resource: dict[str, Any], path: str) -> Any:
     return node
 
 
+#: the identifier system under which the FHIR adapter keeps a source's own Patient ids
+_FHIR_ID_PATIENT = re.compile(r"^urn:fhirbridge:([^:]+):fhir-id:Patient$")
+
+
 def _ref_id(ref: Any, rtype: str = "Patient") -> str | None:
+    """The id a reference to a ``rtype`` names: a literal ``rtype/<id>``, or, for a Patient, the
+    logical reference the FHIR adapter writes for a Patient outside the record (``identifier`` under
+    ``urn:fhirbridge:<org>:fhir-id:Patient``), whose id is the deterministic one that Patient gets
+    (:func:`adapters.ids.resource_id`), whether it has arrived yet or not."""
     if isinstance(ref, dict):
         value = ref.get("reference")
         if isinstance(value, str) and value.startswith(f"{rtype}/"):
             return value[len(rtype) + 1 :]
+        ident = ref.get("identifier")
+        if value is None and rtype == "Patient" and isinstance(ident, dict):
+            system, source_id = ident.get("system"), ident.get("value")
+            m = _FHIR_ID_PATIENT.match(system) if isinstance(system, str) else None
+            if m and isinstance(source_id, str) and source_id:
+                return resource_id(m.group(1), "Patient", business_key("fhir", source_id))
     return None
 
 

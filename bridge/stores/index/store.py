@@ -91,13 +91,35 @@ CREATE TABLE IF NOT EXISTS bundles (
     received_at TEXT NOT NULL,
     PRIMARY KEY (bundle_sha256, source_org)
 );
+CREATE TABLE IF NOT EXISTS consent_versions (
+    id TEXT NOT NULL,
+    content_sha256 TEXT NOT NULL,
+    source_org TEXT NOT NULL,
+    patient_id TEXT,
+    version_time TEXT NOT NULL,
+    received_at TEXT NOT NULL,
+    bundle_sha256 TEXT NOT NULL,
+    body TEXT NOT NULL,
+    PRIMARY KEY (id, content_sha256, source_org)
+);
 CREATE TABLE IF NOT EXISTS index_meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
 )
 """.replace("{sources_table}", _SOURCES_TABLE.format(name="resource_sources"))
 
-TABLES = ("resources", "patient_identifiers", "resource_sources", "bundles")
+TABLES = ("resources", "patient_identifiers", "resource_sources", "bundles", "consent_versions")
+
+#: every version of a Consent, once per content: the earliest delivery of that content names it
+_CONSENT_VERSION = """INSERT INTO consent_versions
+    (id, content_sha256, source_org, patient_id, version_time, received_at, bundle_sha256, body)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (id, content_sha256, source_org) DO UPDATE SET
+        version_time = excluded.version_time, received_at = excluded.received_at,
+        bundle_sha256 = excluded.bundle_sha256, body = excluded.body
+    WHERE excluded.received_at < consent_versions.received_at
+       OR (excluded.received_at = consent_versions.received_at
+           AND excluded.bundle_sha256 < consent_versions.bundle_sha256)"""
 
 
 def source_time(value: object) -> str | None:
@@ -348,6 +370,7 @@ class IndexStore:
         src_rows: list[tuple[Any, ...]] = []
         ident_rows: list[tuple[Any, ...]] = []
         bundle_rows: list[tuple[Any, ...]] = []
+        consent_rows: list[tuple[Any, ...]] = []
         for b in bundles:
             version_time = source_time(b.bundle.get("timestamp")) or b.received_at
             bundle_rows.append((b.bundle_sha256, b.source_org, b.topic, b.partition, b.offset, b.received_at))
@@ -391,6 +414,19 @@ class IndexStore:
                         owner,
                     )
                 )
+                if rtype == "Consent":
+                    consent_rows.append(
+                        (
+                            resource["id"],
+                            content_sha,
+                            b.source_org,
+                            owner,
+                            version_time,
+                            b.received_at,
+                            b.bundle_sha256,
+                            res_rows[-1][-1],
+                        )
+                    )
                 if rtype == "Patient":
                     for ident in resource.get("identifier") or ():
                         if isinstance(ident, dict) and ident.get("system") and ident.get("value"):
@@ -405,6 +441,8 @@ class IndexStore:
                 "INSERT INTO patient_identifiers (system, value, patient_id) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
                 ident_rows,
             )
+            if consent_rows:
+                db.executemany(_CONSENT_VERSION, consent_rows)
             db.executemany(
                 """INSERT INTO bundles (bundle_sha256, source_org, topic, kafka_partition, kafka_offset, received_at)
                    VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING""",
@@ -435,6 +473,27 @@ class IndexStore:
             "SELECT body FROM resources WHERE resource_type = ? AND id = ?", (resource_type, rid)
         )
         return orjson.loads(rows[0][0]) if rows else None
+
+    def consent_versions(self, consent_id: str) -> list[dict[str, Any]]:
+        """Every version of the Consent ``consent_id`` this index received, newest first (by source
+        time): its body, the bundle that first delivered it (whose SHA-256 the ledger holds), the
+        organisation that sent it and when it was received."""
+        rows = self.db.query(
+            "SELECT body, bundle_sha256, source_org, received_at, version_time, patient_id FROM consent_versions "
+            "WHERE id = ? ORDER BY version_time DESC, received_at DESC, content_sha256",
+            (consent_id,),
+        )
+        return [
+            {
+                "resource": orjson.loads(r[0]),
+                "bundle_sha256": r[1],
+                "source_org": r[2],
+                "received_at": r[3],
+                "version_time": r[4],
+                "patient_id": r[5],
+            }
+            for r in rows
+        ]
 
     def patients_by_identifier(self, system: str | None, value: str) -> list[str]:
         if system:

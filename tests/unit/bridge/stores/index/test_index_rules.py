@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+from typing import Any
+
+import orjson
+
 from bridge.stores.index.rules import clinical_date, dedupe_key, patient_of
 
 
@@ -150,3 +154,46 @@ def test_entered_in_error_and_different_doses_never_merge() -> None:
     }
     assert dedupe_key(med) != dedupe_key({**med, "dosageInstruction": [{"text": "40 mg daily"}]})
     assert dedupe_key(med) == dedupe_key({**med, "authoredOn": "2026-01-01T18:00:00Z"})
+
+
+def test_a_record_outside_the_patients_bundle_belongs_to_that_patient() -> None:
+    """The FHIR adapter turns a reference to a Patient outside the record into a logical reference
+    under the source's fhir-id system; the index files the resource under that Patient's own id."""
+    from adapters.base import SourceInfo
+    from adapters.fhirjson.adapter import FhirPassthroughAdapter
+
+    source = SourceInfo("riverside")
+    adapter = FhirPassthroughAdapter()
+    patient_doc = {"resourceType": "Patient", "id": "p-9", "name": [{"family": "Doe"}]}
+    consent_doc = {
+        "resourceType": "Consent",
+        "id": "c-1",
+        "status": "active",
+        "scope": {
+            "coding": [
+                {"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}
+            ]
+        },
+        "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+        "patient": {"reference": "Patient/p-9"},
+        "policyRule": {
+            "coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "OPTIN"}]
+        },
+    }
+    [patient] = [r for o in adapter.convert(orjson.dumps(patient_doc), source) for r in _resources(o)]
+    consent = next(
+        r
+        for o in adapter.convert(orjson.dumps(consent_doc), source)
+        for r in _resources(o)
+        if r["resourceType"] == "Consent"
+    )
+    assert "reference" not in consent["patient"]  # a logical reference: the Patient is not in this record
+    assert patient_of(consent) == patient["id"]
+    other = {**consent, "patient": {"identifier": {"system": "urn:example:mrn", "value": "p-9"}}}
+    assert patient_of(other) is None  # any other identifier names no Patient the index can find
+
+
+def _resources(outcome: object) -> list[dict[str, Any]]:
+    bundle = getattr(outcome, "bundle", None)
+    assert bundle is not None, outcome
+    return [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] != "Provenance"]

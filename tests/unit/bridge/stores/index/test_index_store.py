@@ -393,3 +393,44 @@ def test_name_search_prefilter_never_drops_a_true_match(store: IndexStore) -> No
     assert search("slash\\") == []  # a trailing backslash was an invalid LIKE pattern on PostgreSQL
     assert search("b\tn") == ["p5"]
     assert search("smith") == ["p3"]  # an ASCII name keeps the pre-filter
+
+
+def _consent(status: str, *, provision: str = "deny") -> dict[str, Any]:
+    return {
+        "resourceType": "Consent",
+        "id": "c-1",
+        "status": status,
+        "patient": {"reference": "Patient/p1"},
+        "provision": {"type": provision},
+    }
+
+
+def test_every_version_of_a_consent_is_kept_newest_first(store: IndexStore) -> None:
+    """The index serves the newest Consent (by source time); consent_versions keeps each version, once
+    per content, with the bundle that first delivered it, in any delivery order."""
+    v1, v2 = _consent("active"), _consent("inactive")
+    deliveries = [
+        _bundle(
+            "b2", "riverside", v2, ts="2026-03-01T00:00:00.000Z", source_ts="2026-02-01T00:00:00Z", offset=2
+        ),
+        _bundle(
+            "b1", "riverside", v1, ts="2026-01-01T00:00:00.000Z", source_ts="2026-01-01T00:00:00Z", offset=1
+        ),
+        # the first version delivered again, later: it is not newer, and names no new version
+        _bundle(
+            "b3", "riverside", v1, ts="2026-04-01T00:00:00.000Z", source_ts="2026-01-01T00:00:00Z", offset=3
+        ),
+    ]
+    for b in deliveries:
+        store.apply([b])
+    current = store.get("Consent", "c-1")
+    assert current is not None and current["status"] == "inactive"
+    versions = store.consent_versions("c-1")
+    assert [(v["resource"]["status"], v["bundle_sha256"]) for v in versions] == [
+        ("inactive", "b2"),
+        ("active", "b1"),
+    ]
+    assert all(v["patient_id"] == "p1" and v["source_org"] == "riverside" for v in versions)
+    assert store.consent_versions("c-2") == []
+    store.reset()
+    assert store.consent_versions("c-1") == []
