@@ -209,6 +209,17 @@ class AuditSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ConsentSettings:
+    """Patient consent and break-the-glass (docs/consent.md): the base policy when no Consent decides
+    (``permit``: opt-out; ``deny``: opt-in), how long a break-the-glass override lasts, and the
+    organisations whose clinicians may break the glass (none by default)."""
+
+    default: str = "permit"
+    break_glass_minutes: int = 60
+    break_glass_organizations: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Everything a fhirbridge process needs to know, grouped by what it is about. Build with :meth:`from_env`."""
 
@@ -221,6 +232,7 @@ class Settings:
     trust: TrustSettings = field(default_factory=TrustSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
+    consent: ConsentSettings = field(default_factory=ConsentSettings)
     gc_threshold: tuple[int, int, int] | None = (50_000, 20, 10)  # None: Python's default
 
     @classmethod
@@ -289,6 +301,7 @@ class Settings:
             ),
             auth=_auth(env, data_dir),
             audit=_audit(env, data_dir),
+            consent=_consent(env),
             gc_threshold=_gc_threshold(env.get("FHIRBRIDGE_GC_THRESHOLD", "50000,20,10")),
         )
 
@@ -328,6 +341,21 @@ def _auth(env: dict[str, str], data_dir: Path) -> AuthSettings:
         issuers_file=Path(issuers) if issuers else data_dir / "auth" / "issuers.toml",
         token_lifetime=lifetime,
     )
+
+
+def _consent(env: dict[str, str]) -> ConsentSettings:
+    """``FHIRBRIDGE_CONSENT_DEFAULT`` (permit or deny), ``FHIRBRIDGE_BREAK_GLASS_MINUTES`` (1 to 1440),
+    ``FHIRBRIDGE_BREAK_GLASS_ORGANIZATIONS`` (organisation ids separated by commas)."""
+    default = env.get("FHIRBRIDGE_CONSENT_DEFAULT", "permit").strip().lower() or "permit"
+    if default not in ("permit", "deny"):
+        raise ConfigError(f"FHIRBRIDGE_CONSENT_DEFAULT must be permit or deny, got {default!r}")
+    minutes = _int(env, "FHIRBRIDGE_BREAK_GLASS_MINUTES", 60)
+    if not 1 <= minutes <= 1440:
+        raise ConfigError(f"FHIRBRIDGE_BREAK_GLASS_MINUTES must be 1 to 1440, got {minutes}")
+    orgs = frozenset(
+        o.strip() for o in env.get("FHIRBRIDGE_BREAK_GLASS_ORGANIZATIONS", "").split(",") if o.strip()
+    )
+    return ConsentSettings(default=default, break_glass_minutes=minutes, break_glass_organizations=orgs)
 
 
 def _audit(env: dict[str, str], data_dir: Path) -> AuditSettings:
