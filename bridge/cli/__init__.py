@@ -28,6 +28,7 @@ REGISTRARS = (
     "bridge.cli.replay",
     "bridge.cli.mpi",
     "bridge.cli.auth",
+    "bridge.cli.audit",
 )
 
 GROUPS = {
