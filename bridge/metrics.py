@@ -43,3 +43,17 @@ class ConsumerMetrics:
 
     def backoff(self) -> None:
         BACKOFF.labels(self.group).inc()
+
+
+# -- the service's access control ------------------------------------------------------------------
+BREAK_GLASS_ACCESSES = Counter(
+    "fhirbridge_break_glass_accesses",
+    "Accesses under a break-the-glass override (started: the access that opened the window)",
+    ["started"],
+)
+CONSENT_WITHHELD = Counter(
+    "fhirbridge_consent_withheld_resources", "Resources withheld from an answer by a patient's Consent"
+)
+AUDIT_FAILURES = Counter(
+    "fhirbridge_audit_failures", "Accesses refused with 503 because their AuditEvents could not be stored"
+)

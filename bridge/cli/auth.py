@@ -128,6 +128,13 @@ def register(sub: Any, groups: dict[str, Any]) -> None:
     p.add_argument("--key-file", required=True, type=Path, help="the client's private key: a JWK or PEM file")
     p.add_argument("--scope", action="append", required=True, metavar="SCOPES", help="scopes to ask for")
     p.add_argument(
+        "--purpose",
+        default=None,
+        metavar="CODES",
+        help="the purpose of use to state, v3-ActReason codes (e.g. TREAT, PUBHLTH); a system/ token "
+        "without one reads no patient data",
+    )
+    p.add_argument(
         "--url",
         default=None,
         help="the token URL (default <FHIRBRIDGE_PUBLIC_URL, else the service's address>/auth/token)",
@@ -306,7 +313,7 @@ def _token(args: argparse.Namespace) -> int:
 
     url = args.url or default_token_url()
     key = load_client_key(args.key_file)
-    answer = request_token(url, args.client, key, " ".join(_scopes(args.scope)))
+    answer = request_token(url, args.client, key, " ".join(_scopes(args.scope)), purpose=args.purpose)
     print(answer["access_token"])
     if answer.get("scope") is not None:
         print(f"granted: {answer['scope']}; expires in {answer.get('expires_in')} s", file=sys.stderr)

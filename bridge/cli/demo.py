@@ -356,12 +356,23 @@ def _demo_identities(
             check=True,
             stdout=subprocess.DEVNULL,
         )
-    argv = ("auth", "token", "--client", DEMO_CLIENT, "--key-file", str(key_file), "--scope", "system/*.rs")
+    argv = (
+        "auth",
+        "token",
+        "--client",
+        DEMO_CLIENT,
+        "--key-file",
+        str(key_file),
+        "--scope",
+        "system/*.rs",
+        "--purpose",
+        "TREAT",
+    )
     token = subprocess.run(_cli(*argv), env=env, check=True, capture_output=True, text=True).stdout.strip()
     shown = ", ".join(f"{uid} / {pw}" for uid, pw in logins.items() if uid != "patient" or patient)
     command = (
         f"FHIRBRIDGE_DATA_DIR={data_dir} FHIRBRIDGE_HTTP_PORT={env['FHIRBRIDGE_HTTP_PORT']} fhirbridge auth token "
-        f"--client {DEMO_CLIENT} --key-file {key_file} --scope 'system/*.rs'"
+        f"--client {DEMO_CLIENT} --key-file {key_file} --scope 'system/*.rs' --purpose TREAT"
     )
     return shown, command, token
 

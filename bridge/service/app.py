@@ -19,6 +19,7 @@ from bridge.logging import get_logger
 from bridge.service import ledger as ledger_routes
 from bridge.service import mpi as mpi_routes
 from bridge.service import openapi
+from bridge.service.audit.middleware import audit_middleware
 from bridge.service.auth import discovery
 from bridge.service.auth import server as auth_server
 from bridge.service.auth.discovery import issuer_url
@@ -124,7 +125,8 @@ def create_app(
     ``authorization`` (default: tokens of the embedded issuer and of the trusted issuers file); the
     ledger's and the MPI's routes are mounted only when the backend has them."""
     app = web.Application(
-        middlewares=[host_middleware, errors_middleware, auth_middleware], client_max_size=16 * 1024 * 1024
+        middlewares=[host_middleware, errors_middleware, audit_middleware, auth_middleware],
+        client_max_size=16 * 1024 * 1024,
     )
     app[SETTINGS] = settings
     app[ALLOWED_HOSTS] = settings.http.allowed_host_names()

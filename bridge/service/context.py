@@ -17,7 +17,9 @@ from aiohttp import web
 
 from bridge.config import Settings
 from bridge.logging import get_logger
+from bridge.stores.audit import AuditStore
 from bridge.stores.auth import AuthStore
+from bridge.stores.breakglass import BreakGlassStore
 from bridge.stores.index.store import IndexStore
 
 log = get_logger(__name__)
@@ -68,6 +70,18 @@ class Backend:
     def auth(self) -> AuthStore:
         """The embedded authorization server's store (clients, users, codes, seen assertions)."""
         store: AuthStore = self._get("auth", lambda: AuthStore.open(self.settings.auth.url))
+        return store
+
+    def audit(self) -> AuditStore:
+        """The access audit's store (``FHIRBRIDGE_AUDIT_URL``): every access's AuditEvents."""
+        store: AuditStore = self._get("audit", lambda: AuditStore.open(self.settings.audit.url))
+        return store
+
+    def break_glass(self) -> BreakGlassStore:
+        """The break-the-glass windows, in the audit database."""
+        store: BreakGlassStore = self._get(
+            "break_glass", lambda: BreakGlassStore.open(self.settings.audit.url)
+        )
         return store
 
     @property

@@ -96,16 +96,25 @@ def client_assertion(key: ClientKey, client_id: str, token_url: str) -> str:
 
 
 def request_token(
-    token_url: str, client_id: str, key: ClientKey, scope: str, *, timeout: float = 10.0
+    token_url: str,
+    client_id: str,
+    key: ClientKey,
+    scope: str,
+    *,
+    purpose: str | None = None,
+    timeout: float = 10.0,
 ) -> dict[str, Any]:
     """A client-credentials exchange at ``token_url``: the token response (``access_token``, ...).
-    Raises :class:`TokenRequestFailed` when it is refused or the server cannot be reached."""
+    ``purpose``: the purposes of use to state (v3-ActReason codes separated by spaces). Raises
+    :class:`TokenRequestFailed` when it is refused or the server cannot be reached."""
     form = {
         "grant_type": "client_credentials",
         "scope": scope,
         "client_assertion_type": ASSERTION_TYPE,
         "client_assertion": client_assertion(key, client_id, token_url),
     }
+    if purpose:
+        form["purpose_of_use"] = purpose
     req = urllib.request.Request(
         token_url,
         data=urlencode(form).encode(),

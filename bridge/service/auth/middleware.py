@@ -37,7 +37,8 @@ class Authorization:
 
     @classmethod
     def off_for_benchmarks(cls) -> Authorization:
-        """No authentication: only for measuring what authentication costs (`benchmarks/bench_query.py`)."""
+        """No authentication, hence no consent and no audit either: only for measuring what they cost
+        (`benchmarks/bench_query.py`)."""
         return cls(None)
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from bridge.errors import FhirbridgeError
+
 ACT_REASON = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
 _ACT_REASON_SYSTEMS = frozenset({ACT_REASON, "urn:oid:2.16.840.1.113883.5.8"})
 
@@ -57,7 +59,7 @@ PURPOSES: dict[str, str] = {
 EMERGENCY = frozenset({"ETREAT", "BTG"})
 
 
-class PurposeError(ValueError):
+class PurposeError(FhirbridgeError):
     """The token's purpose of use cannot be read (the message names the claim, never its value)."""
 
 

@@ -25,10 +25,13 @@ from urllib.parse import urlencode
 import orjson
 from aiohttp import web
 
+from bridge.metrics import CONSENT_WITHHELD
+from bridge.service.audit.middleware import note, patients_touched
 from bridge.service.auth.marks import Forbidden, needs
 from bridge.service.auth.middleware import access_of
 from bridge.service.auth.policy import Access
-from bridge.service.context import Backend, base_url, stores
+from bridge.service.consent.enforce import ConsentCheck, consent_check, suppressed_outcome
+from bridge.service.context import SETTINGS, Backend, base_url, stores
 from bridge.service.fhir.dates import in_range, utc_millis
 from bridge.service.http import (
     FhirHTTPError,
@@ -67,6 +70,8 @@ class EverythingParams:
     base: str
     #: the token's narrowing: whether a stored resource may be returned (None: every one)
     permit: Callable[[StoredResource], bool] | None = None
+    #: the patient's Consents, for this requester (None: none apply, e.g. the patient's own token)
+    consent: ConsentCheck | None = None
 
 
 @dataclass
@@ -131,6 +136,13 @@ def everything(backend: Backend, patient_id: str, params: EverythingParams) -> d
     resources = [r for r in resources if r.resource_type != "Provenance"]
     if params.permit is not None:
         resources = [r for r in resources if params.permit(r)]
+    withheld, window = 0, None
+    if params.consent is not None:
+        gate = params.consent.gate(backend, linked)
+        window = gate.window
+        if not gate.unrestricted:
+            resources = [r for r in resources if gate.admits(r)]
+            withheld = gate.withheld
     merged = merge_duplicates(resources)
     total = len(merged)
     page = merged[params.offset : params.offset + params.count]
@@ -189,6 +201,11 @@ def everything(backend: Backend, patient_id: str, params: EverythingParams) -> d
         "linked": linked,
         "checkpoint": checkpoint,
         "unproven": unproven,
+        "withheld": withheld,
+        "window": window,
+        "touched": patients_touched(
+            [(r.patient_id, r.resource_type) for m in page for r in (m.resource, *m.duplicates)], patient_id
+        ),
     }
 
 
@@ -306,6 +323,8 @@ async def patient_everything(request: web.Request) -> web.Response:
     access = access_of(request)
     if access is not None:  # what the token may read of this patient, decided before any query
         types, permit = _authorized(access, pid, types)
+    base = base_url(request)
+    consent = consent_check(request, access, request.app[SETTINGS], base)
     params = EverythingParams(
         start=date_param(request, "start"),
         end=date_param(request, "end"),
@@ -314,11 +333,23 @@ async def patient_everything(request: web.Request) -> web.Response:
         count=int_param(request, "_count", DEFAULT_COUNT, 1, MAX_COUNT),
         offset=int_param(request, "_offset", 0, 0, 10**9),
         proof=proof_raw == "true",
-        base=base_url(request),
+        base=base,
         permit=permit,
+        consent=consent,
     )
     backend = stores(request)
     result = await backend.run(everything, backend, pid, params)
+    note(
+        request,
+        "operation",
+        "E",
+        patients=[pid, *result["touched"]],
+        touched_by_patient=result["touched"],
+        window=result["window"],
+    )
+    if result["withheld"]:
+        CONSENT_WITHHELD.inc(result["withheld"])
+        warnings.append(suppressed_outcome())
     if params.proof and result["checkpoint"] is None:
         why = (
             "no ledger is configured" if not backend.has_ledger else "the ledger has no signed checkpoint yet"

@@ -135,6 +135,12 @@ async def test_token_command_exchanges_client_credentials(
         printed = capsys.readouterr().out.strip()
         claims = jwt.decode(printed, KeySet.import_key_set(keys.current_jwks(settings))).claims
         assert claims["sub"] == "bulk" and claims["scope"] == "system/*.rs"
+        assert "extensions" not in claims  # no purpose stated
+        argv_purpose = [*argv, "--scope", "system/*.rs", "--purpose", "PUBHLTH"]
+        assert await loop.run_in_executor(None, main, argv_purpose) == 0
+        printed = capsys.readouterr().out.strip()
+        claims = jwt.decode(printed, KeySet.import_key_set(keys.current_jwks(settings))).claims
+        assert [c["code"] for c in claims["extensions"]["ihe_iua"]["purpose_of_use"]] == ["PUBHLTH"]
         # a refusal is one line with the server's error code
         assert await loop.run_in_executor(None, main, [*argv, "--scope", "system/*.cruds"]) == 1
         assert "invalid_scope" in capsys.readouterr().err
