@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from bridge.stores.index.rules import clinical_date as index_clinical_date
+from bridge.stores.index.rules import CLINICAL_DATE_PATHS
 
 Effect = Literal["permit", "deny"]
 #: a resource's clinical date (a FHIR date or dateTime), the date ``dataPeriod`` is compared with
@@ -129,6 +129,8 @@ CODE_ELEMENTS: Mapping[str, tuple[str, ...]] = {
     "Specimen": ("type",),
 }
 DEFAULT_CODE_ELEMENTS: tuple[str, ...] = ("code", "category", "type")
+_CODE_PATHS = {rtype: tuple(tuple(p.split(".")) for p in paths) for rtype, paths in CODE_ELEMENTS.items()}
+_DEFAULT_CODE_PATHS = tuple(tuple(p.split(".")) for p in DEFAULT_CODE_ELEMENTS)
 
 #: v3-Confidentiality, lowest to highest: a provision's label "R" covers resources labelled R or lower
 #: (the R4 definition of Consent.provision.securityLabel: "a high water mark")
@@ -316,29 +318,47 @@ def _local_ref(value: object, base_url: str | None) -> str | None:
     return head if sep and rtype and rid and "/" not in rid else None
 
 
-def _path_values(resource: Mapping[str, Any], path: str) -> list[Any]:
+def _path_values(resource: dict[str, Any], path: tuple[str, ...]) -> list[Any]:
     nodes: list[Any] = [resource]
-    for part in path.split("."):
+    for part in path:
         found: list[Any] = []
         for node in nodes:
-            if isinstance(node, Mapping):
+            if isinstance(node, dict):
                 found.extend(_items(node.get(part)))
         nodes = found
     return nodes
 
 
 def _collect_refs(value: object, base_url: str | None, out: set[str]) -> None:
-    if isinstance(value, Mapping):
+    if isinstance(value, dict):
         for key, item in value.items():
             if key == "reference" and isinstance(item, str):
                 ref = _local_ref(item, base_url)
                 if ref:
                     out.add(ref)
-            elif isinstance(item, Mapping | list):
+            elif isinstance(item, dict | list):
                 _collect_refs(item, base_url, out)
     elif isinstance(value, list):
         for item in value:
             _collect_refs(item, base_url, out)
+
+
+_DATE_PATHS = {
+    rtype: tuple(tuple(p.split(".")) for p in paths) for rtype, paths in CLINICAL_DATE_PATHS.items()
+}
+
+
+def index_clinical_date(resource: dict[str, Any]) -> str | None:
+    """The index's clinical date (:func:`bridge.stores.index.rules.clinical_date`: the first non-empty
+    text among the type's ``CLINICAL_DATE_PATHS``), with the paths split once rather than per call."""
+    rtype = resource.get("resourceType")
+    for path in _DATE_PATHS.get(rtype, ()) if isinstance(rtype, str) else ():
+        node: Any = resource
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, str) and node:
+            return node
+    return None
 
 
 @functools.lru_cache(maxsize=512)
@@ -371,7 +391,9 @@ class _Node:
     classes: frozenset[str] | None
     profiles: frozenset[str]
     codes: frozenset[Pair] | None
+    code_any: frozenset[str]  # codes stated without a system: any system matches
     labels: frozenset[Pair] | None
+    label_any: frozenset[str]
     ceiling: int  # highest confidentiality rank stated in labels, -1 for none
     data_period: tuple[float, float] | None
     data_period_bad: bool
@@ -544,7 +566,9 @@ def _compile_node(
         classes=classes,
         profiles=frozenset(profiles),
         codes=codes,
+        code_any=frozenset(c for sys_, c in codes or () if sys_ is None),
         labels=labels,
+        label_any=frozenset(c for sys_, c in labels or () if sys_ is None),
         ceiling=ceiling,
         data_period=data_period,
         data_period_bad=raw.get("dataPeriod") is not None and data_period is None,
@@ -565,14 +589,15 @@ class _Bound:
     data: bool  # some element looks at the resource
     children: tuple[_Bound, ...]
     decision: Decision
+    deny: bool  # its effect is deny
 
 
 class _Resource:
-    """A resource and its source, with what the provisions look at computed on first use."""
+    """A resource and its source; what the provisions look at is read on first use."""
 
     __slots__ = (
         "_authors",
-        "_codes",
+        "_codings",
         "_date",
         "_dated",
         "_labels",
@@ -581,10 +606,8 @@ class _Resource:
         "base_url",
         "clinical_date",
         "raw",
-        "ref",
         "source",
         "source_refs",
-        "type",
     )
 
     def __init__(
@@ -596,46 +619,58 @@ class _Resource:
         base_url: str | None,
     ) -> None:
         self.raw = raw
-        rtype, rid = raw.get("resourceType"), raw.get("id")
-        self.type = rtype if isinstance(rtype, str) else None
-        self.ref = f"{rtype}/{rid}" if self.type and isinstance(rid, str) and rid else None
-        self.source, self.source_refs = source, source_refs
-        self.clinical_date, self.base_url = clinical_date, base_url
-        self._codes: tuple[frozenset[Pair], frozenset[str]] | None = None
-        self._labels: tuple[frozenset[Pair], frozenset[str], int] | None = None
+        self.source = source
+        self.source_refs = source_refs
+        self.clinical_date = clinical_date
+        self.base_url = base_url
+        self._codings: list[dict[str, Any]] | None = None
+        self._labels: list[dict[str, Any]] | None = None
         self._profiles: frozenset[str] | None = None
         self._date: tuple[float, float] | None = None
         self._dated = False
         self._refs: frozenset[str] | None = None
         self._authors: frozenset[str] | None = None
 
+    def own_ref(self) -> str | None:
+        rtype, rid = self.raw.get("resourceType"), self.raw.get("id")
+        return f"{rtype}/{rid}" if isinstance(rtype, str) and rtype and isinstance(rid, str) and rid else None
+
     def profiles(self) -> frozenset[str]:
         if self._profiles is None:
             meta = self.raw.get("meta")
-            values = _items(meta.get("profile")) if isinstance(meta, Mapping) else []
+            values = _items(meta.get("profile")) if isinstance(meta, dict) else []
             self._profiles = frozenset(p.partition("|")[0] for p in values if isinstance(p, str))
         return self._profiles
 
-    def codes(self) -> tuple[frozenset[Pair], frozenset[str]]:
-        if self._codes is None:
-            pairs: set[Pair] = set()
-            for path in CODE_ELEMENTS.get(self.type or "", DEFAULT_CODE_ELEMENTS):
-                for value in _path_values(self.raw, path):
-                    pairs.update(_codings(value))
-            self._codes = frozenset(pairs), frozenset(c for _, c in pairs)
-        return self._codes
+    def codings(self) -> list[dict[str, Any]]:
+        """The Coding objects of the elements :data:`CODE_ELEMENTS` names for the resource's type."""
+        if self._codings is None:
+            rtype = self.raw.get("resourceType")
+            paths = (
+                _CODE_PATHS.get(rtype, _DEFAULT_CODE_PATHS) if isinstance(rtype, str) else _DEFAULT_CODE_PATHS
+            )
+            found: list[dict[str, Any]] = []
+            for path in paths:
+                value = self.raw.get(path[0])
+                if value is None:
+                    continue
+                values = _items(value) if len(path) == 1 else _path_values(self.raw, path)
+                for item in values:
+                    if isinstance(item, dict):
+                        coding = item.get("coding")
+                        if isinstance(coding, list):
+                            found.extend(c for c in coding if isinstance(c, dict))
+                        else:
+                            found.append(item)
+            self._codings = found
+        return self._codings
 
-    def labels(self) -> tuple[frozenset[Pair], frozenset[str], int]:
-        """meta.security: (system, code) pairs, codes, and the lowest confidentiality rank (99: none)."""
+    def labels(self) -> list[dict[str, Any]]:
+        """The Codings of ``meta.security``."""
         if self._labels is None:
             meta = self.raw.get("meta")
-            pairs = frozenset(_codings(meta.get("security"))) if isinstance(meta, Mapping) else frozenset()
-            ranks = [
-                CONFIDENTIALITY_RANK[c]
-                for s, c in pairs
-                if s in (CONFIDENTIALITY, None) and c in CONFIDENTIALITY_RANK
-            ]
-            self._labels = pairs, frozenset(c for _, c in pairs), min(ranks, default=99)
+            security = meta.get("security") if isinstance(meta, dict) else None
+            self._labels = [c for c in _items(security) if isinstance(c, dict)]
         return self._labels
 
     def date(self) -> tuple[float, float] | None:
@@ -665,10 +700,40 @@ class _Resource:
         return self.source in ids or not refs.isdisjoint(self.source_refs)
 
 
+def _coding_in(codings: list[dict[str, Any]], pairs: frozenset[Pair], any_system: frozenset[str]) -> bool:
+    """Whether one of ``codings`` is a stated (system, code), or has a code stated without a system."""
+    for coding in codings:
+        code, system = coding.get("code"), coding.get("system")
+        if not isinstance(code, str) or not code:
+            continue
+        if not system:
+            if code in any_system:
+                return True
+        elif isinstance(system, str) and (
+            code in any_system or (SYSTEM_ALIASES.get(system, system), code) in pairs
+        ):
+            return True
+    return False
+
+
+def _below_ceiling(labels: list[dict[str, Any]], ceiling: int) -> bool:
+    """Whether a confidentiality label of the resource is at most ``ceiling`` (a rank)."""
+    for label in labels:
+        code = label.get("code")
+        rank = CONFIDENTIALITY_RANK.get(code) if isinstance(code, str) else None
+        if rank is not None and rank <= ceiling:
+            system = label.get("system")
+            if not system or (
+                isinstance(system, str) and SYSTEM_ALIASES.get(system, system) == CONFIDENTIALITY
+            ):
+                return True
+    return False
+
+
 def _data_match(entries: tuple[tuple[str, str | None, str | None], ...], r: _Resource) -> bool | None:
     state: bool | None = False
     for meaning, ref, org in entries:
-        if meaning != "authoredby" and ref is not None and ref == r.ref:
+        if meaning != "authoredby" and ref is not None and ref == r.own_ref():
             return True
         if meaning == "dependents" and ref is not None and ref in r.refs():
             return True
@@ -687,50 +752,46 @@ def _data_match(entries: tuple[tuple[str, str | None, str | None], ...], r: _Res
     return state
 
 
-def _matches(b: _Bound, r: _Resource) -> bool | None:
-    """Whether a bound provision applies to the resource: False when an element rules it out, None when
-    none does but one cannot be told, else True."""
-    state: bool | None = None if b.unknown else True
+def _applies(b: _Bound, r: _Resource) -> bool:
+    """Whether a bound provision applies to the resource. An element that rules it out answers False;
+    when none does but one cannot be told (an unreadable date, an unknown source), it applies if it
+    denies. The cheapest elements are looked at first: any False rules the provision out whatever the
+    others say, so the order does not change the answer."""
     if not b.data:
-        return state
+        return b.deny or not b.unknown
+    unknown = b.unknown
     n = b.node
+    if (
+        n.classes is not None
+        and r.raw.get("resourceType") not in n.classes
+        and (not n.profiles or n.profiles.isdisjoint(r.profiles()))
+    ):
+        return False
     if b.source_actor:
         found = r.from_source(n.source_ids, n.source_refs)
         if found is False:
             return False
         if found is None:
-            state = None
-    if (
-        n.classes is not None
-        and r.type not in n.classes
-        and (not n.profiles or n.profiles.isdisjoint(r.profiles()))
-    ):
-        return False
-    if n.codes is not None:
-        pairs, codes = r.codes()
-        if not any((c in codes) if s is None else ((s, c) in pairs) for s, c in n.codes):
-            return False
+            unknown = True
     if n.labels is not None:
-        pairs, codes, lowest = r.labels()
-        exact = any((c in codes) if s is None else ((s, c) in pairs) for s, c in n.labels)
-        if not exact and lowest > n.ceiling:
+        labels = r.labels()
+        if not _coding_in(labels, n.labels, n.label_any) and (
+            n.ceiling < 0 or not _below_ceiling(labels, n.ceiling)
+        ):
             return False
     if n.data_period is not None:
         date = r.date()
         if date is None or date[0] < n.data_period[0] or date[1] > n.data_period[1]:
             return False
+    if n.codes is not None and not _coding_in(r.codings(), n.codes, n.code_any):
+        return False
     if n.data is not None:
         found = _data_match(n.data, r)
         if found is False:
             return False
         if found is None:
-            state = None
-    return state
-
-
-def _applies(b: _Bound, r: _Resource) -> bool:
-    m = _matches(b, r)
-    return (b.node.effect == "deny") if m is None else m
+            unknown = True
+    return b.deny or not unknown
 
 
 def _decide_node(b: _Bound, r: _Resource) -> _Bound:
@@ -740,7 +801,7 @@ def _decide_node(b: _Bound, r: _Resource) -> _Bound:
     for child in b.children:
         if _applies(child, r):
             found = _decide_node(child, r)
-            if found.node.effect == "deny":
+            if found.deny:
                 return found
             if chosen is None:
                 chosen = found
@@ -837,7 +898,7 @@ class BoundPolicy:
         for _, root in self._roots:
             if _applies(root, r):
                 found = _decide_node(root, r)
-                if found.node.effect == "deny":
+                if found.deny:
                     return found.decision
                 if permit is None:
                     permit = found.decision
@@ -891,14 +952,14 @@ class ConsentPolicy:
         consents: Iterable[Mapping[str, Any]],
         default: str,
         *,
-        clinical_date: ClinicalDate = index_clinical_date,
+        clinical_date: ClinicalDate | None = None,
         base_url: str | None = None,
     ) -> None:
         if default not in ("permit", "deny"):
             raise ValueError("the base policy is 'permit' or 'deny'")
         self.default: Effect = "permit" if default == "permit" else "deny"
         self.base_url = base_url.rstrip("/") if base_url else None
-        self.clinical_date = clinical_date
+        self.clinical_date = clinical_date or index_clinical_date
         #: (consent id, why it does not count)
         self.ignored: list[tuple[str, str]] = []
         compiled: list[_Consent] = []
@@ -973,7 +1034,7 @@ class ConsentPolicy:
         if unknown:
             how += "; an element could not be read, so this deny is taken to apply"
         decision = Decision(n.effect == "permit", cid, n.path, f"Consent {cid}, {n.path}: {n.effect}{how}")
-        return _Bound(n, unknown, source_actor, data, children, decision)
+        return _Bound(n, unknown, source_actor, data, children, decision, n.effect == "deny")
 
     def decide(
         self,

@@ -25,8 +25,10 @@ from bridge.service.consent.evaluate import (
     Decision,
     Requester,
     fhir_interval,
+    index_clinical_date,
     purposes_covered,
 )
+from bridge.stores.index.rules import CLINICAL_DATE_PATHS, clinical_date
 from tests.unit.bridge.service.consent import reference
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
@@ -448,6 +450,25 @@ def test_fhir_interval_is_as_wide_as_the_precision(text: str, width: float) -> N
 @pytest.mark.parametrize("text", ["2020-13", "2021-02-29", "2020-01-01T24:00:00Z", "soon", "20200101", 2020])
 def test_fhir_interval_refuses_what_is_not_a_date(text: object) -> None:
     assert fhir_interval(text) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from([*CLINICAL_DATE_PATHS, "Patient", 7]),
+    st.dictionaries(
+        st.sampled_from(sorted({p.split(".")[0] for paths in CLINICAL_DATE_PATHS.values() for p in paths})),
+        st.one_of(
+            st.sampled_from(["2020-01-01", "", 5, None, ["2020"]]),
+            st.dictionaries(
+                st.sampled_from(["start", "end", "collectedDateTime", "period"]),
+                st.sampled_from(["2021", "", {"start": "2022"}]),
+            ),
+        ),
+    ),
+)
+def test_the_default_clinical_date_is_the_index_rule(rtype: object, fields: dict[str, Any]) -> None:
+    res = {"resourceType": rtype, **fields}
+    assert index_clinical_date(res) == clinical_date(res)
 
 
 # -- properties against the reference ------------------------------------------------------------------
