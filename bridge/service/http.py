@@ -16,6 +16,7 @@ from aiohttp import web
 from bridge.errors import FhirbridgeError, TransientError
 from bridge.service.auth.marks import Forbidden, Unauthorized
 from bridge.service.auth.tokens import IssuerUnavailable
+from bridge.service.consent.enforce import Withheld, suppressed_outcome
 from bridge.service.fhir.dates import DATE, interval
 from bridge.stores.mpi.config import MpiConflict, MpiError, MpiInputError, MpiNotFound
 from ledger.errors import InvalidEntry, LedgerError, OutOfRange, StorageUnavailable, VerificationError
@@ -94,6 +95,8 @@ def error_response(exc: BaseException) -> web.Response | None:
             status=401,
             headers={"WWW-Authenticate": _bearer_challenge("invalid_token", exc.reason)},
         )
+    if isinstance(exc, Withheld):
+        return fhir_response(suppressed_outcome(), status=403)
     if isinstance(exc, Forbidden):
         return fhir_response(
             operation_outcome("error", "forbidden", str(exc)),

@@ -32,6 +32,7 @@ import orjson
 from aiohttp import web
 
 from bridge.config import Settings
+from bridge.errors import FhirbridgeError
 from bridge.service.auth.marks import Forbidden
 from bridge.service.auth.policy import Access
 from bridge.service.auth.purpose import EMERGENCY
@@ -46,6 +47,14 @@ MAX_REASON = 500
 ORG_SYSTEM = "urn:fhirbridge:org"
 _SOURCE = re.compile(r"^urn:fhirbridge:([^:]+)$")
 _ORG_REF = re.compile(r"(?:^|/)(Organization/[A-Za-z0-9\-.]{1,64})$")
+
+
+class Withheld(FhirbridgeError):
+    """A read of a resource the patient's Consent withholds from this requester (403, with the
+    break-the-glass hint of :func:`suppressed_outcome`; never what was withheld or why)."""
+
+    def __init__(self) -> None:
+        super().__init__("withheld by the patient's consent")
 
 
 def suppressed_outcome() -> dict[str, Any]:

@@ -7,9 +7,18 @@ from typing import Any
 
 from aiohttp import web
 
+from bridge.metrics import CONSENT_WITHHELD
+from bridge.service.audit.middleware import note
 from bridge.service.auth.marks import needs
 from bridge.service.auth.middleware import access_of
-from bridge.service.context import Backend, base_url, stores
+from bridge.service.consent.enforce import (
+    ConsentCheck,
+    ConsentGate,
+    consent_check,
+    source_org_of,
+    suppressed_outcome,
+)
+from bridge.service.context import SETTINGS, Backend, base_url, stores
 from bridge.service.http import (
     FhirHTTPError,
     check_no_nul,
@@ -30,13 +39,33 @@ def _search_patients(
     name: str | None,
     birthdate: str | None,
     only: frozenset[str] | None = None,
-) -> tuple[list[dict[str, Any]], int]:
-    """The first ``SEARCH_LIMIT`` matching Patients, and the number of matches (among ``only``, the
-    ids of a ``patient/`` token's compartment, when given)."""
+    consent: ConsentCheck | None = None,
+) -> tuple[list[dict[str, Any]], int, int]:
+    """The first ``SEARCH_LIMIT`` matching Patients, the number of matches (among ``only``, the ids of
+    a ``patient/`` token's compartment, when given), and the number the patients' Consents withheld
+    from this requester (not counted among the matches)."""
     index = backend.index()
+    mpi = backend.mpi()
+    gates: dict[str, ConsentGate] = {}  # one gate per person, whichever of their records matched
+    withheld = 0
+
+    def admitted(p: dict[str, Any]) -> bool:
+        nonlocal withheld
+        if consent is None:
+            return True
+        pid = str(p.get("id"))
+        gate = gates.get(pid)
+        if gate is None:
+            linked = mpi.linked_patient_ids(pid) if mpi is not None else [pid]
+            gate = consent.gate(backend, linked)
+            gates.update(dict.fromkeys(linked, gate))
+        if gate.admits_resource(p, source_org_of(p)):
+            return True
+        withheld += 1
+        return False
 
     def match(p: dict[str, Any]) -> bool:
-        return (only is None or p.get("id") in only) and _matches(p, name, birthdate)
+        return (only is None or p.get("id") in only) and _matches(p, name, birthdate) and admitted(p)
 
     if identifier:
         system, sep, value = identifier.partition("|")
@@ -45,8 +74,9 @@ def _search_patients(
             p for p in (index.get("Patient", i) for i in ids if only is None or i in only) if p is not None
         ]
         found = [p for p in patients if match(p)]
-        return found[:SEARCH_LIMIT], len(found)
-    return index.search_patients(name=name, birthdate=birthdate, limit=SEARCH_LIMIT, match=match)
+        return found[:SEARCH_LIMIT], len(found), withheld
+    page, total = index.search_patients(name=name, birthdate=birthdate, limit=SEARCH_LIMIT, match=match)
+    return page, total, withheld
 
 
 def _matches(patient: dict[str, Any], name: str | None, birthdate: str | None) -> bool:
@@ -78,9 +108,19 @@ async def patient_search(request: web.Request) -> web.Response:
         raise FhirHTTPError(400, "required", "give at least one of identifier, name, birthdate")
     access = access_of(request)
     only = access.compartment if access is not None and access.grant("Patient", "s")[1] else None
-    backend = stores(request)
-    patients, total = await backend.run(_search_patients, backend, identifier, name, birthdate, only)
     base = base_url(request)
+    check = consent_check(request, access, request.app[SETTINGS], base)
+    backend = stores(request)
+    patients, total, withheld = await backend.run(
+        _search_patients, backend, identifier, name, birthdate, only, check
+    )
+    note(
+        request,
+        "search-type",
+        "E",
+        patients=[p["id"] for p in patients],
+        touched_by_patient={p["id"]: {"Patient": 1} for p in patients},
+    )
     entries: list[dict[str, Any]] = [
         {"fullUrl": f"{base}/Patient/{p['id']}", "resource": p, "search": {"mode": "match"}} for p in patients
     ]
@@ -94,6 +134,9 @@ async def patient_search(request: web.Request) -> web.Response:
         for k in dict.fromkeys(request.query)
         if k not in supported
     ]
+    if withheld:
+        CONSENT_WITHHELD.inc(withheld)
+        entries.append({"resource": suppressed_outcome(), "search": {"mode": "outcome"}})
     if total > len(patients):
         entries.append(
             {
