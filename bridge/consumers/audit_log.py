@@ -82,6 +82,7 @@ class AuditAppender:
         self.batch = batch
         self._last_seq: int | None = None  # None: read it from the log
         self._size = 0
+        self._horizon: int | None = None  # no row can appear at or below it any more (PostgreSQL)
 
     def last_appended_seq(self) -> int:
         """The ``seq`` of the last row in the log (the ``offset`` of its last leaf), 0 for an empty log.
@@ -110,7 +111,10 @@ class AuditAppender:
             if self._last_seq is None:
                 self._size = self.log.size()
                 self._last_seq = self.last_appended_seq()
-            rows = self.store.since(self._last_seq, self.batch)
+            upto = self._horizon
+            if upto is None or self._last_seq >= upto:  # PostgreSQL: a new horizon once this one is reached
+                upto = self._horizon = self.store.horizon()
+            rows = self.store.leaves_since(self._last_seq, self.batch, upto=upto)
             if not rows:
                 return 0
             indices = self.log.append([leaf_entry(r) for r in rows])
@@ -182,12 +186,14 @@ def run_audit_log(
     until: Callable[[AppendProgress], bool] | None = None,
     unsigned: bool = False,
     batch: int = BATCH,
-    idle_sleep: float = 0.02,
+    idle_sleep: float = 0.1,
     max_backoff: float = 5.0,
 ) -> AppendProgress:
     """The appender's loop: append new audit rows, sign checkpoints (in the append when
     ``checkpoint_every`` entries or ``checkpoint_interval_ms`` have passed; while idle, over the tail of
-    a burst once the interval has passed), and back off while a database is unavailable. Runs until
+    a burst once the interval has passed), and back off while a database is unavailable. Once caught up
+    it waits ``idle_sleep`` seconds before it looks again, so that a busy service's rows are appended
+    in batches of hundreds rather than a few (each append is a durable transaction). Runs until
     ``until(progress)`` is true (checked after every step), then signs a checkpoint over everything
     appended and returns the progress.
 

@@ -8,6 +8,7 @@ rendered as OperationOutcomes from :data:`bridge.service.http.ERRORS`), and ever
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -28,8 +29,9 @@ from bridge.service.auth.marks import authenticated, public
 from bridge.service.auth.middleware import AUTHORIZATION, Authorization, auth_middleware
 from bridge.service.auth.tokens import Issuer, TokenVerifier, load_issuers
 from bridge.service.context import ALLOWED_HOSTS, BACKEND, SETTINGS, Backend, base_url
-from bridge.service.fhir import everything, read, search
+from bridge.service.fhir import consent, everything, read, search
 from bridge.service.fhir.capability import capability_statement
+from bridge.service.fhir.consent import CONSENT_WRITER, ConsentWriter
 from bridge.service.http import error_response, fhir_response, operation_outcome, outcome_response
 from bridge.stores.ledger import open_configured_ledger
 from bridge.stores.mpi import PersonIndex
@@ -119,7 +121,10 @@ async def home(request: web.Request) -> web.Response:
 
 
 def create_app(
-    settings: Settings, backend: Backend | None = None, authorization: Authorization | None = None
+    settings: Settings,
+    backend: Backend | None = None,
+    authorization: Authorization | None = None,
+    consent_writer: ConsentWriter | None = None,
 ) -> web.Application:
     """The application over ``backend`` (default: the configured index, ledger and MPI) and
     ``authorization`` (default: tokens of the embedded issuer and of the trusted issuers file); the
@@ -140,6 +145,8 @@ def create_app(
     app.add_routes(auth_server.routes)
     app.add_routes(search.routes)
     app.add_routes(everything.routes)
+    app.add_routes(consent.routes)
+    writer = app[CONSENT_WRITER] = consent_writer or ConsentWriter()
     if be.has_ledger:
         app.add_routes(ledger_routes.routes)
     if be.has_mpi:
@@ -149,6 +156,7 @@ def create_app(
     async def _close(_: web.Application) -> None:
         if auth.verifier is not None:
             await auth.verifier.close()
+        await asyncio.get_running_loop().run_in_executor(None, writer.close)
         be.close()
 
     app.on_cleanup.append(_close)

@@ -14,12 +14,16 @@ One row per FHIR ``AuditEvent`` (``bridge.service.audit.events`` builds them, do
 ``synchronous=FULL``; PostgreSQL's default durability) and raises :class:`~bridge.errors.TransientError`
 when the database cannot be written, so that the service answers 503 and releases no data.
 
-**Rows become visible in ``seq`` order.** The appender reads ``since(last seq)`` and must never see a
-row after a row with a larger ``seq`` (it would skip it for ever). SQLite has one writer at a time, so
-this holds. PostgreSQL hands out sequence numbers outside transactions, so two concurrent accesses could
-commit out of order; :meth:`AuditStore.record` therefore takes a transaction-scoped advisory lock before
-it draws its numbers, which makes commit order ``seq`` order (the lock is released after the commit is
-visible).
+**The appender never skips a row.** It reads ``since(last seq)``, so it must never read past a row
+that is not visible yet but will be. SQLite has one writer at a time: rows become visible in ``seq``
+order. PostgreSQL draws sequence numbers outside transactions, so concurrent accesses may commit out of
+order. There, :meth:`AuditStore.record` holds a *shared* transaction-scoped advisory lock from before it
+draws its numbers until its commit is visible (concurrent accesses do not wait for each other, and
+PostgreSQL's group commit still works), and :meth:`AuditStore.horizon` takes the same lock *exclusively*
+for an instant: once it has it, every number drawn so far belongs to a finished transaction, so the
+rows up to the largest ``seq`` it then sees are all the rows there will ever be up to it. The appender
+reads no further than that horizon. (The identity sequence keeps PostgreSQL's default cache of 1: a
+session caching numbers could draw one below the horizon later.)
 
 The leaf of a row in the audit log (:func:`leaf_entry`) is a :class:`~ledger.log.LedgerEntry` that holds
 no PHI: the event's hash, the accessing organisation, the row's ``seq`` and ``recorded`` time and the
@@ -32,7 +36,7 @@ import hashlib
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 import psycopg
@@ -73,7 +77,8 @@ NO_ORGANIZATION = "-"
 
 #: ``synchronous=FULL``: an access is answered only once its audit rows would survive a power cut
 AUDIT_TUNING = SqliteTuning(synchronous="FULL", busy_timeout_ms=10_000)
-#: the key of PostgreSQL's transaction-scoped advisory lock that orders audit inserts (any constant)
+#: the key of PostgreSQL's transaction-scoped advisory lock: shared by inserting accesses, exclusive for
+#: an instant when the appender takes its horizon (any constant)
 _PG_LOCK = 0x41554449_54000001
 
 _COLUMNS = "id, recorded, patient_id, agent, organization, purpose, break_glass, outcome, body, sha256"
@@ -129,6 +134,19 @@ class AuditColumns:
     purpose: str | None
     break_glass: bool
     outcome: str
+
+
+class LeafRow(NamedTuple):
+    """The columns of an audit row its leaf is made of."""
+
+    seq: int
+    id: str
+    recorded: str
+    organization: str | None
+    sha256: str
+
+
+_LEAF_COLUMNS = "seq, id, recorded, organization, sha256"
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,7 +281,7 @@ def columns(event: Mapping[str, Any]) -> AuditColumns:
     )
 
 
-def leaf_entry(row: AuditRow) -> LedgerEntry:
+def leaf_entry(row: AuditRow | LeafRow) -> LedgerEntry:
     """The audit log's leaf for ``row``: no PHI (the hash of the event, whose random id makes it
     unguessable; the organisation; the row's ``seq`` as ``offset``, its time, the event id)."""
     return LedgerEntry(
@@ -343,8 +361,8 @@ class AuditStore:
         try:
             with self.db.transaction() as tx:
                 if tx.kind == "postgres":
-                    # seq order must be commit order (module docstring): one inserting access at a time
-                    tx.execute("SELECT pg_advisory_xact_lock(?)", [_PG_LOCK])
+                    # held until the commit is visible, so that horizon() waits for this access
+                    tx.execute("SELECT pg_advisory_xact_lock_shared(?)", [_PG_LOCK])
                 tx.executemany(_INSERT, rows)
         except _DB_ERRORS as exc:
             # a failed COMMIT can leave SQLite's transaction open: start over on a new connection
@@ -387,9 +405,42 @@ class AuditStore:
         """The events of ``agent`` (``issuer|subject``), paged like :meth:`for_patient`."""
         return self._page("agent", agent, limit, after, descending)
 
-    def since(self, seq: int, limit: int = 1000) -> list[AuditRow]:
-        """The rows with a ``seq`` above ``seq``, in ``seq`` order, at most ``limit`` (the appender's read)."""
-        return self._query(f"{_SELECT} WHERE seq > ? ORDER BY seq LIMIT ?", [seq, limit])
+    def since(self, seq: int, limit: int = 1000, *, upto: int | None = None) -> list[AuditRow]:
+        """The rows with a ``seq`` above ``seq`` (and at most ``upto``), in ``seq`` order, at most ``limit``."""
+        if upto is None:
+            return self._query(f"{_SELECT} WHERE seq > ? ORDER BY seq LIMIT ?", [seq, limit])
+        return self._query(f"{_SELECT} WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?", [seq, upto, limit])
+
+    def leaves_since(self, seq: int, limit: int = 1000, *, upto: int | None = None) -> list[LeafRow]:
+        """What :meth:`since` returns, without the bodies: what the appender needs for the leaves."""
+        sql = f"SELECT {_LEAF_COLUMNS} FROM audit_events WHERE seq > ?"
+        params: list[Any] = [seq]
+        if upto is not None:
+            sql += " AND seq <= ?"
+            params.append(upto)
+        params.append(limit)
+        try:
+            return [LeafRow(int(r[0]), *r[1:]) for r in self.db.query(sql + " ORDER BY seq LIMIT ?", params)]
+        except _DB_ERRORS as exc:
+            self.db.close()
+            raise TransientError("the audit database is unavailable") from exc
+
+    def horizon(self) -> int | None:
+        """The largest ``seq`` up to which no row can still appear (None: no limit, on SQLite).
+
+        On PostgreSQL this waits for the accesses being recorded to commit (see the module docstring);
+        new ones wait for it in turn, for the time of one ``MAX(seq)``. Raises :class:`TransientError`.
+        """
+        if self.db.kind != "postgres":
+            return None
+        try:
+            with self.db.transaction() as tx:
+                tx.execute("SELECT pg_advisory_xact_lock(?)", [_PG_LOCK])
+                (top,) = tx.query("SELECT COALESCE(MAX(seq), 0) FROM audit_events")[0]
+        except _DB_ERRORS as exc:
+            self.db.close()
+            raise TransientError("the audit database is unavailable") from exc
+        return int(top)
 
     def iter_all(self, batch: int = 10_000) -> Iterator[list[AuditRow]]:
         """Every row in ``seq`` order, ``batch`` at a time (``audit verify``)."""

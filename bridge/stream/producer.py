@@ -101,11 +101,26 @@ class Publisher:
             self._signers[org] = signer
         return signer
 
-    def envelope(self, converted: ConvertedBundle, adapter: Adapter, source: SourceInfo) -> Envelope:
+    def envelope(
+        self,
+        converted: ConvertedBundle,
+        adapter: Adapter | None,
+        source: SourceInfo,
+        *,
+        producer: tuple[str, str] | None = None,
+    ) -> Envelope:
+        """The signed envelope of ``converted``; ``producer`` (name, version) names what made the bundle
+        when it was not an adapter (the service's own API)."""
+        if producer is not None:
+            name, version = producer
+        elif adapter is not None:
+            name, version = adapter.name, adapter.version
+        else:
+            raise ValueError("a bundle is made by an adapter or a named producer")
         env = Envelope(
             source_org=source.org_id,
-            adapter=adapter.name,
-            adapter_version=adapter.version,
+            adapter=name,
+            adapter_version=version,
             bundle_sha256=converted.sha256,
             produced_at=utc_now(),
             message_id=converted.message_id or "",
@@ -113,9 +128,15 @@ class Publisher:
         return self.signer(source.org_id).sign(env)
 
     def publish(
-        self, converted: ConvertedBundle, adapter: Adapter, source: SourceInfo
+        self,
+        converted: ConvertedBundle,
+        adapter: Adapter | None,
+        source: SourceInfo,
+        *,
+        producer: tuple[str, str] | None = None,
     ) -> FutureRecordMetadata:
-        env = self.envelope(converted, adapter, source)
+        """Sign and produce ``converted``; ``adapter`` made it, or ``producer`` (name, version) did."""
+        env = self.envelope(converted, adapter, source, producer=producer)
         try:
             return self.producer.send(
                 self.topics.bundles,

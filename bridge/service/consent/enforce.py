@@ -105,6 +105,8 @@ class ConsentCheck:
     #: the ``X-Break-Glass-Reason`` of this request (opens a window)
     reason: str | None = None
     window_seconds: int = 3600
+    #: the token's other purposes of use: a resource is admitted only when every purpose is permitted
+    more_purposes: tuple[str, ...] = ()
 
     def gate(self, backend: Any, patient_ids: Sequence[str]) -> ConsentGate:
         """The gate for the person whose records are ``patient_ids`` (MATCH-linked, the asked one first)."""
@@ -130,12 +132,14 @@ class ConsentCheck:
         if not consents and self.default == "permit":
             return ConsentGate(None, self.requester.organization, window)
         org_refs = _organization_refs(index, consents, self.base_url)
-        requester = self.requester
-        own_refs = org_refs.get(requester.organization or "", frozenset())
-        if own_refs:
-            requester = Requester(requester.organization, requester.purpose, own_refs, requester.practitioner)
-        policy = ConsentPolicy(consents, self.default, base_url=self.base_url).bind(requester, now=self.now)
-        return ConsentGate(policy, requester.organization, window, org_refs)
+        r = self.requester
+        own_refs = org_refs.get(r.organization or "", frozenset())
+        policy = ConsentPolicy(consents, self.default, base_url=self.base_url)
+        bound = tuple(
+            policy.bind(Requester(r.organization, purpose, own_refs, r.practitioner), now=self.now)
+            for purpose in (r.purpose, *self.more_purposes)
+        )
+        return ConsentGate(bound, r.organization, window, org_refs)
 
 
 @dataclass(slots=True)
@@ -143,48 +147,54 @@ class ConsentGate:
     """The consent decision of one request over one person: :meth:`admits` each resource; ``withheld``
     counts those refused. With an open break-the-glass ``window``, everything is admitted."""
 
-    policy: BoundPolicy | None
+    #: one bound policy per purpose of use of the request (None: no Consent applies)
+    policies: tuple[BoundPolicy, ...] | None
     own_org: str | None
     window: Window | None = None
     org_refs: Mapping[str, frozenset[str]] = field(default_factory=dict)
     withheld: int = 0
-    #: the decision that withheld the first refused resource (for the log and $consent-decision)
+    #: the decision that withheld the first refused resource (for the log)
     first_denial: Decision | None = None
 
     @property
     def unrestricted(self) -> bool:
         """Whether every resource is admitted without looking (no Consent applies, or the glass is broken)."""
-        if self.window is not None or self.policy is None:
+        if self.window is not None or self.policies is None:
             return True
-        constant = self.policy.constant
-        return constant is not None and constant.permit
+        return all(p.constant is not None and p.constant.permit for p in self.policies)
 
     def admits(self, r: StoredResource) -> bool:
         """Whether the stored resource ``r`` may be returned (counted in ``withheld`` when not)."""
-        if self.window is not None or self.policy is None or r.source_org == self.own_org:
+        if self.window is not None or self.policies is None or r.source_org == self.own_org:
             return True
-        decision = self.policy.constant or self.policy.decide(
-            orjson.loads(r.body),
-            source=r.source_org,
-            source_refs=self.org_refs.get(r.source_org, frozenset()),
-        )
-        return self._count(decision)
+        parsed: dict[str, Any] | None = None
+        refs = self.org_refs.get(r.source_org, frozenset())
+        for policy in self.policies:
+            decision = policy.constant
+            if decision is None:
+                if parsed is None:
+                    parsed = orjson.loads(r.body)
+                decision = policy.decide(parsed, source=r.source_org, source_refs=refs)
+            if not decision.permit:
+                return self._withhold(decision)
+        return True
 
     def admits_resource(self, resource: dict[str, Any], source_org: str | None) -> bool:
         """Whether ``resource`` (as stored, from ``source_org``) may be returned."""
-        if self.window is not None or self.policy is None or (source_org and source_org == self.own_org):
+        if self.window is not None or self.policies is None or (source_org and source_org == self.own_org):
             return True
-        decision = self.policy.constant or self.policy.decide(
-            resource, source=source_org, source_refs=self.org_refs.get(source_org or "", frozenset())
-        )
-        return self._count(decision)
+        refs = self.org_refs.get(source_org or "", frozenset())
+        for policy in self.policies:
+            decision = policy.constant or policy.decide(resource, source=source_org, source_refs=refs)
+            if not decision.permit:
+                return self._withhold(decision)
+        return True
 
-    def _count(self, decision: Decision) -> bool:
-        if not decision.permit:
-            self.withheld += 1
-            if self.first_denial is None:
-                self.first_denial = decision
-        return decision.permit
+    def _withhold(self, decision: Decision) -> bool:
+        self.withheld += 1
+        if self.first_denial is None:
+            self.first_denial = decision
+        return False
 
 
 def _organization_refs(
@@ -256,7 +266,7 @@ def consent_check(
             raise Forbidden("breaking the glass needs a user/ token whose purpose of use is ETREAT or BTG")
         if not allowed:
             raise Forbidden("this organisation's clinicians may not break the glass on this service")
-    purpose = next((p for p in purposes if p in EMERGENCY), purposes[0]) if emergency else purposes[0]
+    purpose, *more = purposes
     fhir_user = context.fhir_user
     practitioner = (
         fhir_user if fhir_user and fhir_user.startswith(("Practitioner/", "PractitionerRole/")) else None
@@ -270,4 +280,5 @@ def consent_check(
         may_break_glass=allowed,
         reason=reason,
         window_seconds=settings.consent.break_glass_minutes * 60,
+        more_purposes=tuple(more),
     )

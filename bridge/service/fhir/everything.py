@@ -53,7 +53,8 @@ CHECKPOINT_EXT = "https://fhirbridge.dev/fhir/StructureDefinition/ledger-checkpo
 EVERYTHING_PARAMS = {"start", "end", "_since", "_type", "_count", "_offset", "_proof", "_format"}
 #: the resource types a patient's compartment can hold in the index: Provenance is never returned, and
 #: the patient's Consents are served by ``/Consent`` (who may see them is not who may see the record)
-EVERYTHING_TYPES = {"Patient", "Appointment", *PATIENT_REFERENCE_PATHS, *CLINICAL_DATE_PATHS} - {"Consent"}
+NOT_RETURNED = frozenset({"Provenance", "Consent"})
+EVERYTHING_TYPES = {"Patient", "Appointment", *PATIENT_REFERENCE_PATHS, *CLINICAL_DATE_PATHS} - NOT_RETURNED
 DEFAULT_COUNT = 100
 MAX_COUNT = 1000
 
@@ -133,7 +134,7 @@ def everything(backend: Backend, patient_id: str, params: EverythingParams) -> d
         resources = [
             r for r in resources if r.resource_type == "Patient" or in_range(r.clinical_date, start, end)
         ]
-    resources = [r for r in resources if r.resource_type != "Provenance"]
+    resources = [r for r in resources if r.resource_type not in NOT_RETURNED]
     if params.permit is not None:
         resources = [r for r in resources if params.permit(r)]
     withheld, window = 0, None
