@@ -119,6 +119,24 @@ def register(sub: Any, groups: dict[str, Any]) -> None:
     p.set_defaults(func=_keygen)
 
     p = asub.add_parser(
+        "login",
+        help="sign in as a user (authorization code with PKCE) and print the access token",
+        description="Signs in on the embedded server's form as a registered user, as a public SMART app "
+        "would (its client id and one of its redirect URIs; the redirect is read, not followed), and prints "
+        "the access token alone. The password is read from FHIRBRIDGE_AUTH_PASSWORD or, without it, "
+        "asked for; never from the command line.",
+    )
+    p.add_argument("--client", required=True, help="the public app's client id")
+    p.add_argument("--redirect-uri", required=True, help="one of the app's registered redirect URIs")
+    p.add_argument("--user", required=True, help="the user id to sign in as")
+    p.add_argument("--scope", action="append", required=True, metavar="SCOPES", help="scopes to ask for")
+    p.add_argument(
+        "--purpose", default=None, metavar="CODES", help="the purpose of use to state, e.g. ETREAT"
+    )
+    p.add_argument("--base", default=None, help="the FHIR base (default: the service's)")
+    p.set_defaults(func=_login)
+
+    p = asub.add_parser(
         "token",
         help="get an access token by client credentials (private_key_jwt) and print it",
         description="Signs a client assertion with the client's private key, exchanges it at the token "
@@ -305,6 +323,27 @@ def _keygen(args: argparse.Namespace) -> int:
         return fail(f"cannot write the key files: {exc.strerror}")
     print(f"private key: {private}")
     print(f"public JWKS: {public}  (fhirbridge auth clients add --id ID --jwks-file {public} --scope ...)")
+    return 0
+
+
+def _login(args: argparse.Namespace) -> int:
+    import getpass
+
+    from bridge.service.auth.client import sign_in
+
+    password = os.environ.get("FHIRBRIDGE_AUTH_PASSWORD") or getpass.getpass(f"password for {args.user}: ")
+    base = (args.base or settings().http.fhir_base()).rstrip("/")
+    answer = sign_in(
+        base,
+        args.client,
+        args.redirect_uri,
+        args.user,
+        password,
+        " ".join(_scopes(args.scope)),
+        purpose=args.purpose,
+    )
+    print(answer["access_token"])
+    print(f"granted: {answer.get('scope')}; expires in {answer.get('expires_in')} s", file=sys.stderr)
     return 0
 
 

@@ -17,7 +17,8 @@ from bridge.cli import main
 from bridge.config import Settings
 from bridge.service.auth import keys, server
 from bridge.service.context import ALLOWED_HOSTS, BACKEND, SETTINGS, Backend
-from bridge.stores.auth import AuthStore, AuthUser
+from bridge.stores.auth import AuthClient, AuthStore, AuthUser
+from bridge.stream.broker import free_port
 
 
 @pytest.fixture
@@ -144,4 +145,39 @@ async def test_token_command_exchanges_client_credentials(
         # a refusal is one line with the server's error code
         assert await loop.run_in_executor(None, main, [*argv, "--scope", "system/*.cruds"]) == 1
         assert "invalid_scope" in capsys.readouterr().err
+    app[BACKEND].close()
+
+
+async def test_login_command_signs_in_with_pkce_and_states_the_purpose(
+    data_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    redirect = "http://127.0.0.1:9/callback"
+    store = _store()
+    store.add_client(AuthClient("term", "public", ("user/*.rs", "openid", "fhirUser"), (redirect,)))
+    store.add_user(AuthUser("dr-who", "clinician", "st-mary", "Practitioner/7"), "correct horse battery")
+    store.close()
+    port = free_port()
+    monkeypatch.setenv(
+        "FHIRBRIDGE_PUBLIC_URL", f"http://127.0.0.1:{port}"
+    )  # the tokens' aud, and where to go
+    settings = Settings.from_env()
+    app = web.Application()
+    app[SETTINGS], app[ALLOWED_HOSTS], app[BACKEND] = settings, None, Backend(settings)
+    app.add_routes(server.routes)
+    async with TestServer(app, host="127.0.0.1", port=port):
+        argv = ["auth", "login", "--client", "term", "--redirect-uri", redirect, "--user", "dr-who"]
+        argv += ["--scope", "user/*.rs", "--purpose", "ETREAT"]
+        loop = asyncio.get_running_loop()
+        monkeypatch.setenv("FHIRBRIDGE_AUTH_PASSWORD", "correct horse battery")
+        capsys.readouterr()
+        assert await loop.run_in_executor(None, main, argv) == 0
+        printed = capsys.readouterr().out.strip()
+        claims = jwt.decode(printed, KeySet.import_key_set(keys.current_jwks(Settings.from_env()))).claims
+        assert claims["sub"] == "dr-who" and claims["scope"] == "user/*.rs"
+        iua = claims["extensions"]["ihe_iua"]
+        assert iua["subject_organization_id"] == "st-mary" and iua["purpose_of_use"][0]["code"] == "ETREAT"
+        monkeypatch.setenv("FHIRBRIDGE_AUTH_PASSWORD", "wrong")
+        assert await loop.run_in_executor(None, main, argv) == 1
+        err = capsys.readouterr().err
+        assert "access_denied" in err and "wrong" not in err
     app[BACKEND].close()
