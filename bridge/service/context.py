@@ -17,7 +17,7 @@ from aiohttp import web
 
 from bridge.config import Settings
 from bridge.logging import get_logger
-from bridge.stores.audit import AuditStore
+from bridge.stores.audit import AuditStore, open_audit_log
 from bridge.stores.auth import AuthStore
 from bridge.stores.breakglass import BreakGlassStore
 from bridge.stores.index.store import IndexStore
@@ -76,6 +76,10 @@ class Backend:
         """The access audit's store (``FHIRBRIDGE_AUDIT_URL``): every access's AuditEvents."""
         store: AuditStore = self._get("audit", lambda: AuditStore.open(self.settings.audit.url))
         return store
+
+    def audit_log(self) -> Any:
+        """The audit log (the second Merkle log, read only here): the proofs of the access log."""
+        return self._get("audit_log", lambda: open_audit_log(self.settings))
 
     def break_glass(self) -> BreakGlassStore:
         """The break-the-glass windows, in the audit database."""

@@ -8,6 +8,7 @@ purpose claims the embedded issuer writes.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -16,12 +17,14 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from bridge.cli import main
 from bridge.config import Settings
 from bridge.service.app import create_app
 from bridge.service.context import Backend
 from bridge.stores.audit import AuditStore
 from bridge.stores.index.store import IncomingBundle, IndexStore
 from bridge.stores.mpi import PersonIndex
+from ledger import checkpoint, merkle
 from tests.support.auth import bearer
 
 SSN = "http://hl7.org/fhir/sid/us-ssn"
@@ -344,3 +347,66 @@ async def test_consent_decision_explains_which_consent_and_provision(env: Env) -
     assert (await env.client.get("/Patient/a1/$consent-decision?actor=st-mary", headers=own)).status == 200
     other = bearer(env.settings, "patient/Consent.rs", patient="c3")
     assert (await env.client.get("/Patient/a1/$consent-decision?actor=st-mary", headers=other)).status == 403
+
+
+async def test_every_access_is_in_the_patients_access_log_with_a_valid_inclusion_proof(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await env.everything(**env.headers("st-mary"))  # allowed, A' withheld
+    await env.everything(**env.headers("st-mary", "ETREAT"), **{"X-Break-Glass-Reason": "cardiac arrest"})
+    await env.everything(**env.headers("riverside", "ETREAT"), **{"X-Break-Glass-Reason": "not allowed"})
+    await env.client.get("/Observation/obs-a2", headers=env.headers("st-mary"))  # withheld read: 403
+    monkeypatch.setenv("FHIRBRIDGE_DATA_DIR", str(env.tmp))
+    assert main(["audit", "keygen"]) == 0
+    assert main(["audit", "run", "--exit-when-idle", "0.3"]) == 0
+    own = bearer(env.settings, "patient/*.rs", patient="a1")
+    r = await env.client.get("/Patient/a1/$access-log", headers=own)
+    assert r.status == 200
+    bundle = await r.json()
+    note = bundle["meta"]["extension"][0]["valueString"]
+    vkey = env.settings.audit.key_file.with_suffix(".pub").read_text().strip()  # type: ignore[union-attr]
+    cp = checkpoint.open(note, [vkey])
+    events = [e["resource"] for e in bundle["entry"]]
+    for entry in bundle["entry"]:
+        proof = {x["url"]: x for x in entry["extension"][0]["extension"]}
+        hashes = [
+            base64.b64decode(x["valueBase64Binary"])
+            for x in entry["extension"][0]["extension"]
+            if x["url"] == "proofHash"
+        ]
+        leaf = base64.b64decode(proof["leafHash"]["valueBase64Binary"])
+        merkle.verify_inclusion(leaf, proof["leafIndex"]["valueInteger"], cp.size, hashes, cp.root_hash)
+    outcomes = [(e["outcome"], e["entity"][0]["what"]["reference"]) for e in events]
+    # newest first, over the person (A and A'): the withheld read of A''s Observation, the refused
+    # break-the-glass, the break-the-glass over both records (110127 each), st-mary's first read (A only:
+    # nothing of A' was in its answer)
+    assert outcomes == [
+        ("4", "Patient/a2"),
+        ("4", "Patient/a1"),
+        ("0", "Patient/a2"),
+        ("0", "Patient/a1"),
+        ("0", "Patient/a1"),
+    ]
+    started = [e for e in events if any(s["code"] == DCM_BTG for s in e["subtype"])]
+    assert len(started) == 2 and all(
+        "cardiac arrest" in p.get("text", "")
+        for e in started
+        for p in e["purposeOfEvent"]
+        if p["coding"][0]["code"] == "BTG"
+    )
+    # a patient never sees another patient's log; nor does a token without AuditEvent
+    other = bearer(env.settings, "patient/*.rs", patient="c3")
+    assert (await env.client.get("/Patient/a1/$access-log", headers=other)).status == 403
+    obs_only = bearer(env.settings, "patient/Observation.rs", patient="a1")
+    assert (await env.client.get("/Patient/a1/$access-log", headers=obs_only)).status == 403
+    # the same events by search, for a steward
+    steward = bearer(env.settings, "user/AuditEvent.rs")
+    r = await env.client.get(
+        "/AuditEvent?agent=" + events[-1]["agent"][0]["who"]["identifier"]["system"] + "|dr-st-mary",
+        headers=steward,
+    )
+    by_agent = await r.json()
+    assert r.status == 200 and by_agent["entry"]
+    assert all(
+        e["resource"]["agent"][0]["who"]["identifier"]["value"] == "dr-st-mary" for e in by_agent["entry"]
+    )
