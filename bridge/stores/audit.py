@@ -308,7 +308,15 @@ class AuditStore:
     def __init__(self, url: str) -> None:
         self.db = Database(url, AUDIT_TUNING)
         try:
-            self.db.script(SCHEMA[self.db.kind])
+            # DDL only when the table is missing: on PostgreSQL even CREATE INDEX IF NOT EXISTS takes a
+            # lock that waits for every insert in flight
+            exists = (
+                "SELECT to_regclass('audit_events') IS NOT NULL"
+                if self.db.kind == "postgres"
+                else "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'audit_events'"
+            )
+            if not self.db.query(exists)[0][0]:
+                self.db.script(SCHEMA[self.db.kind])
         except _DB_ERRORS as exc:
             self.db.close()
             raise TransientError("the audit database is unavailable") from exc

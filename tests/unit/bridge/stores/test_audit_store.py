@@ -104,6 +104,13 @@ def test_since_reads_in_seq_order_across_gaps(store: AuditStore, url: str) -> No
     assert [r.patient_id for r in store.since(rows[1].seq)] == ["c"]
     assert [r.patient_id for r in store.since(0, 2)] == ["a", "b"]
     assert [[r.patient_id for r in page] for page in store.iter_all(2)] == [["a", "b"], ["c"]]
+    assert [r.patient_id for r in store.since(0, upto=rows[1].seq)] == ["a", "b"]
+    light = store.leaves_since(0)
+    assert [(x.seq, x.id, x.recorded, x.organization, x.sha256) for x in light] == [
+        (r.seq, r.id, r.recorded, r.organization, r.sha256) for r in rows
+    ]
+    assert [leaf_entry(x) for x in light] == [leaf_entry(r) for r in rows]
+    assert store.leaves_since(rows[0].seq, upto=rows[1].seq) == light[1:2]
 
 
 def _skip_seq(store: AuditStore, url: str, n: int) -> None:
@@ -186,28 +193,48 @@ def test_a_lost_postgresql_connection_is_a_transient_error_then_reconnects(pg_ds
 
 
 @pytest.mark.postgres
-def test_postgresql_inserts_take_turns_so_that_seq_order_is_commit_order(pg_dsn: str) -> None:
-    """A second access waits for the first to commit before it draws its seq (the advisory lock)."""
+def test_the_postgresql_horizon_waits_for_a_slow_access_that_drew_a_lower_seq(pg_dsn: str) -> None:
+    """A slow access draws seq n and commits after a quick one with n + 1: the appender must not read
+    past n before n is visible, or it would skip it for ever."""
     store = AuditStore.open(pg_dsn)
-    store.record(events(0))
-    done = threading.Event()
-    with psycopg.connect(pg_dsn) as holder:  # a transaction holding the lock, as a slow access would
-        holder.execute("SELECT pg_advisory_xact_lock(%s)", [audit_module._PG_LOCK])
-
-        def write() -> None:
-            s = AuditStore.open(pg_dsn)
-            s.record(events(1))
-            s.close()
-            done.set()
-
-        t = threading.Thread(target=write)
-        t.start()
+    assert store.horizon() == 0
+    slow, quick = AuditStore.open(pg_dsn), AuditStore.open(pg_dsn)
+    slow_events = events(0, patients=("slow",))
+    seen: list[int] = []
+    with slow.db.transaction() as tx:  # what record() does, held open: the lock, the insert, no commit yet
+        tx.execute("SELECT pg_advisory_xact_lock_shared(?)", [audit_module._PG_LOCK])
+        tx.execute(audit_module._INSERT, _row_values(slow_events[0]))
+        AuditStore.open(pg_dsn).close()  # a thread opening its store meanwhile does not wait either
+        quick.record(events(1, patients=("quick",)))  # shared locks: it does not wait for the slow one
+        (visible,) = store.since(0)
+        assert visible.patient_id == "quick"
+        waiter = threading.Thread(target=lambda: seen.append(store.horizon() or 0))
+        waiter.start()
         time.sleep(0.5)
-        assert not done.is_set()
-        holder.commit()
-    t.join(10)
-    assert done.is_set() and len(store.since(0)) == 2
-    store.close()
+        assert seen == []  # the horizon waits for the slow access
+    waiter.join(10)
+    rows = store.since(0)
+    assert [r.patient_id for r in rows] == ["slow", "quick"] and seen == [rows[-1].seq]
+    assert [r.seq for r in store.leaves_since(0, upto=seen[0])] == [r.seq for r in rows]
+    for s in (store, slow, quick):
+        s.close()
+
+
+def _row_values(event: dict[str, object]) -> list[object]:
+    body = canonical(event)
+    c = audit_module.columns(event)
+    return [
+        c.id,
+        c.recorded,
+        c.patient_id,
+        c.agent,
+        c.organization,
+        c.purpose,
+        c.break_glass,
+        c.outcome,
+        body.decode(),
+        hashlib.sha256(body).hexdigest(),
+    ]
 
 
 def test_settings_default_beside_the_other_databases(tmp_path: Path) -> None:

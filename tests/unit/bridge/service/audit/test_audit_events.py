@@ -182,3 +182,11 @@ def test_the_r4b_model_rejects_what_r4_forbids() -> None:
     (ev,) = events()
     with pytest.raises(ValidationError):
         _valid({**ev, "outcome": "0 "})
+
+
+def test_an_access_within_an_open_override_carries_btg_but_not_the_start() -> None:
+    (ev,) = events(break_glass_reason="unconscious", break_glass_started=False)
+    _valid(ev)
+    assert [s["code"] for s in ev["subtype"]] == ["operation"]
+    assert columns(ev).break_glass is True
+    assert summarize(ev)["break_glass_reason"] == "unconscious"
