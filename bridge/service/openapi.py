@@ -25,6 +25,18 @@ DESCRIPTIONS: dict[tuple[str, str], str] = {
     ("GET", "/ledger/proof/inclusion"): "RFC 9162 inclusion proof (leaf_hash or index, size).",
     ("GET", "/ledger/proof/consistency"): "RFC 9162 consistency proof (from, to).",
     ("GET", "/Person/{id}"): "A linked person: member patients with link states and scores.",
+    ("PUT", "/Consent/{id}"): "Create or replace a privacy Consent (the patient's own token or a registrar).",
+    ("GET", "/Consent"): "The patient's current Consents (patient=).",
+    ("GET", "/Consent/{id}/_history"): "Every version of a Consent, with its bundle and ledger leaf.",
+    (
+        "GET",
+        "/Patient/{id}/$consent-decision",
+    ): "Whether the patient's Consents let an actor read their record for a purpose, and why.",
+    (
+        "GET",
+        "/Patient/{id}/$access-log",
+    ): "Who has seen the patient's record, each access provable against the audit log.",
+    ("GET", "/AuditEvent"): "AuditEvents by patient= or agent=, with inclusion proofs.",
 }
 
 

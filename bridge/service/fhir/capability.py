@@ -62,7 +62,39 @@ def capability_statement(base: str, issuer: str | None = None) -> dict[str, Any]
                             {
                                 "name": "everything",
                                 "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything",
-                            }
+                            },
+                            {
+                                "name": "consent-decision",
+                                "definition": f"{base}/openapi.json#/paths/~1Patient~1{{id}}~1$consent-decision",
+                            },
+                            {
+                                "name": "access-log",
+                                "definition": f"{base}/openapi.json#/paths/~1Patient~1{{id}}~1$access-log",
+                            },
+                        ],
+                    },
+                    {
+                        "type": "Consent",
+                        "documentation": "Privacy Consents (scope patient-privacy), enforced on every read "
+                        "(docs/consent.md). Every version is kept; each is in the ledger.",
+                        "versioning": "versioned",
+                        "interaction": [
+                            {"code": "read"},
+                            {"code": "update"},
+                            {"code": "search-type"},
+                            {"code": "history-instance"},
+                        ],
+                        "updateCreate": True,
+                        "searchParam": [{"name": "patient", "type": "reference"}],
+                    },
+                    {
+                        "type": "AuditEvent",
+                        "documentation": "IHE BALP AuditEvents of every access, each provable against the "
+                        "audit log's signed checkpoint (docs/audit.md).",
+                        "interaction": [{"code": "search-type"}],
+                        "searchParam": [
+                            {"name": "patient", "type": "reference"},
+                            {"name": "agent", "type": "token"},
                         ],
                     },
                     {
