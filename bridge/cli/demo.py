@@ -29,6 +29,8 @@ from bridge.stores.ledger import open_ledger
 
 DEMO_DATA = Path(__file__).resolve().parents[2] / "deploy" / "demo" / "data"
 MARKER = ".fhirbridge-demo"
+#: st-mary's clinicians may break the glass in the demo (docs/consent.md); nobody may by default
+BREAK_GLASS_ORGS = "st-mary"
 
 
 def _env(data_dir: Path, bootstrap: str, port: int) -> dict[str, str]:
@@ -40,6 +42,7 @@ def _env(data_dir: Path, bootstrap: str, port: int) -> dict[str, str]:
             "FHIRBRIDGE_HTTP_PORT": str(port),
             "FHIRBRIDGE_LOG_FORMAT": "json",
             "FHIRBRIDGE_CHECKPOINT_INTERVAL_MS": "500",
+            "FHIRBRIDGE_BREAK_GLASS_ORGANIZATIONS": BREAK_GLASS_ORGS,
         }
     )
     return env
@@ -87,9 +90,15 @@ def prepare_data_dir(data_dir: Path, *, fresh: bool) -> bool:
     return marked and (data_dir / "index.db").exists()
 
 
-def environment_lines(data_dir: Path) -> list[str]:
-    """The environment under which the other commands work on the demo's data and broker."""
-    return [f"export FHIRBRIDGE_DATA_DIR={data_dir}"]
+def environment_lines(data_dir: Path, port: int | None = None, patient: str | None = None) -> list[str]:
+    """The environment under which the other commands work on the demo's data and broker (and, for the
+    README's examples, its service's URL as ``BASE`` and the shared patient as ``PATIENT``)."""
+    line = f"export FHIRBRIDGE_DATA_DIR={data_dir} FHIRBRIDGE_BREAK_GLASS_ORGANIZATIONS={BREAK_GLASS_ORGS}"
+    if port is not None:
+        line += f" FHIRBRIDGE_HTTP_PORT={port} BASE=http://127.0.0.1:{port}"
+    if patient is not None:
+        line += f" PATIENT={patient}"
+    return [line]
 
 
 def _wait(predicate: Any, timeout: float, what: str, children: list[Any] = ()) -> None:  # type: ignore[assignment]
@@ -162,7 +171,8 @@ def run_demo(
         orgs = sorted(p.name for p in data.iterdir() if p.is_dir())
         from bridge.stream.producer import signing_key_path
 
-        for org in orgs:
+        # the hospitals' keys, and the service's own organisation's (its API writes: Consents)
+        for org in [*orgs, settings.auth.organization]:
             if not signing_key_path(
                 settings, org
             ).exists():  # a kept key stays: its bundles are signed with it
@@ -176,8 +186,12 @@ def run_demo(
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 fh.write(skey + "\n")
             settings.ledger.key_file.with_suffix(".pub").write_text(vkey + "\n")
+        assert settings.audit.key_file is not None
+        if not settings.audit.key_file.exists():  # the audit log's key, kept like the ledger's
+            subprocess.run(_cli("audit", "keygen"), env=env, check=True, stdout=subprocess.DEVNULL)
         subprocess.run(_cli("topics", "create"), env=env, check=True, stdout=subprocess.DEVNULL)
         spawn("ledger", "ledger", "run")
+        spawn("audit", "audit", "run")
         spawn("index", "index", "run")
         spawn("serve", "serve")
         base = f"http://127.0.0.1:{port}"
@@ -259,11 +273,35 @@ def run_demo(
             )
         print(f"  Sign-in (SMART apps) {base}/auth/authorize   demo logins: {logins}")
         print(f"  SMART configuration  {base}/.well-known/smart-configuration")
+        if shared:
+            consent = _demo_consent(settings, base, data_dir)
+            login = (
+                f"fhirbridge auth login --client {DEMO_APP} --redirect-uri {DEMO_REDIRECT} --user clinician "
+                "--scope 'user/*.rs' --purpose ETREAT"
+            )
+            print(f"\nConsent: {consent}")
+            print(
+                "  The clinician's token (password in .demo/auth/demo-logins.txt, via FHIRBRIDGE_AUTH_PASSWORD):"
+            )
+            print(f"    TOKEN=$({login})")
+            print(
+                f"  Withheld in part     curl -s -H \"Authorization: Bearer $TOKEN\" '{base}/Patient/{shared[0]}/$everything'"
+            )
+            print(
+                f'  Break the glass      curl -s -H "Authorization: Bearer $TOKEN" -H \'X-Break-Glass-Reason: '
+                f"unconscious in the ED' '{base}/Patient/{shared[0]}/$everything'"
+            )
+            print(
+                f"  Who has seen it      as the patient: fhirbridge auth login --client {DEMO_APP} --redirect-uri "
+                f"{DEMO_REDIRECT} --user patient --scope 'patient/*.rs launch/patient', then "
+                f"'{base}/Patient/{shared[0]}/$access-log'"
+            )
         env_file = data_dir / "env"
-        env_file.write_text("\n".join(environment_lines(data_dir)) + "\n")
+        env_lines = environment_lines(data_dir, port, shared[0] if shared else None)
+        env_file.write_text("\n".join(env_lines) + "\n")
         print(
             f"\nThe other commands (`fhirbridge ledger verify`, `replay`, `ingest`, ...) work on this demo's data and "
-            f"broker in a shell with\n  {chr(10).join(environment_lines(data_dir))}\n(also in {env_file}: `. {env_file}`)"
+            f"broker in a shell with\n  {chr(10).join(env_lines)}\n(also in {env_file}: `. {env_file}`)"
         )
         if exit_when_ready:
             return 0
@@ -293,6 +331,18 @@ DEMO_USERS = (
     ("patient", "patient", ()),
 )
 DEMO_CLIENT = "demo-backend"
+#: the demo's public SMART app (authorization code with PKCE); nothing listens at its redirect URI:
+#: `fhirbridge auth login` reads the redirect instead of following it
+DEMO_APP = "demo-app"
+DEMO_REDIRECT = "http://127.0.0.1/callback"
+DEMO_APP_SCOPES = "openid fhirUser launch/patient patient/*.rs user/*.rs user/Consent.cru"
+DEMO_CONSENT = (
+    Path(__file__).resolve().parents[2]
+    / "deploy"
+    / "demo"
+    / "consents"
+    / "riverside-withholds-from-st-mary.json"
+)
 
 
 def _demo_identities(
@@ -339,6 +389,29 @@ def _demo_identities(
             check=True,
             stdout=subprocess.DEVNULL,
         )
+    store = AuthStore.open(settings.auth.url)
+    try:
+        has_app = store.client(DEMO_APP) is not None
+    finally:
+        store.close()
+    if not has_app:
+        subprocess.run(
+            _cli(
+                "auth",
+                "clients",
+                "add",
+                "--id",
+                DEMO_APP,
+                "--public",
+                "--redirect-uri",
+                DEMO_REDIRECT,
+                "--scope",
+                DEMO_APP_SCOPES,
+            ),
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     if not has_client:
         subprocess.run(
             _cli(
@@ -375,6 +448,56 @@ def _demo_identities(
         f"--client {DEMO_CLIENT} --key-file {key_file} --scope 'system/*.rs' --purpose TREAT"
     )
     return shown, command, token
+
+
+def _demo_consent(settings: Any, base: str, data_dir: Path) -> str:
+    """Write the demo's Consent through the API, as riverside's registrar (the demo steward) would: the
+    file names the patient by SSN; the registrar finds riverside's record of them. Returns what it did."""
+    import orjson
+
+    from bridge.service.auth.client import sign_in
+    from bridge.stores.index.store import IndexStore
+
+    consent = orjson.loads(DEMO_CONSENT.read_bytes())
+    ident = consent["patient"]["identifier"]
+    index = IndexStore.open(settings.stores.index_url)
+    try:
+        record = next(
+            (
+                pid
+                for pid in index.patients_by_identifier(ident["system"], ident["value"])
+                if ((index.get("Patient", pid) or {}).get("meta") or {}).get("source")
+                == "urn:fhirbridge:riverside"
+            ),
+            None,
+        )
+        kept = index.get("Consent", consent["id"]) is not None
+    finally:
+        index.close()
+    if record is None:
+        return "none written (riverside has no record of the demo patient)"
+    what = f"riverside withholds its record Patient/{record} from st-mary ({DEMO_CONSENT.name})"
+    if kept:
+        return what + ", kept from the previous run"
+    consent["patient"] = {"reference": f"Patient/{record}"}
+    logins = dict(
+        line.split(" ", 1)
+        for line in (data_dir / "auth" / "demo-logins.txt").read_text().splitlines()
+        if " " in line
+    )
+    token = sign_in(
+        base, DEMO_APP, DEMO_REDIRECT, "steward", logins["steward"], "user/Consent.cru user/Patient.rs"
+    )
+    request = urllib.request.Request(
+        f"{base}/Consent/{consent['id']}",
+        data=orjson.dumps(consent),
+        method="PUT",
+        headers={"Authorization": f"Bearer {token['access_token']}", "Content-Type": "application/fhir+json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as resp:
+        if resp.status not in (200, 201):
+            raise DemoFailed(f"the demo Consent was refused (HTTP {resp.status})")
+    return what
 
 
 def _count_messages(data: Path) -> int:

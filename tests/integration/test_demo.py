@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -47,7 +50,7 @@ def test_demo_runs_to_ready_prints_working_links_and_keeps_its_data(tmp_path: Pa
     urls = re.findall(r"(http://127\.0\.0\.1:\d+/\S*)", proc.stdout)
     assert any("/$everything" in u for u in urls) and any("/Person/" in u for u in urls)
     # the curl line it prints works, with its token; without one the same request is refused
-    (curl,) = [x for x in proc.stdout.splitlines() if "curl -H" in x]
+    (curl,) = [x for x in proc.stdout.splitlines() if "Try it" in x]
     token, url = re.search(r"Bearer ([^']+)' '(http://[^']+)'", curl).groups()  # type: ignore[union-attr]
     assert "demo logins: clinician / " in proc.stdout
     assert (data_dir / "auth" / "demo-logins.txt").stat().st_mode & 0o077 == 0
@@ -94,6 +97,7 @@ def test_demo_runs_to_ready_prints_working_links_and_keeps_its_data(tmp_path: Pa
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(url, timeout=5)
         assert refused.value.code == 401
+        _consent_break_glass_and_access_log(proc.stdout, env, data_dir, tmp_path)
     finally:
         serve.terminate()
         serve.wait(15)
@@ -122,3 +126,70 @@ def test_demo_refuses_a_directory_it_did_not_create(tmp_path: Path) -> None:
         assert proc.returncode == 1
         assert "not empty and was not created by the demo" in proc.stderr and "Traceback" not in proc.stderr
         assert sorted(p.name for p in precious.iterdir()) == ["thesis.tex"]
+
+
+def _consent_break_glass_and_access_log(stdout: str, env: dict[str, str], data_dir: Path, cwd: Path) -> None:
+    """The demo's Consent withholds riverside's record from the st-mary clinician; the printed
+    break-the-glass call gets everything; the patient's access log shows both, with proofs."""
+    logins = dict(
+        line.split(" ", 1) for line in (data_dir / "auth" / "demo-logins.txt").read_text().splitlines()
+    )
+    assert "Consent: riverside withholds its record" in stdout
+
+    def login(user: str, command: str) -> str:
+        argv = (
+            shlex.split(command.split("$(", 1)[1].rsplit(")", 1)[0])
+            if "$(" in command
+            else shlex.split(command)
+        )
+        assert argv[:3] == ["fhirbridge", "auth", "login"]
+        done = subprocess.run(
+            [sys.executable, "-m", "bridge.cli", *argv[1:]],
+            env={**env, "FHIRBRIDGE_AUTH_PASSWORD": logins[user]},
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    (clinician_cmd,) = [x for x in stdout.splitlines() if "TOKEN=$(fhirbridge auth login" in x]
+    token = login("clinician", clinician_cmd.strip())
+    withheld = re.search(r"Withheld in part .*'(http://\S+)'", stdout).group(1)  # type: ignore[union-attr]
+
+    def get(url: str, **headers: str) -> dict[str, Any]:
+        req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}", **headers})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
+
+    def suppressed(bundle: dict[str, Any]) -> bool:
+        return any(
+            e["resource"]["issue"][0]["code"] == "suppressed"
+            for e in bundle["entry"]
+            if e["search"]["mode"] == "outcome"
+        )
+
+    part = get(withheld)
+    assert suppressed(part)
+    everything = get(withheld, **{"X-Break-Glass-Reason": "unconscious in the ED"})
+    assert not suppressed(everything) and everything["total"] > part["total"]
+    # the patient's access log: both accesses, the second flagged, once the audit log has them
+    (patient_line,) = [x for x in stdout.splitlines() if "Who has seen it" in x]
+    command = patient_line.split("as the patient: ", 1)[1].split(", then", 1)[0]
+    access_log = re.search(r"'(http://\S+\$access-log)'", patient_line).group(1)  # type: ignore[union-attr]
+    token = login("patient", command)
+    appended = subprocess.run(
+        [sys.executable, "-m", "bridge.cli", "audit", "run", "--exit-when-idle", "0.5"],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert appended.returncode == 0, appended.stderr
+    log = get(access_log)
+    events = [e["resource"] for e in log["entry"]]
+    assert any(any(s["code"] == "110127" for s in e["subtype"]) for e in events)
+    proven = [e for e in log["entry"] if any(x["url"] == "proofHash" for x in e["extension"][0]["extension"])]
+    assert proven and "meta" in log
