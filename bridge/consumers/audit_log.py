@@ -115,6 +115,8 @@ class AuditAppender:
             if upto is None or self._last_seq >= upto:  # PostgreSQL: a new horizon once this one is reached
                 upto = self._horizon = self.store.horizon()
             rows = self.store.leaves_since(self._last_seq, self.batch, upto=upto)
+            if len(rows) < self.batch:
+                self._horizon = None  # everything up to it is read (even if its last row is gone)
             if not rows:
                 return 0
             indices = self.log.append([leaf_entry(r) for r in rows])
