@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from bridge.service.audit.middleware import note
 from bridge.service.auth.marks import needs
 from bridge.service.auth.middleware import access_of
 from bridge.service.context import Backend, run_db
@@ -193,6 +194,8 @@ async def get_person(request: web.Request) -> web.Response:
     """A linked person: member patients with link states and scores (FHIR Person)."""
     pid = request.match_info["id"]
     person = await run_db(request, lambda backend: _mpi(backend).person(pid))
+    members = [m["patient_id"] for m in person["patients"]]
+    note(request, "read", "R", patients=members, touched={"Person": 1})
     headers = {"Content-Location": f"Person/{person['id']}"} if person["id"] != pid else None
     return fhir_response(person_resource(person), headers=headers)
 
@@ -205,6 +208,8 @@ async def review_queue(request: web.Request) -> web.Response:
     offset = int_param(request, "_offset", 0, 0, 10**9)
     items = await run_db(request, lambda backend: _mpi(backend).review_queue(limit=count + 1, offset=offset))
     more = count > 0 and len(items) > count  # _count=0: no items, and no next page of none
+    shown = [p for it in items[:count] for p in (it["patient_a"], it["patient_b"])]
+    note(request, "operation", "E", patients=shown, touched={"Patient": len(shown)})
     params: list[tuple[str, dict[str, Any]]] = []
     for it in items[:count]:
         parts = [
@@ -234,6 +239,7 @@ async def review_queue(request: web.Request) -> web.Response:
 async def manual_link(request: web.Request) -> web.Response:
     """MPI manual link of two patient records (Parameters: patientA, patientB, actor, reason)."""
     body = await _read_body(request)
+    note(request, "operation", "E", patients=[body["patientA"], body["patientB"]])
 
     def op(m: PersonIndex) -> dict[str, Any]:
         m.link(body["patientA"], body["patientB"], actor=body["actor"], reason=body["reason"])
@@ -248,6 +254,7 @@ async def manual_link(request: web.Request) -> web.Response:
 async def manual_unlink(request: web.Request) -> web.Response:
     """MPI manual unlink of two patient records (Parameters: patientA, patientB, actor, reason)."""
     body = await _read_body(request)
+    note(request, "operation", "E", patients=[body["patientA"], body["patientB"]])
 
     def op(m: PersonIndex) -> tuple[str | None, str | None]:
         m.unlink(body["patientA"], body["patientB"], actor=body["actor"], reason=body["reason"])
@@ -274,6 +281,8 @@ async def history(request: web.Request) -> web.Response:
     ident = ident.split("/", 1)[1] if ident.startswith(("Patient/", "Person/")) else ident
     _no_nul(ident, "id")
     entries = await run_db(request, lambda backend: _mpi(backend).history(ident))
+    named = [e[k] for e in entries for k in ("patient_a", "patient_b") if k in e]
+    note(request, "operation", "E", patients=named)
     params = []
     for e in entries:
         parts = [

@@ -150,10 +150,16 @@ async def audit_middleware(request: web.Request, handler: Handler) -> web.Stream
         )
         backend = request.app[BACKEND]
         await backend.run(lambda be: be.audit().record(events), backend)
-    except TransientError:
+    except Exception as exc:  # the store down, or an event it refuses: either way nothing goes out
         AUDIT_FAILURES.inc()
         resource = request.match_info.route.resource
-        log.error("audit.not_recorded", route=resource.canonical if resource else None, status=status)
+        log.error(
+            "audit.not_recorded",
+            route=resource.canonical if resource else None,
+            status=status,
+            error=type(exc).__name__,
+            transient=isinstance(exc, TransientError),
+        )
         raise FhirHTTPError(
             503, "transient", "the access could not be audited, so nothing is released; retry later"
         ) from None

@@ -21,7 +21,7 @@ from bridge.cli import main
 from bridge.config import Settings
 from bridge.service.app import create_app
 from bridge.service.context import Backend
-from bridge.stores.audit import AuditStore
+from bridge.stores.audit import AuditInputError, AuditStore
 from bridge.stores.index.store import IncomingBundle, IndexStore
 from bridge.stores.mpi import PersonIndex
 from ledger import checkpoint, merkle
@@ -410,3 +410,15 @@ async def test_every_access_is_in_the_patients_access_log_with_a_valid_inclusion
     assert all(
         e["resource"]["agent"][0]["who"]["identifier"]["value"] == "dr-st-mary" for e in by_agent["entry"]
     )
+
+
+async def test_an_event_the_audit_store_refuses_is_a_503_too(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(self: AuditStore, events: Any) -> None:
+        raise AuditInputError("not a storable AuditEvent", index=0)
+
+    monkeypatch.setattr(AuditStore, "record", refuse)
+    r = await env.client.get("/Patient/a1/$everything", headers=env.headers("riverside"))
+    body = await r.text()
+    assert r.status == 503 and "Andersen" not in body and "obs-a" not in body
