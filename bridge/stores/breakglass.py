@@ -44,6 +44,7 @@ class Window:
     started_at: int
     expires_at: int
     opened_now: bool = False
+    agent: str = ""
 
 
 class BreakGlassStore:
@@ -85,7 +86,7 @@ class BreakGlassStore:
                 "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 [(agent, pid, organization, reason, now, expires) for pid in dict.fromkeys(patient_ids)],
             )
-        return Window(reason, now, expires, opened_now=True)
+        return Window(reason, now, expires, opened_now=True, agent=agent)
 
     def active(self, agent: str, patient_ids: Sequence[str], *, now: int) -> Window | None:
         """The latest window of ``agent`` still open at ``now`` over any of ``patient_ids``, else None."""
@@ -101,7 +102,15 @@ class BreakGlassStore:
         if not rows:
             return None
         reason, started, expires = rows[0]
-        return Window(str(reason), int(started), int(expires))
+        return Window(str(reason), int(started), int(expires), agent=agent)
+
+    def withdraw(self, window: Window) -> None:
+        """Take back a window whose opening could not be audited: no override without its record."""
+        with self.db.transaction() as tx:
+            tx.execute(
+                "DELETE FROM break_glass WHERE agent = ? AND started_at = ?",
+                [window.agent, window.started_at],
+            )
 
     def for_patients(self, patient_ids: Sequence[str]) -> list[dict[str, object]]:
         """Every window over any of ``patient_ids``, newest first (for the patient's access log)."""

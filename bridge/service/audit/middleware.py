@@ -152,6 +152,8 @@ async def audit_middleware(request: web.Request, handler: Handler) -> web.Stream
         await backend.run(lambda be: be.audit().record(events), backend)
     except Exception as exc:  # the store down, or an event it refuses: either way nothing goes out
         AUDIT_FAILURES.inc()
+        if window is not None and window.opened_now:  # an override whose start is not on record
+            await _withdraw(request, window)
         resource = request.match_info.route.resource
         log.error(
             "audit.not_recorded",
@@ -170,6 +172,14 @@ async def audit_middleware(request: web.Request, handler: Handler) -> web.Stream
     assert response is not None
     response.headers[REQUEST_ID_HEADER] = rid
     return response
+
+
+async def _withdraw(request: web.Request, window: Window) -> None:
+    backend = request.app[BACKEND]
+    try:
+        await backend.run(lambda be: be.break_glass().withdraw(window), backend)
+    except Exception as exc:  # the audit database is down: the window was most likely not kept either
+        log.error("break_glass.not_withdrawn", error=type(exc).__name__)
 
 
 def patients_touched(resources: Sequence[tuple[str | None, str]], fallback: str) -> dict[str, dict[str, int]]:

@@ -422,3 +422,23 @@ async def test_an_event_the_audit_store_refuses_is_a_503_too(
     r = await env.client.get("/Patient/a1/$everything", headers=env.headers("riverside"))
     body = await r.text()
     assert r.status == 503 and "Andersen" not in body and "obs-a" not in body
+
+
+async def test_a_break_the_glass_whose_start_is_not_audited_opens_no_window(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = AuditStore.record
+    fail = [True]
+
+    def flaky(self: AuditStore, events: Any) -> None:
+        if fail.pop() if fail else False:
+            raise AuditInputError("not a storable AuditEvent", index=0)
+        real(self, events)
+
+    monkeypatch.setattr(AuditStore, "record", flaky)
+    reason = {"X-Break-Glass-Reason": "unconscious in the ED"}
+    status, _ = await env.everything(**env.headers("st-mary", "ETREAT"), **reason)
+    assert status == 503
+    # no override without its record: the next emergency read is under the Consent again
+    status, bundle = await env.everything(**env.headers("st-mary", "ETREAT"))
+    assert status == 200 and _matches(bundle) == {"a1", "obs-a"} and _suppressed(bundle)
