@@ -36,7 +36,7 @@ from bridge.errors import FhirbridgeError
 from bridge.service.auth.marks import Forbidden
 from bridge.service.auth.policy import Access
 from bridge.service.auth.purpose import EMERGENCY
-from bridge.service.consent.evaluate import BoundPolicy, ConsentPolicy, Decision, Requester
+from bridge.service.consent.evaluate import BoundPolicy, ConsentPolicy, Requester
 from bridge.stores.breakglass import Window
 from bridge.stores.index.store import StoredResource
 
@@ -153,8 +153,6 @@ class ConsentGate:
     window: Window | None = None
     org_refs: Mapping[str, frozenset[str]] = field(default_factory=dict)
     withheld: int = 0
-    #: the decision that withheld the first refused resource (for the log)
-    first_denial: Decision | None = None
 
     @property
     def unrestricted(self) -> bool:
@@ -176,7 +174,8 @@ class ConsentGate:
                     parsed = orjson.loads(r.body)
                 decision = policy.decide(parsed, source=r.source_org, source_refs=refs)
             if not decision.permit:
-                return self._withhold(decision)
+                self.withheld += 1
+                return False
         return True
 
     def admits_resource(self, resource: dict[str, Any], source_org: str | None) -> bool:
@@ -187,14 +186,9 @@ class ConsentGate:
         for policy in self.policies:
             decision = policy.constant or policy.decide(resource, source=source_org, source_refs=refs)
             if not decision.permit:
-                return self._withhold(decision)
+                self.withheld += 1
+                return False
         return True
-
-    def _withhold(self, decision: Decision) -> bool:
-        self.withheld += 1
-        if self.first_denial is None:
-            self.first_denial = decision
-        return False
 
 
 def _organization_refs(

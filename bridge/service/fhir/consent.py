@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from adapters.base import SourceInfo
 from adapters.bundle import BundleBuilder
 from bridge import __version__
-from bridge.errors import BrokerUnavailable
+from bridge.errors import ConfigError
 from bridge.logging import get_logger
 from bridge.service.audit.middleware import note
 from bridge.service.auth.marks import Forbidden, needs
@@ -152,9 +152,16 @@ def _publish_and_apply(
             .publish(converted, None, source, producer=PRODUCER)
             .get(PUBLISH_TIMEOUT)
         )
+    except ConfigError as exc:  # the operator's to fix: say so in the log, not to the caller
+        log.error("consent.publish_not_configured", problem=str(exc))
+        raise FhirHTTPError(
+            503, "transient", "the service cannot publish Consents yet (see its log); the Consent was not kept"
+        ) from None
     except Exception as exc:  # a broker that does not acknowledge: nothing is kept, nothing is applied
         log.warning("consent.publish_failed", error=type(exc).__name__)
-        raise BrokerUnavailable("the Consent could not be published; it was not kept") from exc
+        raise FhirHTTPError(
+            503, "transient", "the Consent could not be published, so it was not kept; retry later"
+        ) from exc
     received = datetime.fromtimestamp(meta.timestamp / 1000, UTC).isoformat(timespec="milliseconds")
     backend.index().apply(
         [
@@ -197,9 +204,7 @@ async def put_consent(request: web.Request) -> web.Response:
             "business-rule",
             "only privacy Consents (scope patient-privacy) are written here and enforced",
         )
-    body = {k: v for k, v in body.items() if k not in ("meta", "text")} | (
-        {"text": body["text"]} if "text" in body else {}
-    )
+    body.pop("meta", None)  # versionId, lastUpdated and source are the service's to set
     body["patient"] = {**body["patient"], "reference": f"Patient/{pid}"}
     _r4_consent(body)
 

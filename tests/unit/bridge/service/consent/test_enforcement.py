@@ -9,6 +9,7 @@ purpose claims the embedded issuer writes.
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -442,3 +443,20 @@ async def test_a_break_the_glass_whose_start_is_not_audited_opens_no_window(
     # no override without its record: the next emergency read is under the Consent again
     status, bundle = await env.everything(**env.headers("st-mary", "ETREAT"))
     assert status == 200 and _matches(bundle) == {"a1", "obs-a"} and _suppressed(bundle)
+
+
+async def test_a_consent_that_cannot_be_published_is_not_kept(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No broker answers: the answer is 503 and the Consent is neither in the index nor enforced."""
+    monkeypatch.delenv("KAFKA_BOOTSTRAP_SERVERS", raising=False)
+    registrar = bearer(env.settings, "user/Consent.cru", organization="riverside")
+    revoked = {k: v for k, v in consent("inactive").items() if k != "meta"}
+    r = await env.client.put(
+        "/Consent/riverside-deny",
+        data=json.dumps(revoked),
+        headers={**registrar, "Content-Type": "application/fhir+json"},
+    )
+    assert r.status == 503 and "not kept" in (await r.json())["issue"][0]["diagnostics"]
+    _, bundle = await env.everything(**env.headers("st-mary"))
+    assert _suppressed(bundle)  # the active version still decides
