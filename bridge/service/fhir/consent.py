@@ -155,7 +155,9 @@ def _publish_and_apply(
     except ConfigError as exc:  # the operator's to fix: say so in the log, not to the caller
         log.error("consent.publish_not_configured", problem=str(exc))
         raise FhirHTTPError(
-            503, "transient", "the service cannot publish Consents yet (see its log); the Consent was not kept"
+            503,
+            "transient",
+            "the service cannot publish Consents yet (see its log); the Consent was not kept",
         ) from None
     except Exception as exc:  # a broker that does not acknowledge: nothing is kept, nothing is applied
         log.warning("consent.publish_failed", error=type(exc).__name__)
