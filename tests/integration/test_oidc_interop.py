@@ -249,6 +249,8 @@ async def test_a_jwt_of_the_external_issuer_is_accepted_for_its_organization(
     assert header == {"alg": "RS256", "typ": "at+jwt", "kid": issuer.kids[0]}
     assert claims["iss"] == issuer.url and claims["aud"] == issuer.fhir_base
     assert claims["sub"] == claims["client_id"] == JWT_CLIENT and claims["scope"] == "system/*.rs"
+    # the purpose of use the IHE IUA way: a system/ token must state one (docs/consent.md)
+    assert claims["extensions"]["ihe_iua"]["purpose_of_use"][0]["code"] == "TREAT"
 
     assert await _ids(await service.get("/Patient", token, name="andersen")) == {"a1", "b1", "c2"}
     assert await _ids(await service.get("/Patient/a1/$everything", token)) == EVERYTHING_A1

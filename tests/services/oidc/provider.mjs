@@ -101,6 +101,15 @@ function configuration(jwks) {
     cookies: { keys: cookieKeys },
     // an hour, as identity providers commonly issue them (the resource server's setting, else 10 min)
     ttl: { ClientCredentials: (ctx, token) => token.resourceServer?.accessTokenTTL ?? 600 },
+    // the purpose of use, as IHE IUA puts it in a token (and in the introspection answer of an
+    // opaque one): a system/ token that states none reads no patient data at fhirbridge
+    extraTokenClaims: async () => ({
+      extensions: {
+        ihe_iua: {
+          purpose_of_use: [{ system: 'http://terminology.hl7.org/CodeSystem/v3-ActReason', code: 'TREAT' }],
+        },
+      },
+    }),
     features: {
       devInteractions: { enabled: false },
       clientCredentials: { enabled: true },
