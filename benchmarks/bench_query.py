@@ -212,6 +212,9 @@ def population(
             pat = patient(h.org_id, mrn, p)
             n = 333 if heavy else rng.randint(6, 20)
             resources = [pat, *clinical(h.org_id, pat["id"], rng, n, shared)]
+            if heavy and j == 0:
+                heavy_pid = pat["id"]
+                resources.append(heavy_consent(h.org_id, heavy_pid))
             offset += 1
             bundles.append(
                 IncomingBundle(
@@ -230,24 +233,6 @@ def population(
                 )
             )
             patients.append((h.org_id, pat))
-            if heavy and j == 0:
-                heavy_pid = pat["id"]
-                offset += 1
-                bundles.append(
-                    IncomingBundle(
-                        {
-                            "resourceType": "Bundle",
-                            "entry": [{"resource": heavy_consent(h.org_id, pat["id"])}],
-                        },
-                        f"{offset:064x}",
-                        h.org_id,
-                        f"urn:fhirbridge:{h.org_id}:mrn|{mrn}",
-                        "fhir.bundles",
-                        offset % 3,
-                        offset,
-                        "2026-01-02T00:00:00.000Z",
-                    )
-                )
     return bundles, patients, heavy_pid
 
 

@@ -28,6 +28,13 @@ def _int(env: dict[str, str], name: str, default: int, minimum: int | None = 1) 
     return value
 
 
+def _read_key(path: Path | None) -> str | None:
+    """A signed-note key file's one line, or None when there is no such file."""
+    if path is not None and path.is_file():
+        return path.read_text(encoding="utf-8").strip()
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class Topics:
     bundles: str = "fhir.bundles"
@@ -71,16 +78,11 @@ class LedgerSettings:
 
     def signer_key(self) -> str | None:
         """The ledger's signed-note private key, read from ``key_file`` when it exists."""
-        if self.key_file and self.key_file.is_file():
-            return self.key_file.read_text(encoding="utf-8").strip()
-        return None
+        return _read_key(self.key_file)
 
     def verifier_key(self) -> str | None:
         """The verifier key in the ``.pub`` file beside ``key_file``, when there is one."""
-        pub = self.key_file.with_suffix(".pub") if self.key_file else None
-        if pub and pub.is_file():
-            return pub.read_text(encoding="utf-8").strip()
-        return None
+        return _read_key(self.key_file.with_suffix(".pub") if self.key_file else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,16 +198,11 @@ class AuditSettings:
 
     def signer_key(self) -> str | None:
         """The audit log's signed-note private key, read from ``key_file`` when it exists."""
-        if self.key_file and self.key_file.is_file():
-            return self.key_file.read_text(encoding="utf-8").strip()
-        return None
+        return _read_key(self.key_file)
 
     def verifier_key(self) -> str | None:
         """The verifier key in the ``.pub`` file beside ``key_file``, when there is one."""
-        pub = self.key_file.with_suffix(".pub") if self.key_file else None
-        if pub and pub.is_file():
-            return pub.read_text(encoding="utf-8").strip()
-        return None
+        return _read_key(self.key_file.with_suffix(".pub") if self.key_file else None)
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,7 @@ from bridge.service.app import create_app
 from bridge.stores.index.store import IndexStore
 from bridge.stores.mpi import PersonIndex
 from tests.support.auth import bearer
+from tests.support.consent import deny_organization
 
 from .pipeline import Stack, make_stack
 
@@ -65,37 +66,7 @@ def _id(org: str, rtype: str, source_id: str) -> str:
 
 
 def _consent(status: str, patient: str) -> dict[str, Any]:
-    return {
-        "resourceType": "Consent",
-        "id": "riverside-deny-st-mary",
-        "status": status,
-        "scope": {
-            "coding": [
-                {"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}
-            ]
-        },
-        "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
-        "patient": {"reference": f"Patient/{patient}"},
-        "policyRule": {
-            "coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "OPTOUT"}]
-        },
-        "provision": {
-            "type": "deny",
-            "actor": [
-                {
-                    "role": {
-                        "coding": [
-                            {
-                                "system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
-                                "code": "IRCP",
-                            }
-                        ]
-                    },
-                    "reference": {"identifier": {"value": "st-mary"}},
-                }
-            ],
-        },
-    }
+    return deny_organization("riverside-deny-st-mary", patient, "st-mary", status)
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from bridge.service.audit.events import Action, Outcome, audit_events
 from bridge.service.auth.marks import Need, mark_of
 from bridge.service.auth.middleware import AUTHORIZATION, access_of
 from bridge.service.context import BACKEND, base_url
-from bridge.service.http import FhirHTTPError, error_response
+from bridge.service.http import FhirHTTPError, check_query, error_response
 from bridge.stores.breakglass import Window
 
 log = get_logger(__name__)
@@ -180,6 +180,22 @@ async def _withdraw(request: web.Request, window: Window) -> None:
         await backend.run(lambda be: be.break_glass().withdraw(window), backend)
     except Exception as exc:  # the audit database is down: the window was most likely not kept either
         log.error("break_glass.not_withdrawn", error=type(exc).__name__)
+
+
+def open_patient_operation(
+    request: web.Request, known: set[str], resource_type: str, interaction: str
+) -> str:
+    """The opening of a ``/Patient/{id}/$operation``: the query checked against ``known`` (and
+    ``_format``), the access noted for the audit (the patient, before anything is read), the token's
+    right to ``interaction`` on ``resource_type`` of that patient checked (the same refusal whether the
+    patient exists or not). Returns the patient id."""
+    check_query(request, known | {"_format"})
+    pid = request.match_info["id"]
+    note(request, "operation", "E", patients=[pid])
+    access = access_of(request)
+    if access is not None:
+        access.require_patient(pid, resource_type, interaction)
+    return pid
 
 
 def patients_touched(resources: Sequence[tuple[str | None, str]], fallback: str) -> dict[str, dict[str, int]]:

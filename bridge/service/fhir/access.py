@@ -20,7 +20,7 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from bridge.service.audit.access_log import AccessLogEntry, prove_rows
-from bridge.service.audit.middleware import note
+from bridge.service.audit.middleware import note, open_patient_operation
 from bridge.service.auth.marks import needs
 from bridge.service.auth.middleware import access_of
 from bridge.service.context import Backend, base_url, run_db
@@ -98,12 +98,7 @@ def _linked(be: Backend, patient_id: str) -> list[str]:
 @needs("AuditEvent", "r", contexts=("patient", "user"))
 async def patient_access_log(request: web.Request) -> web.Response:
     """Who read the patient's record (the person's, across MATCH-linked records), when, why, and what."""
-    check_query(request, {"_count", "_after", "_format"})
-    pid = request.match_info["id"]
-    note(request, "operation", "E", patients=[pid])
-    access = access_of(request)
-    if access is not None:
-        access.require_patient(pid, "AuditEvent", "r")
+    pid = open_patient_operation(request, {"_count", "_after"}, "AuditEvent", "r")
     linked = await run_db(request, _linked, pid)
     bundle = await _bundle(request, "patient", linked, f"/Patient/{pid}/$access-log", {})
     note(request, "operation", "E", patients=[pid], touched={"AuditEvent": len(bundle["entry"])})

@@ -32,7 +32,7 @@ from adapters.bundle import BundleBuilder
 from bridge import __version__
 from bridge.errors import ConfigError
 from bridge.logging import get_logger
-from bridge.service.audit.middleware import note
+from bridge.service.audit.middleware import note, open_patient_operation
 from bridge.service.auth.marks import Forbidden, needs
 from bridge.service.auth.middleware import access_of
 from bridge.service.auth.purpose import PURPOSES
@@ -334,12 +334,7 @@ async def consent_history(request: web.Request) -> web.Response:
 @needs("Consent", "r", contexts=("patient", "user"))
 async def consent_decision(request: web.Request) -> web.Response:
     """Whether the patient's Consents permit ``actor`` to read their record for ``purpose``, and why."""
-    check_query(request, {"actor", "purpose", "_format"})
-    pid = request.match_info["id"]
-    note(request, "operation", "E", patients=[pid])
-    access = access_of(request)
-    if access is not None:
-        access.require_patient(pid, "Consent", "r")
+    pid = open_patient_operation(request, {"actor", "purpose"}, "Consent", "r")
     actor = request.query.get("actor", "").strip()
     purpose = request.query.get("purpose", "TREAT").strip()
     if purpose not in PURPOSES:

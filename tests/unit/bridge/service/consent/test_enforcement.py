@@ -27,6 +27,7 @@ from bridge.stores.index.store import IncomingBundle, IndexStore
 from bridge.stores.mpi import PersonIndex
 from ledger import checkpoint, merkle
 from tests.support.auth import bearer
+from tests.support.consent import deny_organization
 
 SSN = "http://hl7.org/fhir/sid/us-ssn"
 DCM_BTG = "110127"
@@ -70,39 +71,7 @@ def _obs(oid: str, pid: str, org: str, code: str) -> dict[str, Any]:
 
 def consent(status: str = "active", *, cid: str = "riverside-deny", pid: str = "a2") -> dict[str, Any]:
     """riverside's Consent on its record of the patient: st-mary may not see it."""
-    return {
-        "resourceType": "Consent",
-        "id": cid,
-        "meta": {"source": "urn:fhirbridge:riverside"},
-        "status": status,
-        "scope": {
-            "coding": [
-                {"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}
-            ]
-        },
-        "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
-        "patient": {"reference": f"Patient/{pid}"},
-        "dateTime": "2026-01-01T00:00:00Z",
-        "policyRule": {
-            "coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "OPTOUT"}]
-        },
-        "provision": {
-            "type": "deny",
-            "actor": [
-                {
-                    "role": {
-                        "coding": [
-                            {
-                                "system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
-                                "code": "IRCP",
-                            }
-                        ]
-                    },
-                    "reference": {"type": "Organization", "identifier": {"value": "st-mary"}},
-                }
-            ],
-        },
-    }
+    return {**deny_organization(cid, pid, "st-mary", status), "meta": {"source": "urn:fhirbridge:riverside"}}
 
 
 def _bundle(
