@@ -24,7 +24,6 @@ machine has 2 cores shared with other work: compare figures from the same run.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import multiprocessing
 import os
 import sys
@@ -44,7 +43,14 @@ from bridge.consumers.audit_log import run_audit_log
 from bridge.service.audit.events import audit_events
 from bridge.service.auth.scopes import ScopeSet
 from bridge.service.auth.tokens import AccessContext
-from bridge.stores.audit import AUDIT_TUNING, AuditStore, canonical, columns, leaf_entry, open_audit_log
+from bridge.stores.audit import (
+    AUDIT_TUNING,
+    AuditStore,
+    canonical,
+    leaf_entry,
+    open_audit_log,
+    row_values,
+)
 from bridge.stores.db import Database
 from ledger import note
 
@@ -182,25 +188,7 @@ def bench_pipeline(
 
 
 def bench_floor(url: str, accesses: list[list[dict[str, Any]]], threads: int) -> float:
-    rows = [
-        [
-            (
-                c.id,
-                c.recorded,
-                c.patient_id,
-                c.agent,
-                c.organization,
-                c.purpose,
-                c.break_glass,
-                c.outcome,
-                canonical(e).decode(),
-                hashlib.sha256(canonical(e)).hexdigest(),
-            )
-            for e in access
-            for c in [columns(e)]
-        ]
-        for access in accesses
-    ]
+    rows = [[row_values(e) for e in access] for access in accesses]
     db = Database(url, AUDIT_TUNING)
     seq = "INTEGER PRIMARY KEY" if db.kind == "sqlite" else "BIGSERIAL PRIMARY KEY"
     db.execute(

@@ -281,6 +281,25 @@ def columns(event: Mapping[str, Any]) -> AuditColumns:
     )
 
 
+def row_values(event: Mapping[str, Any]) -> tuple[Any, ...]:
+    """The values of ``event``'s row, in the order of the store's columns (``id`` .. ``sha256``: the
+    columns, the canonical body and its SHA-256). Raises :class:`AuditInputError` or TypeError."""
+    cols = columns(event)
+    body = canonical(event)
+    return (
+        cols.id,
+        cols.recorded,
+        cols.patient_id,
+        cols.agent,
+        cols.organization,
+        cols.purpose,
+        cols.break_glass,
+        cols.outcome,
+        body.decode("utf-8"),
+        hashlib.sha256(body).hexdigest(),
+    )
+
+
 def leaf_entry(row: AuditRow | LeafRow) -> LedgerEntry:
     """The audit log's leaf for ``row``: no PHI (the hash of the event, whose random id makes it
     unguessable; the organisation; the row's ``seq`` as ``offset``, its time, the event id)."""
@@ -346,26 +365,11 @@ class AuditStore:
         rows = []
         for i, ev in enumerate(events):
             try:
-                cols = columns(ev)
-                body = canonical(ev)
+                rows.append(row_values(ev))
             except AuditInputError as exc:
                 raise AuditInputError(exc.problem, index=i) from None
             except TypeError:
                 raise AuditInputError("not JSON-serialisable", index=i) from None
-            rows.append(
-                (
-                    cols.id,
-                    cols.recorded,
-                    cols.patient_id,
-                    cols.agent,
-                    cols.organization,
-                    cols.purpose,
-                    cols.break_glass,
-                    cols.outcome,
-                    body.decode("utf-8"),
-                    hashlib.sha256(body).hexdigest(),
-                )
-            )
         try:
             with self.db.transaction() as tx:
                 if tx.kind == "postgres":

@@ -24,7 +24,7 @@ from bridge.consumers.audit_log import (
     verify_audit_log,
 )
 from bridge.errors import ConfigError
-from bridge.stores.audit import AuditStore, canonical, columns, leaf_entry, open_audit_log
+from bridge.stores.audit import AuditStore, leaf_entry, open_audit_log, row_values
 from ledger import checkpoint, merkle
 from ledger.log import Ledger
 from tests.unit.bridge.service.audit.audit_helpers import T0, events, settings_for, write_key
@@ -298,21 +298,10 @@ def test_a_tampered_log_fails_its_own_audit(env: Env) -> None:
 
 def _insert(env: Env, seq: int, event: dict[str, object]) -> None:
     """Insert ``event`` with an explicit seq, bypassing the store, as an intruder would."""
-    body = canonical(event)
-    c = columns(event)
     override = "" if env.kind == "sqlite" else " OVERRIDING SYSTEM VALUE"
     env.sql(
         "INSERT INTO audit_events (seq, id, recorded, patient_id, agent, organization, purpose, break_glass,"
         f" outcome, body, sha256){override} VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         seq,
-        c.id,
-        c.recorded,
-        c.patient_id,
-        c.agent,
-        c.organization,
-        c.purpose,
-        c.break_glass,
-        c.outcome,
-        body.decode(),
-        hashlib.sha256(body).hexdigest(),
+        *row_values(event),
     )
