@@ -429,3 +429,12 @@ async def test_a_consent_that_cannot_be_published_is_not_kept(
     assert r.status == 503 and "not kept" in (await r.json())["issue"][0]["diagnostics"]
     _, bundle = await env.everything(**env.headers("st-mary"))
     assert _suppressed(bundle)  # the active version still decides
+
+
+async def test_a_search_never_breaks_the_glass(env: Env) -> None:
+    """A reason on a search opens no window: the glass is broken for one person at a time."""
+    headers = {**env.headers("st-mary", "ETREAT"), "X-Break-Glass-Reason": "looking for someone"}
+    r = await env.client.get("/Patient?name=andersen", headers=headers)
+    assert r.status == 200 and _matches(await r.json()) == {"a1", "c3"}
+    _, bundle = await env.everything(**env.headers("st-mary", "ETREAT"))
+    assert _matches(bundle) == {"a1", "obs-a"}  # no window was opened by the search
