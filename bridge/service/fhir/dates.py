@@ -82,6 +82,13 @@ def interval(value: str) -> tuple[int, int]:
     return lo - offset, lo - offset + width
 
 
+def now_us() -> int:
+    """Now, on :func:`interval`'s scale (microseconds since day 0 of the proleptic calendar, UTC)."""
+    now = datetime.now(UTC)
+    day = now.date().toordinal() * _US_PER_DAY
+    return day + ((now.hour * 60 + now.minute) * 60 + now.second) * 1_000_000 + now.microsecond
+
+
 def _as_datetime(us: int) -> datetime:
     """Microseconds from :func:`interval` as an aware UTC datetime, clamped to datetime.min/max."""
     return datetime.min.replace(tzinfo=UTC) + timedelta(microseconds=min(max(us, _MIN_US), _MAX_US) - _MIN_US)

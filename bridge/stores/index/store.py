@@ -102,13 +102,44 @@ CREATE TABLE IF NOT EXISTS consent_versions (
     body TEXT NOT NULL,
     PRIMARY KEY (id, content_sha256, source_org)
 );
+CREATE TABLE IF NOT EXISTS resource_versions (
+    resource_type TEXT NOT NULL,
+    id TEXT NOT NULL,
+    content_sha256 TEXT NOT NULL,
+    version_time TEXT NOT NULL,
+    received_at TEXT NOT NULL,
+    source_org TEXT NOT NULL,
+    bundle_sha256 TEXT NOT NULL,
+    body TEXT NOT NULL,
+    PRIMARY KEY (resource_type, id, content_sha256)
+);
+CREATE INDEX IF NOT EXISTS resource_sources_bundle ON resource_sources (bundle_sha256);
 CREATE TABLE IF NOT EXISTS index_meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
 )
 """.replace("{sources_table}", _SOURCES_TABLE.format(name="resource_sources"))
 
-TABLES = ("resources", "patient_identifiers", "resource_sources", "bundles", "consent_versions")
+TABLES = (
+    "resources",
+    "patient_identifiers",
+    "resource_sources",
+    "bundles",
+    "consent_versions",
+    "resource_versions",
+)
+
+#: every version of every resource, once per content (``meta.versionId`` is the content digest): the
+#: earliest delivery of that content names it, so a replay or a rebuild keeps the same history
+_RESOURCE_VERSION = """INSERT INTO resource_versions
+    (resource_type, id, content_sha256, version_time, received_at, source_org, bundle_sha256, body)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (resource_type, id, content_sha256) DO UPDATE SET
+        version_time = excluded.version_time, received_at = excluded.received_at,
+        source_org = excluded.source_org, bundle_sha256 = excluded.bundle_sha256, body = excluded.body
+    WHERE excluded.received_at < resource_versions.received_at
+       OR (excluded.received_at = resource_versions.received_at
+           AND excluded.bundle_sha256 < resource_versions.bundle_sha256)"""
 
 #: every version of a Consent, once per content: the earliest delivery of that content names it
 _CONSENT_VERSION = """INSERT INTO consent_versions
@@ -136,10 +167,12 @@ def source_time(value: object) -> str | None:
 
 
 def content_digest(resource: dict[str, Any]) -> str:
-    """SHA-256 of a resource without ``meta.lastUpdated``: two deliveries with the same digest are the
-    same version (the index keeps one of them; see ``_NEWER``)."""
+    """SHA-256 of a resource without ``meta.lastUpdated`` and ``meta.versionId`` (the index sets both):
+    two deliveries with the same digest are the same version (the index keeps one of them; see
+    ``_NEWER``), and the digest is the version's ``meta.versionId``."""
     meta = dict(resource.get("meta") or {})
     meta.pop("lastUpdated", None)
+    meta.pop("versionId", None)
     return hashlib.sha256(orjson.dumps({**resource, "meta": meta}, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
@@ -267,7 +300,14 @@ class IndexStore:
             for pragma in SQLITE_PRAGMAS:
                 self.db.execute(f"PRAGMA {pragma}")
         self.db.script(SCHEMA)
+        self.seq = "rowid" if self.db.kind == "sqlite" else "seq"
+        if self.db.kind == "postgres":  # SQLite's rowid is the insertion order already
+            self.db.script(
+                "ALTER TABLE resources ADD COLUMN IF NOT EXISTS seq BIGSERIAL;\n"
+                "CREATE INDEX IF NOT EXISTS resources_seq ON resources (seq)"
+            )
         self._add_moved_flag()
+        self._add_versions()
         self._key_sources_by_org()
         self._refresh_dedupe_keys()
 
@@ -325,6 +365,39 @@ class IndexStore:
             )
         log.info("index.moved_flag_added")
 
+    def _add_versions(self) -> None:
+        """An index written before resources carried ``meta.versionId`` and a version history: give
+        each stored resource its versionId and make it the first version of its history (the earlier
+        versions it replaced were not kept; a replay of the stream into a rebuilt index recovers them)."""
+        row = self.db.query("SELECT value FROM index_meta WHERE key = 'versions'")
+        if row:
+            return
+        seen = 0
+        with self.db.transaction() as db:
+            select = (
+                "SELECT id, resource_type, content_sha256, version_time, last_updated, source_org, bundle_sha256, body "
+                "FROM resources WHERE resource_type = ?"
+            )
+            types = [r[0] for r in db.query("SELECT DISTINCT resource_type FROM resources")]
+            for rows in (page for rtype in types for page in _pages(db, select, [rtype], 5000)):
+                bodies, versions = [], []
+                for rid, rtype, sha, vtime, updated, org, bundle, body in rows:
+                    resource = orjson.loads(body)
+                    meta = resource.setdefault("meta", {})
+                    if meta.get("versionId") != sha:
+                        meta["versionId"] = sha
+                        body = orjson.dumps(resource).decode()
+                        bodies.append((body, rtype, rid))
+                    versions.append((rtype, rid, sha, vtime, updated, org, bundle, body))
+                db.executemany("UPDATE resources SET body = ? WHERE resource_type = ? AND id = ?", bodies)
+                db.executemany(_RESOURCE_VERSION, versions)
+                seen += len(rows)
+            db.execute(
+                "INSERT INTO index_meta (key, value) VALUES ('versions', '1') ON CONFLICT (key) DO NOTHING"
+            )
+        if seen:
+            log.info("index.versions_added", resources=seen)
+
     def _refresh_dedupe_keys(self) -> None:
         """Recompute the stored de-duplication keys if they were written under other rules
         (:data:`~bridge.stores.index.rules.DEDUPE_RULES_VERSION`): once, when a newer release opens the index."""
@@ -371,6 +444,7 @@ class IndexStore:
         ident_rows: list[tuple[Any, ...]] = []
         bundle_rows: list[tuple[Any, ...]] = []
         consent_rows: list[tuple[Any, ...]] = []
+        version_rows: list[tuple[Any, ...]] = []
         for b in bundles:
             version_time = source_time(b.bundle.get("timestamp")) or b.received_at
             bundle_rows.append((b.bundle_sha256, b.source_org, b.topic, b.partition, b.offset, b.received_at))
@@ -381,6 +455,7 @@ class IndexStore:
                 rtype = resource["resourceType"]
                 content_sha = content_digest(resource)
                 meta = dict(resource.get("meta") or {})
+                meta["versionId"] = content_sha
                 meta["lastUpdated"] = b.received_at
                 resource = {**resource, "meta": meta}
                 owner = patient_of(resource)
@@ -414,6 +489,18 @@ class IndexStore:
                         owner,
                     )
                 )
+                version_rows.append(
+                    (
+                        rtype,
+                        resource["id"],
+                        content_sha,
+                        version_time,
+                        b.received_at,
+                        b.source_org,
+                        b.bundle_sha256,
+                        res_rows[-1][-1],
+                    )
+                )
                 if rtype == "Consent":
                     consent_rows.append(
                         (
@@ -441,6 +528,7 @@ class IndexStore:
                 "INSERT INTO patient_identifiers (system, value, patient_id) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
                 ident_rows,
             )
+            db.executemany(_RESOURCE_VERSION, version_rows)
             if consent_rows:
                 db.executemany(_CONSENT_VERSION, consent_rows)
             db.executemany(
@@ -494,6 +582,116 @@ class IndexStore:
             }
             for r in rows
         ]
+
+    # -- search ---------------------------------------------------------------------------------
+    def high_water_mark(self) -> int:
+        """The insertion sequence number of the newest resource: a search pinned to it (``max_seq``) sees
+        the resources stored up to now, whatever is stored while its pages are read."""
+        return int(self.db.query(f"SELECT COALESCE(MAX({self.seq}), 0) FROM resources")[0][0])
+
+    def scan(
+        self,
+        resource_type: str,
+        *,
+        max_seq: int,
+        patient_ids: Sequence[str] | None = None,
+        ids: Sequence[str] | None = None,
+        source_orgs: Sequence[str] | None = None,
+        order: str = "id",
+        descending: bool = False,
+        after: tuple[str, str] | None = None,
+        limit: int = 1000,
+    ) -> list[StoredResource]:
+        """Up to ``limit`` resources of ``resource_type`` stored at or before ``max_seq``, narrowed to
+        ``patient_ids``/``ids``/``source_orgs`` when given, in ``order`` (``id`` or ``last_updated``,
+        then id) after the key ``after`` (``(order value, id)`` of the last row of the previous page)."""
+        if order not in ("id", "last_updated"):
+            raise ValueError(f"cannot order a scan by {order!r}")
+        body = "CAST(body AS BLOB)" if self.db.kind == "sqlite" else "convert_to(body, 'UTF8')"
+        sql = (
+            "SELECT resource_type, id, source_org, patient_id, clinical_date, last_updated, dedupe_key, bundle_sha256, "
+            f"{body}, moved FROM resources WHERE resource_type = ? AND {self.seq} <= ?"
+        )
+        params: list[Any] = [resource_type, max_seq]
+        for column, values in (("patient_id", patient_ids), ("id", ids), ("source_org", source_orgs)):
+            if values is not None:
+                if not values:
+                    return []
+                sql += f" AND {column} IN ({','.join('?' * len(values))})"
+                params += list(values)
+        direction = "DESC" if descending else "ASC"
+        if after is not None:
+            cmp = "<" if descending else ">"
+            if order == "id":
+                sql += f" AND id {cmp} ?"
+                params.append(after[1])
+            else:
+                sql += f" AND (last_updated {cmp} ? OR (last_updated = ? AND id {cmp} ?))"
+                params += [after[0], after[0], after[1]]
+        sql += (
+            f" ORDER BY id {direction}"
+            if order == "id"
+            else f" ORDER BY last_updated {direction}, id {direction}"
+        )
+        sql += f" LIMIT {int(limit)}"
+        return list(map(StoredResource._make, self.db.query(sql, params)))
+
+    def get_stored(self, keys: Sequence[tuple[str, str]]) -> list[StoredResource]:
+        """The stored resources of ``keys`` ((type, id) pairs) that exist, in no particular order."""
+        body = "CAST(body AS BLOB)" if self.db.kind == "sqlite" else "convert_to(body, 'UTF8')"
+        out: list[StoredResource] = []
+        unique = sorted(set(keys))
+        for i in range(0, len(unique), 400):
+            part = unique[i : i + 400]
+            sql = (
+                "SELECT resource_type, id, source_org, patient_id, clinical_date, last_updated, dedupe_key, "
+                f"bundle_sha256, {body}, moved FROM resources WHERE "
+                + " OR ".join("(resource_type = ? AND id = ?)" for _ in part)
+            )
+            out += map(StoredResource._make, self.db.query(sql, [x for k in part for x in k]))
+        return out
+
+    def provenance_of(self, keys: Sequence[tuple[str, str]]) -> list[StoredResource]:
+        """The Provenance resources of the bundles that delivered ``keys``: each bundle an adapter
+        produces holds one, targeting every resource of the bundle (adapters/bundle.py)."""
+        delivered = self.sources_of(keys)
+        bundles = sorted({s["bundle_sha256"] for found in delivered.values() for s in found})
+        out: list[tuple[str, str]] = []
+        for i in range(0, len(bundles), 400):
+            part = bundles[i : i + 400]
+            out += self.db.query(
+                "SELECT DISTINCT resource_type, id FROM resource_sources WHERE resource_type = 'Provenance' "
+                f"AND bundle_sha256 IN ({','.join('?' * len(part))})",
+                part,
+            )
+        return self.get_stored([(r[0], r[1]) for r in out])
+
+    def versions(self, resource_type: str, rid: str) -> list[dict[str, Any]]:
+        """Every version of a resource the index received, newest first (by source time): its body
+        (``meta.versionId`` the content digest, ``meta.lastUpdated`` its earliest delivery), the bundle
+        that first delivered it and the organisation that sent it."""
+        rows = self.db.query(
+            "SELECT body, bundle_sha256, source_org, received_at, version_time FROM resource_versions "
+            "WHERE resource_type = ? AND id = ? ORDER BY version_time DESC, received_at DESC, content_sha256",
+            (resource_type, rid),
+        )
+        return [
+            {
+                "resource": orjson.loads(r[0]),
+                "bundle_sha256": r[1],
+                "source_org": r[2],
+                "received_at": r[3],
+                "version_time": r[4],
+            }
+            for r in rows
+        ]
+
+    def version(self, resource_type: str, rid: str, version_id: str) -> dict[str, Any] | None:
+        rows = self.db.query(
+            "SELECT body FROM resource_versions WHERE resource_type = ? AND id = ? AND content_sha256 = ?",
+            (resource_type, rid, version_id),
+        )
+        return orjson.loads(rows[0][0]) if rows else None
 
     def patients_by_identifier(self, system: str | None, value: str) -> list[str]:
         if system:
