@@ -7,7 +7,8 @@ Adapters add resources to a :class:`BundleBuilder`, keyed by their business key,
 * writes each entry as ``PUT <Type>/<id>`` so that replaying a bundle is an idempotent upsert;
 * adds one Provenance targeting every resource, naming the source organisation, the adapter name and
   version, and the SHA-256 of the raw input; conversion warnings become extensions on it;
-* validates the whole bundle once against the ``fhir.resources.R4B`` models;
+* validates the whole bundle once against the ``fhir.resources.R4B`` models, then maps what R4B adds
+  to R4 (:mod:`adapters.r4`), so that the bundle is FHIR 4.0.1, the version we serve;
 * serialises it to canonical JSON (sorted keys, compact UTF-8), whose SHA-256 is the bundle hash.
 """
 
@@ -23,6 +24,7 @@ from pydantic import ValidationError
 from adapters.base import ConversionWarning, ConvertedBundle, SourceInfo
 from adapters.errors import Location, ValidationFailed
 from adapters.ids import business_key, resource_id
+from adapters.r4 import NotR4, bundle_to_r4, may_need_mapping
 from adapters.validation import fast_accepts
 
 log = structlog.get_logger(__name__)
@@ -203,7 +205,9 @@ class BundleBuilder:
         validate: bool = True,
         raw: bytes | None = None,
     ) -> ConvertedBundle:
-        """Finish the bundle. Raises :class:`ValidationFailed` when it is not valid R4.
+        """Finish the bundle. Raises :class:`ValidationFailed` when it is not valid R4B, or holds R4B
+        content that R4 cannot express (:class:`adapters.r4.NotR4`); what R4 can express otherwise is
+        mapped to R4 (:mod:`adapters.r4`).
 
         ``raw``, the record's original bytes, is carried on the result for dead letters (not hashed)."""
         entries = list(self._entries.values())
@@ -240,6 +244,14 @@ class BundleBuilder:
                     location,
                 ) from exc
         body = canonical_json(bundle)
+        if may_need_mapping(bundle, body):  # a few scans of the bytes; the walk only when R4B may be there
+            try:
+                if bundle_to_r4(bundle):
+                    body = canonical_json(bundle)
+            except NotR4 as exc:
+                raise ValidationFailed(
+                    self.adapter_name, [{"loc": exc.loc, "msg": exc.reason}], location
+                ) from exc
         return ConvertedBundle(
             bundle=bundle,
             body=body,
