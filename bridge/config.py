@@ -217,6 +217,21 @@ class ConsentSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ExportSettings:
+    """Bulk Data export (docs/bulk.md): the jobs' database, the directory of the NDJSON files, how long a
+    finished export is kept, when a file is split (lines, or distinct patients: each download is audited
+    with one AuditEvent per patient it holds), the rows read per page, and how many exports run at once."""
+
+    url: str = ""
+    directory: Path = Path("var/exports")
+    expiry_minutes: int = 60
+    file_lines: int = 100_000
+    file_patients: int = 2_000
+    page_rows: int = 1_000
+    max_running: int = 2
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Everything a fhirbridge process needs to know, grouped by what it is about. Build with :meth:`from_env`."""
 
@@ -230,6 +245,7 @@ class Settings:
     auth: AuthSettings = field(default_factory=AuthSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
     consent: ConsentSettings = field(default_factory=ConsentSettings)
+    export: ExportSettings = field(default_factory=ExportSettings)
     gc_threshold: tuple[int, int, int] | None = (50_000, 20, 10)  # None: Python's default
 
     @classmethod
@@ -299,6 +315,7 @@ class Settings:
             auth=_auth(env, data_dir),
             audit=_audit(env, data_dir),
             consent=_consent(env),
+            export=_export(env, data_dir),
             gc_threshold=_gc_threshold(env.get("FHIRBRIDGE_GC_THRESHOLD", "50000,20,10")),
         )
 
@@ -364,6 +381,20 @@ def _audit(env: dict[str, str], data_dir: Path) -> AuditSettings:
         origin=env.get("FHIRBRIDGE_AUDIT_ORIGIN") or f"{ledger_origin}/audit",
         key_file=Path(key_file) if key_file else data_dir / "audit.key",
         log_url=env.get("FHIRBRIDGE_AUDIT_LOG_URL") or f"sqlite://{data_dir / 'audit-log.db'}",
+    )
+
+
+def _export(env: dict[str, str], data_dir: Path) -> ExportSettings:
+    """``FHIRBRIDGE_EXPORT_*``: the jobs' database beside the others, the files under ``<data>/exports``."""
+    directory = env.get("FHIRBRIDGE_EXPORT_DIR")
+    return ExportSettings(
+        url=env.get("FHIRBRIDGE_EXPORT_DB") or f"sqlite://{data_dir / 'exports.db'}",
+        directory=Path(directory) if directory else data_dir / "exports",
+        expiry_minutes=_int(env, "FHIRBRIDGE_EXPORT_EXPIRY_MINUTES", 60),
+        file_lines=_int(env, "FHIRBRIDGE_EXPORT_FILE_LINES", 100_000),
+        file_patients=_int(env, "FHIRBRIDGE_EXPORT_FILE_PATIENTS", 2_000),
+        page_rows=_int(env, "FHIRBRIDGE_EXPORT_PAGE_ROWS", 1_000),
+        max_running=_int(env, "FHIRBRIDGE_EXPORT_MAX_RUNNING", 2),
     )
 
 

@@ -20,6 +20,7 @@ from bridge.logging import get_logger
 from bridge.stores.audit import AuditStore, open_audit_log
 from bridge.stores.auth import AuthStore
 from bridge.stores.breakglass import BreakGlassStore
+from bridge.stores.exports import ExportStore
 from bridge.stores.index.store import IndexStore
 
 log = get_logger(__name__)
@@ -86,6 +87,11 @@ class Backend:
         store: BreakGlassStore = self._get(
             "break_glass", lambda: BreakGlassStore.open(self.settings.audit.url)
         )
+        return store
+
+    def exports(self) -> ExportStore:
+        """The Bulk Data export jobs, their files and the defined groups (``FHIRBRIDGE_EXPORT_DB``)."""
+        store: ExportStore = self._get("exports", lambda: ExportStore.open(self.settings.export.url))
         return store
 
     @property
