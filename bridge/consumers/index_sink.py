@@ -1,5 +1,6 @@
 """The index sink: every resource upserted by its deterministic id, with its bundle's provenance; the
-Patient versions the index keeps feed the MPI (docs/query.md, docs/mpi.md)."""
+Patient versions the index keeps feed the MPI (docs/query.md, docs/mpi.md). What the index keeps is R4:
+a bundle produced before the adapters mapped R4B to R4 is mapped here (docs/validation.md)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+from adapters.r4 import NotR4, bundle_to_r4, may_need_mapping
 from bridge.consumers.checks import (
     BadBundle,
     EnvelopeChecker,
@@ -28,6 +30,11 @@ log = get_logger(__name__)
 
 class MpiRefused(LocatedError):
     """The MPI could not index a Patient of the record's bundle (the bundle itself is in the index)."""
+
+
+class NotR4Bundle(LocatedError):
+    """The record's bundle holds R4B content that R4 cannot express (:mod:`adapters.r4`): the index,
+    which serves R4, does not keep it."""
 
 
 class _PatientEntry(NamedTuple):
@@ -67,8 +74,14 @@ class IndexSink:
             try:
                 bundle = parse_bundle(rec.value or b"")
                 received_at = rec.timestamp_iso
+                # bundles of older releases may hold what R4B adds; since then the adapters map it
+                if may_need_mapping(bundle, rec.value or b""):
+                    bundle_to_r4(bundle)
             except (BadBundle, BadTimestamp) as exc:
                 poison.append((rec, exc))
+                continue
+            except NotR4 as exc:
+                poison.append((rec, NotR4Bundle(str(exc), ".".join(str(p) for p in exc.loc))))
                 continue
             incoming.append(
                 IncomingBundle(

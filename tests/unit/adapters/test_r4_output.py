@@ -421,6 +421,7 @@ def test_the_byte_check_never_misses_what_the_walk_acts_on(key: str, depth: int,
         patient = _patient(name=[{"family": "X", "extension": [node]}])
     bundle = {"resourceType": "Bundle", "entry": [{"resource": patient}]}
     assert may_need_mapping(bundle, canonical_json(bundle))
+    assert may_need_mapping(bundle, json.dumps(bundle, indent=1).encode())  # with whitespace too
     with pytest.raises(NotR4):  # an empty CodeableReference, a RatioRange, a subjectCanonical: refused
         bundle_to_r4(bundle)
 
@@ -596,3 +597,65 @@ def test_audit_events_are_strict_r4() -> None:
     for i, evs in enumerate(cases):
         for ev in evs:
             assert_r4(ev, f"AuditEvent case {i}")
+
+
+# -- the index: bundles of older releases, produced before the mapping, are mapped when indexed --------------
+def test_the_index_sink_maps_r4b_bundles_of_older_releases_and_dead_letters_what_r4_cannot_say(
+    tmp_path: Path,
+) -> None:
+    import hashlib
+
+    from bridge.consumers.checks import EnvelopeChecker
+    from bridge.consumers.index_sink import IndexSink
+    from bridge.consumers.runtime import Record
+    from bridge.stores.index.store import IndexStore
+    from bridge.stream.envelope import Envelope, OrgSigner, TrustedKey, TrustRegistry, utc_now
+
+    signer = OrgSigner.generate("st-mary")
+    trust = TrustRegistry()
+    trust.add("st-mary", TrustedKey(signer.key_id, signer.public_bytes, "2020-01-01T00:00:00Z", None))
+
+    def record(offset: int, resources: list[dict[str, Any]]) -> Record:
+        # what an older release produced: R4B-valid, not mapped (never through BundleBuilder.build)
+        bundle = {
+            "resourceType": "Bundle",
+            "type": "transaction",
+            "entry": [{"resource": r} for r in resources],
+        }
+        validate_bundle(bundle)
+        value = canonical_json(bundle)
+        env = Envelope("st-mary", "fhir", "1", hashlib.sha256(value).hexdigest(), utc_now(), f"m{offset}")
+        headers = signer.sign(env).headers()
+        return Record("fhir.bundles", 0, offset, 1_767_225_600_000 + offset, b"st-mary|p", value, headers)
+
+    ext = {"url": "https://x.example/e", "valueCodeableReference": {"concept": CONCEPT}}
+    obs = {
+        "resourceType": "Observation",
+        "id": "o1",
+        "status": "final",
+        "code": {"text": "x"},
+        "subject": {"reference": "Patient/p1"},
+        "extension": [ext],
+    }
+    ratio = {"url": "https://x.example/r", "valueRatioRange": {"denominator": {"value": 1}}}
+    store = IndexStore.open(f"sqlite://{tmp_path / 'index.db'}")
+    sink = IndexSink(store, EnvelopeChecker(trust), None)
+    poison = sink.process(
+        [
+            record(0, [_patient(extension=[ext]), obs]),
+            record(1, [{"resourceType": "Patient", "id": "p2", "extension": [ratio]}]),
+            record(2, [{"resourceType": "Citation", "id": "c1", "status": "active"}]),
+        ]
+    )
+    assert [(r.offset, type(e).__name__, getattr(e, "field", None)) for r, e in poison] == [
+        (1, "NotR4Bundle", "entry.0.resource.extension.0.valueRatioRange"),
+        (2, "NotR4Bundle", "entry.0.resource.resourceType"),
+    ]
+    for rtype, rid in (("Patient", "p1"), ("Observation", "o1")):
+        stored = store.get(rtype, rid)
+        assert stored is not None and stored["extension"] == [
+            {"url": ext["url"], "valueCodeableConcept": CONCEPT}
+        ]
+        assert_r4(stored, "indexed")
+    assert store.get("Patient", "p2") is None and store.get("Citation", "c1") is None
+    sink.close()
