@@ -29,7 +29,7 @@ from bridge.service.auth.marks import authenticated, public
 from bridge.service.auth.middleware import AUTHORIZATION, Authorization, auth_middleware
 from bridge.service.auth.tokens import Issuer, TokenVerifier, load_issuers
 from bridge.service.context import ALLOWED_HOSTS, BACKEND, SETTINGS, Backend, base_url
-from bridge.service.fhir import access, consent, everything, read, search
+from bridge.service.fhir import access, bulk, consent, everything, read, search
 from bridge.service.fhir.capability import capability_statement
 from bridge.service.fhir.consent import CONSENT_WRITER, ConsentWriter
 from bridge.service.http import error_response, fhir_response, operation_outcome, outcome_response
@@ -147,6 +147,7 @@ def create_app(
     app.add_routes(everything.routes)
     app.add_routes(consent.routes)
     app.add_routes(access.routes)
+    bulk.install(app)  # its routes, and its tasks' start-up and clean-up (before the backend closes)
     writer = app[CONSENT_WRITER] = consent_writer or ConsentWriter()
     if be.has_ledger:
         app.add_routes(ledger_routes.routes)

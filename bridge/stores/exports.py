@@ -307,9 +307,6 @@ class ExportStore:
         """The ids of jobs whose time is up (complete, failed, cancelled or still running)."""
         return [str(r[0]) for r in self.db.query("SELECT id FROM export_jobs WHERE expires_at <= ?", [now])]
 
-    def cancelled(self) -> list[str]:
-        return [str(r[0]) for r in self.db.query("SELECT id FROM export_jobs WHERE status = ?", [CANCELLED])]
-
     def fail_interrupted(self, reason: str) -> list[str]:
         """Mark every ``running`` job failed (at start-up: no job of a previous process is still running)."""
         with self.db.transaction() as tx:

@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bridge.stores.exports import (
+    CANCELLED,
     COMPLETE,
     FAILED,
     FHIR_ID,
@@ -140,7 +141,9 @@ def test_expiry_interruption_and_deletion(store: ExportStore) -> None:
     store.add_file(_file("a" * 32, "x.ndjson", 1))
     store.delete_job("a" * 32)
     assert store.job("a" * 32) is None and store.files("a" * 32) == []
-    assert store.cancel("b" * 32) and store.cancelled() == ["b" * 32] and not store.cancel("c" * 32)
+    assert store.cancel("b" * 32) and not store.cancel("c" * 32)
+    job = store.job("b" * 32)
+    assert job is not None and job.status == CANCELLED and not store.set_progress(job.id, "x")
 
 
 def test_groups(store: ExportStore) -> None:
