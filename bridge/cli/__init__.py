@@ -29,6 +29,7 @@ REGISTRARS = (
     "bridge.cli.mpi",
     "bridge.cli.auth",
     "bridge.cli.audit",
+    "bridge.cli.groups",
 )
 
 GROUPS = {

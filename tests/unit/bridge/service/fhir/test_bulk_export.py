@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from joserfc import jwt
 from yarl import URL
 
+from bridge.cli import main
 from bridge.config import Settings
 from bridge.service.app import create_app
 from bridge.service.auth.discovery import issuer_url
@@ -394,6 +395,33 @@ async def test_type_and_patient_and_group_exports(env: Env) -> None:
     assert _ids(out) == {"obs-a", "obs-a2", "obs-a3"}
     r = await env.client.get("/Group/nope/$export", headers={"Prefer": "respond-async", **env.headers})
     assert r.status == 404
+
+
+async def test_groups_cli_defines_the_groups_an_export_may_name(
+    env: Env, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.setenv("FHIRBRIDGE_DATA_DIR", str(env.settings.data_dir))
+    members = tmp_path / "members.txt"
+    members.write_text("c3\nPatient/a1\n\n")
+    assert (
+        main(["groups", "create", "--id", "study-1", "--name", "Study", "--members-file", str(members)]) == 0
+    )
+    assert main(["groups", "create", "--id", "study-1", "--member", "a1"]) == 1  # taken
+    assert main(["groups", "create", "--id", "org-st-mary", "--member", "a1"]) == 1  # an organisation's
+    assert main(["groups", "create", "--id", "bad id", "--member", "a1"]) == 1
+    assert main(["groups", "create", "--id", "empty"]) == 2
+    assert main(["groups", "create", "--id", "nofile", "--members-file", str(tmp_path / "absent")]) == 1
+    capsys.readouterr()
+    assert main(["groups", "list"]) == 0
+    assert capsys.readouterr().out == "study-1\t2\tStudy\n"
+    r = await env.client.get("/Group/study-1", headers=env.headers)
+    assert [m["entity"]["reference"] for m in (await r.json())["member"]] == ["Patient/a1", "Patient/c3"]
+    env.headers = _token(env.settings, purpose="TREAT")
+    _, out = await env.export("/Group/study-1/$export", _type="Patient")
+    assert _ids(out) == {"a1", "a2", "c3"}  # a1's linked record a2 too
+    assert main(["groups", "delete", "--id", "study-1"]) == 0
+    assert main(["groups", "delete", "--id", "study-1"]) == 1
+    assert (await env.client.get("/Group/study-1", headers=env.headers)).status == 404
 
 
 async def test_type_filter_selects_within_its_type_only(env: Env) -> None:
