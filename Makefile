@@ -6,6 +6,8 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+# the Node clients of tests/clients, pinned by their lock file (the tests run `npm ci` too when missing)
+NODE_CLIENTS = tests/clients/node/node_modules/.fhirbridge-lock-sha256
 
 .PHONY: demo test install lint typecheck unit integration bench clean
 
@@ -28,7 +30,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: $(STAMP)
+$(NODE_CLIENTS): tests/clients/node/package-lock.json
+	cd tests/clients/node && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	sha256sum tests/clients/node/package-lock.json | cut -d' ' -f1 > $@
+
+test: $(STAMP) $(NODE_CLIENTS)
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy
