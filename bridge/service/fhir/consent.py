@@ -29,6 +29,7 @@ from pydantic import ValidationError
 
 from adapters.base import SourceInfo
 from adapters.bundle import BundleBuilder
+from adapters.r4 import NotR4, resource_to_r4
 from bridge import __version__
 from bridge.errors import ConfigError
 from bridge.logging import get_logger
@@ -79,6 +80,8 @@ CONSENT_WRITER = web.AppKey("consent_writer", ConsentWriter)
 
 
 def _r4_consent(body: dict[str, Any]) -> None:
+    """Validate ``body`` with the R4B models, then map it to R4 in place (:mod:`adapters.r4`): a 422 for
+    what R4B refuses, and for R4B content that R4, the version we serve, cannot express."""
     from fhir.resources.R4B.consent import Consent  # 0.1 s to import: on the first write
 
     try:
@@ -91,6 +94,10 @@ def _r4_consent(body: dict[str, Any]) -> None:
             "invalid",
             f"not a valid R4 Consent: Consent{'.' + where if where else ''}: {first.get('msg')}",
         ) from None
+    try:
+        resource_to_r4(body, ("Consent",))
+    except NotR4 as exc:
+        raise FhirHTTPError(422, "invalid", f"not a valid R4 Consent: {exc}") from None
 
 
 def _consent_patient(body: dict[str, Any], base: str) -> str:

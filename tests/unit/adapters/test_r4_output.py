@@ -659,3 +659,110 @@ def test_the_index_sink_maps_r4b_bundles_of_older_releases_and_dead_letters_what
         assert_r4(stored, "indexed")
     assert store.get("Patient", "p2") is None and store.get("Citation", "c1") is None
     sink.close()
+
+
+# -- what the HTTP API answers, over a small SQLite index of adapter output ---------------------------------
+def _served(body: dict[str, Any], where: str) -> list[dict[str, Any]]:
+    """Check one answer strictly: the resource, and for a Bundle each entry's resource and the whole
+    bundle. Returns the entries' resources."""
+    assert_r4(body, where)
+    if body.get("resourceType") != "Bundle":
+        return [body]
+    resources = [e["resource"] for e in body.get("entry", []) if "resource" in e]
+    for i, r in enumerate(resources):
+        assert_r4(r, f"{where} entry[{i}]")
+    return resources
+
+
+@pytest.mark.slow
+async def test_every_answer_of_the_http_api_is_strict_r4(tmp_path: Path) -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from bridge.config import Settings
+    from bridge.service.app import create_app
+    from bridge.service.context import Backend
+    from bridge.stores.index.store import IncomingBundle, IndexStore
+    from bridge.stores.mpi import PersonIndex
+    from tests.support.auth import bearer
+    from tests.support.consent import deny_organization
+    from tests.support.demodata import generate
+
+    settings = Settings.from_env({"FHIRBRIDGE_DATA_DIR": str(tmp_path)})
+    produced: list[tuple[str, ConvertedBundle]] = []
+    for org, messages in generate(3, overlap=1.0, messages_per_patient=1).items():
+        for msg in messages:
+            [cb] = HL7v2Adapter().convert(msg.encode(), SourceInfo(org, timezone="America/Chicago"))
+            assert isinstance(cb, ConvertedBundle)
+            produced.append((org, cb))
+    oru = SAMPLES / "hl7v2" / "ms-fhir-converter" / "ORU-R01-01.hl7"
+    produced += [("lab", cb) for cb in _convert(str(oru.relative_to(SAMPLES)), HL7v2Adapter)]
+    patients = [
+        (org, e["resource"])
+        for org, cb in produced
+        for e in cb.bundle["entry"]
+        if e["resource"]["resourceType"] == "Patient"
+    ]
+    pid = patients[0][1]["id"]
+    lab_pid = next(p["id"] for org, p in patients if org == "lab")
+    b = BundleBuilder(
+        adapter_name="consent", adapter_version="1", source=SourceInfo("riverside"), input_sha256="1" * 64
+    )
+    b.add(deny_organization("deny-1", pid, "lab"))
+    produced.append(("riverside", b.build(routing_key=f"Patient/{pid}")))
+    store = IndexStore.open(settings.stores.index_url)
+    store.apply(
+        [
+            IncomingBundle(
+                cb.bundle, cb.sha256, org, cb.routing_key, "fhir.bundles", 0, i, "2026-03-02T08:00:00.000Z"
+            )
+            for i, (org, cb) in enumerate(produced)
+        ]
+    )
+    store.close()
+    mpi = PersonIndex.open(settings.stores.mpi_url)
+    mpi.upsert_patients(patients)
+    person = mpi.person_id(pid)
+    obs = next(
+        e["resource"]["id"]
+        for _, cb in produced
+        for e in cb.bundle["entry"]
+        if e["resource"]["resourceType"] == "Observation"
+    )
+    identifier = patients[0][1]["identifier"][0]
+    urls = [
+        "/metadata",
+        f"/Patient/{pid}",
+        f"/Observation/{obs}",
+        f"/Patient?identifier={identifier['system']}|{identifier['value']}",
+        f"/Patient/{pid}/$everything",
+        f"/Patient/{pid}/$everything?_type=Observation,Encounter&_count=2",
+        f"/Patient/{lab_pid}/$everything",
+        f"/Person/{person}",
+        "/Person/$mpi-review-queue",
+        f"/Person/$mpi-history?id={pid}",
+        f"/Consent?patient={pid}",
+        "/Consent/deny-1/_history",
+        f"/Patient/{pid}/$consent-decision?actor=lab",
+        f"/Patient/{pid}/$access-log",
+        f"/AuditEvent?patient={pid}",
+        # errors: OperationOutcomes
+        "/Patient/unknown-id",
+        f"/Patient/{pid}/$everything?_count=zero",
+        "/Observation/no-such-observation",
+    ]
+    backend = Backend(settings, mpi_factory=lambda: mpi)
+    headers = bearer(
+        settings, "user/*.rs", organization="st-mary", purpose="TREAT", fhir_user="Practitioner/7"
+    )
+    seen: set[str] = set()
+    async with TestClient(TestServer(create_app(settings, backend)), headers=headers) as client:
+        for url in urls:
+            resp = await client.get(url)
+            body = await resp.json()
+            expected = {200} if url in urls[:-3] else set(range(400, 500))  # the last three are errors
+            assert resp.status in expected, (url, body)
+            for r in _served(body, f"GET {url} ({resp.status})"):
+                seen.add(r["resourceType"])
+    mpi.close()
+    assert {"CapabilityStatement", "Patient", "Observation", "Person", "Parameters", "Consent"} <= seen, seen
+    assert {"AuditEvent", "OperationOutcome", "Encounter", "DiagnosticReport", "Specimen"} <= seen, seen
