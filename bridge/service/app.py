@@ -143,7 +143,6 @@ def create_app(
     app.add_routes(openapi.routes)
     app.add_routes(discovery.routes)
     app.add_routes(auth_server.routes)
-    app.add_routes(search.routes)
     app.add_routes(everything.routes)
     app.add_routes(consent.routes)
     app.add_routes(access.routes)
@@ -153,7 +152,8 @@ def create_app(
         app.add_routes(ledger_routes.routes)
     if be.has_mpi:
         app.add_routes(mpi_routes.routes)
-    app.add_routes(read.routes)  # last: its pattern would also match the paths above
+    app.add_routes(search.routes)  # last, with read: their patterns would also match the paths above
+    app.add_routes(read.routes)
 
     async def _close(_: web.Application) -> None:
         if auth.verifier is not None:

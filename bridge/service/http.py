@@ -111,7 +111,7 @@ def error_response(exc: BaseException) -> web.Response | None:
 
 # -- the one set of parameter parsers ------------------------------------------------------------
 #: ``_format`` values meaning JSON (the only format served)
-JSON_FORMATS = {"json", "application/json", "application/fhir+json"}
+JSON_FORMATS = {"json", "application/json", "application/fhir+json", "application/json+fhir"}
 
 
 def check_query(request: web.Request, known: set[str]) -> None:

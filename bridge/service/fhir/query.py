@@ -26,7 +26,7 @@ from typing import Any
 from bridge.service.fhir import searchparams as sp
 from bridge.service.fhir.dates import DATE, interval, now_us
 from bridge.service.fhir.searchparams import SearchParam
-from bridge.service.http import FhirHTTPError
+from bridge.service.http import JSON_FORMATS, FhirHTTPError
 from bridge.stores.index.rules import PATIENT_REFERENCE_PATHS, patient_of
 
 PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
@@ -58,7 +58,7 @@ _US_PER_DAY = 86_400_000_000
 
 
 def _bad(name: str, why: str) -> FhirHTTPError:
-    return FhirHTTPError(400, "invalid", f"search parameter {name}: {why}")
+    return FhirHTTPError(400, "invalid", f"parameter {name}: {why}")
 
 
 def fold(text: str) -> str:
@@ -479,11 +479,11 @@ def parse_search(
         type_modifier = p.type == "reference" and mod is not None and mod[:1].isupper() and mod.isalpha()
         if mod is not None and mod not in MODIFIERS[p.type] and not type_modifier:
             raise FhirHTTPError(
-                400, "not-supported", f"search parameter {name}: the modifier :{mod} is not supported"
+                400, "not-supported", f"parameter {name}: the modifier :{mod} is not supported"
             )
         if p.column is not None and mod not in (None, "missing") and p.column == "source_org":
             raise FhirHTTPError(
-                400, "not-supported", f"search parameter {name}: the modifier :{mod} is not supported"
+                400, "not-supported", f"parameter {name}: the modifier :{mod} is not supported"
             )
         values = _split(raw) if mod not in ("missing", "text") else [raw]
         q.criteria.append(Criterion(name, p, mod, tuple(_parse_value(name, p, mod, v, base) for v in values)))
@@ -527,6 +527,10 @@ def _result_param(q: SearchQuery, name: str, raw: str, known: dict[str, SearchPa
         q_list.append(parse_include(q.resource_type, name, raw, reverse=name == "_revinclude"))
     elif name == "_cursor":
         q.cursor = raw
+    elif name == "_format" and raw.strip().lower().split(";")[0].strip() not in JSON_FORMATS:
+        raise FhirHTTPError(
+            400, "not-supported", f"_format {raw!r} is not supported: this server returns JSON only"
+        )
 
 
 def reference_targets(resource: dict[str, Any], inc: Include) -> list[tuple[str, str]]:

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from yarl import URL
 
 from bridge.config import Settings
 from bridge.service.app import Backend, create_app
@@ -157,7 +158,7 @@ async def test_bad_parameters_and_unknown_patient_give_operation_outcome(client:
         ("/Patient/pa/$everything", {"start": "yesterday"}, 400),
         ("/Patient/pa/$everything", {"_count": "0"}, 400),
         ("/Patient/nope/$everything", {}, 404),
-        ("/Patient", {}, 400),
+        ("/Patient", {"birthdate": "yesterday"}, 400),
         ("/NoSuchThing/x", {}, 404),
     ]:
         resp = await client.get(path, params=params)
@@ -307,12 +308,12 @@ async def test_name_search_folds_non_ascii_and_is_not_cut_short(tmp_path: Path) 
     )
     settings = _store_with(tmp_path, [_bundle("h7", "st-mary", patients, "2026-01-01T00:00:00.000Z")])
     async with TestClient(TestServer(create_app(settings, Backend(settings))), headers=bearer(settings)) as c:
-        # 231 bodies mention each name; only the last by id has it as a name (the first 200 do not)
+        # 231 bodies mention each name; only the last by id has it as a name
         for needle, expected in (
             ("élodie", ["p999"]),
             ("ÉLODIE", ["p999"]),
             ("martin", ["p999"]),
-            ("elodie", []),
+            ("elodie", ["p999"]),  # FHIR string search ignores accents as well as case
         ):
             resp = await c.get("/Patient", params={"name": needle})
             ids = [
@@ -631,19 +632,29 @@ async def test_name_search_is_the_same_on_both_backends(tmp_path: Path, index_en
         tmp_path, [_bundle("h1", "st-mary", patients, "2026-01-01T00:00:00.000Z")], **index_env
     )
     async with TestClient(TestServer(create_app(settings, Backend(settings))), headers=bearer(settings)) as c:
+        # name: a prefix of any part (FHIR string search); name:contains: anywhere
         for needle, expected in [
             ("strauß", ["p1"]),
             ("ØRSTED", ["p2"]),
-            ('"bob"', ["p3"]),
-            ('"BOB" smith', ["p3"]),
+            ('"bob"', []),
+            ('robert "bob', ["p3"]),
             ("οδυσσευς", ["p4"]),
             ("back\\slash", ["p6"]),
             ("abc\\", []),
-            ("b\tn", ["p7"]),
+            ("tab\tn", ["p7"]),
             ("smith", ["p3"]),
             ("back", ["p6"]),
         ]:
             status, body = await _get(c, "/Patient", name=needle)
+            assert status == 200, (needle, body)
+            assert _ids(body) == expected, needle
+        for needle, expected in [
+            ('"bob"', ["p3"]),
+            ('"BOB" smith', ["p3"]),
+            ("b\tn", ["p7"]),
+            ("ted", ["p2"]),
+        ]:
+            status, body = await _get(c, "/Patient", **{"name:contains": needle})
             assert status == 200, (needle, body)
             assert _ids(body) == expected, needle
 
@@ -651,7 +662,7 @@ async def test_name_search_is_the_same_on_both_backends(tmp_path: Path, index_en
 # -- a true total, and a Host the service was not given ----------------------------------
 
 
-async def test_patient_search_total_is_true_and_truncation_is_announced(
+async def test_patient_search_total_is_true_and_pages_follow(
     tmp_path: Path, index_env: dict[str, str]
 ) -> None:
     ssn = {"system": "http://hl7.org/fhir/sid/us-ssn", "value": "999"}
@@ -670,11 +681,14 @@ async def test_patient_search_total_is_true_and_truncation_is_announced(
     )
     async with TestClient(TestServer(create_app(settings, Backend(settings))), headers=bearer(settings)) as c:
         for params in ({"name": "doe"}, {"birthdate": "1990"}, {"identifier": f"{ssn['system']}|999"}):
-            status, body = await _get(c, "/Patient", **params)
+            status, body = await _get(c, "/Patient", **params, _count="200")
             assert status == 200
             assert body["total"] == 230, params
             assert len([e for e in body["entry"] if e["search"]["mode"] == "match"]) == 200
-            assert any("230 patients match; only the first 200" in d for d in _outcomes(body)), params
+            nxt = next(link["url"] for link in body["link"] if link["relation"] == "next")
+            rest = await (await c.get(URL(nxt).path_qs)).json()
+            assert len(_ids(rest)) == 30 and not set(_ids(rest)) & set(_ids(body)), params
+            assert not any(link["relation"] == "next" for link in rest["link"])
         status, body = await _get(c, "/Patient", name="doe", birthdate="1990-01-01")
         assert body["total"] == 230
         # under the limit: everything, no announcement
