@@ -763,6 +763,35 @@ async def test_every_answer_of_the_http_api_is_strict_r4(tmp_path: Path) -> None
             assert resp.status in expected, (url, body)
             for r in _served(body, f"GET {url} ({resp.status})"):
                 seen.add(r["resourceType"])
+        # a Consent with R4B content R4 cannot express is refused before anything is published
+        ratio = {"url": "https://x.example/r", "valueRatioRange": {"denominator": {"value": 1}}}
+        resp = await client.put(
+            "/Consent/deny-2",
+            data=json.dumps({**deny_organization("deny-2", pid, "lab"), "extension": [ratio]}),
+            headers={
+                **bearer(settings, "user/Consent.cru", organization="riverside"),
+                "Content-Type": "application/fhir+json",
+            },
+        )
+        body = await resp.json()
+        assert resp.status == 422 and "Consent.extension.0.valueRatioRange" in body["issue"][0]["diagnostics"]
+        _served(body, "PUT /Consent (422)")
     mpi.close()
     assert {"CapabilityStatement", "Patient", "Observation", "Person", "Parameters", "Consent"} <= seen, seen
     assert {"AuditEvent", "OperationOutcome", "Encounter", "DiagnosticReport", "Specimen"} <= seen, seen
+
+
+def test_a_consent_written_through_the_api_is_mapped_to_r4_or_refused() -> None:
+    from bridge.service.fhir.consent import _r4_consent
+    from bridge.service.http import FhirHTTPError
+    from tests.support.consent import deny_organization
+
+    ext = {"url": "https://x.example/e", "valueCodeableReference": {"concept": CONCEPT}}
+    body = {**deny_organization("c1", "p1", "st-mary"), "extension": [ext]}
+    _r4_consent(body)
+    assert body["extension"] == [{"url": ext["url"], "valueCodeableConcept": CONCEPT}]
+    assert_r4(body, "Consent")
+    topic = {"resourceType": "SubscriptionTopic", "id": "t", "url": "http://x", "status": "active"}
+    with pytest.raises(FhirHTTPError) as info:
+        _r4_consent({**deny_organization("c2", "p1", "st-mary"), "contained": [topic]})
+    assert info.value.status == 422 and "Consent.contained.0.resourceType" in info.value.diagnostics
