@@ -358,7 +358,9 @@ def _parse_value(name: str, p: SearchParam, modifier: str | None, raw: str, base
                 raise _bad(name, f"{raw!r}: :of-type takes system|code|value")
             return (parts[0], parts[1], parts[2])
         if len(parts) == 1:
-            return (None, parts[0]) if parts[0] else _empty(name)
+            if not parts[0]:
+                raise _empty(name)
+            return (None, parts[0])
         if len(parts) != 2:
             raise _bad(name, f"{raw!r} is not code, system|code, |code or system|")
         system, code = parts
@@ -436,11 +438,9 @@ def parse_include(resource_type: str, name: str, raw: str, *, reverse: bool) -> 
         raise _bad(name, f"{raw!r}: {pname!r} is not a reference parameter of {source}")
     if source == "Provenance" and pname != "target":
         raise _bad(name, f"{raw!r}: of Provenance, only target is supported")
+    if reverse and source != "Provenance" and p.targets and resource_type not in p.targets:
+        raise _bad(name, f"{raw!r}: {source}.{pname} never refers to a {resource_type}")
     return Include(source, p, parts[2] if len(parts) == 3 else None, raw)
-
-
-#: Provenance is searchable only as the target of ``_revinclude=Provenance:target``
-PROVENANCE_TARGET = SearchParam("target", "reference", ("target",))
 
 
 def parse_search(

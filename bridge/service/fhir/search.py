@@ -190,7 +190,9 @@ class _Admission:
     def linked(self, pid: str) -> list[str]:
         found = self.linked_cache.get(pid)
         if found is None:
-            found = self.mpi.linked_patient_ids(pid) if self.mpi is not None else [pid]
+            # the MPI's MATCH links; without an MPI, shared identifiers (as $everything links them)
+            mpi, index = self.mpi, self.backend.index()
+            found = mpi.linked_patient_ids(pid) if mpi is not None else index.identifier_linked(pid)
             if pid not in found:
                 found = [pid, *found]
             for other in found:

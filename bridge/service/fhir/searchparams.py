@@ -494,6 +494,13 @@ _BY_TYPE: dict[str, tuple[SearchParam, ...]] = {
         _p("organization", "reference", "managingOrganization"),
         _p("partof", "reference", "partOf"),
     ),
+    # only as ``_revinclude=Provenance:target`` (bridge/service/fhir/search.py)
+    "Provenance": (
+        _p("target", "reference", "target"),
+        _p("recorded", "date", "recorded"),
+        _p("agent", "reference", "agent.who"),
+        _p("entity", "reference", "entity.what"),
+    ),
     "Medication": (
         _p("identifier", "token", "identifier"),
         _p("code", "token", "code"),
