@@ -452,26 +452,57 @@ def _r4_classes() -> dict[str, type[FHIRAbstractBase]]:
     return out
 
 
-def _r4b_elements(cls: Any) -> dict[str, str]:
-    """JSON name -> R4B type name (a complex type's model name, else 'primitive') of ``cls``'s elements."""
+class _R4BElement(typing.NamedTuple):
+    type: str  # a complex type's model name, else the JSON kind of a primitive: str, bool, int, number
+    is_list: bool
+    required: bool
+    choice: str | None  # the choice element it is part of, required or not
+    choice_required: bool
+
+
+def _r4b_elements(cls: Any) -> dict[str, _R4BElement]:
+    """JSON name -> what the R4B model says of each element of ``cls``."""
     out = {}
     for field in cls.model_fields.values():
         extra = field.json_schema_extra
         if not isinstance(extra, dict) or not extra.get("element_property"):
             continue
-        m = re.search(r"abc\.(\w+)Type\b", str(field.annotation))
-        out[str(field.alias)] = m.group(1) if m else "primitive"
+        text = str(field.annotation)
+        m = re.search(r"abc\.(\w+)Type\b", text)
+        kind = (
+            "bool"
+            if "bool" in text
+            else "number"
+            if "Decimal" in text
+            else "int"
+            if "[int" in text
+            else "str"
+        )
+        out[str(field.alias)] = _R4BElement(
+            m.group(1) if m else kind,
+            "List[" in text,
+            field.is_required() or bool(extra.get("element_required")),
+            typing.cast(str | None, extra.get("one_of_many")),
+            bool(extra.get("one_of_many_required")),
+        )
     return out
 
 
-def _r4b_additions() -> tuple[set[str], set[tuple[str, str]]]:
-    """(resource types R4 lacks, {(R4B class, element)} that R4's class of that element lacks), found by
-    walking every R4B resource type's elements alongside R4's, from the R4B models and fhirclient's."""
+#: fhirclient's Python type of an R4 primitive -> its JSON kind
+_R4_KINDS = {"str": "str", "bool": "bool", "int": "int", "float": "number"}
+
+
+def _r4b_additions() -> tuple[set[str], set[tuple[str, str]], set[tuple[str, str, str]]]:
+    """(resource types R4 lacks, {(R4B class, element)} that R4's class of that element lacks,
+    {(R4B class, element, difference)} for the elements both have: list or not, required in R4 only, a
+    required choice in R4 only, another type or JSON kind), found by walking every R4B resource type's
+    elements alongside R4's, from the R4B models and fhirclient's."""
     from fhir.resources.R4B import get_fhir_model_class
 
     r4 = _r4_classes()
     types_r4_lacks: set[str] = set()
     elements: set[tuple[str, str]] = set()
+    shapes: set[tuple[str, str, str]] = set()
     seen: set[tuple[str, str]] = set()
 
     def walk(b_name: str, r4_name: str) -> None:
@@ -479,12 +510,31 @@ def _r4b_additions() -> tuple[set[str], set[tuple[str, str]]]:
             return
         seen.add((b_name, r4_name))
         b_cls, r_cls = get_fhir_model_class(b_name), r4[r4_name]
-        r_props = {p[1]: p[2] for p in r_cls().elementProperties()}
-        for name, b_type in _r4b_elements(b_cls).items():
+        # fhirclient: (name, json name, type, is list, of many, not optional)
+        r_props = {p[1]: p for p in r_cls().elementProperties()}
+        b_props = _r4b_elements(b_cls)
+        r4_choices = {p[4] for p in r_props.values() if p[4] and p[5]}
+        b_choices = {b.choice for b in b_props.values() if b.choice and b.choice_required}
+        shapes.update((b_name, c, "a required choice in R4 only") for c in r4_choices - b_choices)
+        for name, b in b_props.items():
             if name not in r_props:
                 elements.add((b_name, name))
-            elif b_type not in ("primitive", "Resource") and hasattr(r_props[name], "elementProperties"):
-                walk(b_type, "FHIRReference" if b_type == "Reference" else r_props[name].__name__)
+                continue
+            _, _, r_type, r_list, r_choice, r_required = r_props[name]
+            if r_list != b.is_list:
+                shapes.add((b_name, name, f"list in R4: {r_list}, in R4B: {b.is_list}"))
+            if r_required and not r_choice and not b.required:
+                shapes.add((b_name, name, "required in R4 only"))
+            r_name = "Reference" if r_type.__name__ == "FHIRReference" else r_type.__name__
+            if hasattr(r_type, "elementProperties"):
+                if b.type == "Resource" and r_name == "Resource":
+                    continue
+                if b.type != r_name:
+                    shapes.add((b_name, name, f"type in R4: {r_name}, in R4B: {b.type}"))
+                else:
+                    walk(b.type, r_type.__name__)
+            elif _R4_KINDS.get(r_name, "str") != b.type:
+                shapes.add((b_name, name, f"JSON kind in R4: {r_name}, in R4B: {b.type}"))
 
     import fhir.resources.R4B as r4b_package
 
@@ -504,12 +554,12 @@ def _r4b_additions() -> tuple[set[str], set[tuple[str, str]]]:
                 types_r4_lacks.add(name)
             else:
                 walk(name, name)
-    return types_r4_lacks, elements
+    return types_r4_lacks, elements, shapes
 
 
 @pytest.mark.slow
 def test_adapters_r4_knows_every_addition_of_r4b_and_no_other() -> None:
-    types_r4_lacks, elements = _r4b_additions()
+    types_r4_lacks, elements, shapes = _r4b_additions()
     assert types_r4_lacks == set(R4B_ONLY_TYPES)
     # Evidence and EvidenceVariable are refused whole: every element R4B adds to them is covered
     outside = {(cls, el) for cls, el in elements if not cls.startswith(tuple(REDEFINED_TYPES))}
@@ -526,6 +576,9 @@ def test_adapters_r4_knows_every_addition_of_r4b_and_no_other() -> None:
         el[: -len(t)] for el in keys for t in ("CodeableReference", "RatioRange") if el.endswith(t)
     } <= set(OPEN_CHOICES)
     assert {cls for cls, _ in elements} & set(REDEFINED_TYPES)  # they do differ
+    # every element both define has the same cardinality, type and JSON kind, outside the redefined types
+    assert {s for s in shapes if not s[0].startswith(tuple(REDEFINED_TYPES))} == set()
+    assert {s[0] for s in shapes} & set(REDEFINED_TYPES)
 
 
 # -- what the service builds itself ----------------------------------------------------------------------------
