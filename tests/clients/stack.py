@@ -14,11 +14,13 @@ signing in to a public SMART app with PKCE).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -41,6 +43,8 @@ SYSTEM_PURPOSE = "TREAT"
 PATIENT_SCOPE = "patient/*.rs launch/patient"
 #: tokens live 300 s; one older than this is replaced before use
 TOKEN_REUSE_S = 150
+#: one file per running stack: its owner (the test process), its data directory and the PIDs it started
+REGISTRY = Path(tempfile.gettempdir()) / f"fhirbridge-clients-{os.getuid()}"
 
 
 class StackFailed(AssertionError):
@@ -73,9 +77,11 @@ class ClientStack:
     # ------------------------------------------------------------------ start and stop
 
     def start(self) -> None:
+        reap_orphans()
         self.data_dir.mkdir(parents=True)
         self.logs.mkdir()
         self.broker = start_local("noida", self.data_dir, log_file=self.logs / "broker.log")
+        self._record()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("FHIRBRIDGE_", "KAFKA_"))}
         env.update(
             {
@@ -116,6 +122,23 @@ class ClientStack:
                 stop_pid(child.pid, timeout=10)
         if self.broker is not None:
             self.broker.stop()
+        self._registry_file.unlink(missing_ok=True)
+
+    @property
+    def _registry_file(self) -> Path:
+        return REGISTRY / f"{os.getpid()}-{self.port}.json"
+
+    def _record(self) -> None:
+        """Note the PIDs this stack started, so that a run killed before :meth:`stop` is cleaned up by
+        the next one (:func:`reap_orphans`)."""
+        REGISTRY.mkdir(mode=0o700, exist_ok=True)
+        pids = [c.pid for c in self.children.values()] + (
+            [self.broker.pid] if self.broker and self.broker.pid else []
+        )
+        document = {"owner": os.getpid(), "data_dir": str(self.data_dir), "pids": pids}
+        tmp = self._registry_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(document))
+        os.replace(tmp, self._registry_file)
 
     def _spawn(self, name: str, *args: str) -> None:
         with open(self.logs / f"{name}.log", "ab") as out:
@@ -127,6 +150,7 @@ class ClientStack:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
+        self._record()
 
     def log_tails(self, lines: int = 15) -> str:
         parts = []
@@ -323,3 +347,41 @@ class ClientStack:
         except urllib.error.HTTPError as exc:
             body = exc.read().decode(errors="replace")[:2000]
             raise AssertionError(f"GET {path_or_url} -> HTTP {exc.code}: {body}") from None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _started_for(pid: int, data_dir: str) -> bool:
+    """Whether ``pid`` is still a process of the stack in ``data_dir`` (not a reused PID): its
+    environment or command line names the directory."""
+    for part in ("environ", "cmdline"):
+        with contextlib.suppress(OSError):
+            if data_dir.encode() in Path(f"/proc/{pid}/{part}").read_bytes():
+                return True
+    return False
+
+
+def reap_orphans() -> list[int]:
+    """Stop the processes of stacks whose test run died without stopping them; returns their PIDs."""
+    stopped: list[int] = []
+    for entry in REGISTRY.glob("*.json"):
+        try:
+            document = json.loads(entry.read_text())
+        except (OSError, ValueError):
+            continue
+        if _alive(int(document.get("owner", 0))):
+            continue
+        for pid in document.get("pids", []):
+            if _alive(pid) and _started_for(pid, document["data_dir"]):
+                stop_pid(pid, timeout=5)
+                stopped.append(pid)
+        entry.unlink(missing_ok=True)
+    return stopped
