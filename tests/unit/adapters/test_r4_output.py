@@ -816,6 +816,22 @@ async def test_every_answer_of_the_http_api_is_strict_r4(tmp_path: Path) -> None
             assert resp.status in expected, (url, body)
             for r in _served(body, f"GET {url} ({resp.status})"):
                 seen.add(r["resourceType"])
+        # the MPI's manual decisions answer a Person and a Parameters
+        decider = bearer(settings, "user/Person.u", organization="st-mary", fhir_user="Practitioner/7")
+        other = patients[1][1]["id"]
+        for op in ("$mpi-unlink", "$mpi-link"):
+            params = {
+                "resourceType": "Parameters",
+                "parameter": [
+                    {"name": "patientA", "valueReference": {"reference": f"Patient/{pid}"}},
+                    {"name": "patientB", "valueString": other},
+                    {"name": "reason", "valueString": "checked"},
+                ],
+            }
+            resp = await client.post(f"/Person/{op}", json=params, headers=decider)
+            body = await resp.json()
+            assert resp.status == 200, (op, body)
+            seen.update(r["resourceType"] for r in _served(body, f"POST /Person/{op}"))
         # a Consent with R4B content R4 cannot express is refused before anything is published
         ratio = {"url": "https://x.example/r", "valueRatioRange": {"denominator": {"value": 1}}}
         resp = await client.put(
