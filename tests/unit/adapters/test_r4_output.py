@@ -790,6 +790,10 @@ async def test_every_answer_of_the_http_api_is_strict_r4(tmp_path: Path) -> None
         f"/Patient/{pid}/$everything",
         f"/Patient/{pid}/$everything?_type=Observation,Encounter&_count=2",
         f"/Patient/{lab_pid}/$everything",
+        f"/Observation?patient={lab_pid}&_include=Observation:subject&_revinclude=Provenance:target",
+        f"/Observation?patient={lab_pid}&_summary=true",
+        f"/Observation?patient={lab_pid}&_elements=code,status",
+        f"/Encounter?patient={pid}&_total=accurate",
         f"/Person/{person}",
         "/Person/$mpi-review-queue",
         f"/Person/$mpi-history?id={pid}",
@@ -847,7 +851,14 @@ async def test_every_answer_of_the_http_api_is_strict_r4(tmp_path: Path) -> None
         _served(body, "PUT /Consent (422)")
     mpi.close()
     assert {"CapabilityStatement", "Patient", "Observation", "Person", "Parameters", "Consent"} <= seen, seen
-    assert {"AuditEvent", "OperationOutcome", "Encounter", "DiagnosticReport", "Specimen"} <= seen, seen
+    assert {
+        "AuditEvent",
+        "OperationOutcome",
+        "Encounter",
+        "DiagnosticReport",
+        "Specimen",
+        "Provenance",
+    } <= seen, seen
 
 
 def test_a_consent_written_through_the_api_is_mapped_to_r4_or_refused() -> None:
