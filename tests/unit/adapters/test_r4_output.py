@@ -790,6 +790,7 @@ async def test_every_answer_of_the_http_api_is_strict_r4(tmp_path: Path) -> None
         f"/Patient/{pid}/$everything",
         f"/Patient/{pid}/$everything?_type=Observation,Encounter&_count=2",
         f"/Patient/{lab_pid}/$everything",
+        f"/Patient/{lab_pid}/$everything?_proof=true",
         f"/Observation?patient={lab_pid}&_include=Observation:subject&_revinclude=Provenance:target",
         f"/Observation?patient={lab_pid}&_summary=true",
         f"/Observation?patient={lab_pid}&_elements=code,status",
@@ -807,7 +808,25 @@ async def test_every_answer_of_the_http_api_is_strict_r4(tmp_path: Path) -> None
         f"/Patient/{pid}/$everything?_count=zero",
         "/Observation/no-such-observation",
     ]
-    backend = Backend(settings, mpi_factory=lambda: mpi)
+    # every bundle in a ledger with a checkpoint, so that $everything?_proof=true carries proofs
+    from bridge.stores.ledger import open_ledger
+    from ledger import note
+    from ledger.log import LedgerEntry
+
+    ledger_url, origin = f"sqlite:///{tmp_path / 'ledger.db'}", "test.fhirbridge/ledger"
+    signer_key, _ = note.generate_key(origin)
+    led = open_ledger(ledger_url, origin=origin, signer_key=signer_key)
+    led.append(
+        [
+            LedgerEntry(cb.sha256, org, "hl7v2", "1", "fhir.bundles", 0, i, "2026-03-02T08:00:00Z", None)
+            for i, (org, cb) in enumerate(produced)
+        ]
+    )
+    led.checkpoint_now()
+    led.close()
+    backend = Backend(
+        settings, mpi_factory=lambda: mpi, ledger_factory=lambda: open_ledger(ledger_url, origin=origin)
+    )
     headers = bearer(
         settings, "user/*.rs", organization="st-mary", purpose="TREAT", fhir_user="Practitioner/7"
     )
@@ -820,6 +839,8 @@ async def test_every_answer_of_the_http_api_is_strict_r4(tmp_path: Path) -> None
             assert resp.status in expected, (url, body)
             for r in _served(body, f"GET {url} ({resp.status})"):
                 seen.add(r["resourceType"])
+            if "_proof=true" in url:  # the proofs are there, as entry extensions
+                assert any("extension" in e for e in body["entry"]), body
         # the MPI's manual decisions answer a Person and a Parameters
         decider = bearer(settings, "user/Person.u", organization="st-mary", fhir_user="Practitioner/7")
         other = patients[1][1]["id"]
