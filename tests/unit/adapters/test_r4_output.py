@@ -391,8 +391,10 @@ def test_mapped_extensions_are_strict_r4_say_the_same_and_map_once(
     exts: list[dict[str, Any]], in_name: bool
 ) -> None:
     patient = _patient(extension=exts)
-    if in_name:  # the same extensions deeper, on an element of the resource
+    if in_name:  # the same extensions deeper: on an element, and on a primitive (which fhirclient skips)
         patient["name"] = [{"family": "X", "extension": copy.deepcopy(exts)}]
+        patient["birthDate"] = "1980-02-14"
+        patient["_birthDate"] = {"extension": copy.deepcopy(exts)}
     bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [{"resource": patient}]}
     validate_bundle(bundle)
     had = any(k.endswith("CodeableReference") for k in _keys(patient))
