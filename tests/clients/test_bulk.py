@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 
+from tests.clients import labdata
 from tests.clients.stack import ClientStack
 
 pytestmark = pytest.mark.clients
@@ -89,23 +90,17 @@ def _manifest(stack: ClientStack, token: str, kickoff: str) -> tuple[str, dict[s
     return status_url, json.loads(body), polls
 
 
-def test_system_export_kickoff_poll_download_verify_delete(stack: ClientStack) -> None:
-    from ledger import checkpoint
-
-    _wait_for_checkpoint(stack)
-    token = stack.system_token()
-    kickoff = f"{stack.base}/$export"
-    status_url, manifest, _ = _manifest(stack, token, kickoff)
-
-    # the complete-status manifest of Bulk Data 2.0
+def _download(
+    stack: ClientStack, token: str, kickoff: str, manifest: dict[str, Any]
+) -> dict[str, list[dict[str, Any]]]:
+    """Check the complete-status manifest of Bulk Data 2.0, download every file it names with ``token``,
+    check each one's SHA-256 and line count; returns the exported resources per type."""
     datetime.fromisoformat(manifest["transactionTime"])
     assert manifest["request"] == kickoff
     assert manifest["requiresAccessToken"] is True
     assert isinstance(manifest["output"], list) and manifest["output"], manifest
     assert isinstance(manifest["error"], list)
     digests: dict[str, str] = manifest.get("extension", {}).get("sha256", {})
-
-    # every file: its digest, its count, its lines
     exported: dict[str, list[dict[str, Any]]] = {}
     files = [*manifest["output"], *manifest["error"]]
     listed = {f["url"] for f in files}
@@ -128,11 +123,31 @@ def test_system_export_kickoff_poll_download_verify_delete(stack: ClientStack) -
             assert {r["resourceType"] for r in lines} == {item["type"]}, item["url"]
             exported.setdefault(item["type"], []).extend(lines)
     assert not manifest["error"], f"the export reported errors: {manifest['error']}"
+    for rtype, resources in exported.items():
+        assert len({r["id"] for r in resources}) == len(resources), f"{rtype}: an id exported twice"
+    return exported
+
+
+def _delete(status_url: str, token: str, manifest: dict[str, Any]) -> None:
+    """DELETE the job: 202, and then the job and its files are gone."""
+    status, _, body = _request(status_url, token, method="DELETE")
+    assert status == 202, f"DELETE {status_url} -> {status}: {body[:1000]!r}"
+    assert _request(status_url, token)[0] == 404
+    assert _request(manifest["output"][0]["url"], token, Accept="application/fhir+ndjson")[0] == 404
+
+
+def test_system_export_kickoff_poll_download_verify_delete(stack: ClientStack) -> None:
+    from ledger import checkpoint
+
+    _wait_for_checkpoint(stack)
+    token = stack.system_token()
+    kickoff = f"{stack.base}/$export"
+    status_url, manifest, _ = _manifest(stack, token, kickoff)
+    exported = _download(stack, token, kickoff, manifest)
 
     counts = Counter({t: len(rs) for t, rs in exported.items()})
     assert {"Patient", "Observation", "Encounter", "DiagnosticReport"} <= set(counts), counts
-    for rtype, resources in exported.items():
-        assert len({r["id"] for r in resources}) == len(resources), f"{rtype}: an id exported twice"
+    for rtype in exported:
         if rtype == "Provenance":  # not searchable here by design; one per bundle (README, Architecture)
             assert counts[rtype] == stack.index_bundles(), "not one Provenance per bundle"
             continue
@@ -156,8 +171,46 @@ def test_system_export_kickoff_poll_download_verify_delete(stack: ClientStack) -
     with urllib.request.urlopen(f"{stack.base}/ledger/checkpoint?size={size}", timeout=10) as resp:
         assert resp.read().decode() == note
 
-    # DELETE: the job and its files are gone
-    status, _, body = _request(status_url, token, method="DELETE")
-    assert status == 202, f"DELETE {status_url} -> {status}: {body[:1000]!r}"
-    assert _request(status_url, token)[0] == 404
-    assert _request(files[0]["url"], token, Accept="application/fhir+ndjson")[0] == 404
+    _delete(status_url, token, manifest)
+
+
+def test_group_export_holds_the_groups_patients_and_their_observations(stack: ClientStack) -> None:
+    """``/Group/{id}/$export`` of one hospital's group (found with ``GET /Group``): every Patient record
+    that hospital sent (as many as the Group's ``quantity``), the lab patient among them with all its
+    Observations, and the records of other hospitals only when they are the same person (fhirbridge
+    exports a member's MATCH-linked records too; here the generator gives the same person the same SSN)."""
+    _wait_for_checkpoint(stack)
+    token = stack.system_token()
+    org = labdata.PATIENT.hospital.org_id
+    groups = stack.get("/Group", token=token)
+    (group,) = [
+        e["resource"]
+        for e in groups.get("entry", [])
+        if any(
+            c.get("valueReference", {}).get("identifier", {}).get("value") == org
+            for c in e["resource"].get("characteristic", [])
+        )
+    ] or [None]
+    assert group is not None, f"no Group for {org} in GET /Group: {groups}"
+    kickoff = f"{stack.base}/Group/{group['id']}/$export?_type=Patient,Observation"
+    status_url, manifest, _ = _manifest(stack, token, kickoff)
+    exported = _download(stack, token, kickoff, manifest)
+    assert set(exported) == {"Patient", "Observation"}, sorted(exported)
+    patients = exported["Patient"]
+    own = [p for p in patients if p["meta"].get("source") == f"urn:fhirbridge:{org}"]
+    assert len(own) == group["quantity"], f"{len(own)} of {org}'s Patient records exported"
+    assert stack.patient_id in {p["id"] for p in own}
+
+    def ssn(p: dict[str, Any]) -> str:
+        (value,) = {i["value"] for i in p.get("identifier", []) if i.get("system") == labdata.SSN_SYSTEM}
+        return str(value)
+
+    own_ssns = {ssn(p) for p in own}
+    others = [p for p in patients if p not in own]
+    assert all(ssn(p) in own_ssns for p in others), "a record of another hospital's patient was exported"
+    members = {f"Patient/{p['id']}" for p in patients}
+    assert {o["subject"]["reference"] for o in exported["Observation"]} <= members
+    lab = [o for o in exported["Observation"] if o["subject"]["reference"] == f"Patient/{stack.patient_id}"]
+    total = stack.get(f"/Observation?patient={stack.patient_id}&_summary=count", token=token)["total"]
+    assert len(lab) == total
+    _delete(status_url, token, manifest)
