@@ -68,6 +68,7 @@ def test_search_resources_parse_strictly_as_r4(stack: ClientStack) -> None:
     assert len({r.id for r in observations}) == len(observations)
     assert bundles[0].total == len(observations)
     for r in resources:
+        assert type(r).__name__ == r.resource_type  # the Bundle's strict parse made the entry its own class
         _strict(r.as_json())
         assert r.resource_type != "Observation" or r.subject.reference == f"Patient/{stack.patient_id}"
 
