@@ -20,6 +20,7 @@ Consent (:func:`consenting_patients`).
 
 from __future__ import annotations
 
+import hashlib
 import re
 import sqlite3
 from collections.abc import Sequence
@@ -307,13 +308,20 @@ class ExportStore:
         """The ids of jobs whose time is up (complete, failed, cancelled or still running)."""
         return [str(r[0]) for r in self.db.query("SELECT id FROM export_jobs WHERE expires_at <= ?", [now])]
 
-    def fail_interrupted(self, reason: str) -> list[str]:
-        """Mark every ``running`` job failed (at start-up: no job of a previous process is still running)."""
+    def fail_interrupted(self, reason: str, *, before: int) -> list[str]:
+        """Mark failed every job still ``running`` that was created before ``before`` (the start of this
+        process: no job of a previous process is running any more, and this process's own are)."""
         with self.db.transaction() as tx:
-            ids = [str(r[0]) for r in tx.query("SELECT id FROM export_jobs WHERE status = ?", [RUNNING])]
+            ids = [
+                str(r[0])
+                for r in tx.query(
+                    "SELECT id FROM export_jobs WHERE status = ? AND created_at < ? ORDER BY id",
+                    [RUNNING, before],
+                )
+            ]
             tx.execute(
-                "UPDATE export_jobs SET status = ?, progress = ?, error = ? WHERE status = ?",
-                [FAILED, FAILED, reason, RUNNING],
+                "UPDATE export_jobs SET status = ?, progress = ?, error = ? WHERE status = ? AND created_at < ?",
+                [FAILED, FAILED, reason, RUNNING, before],
             )
         return ids
 
@@ -391,12 +399,13 @@ def check_group_id(group_id: str) -> None:
 
 
 def organization_group_id(organization: str) -> str:
-    """The id of the group of a source organisation's patients: ``org-<organisation id>`` (an id that
-    is not a FHIR id after the prefix is hex-encoded, so that every organisation has one, distinct)."""
+    """The id of the group of a source organisation's patients: ``org-<organisation id>``, or, for an
+    organisation id that would not make a FHIR id that way (or starts with ``x-``),
+    ``org-x-<the first 40 hex digits of its SHA-256>``: every organisation has one, and no two share it."""
     candidate = ORG_GROUP_PREFIX + organization
     if FHIR_ID.fullmatch(candidate) and not organization.startswith("x-"):
         return candidate
-    return ORG_GROUP_PREFIX + "x-" + organization.encode().hex()[: 64 - len(ORG_GROUP_PREFIX) - 2]
+    return ORG_GROUP_PREFIX + "x-" + hashlib.sha256(organization.encode()).hexdigest()[:40]
 
 
 # -- reading the index for an export (read only) -------------------------------------------------

@@ -243,6 +243,8 @@ class ExportManager:
     tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     sweeper: asyncio.Task[None] | None = None
     recovered: bool = False
+    #: when this process started (seconds): jobs created before it and still running were interrupted
+    started: int = field(default_factory=lambda: int(time.time()))
 
     def start(self, app: web.Application, spec: ExportSpec) -> None:
         run = ExportRun(spec, app[SETTINGS].export)
@@ -274,6 +276,7 @@ class ExportManager:
                     lambda be: be.exports().finish(job, FAILED, expires_at=expires, error=reason), backend
                 )
         finally:
+            await backend.run(run.close)
             self.runs.pop(job, None)
             self.tasks.pop(job, None)
 
@@ -300,11 +303,9 @@ class ExportManager:
         if self.recovered:
             return
         backend = app[BACKEND]
+        reason = "interrupted by a restart of the service; start it again"
         ids = await backend.run(
-            lambda be: be.exports().fail_interrupted(
-                "interrupted by a restart of the service; start it again"
-            ),
-            backend,
+            lambda be: be.exports().fail_interrupted(reason, before=self.started), backend
         )
         self.recovered = True
         if ids:
@@ -330,6 +331,10 @@ class ExportManager:
             await asyncio.sleep(interval)
 
     async def on_startup(self, app: web.Application) -> None:
+        try:
+            await self.recover(app)
+        except Exception as exc:  # the export database down: the sweeper tries again
+            log.warning("export.recover_failed", error=type(exc).__name__)
         self.sweeper = asyncio.get_running_loop().create_task(self._sweep_forever(app))
 
     async def on_cleanup(self, app: web.Application) -> None:

@@ -43,6 +43,7 @@ from bridge.config import ExportSettings
 from bridge.errors import FhirbridgeError
 from bridge.service.consent.enforce import ConsentCheck, ConsentGate, suppressed_outcome
 from bridge.service.context import Backend
+from bridge.stores.db import Database, SqliteTuning
 from bridge.stores.exports import (
     COMPLETE,
     ORG_GROUP_PREFIX,
@@ -64,6 +65,8 @@ NOT_EXPORTED = frozenset({"Consent"})
 GATE_CACHE = 4096
 #: a group's patients read per query
 GROUP_CHUNK = 500
+#: the run's own index connection: 8 MiB of page cache (the index's own connections keep 64 MiB)
+EXPORT_READ_TUNING = SqliteTuning(cache_kib=8192, busy_timeout_ms=30_000)
 
 
 #: a ``_typeFilter`` query: whether a parsed resource (from that source organisation) matches it
@@ -241,6 +244,7 @@ class ExportRun:
         self.chunk = 0
         self.members: list[str] = []
         self.tree_size = spec.tree_size
+        self.db: Database | None = None
         #: set by the service to stop the run between two pages (cancelled, expired, shutting down)
         self.stop = False
         self.sink: _Sink | None = None
@@ -255,7 +259,10 @@ class ExportRun:
     # -- phases ----------------------------------------------------------------------------------
     def begin(self, backend: Backend) -> None:
         """List the types, resolve the group's linked records, prepare the consent decision."""
-        db = backend.index().db
+        # a connection of the run's own, with a small page cache: the export reads the whole index once,
+        # which would otherwise fill (and evict from) the 64 MiB caches of the connections serving requests
+        self.db = Database(backend.index().db.url, EXPORT_READ_TUNING)
+        db = self.db
         types = list(self.spec.types) if self.spec.types is not None else resource_types(db)
         readable = self.spec.readable
         self.types = [t for t in types if t not in NOT_EXPORTED and (readable is None or readable(t))]
@@ -281,7 +288,8 @@ class ExportRun:
         if self.type_index >= len(self.types):
             return True
         rtype = self.types[self.type_index]
-        db = backend.index().db
+        db = self.db
+        assert db is not None, "begin() first"
         limit = self.settings.page_rows
         if self.spec.kind == "group":
             ids = self.members[self.chunk : self.chunk + GROUP_CHUNK]
@@ -329,6 +337,12 @@ class ExportRun:
         ):
             raise Cancelled()
         return transaction_time
+
+    def close(self) -> None:
+        """Close the run's index connection (after :meth:`complete` or :meth:`discard`)."""
+        if self.db is not None:
+            self.db.close()
+            self.db = None
 
     def discard(self) -> None:
         """Remove whatever this job wrote (cancelled, expired or failed)."""

@@ -637,6 +637,10 @@ async def test_jobs_interrupted_by_a_restart_are_marked_failed(env: Env) -> None
     manager = env.client.app[EXPORTS]
     manager.recovered = False
     await manager.recover(env.client.app)
+    status_url = await env.kickoff()  # a job of this process is not touched by a second recovery
+    manager.recovered = False
+    await manager.recover(env.client.app)
+    await env.wait(status_url)
     store = env.store()
     job = store.job("f" * 32)
     store.close()
