@@ -37,6 +37,18 @@ DESCRIPTIONS: dict[tuple[str, str], str] = {
         "/Patient/{id}/$access-log",
     ): "Who has seen the patient's record, each access provable against the audit log.",
     ("GET", "/AuditEvent"): "AuditEvents by patient= or agent=, with inclusion proofs.",
+    ("GET", "/$export"): "Bulk Data 2.0 system-level export (Prefer: respond-async; _type, _since, "
+    "_outputFormat, _typeFilter): 202 and Content-Location of the status URL.",
+    ("GET", "/Patient/$export"): "Bulk Data 2.0 export of every patient's compartment (as /$export).",
+    ("GET", "/Group/{id}/$export"): "Bulk Data 2.0 export of a group's patients and their linked records.",
+    (
+        "GET",
+        "/_bulk/{job}",
+    ): "An export's status: 202 with X-Progress while it runs, the manifest when complete.",
+    ("DELETE", "/_bulk/{job}"): "Cancel an export and delete its files.",
+    ("GET", "/_bulk/{job}/{file}"): "One NDJSON file of a complete export (application/fhir+ndjson).",
+    ("GET", "/Group"): "The groups that may be exported: one per source organisation, and the defined ones.",
+    ("GET", "/Group/{id}"): "A group: a source organisation's (its size) or a defined one (its members).",
 }
 
 

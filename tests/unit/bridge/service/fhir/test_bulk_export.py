@@ -729,3 +729,18 @@ def test_output_formats() -> None:
         assert parse_export_query([("_outputFormat", fmt)]).types is None
     with pytest.raises(FhirHTTPError):
         parse_export_query([("_outputFormat", "application/fhir+json")])
+
+
+async def test_the_openapi_document_lists_the_export_routes(env: Env) -> None:
+    spec = await (await env.client.get("/openapi.json")).json()
+    for path, method in [
+        ("/$export", "get"),
+        ("/Patient/$export", "get"),
+        ("/Group/{id}/$export", "get"),
+        ("/_bulk/{job}", "get"),
+        ("/_bulk/{job}", "delete"),
+        ("/_bulk/{job}/{file}", "get"),
+        ("/Group", "get"),
+        ("/Group/{id}", "get"),
+    ]:
+        assert spec["paths"][path][method]["summary"], (path, method)
