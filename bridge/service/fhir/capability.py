@@ -5,6 +5,71 @@ from __future__ import annotations
 from typing import Any
 
 from bridge import __version__
+from bridge.service.fhir import searchparams as sp
+from bridge.service.fhir.search import search_types
+
+
+#: the operations of types the search registry also lists (merged into their generated entries)
+def _operations(base: str) -> dict[str, list[dict[str, str]]]:
+    return {
+        "Patient": [
+            {
+                "name": "everything",
+                "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything",
+            },
+            {
+                "name": "consent-decision",
+                "definition": f"{base}/openapi.json#/paths/~1Patient~1{{id}}~1$consent-decision",
+            },
+            {
+                "name": "access-log",
+                "definition": f"{base}/openapi.json#/paths/~1Patient~1{{id}}~1$access-log",
+            },
+            {
+                "name": "export",
+                "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export",
+            },
+        ],
+        "Observation": [
+            {"name": "lastn", "definition": "http://hl7.org/fhir/OperationDefinition/Observation-lastn"}
+        ],
+    }
+
+
+def _searched(base: str) -> list[dict[str, Any]]:
+    """One entry per searchable type, generated from the search parameter registry (so that it never
+    claims a parameter the server does not search), with the interactions every stored type has."""
+    ops = _operations(base)
+    out = []
+    for rtype in search_types():
+        params = sp.params_of(rtype)
+        entry: dict[str, Any] = {
+            "type": rtype,
+            "versioning": "versioned",
+            "readHistory": True,
+            "interaction": [
+                {"code": "read"},
+                {"code": "vread"},
+                {"code": "history-instance"},
+                {"code": "search-type"},
+            ],
+            "searchInclude": sorted(
+                ["*", *(f"{rtype}:{p.name}" for p in params.values() if p.type == "reference")]
+            ),
+            "searchRevInclude": ["Provenance:target"],
+            "searchParam": [
+                {
+                    "name": p.name,
+                    "type": p.type,
+                    **({"documentation": p.documentation} if p.documentation else {}),
+                }
+                for p in params.values()
+            ],
+        }
+        if rtype in ops:
+            entry["operation"] = ops[rtype]
+        out.append(entry)
+    return out
 
 
 def capability_statement(base: str, issuer: str | None = None) -> dict[str, Any]:
@@ -49,30 +114,13 @@ def capability_statement(base: str, issuer: str | None = None) -> dict[str, Any]
                     "description": "Every request but /metadata, /.well-known/*, /openapi.json and the ledger's "
                     "public reads needs a Bearer access token (SMART App Launch 2.2 scopes).",
                 },
-                "resource": [
+                "operation": [
                     {
-                        "type": "Patient",
-                        "interaction": [{"code": "read"}, {"code": "search-type"}],
-                        "searchParam": [
-                            {"name": "identifier", "type": "token"},
-                            {"name": "name", "type": "string"},
-                            {"name": "birthdate", "type": "date"},
-                        ],
-                        "operation": [
-                            {
-                                "name": "everything",
-                                "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything",
-                            },
-                            {
-                                "name": "consent-decision",
-                                "definition": f"{base}/openapi.json#/paths/~1Patient~1{{id}}~1$consent-decision",
-                            },
-                            {
-                                "name": "access-log",
-                                "definition": f"{base}/openapi.json#/paths/~1Patient~1{{id}}~1$access-log",
-                            },
-                        ],
-                    },
+                        "name": "export",
+                        "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export",
+                    }
+                ],
+                "resource": [
                     {
                         "type": "Consent",
                         "documentation": "Privacy Consents (scope patient-privacy), enforced on every read "
@@ -119,40 +167,26 @@ def capability_statement(base: str, issuer: str | None = None) -> dict[str, Any]
                             },
                         ],
                     },
-                    *(
-                        {"type": t, "interaction": [{"code": "read"}]}
-                        for t in (
-                            # every type the built-in adapters emit (the read route serves any stored type)
-                            "Encounter",
-                            "Observation",
-                            "DiagnosticReport",
-                            "Condition",
-                            "Procedure",
-                            "Immunization",
-                            "MedicationRequest",
-                            "MedicationStatement",
-                            "AllergyIntolerance",
-                            "ServiceRequest",
-                            "Appointment",
-                            "DocumentReference",
-                            "Practitioner",
-                            "PractitionerRole",
-                            "Organization",
-                            "Location",
-                            "Coverage",
-                            "Specimen",
-                            "Device",
-                            "DeviceUseStatement",
-                            "Composition",
-                            "CarePlan",
-                            "Goal",
-                            "FamilyMemberHistory",
-                            "ImagingStudy",
-                            "ChargeItem",
-                            "SupplyDelivery",
-                            "Provenance",
-                        )
-                    ),
+                    *_searched(base),
+                    {
+                        "type": "Provenance",
+                        "documentation": "One per delivered bundle, naming its source; returned by "
+                        "_revinclude=Provenance:target with its targets narrowed to what the requester sees.",
+                        "versioning": "versioned",
+                        "interaction": [{"code": "read"}, {"code": "vread"}, {"code": "history-instance"}],
+                    },
+                    {
+                        "type": "Group",
+                        "documentation": "A Group per source organisation (org-<id>) and the groups "
+                        "`fhirbridge groups` defines, for Bulk Data export (docs/bulk.md).",
+                        "interaction": [{"code": "read"}, {"code": "search-type"}],
+                        "operation": [
+                            {
+                                "name": "export",
+                                "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/group-export",
+                            }
+                        ],
+                    },
                 ],
             }
         ],

@@ -1,6 +1,18 @@
-"""``GET /{type}/{id}``: one indexed resource, as stored."""
+"""``GET /{type}/{id}`` (read), ``/{type}/{id}/_history`` (its versions) and
+``/{type}/{id}/_history/{vid}`` (vread): indexed resources, as stored.
+
+Every version the index received is kept (``meta.versionId`` is the version's content digest, so a
+rebuilt index gives the same ids). Reads carry ``ETag: W/"<versionId>"`` and ``Last-Modified``; a read
+with ``If-None-Match`` naming the current version is a 304. Each is authorized, checked against the
+patient's Consents and audited exactly like a read.
+"""
 
 from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from typing import Any
 
 from aiohttp import web
 
@@ -8,7 +20,7 @@ from bridge.metrics import CONSENT_WITHHELD
 from bridge.service.audit.middleware import note
 from bridge.service.auth.marks import PATH_TYPE, Forbidden, needs
 from bridge.service.auth.middleware import access_of
-from bridge.service.consent.enforce import Withheld, consent_check, source_org_of
+from bridge.service.consent.enforce import ConsentCheck, Withheld, consent_check, source_org_of
 from bridge.service.context import SETTINGS, Backend, base_url, run_db
 from bridge.service.http import FhirHTTPError, fhir_response
 from bridge.stores.index.rules import patient_of
@@ -16,22 +28,33 @@ from bridge.stores.index.rules import patient_of
 routes = web.RouteTableDef()
 
 
-@routes.get(r"/{type:[A-Z][A-Za-z]+}/{id:[A-Za-z0-9\-\.]{1,64}}")
-@needs(PATH_TYPE, "r")
-async def read_resource(request: web.Request) -> web.Response:
-    """One resource of the index."""
+_TYPE = r"{type:[A-Z][A-Za-z]+}"
+_ID = r"{id:[A-Za-z0-9\-\.]{1,64}}"
+
+
+def _before_read(request: web.Request) -> ConsentCheck | None:
+    """What is decided before any read: a ``patient/`` token's right to the Patient named by the path
+    (the same answer whether it exists or not), and the request's consent check."""
+    access = access_of(request)
+    if access is not None and request.match_info["type"] == "Patient":
+        access.require_patient(request.match_info["id"])
+    return consent_check(request, access, request.app[SETTINGS], base_url(request))
+
+
+async def _checked(
+    request: web.Request, resource: dict[str, Any] | None, interaction: str, check: ConsentCheck | None
+) -> dict[str, Any]:
+    """``resource`` (of the path's type and id) if the requester may see it: 404 when absent or outside a
+    ``patient/`` token's compartment, 403 for a narrowing scope that excludes it, 403 ``Withheld`` for
+    the patient's Consent; the access is noted for the audit either way."""
     rtype, rid = request.match_info["type"], request.match_info["id"]
     access = access_of(request)
-    if access is not None and rtype == "Patient":
-        access.require_patient(rid)  # before the read: the same answer whether it exists or not
-    check = consent_check(request, access, request.app[SETTINGS], base_url(request))
-    resource = await run_db(request, lambda be: be.index().get(rtype, rid))
     unknown = FhirHTTPError(404, "not-found", f"{rtype}/{rid} is not known")
     if resource is None:
         raise unknown
-    patient = patient_of(resource)
+    patient = patient_of(resource) if rtype != "Patient" else rid
     patients = [patient] if patient else []
-    note(request, "read", "R", patients=patients)  # refused below: nothing touched
+    note(request, interaction, "R", patients=patients)  # refused below: nothing touched
     if access is not None:
         limited = rtype != "Patient" and access.grant(rtype, "r")[1]
         if limited and (patient is None or patient not in (access.compartment or ())):
@@ -44,10 +67,104 @@ async def read_resource(request: web.Request) -> web.Response:
         window = gate.window
         if not gate.admits_resource(resource, source_org_of(resource)):
             CONSENT_WITHHELD.inc()
-            note(request, "read", "R", patients=patients, window=window)
+            note(request, interaction, "R", patients=patients, window=window)
             raise Withheld()
-    note(request, "read", "R", patients=patients, touched={rtype: 1}, window=window)
-    return fhir_response(resource)
+    note(request, interaction, "R", patients=patients, touched={rtype: 1}, window=window)
+    return resource
+
+
+def _version_headers(resource: dict[str, Any]) -> dict[str, str]:
+    meta = resource.get("meta") or {}
+    headers = {}
+    if meta.get("versionId"):
+        headers["ETag"] = f'W/"{meta["versionId"]}"'
+    updated = meta.get("lastUpdated")
+    if isinstance(updated, str):
+        try:
+            when = datetime.fromisoformat(updated.replace("Z", "+00:00"))
+            headers["Last-Modified"] = format_datetime(when.astimezone(UTC), usegmt=True)
+        except ValueError:
+            pass
+    return headers
+
+
+def _not_modified(request: web.Request, headers: dict[str, str]) -> bool:
+    """Whether ``If-None-Match`` names the version about to be returned (weak comparison)."""
+    wanted = request.headers.get("If-None-Match")
+    etag = headers.get("ETag")
+    if not wanted or not etag:
+        return False
+    tags = {t.strip().removeprefix("W/") for t in wanted.split(",")}
+    return "*" in tags or etag.removeprefix("W/") in tags
+
+
+@routes.get(f"/{_TYPE}/{_ID}")
+@needs(PATH_TYPE, "r")
+async def read_resource(request: web.Request) -> web.Response:
+    """One resource of the index (its current version)."""
+    rtype, rid = request.match_info["type"], request.match_info["id"]
+    check = _before_read(request)
+    resource = await _checked(
+        request, await run_db(request, lambda be: be.index().get(rtype, rid)), "read", check
+    )
+    headers = _version_headers(resource)
+    if _not_modified(request, headers):
+        return web.Response(status=304, headers=headers)
+    return fhir_response(resource, headers=headers)
+
+
+@routes.get(f"/{_TYPE}/{_ID}/_history/{{vid:[A-Za-z0-9\\-\\.]{{1,64}}}}")
+@needs(PATH_TYPE, "r")
+async def vread_resource(request: web.Request) -> web.Response:
+    """One version of a resource (``meta.versionId``), current or earlier."""
+    rtype, rid, vid = request.match_info["type"], request.match_info["id"], request.match_info["vid"]
+    check = _before_read(request)
+    found = await run_db(request, lambda be: be.index().version(rtype, rid, vid))
+    if found is None and await run_db(request, lambda be: be.index().get(rtype, rid)) is not None:
+        raise FhirHTTPError(404, "not-found", f"{rtype}/{rid} has no version {vid!r}")
+    resource = await _checked(request, found, "vread", check)
+    headers = _version_headers(resource)
+    if _not_modified(request, headers):
+        return web.Response(status=304, headers=headers)
+    return fhir_response(resource, headers=headers)
+
+
+@routes.get(f"/{_TYPE}/{_ID}/_history")
+@needs(PATH_TYPE, "r")
+async def resource_history(request: web.Request) -> web.Response:
+    """Every version of a resource the index received, newest first (a ``history`` Bundle)."""
+    rtype, rid = request.match_info["type"], request.match_info["id"]
+    check = _before_read(request)
+    versions = await run_db(request, lambda be: be.index().versions(rtype, rid))
+    current = await run_db(request, lambda be: be.index().get(rtype, rid))
+    await _checked(
+        request, current, "history-instance", check
+    )  # who may see the resource may see its history
+    base = base_url(request)
+    entries = [
+        {
+            "fullUrl": f"{base}/{rtype}/{rid}",
+            "resource": v["resource"],
+            "request": {"method": "PUT", "url": f"{rtype}/{rid}"},
+            "response": {
+                "status": "200",
+                "etag": f'W/"{v["resource"]["meta"]["versionId"]}"',
+                "lastModified": v["resource"]["meta"].get("lastUpdated"),
+            },
+        }
+        for v in versions
+        if isinstance(v["resource"].get("meta"), dict) and v["resource"]["meta"].get("versionId")
+    ]
+    return fhir_response(
+        {
+            "resourceType": "Bundle",
+            "id": str(uuid.uuid4()),
+            "type": "history",
+            "total": len(entries),
+            "link": [{"relation": "self", "url": f"{base}/{rtype}/{rid}/_history"}],
+            "entry": entries,
+        }
+    )
 
 
 def _linked(backend: Backend, patient_id: str) -> list[str]:

@@ -677,6 +677,97 @@ def _link(request: web.Request, base: str, params: list[tuple[str, str]], cursor
     return f"{base}/{request.match_info['type']}?{urlencode(kept)}"
 
 
+def _code_key(resource: dict[str, Any]) -> str:
+    """What ``$lastn`` groups by: the Observation's first coded code (``system|code``), else its text."""
+    code = resource.get("code") or {}
+    for c in code.get("coding") or ():
+        if isinstance(c, dict) and c.get("code"):
+            return f"{c.get('system') or ''}|{c['code']}"
+    return f"text:{fold(str(code.get('text') or ''))}"
+
+
+@routes.get("/Observation/$lastn")
+@needs("Observation", "s")
+async def observation_lastn(request: web.Request) -> web.Response:
+    """The ``max`` most recent Observations (by clinical time) of each code, for one patient's MPI
+    person (``patient`` or ``subject`` required), narrowed by any Observation search parameter
+    (``category``, ``code``, ``date``...): FHIR's ``Observation/$lastn``."""
+    base = base_url(request)
+    raw_max = request.query.get("max", "1")
+    try:
+        most = int(raw_max)
+    except ValueError:
+        raise FhirHTTPError(400, "invalid", f"parameter max: {raw_max!r} is not an integer") from None
+    if not 1 <= most <= 1000:
+        raise FhirHTTPError(400, "invalid", "parameter max must be between 1 and 1000")
+    params = [(k, v) for k, v in request.query.items() if k != "max"]
+    for name in ("_count", "_sort", "_cursor", "_summary", "_total"):
+        if any(k == name for k, _ in params):
+            raise FhirHTTPError(400, "invalid", f"parameter {name} is not a $lastn parameter")
+    strict = "handling=strict" in request.headers.get("Prefer", "").replace(" ", "")
+    q = parse_search("Observation", params, strict=strict, base=base)
+    if q.patient_ids() is None:
+        raise FhirHTTPError(
+            400, "required", "$lastn needs patient (or subject=Patient/..): one person's observations"
+        )
+    q.count = CANDIDATE_LIMIT
+    date = sp.params_of("Observation")["date"]
+    q.sort = [SortKey(date, descending=True)]
+    access = access_of(request)
+    check = consent_check(request, access, request.app[SETTINGS], base)
+    if check is not None and check.reason is not None:
+        check = replace(check, reason=None)
+    backend = stores(request)
+    result = await backend.run(run_search, backend, SearchRequest(q, base, access, check, None))
+    kept: list[Candidate] = []
+    per_code: dict[str, int] = {}
+    for c in result.matches:  # newest first
+        key = _code_key(c.resource)
+        if per_code.get(key, 0) < most:
+            per_code[key] = per_code.get(key, 0) + 1
+            kept.append(c)
+    touched: dict[str, dict[str, int]] = {}
+    for c in kept:
+        if c.stored.patient_id:
+            touched.setdefault(c.stored.patient_id, {"Observation": 0})["Observation"] += 1
+    note(request, "operation", "E", patients=sorted(touched), touched_by_patient=touched)
+    entries: list[dict[str, Any]] = [
+        {
+            "fullUrl": f"{base}/Observation/{c.stored.id}",
+            "resource": _shape(c.resource, q),
+            "search": {"mode": "match"},
+        }
+        for c in kept
+    ]
+    entries += [
+        {
+            "resource": operation_outcome(
+                "warning", "not-supported", f"parameter {n!r} is not supported and was ignored"
+            ),
+            "search": {"mode": "outcome"},
+        }
+        for n in dict.fromkeys(q.unknown)
+    ]
+    if result.withheld:
+        CONSENT_WITHHELD.inc(result.withheld)
+        entries.append({"resource": suppressed_outcome(), "search": {"mode": "outcome"}})
+    return fhir_response(
+        {
+            "resourceType": "Bundle",
+            "id": str(uuid.uuid4()),
+            "type": "searchset",
+            "total": len(kept),
+            "link": [
+                {
+                    "relation": "self",
+                    "url": f"{base}/Observation/$lastn?{urlencode(list(request.query.items()))}",
+                }
+            ],
+            "entry": entries,
+        }
+    )
+
+
 @routes.get(r"/{type:[A-Z][A-Za-z]+}")
 @needs(PATH_TYPE, "s")
 async def search_type(request: web.Request) -> web.Response:

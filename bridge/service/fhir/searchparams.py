@@ -494,6 +494,18 @@ _BY_TYPE: dict[str, tuple[SearchParam, ...]] = {
         _p("organization", "reference", "managingOrganization"),
         _p("partof", "reference", "partOf"),
     ),
+    "DeviceUseStatement": (
+        _p("identifier", "token", "identifier"),
+        *_subject("subject"),
+        _p("device", "reference", "device"),
+    ),
+    "SupplyDelivery": (
+        _p("identifier", "token", "identifier"),
+        _p("status", "token", "status"),
+        _p("patient", "reference", "patient", targets=_PATIENT),
+        _p("supplier", "reference", "supplier"),
+        _p("receiver", "reference", "receiver"),
+    ),
     # only as ``_revinclude=Provenance:target`` (bridge/service/fhir/search.py)
     "Provenance": (
         _p("target", "reference", "target"),

@@ -407,3 +407,86 @@ def test_any_query_parses_or_gets_a_located_error(params: list[tuple[str, str]],
         "name": [{"family": "a"}],
     }
     assert isinstance(q.matches(resource), bool)
+
+
+async def test_reads_carry_versions_and_history_keeps_them(client: Any, settings_: Settings) -> None:
+    resp = await client.get("/Observation/oa2")
+    etag, modified = resp.headers["ETag"], resp.headers["Last-Modified"]
+    first = await resp.json()
+    assert etag == f'W/"{first["meta"]["versionId"]}"' and modified.endswith("GMT")
+    assert (await client.get("/Observation/oa2", headers={"If-None-Match": etag})).status == 304
+    assert (await client.get("/Observation/oa2", headers={"If-None-Match": 'W/"other"'})).status == 200
+    # a newer version arrives (a later source time): the read moves on, both versions stay readable
+    store = IndexStore.open(settings_.stores.index_url)
+    newer = _obs("oa2", "pa", "2026-02-10T08:00:00Z", 111)
+    store.apply(
+        [
+            IncomingBundle(
+                {
+                    "resourceType": "Bundle",
+                    "timestamp": "2026-04-01T00:00:00Z",
+                    "entry": [{"resource": newer}],
+                },
+                "h5",
+                "st-mary",
+                "st-mary|1",
+                "t",
+                0,
+                1,
+                "2026-04-01T00:00:01.000Z",
+            )
+        ]
+    )
+    store.close()
+    resp = await client.get("/Observation/oa2", headers={"If-None-Match": etag})
+    assert resp.status == 200 and (await resp.json())["valueQuantity"]["value"] == 111
+    history = await client_get_all(client, "/Observation/oa2/_history")
+    assert history["type"] == "history" and history["total"] == 2
+    assert [e["resource"]["valueQuantity"]["value"] for e in history["entry"]] == [111, 110]
+    old = await client.get(f"/Observation/oa2/_history/{first['meta']['versionId']}")
+    assert old.status == 200 and (await old.json())["valueQuantity"]["value"] == 110
+    assert (await client.get("/Observation/oa2/_history/nope")).status == 404
+    assert (await client.get("/Observation/nope/_history")).status == 404
+
+
+async def test_lastn_gives_the_newest_of_each_code(client: Any) -> None:
+    b = await _search(client, "/Observation/$lastn", patient="pa")
+    assert _ids(b) == ["ob2", "oa3"]  # the newest glucose (riverside's, linked) and the only 4548-4
+    b = await _search(client, "/Observation/$lastn", patient="pa", max="2", code="2345-7")
+    assert _ids(b) == ["ob2", "oa2"]
+    assert (await client.get("/Observation/$lastn")).status == 400
+    assert (await client.get("/Observation/$lastn?patient=pa&max=0")).status == 400
+
+
+async def test_the_capability_statement_claims_only_what_the_server_does(client: Any) -> None:
+    """Every advertised search parameter is searched (no 'not supported' warning, no error) and every
+    advertised read answers, for every advertised type."""
+    cap = await client_get_all(client, "/metadata")
+    samples = {
+        "token": "x",
+        "string": "x",
+        "date": "ge2026-01-01",
+        "reference": "Patient/pa",
+        "quantity": "gt1",
+        "number": "1",
+        "uri": "x",
+    }
+    called = 0
+    for res in cap["rest"][0]["resource"]:
+        rtype = res["type"]
+        interactions = {i["code"] for i in res.get("interaction", [])}
+        if "read" in interactions:
+            assert (await client.get(f"/{rtype}/no-such-id")).status == 404, rtype
+        if "search-type" not in interactions or rtype in ("Consent", "AuditEvent", "Group"):
+            continue
+        for sp in res.get("searchParam", []):
+            resp = await client.get(f"/{rtype}", params={sp["name"]: samples[sp["type"]]})
+            body = await resp.json()
+            assert resp.status == 200, (rtype, sp, body)
+            assert not _outcomes(body), (rtype, sp, _outcomes(body))
+            called += 1
+        for inc in res.get("searchInclude", []):
+            assert (await client.get(f"/{rtype}", params={"_include": inc})).status == 200, (rtype, inc)
+        for inc in res.get("searchRevInclude", []):
+            assert (await client.get(f"/{rtype}", params={"_revinclude": inc})).status == 200, (rtype, inc)
+    assert called > 300
