@@ -33,6 +33,7 @@ from bridge.service.auth.policy import Access
 from bridge.service.consent.enforce import ConsentCheck, consent_check, suppressed_outcome
 from bridge.service.context import SETTINGS, Backend, base_url, stores
 from bridge.service.fhir.dates import in_range, utc_millis
+from bridge.service.fhir.paging import Cursor
 from bridge.service.http import (
     FhirHTTPError,
     check_no_nul,
@@ -50,7 +51,7 @@ routes = web.RouteTableDef()
 
 PROVENANCE_EXT = "https://fhirbridge.dev/fhir/StructureDefinition/entry-provenance"
 CHECKPOINT_EXT = "https://fhirbridge.dev/fhir/StructureDefinition/ledger-checkpoint"
-EVERYTHING_PARAMS = {"start", "end", "_since", "_type", "_count", "_offset", "_proof", "_format"}
+EVERYTHING_PARAMS = {"start", "end", "_since", "_type", "_count", "_offset", "_cursor", "_proof", "_format"}
 #: the resource types a patient's compartment can hold in the index: Provenance is never returned, and
 #: the patient's Consents are served by ``/Consent`` (who may see them is not who may see the record)
 NOT_RETURNED = frozenset({"Provenance", "Consent"})
@@ -73,6 +74,9 @@ class EverythingParams:
     permit: Callable[[StoredResource], bool] | None = None
     #: the patient's Consents, for this requester (None: none apply, e.g. the patient's own token)
     consent: ConsentCheck | None = None
+    #: the page's position, pinned to the snapshot of the first page (the same paging as search):
+    #: ``(high-water mark, sort key of the entry the page follows or precedes, backward)``
+    cursor: tuple[int, list[Any] | None, bool] | None = None
 
 
 @dataclass
@@ -114,6 +118,12 @@ def merge_duplicates(resources: list[StoredResource]) -> list[MergedEntry]:
     return merged
 
 
+def entry_key(m: MergedEntry) -> list[Any]:
+    """An entry's place in ``$everything``'s order (:func:`merge_duplicates`), as its paging cursor holds it."""
+    r = m.resource
+    return [int(r.resource_type != "Patient"), r.clinical_date or "", r.resource_type, r.id]
+
+
 def everything(backend: Backend, patient_id: str, params: EverythingParams) -> dict[str, Any]:
     """Compute a page of ``$everything`` (runs in the DB thread pool)."""
     index = backend.index()
@@ -124,10 +134,11 @@ def everything(backend: Backend, patient_id: str, params: EverythingParams) -> d
     if patient_id not in linked:
         linked = [patient_id, *linked]
     # ``types == []``: ``_type`` held only empty values (``_type=,``), which match nothing (with a warning)
+    hwm = params.cursor[0] if params.cursor is not None else index.high_water_mark()
     resources = (
         []
         if params.types == []
-        else index.resources_for_patients(linked, types=params.types, since=params.since)
+        else index.resources_for_patients(linked, types=params.types, since=params.since, max_seq=hwm)
     )
     start, end = params.start, params.end
     if start or end:
@@ -146,7 +157,16 @@ def everything(backend: Backend, patient_id: str, params: EverythingParams) -> d
             withheld = gate.withheld
     merged = merge_duplicates(resources)
     total = len(merged)
-    page = merged[params.offset : params.offset + params.count]
+    first, last = params.offset, min(params.offset + params.count, total)
+    if params.cursor is not None and params.cursor[1] is not None:
+        after, backward = params.cursor[1], params.cursor[2]
+        at = next((i for i, m in enumerate(merged) if entry_key(m) >= after), total)
+        if backward:  # the entries before the key
+            first, last = max(0, at - params.count), at
+        else:  # the entries after it
+            first = at + 1 if at < total and entry_key(merged[at]) == after else at
+            last = min(first + params.count, total)
+    page = merged[first:last]
     # the page's own resources, whoever the delivering bundles named as their subject
     sources = index.sources_for_page(linked, [r for m in page for r in (m.resource, *m.duplicates)])
     ledger = backend.ledger()
@@ -199,6 +219,9 @@ def everything(backend: Backend, patient_id: str, params: EverythingParams) -> d
     return {
         "entries": entries,
         "total": total,
+        "hwm": hwm,
+        "next_key": entry_key(page[-1]) if page and last < total else None,
+        "prev_key": entry_key(page[0]) if page and first > 0 else None,
         "linked": linked,
         "checkpoint": checkpoint,
         "unproven": unproven,
@@ -248,6 +271,18 @@ def _provenance_ext(
                     *({"url": "proofHash", "valueBase64Binary": base64.b64encode(h).decode()} for h in proof),
                 ]
     return {"url": PROVENANCE_EXT, "extension": sub}
+
+
+def _cursor_of(request: web.Request) -> tuple[int, list[Any] | None, bool] | None:
+    raw = request.query.get("_cursor")
+    if raw is None:
+        return None
+    if "_offset" in request.query:
+        raise FhirHTTPError(400, "invalid", "give _cursor or _offset, not both")
+    c = Cursor.decode(raw)
+    if c.key is not None and (len(c.key) != 4 or not all(isinstance(x, int | str) for x in c.key)):
+        raise FhirHTTPError(400, "invalid", "parameter _cursor: not a cursor of $everything")
+    return c.hwm, c.key, c.backward
 
 
 def _authorized(
@@ -333,6 +368,7 @@ async def patient_everything(request: web.Request) -> web.Response:
         types=types,
         count=int_param(request, "_count", DEFAULT_COUNT, 1, MAX_COUNT),
         offset=int_param(request, "_offset", 0, 0, 10**9),
+        cursor=_cursor_of(request),
         proof=proof_raw == "true",
         base=base,
         permit=permit,
@@ -378,18 +414,20 @@ async def patient_everything(request: web.Request) -> web.Response:
                     )
                 )
     self_url = f"{params.base}/Patient/{pid}/$everything"
-    query = [(k, v) for k, v in request.query.items() if k != "_offset"]  # the query exactly as given
-    links = [{"relation": "self", "url": f"{self_url}?{urlencode([*query, ('_offset', params.offset)])}"}]
-    if params.offset + params.count < result["total"]:
-        links.append(
-            {
-                "relation": "next",
-                "url": f"{self_url}?{urlencode([*query, ('_offset', params.offset + params.count)])}",
-            }
-        )
-    if params.offset > 0:
-        prev = max(0, params.offset - params.count)
-        links.append({"relation": "previous", "url": f"{self_url}?{urlencode([*query, ('_offset', prev)])}"})
+    query = [
+        (k, v) for k, v in request.query.items() if k not in ("_offset", "_cursor")
+    ]  # the query as given
+
+    def link(relation: str, key: list[Any] | None, backward: bool = False) -> dict[str, str]:
+        cursor = Cursor(result["hwm"], key, backward).encode()
+        return {"relation": relation, "url": f"{self_url}?{urlencode([*query, ('_cursor', cursor)])}"}
+
+    self_key = params.cursor[1] if params.cursor is not None else None
+    links = [link("self", self_key, bool(params.cursor and params.cursor[2]))]
+    if result["next_key"] is not None:
+        links.append(link("next", result["next_key"]))
+    if result["prev_key"] is not None:
+        links.append(link("previous", result["prev_key"], backward=True))
     bundle: dict[str, Any] = {
         "resourceType": "Bundle",
         "id": str(uuid.uuid4()),

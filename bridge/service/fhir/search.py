@@ -20,7 +20,6 @@ How a search runs (in the DB thread pool):
 
 from __future__ import annotations
 
-import base64
 import functools
 import uuid
 from collections.abc import Callable
@@ -41,6 +40,7 @@ from bridge.service.consent.enforce import ConsentCheck, ConsentGate, consent_ch
 from bridge.service.context import SETTINGS, Backend, base_url, stores
 from bridge.service.fhir import searchparams as sp
 from bridge.service.fhir.everything import merge_duplicates
+from bridge.service.fhir.paging import Cursor
 from bridge.service.fhir.query import SearchQuery, SortKey, fold, parse_search, reference_targets
 from bridge.service.http import FhirHTTPError, fhir_response, operation_outcome, read_body
 from bridge.stores.index.store import StoredResource
@@ -64,34 +64,6 @@ def search_types() -> list[str]:
 
 
 # -- the cursor ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Cursor:
-    hwm: int  # the snapshot: the index's high-water mark at the first page
-    key: list[Any] | None = None  # the sort key of the entry next to which the page starts
-    backward: bool = False  # a "previous" page: the entries before ``key``
-
-    def encode(self) -> str:
-        raw = orjson.dumps({"h": self.hwm, "k": self.key, "b": self.backward})
-        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-    @classmethod
-    def decode(cls, text: str) -> Cursor:
-        try:
-            data = orjson.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
-            hwm, key, backward = data["h"], data["k"], data["b"]
-            if (
-                not isinstance(hwm, int)
-                or not (key is None or isinstance(key, list))
-                or not isinstance(backward, bool)
-            ):
-                raise ValueError
-        except (ValueError, KeyError, TypeError, orjson.JSONDecodeError):
-            raise FhirHTTPError(
-                400, "invalid", "parameter _cursor: not a cursor this server issued (follow the paging links)"
-            ) from None
-        return cls(hwm, key, backward)
 
 
 # -- sorting ---------------------------------------------------------------------------------------

@@ -728,6 +728,7 @@ class IndexStore:
         *,
         types: Sequence[str] | None = None,
         since: str | None = None,
+        max_seq: int | None = None,
     ) -> list[StoredResource]:
         ids = list(patient_ids)
         if not ids:
@@ -744,6 +745,9 @@ class IndexStore:
         if since:
             sql += " AND last_updated >= ?"
             params.append(since)
+        if max_seq is not None:  # pinned to a snapshot (see high_water_mark)
+            sql += f" AND {self.seq} <= ?"
+            params.append(max_seq)
         # the rows are the tuple's fields in order (the body as bytes on both backends): no per-row code
         return list(map(StoredResource._make, self.db.query(sql, params)))
 

@@ -140,11 +140,21 @@ async def test_since_type_and_paging(client: Any) -> None:
     assert set(only_obs) == {"oa1", "oa2", "ob2"}
     page1 = await _everything(client, _count="2")
     assert len(_ids(page1)) == 2 and page1["total"] == 5
-    nxt = next(link["url"] for link in page1["link"] if link["relation"] == "next")
-    assert "_offset=2" in nxt
+    # the links page with a cursor pinned to the first page's snapshot (as search does); _offset stays
+    seen = _ids(page1)
+    page = page1
+    while nxt := next((link["url"] for link in page["link"] if link["relation"] == "next"), None):
+        assert "_cursor=" in nxt and "_count=2" in nxt
+        resp = await client.get(URL(nxt).path_qs)
+        page = await resp.json()
+        seen += _ids(page)
+    assert len(seen) == 5 and len(set(seen)) == 5
+    prev = next(link["url"] for link in page["link"] if link["relation"] == "previous")
+    assert _ids(await (await client.get(URL(prev).path_qs)).json()) == seen[2:4]
     page3 = await _everything(client, _count="2", _offset="4")
     assert len(_ids(page3)) == 1
     assert not [link for link in page3["link"] if link["relation"] == "next"]
+    assert (await client.get("/Patient/pa/$everything?_cursor=nonsense")).status == 400
 
 
 async def test_unsupported_parameter_is_reported_not_ignored(client: Any) -> None:
@@ -219,7 +229,7 @@ async def test_repeated_parameters_are_refused_and_links_repeat_the_query(client
     assert resp.status == 400 and "_type is given 2 times" in (await resp.json())["issue"][0]["diagnostics"]
     page = await _everything(client, _type="Observation", _count="1", foo="1")
     nxt = next(link["url"] for link in page["link"] if link["relation"] == "next")
-    assert "_type=Observation" in nxt and "foo=1" in nxt and "_offset=1" in nxt
+    assert "_type=Observation" in nxt and "foo=1" in nxt and "_cursor=" in nxt
 
 
 async def test_format_proof_and_type_values_are_checked(client: Any) -> None:
