@@ -57,6 +57,7 @@ from bridge.service.http import FhirHTTPError, fhir_response, json_response, ope
 from bridge.stores.exports import (
     COMPLETE,
     FAILED,
+    FHIR_ID,
     ORG_GROUP_PREFIX,
     RUNNING,
     Job,
@@ -397,6 +398,8 @@ async def _kickoff(request: web.Request, kind: str, group_id: str | None = None)
     consent = consent_check(request, access, settings, base)
     members: list[str] | None = None
     if group_id is not None:
+        if not FHIR_ID.fullmatch(group_id):  # never a group (and PostgreSQL cannot compare a NUL)
+            raise FhirHTTPError(404, "not-found", "no such Group: a group id is a FHIR id")
         members = await run_db(request, members_of, group_id)
         if members is None:
             raise FhirHTTPError(404, "not-found", f"Group/{group_id} is not known")
