@@ -249,7 +249,8 @@ def run_search(backend: Backend, req: SearchRequest) -> SearchResult:
         None,
     )
     narrowing: dict[str, Any] = {"patient_ids": narrow_patients, "ids": ids, "source_orgs": sources}
-    first = index.scan(q.resource_type, max_seq=hwm, limit=CANDIDATE_LIMIT + 1, **narrowing)
+    # in no order: enough to tell a candidate set sorted in memory from one to read page by page
+    first = index.scan(q.resource_type, max_seq=hwm, order=None, limit=CANDIDATE_LIMIT + 1, **narrowing)
     descending = [k.descending for k in q.sort]
 
     def admit(stored: StoredResource) -> Candidate | None:
@@ -444,6 +445,7 @@ def _includes(
         )
         rows = index.scan(
             inc.source_type,
+            order=None,
             max_seq=index.high_water_mark(),
             patient_ids=patients or None,
             limit=CANDIDATE_LIMIT,

@@ -597,15 +597,17 @@ class IndexStore:
         patient_ids: Sequence[str] | None = None,
         ids: Sequence[str] | None = None,
         source_orgs: Sequence[str] | None = None,
-        order: str = "id",
+        order: str | None = "id",
         descending: bool = False,
         after: tuple[str, str] | None = None,
         limit: int = 1000,
     ) -> list[StoredResource]:
         """Up to ``limit`` resources of ``resource_type`` stored at or before ``max_seq``, narrowed to
         ``patient_ids``/``ids``/``source_orgs`` when given, in ``order`` (``id`` or ``last_updated``,
-        then id) after the key ``after`` (``(order value, id)`` of the last row of the previous page)."""
-        if order not in ("id", "last_updated"):
+        then id) after the key ``after`` (``(order value, id)`` of the last row of the previous page);
+        ``order=None``: in no particular order (the planner then picks the narrowest index, not the
+        one that gives the order)."""
+        if order not in ("id", "last_updated", None):
             raise ValueError(f"cannot order a scan by {order!r}")
         body = "CAST(body AS BLOB)" if self.db.kind == "sqlite" else "convert_to(body, 'UTF8')"
         sql = (
@@ -628,11 +630,10 @@ class IndexStore:
             else:
                 sql += f" AND (last_updated {cmp} ? OR (last_updated = ? AND id {cmp} ?))"
                 params += [after[0], after[0], after[1]]
-        sql += (
-            f" ORDER BY id {direction}"
-            if order == "id"
-            else f" ORDER BY last_updated {direction}, id {direction}"
-        )
+        if order == "id":
+            sql += f" ORDER BY id {direction}"
+        elif order == "last_updated":
+            sql += f" ORDER BY last_updated {direction}, id {direction}"
         sql += f" LIMIT {int(limit)}"
         return list(map(StoredResource._make, self.db.query(sql, params)))
 
