@@ -271,6 +271,14 @@ def run_demo(
             print(
                 f"  Try it               curl -H 'Authorization: Bearer {token}' '{base}/Patient/{shared[0]}/$everything'"
             )
+            print(
+                f"  Search               curl -H 'Authorization: Bearer {token}' "
+                f"'{base}/Encounter?patient={shared[0]}&_sort=-date&_count=5'"
+            )
+            print(
+                f"  Bulk export          curl -i -H 'Authorization: Bearer {token}' -H 'Prefer: respond-async' "
+                f"'{base}/$export?_type=Patient,Encounter'   (then GET the Content-Location it answers)"
+            )
         print(f"  Sign-in (SMART apps) {base}/auth/authorize   demo logins: {logins}")
         print(f"  SMART configuration  {base}/.well-known/smart-configuration")
         if shared:

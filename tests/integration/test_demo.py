@@ -97,6 +97,7 @@ def test_demo_runs_to_ready_prints_working_links_and_keeps_its_data(tmp_path: Pa
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(url, timeout=5)
         assert refused.value.code == 401
+        _search_and_export(proc.stdout)
         _consent_break_glass_and_access_log(proc.stdout, env, data_dir, tmp_path)
     finally:
         serve.terminate()
@@ -126,6 +127,35 @@ def test_demo_refuses_a_directory_it_did_not_create(tmp_path: Path) -> None:
         assert proc.returncode == 1
         assert "not empty and was not created by the demo" in proc.stderr and "Traceback" not in proc.stderr
         assert sorted(p.name for p in precious.iterdir()) == ["thesis.tex"]
+
+
+def _search_and_export(stdout: str) -> None:
+    """The printed search answers a page of the shared patient's encounters, newest first; the printed
+    export kick-off is accepted, and its status URL ends in a manifest whose files download."""
+    (search,) = [x for x in stdout.splitlines() if x.strip().startswith("Search ")]
+    token, url = re.search(r"Bearer ([^']+)' '(http://[^']+)'", search).groups()  # type: ignore[union-attr]
+    auth = {"Authorization": f"Bearer {token}"}
+    with urllib.request.urlopen(urllib.request.Request(url, headers=auth)) as r:
+        page = json.loads(r.read())
+    dates = [e["resource"]["period"]["start"] for e in page["entry"] if e["search"]["mode"] == "match"]
+    assert dates and dates == sorted(dates, reverse=True)
+    (export,) = [x for x in stdout.splitlines() if x.strip().startswith("Bulk export ")]
+    kickoff = re.search(r"'(http://[^']+\$export[^']*)'", export).group(1)  # type: ignore[union-attr]
+    request = urllib.request.Request(kickoff, headers={**auth, "Prefer": "respond-async"})
+    with urllib.request.urlopen(request) as r:
+        assert r.status == 202
+        status_url = r.headers["Content-Location"]
+    deadline = time.monotonic() + 60
+    while True:
+        with urllib.request.urlopen(urllib.request.Request(status_url, headers=auth)) as r:
+            if r.status == 200:
+                manifest = json.loads(r.read())
+                break
+        assert time.monotonic() < deadline, "the export did not finish"
+        time.sleep(0.5)
+    assert {o["type"] for o in manifest["output"]} == {"Patient", "Encounter"}
+    with urllib.request.urlopen(urllib.request.Request(manifest["output"][0]["url"], headers=auth)) as r:
+        assert r.read().count(b"\n") == manifest["output"][0]["count"]
 
 
 def _consent_break_glass_and_access_log(stdout: str, env: dict[str, str], data_dir: Path, cwd: Path) -> None:
