@@ -129,9 +129,12 @@ BUNDLES = [
 ]
 
 
-@pytest.fixture
-def settings_(tmp_path: Path) -> Settings:
-    s = Settings.from_env({"FHIRBRIDGE_DATA_DIR": str(tmp_path)})
+@pytest.fixture(params=["sqlite", "postgres"])
+def settings_(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
+    env = {"FHIRBRIDGE_DATA_DIR": str(tmp_path)}
+    if request.param == "postgres":
+        env["FHIRBRIDGE_INDEX_URL"] = request.getfixturevalue("pg_dsn")
+    s = Settings.from_env(env)
     store = IndexStore.open(s.stores.index_url)
     store.apply(BUNDLES)
     store.close()
