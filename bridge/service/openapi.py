@@ -14,12 +14,17 @@ from bridge.service.http import json_response
 DESCRIPTIONS: dict[tuple[str, str], str] = {
     ("GET", "/metadata"): "FHIR R4 CapabilityStatement.",
     ("GET", "/metrics"): "Prometheus metrics.",
-    ("GET", "/Patient"): "Search patients by identifier (system|value), name, birthdate.",
+    ("GET", "/{type}"): "FHIR R4 search on any stored type: the parameters /metadata lists, prefixes, "
+    "modifiers, _sort, _count, _total, _summary, _elements, _include, _revinclude; paging by _cursor.",
+    ("POST", "/{type}/_search"): "The same search, its parameters in an x-www-form-urlencoded body.",
+    ("GET", "/Observation/$lastn"): "The newest max Observations of each code for one person (patient=).",
     (
         "GET",
         "/Patient/{id}/$everything",
-    ): "Merged cross-provider history: start, end, _since, _type, _count, _offset, _proof.",
-    ("GET", "/{type}/{id}"): "Read one indexed resource.",
+    ): "Merged cross-provider history: start, end, _since, _type, _count, _proof; paging by _cursor.",
+    ("GET", "/{type}/{id}"): "Read one indexed resource (ETag, Last-Modified; If-None-Match gives 304).",
+    ("GET", "/{type}/{id}/_history"): "Every version of a resource the index received, newest first.",
+    ("GET", "/{type}/{id}/_history/{vid}"): "One version of a resource (vread).",
     ("GET", "/ledger/checkpoint"): "Latest signed checkpoint (C2SP signed note, text/plain).",
     ("GET", "/ledger/entries/{index}"): "One ledger entry.",
     ("GET", "/ledger/proof/inclusion"): "RFC 9162 inclusion proof (leaf_hash or index, size).",
