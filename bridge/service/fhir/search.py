@@ -563,7 +563,8 @@ async def _search(request: web.Request, form: list[tuple[str, str]] | None = Non
     backend = stores(request)
     if q.summary == "count" or q.count == 0:
         total = await backend.run(count_all, backend, req)
-        note(request, "search-type", "E")
+        # a count says something about the patients it names: their access logs show it
+        note(request, "search-type", "E", patients=q.patient_ids() or [])
         return fhir_response(
             {
                 "resourceType": "Bundle",
