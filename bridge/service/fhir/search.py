@@ -316,6 +316,10 @@ def _window(
     start, end = 0, count
     if cursor is not None and cursor.key is not None:
         key = cursor.key
+        if len(key) != len(descending) + 2:
+            raise FhirHTTPError(
+                400, "invalid", "parameter _cursor: not a cursor of this search (follow its links)"
+            )
         # the first entry not before the cursor's key (its own entry, if it is still a match)
         at = next((i for i, c in enumerate(ordered) if _compare(c.key, key, descending) >= 0), len(ordered))
         if cursor.backward:  # the entries before it
@@ -350,6 +354,10 @@ def _scan_pages(
     descending = bool(q.sort and q.sort[0].descending)
     backward = cursor is not None and cursor.backward
     after: tuple[str, str] | None = None
+    if cursor is not None and cursor.key is not None and len(cursor.key) != 3:
+        raise FhirHTTPError(
+            400, "invalid", "parameter _cursor: not a cursor of this search (follow its links)"
+        )
     if cursor is not None and cursor.key is not None:
         after = (str(cursor.key[0]), str(cursor.key[-1]))
 

@@ -493,3 +493,13 @@ async def test_the_capability_statement_claims_only_what_the_server_does(client:
         for inc in res.get("searchRevInclude", []):
             assert (await client.get(f"/{rtype}", params={"_revinclude": inc})).status == 200, (rtype, inc)
     assert called > 300
+
+
+async def test_a_cursor_of_another_search_is_refused(client: Any) -> None:
+    first = await _search(client, "/Observation", _count="2", _sort="-date,code")
+    nxt = _link(first, "next")
+    assert nxt is not None
+    cursor = URL(nxt).query["_cursor"]
+    for other in ({"_sort": "date"}, {}):
+        resp = await client.get("/Observation", params={**other, "_count": "2", "_cursor": cursor})
+        assert resp.status == 400 and "_cursor" in (await resp.json())["issue"][0]["diagnostics"]
