@@ -99,8 +99,9 @@ class Criterion:
         if p.type == "token":
             if mod == "not":
                 return not any(_token_match(q, f) for q in self.values for f in found)
-            if mod == "text":
-                return any(q in fold(f[2] or "") for q in self.values for f in found)
+            if mod == "text":  # a prefix of the text, or of one of its words
+                texts = [fold(f[2]) for f in found if f[2]]
+                return any(t.startswith(q) or f" {q}" in t for q in self.values for t in texts)
             if mod == "of-type":
                 typed = sp.identifier_types(resource, p)
                 return any(q == t for q in self.values for t in typed)
