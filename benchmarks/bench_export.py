@@ -143,6 +143,7 @@ def run_export(data: Path) -> dict[str, Any]:
         async with TestClient(TestServer(create_app(settings))) as client:
             await client.get("/metadata")
             base_rss = rss_mib()
+            maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             sampler = Sampler()
             sampler.start()
             t = time.perf_counter()
@@ -157,6 +158,7 @@ def run_export(data: Path) -> dict[str, Any]:
                 await asyncio.sleep(0.05)
             wall = time.perf_counter() - t
             sampler.running = False
+            maxrss_export = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             manifest = await r.json()
             written = sum(f["count"] for f in manifest["output"])
             # one download, to show what its audit costs (one AuditEvent per patient in the file)
@@ -166,6 +168,7 @@ def run_export(data: Path) -> dict[str, Any]:
             body = await d.read()
             download = time.perf_counter() - t
             assert hashlib.sha256(body).hexdigest() == first["extension"]["sha256"]
+            after_download = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             await client.delete(status, headers=headers)
             return {
                 "resources": written,
@@ -174,6 +177,9 @@ def run_export(data: Path) -> dict[str, Any]:
                 "errors": len(manifest["error"]),
                 "base_rss": base_rss,
                 "peak_rss": sampler.peak,
+                "maxrss_before": maxrss_before,
+                "maxrss_export": maxrss_export,
+                "maxrss_download": after_download,
                 "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "download_s": download,
                 "download_lines": first["count"],

@@ -63,6 +63,8 @@ from bridge.stores.index.store import StoredResource
 NOT_EXPORTED = frozenset({"Consent"})
 #: persons whose consent gates are kept at once (a gate holds the person's parsed Consents)
 GATE_CACHE = 4096
+#: how often a running job's progress is recorded (a running job's record also says whether it was cancelled)
+PROGRESS_EVERY_S = 1.0
 #: a group's patients read per query
 GROUP_CHUNK = 500
 #: the run's own index connection: 8 MiB of page cache (the index's own connections keep 64 MiB)
@@ -97,7 +99,8 @@ class ExportSpec:
     readable: Callable[[str], bool] | None = None
     #: whether the token's narrowing admits a parsed resource (None: no narrowing)
     permit: Callable[[dict[str, Any]], bool] | None = None
-    narrowed: frozenset[str] = frozenset()
+    #: whether the token's scopes narrow a type (so that each of its resources must be looked at)
+    narrowed: Callable[[str], bool] | None = None
     #: ``_typeFilter``: type -> matchers, a resource of that type is exported when one matches
     type_filters: dict[str, list[Matcher]] = field(default_factory=dict)
     consent: ConsentCheck | None = None
@@ -255,6 +258,7 @@ class ExportRun:
         self.filtered = 0
         self.consent: _ConsentFilter | None = None
         self._per_type: dict[str, int] = {}
+        self._progress_at = 0.0
 
     # -- phases ----------------------------------------------------------------------------------
     def begin(self, backend: Backend) -> None:
@@ -313,12 +317,16 @@ class ExportRun:
             self._close_sink(backend)
             self.type_index += 1
             self.after, self.chunk = "", 0
-        progress = (
-            f"{self.written} resources written; {rtype} ({self.type_index} of {len(self.types)} types done)"
-        )
-        if not backend.exports().set_progress(self.spec.job_id, progress):
-            raise Cancelled()
-        return self.type_index >= len(self.types)
+        done = self.type_index >= len(self.types)
+        now = time.monotonic()
+        # at most once a second (each is a durable write), and when a type is done; a DELETE in this
+        # process also sets ``stop``, seen between two pages
+        if last or now - self._progress_at >= PROGRESS_EVERY_S:
+            self._progress_at = now
+            progress = f"{self.written} resources written; {rtype} ({self.type_index} of {len(self.types)} types done)"
+            if not backend.exports().set_progress(self.spec.job_id, progress):
+                raise Cancelled()
+        return done
 
     def complete(self, backend: Backend) -> str:
         """Write the error file, record the job complete; returns the ``transactionTime``."""
@@ -361,7 +369,8 @@ class ExportRun:
             idents = sorted({(r.bundle_sha256, r.source_org) for r in rows})
             pinned = ledger.find_many(idents)
         size = self.tree_size
-        narrowed = self.spec.permit is not None and rtype in self.spec.narrowed
+        permit = self.spec.permit
+        narrowed = permit is not None and self.spec.narrowed is not None and self.spec.narrowed(rtype)
         filters = self.spec.type_filters.get(rtype)
         consent = self.consent
         cap_lines, cap_patients = self.settings.file_lines, self.settings.file_patients
@@ -375,7 +384,7 @@ class ExportRun:
                     continue
             if narrowed or filters:
                 parsed = orjson.loads(r.body)
-                if narrowed and not self.spec.permit(parsed):  # type: ignore[misc]
+                if narrowed and permit is not None and not permit(parsed):
                     self.filtered += 1
                     continue
                 if filters and not any(f(parsed, source_org=r.source_org) for f in filters):

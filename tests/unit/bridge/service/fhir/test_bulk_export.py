@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import time
 import uuid
@@ -234,11 +235,25 @@ class Env:
 
 @pytest.fixture
 async def env(tmp_path: Path) -> AsyncIterator[Env]:
+    async with _environment(tmp_path) as e:
+        yield e
+
+
+@pytest.fixture
+async def pg_env(tmp_path: Path, pg_dsn: str) -> AsyncIterator[Env]:
+    """The same, with the index and the export store on PostgreSQL."""
+    async with _environment(tmp_path, FHIRBRIDGE_INDEX_URL=pg_dsn, FHIRBRIDGE_EXPORT_DB=pg_dsn) as e:
+        yield e
+
+
+@contextlib.asynccontextmanager
+async def _environment(tmp_path: Path, **extra: str) -> AsyncIterator[Env]:
     settings = Settings.from_env(
         {
             "FHIRBRIDGE_DATA_DIR": str(tmp_path),
             "FHIRBRIDGE_EXPORT_FILE_LINES": "2",
             "FHIRBRIDGE_EXPORT_PAGE_ROWS": "2",
+            **extra,
         }
     )
     index = IndexStore.open(settings.stores.index_url)
@@ -305,6 +320,16 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
 
 def _ids(resources: dict[str, list[dict[str, Any]]]) -> set[str]:
     return {r["id"] for rs in resources.values() for r in rs}
+
+
+async def test_exports_on_postgresql(pg_env: Env) -> None:
+    manifest, out = await pg_env.export()
+    assert _ids(out) == {"a1", "a2", "obs-a", "obs-a2", "obs-a3"}
+    assert "2 resources were withheld" in orjson.dumps(await pg_env.errors(manifest)).decode()
+    _, out = await pg_env.export("/Group/org-st-mary/$export", _type="Observation")
+    assert _ids(out) == {"obs-a", "obs-a2", "obs-a3"}
+    _, out = await pg_env.export("/Patient/$export", _since="2026-01-12T00:00:00Z")
+    assert _ids(out) == {"a2", "obs-a2", "obs-a3"}
 
 
 async def test_system_export_end_to_end_with_hashes_counts_and_the_pinned_checkpoint(env: Env) -> None:
@@ -482,6 +507,10 @@ async def test_narrowed_scopes_and_per_type_scopes(env: Env) -> None:
     assert "narrowing" in orjson.dumps(await env.errors(manifest)).decode()
     r = await env.client.get("/$export?_type=Condition", headers={"Prefer": "respond-async", **env.headers})
     assert r.status == 403 and "Condition" in (await r.json())["issue"][0]["diagnostics"]
+    # a narrowing on every type: a type the query cannot be read on (Patient has no category) matches nothing
+    env.headers = _token(env.settings, "system/*.rs?category=cat|laboratory", purpose="TREAT")
+    _, out = await env.export()
+    assert _ids(out) == {"obs-a", "obs-a3", "obs-c"}
 
 
 @pytest.mark.parametrize(
