@@ -195,9 +195,20 @@ class ExportStore:
         params: dict[str, Any],
         now: int,
         expires_at: int,
-    ) -> None:
-        """Record a new job as ``running`` (durably: its status URL is about to be handed out)."""
+        max_running: int | None = None,
+        tree_size: int | None = None,
+        checkpoint: str | None = None,
+    ) -> bool:
+        """Record a new job as ``running`` (durably: its status URL is about to be handed out), pinned to
+        ``checkpoint`` of ``tree_size``; False (nothing recorded) when ``max_running`` jobs run already
+        (counted and inserted in one transaction, so two kick-offs cannot both take the last place)."""
         with self.db.transaction() as tx:
+            if max_running is not None:
+                if self.db.kind == "postgres":  # SQLite's BEGIN IMMEDIATE already serialises writers
+                    tx.execute("LOCK TABLE export_jobs IN SHARE ROW EXCLUSIVE MODE")
+                running = tx.query("SELECT COUNT(*) FROM export_jobs WHERE status = ?", [RUNNING])[0][0]
+                if int(running) >= max_running:
+                    return False
             tx.execute(
                 f"INSERT INTO export_jobs ({_JOB_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
@@ -212,11 +223,12 @@ class ExportStore:
                     now,
                     expires_at,
                     None,
-                    None,
-                    None,
+                    tree_size,
+                    checkpoint,
                     None,
                 ],
             )
+        return True
 
     def job(self, job_id: str) -> Job | None:
         rows = self.db.query(f"SELECT {_JOB_COLUMNS} FROM export_jobs WHERE id = ?", [job_id])
@@ -228,22 +240,12 @@ class ExportStore:
             _job(r) for r in self.db.query(f"SELECT {_JOB_COLUMNS} FROM export_jobs ORDER BY created_at, id")
         ]
 
-    def running_count(self) -> int:
-        return int(self.db.query("SELECT COUNT(*) FROM export_jobs WHERE status = ?", [RUNNING])[0][0])
-
     def set_progress(self, job_id: str, progress: str) -> bool:
         """Update a running job's progress text; False when the job is no longer running (cancelled)."""
         cur = self.db.execute(
             "UPDATE export_jobs SET progress = ? WHERE id = ? AND status = ?", [progress, job_id, RUNNING]
         )
         return bool(cur.rowcount)
-
-    def set_pin(self, job_id: str, tree_size: int | None, checkpoint: str | None) -> None:
-        """The ledger checkpoint a running job exports against."""
-        self.db.execute(
-            "UPDATE export_jobs SET tree_size = ?, checkpoint = ? WHERE id = ?",
-            [tree_size, checkpoint, job_id],
-        )
 
     def add_file(self, f: ExportFile) -> bool:
         """Record a finished file of a running job; False (nothing recorded) when the job is no longer

@@ -428,10 +428,7 @@ async def _kickoff(request: web.Request, kind: str, group_id: str | None = None)
     }
 
     def create(be: Backend) -> bool:
-        store = be.exports()
-        if store.running_count() >= export.max_running:
-            return False
-        store.create_job(
+        return be.exports().create_job(
             job_id,
             owner=owner,
             kind=kind,
@@ -440,9 +437,10 @@ async def _kickoff(request: web.Request, kind: str, group_id: str | None = None)
             params=params,
             now=int(now.timestamp()),
             expires_at=int(now.timestamp()) + export.expiry_minutes * 60,
+            max_running=export.max_running,
+            tree_size=pin[1] if pin else None,
+            checkpoint=pin[0] if pin else None,
         )
-        store.set_pin(job_id, pin[1] if pin else None, pin[0] if pin else None)
-        return True
 
     if not await run_db(request, create):
         return fhir_response(

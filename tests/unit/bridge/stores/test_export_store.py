@@ -109,8 +109,31 @@ def test_job_lifecycle(store: ExportStore) -> None:
         and job.params == {"types": None}
         and job.progress == "queued"
     )
-    assert store.running_count() == 1
-    store.set_pin(job.id, 3, "note")
+    assert not store.create_job(
+        "b" * 32,
+        owner="o",
+        kind="system",
+        group_id=None,
+        request="r",
+        params={},
+        now=1,
+        expires_at=9,
+        max_running=1,
+    )  # one runs already
+    assert store.job("b" * 32) is None
+    assert store.create_job(
+        "c" * 32,
+        owner="o",
+        kind="system",
+        group_id=None,
+        request="r",
+        params={},
+        now=1,
+        expires_at=9,
+        max_running=2,
+    )
+    store.delete_job("c" * 32)
+    store.db.execute("UPDATE export_jobs SET tree_size = 3, checkpoint = 'note' WHERE id = ?", [job.id])
     assert store.set_progress(job.id, "half")
     assert store.add_file(_file(job.id, "Patient-1.ndjson", 1))
     assert store.finish(job.id, COMPLETE, expires_at=2000, transaction_time="2026-01-01T00:00:00.000Z")

@@ -660,6 +660,25 @@ async def test_a_failing_job_answers_500_with_an_operation_outcome(
     assert not (env.settings.export.directory / job).exists()
 
 
+async def test_a_kickoff_beyond_the_running_exports_allowed_is_429(env: Env) -> None:
+    store = env.store()
+    for k in range(env.settings.export.max_running):
+        store.create_job(
+            f"{k:032x}",
+            owner="x",
+            kind="system",
+            group_id=None,
+            request="r",
+            params={},
+            now=0,
+            expires_at=2**40,
+        )
+    store.close()
+    r = await env.client.get("/$export", headers={"Prefer": "respond-async", **env.headers})
+    assert r.status == 429 and r.headers["Retry-After"]
+    assert "exports are running" in (await r.json())["issue"][0]["diagnostics"]
+
+
 async def test_jobs_interrupted_by_a_restart_are_marked_failed(env: Env) -> None:
     store = env.store()
     store.create_job(
