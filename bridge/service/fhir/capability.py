@@ -83,6 +83,7 @@ def capability_statement(base: str, issuer: str | None = None) -> dict[str, Any]
         "kind": "instance",
         "software": {"name": "fhirbridge", "version": __version__},
         "implementation": {"description": "fhirbridge query service", "url": base},
+        "instantiates": ["http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data"],
         "fhirVersion": "4.0.1",
         "format": ["application/fhir+json", "json"],
         "rest": [
