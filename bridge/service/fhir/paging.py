@@ -34,7 +34,8 @@ class Cursor:
             data = orjson.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
             hwm, key, backward = data["h"], data["k"], data["b"]
             if (
-                not isinstance(hwm, int)
+                type(hwm) is not int
+                or not 0 <= hwm < 2**63
                 or not (key is None or isinstance(key, list))
                 or not isinstance(backward, bool)
             ):

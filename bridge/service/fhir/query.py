@@ -99,8 +99,8 @@ class Criterion:
         if p.type == "token":
             if mod == "not":
                 return not any(_token_match(q, f) for q in self.values for f in found)
-            if mod == "text":  # a prefix of the text, or of one of its words
-                texts = [fold(f[2]) for f in found if f[2]]
+            if mod == "text":  # a prefix of a text or display, or of one of its words
+                texts = [fold(t) for t in sp.token_texts(resource, p)]
                 return any(t.startswith(q) or f" {q}" in t for q in self.values for t in texts)
             if mod == "of-type":
                 typed = sp.identifier_types(resource, p)
@@ -138,12 +138,15 @@ def _reference_values(resource: dict[str, Any], p: SearchParam) -> list[str]:
 
 
 def _normal_ref(ref: str) -> str:
-    """``Type/id`` of a relative or absolute reference (``_history`` dropped); other forms as they are."""
+    """``Type/id`` of a relative reference (``Type/id/_history/v`` too); an absolute URL (another
+    server's resource) or another form stays as it is, compared literally."""
+    if "://" in ref or ref.startswith("urn:"):
+        return ref
     parts = ref.split("/")
     if "_history" in parts:
         parts = parts[: parts.index("_history")]
-    if len(parts) >= 2 and parts[-2][:1].isupper():
-        return f"{parts[-2]}/{parts[-1]}"
+    if len(parts) == 2 and parts[0][:1].isupper():
+        return f"{parts[0]}/{parts[1]}"
     return ref
 
 
@@ -265,7 +268,7 @@ class SearchQuery:
         for c in self.criteria:
             if c.param.type != "reference" or c.modifier not in (None, "Patient"):
                 continue
-            if not _is_patient_param(self.resource_type, c.param):
+            if not is_patient_param(self.resource_type, c.param):
                 continue
             ids = set()
             for v in c.values:
@@ -284,7 +287,7 @@ class SearchQuery:
         return None
 
 
-def _is_patient_param(rtype: str, p: SearchParam) -> bool:
+def is_patient_param(rtype: str, p: SearchParam) -> bool:
     paths = PATIENT_REFERENCE_PATHS.get(rtype)
     if rtype == "Patient" or not paths:
         return False
@@ -292,12 +295,13 @@ def _is_patient_param(rtype: str, p: SearchParam) -> bool:
 
 
 def _split(value: str) -> list[str]:
-    """Comma-separated values, ``\\,`` an escaped comma."""
+    """Comma-separated values (``\\,`` an escaped comma), their escapes kept for :func:`_split_bar` and
+    :func:`_unescape`, which read them."""
     out, cur, i = [], "", 0
     while i < len(value):
         c = value[i]
-        if c == "\\" and i + 1 < len(value) and value[i + 1] in ",$|\\":
-            cur += value[i + 1]
+        if c == "\\" and i + 1 < len(value):
+            cur += value[i : i + 2]
             i += 2
             continue
         if c == ",":
@@ -307,6 +311,19 @@ def _split(value: str) -> list[str]:
             cur += c
         i += 1
     out.append(cur)
+    return out
+
+
+def _unescape(value: str) -> str:
+    """A value with FHIR's search escapes (``\\,`` ``\\$`` ``\\|`` ``\\\\``) read."""
+    out, i = "", 0
+    while i < len(value):
+        if value[i] == "\\" and i + 1 < len(value) and value[i + 1] in ",$|\\":
+            out += value[i + 1]
+            i += 2
+        else:
+            out += value[i]
+            i += 1
     return out
 
 
@@ -338,14 +355,24 @@ def _number(name: str, raw: str) -> tuple[Decimal, Decimal, Decimal]:
         value = Decimal(raw)
     except InvalidOperation:
         raise _bad(name, f"{raw!r} is not a number") from None
-    if not value.is_finite():
-        raise _bad(name, f"{raw!r} is not a finite number")
     exponent = value.as_tuple().exponent
-    half = Decimal(5).scaleb(int(exponent) - 1) if isinstance(exponent, int) else Decimal(0)
-    return value, value - half, value + half
+    if (
+        not value.is_finite()
+        or not isinstance(exponent, int)
+        or abs(value.adjusted()) > 1000
+        or abs(exponent) > 1000
+    ):
+        raise _bad(name, f"{raw[:40]!r} is not a finite number of a sensible size")
+    try:
+        half = Decimal(5).scaleb(exponent - 1)
+        return value, value - half, value + half
+    except ArithmeticError:
+        raise _bad(name, f"{raw[:40]!r} is not a finite number of a sensible size") from None
 
 
 def _parse_value(name: str, p: SearchParam, modifier: str | None, raw: str, base: str) -> Any:
+    if p.type not in ("token", "quantity", "number") or modifier in ("missing", "text"):
+        raw = _unescape(raw)  # tokens and quantities: their parts are split and read by _split_bar
     if modifier == "missing":
         if raw not in ("true", "false"):
             raise _bad(name, f"{raw!r}: :missing takes true or false")
@@ -396,8 +423,8 @@ def _parse_value(name: str, p: SearchParam, modifier: str | None, raw: str, base
             if "/" in raw:
                 raise _bad(name, f"{raw!r}: with :{modifier} give the id only")
             return f"{modifier}/{raw}"
-        if raw.startswith(f"{base}/"):
-            raw = raw[len(base) + 1 :]
+        if base and raw.startswith(f"{base}/"):
+            raw = raw[len(base) + 1 :]  # this server's absolute URL; another server's stays literal
         if "/" not in raw and len(p.targets) == 1:
             return f"{p.targets[0]}/{raw}"
         return _normal_ref(raw) if "/" in raw else raw
@@ -486,7 +513,7 @@ def parse_search(
             raise FhirHTTPError(
                 400, "not-supported", f"parameter {name}: the modifier :{mod} is not supported"
             )
-        values = _split(raw) if mod not in ("missing", "text") else [raw]
+        values = _split(raw) if mod != "missing" else [raw]
         q.criteria.append(Criterion(name, p, mod, tuple(_parse_value(name, p, mod, v, base) for v in values)))
     if strict and q.unknown:
         raise FhirHTTPError(

@@ -20,9 +20,16 @@ from bridge.metrics import CONSENT_WITHHELD
 from bridge.service.audit.middleware import note
 from bridge.service.auth.marks import PATH_TYPE, Forbidden, needs
 from bridge.service.auth.middleware import access_of
-from bridge.service.consent.enforce import ConsentCheck, Withheld, consent_check, source_org_of
+from bridge.service.consent.enforce import (
+    ConsentCheck,
+    Withheld,
+    consent_check,
+    source_org_of,
+    suppressed_outcome,
+)
 from bridge.service.context import SETTINGS, Backend, base_url, run_db
 from bridge.service.http import FhirHTTPError, fhir_response
+from bridge.stores.breakglass import Window
 from bridge.stores.index.rules import patient_of
 
 routes = web.RouteTableDef()
@@ -41,6 +48,32 @@ def _before_read(request: web.Request) -> ConsentCheck | None:
     return consent_check(request, access, request.app[SETTINGS], base_url(request))
 
 
+async def _decide(
+    request: web.Request, resource: dict[str, Any], check: ConsentCheck | None, source_org: str | None = None
+) -> tuple[str, str | None, Window | None]:
+    """Whether the requester may see ``resource`` (a version of the path's resource): ``ok``, ``absent``
+    (outside a ``patient/`` token's compartment: answered as if absent), ``narrowed`` (a narrowing
+    scope excludes it) or ``withheld`` (the patient's Consent); with its patient and any open
+    break-the-glass window."""
+    rtype, rid = request.match_info["type"], request.match_info["id"]
+    access = access_of(request)
+    patient = patient_of(resource) if rtype != "Patient" else rid
+    if access is not None:
+        limited = rtype != "Patient" and access.grant(rtype, "r")[1]
+        if limited and (patient is None or patient not in (access.compartment or ())):
+            return "absent", patient, None
+        if not access.permits(resource, "r"):
+            return "narrowed", patient, None
+    window = None
+    if check is not None and patient is not None:
+        gate = await run_db(request, lambda be: check.gate(be, _linked(be, patient)))
+        window = gate.window
+        if not gate.admits_resource(resource, source_org or source_org_of(resource)):
+            CONSENT_WITHHELD.inc()
+            return "withheld", patient, window
+    return "ok", patient, window
+
+
 async def _checked(
     request: web.Request, resource: dict[str, Any] | None, interaction: str, check: ConsentCheck | None
 ) -> dict[str, Any]:
@@ -48,27 +81,20 @@ async def _checked(
     ``patient/`` token's compartment, 403 for a narrowing scope that excludes it, 403 ``Withheld`` for
     the patient's Consent; the access is noted for the audit either way."""
     rtype, rid = request.match_info["type"], request.match_info["id"]
-    access = access_of(request)
     unknown = FhirHTTPError(404, "not-found", f"{rtype}/{rid} is not known")
     if resource is None:
         raise unknown
-    patient = patient_of(resource) if rtype != "Patient" else rid
+    verdict, patient, window = await _decide(request, resource, check)
     patients = [patient] if patient else []
-    note(request, interaction, "R", patients=patients)  # refused below: nothing touched
-    if access is not None:
-        limited = rtype != "Patient" and access.grant(rtype, "r")[1]
-        if limited and (patient is None or patient not in (access.compartment or ())):
-            raise unknown  # outside the compartment reads as absent: no existence oracle
-        if not access.permits(resource, "r"):
-            raise Forbidden(f"the token's scopes do not grant this {rtype} (a narrowing query excludes it)")
-    window = None
-    if check is not None and patient is not None:
-        gate = await run_db(request, lambda be: check.gate(be, _linked(be, patient)))
-        window = gate.window
-        if not gate.admits_resource(resource, source_org_of(resource)):
-            CONSENT_WITHHELD.inc()
-            note(request, interaction, "R", patients=patients, window=window)
-            raise Withheld()
+    if verdict == "absent":
+        note(request, interaction, "R", patients=patients)
+        raise unknown  # outside the compartment reads as absent: no existence oracle
+    if verdict == "narrowed":
+        note(request, interaction, "R", patients=patients)
+        raise Forbidden(f"the token's scopes do not grant this {rtype} (a narrowing query excludes it)")
+    if verdict == "withheld":
+        note(request, interaction, "R", patients=patients, window=window)
+        raise Withheld()
     note(request, interaction, "R", patients=patients, touched={rtype: 1}, window=window)
     return resource
 
@@ -120,7 +146,9 @@ async def vread_resource(request: web.Request) -> web.Response:
     rtype, rid, vid = request.match_info["type"], request.match_info["id"], request.match_info["vid"]
     check = _before_read(request)
     found = await run_db(request, lambda be: be.index().version(rtype, rid, vid))
-    if found is None and await run_db(request, lambda be: be.index().get(rtype, rid)) is not None:
+    if found is None:
+        # whether the resource exists is told only to who may see it: no existence oracle
+        await _checked(request, await run_db(request, lambda be: be.index().get(rtype, rid)), "vread", check)
         raise FhirHTTPError(404, "not-found", f"{rtype}/{rid} has no version {vid!r}")
     resource = await _checked(request, found, "vread", check)
     headers = _version_headers(resource)
@@ -135,13 +163,33 @@ async def resource_history(request: web.Request) -> web.Response:
     """Every version of a resource the index received, newest first (a ``history`` Bundle)."""
     rtype, rid = request.match_info["type"], request.match_info["id"]
     check = _before_read(request)
-    versions = await run_db(request, lambda be: be.index().versions(rtype, rid))
     current = await run_db(request, lambda be: be.index().get(rtype, rid))
-    await _checked(
-        request, current, "history-instance", check
-    )  # who may see the resource may see its history
+    await _checked(request, current, "history-instance", check)  # who may see the resource, first
+    versions = await run_db(request, lambda be: be.index().versions(rtype, rid))
+    # then each version on its own: an earlier one may belong to another patient, or have come from an
+    # organisation the patient's Consent withholds
+    shown, patients, withheld, window = [], set(), 0, None
+    for v in versions:
+        verdict, patient, opened = await _decide(request, v["resource"], check, v["source_org"])
+        window = window or opened
+        if verdict == "ok":
+            shown.append(v)
+            if patient:
+                patients.add(patient)
+        elif verdict == "withheld":
+            withheld += 1
+    note(
+        request,
+        "history-instance",
+        "R",
+        patients=sorted(patients),
+        touched_by_patient={
+            p: {rtype: sum(1 for v in shown if _owner(v["resource"], rtype, rid) == p)} for p in patients
+        },
+        window=window,
+    )
     base = base_url(request)
-    entries = [
+    entries: list[dict[str, Any]] = [
         {
             "fullUrl": f"{base}/{rtype}/{rid}",
             "resource": v["resource"],
@@ -152,19 +200,31 @@ async def resource_history(request: web.Request) -> web.Response:
                 "lastModified": v["resource"]["meta"].get("lastUpdated"),
             },
         }
-        for v in versions
+        for v in shown
         if isinstance(v["resource"].get("meta"), dict) and v["resource"]["meta"].get("versionId")
     ]
+    total = len(entries)
+    if withheld:  # said, never what or why (FHIR's break-the-glass hint)
+        entries.append(
+            {
+                "request": {"method": "GET", "url": f"{rtype}/{rid}/_history"},
+                "response": {"status": "403 Forbidden", "outcome": suppressed_outcome()},
+            }
+        )
     return fhir_response(
         {
             "resourceType": "Bundle",
             "id": str(uuid.uuid4()),
             "type": "history",
-            "total": len(entries),
+            "total": total,
             "link": [{"relation": "self", "url": f"{base}/{rtype}/{rid}/_history"}],
             "entry": entries,
         }
     )
+
+
+def _owner(resource: dict[str, Any], rtype: str, rid: str) -> str | None:
+    return rid if rtype == "Patient" else patient_of(resource)
 
 
 def _linked(backend: Backend, patient_id: str) -> list[str]:

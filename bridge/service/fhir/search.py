@@ -41,7 +41,14 @@ from bridge.service.context import SETTINGS, Backend, base_url, stores
 from bridge.service.fhir import searchparams as sp
 from bridge.service.fhir.everything import merge_duplicates
 from bridge.service.fhir.paging import Cursor
-from bridge.service.fhir.query import SearchQuery, SortKey, fold, parse_search, reference_targets
+from bridge.service.fhir.query import (
+    SearchQuery,
+    SortKey,
+    fold,
+    is_patient_param,
+    parse_search,
+    reference_targets,
+)
 from bridge.service.http import FhirHTTPError, fhir_response, operation_outcome, read_body
 from bridge.stores.index.store import StoredResource
 
@@ -143,6 +150,7 @@ class SearchResult:
     next_key: list[Any] | None
     prev_key: list[Any] | None
     included: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     withheld: int = 0
     touched: dict[str, dict[str, int]] = field(default_factory=dict)
 
@@ -183,7 +191,7 @@ class _Admission:
             owner = stored.id if stored.resource_type == "Patient" else stored.patient_id
             if owner is None or owner not in (access.compartment or ()):
                 return False
-        return not access.narrowed(stored.resource_type, "r") or access.permits(resource, "r")
+        return not access.narrowed(stored.resource_type, interaction) or access.permits(resource, interaction)
 
     def consent_allows(self, stored: StoredResource, resource: dict[str, Any]) -> bool:
         if self.consent is None:
@@ -218,13 +226,14 @@ def run_search(backend: Backend, req: SearchRequest) -> SearchResult:
         narrow_patients = sorted({x for ids in q.linked.values() for x in ids})
     ids = q.token_values("_id")
     if q.resource_type == "Patient":
-        idents = q.token_values("identifier")
-        ident_crit = next((c for c in q.criteria if c.name == "identifier"), None)
-        if idents is not None and ident_crit is not None:
-            found: set[str] = set()
-            for system, code in ident_crit.values:
-                found.update(index.patients_by_identifier(system or None, code))
-            ids = sorted(found if ids is None else found & set(ids))
+        # the identifier table holds identifiers with a system: only criteria whose every value names
+        # a system and a value narrow by it (the others are matched on the candidates)
+        for crit in q.criteria:
+            if crit.name == "identifier" and all(v[0] and v[1] for v in crit.values):
+                found: set[str] = set()
+                for system, code in crit.values:
+                    found.update(index.patients_by_identifier(system, code))
+                ids = sorted(found if ids is None else found & set(ids))
     access = req.access
     if access is not None:
         allowed, limited = access.grant(q.resource_type, "s")
@@ -286,14 +295,16 @@ def run_search(backend: Backend, req: SearchRequest) -> SearchResult:
             )
         page, next_key, prev_key, total = _scan_pages(index, q, req.cursor, hwm, narrowing, admit)
     result = SearchResult(page, total, hwm, next_key, prev_key)
-    result.included = _includes(backend, q, page, admission)
+    included, result.warnings = _includes(backend, q, page, admission, hwm)
+    result.included = [inc.resource for inc in included]
     result.withheld = admission.withheld()
     touched: dict[str, dict[str, int]] = {}
-    for c in page:
-        owner = c.stored.id if c.stored.resource_type == "Patient" else c.stored.patient_id
+    for released in [*page, *included]:  # what the answer releases, included resources too
+        kind = released.stored.resource_type
+        owner = released.stored.id if kind == "Patient" else released.stored.patient_id
         if owner is not None:
             counts = touched.setdefault(owner, {})
-            counts[c.stored.resource_type] = counts.get(c.stored.resource_type, 0) + 1
+            counts[kind] = counts.get(kind, 0) + 1
     result.touched = touched
     return result
 
@@ -405,7 +416,7 @@ def _scan_pages(
 
 def count_all(backend: Backend, req: SearchRequest) -> int:
     """Every match of the query (``_summary=count``, ``_total=accurate`` on a large candidate set)."""
-    q = replace(req.query, count=CANDIDATE_LIMIT, sort=[])
+    q = replace(req.query, count=CANDIDATE_LIMIT, sort=[], include=[], revinclude=[])
     total = 0
     cursor = req.cursor
     while True:
@@ -419,55 +430,69 @@ def count_all(backend: Backend, req: SearchRequest) -> int:
 
 
 def _includes(
-    backend: Backend, q: SearchQuery, page: list[Candidate], admission: _Admission
-) -> list[dict[str, Any]]:
-    """The resources ``_include`` and ``_revinclude`` add to the page, as the requester may see them."""
+    backend: Backend, q: SearchQuery, page: list[Candidate], admission: _Admission, hwm: int
+) -> tuple[list[Candidate], list[str]]:
+    """The resources ``_include`` and ``_revinclude`` add to the page, as the requester may see them,
+    and warnings for a ``_revinclude`` that could not be read whole."""
     if not (q.include or q.revinclude) or not page:
-        return []
+        return [], []
     index = backend.index()
     on_page = {(c.stored.resource_type, c.stored.id) for c in page}
     wanted: set[tuple[str, str]] = set()
     for inc in q.include:
         for c in page:
             wanted.update(reference_targets(c.resource, inc))
-    out: dict[tuple[str, str], dict[str, Any]] = {}
-    for stored in index.get_stored(sorted(wanted - on_page)):
-        resource = orjson.loads(stored.body)
+    out: dict[tuple[str, str], Candidate] = {}
+    warnings: list[str] = []
+
+    def add(stored: StoredResource, resource: dict[str, Any]) -> None:
         if admission.token_allows(stored, resource) and admission.consent_allows(stored, resource):
-            out[(stored.resource_type, stored.id)] = resource
+            out.setdefault((stored.resource_type, stored.id), Candidate(stored, resource))
+
+    for stored in index.get_stored(sorted(wanted - on_page)):
+        add(stored, orjson.loads(stored.body))
+    page_patients = sorted(
+        {
+            owner
+            for c in page
+            if (owner := c.stored.id if c.stored.resource_type == "Patient" else c.stored.patient_id)
+        }
+    )
     for inc in q.revinclude:
         if inc.source_type == "Provenance":
             for stored in index.provenance_of(sorted(on_page)):
                 prov = _provenance_for(orjson.loads(stored.body), on_page, admission)
                 if prov is not None:
-                    out[("Provenance", stored.id)] = prov
+                    out[("Provenance", stored.id)] = Candidate(stored, prov)
             continue
         if inc.source_type in NOT_SEARCHED:
             continue
-        patients = sorted(
-            {
-                owner
-                for c in page
-                if (owner := c.stored.id if c.stored.resource_type == "Patient" else c.stored.patient_id)
-            }
-        )
-        rows = index.scan(
-            inc.source_type,
-            order=None,
-            max_seq=index.high_water_mark(),
-            patient_ids=patients or None,
-            limit=CANDIDATE_LIMIT,
-        )
-        for stored in rows:
-            resource = orjson.loads(stored.body)
-            refs = set(reference_targets(resource, replace(inc, target=None)))
-            if (
-                refs & on_page
-                and admission.token_allows(stored, resource)
-                and admission.consent_allows(stored, resource)
-            ):
-                out.setdefault((stored.resource_type, stored.id), resource)
-    return list(out.values())
+        by_patient = inc.param is not None and is_patient_param(inc.source_type, inc.param)
+        after: tuple[str, str] | None = None
+        read = 0
+        while True:
+            rows = index.scan(
+                inc.source_type,
+                max_seq=hwm,
+                patient_ids=page_patients if by_patient else None,
+                after=after,
+                limit=SCAN_CHUNK,
+            )
+            for stored in rows:
+                resource = orjson.loads(stored.body)
+                if set(reference_targets(resource, replace(inc, target=None))) & on_page:
+                    add(stored, resource)
+            read += len(rows)
+            if len(rows) < SCAN_CHUNK:
+                break
+            if read >= CANDIDATE_LIMIT:
+                warnings.append(
+                    f"_revinclude={inc.raw}: only the first {read} {inc.source_type} resources were read "
+                    "(too costly); narrow the search or search that type with the reference"
+                )
+                break
+            after = (rows[-1].id, rows[-1].id)
+    return list(out.values()), warnings
 
 
 def _provenance_for(
@@ -477,8 +502,11 @@ def _provenance_for(
     of its bundle may be withheld from them), marked REDACTED when narrowed; None when the token may not
     read Provenance."""
     access = admission.access
-    if access is not None and not access.grant("Provenance", "r")[0]:
-        return None
+    if access is not None:
+        allowed, limited = access.grant("Provenance", "r")
+        # a Provenance belongs to no patient: outside any patient/ compartment, as a read of it is
+        if not allowed or limited or not access.permits(prov, "r"):
+            return None
     targets = prov.get("target") or []
     kept = [
         t
@@ -496,6 +524,21 @@ def _provenance_for(
 
 
 @functools.lru_cache(maxsize=256)
+def _mandatory_elements(rtype: str) -> frozenset[str]:
+    """The elements of a type with a minimum cardinality of 1 (kept by ``_elements`` and ``_summary``)."""
+    try:
+        model = get_fhir_model_class(rtype)
+    except (KeyError, ValueError):
+        return frozenset()
+    out = set()
+    for name, f in model.model_fields.items():
+        extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
+        if f.is_required() or extra.get("element_required"):
+            out.add((f.alias or name).removesuffix("__ext"))  # the JSON name (class, not class_fhir)
+    return frozenset(out)
+
+
+@functools.lru_cache(maxsize=256)
 def _summary_elements(rtype: str) -> frozenset[str]:
     """The R4 summary elements of a type (from the model's metadata: R4B's summary flags are R4's)."""
     try:
@@ -506,7 +549,7 @@ def _summary_elements(rtype: str) -> frozenset[str]:
     for name, f in model.model_fields.items():
         extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
         if extra.get("summary_element_property") or extra.get("element_required"):
-            out.add(name)
+            out.add(f.alias or name)
     return frozenset(out | {"id", "meta", "modifierExtension", "implicitRules"})
 
 
@@ -521,11 +564,11 @@ def _kept(resource: dict[str, Any], q: SearchQuery) -> frozenset[str] | None:
             for k in resource
             if any(k == w or (k.startswith(w) and k[len(w) : len(w) + 1].isupper()) for w in wanted)
         }
-        return frozenset(chosen | (_summary_elements(rtype) & {"status", "id", "meta"}))
+        return frozenset(chosen | _mandatory_elements(rtype) | {"id", "meta"})
     if q.summary == "true":
-        return _summary_elements(rtype)
+        return _summary_elements(rtype) | _mandatory_elements(rtype)
     if q.summary == "text":
-        return frozenset({"id", "meta", "text", "status"})
+        return frozenset({"id", "meta", "text"} | _mandatory_elements(rtype))
     if q.summary == "data":
         return frozenset(k for k in resource if k != "text")
     return None
@@ -618,6 +661,10 @@ async def _search(request: web.Request, form: list[tuple[str, str]] | None = Non
             "search": {"mode": "outcome"},
         }
         for name in dict.fromkeys(q.unknown)
+    ]
+    entries += [
+        {"resource": operation_outcome("warning", "too-costly", w), "search": {"mode": "outcome"}}
+        for w in result.warnings
     ]
     if result.withheld:
         CONSENT_WITHHELD.inc(result.withheld)

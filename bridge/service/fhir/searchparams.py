@@ -91,7 +91,7 @@ _BY_TYPE: dict[str, tuple[SearchParam, ...]] = {
         _p("phone", "token", "telecom[phone]"),
         _p("email", "token", "telecom[email]"),
         _p("active", "token", "active"),
-        _p("deceased", "token", "deceasedBoolean"),
+        _p("deceased", "token", "deceasedBoolean", "deceasedDateTime"),
         _p("general-practitioner", "reference", "generalPractitioner"),
         _p("organization", "reference", "managingOrganization"),
         _p("link", "reference", "link.other"),
@@ -579,6 +579,13 @@ Token = tuple[str | None, str | None, str | None]  # system, code, text (display
 
 def token_values(resource: dict[str, Any], param: SearchParam) -> list[Token]:
     out: list[Token] = []
+    # R4's Patient.deceased: deceased.exists() and deceased != false (a deceasedDateTime means true)
+    if (
+        param.name == "deceased"
+        and resource.get("resourceType") == "Patient"
+        and "deceasedDateTime" in resource
+    ):
+        return [(None, "true", None)]
     for v in raw_values(resource, param):
         if isinstance(v, bool):
             out.append((None, "true" if v else "false", None))
@@ -598,6 +605,26 @@ def token_values(resource: dict[str, Any], param: SearchParam) -> list[Token]:
                 ident_type = v.get("type") or {}
                 text = ident_type.get("text") if isinstance(ident_type, dict) else None
                 out.append((v.get("system"), str(v["value"]), text))
+    return out
+
+
+def token_texts(resource: dict[str, Any], param: SearchParam) -> list[str]:
+    """The texts a token's ``:text`` modifier searches: CodeableConcept.text, each Coding's display,
+    an Identifier's type text."""
+    out: list[str] = []
+    for v in raw_values(resource, param):
+        if not isinstance(v, dict):
+            continue
+        if isinstance(v.get("text"), str):
+            out.append(v["text"])
+        if isinstance(v.get("display"), str):
+            out.append(v["display"])
+        for c in v.get("coding") or () if isinstance(v.get("coding"), list) else ():
+            if isinstance(c, dict) and isinstance(c.get("display"), str):
+                out.append(c["display"])
+        kind = v.get("type")
+        if isinstance(kind, dict) and isinstance(kind.get("text"), str):
+            out.append(kind["text"])
     return out
 
 

@@ -668,12 +668,13 @@ class IndexStore:
         return self.get_stored([(r[0], r[1]) for r in out])
 
     def versions(self, resource_type: str, rid: str) -> list[dict[str, Any]]:
-        """Every version of a resource the index received, newest first (by source time): its body
+        """Every version of a resource the index received, newest first (by source time, ties as
+        :meth:`apply` breaks them, so the first is the current version): its body
         (``meta.versionId`` the content digest, ``meta.lastUpdated`` its earliest delivery), the bundle
         that first delivered it and the organisation that sent it."""
         rows = self.db.query(
             "SELECT body, bundle_sha256, source_org, received_at, version_time FROM resource_versions "
-            "WHERE resource_type = ? AND id = ? ORDER BY version_time DESC, received_at DESC, content_sha256",
+            "WHERE resource_type = ? AND id = ? ORDER BY version_time DESC, content_sha256 DESC",
             (resource_type, rid),
         )
         return [

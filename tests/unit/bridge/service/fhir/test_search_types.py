@@ -503,3 +503,67 @@ async def test_a_cursor_of_another_search_is_refused(client: Any) -> None:
     for other in ({"_sort": "date"}, {}):
         resp = await client.get("/Observation", params={**other, "_count": "2", "_cursor": cursor})
         assert resp.status == 400 and "_cursor" in (await resp.json())["issue"][0]["diagnostics"]
+
+
+# -- regressions found in review ----------------------------------------------------------------
+
+
+async def test_a_search_scope_narrowing_applies_to_search(settings_: Settings) -> None:
+    cat = "http://terminology.hl7.org/CodeSystem/observation-category"
+    for value, expected in (("laboratory", 6), ("vital-signs", 0)):
+        scope = f"user/Observation.s?category={cat}|{value}"
+        app = create_app(settings_, Backend(settings_))
+        async with TestClient(TestServer(app), headers=bearer(settings_, scope)) as c:
+            assert len(_ids(await _search(c, "/Observation"))) == expected, value
+
+
+async def test_history_vread_and_provenance_respect_the_compartment(settings_: Settings) -> None:
+    store = IndexStore.open(settings_.stores.index_url)  # oa2 moves to pc in a later version
+    moved = _obs("oa2", "pc", "2026-02-10T08:00:00Z", 111)
+    late = {"resourceType": "Bundle", "timestamp": "2026-05-01T00:00:00Z", "entry": [{"resource": moved}]}
+    store.apply([IncomingBundle(late, "h6", "st-mary", "st-mary|1", "t", 0, 2, "2026-05-01T00:00:01.000Z")])
+    store.close()
+    app = create_app(settings_, Backend(settings_))
+    async with TestClient(TestServer(app), headers=bearer(settings_, "patient/*.rs", patient="pc")) as c:
+        history = await client_get_all(c, "/Observation/oa2/_history")
+        assert [e["resource"]["subject"]["reference"] for e in history["entry"]] == ["Patient/pc"]
+        resp = await c.get("/Observation/oa1/_history/bogus")  # pa's: the same answer as a missing id
+        assert resp.status == 404 and "is not known" in (await resp.json())["issue"][0]["diagnostics"]
+        b = await _search(c, "/Observation", _id="oc1", _revinclude="Provenance:target")
+        assert _ids(b, "include") == []
+
+
+async def test_bad_numbers_cursors_and_foreign_references(client: Any) -> None:
+    for q in ("value-quantity=1e1000001", "value-quantity=1e-1000001", "component-value-quantity=9e99999"):
+        assert (await client.get(f"/Observation?{q}")).status == 400, q
+    import base64
+
+    forged = base64.urlsafe_b64encode(b'{"h":9223372036854775808,"k":null,"b":false}').decode().rstrip("=")
+    assert (await client.get(f"/Observation?_cursor={forged}")).status == 400
+    assert _ids(await _search(client, "/Observation", subject="http://evil.example/fhir/Patient/pc")) == []
+    b = await _search(client, "/Observation", _id="oa1", _elements="valueQuantity")
+    assert {"code", "status", "valueQuantity"} <= set(b["entry"][0]["resource"])
+
+
+def test_escapes_text_and_deceased_match_as_the_spec_says() -> None:
+    q = parse_search("Patient", [("identifier", "urn:x\\|y|A\\|B"), ("deceased", "true")])
+    patient = {
+        "resourceType": "Patient",
+        "identifier": [{"system": "urn:x|y", "value": "A|B"}],
+        "deceasedDateTime": "2020-01-01",
+    }
+    assert q.matches(patient)
+    with pytest.raises(FhirHTTPError):  # unescaped, the bars are separators: not system|code
+        parse_search("Patient", [("identifier", "urn:x|y|A|B")])
+    obs = {
+        "resourceType": "Observation",
+        "code": {
+            "coding": [{"system": LOINC, "code": "2345-7", "display": "Glucose"}],
+            "text": "Blood sugar",
+        },
+    }
+    for text, hit in (("blood", True), ("gluc", True), ("sugar", True), ("xyz,blood", True), ("ugar", False)):
+        assert parse_search("Observation", [("code:text", text)]).matches(obs) is hit, text
+    assert parse_search("Patient", [("family", "o\\,brien")]).matches(
+        {"resourceType": "Patient", "name": [{"family": "O,Brien"}]}
+    )
