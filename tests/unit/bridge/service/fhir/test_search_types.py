@@ -567,3 +567,30 @@ def test_escapes_text_and_deceased_match_as_the_spec_says() -> None:
     assert parse_search("Patient", [("family", "o\\,brien")]).matches(
         {"resourceType": "Patient", "name": [{"family": "O,Brien"}]}
     )
+
+
+@pytest.mark.parametrize("sort", [None, "_id", "-_id", "_lastUpdated", "-_lastUpdated"])
+async def test_a_large_candidate_set_is_read_page_by_page_in_index_order(
+    client: Any, monkeypatch: pytest.MonkeyPatch, sort: str | None
+) -> None:
+    import bridge.service.fhir.search as search
+
+    everything = await _search(client, "/Observation", _count="100")
+    expected = {e["resource"]["id"]: e["resource"] for e in everything["entry"]}
+    monkeypatch.setattr(search, "CANDIDATE_LIMIT", 3)  # 6 Observations: more than the in-memory limit
+    monkeypatch.setattr(search, "SCAN_CHUNK", 2)
+    params = {"_count": "2", **({"_sort": sort} if sort else {})}
+    page = await _search(client, "/Observation", **params)
+    seen, pages = _ids(page), [page]
+    while (nxt := _link(page, "next")) is not None:
+        page = await client_get_all(client, nxt)
+        pages.append(page)
+        seen += _ids(page)
+    assert sorted(seen) == sorted(expected) and len(seen) == len(set(seen))
+    field = "lastUpdated" if sort and "lastUpdated" in sort else None
+    keys = [(expected[i]["meta"][field] if field else "", i) for i in seen]
+    assert keys == sorted(keys, reverse=bool(sort and sort.startswith("-")))
+    back = await client_get_all(client, _link(pages[-1], "previous") or "")
+    assert _ids(back) == _ids(pages[-2])
+    resp = await client.get("/Observation", params={"_sort": "date", "_count": "2"})
+    assert resp.status == 400 and (await resp.json())["issue"][0]["code"] == "too-costly"
