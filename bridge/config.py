@@ -232,6 +232,16 @@ class ExportSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class UiSettings:
+    """The clinician web app (docs/ui.md): the public OAuth client it signs users in with, the scopes it
+    asks for, and the base URL of the API it reads through (empty: this process's own listening socket)."""
+
+    client_id: str = "fhirbridge-ui"
+    scope: str = "openid fhirUser user/*.rs"
+    api_url: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Everything a fhirbridge process needs to know, grouped by what it is about. Build with :meth:`from_env`."""
 
@@ -246,6 +256,7 @@ class Settings:
     audit: AuditSettings = field(default_factory=AuditSettings)
     consent: ConsentSettings = field(default_factory=ConsentSettings)
     export: ExportSettings = field(default_factory=ExportSettings)
+    ui: UiSettings = field(default_factory=UiSettings)
     gc_threshold: tuple[int, int, int] | None = (50_000, 20, 10)  # None: Python's default
 
     @classmethod
@@ -316,6 +327,11 @@ class Settings:
             audit=_audit(env, data_dir),
             consent=_consent(env),
             export=_export(env, data_dir),
+            ui=UiSettings(
+                client_id=env.get("FHIRBRIDGE_UI_CLIENT_ID") or "fhirbridge-ui",
+                scope=env.get("FHIRBRIDGE_UI_SCOPE") or "openid fhirUser user/*.rs",
+                api_url=(env.get("FHIRBRIDGE_UI_API_URL") or "").rstrip("/"),
+            ),
             gc_threshold=_gc_threshold(env.get("FHIRBRIDGE_GC_THRESHOLD", "50000,20,10")),
         )
 

@@ -33,6 +33,7 @@ from bridge.service.fhir import access, bulk, consent, everything, read, search
 from bridge.service.fhir.capability import capability_statement
 from bridge.service.fhir.consent import CONSENT_WRITER, ConsentWriter
 from bridge.service.http import error_response, fhir_response, operation_outcome, outcome_response
+from bridge.service.ui import install as install_ui
 from bridge.stores.ledger import open_configured_ledger
 from bridge.stores.mpi import PersonIndex
 from bridge.tls import server_context, warn_if_plaintext
@@ -152,6 +153,7 @@ def create_app(
         app.add_routes(ledger_routes.routes)
     if be.has_mpi:
         app.add_routes(mpi_routes.routes)
+    install_ui(app)  # the web app under /app (before search and read, whose patterns are wider)
     app.add_routes(search.routes)  # last, with read: their patterns would also match the paths above
     app.add_routes(read.routes)
 

@@ -1,0 +1,202 @@
+"""The pages: patient search (``/app/``), the patient page (``/app/Patient/{id}``) and one section of it
+(``/app/Patient/{id}/section/{key}``, what htmx swaps in when paging), and the app's static files.
+
+Every page needs a session; without one it redirects to the sign-in. Every read goes through the API
+with the session's token (:mod:`bridge.service.ui.api`), so the API's scopes, consent gate and audit
+apply to it exactly as to any client. A request from htmx (``HX-Request``) gets the fragment it swaps;
+any other request gets the whole page, so everything works without JavaScript.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import aiohttp_jinja2
+from aiohttp import web
+from yarl import URL
+
+from bridge.logging import get_logger
+from bridge.service.auth.marks import public
+from bridge.service.ui.api import ApiAnswer, fhir_get, path_of
+from bridge.service.ui.login import SESSIONS, current_session
+from bridge.service.ui.session import Session
+from bridge.service.ui.summary import SECTION_KEYS, PatientView, build_view, human_name, identifiers, page_of
+
+log = get_logger(__name__)
+routes = web.RouteTableDef()
+STATIC = Path(__file__).parent / "static"
+#: the files the app serves, by name (nothing else under static/ is reachable)
+STATIC_FILES = {
+    "app.css": ("app.css", "text/css"),
+    "htmx.min.js": ("vendor/htmx.min.js", "text/javascript"),
+}
+SEARCH_FIELDS = ("name", "birthdate", "identifier")
+SEARCH_COUNT = 20
+SECTION_PAGE = 25
+#: the $everything page size, and the most entries a patient page reads (docs/ui.md)
+EVERYTHING_COUNT = 1000
+MAX_ENTRIES = 5000
+
+
+def _require_session(request: web.Request) -> Session:
+    session = current_session(request)
+    if session is None:
+        raise web.HTTPSeeOther(f"/app/login?{urlencode({'next': request.path_qs})}")
+    return session
+
+
+def _htmx(request: web.Request) -> bool:
+    return request.headers.get("HX-Request") == "true"
+
+
+def _api_error(request: web.Request, session: Session, answer: ApiAnswer) -> web.StreamResponse:
+    """A page for an API refusal; an expired or refused token sends the user to sign in again."""
+    if answer.status == 401:
+        request.app[SESSIONS].end(session.id)
+        raise web.HTTPSeeOther(f"/app/login?{urlencode({'next': request.path_qs})}")
+    title = {403: "Not allowed", 404: "Not found"}.get(answer.status, "The service could not answer")
+    return aiohttp_jinja2.render_template(
+        "message.html",
+        request,
+        {"title": title, "message": answer.diagnostics(), "session": session, "sign_in": False},
+        status=answer.status if answer.status >= 400 else 502,
+    )
+
+
+# -- search ---------------------------------------------------------------------------------------
+@routes.get("/app/")
+@public  # the session is the app's gate; the API checks the session's token on every read
+async def search_page(request: web.Request) -> web.StreamResponse:
+    """Patient search by name, birth date and identifier (``GET /Patient?…``)."""
+    session = _require_session(request)
+    criteria = {f: request.query.get(f, "").strip() for f in SEARCH_FIELDS}
+    context: dict[str, Any] = {"session": session, "criteria": criteria, "searched": False, "results": []}
+    if any(criteria.values()):
+        params = [(k, v) for k, v in criteria.items() if v] + [("_count", str(SEARCH_COUNT))]
+        cursor = request.query.get("cursor")
+        if cursor:
+            params.append(("_cursor", cursor))
+        answer = await fhir_get(request, session.access_token, f"/Patient?{urlencode(params)}")
+        if answer.status != 200:
+            return _api_error(request, session, answer)
+        context.update(_results(answer.body, criteria))
+    template = "_results.html" if _htmx(request) else "search.html"
+    return aiohttp_jinja2.render_template(template, request, context)
+
+
+def _results(bundle: dict[str, Any], criteria: dict[str, str]) -> dict[str, Any]:
+    rows = []
+    for item in bundle.get("entry") or []:
+        r = item.get("resource") or {}
+        if r.get("resourceType") != "Patient":
+            continue
+        rows.append(
+            {
+                "id": str(r.get("id") or ""),
+                "name": human_name(r.get("name")),
+                "birth_date": str(r.get("birthDate") or ""),
+                "sex": str(r.get("gender") or ""),
+                "identifiers": identifiers(r),
+            }
+        )
+    next_url = None
+    for link in bundle.get("link") or []:
+        if link.get("relation") == "next":
+            cursor = URL(str(link.get("url"))).query.get("_cursor")
+            if cursor:
+                next_url = "/app/?" + urlencode(
+                    [*((k, v) for k, v in criteria.items() if v), ("cursor", cursor)]
+                )
+    total = bundle.get("total")
+    return {
+        "searched": True,
+        "results": rows,
+        "total": total if isinstance(total, int) else None,
+        "next_url": next_url,
+    }
+
+
+# -- the patient page -----------------------------------------------------------------------------
+async def _view(request: web.Request, session: Session, pid: str) -> PatientView | web.StreamResponse:
+    """The patient's merged history, read page by page from ``$everything`` (at most :data:`MAX_ENTRIES`)."""
+    pages: list[dict[str, Any]] = []
+    path: str | None = f"/Patient/{pid}/$everything?{urlencode({'_count': EVERYTHING_COUNT})}"
+    read = 0
+    while path is not None and read < MAX_ENTRIES:
+        answer = await fhir_get(request, session.access_token, path)
+        if answer.status != 200:
+            return _api_error(request, session, answer)
+        pages.append(answer.body)
+        read += len(answer.body.get("entry") or [])
+        nxt = next(
+            (lk.get("url") for lk in answer.body.get("link") or [] if lk.get("relation") == "next"), None
+        )
+        path = path_of(str(nxt)) if nxt else None
+    return build_view(pid, pages, truncated=path is not None)
+
+
+def _page_number(request: web.Request, name: str) -> int:
+    raw = request.query.get(name, "1")
+    return int(raw) if raw.isdigit() and len(raw) < 7 else 1
+
+
+def _section_context(view: PatientView, key: str, page: int) -> dict[str, Any]:
+    section = view.section(key)
+    entries, pages = page_of(section.entries, page, SECTION_PAGE)
+    return {"section": section, "entries": entries, "page": min(max(1, page), pages), "pages": pages}
+
+
+@routes.get("/app/Patient/{id:[A-Za-z0-9\\-\\.]{1,64}}")
+@public  # the session is the app's gate; the API checks the session's token on every read
+async def patient_page(request: web.Request) -> web.StreamResponse:
+    """The banner and every section, each on its first page (or the page its ``<key>_page`` names)."""
+    session = _require_session(request)
+    pid = request.match_info["id"]
+    view = await _view(request, session, pid)
+    if not isinstance(view, PatientView):
+        return view
+    sections = [
+        _section_context(view, s.key, _page_number(request, f"{s.key}_page"))
+        for s in (*view.sections, view.other)
+        if s.entries or s.key != "other"
+    ]
+    return aiohttp_jinja2.render_template(
+        "patient.html",
+        request,
+        {"session": session, "view": view, "sections": sections, "pid": pid, "max_entries": MAX_ENTRIES},
+    )
+
+
+@routes.get("/app/Patient/{id:[A-Za-z0-9\\-\\.]{1,64}}/section/{key:[a-z]{1,20}}")
+@public  # the session is the app's gate; the API checks the session's token on every read
+async def section_fragment(request: web.Request) -> web.StreamResponse:
+    """One section on page ``page``: the fragment htmx swaps in (the whole page for a plain request)."""
+    session = _require_session(request)
+    pid, key = request.match_info["id"], request.match_info["key"]
+    if key not in SECTION_KEYS:
+        raise web.HTTPNotFound()
+    page = _page_number(request, "page")
+    if not _htmx(request):
+        raise web.HTTPSeeOther(f"/app/Patient/{pid}?{urlencode({f'{key}_page': page})}#{key}")
+    view = await _view(request, session, pid)
+    if not isinstance(view, PatientView):
+        return view
+    return aiohttp_jinja2.render_template(
+        "_section.html",
+        request,
+        {"session": session, "view": view, "pid": pid, **_section_context(view, key, page)},
+    )
+
+
+# -- static files ---------------------------------------------------------------------------------
+@routes.get("/app/static/{name}")
+@public
+async def static(request: web.Request) -> web.StreamResponse:
+    """The app's own CSS and the vendored htmx (docs/ui.md: versions, digests, licences)."""
+    found = STATIC_FILES.get(request.match_info["name"])
+    if found is None:
+        raise web.HTTPNotFound()
+    rel, content_type = found
+    return web.Response(body=(STATIC / rel).read_bytes(), content_type=content_type, charset="utf-8")
