@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from bridge.service.mpi import EXT_OTHER_PERSON, EXT_STATE
 from bridge.stores.index.rules import CLINICAL_DATE_PATHS
 
 PROVENANCE_EXT = "https://fhirbridge.dev/fhir/StructureDefinition/entry-provenance"
@@ -66,6 +67,7 @@ class LinkedRecord:
     id: str
     sources: tuple[str, ...]
     mrns: tuple[str, ...]
+    first_received: str = ""
 
 
 @dataclass(slots=True)
@@ -90,6 +92,7 @@ class PatientView:
     notices: list[str] = field(default_factory=list)
     total: int = 0
     truncated: bool = False
+    possible_matches: int = 0
 
     @property
     def hospitals(self) -> int:
@@ -109,7 +112,7 @@ def build_view(patient_id: str, pages: Sequence[dict[str, Any]], *, truncated: b
     """The view of ``pages`` (the ``$everything`` pages read, in order); ``truncated`` when pages were
     left unread."""
     view = PatientView(patient_id, sections=[Section(s.key, s.title) for s in SECTIONS], truncated=truncated)
-    patients: list[tuple[dict[str, Any], tuple[str, ...]]] = []
+    patients: list[tuple[dict[str, Any], tuple[str, ...], str]] = []
     for page in pages:
         if not view.total and isinstance(page.get("total"), int):
             view.total = page["total"]
@@ -121,7 +124,7 @@ def build_view(patient_id: str, pages: Sequence[dict[str, Any]], *, truncated: b
                 continue
             sources = _sources(item)
             if resource.get("resourceType") == "Patient":
-                patients.append((resource, sources))
+                patients.append((resource, sources, _first_received(item)))
                 continue
             entry = to_entry(resource, sources)
             _section_of(view, resource).entries.append(entry)
@@ -141,8 +144,8 @@ def _read_outcome(view: PatientView, outcome: dict[str, Any]) -> None:
             view.notices.append(str(issue["diagnostics"]))
 
 
-def _sources(item: dict[str, Any]) -> tuple[str, ...]:
-    """The sending organisations of an entry, earliest delivery first, each once."""
+def _deliveries(item: dict[str, Any]) -> list[tuple[str, str]]:
+    """(received at, sending organisation) of each delivery of an entry, earliest first."""
     found: list[tuple[str, str]] = []
     for ext in item.get("extension") or []:
         if ext.get("url") != PROVENANCE_EXT:
@@ -152,7 +155,30 @@ def _sources(item: dict[str, Any]) -> tuple[str, ...]:
         received = (parts.get("receivedAt") or {}).get("valueInstant") or ""
         if isinstance(org, str) and org:
             found.append((str(received), org))
-    return tuple(dict.fromkeys(org for _, org in sorted(found)))
+    return sorted(found)
+
+
+def _sources(item: dict[str, Any]) -> tuple[str, ...]:
+    """The sending organisations of an entry, earliest delivery first, each once."""
+    return tuple(dict.fromkeys(org for _, org in _deliveries(item)))
+
+
+def _first_received(item: dict[str, Any]) -> str:
+    return next((received for received, _ in _deliveries(item)), "")
+
+
+def possible_matches(person: dict[str, Any]) -> int:
+    """How many other persons a Person resource (``GET /Person/{id}``) is linked to by POSSIBLE_MATCH:
+    people the MPI found similar and no steward has decided on, whose data ``$everything`` does not
+    merge. Counted by person (several records of one person are one possible match)."""
+    others = set()
+    for link in person.get("link") or []:
+        exts = [e for e in link.get("extension") or [] if isinstance(e, dict)]
+        if "POSSIBLE_MATCH" not in {e.get("valueCode") for e in exts if e.get("url") == EXT_STATE}:
+            continue
+        other = next((e.get("valueReference") for e in exts if e.get("url") == EXT_OTHER_PERSON), None)
+        others.add(str((other or link.get("target") or {}).get("reference")))
+    return len(others)
 
 
 def _section_of(view: PatientView, resource: dict[str, Any]) -> Section:
@@ -164,16 +190,16 @@ def _section_of(view: PatientView, resource: dict[str, Any]) -> Section:
     return view.other
 
 
-def _banner(view: PatientView, patients: list[tuple[dict[str, Any], tuple[str, ...]]]) -> None:
-    own = next((p for p, _ in patients if p.get("id") == view.patient_id), None)
+def _banner(view: PatientView, patients: list[tuple[dict[str, Any], tuple[str, ...], str]]) -> None:
+    own = next((p for p, _, _ in patients if p.get("id") == view.patient_id), None)
     if own is None and patients:
         own = patients[0][0]
     if own is not None:
         view.name = human_name(own.get("name"))
         view.birth_date = str(own.get("birthDate") or "")
         view.sex = str(own.get("gender") or "")
-    for resource, sources in patients:
-        view.records.append(LinkedRecord(str(resource.get("id") or ""), sources, _mrns(resource)))
+    for resource, sources, received in patients:
+        view.records.append(LinkedRecord(str(resource.get("id") or ""), sources, _mrns(resource), received))
 
 
 def _mrns(patient: dict[str, Any]) -> tuple[str, ...]:

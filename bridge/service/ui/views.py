@@ -19,10 +19,20 @@ from yarl import URL
 
 from bridge.logging import get_logger
 from bridge.service.auth.marks import public
+from bridge.service.context import BACKEND
 from bridge.service.ui.api import ApiAnswer, fhir_get, path_of
 from bridge.service.ui.login import SESSIONS, current_session
 from bridge.service.ui.session import Session
-from bridge.service.ui.summary import SECTION_KEYS, PatientView, build_view, human_name, identifiers, page_of
+from bridge.service.ui.summary import (
+    SECTION_KEYS,
+    PatientView,
+    build_view,
+    human_name,
+    identifiers,
+    page_of,
+    possible_matches,
+)
+from bridge.stores.mpi import person_id_for
 
 log = get_logger(__name__)
 routes = web.RouteTableDef()
@@ -38,6 +48,8 @@ SECTION_PAGE = 25
 #: the $everything page size, and the most entries a patient page reads (docs/ui.md)
 EVERYTHING_COUNT = 1000
 MAX_ENTRIES = 5000
+#: linked records tried as the founder of the patient's MPI person
+PERSON_TRIES = 5
 
 
 def _require_session(request: web.Request) -> Session:
@@ -134,7 +146,27 @@ async def _view(request: web.Request, session: Session, pid: str) -> PatientView
             (lk.get("url") for lk in answer.body.get("link") or [] if lk.get("relation") == "next"), None
         )
         path = path_of(str(nxt)) if nxt else None
-    return build_view(pid, pages, truncated=path is not None)
+    view = build_view(pid, pages, truncated=path is not None)
+    view.possible_matches = await _possible_matches(request, session, view)
+    return view
+
+
+async def _possible_matches(request: web.Request, session: Session, view: PatientView) -> int:
+    """The POSSIBLE_MATCH links of the patient's MPI person (``GET /Person/{id}``, with the session's
+    token). A person's id is derived from its oldest record, which is one of the linked records: they
+    are tried earliest received first, at most :data:`PERSON_TRIES` of them. 0 when the service has no
+    MPI or the token may not read Persons (the banner then says nothing)."""
+    if not request.app[BACKEND].has_mpi:  # no /Person routes: nothing to ask
+        return 0
+    records = sorted(view.records, key=lambda r: (r.first_received or "~", r.id))
+    for record in records[:PERSON_TRIES]:
+        answer = await fhir_get(request, session.access_token, f"/Person/{person_id_for(record.id)}")
+        if answer.status == 200:
+            return possible_matches(answer.body)
+        if answer.status != 404:
+            log.info("ui.person_unavailable", status=answer.status)
+            return 0
+    return 0
 
 
 def _page_number(request: web.Request, name: str) -> int:

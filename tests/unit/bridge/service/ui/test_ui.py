@@ -393,6 +393,7 @@ async def test_patient_page_sections_sources_and_also_reported_by(env: Env) -> N
     assert resp.status == 200
     page = await resp.text()
     assert "Linked records: 2 from 2 hospitals" in page
+    assert "under review" not in page  # no MPI here, so no possible match (test_possible_matches.py)
     assert "st-mary: MRN SM-001" in page and "riverside: MRN RS-777" in page
     problems = _section(page, "problems")
     assert problems.count("Diabetes type 2") == 1  # ca and cb merged
@@ -436,6 +437,7 @@ async def test_the_audit_names_the_clinician(env: Env) -> None:
     agent = issuer_url(env.base) + "|dr-who"
     assert {(agent, "pa", "success"), (agent, "pb", "success")} <= set(rows)
     assert all(a == agent for a, _, _ in rows)
+    assert {p for _, p, _ in rows} == {"pa", "pb"}  # no other read (no MPI here: no Person look-up)
 
 
 async def test_what_the_token_may_not_read_the_app_does_not_show(env: Env) -> None:
