@@ -22,6 +22,7 @@ Deterministic. ``python -m tests.support.democlinical`` writes the files under `
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from tests.support.demodata import HOSPITALS, Hospital
@@ -138,10 +139,12 @@ def _msh(h: Hospital, app: str, ts: str, mtype: str, control: str) -> str:
     return f"MSH|^~\\&|{app}|{h.facility}|FHIRBRIDGE|HIE|{ts}{OFFSET}||{mtype}|{control}|P|2.5.1"
 
 
-def _pv1(h: Hospital, p: DemoPatient, visit: str, admit: str) -> str:
+def _pv1(h: Hospital, visit: str, admit: str) -> str:
+    """A clinic visit of one hour that has ended (PV1-44 admit, PV1-45 discharge)."""
+    discharge = (datetime.strptime(admit, "%Y%m%d%H%M%S") + timedelta(hours=1)).strftime("%Y%m%d%H%M%S")
     return (
         f"PV1|1|O|CLINIC^101^A^{h.facility}||||1001^NGUYEN^ANNA^^^DR|||MED|||||||||{visit}^^^{h.facility}^VN"
-        f"|||||||||||||||||||||||||{admit}{OFFSET}"
+        f"|||||||||||||||||||||||||{admit}{OFFSET}|{discharge}{OFFSET}"
     )
 
 
@@ -175,7 +178,7 @@ def chart_update(
         _msh(h, h.app, ts, "ADT^A08^ADT_A01", control),
         f"EVN|A08|{ts}{OFFSET}",
         p.pid(h),
-        _pv1(h, p, f"V{h.mrn_prefix}CHART01", ts),
+        _pv1(h, f"V{control}", ts),
     ]
     segs += [f"AL1|{i}|{a}" for i, a in enumerate(allergies, start=1)]
     segs += [f"DG1|{i}||{d}" for i, d in enumerate(problems, start=1)]
@@ -224,7 +227,7 @@ def document(
         _msh(h, f"{h.facility}_MDM", ts, "MDM^T02^MDM_T02", control),
         f"EVN|T02|{ts}{OFFSET}",
         p.pid(h),
-        _pv1(h, p, f"V{h.mrn_prefix}CHART01", ts),
+        _pv1(h, f"V{control}", ts),
         f"TXA|1|{kind}|TX|{ts}{OFFSET}|1001^NGUYEN^ANNA^^^DR||||1001^NGUYEN^ANNA^^^DR|||{doc_id}^{h.facility}|||||AU",
     ]
     segs += [
@@ -241,7 +244,7 @@ def registration(h: Hospital, p: DemoPatient, ts: str, control: str) -> str:
                 _msh(h, h.app, ts, "ADT^A04^ADT_A01", control),
                 f"EVN|A04|{ts}{OFFSET}",
                 p.pid(h),
-                _pv1(h, p, f"V{p.mrn}01", ts),
+                _pv1(h, f"V{control}", ts),
             ]
         )
         + "\r"
