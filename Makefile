@@ -8,6 +8,9 @@ BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 # the Node clients of tests/clients, pinned by their lock file (the tests run `npm ci` too when missing)
 NODE_CLIENTS = tests/clients/node/node_modules/.fhirbridge-lock-sha256
+# tests/browser drive Debian's Chromium by this path; Playwright never downloads a browser of its own
+CHROMIUM = /usr/bin/chromium
+export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD = 1
 
 .PHONY: demo test install lint typecheck unit integration bench clean
 
@@ -34,11 +37,19 @@ $(NODE_CLIENTS): tests/clients/node/package-lock.json
 	cd tests/clients/node && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
 	sha256sum tests/clients/node/package-lock.json | cut -d' ' -f1 > $@
 
-test: $(STAMP) $(NODE_CLIENTS)
+# Debian's package, once (skipped while $(CHROMIUM) exists): as root, else with sudo
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ]; then sudo=; elif command -v sudo >/dev/null; then sudo=sudo; \
+	else echo "make test needs Chromium: run 'apt-get install -y chromium' as root (no sudo here)" >&2; exit 1; fi; \
+	set -x; $$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+	test -x $(CHROMIUM)
+
+test: $(STAMP) $(NODE_CLIENTS) $(CHROMIUM)
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/pytest -q -p no:cacheprovider
+	$(BIN)/pytest -q -p no:cacheprovider --ignore=tests/browser
+	$(BIN)/pytest -q -p no:cacheprovider tests/browser
 
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit

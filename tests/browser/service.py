@@ -1,0 +1,334 @@
+"""A ``fhirbridge serve`` process for the browser tests, over an index written in-process, stopped by PID.
+
+No broker and no consumers: the index is written with :meth:`IndexStore.apply` (as the service tests
+do), and the embedded authorization server's users and the public SMART app are registered with the
+CLI (``fhirbridge auth users add``, ``auth clients add``), the way ``fhirbridge demo`` registers its
+own (:func:`bridge.cli.demo._demo_identities`): the same user ids, kinds and app scopes, fresh
+passwords; and the web app's client (``/app``, bridge/service/ui), with its redirect URI on this
+service. The service runs with ``start_new_session`` and is stopped by its PID (its process group);
+a run killed before it could stop the service leaves a note that the next run reads
+(:func:`reap_orphans`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bridge.cli.demo import DEMO_APP_SCOPES, DEMO_USERS
+from bridge.config import Settings
+from bridge.stores.index.store import IncomingBundle, IndexStore
+from bridge.stream.broker import free_port, stop_pid
+
+APP = "browser-app"
+#: the web app's own public client (bridge/service/ui), its scopes, and the clinician who signs in to it
+UI_CLIENT = "browser-ui"
+UI_SCOPE = "openid fhirUser user/*.rs"
+#: the signed-in patient's record, and another patient whose name is markup
+PATIENT_A = "browser-pa"
+PATIENT_B = "browser-pb"
+PATIENT_A_FAMILY = "Quackenbush"
+#: a name that runs script if it is ever written into a page as HTML
+MARKUP_NAME = '<img src=x onerror="window.__xss=1;alert(1)">'
+#: one note per running service: the test process, the data directory, the service's PID
+REGISTRY = Path(tempfile.gettempdir()) / f"fhirbridge-browser-{os.getuid()}"
+
+
+class ServiceFailed(AssertionError):
+    """The service did not come up, or a CLI command failed; the message carries the log's tail."""
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "bridge.cli", *args]
+
+
+def _bundle(sha: str, org: str, resources: list[dict[str, Any]]) -> IncomingBundle:
+    return IncomingBundle(
+        {"resourceType": "Bundle", "entry": [{"resource": r} for r in resources]},
+        sha,
+        org,
+        f"{org}|1",
+        "fhir.bundles",
+        0,
+        0,
+        "2026-03-11T00:00:00.000Z",
+    )
+
+
+def _patient(pid: str, family: str, given: str, ssn: str) -> dict[str, Any]:
+    return {
+        "resourceType": "Patient",
+        "id": pid,
+        "identifier": [{"system": "http://hl7.org/fhir/sid/us-ssn", "value": ssn}],
+        "name": [{"family": family, "given": [given]}],
+        "birthDate": "1980-02-14",
+    }
+
+
+def _glucose(oid: str, pid: str, when: str, value: float) -> dict[str, Any]:
+    return {
+        "resourceType": "Observation",
+        "id": oid,
+        "status": "final",
+        "subject": {"reference": f"Patient/{pid}"},
+        "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7"}]},
+        "effectiveDateTime": when,
+        "valueQuantity": {
+            "value": value,
+            "unit": "mg/dL",
+            "system": "http://unitsofmeasure.org",
+            "code": "mg/dL",
+        },
+    }
+
+
+def seed_index(settings: Settings) -> None:
+    """Two patients of two hospitals, each with a glucose result; B's family name is :data:`MARKUP_NAME`."""
+    store = IndexStore.open(settings.stores.index_url)
+    try:
+        store.apply(
+            [
+                _bundle(
+                    "b1",
+                    "st-mary",
+                    [
+                        _patient(PATIENT_A, PATIENT_A_FAMILY, "Adelheid", "900000001"),
+                        _glucose("browser-oa", PATIENT_A, "2026-01-10T08:00:00Z", 98),
+                    ],
+                ),
+                _bundle(
+                    "b2",
+                    "riverside",
+                    [
+                        _patient(PATIENT_B, MARKUP_NAME, "Bo", "900000002"),
+                        _glucose("browser-ob", PATIENT_B, "2026-02-10T08:00:00Z", 131),
+                    ],
+                ),
+            ]
+        )
+    finally:
+        store.close()
+
+
+@dataclass
+class BridgeService:
+    """``fhirbridge serve`` on a free loopback port over ``root``; ``passwords`` are the demo users'."""
+
+    root: Path
+    redirect_uri: str
+    port: int = field(default_factory=free_port)
+    passwords: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def log_file(self) -> Path:
+        return self.root / "serve.log"
+
+    def start(self) -> None:
+        reap_orphans()
+        self.data_dir.mkdir(parents=True)
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("FHIRBRIDGE_", "KAFKA_"))}
+        self.env.update(
+            {
+                "FHIRBRIDGE_DATA_DIR": str(self.data_dir),
+                "FHIRBRIDGE_HTTP_PORT": str(self.port),
+                "FHIRBRIDGE_LOG_FORMAT": "json",
+                "FHIRBRIDGE_UI_CLIENT_ID": UI_CLIENT,
+                "FHIRBRIDGE_UI_SCOPE": UI_SCOPE,
+            }
+        )
+        seed_index(Settings.from_env(self.env))
+        self._register()
+        with open(self.log_file, "ab") as out:
+            self.process = subprocess.Popen(
+                _cli("serve"),
+                env=self.env,
+                cwd=self.root,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        self._note()
+        self._wait_ready(timeout=60)
+
+    def stop(self) -> None:
+        """Stop the service by the PID it was started with (it leads its own process group)."""
+        if self.process is not None and self.process.poll() is None:
+            stop_pid(self.process.pid, timeout=10)
+        self._note_file.unlink(missing_ok=True)
+
+    def log_tail(self, lines: int = 30) -> str:
+        if not self.log_file.exists():
+            return ""
+        return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise ServiceFailed(f"serve exited with {self.process.returncode}\n{self.log_tail()}")
+            try:
+                if get_json(self.url("/metadata"))["resourceType"] == "CapabilityStatement":
+                    return
+            except Exception as exc:  # not listening yet
+                last = exc
+            time.sleep(0.2)
+        raise ServiceFailed(f"serve did not answer /metadata in {timeout:.0f}s ({last!r})\n{self.log_tail()}")
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+    # ------------------------------------------------------------------ identities, with the CLI
+
+    def run(self, *args: str, env: dict[str, str] | None = None) -> str:
+        done = subprocess.run(
+            _cli(*args),
+            env={**self.env, **(env or {})},
+            cwd=self.root,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if done.returncode != 0:
+            raise ServiceFailed(
+                f"fhirbridge {' '.join(args[:3])} failed ({done.returncode}):\n{done.stderr[-3000:]}"
+            )
+        return done.stdout
+
+    def _register(self) -> None:
+        self.run(
+            "auth",
+            "clients",
+            "add",
+            "--id",
+            APP,
+            "--public",
+            "--redirect-uri",
+            self.redirect_uri,
+            "--scope",
+            DEMO_APP_SCOPES,
+        )
+        self.run(
+            "auth",
+            "clients",
+            "add",
+            "--id",
+            UI_CLIENT,
+            "--public",
+            "--redirect-uri",
+            self.url("/app/callback"),
+            "--scope",
+            UI_SCOPE,
+        )
+        for uid, kind, extra in DEMO_USERS:
+            password = secrets.token_urlsafe(12)
+            args = ("--patient", PATIENT_A) if kind == "patient" else extra
+            self.run(
+                "auth",
+                "users",
+                "add",
+                "--id",
+                uid,
+                "--kind",
+                kind,
+                *args,
+                env={"FHIRBRIDGE_AUTH_PASSWORD": password},
+            )
+            self.passwords[uid] = password
+
+    # ------------------------------------------------------------------ orphans
+
+    @property
+    def _note_file(self) -> Path:
+        return REGISTRY / f"{os.getpid()}-{self.port}.json"
+
+    def _note(self) -> None:
+        REGISTRY.mkdir(mode=0o700, exist_ok=True)
+        assert self.process is not None
+        note = {"owner": os.getpid(), "data_dir": str(self.data_dir), "pid": self.process.pid}
+        self._note_file.write_text(json.dumps(note))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap_orphans() -> list[int]:
+    """Stop the services of earlier runs that died before stopping them: only a PID whose test process
+    is gone and whose environment still names that run's data directory (not a reused PID)."""
+    stopped: list[int] = []
+    for note_file in REGISTRY.glob("*.json"):
+        try:
+            note = json.loads(note_file.read_text())
+        except (OSError, ValueError):
+            continue
+        if _alive(int(note.get("owner", 0))):
+            continue
+        pid = int(note.get("pid", 0))
+        with contextlib.suppress(OSError):
+            if pid and note["data_dir"].encode() in Path(f"/proc/{pid}/environ").read_bytes():
+                stop_pid(pid, timeout=5)
+                stopped.append(pid)
+        note_file.unlink(missing_ok=True)
+    return stopped
+
+
+# ---------------------------------------------------------------------- HTTP, as an app's back end
+
+
+def get_json(url: str, token: str | None = None) -> Any:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def http_status(url: str, token: str | None = None) -> int:
+    """The status of a GET (an error status too)."""
+    try:
+        get_json(url, token)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    return 200
+
+
+def post_form(url: str, form: dict[str, str]) -> tuple[int, Any]:
+    """POST ``form`` urlencoded; the status and the JSON answer, errors included."""
+    data = urllib.parse.urlencode(form).encode()
+    request = urllib.request.Request(
+        url, data=data, headers={"Content-Type": "application/x-www-form-urlencoded"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
