@@ -32,6 +32,8 @@ from bridge.service.ui.session import CSRF_FIELD, LOGIN_COOKIE, SESSION_COOKIE, 
 log = get_logger(__name__)
 routes = web.RouteTableDef()
 SESSIONS = web.AppKey("ui_sessions", SessionStore)
+#: the cookies go to the app's pages only, never to the API or the authorization server
+COOKIE_PATH = "/app"
 
 
 def fhir_base(request: web.Request) -> str:
@@ -56,10 +58,6 @@ def redirect(location: str, status: int = 303) -> web.Response:
 
 def _secure(request: web.Request) -> bool:
     return request.secure or fhir_base(request).startswith("https:")
-
-
-def _cookie_path(request: web.Request) -> str:
-    return "/app"
 
 
 def current_session(request: web.Request) -> Session | None:
@@ -95,7 +93,7 @@ async def login(request: web.Request) -> web.StreamResponse:
         LOGIN_COOKIE,
         key,
         max_age=600,
-        path=_cookie_path(request),
+        path=COOKIE_PATH,
         httponly=True,
         samesite="Lax",  # the callback is a top-level navigation from the issuer (another site when external)
         secure=_secure(request),
@@ -143,12 +141,12 @@ async def callback(request: web.Request) -> web.StreamResponse:
     session = store.create(token, expires_at, str(claims.get("sub") or ""), _str(claims.get("fhirUser")))
     log.info("ui.signin", sessions=len(store))
     response = redirect(pending.next_path)
-    response.del_cookie(LOGIN_COOKIE, path=_cookie_path(request))
+    response.del_cookie(LOGIN_COOKIE, path=COOKIE_PATH)
     response.set_cookie(
         SESSION_COOKIE,
         session.id,
         max_age=max(1, int(expires_at - time.time())),
-        path=_cookie_path(request),
+        path=COOKIE_PATH,
         httponly=True,
         samesite="Lax",
         secure=_secure(request),
@@ -168,7 +166,7 @@ async def logout(request: web.Request) -> web.StreamResponse:
         return csrf_refused(request)
     request.app[SESSIONS].end(session.id)
     response = redirect("/app/signed-out")
-    response.del_cookie(SESSION_COOKIE, path=_cookie_path(request))
+    response.del_cookie(SESSION_COOKIE, path=COOKIE_PATH)
     return response
 
 

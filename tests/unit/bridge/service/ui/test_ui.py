@@ -249,6 +249,7 @@ async def test_sign_in_end_to_end_through_the_embedded_server(env: Env) -> None:
     session = done.cookies[SESSION_COOKIE]
     assert session["httponly"] and session["samesite"] == "Lax" and session["path"] == "/app"
     assert not session["secure"]  # plain http on loopback; https below
+    assert 0 < int(session["max-age"]) <= env.settings.auth.token_lifetime  # the session ends with the token
     page = await c.get("/app/Patient/pa")
     assert page.status == 200
     assert "Signed in as dr-who" in await page.text()
@@ -256,6 +257,17 @@ async def test_sign_in_end_to_end_through_the_embedded_server(env: Env) -> None:
     # the code was spent: the same callback again is refused (its sign-in in flight is gone too)
     replay = await c.get(f"{back.path}?{back.query}", allow_redirects=False)
     assert replay.status == 400
+
+
+async def test_cookies_are_secure_behind_an_https_public_url(tmp_path: Path) -> None:
+    settings = Settings.from_env(
+        {"FHIRBRIDGE_DATA_DIR": str(tmp_path), "FHIRBRIDGE_PUBLIC_URL": "https://ehr.example.org/"}
+    )
+    async with TestClient(TestServer(create_app(settings, Backend(settings)))) as client:
+        resp = await client.get("/app/login", allow_redirects=False)
+        assert resp.headers["Location"].startswith("https://ehr.example.org/auth/authorize?")
+        assert _query(resp.headers["Location"])["redirect_uri"] == "https://ehr.example.org/app/callback"
+        assert resp.cookies["fhirbridge_ui_login"]["secure"]
 
 
 async def test_callback_refuses_a_state_it_did_not_send(env: Env) -> None:
