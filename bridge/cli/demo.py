@@ -2,8 +2,10 @@
 
 Starts the embedded broker (noida-db), creates signing keys for the demo hospitals and the ledger,
 runs the ledger consumer, the index consumer and the HTTP service as separate processes, ingests the
-shipped HL7 v2 feeds (``deploy/demo/data``), waits until everything is logged and queryable, and
-prints the URLs to open. Ctrl-C stops every process it started.
+shipped HL7 v2 feeds (``deploy/demo/data``: ADT; ``deploy/demo/clinical``: the shared patient's labs,
+allergies, problems, medications, immunizations and documents), waits until everything is logged,
+checkpointed and queryable, then ingests ``deploy/demo/late`` so that one entry is logged after the
+latest checkpoint, and prints the URLs to open. Ctrl-C stops every process it started.
 
 The data directory is the demo's own: it is created and marked (``.fhirbridge-demo``) on the first
 run, and a later run starts the stack again on the data it kept (nothing is ingested twice, since
@@ -28,6 +30,10 @@ from bridge.errors import FhirbridgeError
 from bridge.stores.ledger import open_ledger
 
 DEMO_DATA = Path(__file__).resolve().parents[2] / "deploy" / "demo" / "data"
+#: the shared patient's clinical feeds (tests/support/democlinical.py), per hospital like DEMO_DATA
+DEMO_CLINICAL = DEMO_DATA.parent / "clinical"
+#: what the demo ingests after the ledger's checkpoint, so that it is logged but not yet provable
+DEMO_LATE = DEMO_DATA.parent / "late"
 MARKER = ".fhirbridge-demo"
 #: st-mary's clinicians may break the glass in the demo (docs/consent.md); nobody may by default
 BREAK_GLASS_ORGS = "st-mary"
@@ -119,7 +125,14 @@ def _wait(predicate: Any, timeout: float, what: str, children: list[Any] = ()) -
 
 
 def run_demo(
-    data_dir: Path, port: int, *, data: Path = DEMO_DATA, exit_when_ready: bool = False, fresh: bool = False
+    data_dir: Path,
+    port: int,
+    *,
+    data: Path = DEMO_DATA,
+    clinical: Path = DEMO_CLINICAL,
+    late: Path = DEMO_LATE,
+    exit_when_ready: bool = False,
+    fresh: bool = False,
 ) -> int:
     from bridge.config import Settings
     from bridge.stores.index.store import IndexStore
@@ -146,15 +159,20 @@ def run_demo(
     settings = Settings.from_env(env)
     children: list[subprocess.Popen[bytes]] = []
 
-    def spawn(name: str, *args: str) -> None:
+    def spawn(name: str, *args: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         out = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
         children.append(
             subprocess.Popen(
-                _cli(*args), env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                _cli(*args),
+                env={**env, **(extra_env or {})},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         )
         out.close()
         print(f"  {name:<11} pid {children[-1].pid}, log {logs / (name + '.log')}")
+        return children[-1]
 
     def stop_all(*_: Any) -> None:
         for child in children:
@@ -190,7 +208,7 @@ def run_demo(
         if not settings.audit.key_file.exists():  # the audit log's key, kept like the ledger's
             subprocess.run(_cli("audit", "keygen"), env=env, check=True, stdout=subprocess.DEVNULL)
         subprocess.run(_cli("topics", "create"), env=env, check=True, stdout=subprocess.DEVNULL)
-        spawn("ledger", "ledger", "run")
+        ledger_proc = spawn("ledger", "ledger", "run")
         spawn("audit", "audit", "run")
         spawn("index", "index", "run")
         spawn("serve", "serve")
@@ -201,28 +219,14 @@ def run_demo(
             "the HTTP service",
             children,
         )
-        expected = _count_messages(data)
+        expected = _count_messages(data) + _count_messages(clinical)
+        late_count = _count_messages(late)
         index = IndexStore.open(settings.stores.index_url)
         stored = index.counts()["bundles"]
         index.close()
         if stored < expected:  # a first run, or one stopped before it had everything
             for org in orgs:
-                files = sorted((data / org).glob("*.hl7"))
-                print(f"  ingest      {org}: {len(files)} files")
-                subprocess.run(
-                    _cli(
-                        "ingest",
-                        "--adapter",
-                        "hl7v2",
-                        "--source",
-                        org,
-                        "--timezone",
-                        "America/Chicago",
-                        *map(str, files),
-                    ),
-                    env=env,
-                    check=True,
-                )
+                _ingest(env, org, sorted((data / org).glob("*.hl7")) + sorted((clinical / org).glob("*.hl7")))
         index = IndexStore.open(settings.stores.index_url)
         ledger = open_ledger(settings.ledger.url, origin=settings.ledger.origin)
         _wait(
@@ -231,6 +235,47 @@ def run_demo(
             f"{expected} bundles in the index and the ledger",
             children,
         )
+        pending = None
+        late_marker = data_dir / "late-ingested"
+        if not late_marker.exists():
+            _wait(
+                lambda: _checkpoint_size(ledger) >= expected,
+                30,
+                f"a signed checkpoint over the first {expected} entries",
+                children,
+            )
+            # The ledger consumer signs a checkpoint whenever it is idle (Ledger.maybe_checkpoint does
+            # not wait for the interval), so an entry stays unsigned only under a consumer without the
+            # key (`--unsigned` alone still reads the key file if there is one): this one runs until
+            # the demo stops, and the next run's consumer signs what it appended.
+            ledger_proc.send_signal(signal.SIGTERM)
+            try:
+                ledger_proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                ledger_proc.kill()
+                ledger_proc.wait()
+            children.remove(ledger_proc)
+            spawn(
+                "ledger",
+                "ledger",
+                "run",
+                "--unsigned",
+                extra_env={"FHIRBRIDGE_LEDGER_KEY_FILE": str(data_dir / "no-key-until-the-next-run")},
+            )
+            before = index.counts()["bundles"], ledger.size()
+            for org in sorted(p.name for p in late.iterdir() if p.is_dir()):
+                _ingest(env, org, sorted((late / org).glob("*.hl7")))
+            _wait(
+                lambda: (
+                    index.counts()["bundles"] >= before[0] + late_count
+                    and ledger.size() >= before[1] + late_count
+                ),
+                60,
+                f"the {late_count} late bundle(s) in the index and the ledger",
+                children,
+            )
+            pending = ledger.size() - _checkpoint_size(ledger)
+            late_marker.write_text("deploy/demo/late was ingested after the ledger's checkpoint\n")
         shared = _shared_patient(index)
         index.close()
         ledger.close()
@@ -248,7 +293,20 @@ def run_demo(
             _wait(linked, 60, "the master patient index", children)
             person_id = holder["person"]
             mpi.close()
-        print(f"\nReady: {expected} ADT messages from {len(orgs)} hospitals are logged and queryable.\n")
+        logins, token_command, token = _demo_identities(
+            settings, env, data_dir, shared[0] if shared else None
+        )
+        print(
+            f"\nReady: {expected + late_count} HL7 v2 messages (ADT, ORU, RDE, VXU, MDM) from {len(orgs)} hospitals "
+            "are logged and queryable.\n"
+        )
+        print(f"App  {base}/app/")
+        print(
+            "Demo logins (role, user, password; also in " + str(data_dir / "auth" / "demo-logins.txt") + "):"
+        )
+        for role, user, password in logins:
+            print(f"  {role}  {user}  {password}")
+        print()
         print(f"  Home                 {base}/")
         print(f"  Capability statement {base}/metadata")
         print(f"  Signed checkpoint    {base}/ledger/checkpoint")
@@ -260,9 +318,30 @@ def run_demo(
             print(f"  Same SSN, all sites  {base}/Patient?identifier={system}|{value}")
             print(f"  Person (MPI)         {base}/Person/{person_id}")
             print(f"  MPI review queue     {base}/Person/$mpi-review-queue")
-        logins, token_command, token = _demo_identities(
-            settings, env, data_dir, shared[0] if shared else None
-        )
+            print(
+                "\nA clinician's view of the shared patient (deploy/demo/clinical, tests/support/democlinical.py):"
+            )
+            print(
+                f"  Lab results          {base}/Patient/{pid}/$everything?_type=Observation   (ranges, H/L flags)"
+            )
+            print(
+                "  Sent by both sites   the glucose of 2026-03-09: one entry with two sources (_proof=true)"
+            )
+            print(
+                "  Disagreement         the creatinine of 2026-03-09: 1.4 mg/dL at st-mary, 1.2 mg/dL at riverside"
+            )
+            print(
+                f"  Allergies            {base}/Patient/{pid}/$everything?_type=AllergyIntolerance   (penicillin: high)"
+            )
+            if pending:
+                print(
+                    f"  Not yet provable     {pending} entry logged after the latest checkpoint (riverside's potassium of "
+                    "2026-04-20, ingested late; the ledger consumer now runs unsigned, so it stays pending until the "
+                    "next run signs it)"
+                )
+            print(
+                "  Possible match       a riverside registration with a name typo (WHTIE) waits in the review queue"
+            )
         print(
             "\nEvery route but /metadata, /.well-known/* and the ledger's reads needs an access token (SMART):"
         )
@@ -279,7 +358,7 @@ def run_demo(
                 f"  Bulk export          curl -i -H 'Authorization: Bearer {token}' -H 'Prefer: respond-async' "
                 f"'{base}/$export?_type=Patient,Encounter'   (then GET the Content-Location it answers)"
             )
-        print(f"  Sign-in (SMART apps) {base}/auth/authorize   demo logins: {logins}")
+        print(f"  Sign-in (SMART apps) {base}/auth/authorize   (the demo logins above)")
         print(f"  SMART configuration  {base}/.well-known/smart-configuration")
         if shared:
             consent = _demo_consent(settings, base, data_dir)
@@ -355,10 +434,10 @@ DEMO_CONSENT = (
 
 def _demo_identities(
     settings: Any, env: dict[str, str], data_dir: Path, patient: str | None
-) -> tuple[str, str, str]:
+) -> tuple[list[tuple[str, str, str]], str, str]:
     """Demo users (their passwords kept in ``<data>/auth/demo-logins.txt``, mode 0600), a backend-services
-    client with its key, and a token of that client from the running service: the logins to print,
-    the command that gets a token, and a token."""
+    client with its key, and a token of that client from the running service: the logins to print
+    (role, user, password), the command that gets a token, and a token."""
     import secrets
 
     from bridge.stores.auth import AuthStore
@@ -450,7 +529,7 @@ def _demo_identities(
         "TREAT",
     )
     token = subprocess.run(_cli(*argv), env=env, check=True, capture_output=True, text=True).stdout.strip()
-    shown = ", ".join(f"{uid} / {pw}" for uid, pw in logins.items() if uid != "patient" or patient)
+    shown = [(kind, uid, logins[uid]) for uid, kind, _ in DEMO_USERS if kind != "patient" or patient]
     command = (
         f"FHIRBRIDGE_DATA_DIR={data_dir} FHIRBRIDGE_HTTP_PORT={env['FHIRBRIDGE_HTTP_PORT']} fhirbridge auth token "
         f"--client {DEMO_CLIENT} --key-file {key_file} --scope 'system/*.rs' --purpose TREAT"
@@ -510,6 +589,23 @@ def _demo_consent(settings: Any, base: str, data_dir: Path) -> str:
 
 def _count_messages(data: Path) -> int:
     return sum(p.read_bytes().count(b"MSH|") for p in data.rglob("*.hl7"))
+
+
+def _ingest(env: dict[str, str], org: str, files: list[Path]) -> None:
+    print(f"  ingest      {org}: {len(files)} files")
+    subprocess.run(
+        _cli(
+            "ingest", "--adapter", "hl7v2", "--source", org, "--timezone", "America/Chicago", *map(str, files)
+        ),
+        env=env,
+        check=True,
+    )
+
+
+def _checkpoint_size(ledger: Any) -> int:
+    """The size of the ledger's latest signed checkpoint (0 before the first): its note's second line."""
+    note = ledger.latest_checkpoint()
+    return int(note.split("\n")[1]) if note else 0
 
 
 def _shared_patient(index: Any) -> tuple[str, str, str] | None:

@@ -46,13 +46,22 @@ def test_demo_runs_to_ready_prints_working_links_and_keeps_its_data(tmp_path: Pa
     data_dir = tmp_path / "demo"
     proc = _demo(data_dir, port)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "Ready: 172 ADT messages from 2 hospitals are logged and queryable." in proc.stdout
+    assert (
+        "Ready: 189 HL7 v2 messages (ADT, ORU, RDE, VXU, MDM) from 2 hospitals are logged and queryable."
+        in proc.stdout
+    )
     urls = re.findall(r"(http://127\.0\.0\.1:\d+/\S*)", proc.stdout)
     assert any("/$everything" in u for u in urls) and any("/Person/" in u for u in urls)
     # the curl line it prints works, with its token; without one the same request is refused
     (curl,) = [x for x in proc.stdout.splitlines() if "Try it" in x]
     token, url = re.search(r"Bearer ([^']+)' '(http://[^']+)'", curl).groups()  # type: ignore[union-attr]
-    assert "demo logins: clinician / " in proc.stdout
+    # the app's URL, then one line per demo user: role, user name, password
+    lines = proc.stdout.splitlines()
+    assert f"App  http://127.0.0.1:{port}/app/" in lines
+    logins = [x.split(" ", 1) for x in (data_dir / "auth" / "demo-logins.txt").read_text().splitlines()]
+    assert [u for u, _ in logins] == ["clinician", "steward", "patient"]
+    for user, password in logins:
+        assert f"  {user}  {user}  {password}" in lines  # each demo user's role is its user name
     assert (data_dir / "auth" / "demo-logins.txt").stat().st_mode & 0o077 == 0
     # the stack is stopped on exit: nothing listens any more
     with pytest.raises(OSError):
@@ -98,6 +107,7 @@ def test_demo_runs_to_ready_prints_working_links_and_keeps_its_data(tmp_path: Pa
             urllib.request.urlopen(url, timeout=5)
         assert refused.value.code == 401
         _search_and_export(proc.stdout)
+        _clinicians_view(proc.stdout)
         _consent_break_glass_and_access_log(proc.stdout, env, data_dir, tmp_path)
     finally:
         serve.terminate()
@@ -130,15 +140,18 @@ def test_demo_refuses_a_directory_it_did_not_create(tmp_path: Path) -> None:
 
 
 def _search_and_export(stdout: str) -> None:
-    """The printed search answers a page of the shared patient's encounters, newest first; the printed
+    """The printed search answers a page of the shared patient's encounters, latest first; the printed
     export kick-off is accepted, and its status URL ends in a manifest whose files download."""
     (search,) = [x for x in stdout.splitlines() if x.strip().startswith("Search ")]
     token, url = re.search(r"Bearer ([^']+)' '(http://[^']+)'", search).groups()  # type: ignore[union-attr]
     auth = {"Authorization": f"Bearer {token}"}
     with urllib.request.urlopen(urllib.request.Request(url, headers=auth)) as r:
         page = json.loads(r.read())
-    dates = [e["resource"]["period"]["start"] for e in page["entry"] if e["search"]["mode"] == "match"]
-    assert dates and dates == sorted(dates, reverse=True)
+    # `-date` sorts by the latest instant of each period, and a visit not yet ended has none: it
+    # comes first (docs/query.md); every offset in the demo is -06:00, so the strings compare
+    periods = [e["resource"]["period"] for e in page["entry"] if e["search"]["mode"] == "match"]
+    ends = [p.get("end", "9999") for p in periods]
+    assert periods and all(p.get("start") for p in periods) and ends == sorted(ends, reverse=True)
     (export,) = [x for x in stdout.splitlines() if x.strip().startswith("Bulk export ")]
     kickoff = re.search(r"'(http://[^']+\$export[^']*)'", export).group(1)  # type: ignore[union-attr]
     request = urllib.request.Request(kickoff, headers={**auth, "Prefer": "respond-async"})
@@ -156,6 +169,109 @@ def _search_and_export(stdout: str) -> None:
     assert {o["type"] for o in manifest["output"]} == {"Patient", "Encounter"}
     with urllib.request.urlopen(urllib.request.Request(manifest["output"][0]["url"], headers=auth)) as r:
         assert r.read().count(b"\n") == manifest["output"][0]["count"]
+
+
+def _provenance(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """One dict per source of a ``$everything`` entry: its entry-provenance parts by name (proofHash a list)."""
+    out = []
+    for ext in entry.get("extension", ()):
+        parts: dict[str, Any] = {"proofHash": []}
+        for part in ext["extension"]:
+            value = next(v for k, v in part.items() if k.startswith("value"))
+            if part["url"] == "proofHash":
+                parts["proofHash"].append(value)
+            else:
+                parts[part["url"]] = value
+        out.append(parts)
+    return out
+
+
+def _clinicians_view(stdout: str) -> None:
+    """The shared patient's merged history shows what deploy/demo/clinical was written to show: lab
+    results with ranges and H/L flags over several dates, a result both hospitals sent (one entry, two
+    proven sources), a result they disagree on, a severe allergy, medications, problems, immunizations
+    and documents, and an entry logged after the latest checkpoint; the MPI review queue holds the
+    registration with a name typo."""
+    (curl,) = [x for x in stdout.splitlines() if "Try it" in x]
+    token, url = re.search(r"Bearer ([^']+)' '(http://[^']+)'", curl).groups()  # type: ignore[union-attr]
+    auth = {"Authorization": f"Bearer {token}"}
+    with urllib.request.urlopen(urllib.request.Request(f"{url}?_proof=true&_count=1000", headers=auth)) as r:
+        bundle = json.loads(r.read())
+    assert "next" not in {link["relation"] for link in bundle["link"]}
+    entries = [e for e in bundle["entry"] if e["search"]["mode"] == "match"]
+    by_type: dict[str, list[dict[str, Any]]] = {}
+    for e in entries:
+        by_type.setdefault(e["resource"]["resourceType"], []).append(e)
+    for rtype in (
+        "MedicationRequest",
+        "Condition",
+        "Immunization",
+        "DocumentReference",
+        "AllergyIntolerance",
+    ):
+        assert by_type.get(rtype), rtype
+
+    # lab results: at least 3 tests on at least 4 dates each, every one with its range and flag
+    observations = [e["resource"] for e in by_type["Observation"]]
+    dates: dict[str, set[str]] = {}
+    for obs in observations:
+        assert obs["referenceRange"][0]["low"] and obs["referenceRange"][0]["high"], obs
+        dates.setdefault(obs["code"]["coding"][0]["code"], set()).add(obs["effectiveDateTime"][:10])
+    assert sum(len(d) >= 4 for d in dates.values()) >= 3, dates
+    flags = {c["code"] for obs in observations for i in obs["interpretation"] for c in i["coding"]}
+    assert {"H", "L", "N"} <= flags
+
+    # one fact both hospitals sent: one entry, a proven source at each
+    both = [
+        e
+        for e in by_type["Observation"]
+        if {s["sourceOrg"] for s in _provenance(e)} == {"st-mary", "riverside"}
+    ]
+    assert both, "no result merged from both hospitals"
+    assert all(s["proofHash"] and s["treeSize"] > s["ledgerIndex"] for e in both for s in _provenance(e))
+
+    # one value they disagree on: the same test at the same time, a different value from each
+    seen: dict[tuple[str, str], dict[str, Any]] = {}
+    disagreements = []
+    for e in by_type["Observation"]:
+        obs = e["resource"]
+        key = (obs["code"]["coding"][0]["code"], obs["effectiveDateTime"])
+        orgs = {s["sourceOrg"] for s in _provenance(e)}
+        if key in seen and seen[key]["value"] != obs["valueQuantity"]["value"] and seen[key]["orgs"] != orgs:
+            disagreements.append(key)
+        seen[key] = {"value": obs["valueQuantity"]["value"], "orgs": orgs}
+    assert disagreements, "no result the hospitals disagree on"
+
+    # a severe allergy (AL1-4 SV)
+    assert any(
+        a["resource"].get("criticality") == "high"
+        and any(x.get("severity") == "severe" for x in a["resource"].get("reaction", ()))
+        for a in by_type["AllergyIntolerance"]
+    )
+
+    # an entry logged after the latest checkpoint: no proof yet, and the bundle says so
+    pending = [s for e in entries for s in _provenance(e) if not s["proofHash"]]
+    assert pending and all(s["ledgerIndex"] >= s.get("treeSize", 0) for s in pending), pending
+    outcomes = [
+        e["resource"]["issue"][0]["diagnostics"] for e in bundle["entry"] if e["search"]["mode"] == "outcome"
+    ]
+    assert any("logged after the latest checkpoint" in o for o in outcomes), outcomes
+
+    # the possible match from a name typo waits in the review queue
+    base = url.split("/Patient/", 1)[0]
+    with urllib.request.urlopen(
+        urllib.request.Request(f"{base}/Person/$mpi-review-queue", headers=auth)
+    ) as r:
+        queue = json.loads(r.read())
+    pairs = [
+        {p["name"]: next(v for k, v in p.items() if k.startswith("value")) for p in link["part"]}
+        for link in queue["parameter"]
+        if link["name"] == "link"
+    ]
+    assert any(
+        p["matchResult"] == "POSSIBLE_MATCH" and {p["familyA"], p["familyB"]} == {"white", "whtie"}
+        for p in pairs
+    ), pairs
 
 
 def _consent_break_glass_and_access_log(stdout: str, env: dict[str, str], data_dir: Path, cwd: Path) -> None:
