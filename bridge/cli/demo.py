@@ -335,7 +335,7 @@ def run_demo(
             )
             if pending:
                 print(
-                    f"  Not yet provable     {pending} entry logged after the latest checkpoint (riverside's potassium of "
+                    f"  Not yet provable     {pending} entry logged after the latest checkpoint (st-mary's potassium of "
                     "2026-04-20, ingested late; the ledger consumer now runs unsigned, so it stays pending until the "
                     "next run signs it)"
                 )

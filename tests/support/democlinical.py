@@ -12,7 +12,9 @@ module adds, for the shared demo patient (the one the demo's Consent names, by S
   immunizations (VXU^V04) and a discharge summary (MDM^T02) from each hospital;
 * a patient at riverside whose family name has a typo (with other registration noise, below), who the
   MPI scores as a POSSIBLE_MATCH of their st-mary record;
-* :func:`late_feeds`: one riverside result that the demo ingests after the ledger's checkpoint.
+* :func:`late_feeds`: one st-mary result that the demo ingests after the ledger's checkpoint (from
+  st-mary, so that the demo's st-mary clinician sees it: the demo's Consent withholds riverside's record
+  from st-mary).
 
 Deterministic. ``python -m tests.support.democlinical`` writes the files under ``deploy/demo/``
 (``clinical/<org>/clinical-0001.hl7`` and ``late/<org>/late-0001.hl7``), beside the ADT feeds of
@@ -312,7 +314,7 @@ def clinical_feeds() -> dict[str, list[str]]:
 
 def late_feeds() -> dict[str, list[str]]:
     """The message the demo ingests after the ledger's checkpoint (so its entry is pending)."""
-    return {RIVERSIDE.org_id: oru(RIVERSIDE, CLARK[RIVERSIDE.org_id], LATE_LABS, 90)}
+    return {ST_MARY.org_id: oru(ST_MARY, CLARK[ST_MARY.org_id], LATE_LABS, 90)}
 
 
 def write(demo_dir: Path) -> list[Path]:
