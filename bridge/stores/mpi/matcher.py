@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ from bridge.stores.mpi.blocking import blocking_keys, candidate_pairs
 from bridge.stores.mpi.compare import FIELDS, IDENT, FeatureTable, compare_pairs
 from bridge.stores.mpi.config import MatchState, MpiConfig
 from bridge.stores.mpi.features import Features
-from bridge.stores.mpi.model import FSModel, decide, em_fit, probability
+from bridge.stores.mpi.model import FSModel, decide, em_fit, probability, sum_terms
 from bridge.stores.mpi.unionfind import UnionFind
 
 log = get_logger(__name__)
@@ -77,9 +76,22 @@ class TermFrequencies:
 
 @dataclass
 class Scored:
+    """Compared pairs, weighed and decided. Row ``k`` of every array is pair ``k``.
+
+    ``weight`` is ``prior`` plus the columns of ``terms`` (:data:`~bridge.stores.mpi.model.WEIGHT_TERMS`)
+    added in order (:func:`~bridge.stores.mpi.model.sum_terms`); ``prob`` is its posterior probability.
+    ``evidence`` (the weight without the prior) and ``demographic`` (the probability without the
+    identifier field) are what :func:`~bridge.stores.mpi.model.decide` looked at besides ``prob``.
+    """
+
     gamma: np.ndarray
     prob: np.ndarray
     state: np.ndarray
+    prior: float
+    terms: np.ndarray
+    weight: np.ndarray
+    evidence: np.ndarray
+    demographic: np.ndarray
 
 
 def weigh(
@@ -90,19 +102,25 @@ def weigh(
     config: MpiConfig,
     tf: TermFrequencies | None,
 ) -> Scored:
-    """Weights -> probabilities -> states for already compared pairs (``ia`` gives the TF values' rows)."""
+    """Weights -> probabilities -> states for already compared pairs (``ia`` gives the TF values' rows).
+
+    The only scoring of the matcher: the index, the batch linker and the explanation
+    (:mod:`bridge.stores.mpi.explain`) all take their weights, probabilities and states from here.
+    """
     if tf is not None and config.term_frequency:
         tf_freq = tf.pair_frequencies(table, ia)
-        weight = model.match_weight(
+        terms = model.weight_terms(
             gamma, tf_freq=tf_freq, tf_mean=tf.mean(), tf_cap=config.tf_max_adjustment_bits
         )
     else:
-        weight = model.match_weight(gamma)
-    ident_bf = model.bayes_factors()[IDENT][gamma[:, IDENT]] if len(gamma) else np.zeros(0)
+        terms = model.weight_terms(gamma)
+    prior = model.prior_weight()
+    weight = sum_terms(prior, terms)
     prob = probability(weight)
-    demographic = probability(weight - ident_bf)
-    evidence = weight - math.log2(model.lam / (1.0 - model.lam))
-    return Scored(gamma, prob, decide(gamma, prob, demographic, evidence, config))
+    demographic = probability(weight - terms[:, IDENT])
+    evidence = weight - prior
+    state = decide(gamma, prob, demographic, evidence, config)
+    return Scored(gamma, prob, state, prior, terms, weight, evidence, demographic)
 
 
 def score_pairs(

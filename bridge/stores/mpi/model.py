@@ -116,6 +116,47 @@ class FSModel:
             out.append(np.append(bf, 0.0))
         return out
 
+    def prior_weight(self) -> float:
+        """log2 of the prior odds λ/(1−λ): the first term of every match weight."""
+        return math.log2(self.lam / (1.0 - self.lam))
+
+    def weight_terms(
+        self,
+        gamma: np.ndarray,
+        *,
+        tf_freq: dict[str, np.ndarray] | None = None,
+        tf_mean: dict[str, float] | None = None,
+        tf_cap: float = 4.0,
+    ) -> np.ndarray:
+        """The terms of each pair's match weight after the prior, as an ``(n, len(WEIGHT_TERMS))``
+        array in the order of :data:`WEIGHT_TERMS`: each field's log2(m/u) at its level (0 when missing),
+        then each term-frequency field's adjustment (0 unless the field agrees exactly).
+
+        ``tf_freq[key]`` holds, per pair, the population frequency of the left record's value of a
+        TF-adjusted field; ``tf_mean[key]`` is the population's sum of squared relative frequencies (the
+        chance that two random records agree on the field). An exact agreement on a value of frequency
+        ``p`` gets ``log2(tf_mean / p)`` more bits, clipped to ±``tf_cap``.
+        """
+        # column-major: each term is written and summed as one contiguous column (row-major made
+        # weigh() 1.7x slower at 223,000 pairs)
+        terms = np.zeros((len(gamma), len(WEIGHT_TERMS)), dtype=np.float64, order="F")
+        for i, bf in enumerate(self.bayes_factors()):
+            terms[:, i] = bf[gamma[:, i]]
+        if tf_freq is not None and tf_mean is not None:
+            for j, i in enumerate(TF_FIELDS):
+                f = FIELDS[i]
+                assert f.tf_key is not None
+                if f.tf_key not in tf_freq:
+                    continue
+                mean = tf_mean.get(f.tf_key, 0.0)
+                exact = gamma[:, i] == f.levels - 1
+                if mean <= 0 or not exact.any():
+                    continue
+                freq = tf_freq[f.tf_key][exact]
+                adj = np.log2(mean / np.maximum(freq, mean / 2**tf_cap))
+                terms[exact, len(FIELDS) + j] = np.clip(adj, -tf_cap, tf_cap)
+        return terms
+
     def match_weight(
         self,
         gamma: np.ndarray,
@@ -124,28 +165,32 @@ class FSModel:
         tf_mean: dict[str, float] | None = None,
         tf_cap: float = 4.0,
     ) -> np.ndarray:
-        """Total log2 posterior odds of each pair (prior odds + field Bayes factors + TF adjustments).
+        """Total log2 posterior odds of each pair: :func:`sum_terms` of the prior and :meth:`weight_terms`."""
+        return sum_terms(
+            self.prior_weight(), self.weight_terms(gamma, tf_freq=tf_freq, tf_mean=tf_mean, tf_cap=tf_cap)
+        )
 
-        ``tf_freq[key]`` holds, per pair, the population frequency of the left record's value of a
-        TF-adjusted field; ``tf_mean[key]`` is the population's sum of squared relative frequencies (the
-        chance that two random records agree on the field). An exact agreement on a value of frequency
-        ``p`` gets ``log2(tf_mean / p)`` more bits, clipped to ±``tf_cap``.
-        """
-        w = np.full(len(gamma), math.log2(self.lam / (1.0 - self.lam)), dtype=np.float64)
-        for i, bf in enumerate(self.bayes_factors()):
-            w += bf[gamma[:, i]]
-        if tf_freq is not None and tf_mean is not None:
-            for i, f in enumerate(FIELDS):
-                if f.tf_key is None or f.tf_key not in tf_freq:
-                    continue
-                mean = tf_mean.get(f.tf_key, 0.0)
-                exact = gamma[:, i] == f.levels - 1
-                if mean <= 0 or not exact.any():
-                    continue
-                freq = tf_freq[f.tf_key][exact]
-                adj = np.log2(mean / np.maximum(freq, mean / 2**tf_cap))
-                w[exact] += np.clip(adj, -tf_cap, tf_cap)
-        return w
+
+#: positions in :data:`FIELDS` of the fields whose exact agreement is adjusted by term frequency
+TF_FIELDS: tuple[int, ...] = tuple(i for i, f in enumerate(FIELDS) if f.tf_key is not None)
+#: the terms of a match weight after the prior, in the order :func:`sum_terms` adds them: every
+#: field's Bayes factor, then every term-frequency adjustment (``"<field>.tf"``)
+WEIGHT_TERMS: tuple[str, ...] = (
+    *(f.name for f in FIELDS),
+    *(f"{FIELDS[i].name}.tf" for i in TF_FIELDS),
+)
+
+
+def sum_terms(prior: float, terms: np.ndarray) -> np.ndarray:
+    """The match weight of each row of ``terms``: ``prior``, then each column added in order.
+
+    The one place a weight is summed: floating-point addition is not associative, so a reader who
+    adds the same terms in the same order (the explanation's waterfall) gets exactly this value.
+    """
+    w = np.full(len(terms), prior, dtype=np.float64)
+    for j in range(terms.shape[1]):
+        w += terms[:, j]
+    return w
 
 
 def probability(weight: np.ndarray) -> np.ndarray:
