@@ -7,6 +7,9 @@
 * ``POST /Person/$mpi-link``              manual link   (Parameters or JSON: patientA, patientB, actor, reason)
 * ``POST /Person/$mpi-unlink``            manual unlink (same body)
 * ``GET  /Person/$mpi-history?id=``       link history of a person or a record, as Parameters
+* ``GET  /Person/$mpi-explain?a=&b=``     why two records match or not: per field the compared values,
+  the agreement level and its weight, the weight's terms in the matcher's order, the thresholds, the
+  decision and the pair's stored link state, as Parameters
 
 The actor of a manual decision is the access token's issuer and subject (``issuer|subject``); a body
 ``actor`` is ignored. Only with authorization off (benchmarks) does it come from the body or the
@@ -15,6 +18,7 @@ The actor of a manual decision is the access token's issuer and subject (``issue
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -26,6 +30,7 @@ from bridge.service.auth.middleware import access_of
 from bridge.service.context import Backend, run_db
 from bridge.service.http import fhir_response, int_param
 from bridge.stores.mpi.config import MpiInputError
+from bridge.stores.mpi.explain import ExplainedRecord, Explanation
 from bridge.stores.mpi.store import PersonIndex
 
 routes = web.RouteTableDef()
@@ -38,6 +43,7 @@ EXT_SOURCE = EXT + "mpi-source-org"
 EXT_PAIR = EXT + "mpi-pair"
 EXT_OTHER_PERSON = EXT + "mpi-other-person"
 _ID = r"[A-Za-z0-9\-\.]{1,64}"
+_PATIENT_ID = re.compile(_ID)
 _MAX_COUNT = 1000
 
 
@@ -303,3 +309,123 @@ async def history(request: web.Request) -> web.Response:
             parts.append(_part("detail", orjson.dumps(e["detail"]).decode()))
         params.append(("entry", {"part": parts}))
     return fhir_response(_parameters(params))
+
+
+def _patient_param(request: web.Request, name: str) -> str:
+    """The Patient id of query parameter ``name`` (an id or ``Patient/<id>``); a located 400 otherwise."""
+    values = request.query.getall(name, [])
+    if not values:
+        raise MpiInputError(
+            "required (a Patient id or 'Patient/<id>' reference)", location=f"parameter {name}"
+        )
+    if len(values) > 1:
+        raise MpiInputError("given more than once", location=f"parameter {name}")
+    raw = values[0]
+    ident = raw.split("/", 1)[1] if raw.startswith("Patient/") else raw
+    if not _PATIENT_ID.fullmatch(ident):
+        # the value is not echoed: it may be anything a client typed, PHI included
+        raise MpiInputError("not a Patient id ([A-Za-z0-9-.], 1-64 characters)", location=f"parameter {name}")
+    return ident
+
+
+def _value(value: Any) -> dict[str, Any]:
+    """A top-level parameter's value (``_part`` without the name)."""
+    out = _part("", value)
+    del out["name"]
+    return out
+
+
+def _record_parameter(record: ExplainedRecord) -> dict[str, Any]:
+    parts = [
+        _part("patient", _ref("Patient", record.patient_id)),
+        _part("source", record.source_org),
+        _part("person", _ref("Person", record.person_id)),
+    ]
+    parts += [{"name": "identifierSystem", "valueUri": s} for s in record.identifier_systems]
+    return {"part": parts}
+
+
+def explanation_parameters(e: Explanation) -> dict[str, Any]:
+    """Render :meth:`PersonIndex.explain` output as FHIR Parameters (documented in docs/mpi.md)."""
+    s = e.scoring
+    params: list[tuple[str, dict[str, Any]]] = [
+        ("recordA", _record_parameter(e.a)),
+        ("recordB", _record_parameter(e.b)),
+    ]
+    for f in s.fields:
+        parts = [
+            {"name": "name", "valueCode": f.name},
+            _part("level", f.level),
+            {"name": "agreement", "valueCode": f.agreement},
+        ]
+        if f.label is not None:
+            parts.append(_part("levelMeaning", f.label))
+        if f.value_a is not None:
+            parts.append(_part("valueA", f.value_a))
+        if f.value_b is not None:
+            parts.append(_part("valueB", f.value_b))
+        if f.m is not None and f.u is not None:
+            parts += [_part("m", f.m), _part("u", f.u)]
+        parts.append(_part("bayesFactorBits", f.bayes_bits))
+        if f.tf_bits is not None:
+            parts.append(_part("termFrequencyBits", f.tf_bits))
+        parts.append(_part("weight", f.weight))
+        params.append(("field", {"part": parts}))
+    params.append(("priorWeight", _value(s.prior)))
+    running = s.prior
+    for name, bits in s.terms:
+        running += bits  # the matcher's order: the last running total is exactly the weight
+        params.append(
+            ("term", {"part": [_part("name", name), _part("weight", bits), _part("cumulative", running)]})
+        )
+    config = s.config
+    params += [
+        ("weight", _value(s.weight)),
+        ("probability", _value(s.probability)),
+        ("evidenceBits", _value(s.evidence)),
+        ("demographicProbability", _value(s.demographic_probability)),
+        ("matchThreshold", _value(config.match_threshold)),
+        ("possibleThreshold", _value(config.possible_threshold)),
+        ("minMatchEvidenceBits", _value(config.min_match_evidence_bits)),
+        ("identifierCorroboration", _value(config.identifier_corroboration)),
+        ("decision", {"valueCode": s.decision}),
+    ]
+    link: list[dict[str, Any]] = []
+    if e.link is None:
+        link.append({"name": "state", "valueCode": "none"})
+    else:
+        link += [
+            {"name": "state", "valueCode": e.link.state},
+            {"name": "origin", "valueCode": e.link.origin},
+        ]
+        if e.link.score is not None:
+            link.append(_part("score", e.link.score))
+        if e.link.actor:
+            link.append(_part("actor", e.link.actor))
+        if e.link.reason:
+            link.append(_part("reason", e.link.reason))
+        link.append(_part("updated", e.link.updated_at))
+    params += [
+        ("link", {"part": link}),
+        ("samePerson", _value(e.a.person_id == e.b.person_id)),
+        (
+            "model",
+            {
+                "part": [
+                    {"name": "source", "valueCode": s.model_source},
+                    _part("fittedOnRecords", s.model_fitted_on_records),
+                ]
+            },
+        ),
+    ]
+    return _parameters(params)
+
+
+@routes.get("/Person/$mpi-explain")
+@needs("Person", "rs", contexts=("user", "system"))
+async def explain(request: web.Request) -> web.Response:
+    """Why two patient records match or not, field by field (?a=&b=, Patient ids)."""
+    a, b = _patient_param(request, "a"), _patient_param(request, "b")
+    note(request, "operation", "E", patients=[a, b])
+    explained = await run_db(request, lambda backend: _mpi(backend).explain(a, b))
+    return fhir_response(explanation_parameters(explained))

@@ -30,6 +30,11 @@ DESCRIPTIONS: dict[tuple[str, str], str] = {
     ("GET", "/ledger/proof/inclusion"): "RFC 9162 inclusion proof (leaf_hash or index, size).",
     ("GET", "/ledger/proof/consistency"): "RFC 9162 consistency proof (from, to).",
     ("GET", "/Person/{id}"): "A linked person: member patients with link states and scores.",
+    (
+        "GET",
+        "/Person/$mpi-explain",
+    ): "Why two Patient records (a=, b=) match or not: per field both values, the agreement level and "
+    "its weight; the weight's terms in the matcher's order, the thresholds, the decision, the link state.",
     ("PUT", "/Consent/{id}"): "Create or replace a privacy Consent (the patient's own token or a registrar).",
     ("GET", "/Consent"): "The patient's current Consents (patient=).",
     ("GET", "/Consent/{id}/_history"): "Every version of a Consent, with its bundle and ledger leaf.",

@@ -166,6 +166,10 @@ def capability_statement(base: str, issuer: str | None = None) -> dict[str, Any]
                                 "name": "mpi-history",
                                 "definition": f"{base}/openapi.json#/paths/~1Person~1$mpi-history",
                             },
+                            {
+                                "name": "mpi-explain",
+                                "definition": f"{base}/openapi.json#/paths/~1Person~1$mpi-explain",
+                            },
                         ],
                     },
                     *_searched(base),

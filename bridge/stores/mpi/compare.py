@@ -55,6 +55,23 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("ident", 3),
 )
 FIELD_INDEX = {f.name: i for i, f in enumerate(FIELDS)}
+#: what each level of each field means, by level (0 = disagree ... last = exact), as the table above
+LEVEL_LABELS: dict[str, tuple[str, ...]] = {
+    "given": ("JW<0.80", "JW>=0.80", "same NYSIIS or Metaphone code", "JW>=0.92", "exact"),
+    "family": ("JW<0.80", "JW>=0.80", "same NYSIIS or Metaphone code", "JW>=0.92", "exact"),
+    "birth": (
+        "other",
+        "same year and month or day (or equal partial dates)",
+        "one typo, adjacent transposition or day/month swap",
+        "exact",
+    ),
+    "sex": ("different", "equal"),
+    "address": ("similarity<75", "similarity>=75", "similarity>=90", "exact"),
+    "city": ("JW<0.90", "JW>=0.90", "exact"),
+    "postal": ("other", "one typo or transposition", "exact"),
+    "phone": ("other", "one typo or transposition", "exact"),
+    "ident": ("all different", "one typo or transposition", "equal (same system)"),
+}
 GIVEN, FAMILY, BIRTH, SEX, ADDRESS, CITY, POSTAL, PHONE, IDENT = range(len(FIELDS))
 
 

@@ -13,6 +13,7 @@ writers only *added* records and the cache catches up instead of being rebuilt.
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import orjson
 
@@ -44,6 +45,8 @@ class IndexState:
         self.graph: PersonGraph | None = None
         #: whether the last write transaction found the generation token as this process had left it
         self.sole_writer = False
+        #: the value counts an explanation weighs with (:class:`bridge.stores.mpi.explain.ValueCounts`)
+        self.tf_memo: Any = None
 
     def forget(self) -> None:
         """Drop the record cache and the person graph: a rolled-back transaction may have left them

@@ -9,6 +9,7 @@ process's :class:`~bridge.stores.mpi.state.IndexState`:
 * :mod:`bridge.stores.mpi.fitting`: EM refits;
 * :mod:`bridge.stores.mpi.persons`: person ids, reclustering and the person look-ups;
 * :mod:`bridge.stores.mpi.review`: the review queue, a person's link set, the history, manual decisions;
+* :mod:`bridge.stores.mpi.explain`: why two records match, field by field;
 * :mod:`bridge.stores.mpi.history`: the history's events;
 * :mod:`bridge.stores.mpi.db`: the connection and the schema.
 """
@@ -21,6 +22,7 @@ from typing import Any
 from bridge.stores.mpi import fitting, linking, persons, review
 from bridge.stores.mpi.config import MpiConfig
 from bridge.stores.mpi.db import TABLES, Database
+from bridge.stores.mpi.explain import Explanation, explain_pair
 from bridge.stores.mpi.model import FSModel
 from bridge.stores.mpi.state import IndexState
 
@@ -142,6 +144,16 @@ class PersonIndex:
         Raises :class:`MpiInputError` for a negative limit/offset.
         """
         return review.review_queue(self._state.db, limit, offset)
+
+    def explain(self, patient_a: str, patient_b: str) -> Explanation:
+        """Why two records match or not, field by field: the matcher's own comparison levels and
+        weights for the pair now (stored model, current term frequencies), whose terms add up to its
+        weight, with the pair's stored link state.
+
+        Raises :class:`MpiNotFound` for an unknown record and :class:`MpiInputError` for one record
+        compared with itself.
+        """
+        return explain_pair(self._state, patient_a, patient_b)
 
     def history(self, person_or_patient_id: str) -> list[dict[str, Any]]:
         """Link changes touching a record, or a person (its current records and its id), oldest first.
