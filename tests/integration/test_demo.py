@@ -139,6 +139,22 @@ def test_demo_refuses_a_directory_it_did_not_create(tmp_path: Path) -> None:
         assert sorted(p.name for p in precious.iterdir()) == ["thesis.tex"]
 
 
+def test_shipped_clinical_feeds_are_what_the_generator_writes(tmp_path: Path) -> None:
+    """deploy/demo/clinical and deploy/demo/late are tests/support/democlinical.py's output, unedited
+    (`python -m tests.support.democlinical` rewrites them)."""
+    from bridge.cli.demo import DEMO_CLINICAL, DEMO_LATE
+    from tests.support.democlinical import write
+
+    written = write(tmp_path)
+    assert written
+    for path in written:
+        shipped = {"clinical": DEMO_CLINICAL, "late": DEMO_LATE}[path.relative_to(tmp_path).parts[0]]
+        assert (shipped / path.relative_to(tmp_path / shipped.name)).read_bytes() == path.read_bytes(), path
+    assert sorted(
+        p.relative_to(DEMO_CLINICAL.parent) for d in (DEMO_CLINICAL, DEMO_LATE) for p in d.rglob("*.hl7")
+    ) == sorted(p.relative_to(tmp_path) for p in written)
+
+
 def _search_and_export(stdout: str) -> None:
     """The printed search answers a page of the shared patient's encounters, latest first; the printed
     export kick-off is accepted, and its status URL ends in a manifest whose files download."""
