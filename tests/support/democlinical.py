@@ -9,7 +9,8 @@ module adds, for the shared demo patient (the one the demo's Consent names, by S
   same (one fact both hospitals sent, merged by ``$everything``), the creatinine is not (a value the
   hospitals disagree on);
 * allergies (AL1, penicillin severe: SV) and problems (DG1) in ADT^A08 updates, medications (RDE^O11),
-  immunizations (VXU^V04) and a discharge summary (MDM^T02) from each hospital;
+  immunizations (VXU^V04) and documents (MDM^T02: st-mary's discharge summary, riverside's
+  consultation note) from each hospital;
 * a patient at riverside whose family name has a typo (with other registration noise, below), who the
   MPI scores as a POSSIBLE_MATCH of their st-mary record;
 * :func:`late_feeds`: one st-mary result that the demo ingests after the ledger's checkpoint (from
