@@ -226,17 +226,34 @@ class Ledger:
         return self._storage.checkpoint_at(size)
 
     def maybe_checkpoint(self) -> str | None:
-        """Sign a checkpoint if entries are unsigned and ``checkpoint_interval_ms`` has passed.
+        """Sign a checkpoint if entries are unsigned and ``checkpoint_interval_ms`` has passed since the
+        last one (at once when there is none); returns the new note, else None.
 
-        For an idle consumer to call periodically, so that the last entries of a burst get signed.
+        For an idle consumer to call periodically, so that the last entries of a burst get signed within
+        the interval, and no sooner: a log that signs every N minutes keeps that cadence when idle.
         """
         if self._signer is None:
             return None
         latest = self._storage.latest_checkpoint()
         size = self.size()
         if size == 0 or (latest is not None and latest[0] >= size):
-            return None
-        return self.checkpoint_now()
+            return None  # nothing unsigned: no write transaction
+        with self._lock:
+            try:
+                with self._storage.write() as txn:
+                    size, epoch = txn.size_epoch()
+                    last = txn.last_checkpoint()
+                    now = time.time()
+                    if size == 0 or (
+                        last is not None
+                        and (last[0] >= size or (now - last[1]) * 1000 < self.checkpoint_interval_ms)
+                    ):
+                        return None
+                    self._sign_locked(txn, size, self._edge(txn, size, epoch).root(), now)
+            except BaseException:
+                self._builder = None
+                raise
+        return self._storage.checkpoint_at(size)
 
     def reset(self) -> None:
         """Delete every entry, tile, checkpoint and cosignature: the log restarts empty.

@@ -34,6 +34,10 @@ DEMO_DATA = Path(__file__).resolve().parents[2] / "deploy" / "demo" / "data"
 DEMO_CLINICAL = DEMO_DATA.parent / "clinical"
 #: what the demo ingests after the ledger's checkpoint, so that it is logged but not yet provable
 DEMO_LATE = DEMO_DATA.parent / "late"
+#: what the web app's client may be granted (docs/ui.md)
+DEMO_UI_SCOPES = "openid fhirUser user/*.rs"
+#: the checkpoint cadence of the demo's ledger after the late entry: it is pending for that long
+DEMO_LATE_INTERVAL_MS = 10 * 60 * 1000
 MARKER = ".fhirbridge-demo"
 #: st-mary's clinicians may break the glass in the demo (docs/consent.md); nobody may by default
 BREAK_GLASS_ORGS = "st-mary"
@@ -244,10 +248,8 @@ def run_demo(
                 f"a signed checkpoint over the first {expected} entries",
                 children,
             )
-            # The ledger consumer signs a checkpoint whenever it is idle (Ledger.maybe_checkpoint does
-            # not wait for the interval), so an entry stays unsigned only under a consumer without the
-            # key (`--unsigned` alone still reads the key file if there is one): this one runs until
-            # the demo stops, and the next run's consumer signs what it appended.
+            # From here on the demo's ledger signs a checkpoint every DEMO_LATE_INTERVAL_MS (as a log
+            # with a slow cadence does), so the late entry below stays pending, visibly, for that long
             ledger_proc.send_signal(signal.SIGTERM)
             try:
                 ledger_proc.wait(timeout=30)
@@ -259,8 +261,7 @@ def run_demo(
                 "ledger",
                 "ledger",
                 "run",
-                "--unsigned",
-                extra_env={"FHIRBRIDGE_LEDGER_KEY_FILE": str(data_dir / "no-key-until-the-next-run")},
+                extra_env={"FHIRBRIDGE_CHECKPOINT_INTERVAL_MS": str(DEMO_LATE_INTERVAL_MS)},
             )
             before = index.counts()["bundles"], ledger.size()
             for org in sorted(p.name for p in late.iterdir() if p.is_dir()):
@@ -336,8 +337,8 @@ def run_demo(
             if pending:
                 print(
                     f"  Not yet provable     {pending} entry logged after the latest checkpoint (st-mary's potassium of "
-                    "2026-04-20, ingested late; the ledger consumer now runs unsigned, so it stays pending until the "
-                    "next run signs it)"
+                    "2026-04-20, ingested late; the demo's ledger now signs every 10 minutes, so it is pending "
+                    "until the next checkpoint)"
                 )
             print(
                 "  Possible match       a riverside registration with a name typo (WHTIE) waits in the review queue"
@@ -440,7 +441,7 @@ def _demo_identities(
     (role, user, password), the command that gets a token, and a token."""
     import secrets
 
-    from bridge.stores.auth import AuthStore
+    from bridge.stores.auth import AuthClient, AuthStore
 
     auth_dir = data_dir / "auth"
     auth_dir.mkdir(exist_ok=True)
@@ -479,6 +480,17 @@ def _demo_identities(
     store = AuthStore.open(settings.auth.url)
     try:
         has_app = store.client(DEMO_APP) is not None
+        # the web app's client (docs/ui.md), its redirect URI on this run's port
+        ui = AuthClient(
+            settings.ui.client_id,
+            "public",
+            tuple(DEMO_UI_SCOPES.split()),
+            (f"{settings.http.fhir_base()}/app/callback",),
+        )
+        if store.client(ui.client_id) != ui:
+            if store.client(ui.client_id) is not None:
+                store.remove_client(ui.client_id)
+            store.add_client(ui)
     finally:
         store.close()
     if not has_app:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import sqlite3
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -173,6 +174,21 @@ def test_checkpoint_now_and_maybe_checkpoint(led: Ledger) -> None:
     assert signed is not None and checkpoint.open(signed, [LOG_VKEY]).size == 4
     assert led.checkpoint_now() == signed  # same size: the stored one, not a new signature
     assert led.maybe_checkpoint() is None
+
+
+def test_maybe_checkpoint_waits_for_the_interval(url: str) -> None:
+    led = open_ledger(
+        url, origin=ORIGIN, signer_key=LOG_SKEY, checkpoint_every=100, checkpoint_interval_ms=300
+    )
+    led.append([make_entry(0)])  # the first entry is signed at once
+    led.append([make_entry(1)])
+    assert checkpoint.open(led.latest_checkpoint() or "", [LOG_VKEY]).size == 1
+    assert led.maybe_checkpoint() is None  # the interval has not passed: entry 1 stays unsigned
+    time.sleep(0.35)
+    signed = led.maybe_checkpoint()
+    assert signed is not None and checkpoint.open(signed, [LOG_VKEY]).size == 2
+    assert led.maybe_checkpoint() is None  # nothing unsigned
+    led.close()
 
 
 def test_without_signer_no_checkpoints(url: str) -> None:
