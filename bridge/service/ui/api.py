@@ -16,6 +16,7 @@ a listener the app can reach without a client certificate.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,10 +78,14 @@ def _ssl(url: str) -> bool:
     return not url.startswith("https:")
 
 
-async def fhir_get(request: web.Request, token: str, path_qs: str) -> ApiAnswer:
-    """``GET <api base><path_qs>`` with ``token`` as the bearer token."""
+async def fhir_get(
+    request: web.Request, token: str, path_qs: str, *, headers: Mapping[str, str] | None = None
+) -> ApiAnswer:
+    """``GET <api base><path_qs>`` with ``token`` as the bearer token (and ``headers``, such as the
+    break-the-glass reason)."""
     url = api_base(request) + path_qs
     headers = {
+        **(headers or {}),
         "Authorization": f"Bearer {token}",
         "Accept": "application/fhir+json",
         "Host": request.host,
@@ -90,6 +95,15 @@ async def fhir_get(request: web.Request, token: str, path_qs: str) -> ApiAnswer:
     ) as resp:
         raw = await resp.read()
         return ApiAnswer(resp.status, _json(raw))
+
+
+async def public_text(request: web.Request, path_qs: str) -> tuple[int, str]:
+    """``GET <api base><path_qs>`` of a public text resource (the ledger's signed checkpoint)."""
+    url = api_base(request) + path_qs
+    async with request.app[HTTP_CLIENT].get(
+        url, headers={"Host": request.host}, ssl=_ssl(url), allow_redirects=False
+    ) as resp:
+        return resp.status, (await resp.read()).decode("utf-8", "replace")
 
 
 async def token_request(request: web.Request, form: dict[str, str]) -> ApiAnswer:
