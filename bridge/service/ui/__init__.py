@@ -13,7 +13,7 @@ import jinja2
 from aiohttp import web
 
 from bridge.service.auth.marks import public
-from bridge.service.ui import login, views
+from bridge.service.ui import login, verify, views
 from bridge.service.ui.api import close_client, start_client
 from bridge.service.ui.security import add_headers
 from bridge.service.ui.session import SessionStore
@@ -43,3 +43,4 @@ def install(app: web.Application) -> None:
     app.add_routes(routes)
     app.add_routes(login.routes)
     app.add_routes(views.routes)
+    app.add_routes(verify.routes)  # in-browser verification of the ledger proofs (docs/ui.md)
