@@ -30,6 +30,7 @@ from typing import Any
 from bridge.cli.demo import DEMO_APP_SCOPES, DEMO_USERS
 from bridge.config import Settings
 from bridge.stores.index.store import IncomingBundle, IndexStore
+from bridge.stores.mpi import PersonIndex
 from bridge.stream.broker import free_port, stop_pid
 
 APP = "browser-app"
@@ -40,6 +41,10 @@ UI_SCOPE = "openid fhirUser user/*.rs"
 PATIENT_A = "browser-pa"
 PATIENT_B = "browser-pb"
 PATIENT_A_FAMILY = "Quackenbush"
+#: one person's records at two hospitals, linked by the MPI (MATCH): a fact both sent, a creatinine
+#: whose values disagree, and potassium results with the lab's range, one flagged H
+LINKED_ST_MARY = "browser-pe"
+LINKED_RIVERSIDE = "browser-pf"
 #: a name that runs script if it is ever written into a page as HTML
 MARKUP_NAME = '<img src=x onerror="window.__xss=1;alert(1)">'
 #: one note per running service: the test process, the data directory, the service's PID
@@ -122,6 +127,151 @@ def seed_index(settings: Settings) -> None:
         store.close()
 
 
+def _linked_patient(pid: str, org: str, mrn: str) -> dict[str, Any]:
+    mr = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR"}]}
+    return {
+        "resourceType": "Patient",
+        "id": pid,
+        "identifier": [
+            {"system": "http://hl7.org/fhir/sid/us-ssn", "value": "900000005"},
+            {"type": mr, "system": f"urn:mrn:{org}", "value": mrn},
+        ],
+        "name": [{"family": "Linkwater", "given": ["Dorothea"]}],
+        "birthDate": "1966-09-30",
+        "gender": "female",
+        "address": [{"line": ["12 Orchard Row"], "city": "Northbury", "postalCode": "30303"}],
+    }
+
+
+def _lab(
+    oid: str, pid: str, code: str, text: str, when: str, value: float, unit: str, **extra: Any
+) -> dict[str, Any]:
+    category = {
+        "coding": [
+            {"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "laboratory"}
+        ]
+    }
+    return {
+        "resourceType": "Observation",
+        "id": oid,
+        "status": "final",
+        "category": [category],
+        "subject": {"reference": f"Patient/{pid}"},
+        "code": {"coding": [{"system": "http://loinc.org", "code": code}], "text": text},
+        "effectiveDateTime": when,
+        "valueQuantity": {"value": value, "unit": unit},
+        **extra,
+    }
+
+
+def seed_linked_person(settings: Settings) -> None:
+    """:data:`LINKED_ST_MARY` and :data:`LINKED_RIVERSIDE` (one person, MATCH in the MPI): asthma from
+    both, creatinine 1.1 (st-mary) and 1.4 mg/dL (riverside) at one time, potassium 4.2, 5.8 (H) and
+    4.6 mmol/L with the range 3.5-5.1, and a riverside encounter."""
+    k_range = {
+        "referenceRange": [
+            {"low": {"value": 3.5, "unit": "mmol/L"}, "high": {"value": 5.1, "unit": "mmol/L"}}
+        ]
+    }
+    high = {
+        "interpretation": [
+            {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation",
+                        "code": "H",
+                    }
+                ]
+            }
+        ]
+    }
+
+    def asthma(cid: str, pid: str) -> dict[str, Any]:
+        code = {"coding": [{"system": "http://snomed.info/sct", "code": "195967001"}], "text": "Asthma"}
+        return {
+            "resourceType": "Condition",
+            "id": cid,
+            "subject": {"reference": f"Patient/{pid}"},
+            "code": code,
+            "onsetDateTime": "2019-04-02",
+        }
+
+    sm, rs = LINKED_ST_MARY, LINKED_RIVERSIDE
+    st_mary = _linked_patient(sm, "st-mary", "SM-5005")
+    riverside = _linked_patient(rs, "riverside", "RS-5005")
+    store = IndexStore.open(settings.stores.index_url)
+    try:
+        store.apply(
+            [
+                _bundle(
+                    "b5",
+                    "st-mary",
+                    [
+                        st_mary,
+                        asthma("browser-asthma-sm", sm),
+                        _lab(
+                            "browser-k1",
+                            sm,
+                            "2823-3",
+                            "Potassium",
+                            "2026-01-05T08:00:00Z",
+                            4.2,
+                            "mmol/L",
+                            **k_range,
+                        ),
+                        _lab(
+                            "browser-k2",
+                            sm,
+                            "2823-3",
+                            "Potassium",
+                            "2026-02-05T08:00:00Z",
+                            5.8,
+                            "mmol/L",
+                            **k_range,
+                            **high,
+                        ),
+                        _lab("browser-cr1", sm, "2160-0", "Creatinine", "2026-02-05T08:00:00Z", 1.1, "mg/dL"),
+                    ],
+                ),
+                _bundle(
+                    "b6",
+                    "riverside",
+                    [
+                        riverside,
+                        asthma("browser-asthma-rs", rs),
+                        _lab("browser-cr2", rs, "2160-0", "Creatinine", "2026-02-05T08:00:00Z", 1.4, "mg/dL"),
+                        _lab(
+                            "browser-k3",
+                            rs,
+                            "2823-3",
+                            "Potassium",
+                            "2026-03-05T08:00:00Z",
+                            4.6,
+                            "mmol/L",
+                            **k_range,
+                        ),
+                        {
+                            "resourceType": "Encounter",
+                            "id": "browser-enc",
+                            "status": "finished",
+                            "class": {"code": "AMB", "display": "ambulatory visit"},
+                            "subject": {"reference": f"Patient/{rs}"},
+                            "period": {"start": "2026-03-05T07:30:00Z"},
+                        },
+                    ],
+                ),
+            ]
+        )
+    finally:
+        store.close()
+    mpi = PersonIndex.open(settings.stores.mpi_url)
+    try:
+        mpi.upsert_patients([("st-mary", st_mary)])
+        mpi.upsert_patients([("riverside", riverside)])
+    finally:
+        mpi.close()
+
+
 @dataclass
 class BridgeService:
     """``fhirbridge serve`` on a free loopback port over ``root``; ``passwords`` are the demo users'."""
@@ -159,6 +309,7 @@ class BridgeService:
             }
         )
         seed_index(Settings.from_env(self.env))
+        seed_linked_person(Settings.from_env(self.env))
         self._register()
         with open(self.log_file, "ab") as out:
             self.process = subprocess.Popen(
