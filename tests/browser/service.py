@@ -36,11 +36,18 @@ from bridge.stream.broker import free_port, stop_pid
 APP = "browser-app"
 #: the web app's own public client (bridge/service/ui), its scopes, and the clinician who signs in to it
 UI_CLIENT = "browser-ui"
-UI_SCOPE = "openid fhirUser user/*.rs"
+#: user/Person.u: the steward desk's link and unlink (the embedded issuer grants the app's scopes to
+#: every user who signs in to it, so the clinician gets it too)
+UI_SCOPE = "openid fhirUser user/*.rs user/Person.u"
 #: the signed-in patient's record, and another patient whose name is markup
 PATIENT_A = "browser-pa"
 PATIENT_B = "browser-pb"
 PATIENT_A_FAMILY = "Quackenbush"
+#: a possible match for the steward desk: one person's records at two hospitals, the family name
+#: mistyped at riverside and the address changed (the MPI scores it about 0.65: POSSIBLE_MATCH)
+TYPO_ST_MARY = "browser-pc"
+TYPO_RIVERSIDE = "browser-pd"
+TYPO_RIVERSIDE_MRN = "RS-4242"
 #: one person's records at two hospitals, linked by the MPI (MATCH): a fact both sent, a creatinine
 #: whose values disagree, and potassium results with the lab's range, one flagged H
 LINKED_ST_MARY = "browser-pe"
@@ -125,6 +132,62 @@ def seed_index(settings: Settings) -> None:
         )
     finally:
         store.close()
+
+
+def _typo_patient(
+    pid: str, family: str, org: str, mrn: str, line: str, city: str, postal: str
+) -> dict[str, Any]:
+    mr = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR"}]}
+    return {
+        "resourceType": "Patient",
+        "id": pid,
+        "identifier": [{"type": mr, "system": f"urn:mrn:{org}", "value": mrn}],
+        "name": [{"family": family, "given": ["Bartholomew"]}],
+        "birthDate": "1975-06-02",
+        "gender": "male",
+        "address": [{"line": [line], "city": city, "postalCode": postal}],
+    }
+
+
+def seed_typo_pair(settings: Settings) -> None:
+    """:data:`TYPO_ST_MARY` and :data:`TYPO_RIVERSIDE`, each with a glucose result, in the index and in
+    the MPI (one batch each, as two deliveries would arrive), where they are a possible match."""
+    st_mary = _typo_patient(
+        TYPO_ST_MARY, "Featherstonehaugh", "st-mary", "SM-4242", "7 Quarry Lane", "Eastwick", "40404"
+    )
+    riverside = _typo_patient(
+        TYPO_RIVERSIDE,
+        "Featherstonhaugh",
+        "riverside",
+        TYPO_RIVERSIDE_MRN,
+        "90 Mill Road",
+        "Westfield",
+        "50505",
+    )
+    store = IndexStore.open(settings.stores.index_url)
+    try:
+        store.apply(
+            [
+                _bundle(
+                    "b3",
+                    "st-mary",
+                    [st_mary, _glucose("browser-oc", TYPO_ST_MARY, "2026-01-12T08:00:00Z", 104)],
+                ),
+                _bundle(
+                    "b4",
+                    "riverside",
+                    [riverside, _glucose("browser-od", TYPO_RIVERSIDE, "2026-02-12T08:00:00Z", 142)],
+                ),
+            ]
+        )
+    finally:
+        store.close()
+    mpi = PersonIndex.open(settings.stores.mpi_url)
+    try:
+        mpi.upsert_patients([("st-mary", st_mary)])
+        mpi.upsert_patients([("riverside", riverside)])
+    finally:
+        mpi.close()
 
 
 def _linked_patient(pid: str, org: str, mrn: str) -> dict[str, Any]:
@@ -309,6 +372,7 @@ class BridgeService:
             }
         )
         seed_index(Settings.from_env(self.env))
+        seed_typo_pair(Settings.from_env(self.env))
         seed_linked_person(Settings.from_env(self.env))
         self._register()
         with open(self.log_file, "ab") as out:

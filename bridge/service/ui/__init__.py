@@ -15,6 +15,7 @@ from aiohttp import web
 from bridge.service.auth.marks import public
 from bridge.service.ui import login, verify, views
 from bridge.service.ui.api import close_client, start_client
+from bridge.service.ui.review import install as install_review
 from bridge.service.ui.security import add_headers
 from bridge.service.ui.session import SessionStore
 
@@ -44,3 +45,4 @@ def install(app: web.Application) -> None:
     app.add_routes(login.routes)
     app.add_routes(views.routes)
     app.add_routes(verify.routes)  # in-browser verification of the ledger proofs (docs/ui.md)
+    install_review(app)  # the data steward's desk under /app/review (docs/ui.md)
