@@ -34,6 +34,7 @@ import aiohttp_jinja2
 import orjson
 from aiohttp import web
 
+from bridge.errors import FhirbridgeError
 from bridge.logging import get_logger
 from bridge.service.auth.marks import public
 from bridge.service.auth.scopes import ScopeSet
@@ -119,7 +120,7 @@ def _page_error(request: web.Request, session: Session, title: str, message: str
     return Stop(response)
 
 
-class Stop(Exception):
+class Stop(FhirbridgeError):
     """Leave a handler with ``response`` (a page), from a helper. Not an ``HTTPException``: the service's
     error middleware turns those into OperationOutcomes."""
 
