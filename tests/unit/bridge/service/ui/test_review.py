@@ -20,47 +20,12 @@ from bridge.service.ui.login import SESSIONS
 from bridge.service.ui.review import Parts, closest_first, conflicts, fhir_date, waterfall
 from bridge.service.ui.security import CONTENT_SECURITY_POLICY
 from bridge.service.ui.session import SESSION_COOKIE
-from bridge.stores.index.store import IncomingBundle, IndexStore
+from bridge.stores.index.store import IndexStore
 from bridge.stores.mpi import PersonIndex
 from tests.support.auth import token
+from tests.support.mpi_records import A, B, C, bundle, condition
 
 STEWARD_SCOPE = "user/*.rs user/Person.u"
-
-
-def _patient(pid: str, ssn: str | None, street: str, city: str, postal: str) -> dict[str, Any]:
-    p: dict[str, Any] = {
-        "resourceType": "Patient",
-        "id": pid,
-        "name": [{"family": "Andersen", "given": ["Alice"]}],
-        "birthDate": "1980-04-12",
-        "gender": "female",
-        "address": [{"line": [street], "city": city, "postalCode": postal}],
-    }
-    if ssn:
-        p["identifier"] = [{"system": "http://hl7.org/fhir/sid/us-ssn", "value": ssn}]
-    return p
-
-
-# a1 and b1 MATCH; c2 is a possible match of their person (test_possible_matches.py's records)
-A = _patient("a1", "123456789", "12 Elm Street", "Metro", "12345")
-B = _patient("b1", "123456789", "12 Elm St", "Metro", "12345")
-C = {k: v for k, v in _patient("c2", None, "400 Harbour View", "Portside", "99999").items() if k != "gender"}
-
-
-def _condition(cid: str, pid: str, text: str) -> dict[str, Any]:
-    return {
-        "resourceType": "Condition",
-        "id": cid,
-        "subject": {"reference": f"Patient/{pid}"},
-        "code": {"text": text},
-    }
-
-
-def _bundle(sha: str, org: str, resources: list[dict[str, Any]]) -> IncomingBundle:
-    return IncomingBundle(
-        {"resourceType": "Bundle", "entry": [{"resource": r} for r in resources]},
-        sha, org, f"{org}|1", "t", 0, 0, "2026-01-11T00:00:00.000Z",
-    )  # fmt: skip
 
 
 class Env:
@@ -72,7 +37,7 @@ class Env:
             token(self.settings, scope, subject=subject), 4102444800.0, subject, None
         )
         self.client.session.cookie_jar.update_cookies({SESSION_COOKIE: session.id})
-        return session.csrf
+        return str(session.csrf)
 
     @property
     def actor(self) -> str:
@@ -85,12 +50,12 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     index = IndexStore.open(settings.stores.index_url)
     index.apply(
         [
-            _bundle("h1", "org-a", [A, _condition("cond-a", "a1", "Asthma")]),
-            _bundle("h2", "org-b", [B, _condition("cond-b", "b1", "Gout")]),
-            _bundle(
+            bundle("h1", "org-a", [A, condition("cond-a", "a1", "Asthma")]),
+            bundle("h2", "org-b", [B, condition("cond-b", "b1", "Gout")]),
+            bundle(
                 "h3",
                 "org-c",
-                [C, _condition("cond-c", "c2", "Psoriasis"), _condition("cond-d", "c2", "Eczema")],
+                [C, condition("cond-c", "c2", "Psoriasis"), condition("cond-d", "c2", "Eczema")],
             ),
         ]
     )
