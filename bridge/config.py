@@ -239,6 +239,8 @@ class UiSettings:
     client_id: str = "fhirbridge-ui"
     scope: str = "openid fhirUser user/*.rs"
     api_url: str = ""
+    #: added to ``scope`` by a steward's sign-in (``/app/login?role=steward``): the MPI's link and unlink
+    steward_scope: str = "user/Person.u"
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,6 +333,7 @@ class Settings:
                 client_id=env.get("FHIRBRIDGE_UI_CLIENT_ID") or "fhirbridge-ui",
                 scope=env.get("FHIRBRIDGE_UI_SCOPE") or "openid fhirUser user/*.rs",
                 api_url=(env.get("FHIRBRIDGE_UI_API_URL") or "").rstrip("/"),
+                steward_scope=env.get("FHIRBRIDGE_UI_STEWARD_SCOPE") or "user/Person.u",
             ),
             gc_threshold=_gc_threshold(env.get("FHIRBRIDGE_GC_THRESHOLD", "50000,20,10")),
         )

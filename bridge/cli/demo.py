@@ -34,8 +34,8 @@ DEMO_DATA = Path(__file__).resolve().parents[2] / "deploy" / "demo" / "data"
 DEMO_CLINICAL = DEMO_DATA.parent / "clinical"
 #: what the demo ingests after the ledger's checkpoint, so that it is logged but not yet provable
 DEMO_LATE = DEMO_DATA.parent / "late"
-#: what the web app's client may be granted (docs/ui.md)
-DEMO_UI_SCOPES = "openid fhirUser user/*.rs"
+#: what the web app's client may be granted (docs/ui.md): user/Person.u only in a steward's sign-in
+DEMO_UI_SCOPES = "openid fhirUser user/*.rs user/Person.u"
 #: the checkpoint cadence of the demo's ledger after the late entry: it is pending for that long
 DEMO_LATE_INTERVAL_MS = 10 * 60 * 1000
 MARKER = ".fhirbridge-demo"

@@ -36,9 +36,10 @@ from bridge.stream.broker import free_port, stop_pid
 APP = "browser-app"
 #: the web app's own public client (bridge/service/ui), its scopes, and the clinician who signs in to it
 UI_CLIENT = "browser-ui"
-#: user/Person.u: the steward desk's link and unlink (the embedded issuer grants the app's scopes to
-#: every user who signs in to it, so the clinician gets it too)
-UI_SCOPE = "openid fhirUser user/*.rs user/Person.u"
+UI_SCOPE = "openid fhirUser user/*.rs"
+#: what the app's client may be granted: user/Person.u (the steward desk's link and unlink) in a
+#: steward's sign-in only (/app/login?role=steward; the issuer refuses it to other users)
+UI_CLIENT_SCOPE = f"{UI_SCOPE} user/Person.u"
 #: the signed-in patient's record, and another patient whose name is markup
 PATIENT_A = "browser-pa"
 PATIENT_B = "browser-pb"
@@ -457,7 +458,7 @@ class BridgeService:
             "--redirect-uri",
             self.url("/app/callback"),
             "--scope",
-            UI_SCOPE,
+            UI_CLIENT_SCOPE,
         )
         for uid, kind, extra in DEMO_USERS:
             password = secrets.token_urlsafe(12)

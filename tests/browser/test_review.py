@@ -6,6 +6,7 @@ reason, takes it away again."""
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 
@@ -18,7 +19,9 @@ PAIR = f"/app/review/{TYPO_ST_MARY}/{TYPO_RIVERSIDE}"
 
 
 def sign_in(page: Any, bridge: BridgeService, user: str, path: str) -> None:
-    page.goto(bridge.url(path))
+    """Sign ``user`` in as a data steward (the desk's scope is asked for in a steward's sign-in only),
+    landing on ``path``."""
+    page.goto(bridge.url(f"/app/login?{urlencode({'role': 'steward', 'next': path})}"))
     assert page.url.startswith(bridge.url("/auth/authorize?")), page.url
     page.fill("#username", user)
     page.fill("#password", bridge.passwords[user])

@@ -218,13 +218,27 @@ def _authorize_signin(backend: Backend, settings: Settings, base: str, http: Htt
 
 def _scope_problem(user: AuthUser, scope: str) -> str | None:
     """Why ``user`` cannot be granted ``scope``, or None. A standalone patient launch needs a patient
-    user (there is no patient picker); a patient is granted patient/ scopes, never user/ ones."""
+    user (there is no patient picker); a patient is granted patient/ scopes, never user/ ones; only a
+    steward may change the MPI's links (a Person write scope)."""
     scopes = scope.split()
     if "launch/patient" in scopes and user.kind != "patient":
         return "launch/patient needs a patient user: this server has no patient picker"
     if user.kind == "patient" and any(s.startswith("user/") for s in scopes):
         return "a patient user is granted patient/ scopes, not user/ scopes"
+    if user.kind != "steward" and any(_writes_person(s) for s in scopes):
+        return "changing the master patient index's links (Person writes) is for data stewards"
     return None
+
+
+def _writes_person(scope: str) -> bool:
+    """Whether a scope names Person explicitly with a write: ``user/Person.u`` (SMART v2 ``c``, ``u``,
+    ``d`` in any order, a ``?`` narrowing aside) or ``user/Person.write``/``.*`` (v1). Wildcard types
+    (``user/*.cruds``) are not Person writes by name and are left to the client's registration."""
+    context, _, rest = scope.partition("/")
+    if context not in ("user", "system") or not rest.startswith("Person."):
+        return False
+    perms = rest[len("Person.") :].split("?", 1)[0]
+    return perms in ("write", "*") or any(c in perms for c in "cud")
 
 
 def _form(

@@ -72,22 +72,35 @@ def safe_next(path: str) -> str:
     return path
 
 
+#: the purposes of use a sign-in may state (``?purpose=``): none (the issuer's default, treatment), or
+#: emergency treatment, which the break-the-glass button needs (docs/consent.md)
+SIGN_IN_PURPOSES = ("", "TREAT", "ETREAT")
+
+
 @routes.get("/app/login")
 @public
 async def login(request: web.Request) -> web.StreamResponse:
-    """Start a sign-in: a redirect to the authorization endpoint with state and a PKCE S256 challenge."""
+    """Start a sign-in: a redirect to the authorization endpoint with state and a PKCE S256 challenge.
+    ``?role=steward`` asks for the steward desk's scope too (the issuer grants it to stewards only);
+    ``?purpose=ETREAT`` states emergency treatment, for breaking the glass."""
     settings = request.app[SETTINGS]
+    role, purpose = request.query.get("role", ""), request.query.get("purpose", "")
+    if role not in ("", "steward") or purpose not in SIGN_IN_PURPOSES:
+        return _message(request, "Sign-in refused", "Unknown sign-in role or purpose of use.", 400)
+    scope = settings.ui.scope + (f" {settings.ui.steward_scope}" if role == "steward" else "")
     key, pending = request.app[SESSIONS].begin_login(safe_next(request.query.get("next", "/app/")))
     query = {
         "response_type": "code",
         "client_id": settings.ui.client_id,
         "redirect_uri": redirect_uri(request),
-        "scope": settings.ui.scope,
+        "scope": scope,
         "state": pending.state,
         "aud": fhir_base(request),
         "code_challenge": code_challenge(pending.verifier),
         "code_challenge_method": "S256",
     }
+    if purpose:  # the IHE IUA purpose of use the embedded issuer states in the token (docs/auth.md)
+        query["purpose_of_use"] = purpose
     response = redirect(f"{issuer_url(fhir_base(request))}/authorize?{urlencode(query)}", 302)
     response.set_cookie(
         LOGIN_COOKIE,

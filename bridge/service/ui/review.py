@@ -94,8 +94,9 @@ def can_review(session: Session | None) -> bool:
 def _steward(request: web.Request) -> Session:
     """The signed-in steward; a redirect to the sign-in without a session, a 403 page without the scopes."""
     session = current_session(request)
+    steward_sign_in = f"/app/login?{urlencode({'role': 'steward', 'next': request.path_qs})}"
     if session is None:
-        raise web.HTTPSeeOther(f"/app/login?{urlencode({'next': request.path_qs})}")
+        raise web.HTTPSeeOther(steward_sign_in)
     if not can_review(session):
         log.info("ui.review_refused")
         raise _page_error(
@@ -103,18 +104,28 @@ def _steward(request: web.Request) -> Session:
             session,
             "Not allowed",
             "The data steward's desk needs a sign-in whose access may read and update the master "
-            "patient index (user/Person.rs and user/Person.u). Yours may not.",
+            "patient index (user/Person.rs and user/Person.u). Yours may not: a data steward signs in "
+            "for the desk.",
             403,
+            link=(steward_sign_in, "Sign in as a data steward"),
         )
     return session
 
 
-def _page_error(request: web.Request, session: Session, title: str, message: str, status: int) -> Stop:
-    """A message page, to raise (:class:`Stop`)."""
+def _page_error(
+    request: web.Request,
+    session: Session,
+    title: str,
+    message: str,
+    status: int,
+    *,
+    link: tuple[str, str] | None = None,
+) -> Stop:
+    """A message page, to raise (:class:`Stop`); ``link``: (href, text) of a way on."""
     response = aiohttp_jinja2.render_template(
         "message.html",
         request,
-        {"title": title, "message": message, "session": session, "sign_in": False},
+        {"title": title, "message": message, "session": session, "sign_in": False, "link": link},
         status=status,
     )
     return Stop(response)

@@ -713,3 +713,22 @@ async def test_no_purpose_stated_no_purpose_claim(env: Env) -> None:
     status, body = await env.token(**_cc_form(_assertion(key, _claims(env))))
     claims = jwt.decode(body["access_token"], await env.jwks(), algorithms=["ES256"]).claims
     assert status == 200 and "extensions" not in claims
+
+
+@pytest.mark.parametrize(
+    ("kind", "scope", "refused"),
+    [
+        ("clinician", "openid user/*.rs user/Person.u", True),
+        ("clinician", "user/Person.write", True),
+        ("clinician", "user/Person.cruds?identifier=x", True),
+        ("clinician", "user/Person.rs user/*.rs", False),
+        ("clinician", "user/*.cruds", False),  # a wildcard type: the client's registration decides
+        ("steward", "openid user/*.rs user/Person.u", False),
+    ],
+)
+def test_only_a_steward_is_granted_person_writes(kind: str, scope: str, refused: bool) -> None:
+    from bridge.service.auth.server import _scope_problem
+    from bridge.stores.auth import AuthUser
+
+    problem = _scope_problem(AuthUser("u1", kind), scope)
+    assert (problem is not None and "stewards" in problem) is refused

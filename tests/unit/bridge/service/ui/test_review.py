@@ -80,7 +80,7 @@ def _pair(env: Env) -> tuple[str, str]:
 async def test_without_a_session_the_desk_asks_to_sign_in(env: Env) -> None:
     for path in ("/app/review", "/app/review/a1/c2"):
         resp = await env.client.get(path, allow_redirects=False)
-        assert resp.status == 303 and resp.headers["Location"].startswith("/app/login?next=")
+        assert resp.status == 303 and resp.headers["Location"].startswith("/app/login?role=steward&next=")
 
 
 async def test_a_token_without_the_steward_scopes_gets_a_403_page(env: Env) -> None:
@@ -89,7 +89,12 @@ async def test_a_token_without_the_steward_scopes_gets_a_403_page(env: Env) -> N
         resp = await env.client.get(path, allow_redirects=False)
         assert resp.status == 403, path
         page = await resp.text()
-        assert "Not allowed" in page and "user/Person.u" in page and "Andersen" not in page.lower().title()
+        assert (
+            "Not allowed" in page
+            and "role=steward" in page
+            and "user/Person.u" in page
+            and "Andersen" not in page.lower().title()
+        )
         assert resp.headers["Content-Security-Policy"] == CONTENT_SECURITY_POLICY
     post = await env.client.post(
         "/app/review/a1/c2", data={"csrf_token": csrf, "action": "link", "reason": "x"}

@@ -472,6 +472,7 @@ async def test_withheld_data_is_announced_and_not_shown(env: Env) -> None:
     env.sign_in_directly()  # a st-mary clinician: riverside's record is withheld from st-mary
     page = await (await env.client.get("/app/Patient/pa")).text()
     assert "Some of this patient's data is withheld under the patient's consent." in page
+    assert "/app/login?purpose=ETREAT&amp;next=/app/Patient/" in page  # how to break the glass
     assert "Glucose" not in page and "RS-777" not in page and "riverside" not in page
     assert "Diabetes type 2" in _section(page, "problems")  # st-mary's own copy
     assert "Some data is withheld (see above)." in _section(page, "results")
@@ -525,3 +526,15 @@ def test_code_challenge_is_rfc7636_s256() -> None:
         == "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
     )
     assert base64.urlsafe_b64decode(code_challenge("x") + "=")  # no padding left in the value
+
+
+async def test_a_steward_or_emergency_sign_in_asks_for_it(env: Env) -> None:
+    q = _query((await env.client.get("/app/login?role=steward", allow_redirects=False)).headers["Location"])
+    assert q["scope"].split() == [*env.settings.ui.scope.split(), "user/Person.u"]
+    q = _query((await env.client.get("/app/login?purpose=ETREAT", allow_redirects=False)).headers["Location"])
+    assert q["purpose_of_use"] == "ETREAT" and "user/Person.u" not in q["scope"]
+    assert "purpose_of_use" not in _query(
+        (await env.client.get("/app/login", allow_redirects=False)).headers["Location"]
+    )
+    for bad in ("role=admin", "purpose=HMARKT"):
+        assert (await env.client.get(f"/app/login?{bad}", allow_redirects=False)).status == 400, bad
