@@ -32,6 +32,7 @@ from bridge.config import Settings
 from bridge.stores.index.store import IncomingBundle, IndexStore
 from bridge.stores.mpi import PersonIndex
 from bridge.stream.broker import free_port, stop_pid
+from tests.support.consent import deny_organization
 
 APP = "browser-app"
 #: the web app's own public client (bridge/service/ui), its scopes, and the clinician who signs in to it
@@ -53,6 +54,13 @@ TYPO_RIVERSIDE_MRN = "RS-4242"
 #: whose values disagree, and potassium results with the lab's range, one flagged H
 LINKED_ST_MARY = "browser-pe"
 LINKED_RIVERSIDE = "browser-pf"
+#: one person's records at two hospitals (MATCH), riverside's withheld from st-mary (the clinician's
+#: organisation, which may break the glass) by a Consent filed at riverside; the patient user
+#: :data:`GLASS_PATIENT_USER` signs in as the st-mary record (to read its $access-log)
+GLASS_ST_MARY = "browser-pg"
+GLASS_RIVERSIDE = "browser-ph"
+GLASS_RIVERSIDE_MRN = "RS-6006"
+GLASS_PATIENT_USER = "glass-patient"
 #: a name that runs script if it is ever written into a page as HTML
 MARKUP_NAME = '<img src=x onerror="window.__xss=1;alert(1)">'
 #: one note per running service: the test process, the data directory, the service's PID
@@ -336,6 +344,52 @@ def seed_linked_person(settings: Settings) -> None:
         mpi.close()
 
 
+def seed_withheld_person(settings: Settings) -> None:
+    """:data:`GLASS_ST_MARY` and :data:`GLASS_RIVERSIDE` (one person, MATCH in the MPI), each with a
+    glucose result, and riverside's Consent denying st-mary the record (tests/support/consent.py)."""
+
+    def patient(pid: str, org: str, mrn: str) -> dict[str, Any]:
+        return {
+            **_linked_patient(pid, org, mrn),
+            "name": [{"family": "Glasswell", "given": ["Imogen"]}],
+            "birthDate": "1958-11-21",
+            "address": [{"line": ["3 Lantern Yard"], "city": "Southmere", "postalCode": "60606"}],
+        }
+
+    st_mary = patient(GLASS_ST_MARY, "st-mary", "SM-6006")
+    riverside = patient(GLASS_RIVERSIDE, "riverside", GLASS_RIVERSIDE_MRN)
+    for p in (st_mary, riverside):
+        p["identifier"][0] = {"system": "http://hl7.org/fhir/sid/us-ssn", "value": "900000006"}
+    store = IndexStore.open(settings.stores.index_url)
+    try:
+        store.apply(
+            [
+                _bundle(
+                    "b7",
+                    "st-mary",
+                    [st_mary, _glucose("browser-og", GLASS_ST_MARY, "2026-01-14T08:00:00Z", 101)],
+                ),
+                _bundle(
+                    "b8",
+                    "riverside",
+                    [
+                        riverside,
+                        _glucose("browser-oh", GLASS_RIVERSIDE, "2026-02-14T08:00:00Z", 163),
+                        deny_organization("browser-consent", GLASS_RIVERSIDE, "st-mary"),
+                    ],
+                ),
+            ]
+        )
+    finally:
+        store.close()
+    mpi = PersonIndex.open(settings.stores.mpi_url)
+    try:
+        mpi.upsert_patients([("st-mary", st_mary)])
+        mpi.upsert_patients([("riverside", riverside)])
+    finally:
+        mpi.close()
+
+
 @dataclass
 class BridgeService:
     """``fhirbridge serve`` on a free loopback port over ``root``; ``passwords`` are the demo users'."""
@@ -370,11 +424,13 @@ class BridgeService:
                 "FHIRBRIDGE_LOG_FORMAT": "json",
                 "FHIRBRIDGE_UI_CLIENT_ID": UI_CLIENT,
                 "FHIRBRIDGE_UI_SCOPE": UI_SCOPE,
+                "FHIRBRIDGE_BREAK_GLASS_ORGANIZATIONS": "st-mary",
             }
         )
         seed_index(Settings.from_env(self.env))
         seed_typo_pair(Settings.from_env(self.env))
         seed_linked_person(Settings.from_env(self.env))
+        seed_withheld_person(Settings.from_env(self.env))
         self._register()
         with open(self.log_file, "ab") as out:
             self.process = subprocess.Popen(
@@ -475,6 +531,20 @@ class BridgeService:
                 env={"FHIRBRIDGE_AUTH_PASSWORD": password},
             )
             self.passwords[uid] = password
+        password = secrets.token_urlsafe(12)
+        self.run(
+            "auth",
+            "users",
+            "add",
+            "--id",
+            GLASS_PATIENT_USER,
+            "--kind",
+            "patient",
+            "--patient",
+            GLASS_ST_MARY,
+            env={"FHIRBRIDGE_AUTH_PASSWORD": password},
+        )
+        self.passwords[GLASS_PATIENT_USER] = password
 
     # ------------------------------------------------------------------ orphans
 
