@@ -88,7 +88,9 @@ async def login(request: web.Request) -> web.StreamResponse:
     if role not in ("", "steward") or purpose not in SIGN_IN_PURPOSES:
         return _message(request, "Sign-in refused", "Unknown sign-in role or purpose of use.", 400)
     scope = settings.ui.scope + (f" {settings.ui.steward_scope}" if role == "steward" else "")
-    key, pending = request.app[SESSIONS].begin_login(safe_next(request.query.get("next", "/app/")))
+    key, pending = request.app[SESSIONS].begin_login(
+        safe_next(request.query.get("next", "/app/")), purpose=purpose
+    )
     query = {
         "response_type": "code",
         "client_id": settings.ui.client_id,
@@ -99,8 +101,6 @@ async def login(request: web.Request) -> web.StreamResponse:
         "code_challenge": code_challenge(pending.verifier),
         "code_challenge_method": "S256",
     }
-    if purpose:  # the IHE IUA purpose of use the embedded issuer states in the token (docs/auth.md)
-        query["purpose_of_use"] = purpose
     response = redirect(f"{issuer_url(fhir_base(request))}/authorize?{urlencode(query)}", 302)
     response.set_cookie(
         LOGIN_COOKIE,
@@ -143,6 +143,9 @@ async def callback(request: web.Request) -> web.StreamResponse:
             "redirect_uri": redirect_uri(request),
             "client_id": settings.ui.client_id,
             "code_verifier": pending.verifier,
+            # the IHE IUA purpose of use the embedded issuer writes into the token, stated where it
+            # reads it: the token request (docs/auth.md)
+            **({"purpose_of_use": pending.purpose} if pending.purpose else {}),
         },
     )
     token = answer.body.get("access_token")

@@ -49,6 +49,8 @@ class PendingLogin:
     verifier: str
     expires_at: float
     next_path: str
+    #: the purpose of use the token request states (``ETREAT``: an emergency sign-in), or ""
+    purpose: str = ""
 
 
 T = TypeVar("T", Session, PendingLogin)
@@ -87,13 +89,15 @@ class SessionStore:
         self._sessions: _Expiring[Session] = _Expiring(max_sessions)
         self._pending: _Expiring[PendingLogin] = _Expiring(max_pending)
 
-    def begin_login(self, next_path: str, *, now: float | None = None) -> tuple[str, PendingLogin]:
+    def begin_login(
+        self, next_path: str, *, purpose: str = "", now: float | None = None
+    ) -> tuple[str, PendingLogin]:
         """A new sign-in in flight: its cookie value and its state and verifier (43 random characters
         each, as RFC 7636 asks of a verifier)."""
         now = time.time() if now is None else now
         key = secrets.token_urlsafe(32)
         pending = PendingLogin(
-            secrets.token_urlsafe(32), secrets.token_urlsafe(48), now + PENDING_MAX_AGE, next_path
+            secrets.token_urlsafe(32), secrets.token_urlsafe(48), now + PENDING_MAX_AGE, next_path, purpose
         )
         self._pending.put(key, pending, now)
         return key, pending

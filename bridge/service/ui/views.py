@@ -48,6 +48,7 @@ STATIC_FILES = {
     "app.css": ("app.css", "text/css"),
     "htmx.min.js": ("vendor/htmx.min.js", "text/javascript"),
     "charts.js": ("charts.js", "text/javascript"),
+    "nostore.js": ("nostore.js", "text/javascript"),
 }
 SEARCH_FIELDS = ("name", "birthdate", "identifier")
 SEARCH_COUNT = 20

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import re
 from collections.abc import AsyncIterator
 from html.parser import HTMLParser
@@ -532,9 +533,26 @@ async def test_a_steward_or_emergency_sign_in_asks_for_it(env: Env) -> None:
     q = _query((await env.client.get("/app/login?role=steward", allow_redirects=False)).headers["Location"])
     assert q["scope"].split() == [*env.settings.ui.scope.split(), "user/Person.u"]
     q = _query((await env.client.get("/app/login?purpose=ETREAT", allow_redirects=False)).headers["Location"])
-    assert q["purpose_of_use"] == "ETREAT" and "user/Person.u" not in q["scope"]
-    assert "purpose_of_use" not in _query(
-        (await env.client.get("/app/login", allow_redirects=False)).headers["Location"]
-    )
+    assert "user/Person.u" not in q["scope"]
     for bad in ("role=admin", "purpose=HMARKT"):
         assert (await env.client.get(f"/app/login?{bad}", allow_redirects=False)).status == 400, bad
+
+
+async def test_an_emergency_sign_in_gets_a_token_that_states_etreat(env: Env) -> None:
+    """The embedded issuer reads the purpose of use from the token request: the callback states it."""
+    c = env.client
+    start = await c.get("/app/login?purpose=ETREAT&next=/app/Patient/pa", allow_redirects=False)
+    authorize = urlsplit(start.headers["Location"])
+    form = _form(await (await c.get(f"{authorize.path}?{authorize.query}")).text())
+    answer = await c.post(
+        urlsplit(form.action).path,
+        data={**form.fields, "username": "dr-who", "password": PASSWORD},
+        allow_redirects=False,
+    )
+    back = urlsplit(answer.headers["Location"])
+    done = await c.get(f"{back.path}?{back.query}", allow_redirects=False)
+    assert done.status == 303, await done.text()
+    session = env.app[SESSIONS].get(done.cookies[SESSION_COOKIE].value)
+    assert session is not None
+    claims = json.loads(base64.urlsafe_b64decode(session.access_token.split(".")[1] + "=="))
+    assert "ETREAT" in json.dumps(claims)
