@@ -101,6 +101,8 @@ async def login(request: web.Request) -> web.StreamResponse:
         "code_challenge": code_challenge(pending.verifier),
         "code_challenge_method": "S256",
     }
+    if purpose:  # said in the authorization request too, and stated in the token request (callback)
+        query["purpose_of_use"] = purpose
     response = redirect(f"{issuer_url(fhir_base(request))}/authorize?{urlencode(query)}", 302)
     response.set_cookie(
         LOGIN_COOKIE,
