@@ -160,5 +160,6 @@ def build_ledger_sink(
         producer = KafkaProducer(
             **producer_config(settings, bootstrap, client_id="fhirbridge-ledger-receipts")
         )
-    ledger = open_configured_ledger(settings, signer_key=settings.ledger.signer_key())
+    # --unsigned signs nothing, even with a key file at hand (it said so, and signed)
+    ledger = open_configured_ledger(settings, signer_key=None if unsigned else settings.ledger.signer_key())
     return LedgerSink(ledger, load_checker(settings), producer, settings.kafka.topics.receipts)

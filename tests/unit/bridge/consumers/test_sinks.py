@@ -270,3 +270,20 @@ def test_ledger_key_named_for_another_origin_is_refused(monkeypatch: Any, tmp_pa
         require_ledger_signer_key(Settings.from_env())
     (tmp_path / "data" / "ledger.key").write_text(generate_key("hie.example/ledger")[0] + "\n")
     assert require_ledger_signer_key(Settings.from_env()).startswith("PRIVATE+KEY+hie.example/ledger+")
+
+
+def test_an_unsigned_ledger_sink_signs_nothing_even_with_a_key_file(monkeypatch: Any, tmp_path: Path) -> None:
+    from bridge.config import Settings
+    from bridge.consumers.ledger_sink import build_ledger_sink
+    from ledger.note import generate_key
+
+    _ledger_env(monkeypatch, tmp_path, generate_key("hie.example/ledger")[0])
+    settings = Settings.from_env()
+    unsigned = build_ledger_sink(settings, "127.0.0.1:1", receipts=False, unsigned=True)
+    signed = build_ledger_sink(settings, "127.0.0.1:1", receipts=False)
+    try:
+        assert unsigned.ledger._signer is None  # no signer: never a checkpoint
+        assert signed.ledger._signer is not None
+    finally:
+        unsigned.ledger.close()
+        signed.ledger.close()
