@@ -67,7 +67,17 @@ def current_session(request: web.Request) -> Session | None:
 def safe_next(path: str) -> str:
     """``path`` when it is a path of this app (never another site's URL), else ``/app/``."""
     parts = urlsplit(path)
-    if parts.scheme or parts.netloc or not path.startswith("/app/") or "\\" in path:
+    segments = parts.path.split("/")
+    if (
+        parts.scheme
+        or parts.netloc
+        or not path.startswith("/app/")
+        or "\\" in path
+        or "." in segments
+        or ".." in segments
+        or "" in segments[2:-1]  # //: another site to a browser resolving it
+        or not path.isprintable()
+    ):
         return "/app/"
     return path
 
@@ -156,6 +166,7 @@ async def callback(request: web.Request) -> web.StreamResponse:
         return _message(request, "Sign-in failed", answer.diagnostics(), 400)
     claims = _claims(token)
     expires_at = float(claims.get("exp") or time.time() + float(answer.body.get("expires_in") or 0))
+    store.end(request.cookies.get(SESSION_COOKIE, ""))  # a new sign-in ends the session it replaces
     session = store.create(token, expires_at, str(claims.get("sub") or ""), _str(claims.get("fhirUser")))
     log.info("ui.signin", sessions=len(store))
     response = redirect(pending.next_path)
@@ -195,7 +206,8 @@ async def signed_out(request: web.Request) -> web.StreamResponse:
 
 
 def csrf_refused(request: web.Request) -> web.StreamResponse:
-    log.warning("ui.csrf_refused", path=request.path)
+    route = request.match_info.route.resource
+    log.warning("ui.csrf_refused", route=route.canonical if route is not None else "?")  # never the ids
     return _message(
         request,
         "Form refused",

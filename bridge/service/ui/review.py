@@ -46,7 +46,7 @@ from bridge.stores.mpi.config import MpiConfig
 log = get_logger(__name__)
 routes = web.RouteTableDef()
 STYLESHEET = Path(__file__).parent / "static" / "review.css"
-_ID = r"{%s:[A-Za-z0-9\-\.]{1,64}}"
+_ID = r"{%s:(?!\.+(?:/|$))[A-Za-z0-9\-\.]{1,64}}"  # an id, never . or .. (no path escapes)
 PAIR = "/app/review/" + _ID % "a" + "/" + _ID % "b"
 
 #: the queue entries read (one $mpi-review-queue request), and the pairs shown per page

@@ -125,7 +125,7 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
-@routes.get("/app/Patient/{id:[A-Za-z0-9\\-\\.]{1,64}}/proofs")
+@routes.get("/app/Patient/{id:(?!\\.+(?:/|$))[A-Za-z0-9\\-\\.]{1,64}}/proofs")
 @public  # the session is the app's gate; the API checks the session's token on every read
 async def proofs(request: web.Request) -> web.StreamResponse:
     """The patient's entries' proofs, the checkpoint(s) they are proven against and the trusted keys."""

@@ -243,7 +243,7 @@ def _grid(view: PatientView, page: int) -> dict[str, Any]:
     return {"days": days[(page - 1) * GRID_DAYS : page * GRID_DAYS], "page": page, "pages": pages}
 
 
-@routes.get("/app/Patient/{id:[A-Za-z0-9\\-\\.]{1,64}}")
+@routes.get("/app/Patient/{id:(?!\\.+(?:/|$))[A-Za-z0-9\\-\\.]{1,64}}")
 @public  # the session is the app's gate; the API checks the session's token on every read
 async def patient_page(request: web.Request) -> web.StreamResponse:
     """The banner, the disagreements, the results grid and trends, the timeline and every section, each
@@ -286,7 +286,7 @@ async def patient_page(request: web.Request) -> web.StreamResponse:
     )
 
 
-@routes.get("/app/Patient/{id:[A-Za-z0-9\\-\\.]{1,64}}/section/{key:[a-z]{1,20}}")
+@routes.get("/app/Patient/{id:(?!\\.+(?:/|$))[A-Za-z0-9\\-\\.]{1,64}}/section/{key:[a-z]{1,20}}")
 @public  # the session is the app's gate; the API checks the session's token on every read
 async def section_fragment(request: web.Request) -> web.StreamResponse:
     """One section on page ``page``: the fragment htmx swaps in (the whole page for a plain request)."""
@@ -316,7 +316,7 @@ async def section_fragment(request: web.Request) -> web.StreamResponse:
 
 
 @routes.get(
-    "/app/Patient/{id:[A-Za-z0-9\\-\\.]{1,64}}/raw/{type:[A-Z][A-Za-z]{1,40}}/{rid:[A-Za-z0-9\\-\\.]{1,64}}"
+    "/app/Patient/{id:(?!\\.+(?:/|$))[A-Za-z0-9\\-\\.]{1,64}}/raw/{type:[A-Z][A-Za-z]{1,40}}/{rid:(?!\\.+(?:/|$))[A-Za-z0-9\\-\\.]{1,64}}"
 )
 @public  # the session is the app's gate; the API checks the session's token on every read
 async def raw_resource(request: web.Request) -> web.StreamResponse:
@@ -340,7 +340,7 @@ async def raw_resource(request: web.Request) -> web.StreamResponse:
     )
 
 
-@routes.post("/app/Patient/{id:[A-Za-z0-9\\-\\.]{1,64}}/break-glass")
+@routes.post("/app/Patient/{id:(?!\\.+(?:/|$))[A-Za-z0-9\\-\\.]{1,64}}/break-glass")
 @public  # the session is the app's gate; the API decides whether this clinician may break the glass
 async def break_glass(request: web.Request) -> web.StreamResponse:
     """Repeat the patient's read with ``X-Break-Glass-Reason`` (docs/consent.md): the API opens the

@@ -556,3 +556,29 @@ async def test_an_emergency_sign_in_gets_a_token_that_states_etreat(env: Env) ->
     assert session is not None
     claims = json.loads(base64.urlsafe_b64decode(session.access_token.split(".")[1] + "=="))
     assert "ETREAT" in json.dumps(claims)
+
+
+def test_next_stays_a_path_of_the_app() -> None:
+    from bridge.service.ui.login import safe_next
+
+    for ok in ("/app/", "/app/Patient/pa", "/app/Patient/pa?since=2026-01-01"):
+        assert safe_next(ok) == ok
+    for bad in (
+        "/app/../metrics",
+        "/app/..//evil.com",
+        "/app/./x",
+        "//evil.com/app/",
+        "https://evil/app/",
+        "/app/\x07",
+    ):
+        assert safe_next(bad) == "/app/", bad
+
+
+async def test_dot_ids_never_reach_the_api(env: Env) -> None:
+    env.sign_in_directly()
+    for path in (
+        "/app/Patient/%2E%2E/raw/Patient/pa",
+        "/app/Patient/pa/raw/Patient/%2E%2E",
+    ):
+        resp = await env.client.get(path, allow_redirects=False)
+        assert resp.status == 404, path
