@@ -206,7 +206,7 @@ def test_verify_shows_verified_against_the_ledgers_checkpoint(page: Any, service
     assert "that a bundle's content is true" in text and "nor that nothing was left out" in text
     # the browser remembers the checkpoint note, and nothing else
     note = get_text(service.url("/ledger/checkpoint"))
-    assert stored(page) == {STORE_PREFIX + "fhirbridge.example/ledger": note}
+    assert stored(page) == {STORE_PREFIX + page.evaluate("location.origin"): note}
     assert not [c for c in console if "Content Security Policy" in c], console
     assert not [f for f in failed if not f.endswith("/favicon.ico")], failed
 
@@ -279,7 +279,7 @@ def test_a_checkpoint_signed_by_another_key_fails(page: Any, service: LedgerBrid
 def test_a_remembered_earlier_checkpoint_is_checked_for_consistency(page: Any, service: LedgerBridge) -> None:
     open_patient(page, service)
     earlier = get_text(service.url("/ledger/checkpoint?size=20"))
-    key = STORE_PREFIX + "fhirbridge.example/ledger"
+    key = STORE_PREFIX + page.evaluate("location.origin")
     page.evaluate("([k, v]) => localStorage.setItem(k, v)", [key, earlier])
     status = verify(page)
     assert "Consistent with checkpoint 20, which this browser saw earlier" in status
@@ -293,7 +293,7 @@ def test_a_rewritten_log_fails(page: Any, service: LedgerBridge) -> None:
     forged = _checkpoint.sign(
         "fhirbridge.example/ledger", 20, hashlib.sha256(b"another history").digest(), service.skey
     )
-    key = STORE_PREFIX + "fhirbridge.example/ledger"
+    key = STORE_PREFIX + page.evaluate("location.origin")
     page.evaluate("([k, v]) => localStorage.setItem(k, v)", [key, forged])
     status = verify(page)
     assert status.startswith(

@@ -361,7 +361,9 @@
       }
       var latest = ordered.length ? ordered[ordered.length - 1] : null;
       result.checkpoint = latest;
-      var store = storage(), key = STORE_PREFIX + data.origin;
+      // keyed by this site, not by the origin the server names: a server that renamed its log (and
+      // signed with another key) still meets the note remembered here, and fails against it
+      var store = storage(), key = STORE_PREFIX + window.location.origin;
       var kept = store ? store.getItem(key) : null;
       if (kept && latest) {
         var old;
