@@ -1,0 +1,1 @@
+"""Sources to fhir.bundles: convert, sign, publish or dead-letter; files and MLLP."""

@@ -1,0 +1,1 @@
+"""The topic: envelope, producer, topics and the embedded broker."""

@@ -1,0 +1,1 @@
+"""Interop tests with FHIR clients we did not write, against a live stack."""

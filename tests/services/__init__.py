@@ -1,0 +1,1 @@
+"""Services the tests start and stop by PID (PostgreSQL, an OpenID provider)."""

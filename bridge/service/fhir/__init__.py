@@ -1,0 +1,1 @@
+"""The FHIR REST interactions: read, search, everything, consent, access log, bulk export."""
