@@ -9,10 +9,14 @@ from typing import Any
 from bridge.stores.index.store import IncomingBundle
 
 
-def patient(pid: str, ssn: str | None, street: str, city: str, postal: str) -> dict[str, Any]:
+def patient(
+    pid: str, ssn: str | None, street: str, city: str, postal: str, *, org: str | None = None
+) -> dict[str, Any]:
+    """Alice Andersen's record at one address (``org``: the sending organisation, as ``meta.source``)."""
     p: dict[str, Any] = {
         "resourceType": "Patient",
         "id": pid,
+        **({"meta": {"source": f"urn:fhirbridge:{org}"}} if org else {}),
         "name": [{"family": "Andersen", "given": ["Alice"]}],
         "birthDate": "1980-04-12",
         "gender": "female",

@@ -28,31 +28,17 @@ from bridge.stores.mpi import PersonIndex
 from ledger import checkpoint, merkle
 from tests.support.auth import bearer
 from tests.support.consent import deny_organization
+from tests.support.mpi_records import patient
 
 SSN = "http://hl7.org/fhir/sid/us-ssn"
 DCM_BTG = "110127"
 
 
-def _patient(pid: str, org: str, ssn: str | None, street: str, city: str, postal: str) -> dict[str, Any]:
-    p: dict[str, Any] = {
-        "resourceType": "Patient",
-        "id": pid,
-        "meta": {"source": f"urn:fhirbridge:{org}"},
-        "name": [{"family": "Andersen", "given": ["Alice"]}],
-        "birthDate": "1980-04-12",
-        "gender": "female",
-        "address": [{"line": [street], "city": city, "postalCode": postal}],
-    }
-    if ssn:
-        p["identifier"] = [{"system": SSN, "value": ssn}]
-    return p
-
-
-A = _patient("a1", "st-mary", "123456789", "12 Elm Street", "Metro", "12345")
-A2 = _patient("a2", "riverside", "123456789", "12 Elm St", "Metro", "12345")
+A = patient("a1", "123456789", "12 Elm Street", "Metro", "12345", org="st-mary")
+A2 = patient("a2", "123456789", "12 Elm St", "Metro", "12345", org="riverside")
 C = {
     k: v
-    for k, v in _patient("c3", "harbour", None, "400 Harbour View", "Portside", "99999").items()
+    for k, v in patient("c3", None, "400 Harbour View", "Portside", "99999", org="harbour").items()
     if k != "gender"
 }
 

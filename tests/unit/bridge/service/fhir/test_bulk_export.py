@@ -45,30 +45,19 @@ from bridge.stores.mpi import PersonIndex
 from ledger import checkpoint, merkle, note
 from ledger.log import LedgerEntry
 from tests.support.consent import CONSENT_SCOPE
+from tests.support.mpi_records import patient
 
 SSN = "http://hl7.org/fhir/sid/us-ssn"
 ORIGIN = "test.fhirbridge/ledger"
 
 
-def _patient(pid: str, org: str, ssn: str | None, street: str, city: str, postal: str) -> dict[str, Any]:
-    p: dict[str, Any] = {
-        "resourceType": "Patient",
-        "id": pid,
-        "meta": {"source": f"urn:fhirbridge:{org}"},
-        "name": [{"family": "Andersen", "given": ["Alice"]}],
-        "birthDate": "1980-04-12",
-        "gender": "female",
-        "address": [{"line": [street], "city": city, "postalCode": postal}],
-    }
-    if ssn:
-        p["identifier"] = [{"system": SSN, "value": ssn}]
-    return p
-
-
-A1 = _patient("a1", "st-mary", "123456789", "12 Elm Street", "Metro", "12345")
-A2 = _patient("a2", "riverside", "123456789", "12 Elm St", "Metro", "12345")
-C3 = {**_patient("c3", "harbour", None, "400 Harbour View", "Portside", "99999"), "name": [{"family": "Zed"}]}
-X9 = {**_patient("x9", "org-x", None, "1 Nowhere", "Void", "00000"), "name": [{"family": "Quinn"}]}
+A1 = patient("a1", "123456789", "12 Elm Street", "Metro", "12345", org="st-mary")
+A2 = patient("a2", "123456789", "12 Elm St", "Metro", "12345", org="riverside")
+C3 = {
+    **patient("c3", None, "400 Harbour View", "Portside", "99999", org="harbour"),
+    "name": [{"family": "Zed"}],
+}
+X9 = {**patient("x9", None, "1 Nowhere", "Void", "00000", org="org-x"), "name": [{"family": "Quinn"}]}
 
 
 def _obs(oid: str, pid: str, org: str, code: str) -> dict[str, Any]:
