@@ -51,7 +51,7 @@ class KafkaSettings:
     """The broker, the topics, and how producers and consumers talk to them (docs/streams.md)."""
 
     bootstrap_servers: str | None = None
-    local_broker: str = "noida"  # noida | tansu: which local broker to start when there is no cluster
+    local_broker: str = "noida"  # noida | kafka | tansu: which local broker to start when there is no cluster
     topics: Topics = field(default_factory=Topics)
     session_timeout_ms: int = 6000
     heartbeat_interval_ms: int = 1500
@@ -275,8 +275,8 @@ class Settings:
             max_message_bytes=_int(env, "FHIRBRIDGE_MAX_MESSAGE_BYTES", 8 * 1024 * 1024),
         )
         local = env.get("FHIRBRIDGE_LOCAL_BROKER", "noida")
-        if local not in ("noida", "tansu"):
-            raise ConfigError(f"FHIRBRIDGE_LOCAL_BROKER must be 'noida' or 'tansu', got {local!r}")
+        if local not in ("noida", "kafka", "tansu"):
+            raise ConfigError(f"FHIRBRIDGE_LOCAL_BROKER must be 'noida', 'kafka' or 'tansu', got {local!r}")
         key_file = env.get("FHIRBRIDGE_LEDGER_KEY_FILE")
         trust = env.get("FHIRBRIDGE_TRUST_REGISTRY")
         signing = env.get("FHIRBRIDGE_SIGNING_KEYS_DIR")

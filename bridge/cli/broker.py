@@ -11,9 +11,11 @@ from bridge.cli._common import fail, settings
 
 def register(sub: Any, groups: dict[str, Any]) -> None:
     p = groups["broker"].add_parser(
-        "start", help="start the embedded broker (noida-db, or tansu) and print its address"
+        "start",
+        help="start a local broker and print its address: noida-db (embedded, the default), kafka (Apache"
+        " Kafka from Maven Central; needs Java 17 and Maven) or tansu",
     )
-    p.add_argument("--kind", choices=["noida", "tansu"], default=None)
+    p.add_argument("--kind", choices=["noida", "kafka", "tansu"], default=None)
     p.add_argument("--port", type=int, default=None)
     p.add_argument("--foreground", action="store_true", help="stay attached; stop the broker on Ctrl-C")
     p.set_defaults(func=cmd_broker_start)

@@ -5,9 +5,10 @@ Order (see docs/architecture.md):
 1. ``KAFKA_BOOTSTRAP_SERVERS``: a real cluster, used as is.
 2. testcontainers' Kafka, when a Docker engine answers (the socket exists *and* a ping succeeds: the
    ``docker`` command on a machine may be only a client).
-3. A local broker from a PyPI wheel, started on a free loopback port and stopped by its PID:
-   ``noida-db`` (on disk, close to Kafka; the default) or ``tansu`` (memory only, known quirks), chosen
-   by ``FHIRBRIDGE_LOCAL_BROKER``.
+3. A local broker, started on a free loopback port and stopped by its PID, chosen by
+   ``FHIRBRIDGE_LOCAL_BROKER``: ``noida-db`` from a PyPI wheel (on disk, close to Kafka; the default),
+   ``kafka``, a real Apache Kafka node whose jars Maven resolves (bridge/stream/kafka.py; needs Java 17
+   and Maven), or ``tansu`` (memory only, known quirks).
 
 A started local broker writes ``<data_dir>/broker.json`` (kind, pid, bootstrap) so that other
 fhirbridge processes on the machine find it without configuration.
@@ -43,13 +44,13 @@ class BrokerHandle:
     """A broker we use. ``stop()`` is a no-op for brokers we did not start."""
 
     bootstrap: str
-    kind: str  # external | testcontainers | noida | tansu
+    kind: str  # external | testcontainers | noida | kafka | tansu
     pid: int | None = None
     data_dir: Path | None = None
     _process: subprocess.Popen[bytes] | None = None
     _container: object | None = None
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
         if self._container is not None:
             with contextlib.suppress(Exception):
                 self._container.stop()  # type: ignore[attr-defined]
@@ -161,7 +162,7 @@ def local_broker_command(kind: str, port: int, data_dir: Path) -> list[str]:
         _ensure_executable(binary)
         url = f"tcp://127.0.0.1:{port}"
         return [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url]
-    raise BrokerUnavailable(f"unknown local broker {kind!r} (expected noida or tansu)")
+    raise BrokerUnavailable(f"unknown local broker {kind!r} (expected noida, kafka or tansu)")
 
 
 def _ensure_executable(path: Path) -> None:
@@ -204,6 +205,8 @@ def start_local(
     data_dir.mkdir(parents=True, exist_ok=True)
     broker_dir = data_dir / f"{kind}-broker"
     broker_dir.mkdir(exist_ok=True)
+    if kind == "kafka":
+        return _start_kafka(data_dir, broker_dir, port)
     port = port or free_port()
     cmd = local_broker_command(kind, port, broker_dir)
     out = open(log_file or broker_dir / "broker.log", "ab")  # noqa: SIM115 - the child owns it
@@ -218,9 +221,26 @@ def start_local(
     except BaseException:
         handle.stop()
         raise
-    (data_dir / STATE_FILE).write_text(json.dumps({"kind": kind, "pid": proc.pid, "bootstrap": bootstrap}))
-    log.info("broker.started", kind=kind, bootstrap=bootstrap, pid=proc.pid)
+    _record(data_dir, handle)
     return handle
+
+
+def _start_kafka(data_dir: Path, broker_dir: Path, port: int | None) -> BrokerHandle:
+    from bridge.stream.kafka import start_kafka
+
+    cluster = start_kafka(broker_dir, port)
+    node = cluster.nodes[0]
+    handle = BrokerHandle(
+        bootstrap=cluster.bootstrap, kind="kafka", pid=node.pid, data_dir=data_dir, _process=node.process
+    )
+    _record(data_dir, handle)
+    return handle
+
+
+def _record(data_dir: Path, handle: BrokerHandle) -> None:
+    state = {"kind": handle.kind, "pid": handle.pid, "bootstrap": handle.bootstrap}
+    (data_dir / STATE_FILE).write_text(json.dumps(state))
+    log.info("broker.started", **state)
 
 
 def start_testcontainers() -> BrokerHandle:
@@ -278,6 +298,6 @@ def stop_running(data_dir: Path) -> dict[str, str] | None:
         state = json.loads(state_file.read_text())
     except (OSError, ValueError):
         return None
-    stop_pid(int(state["pid"]))
+    stop_pid(int(state["pid"]), timeout=30.0)
     state_file.unlink(missing_ok=True)
     return {k: str(v) for k, v in state.items()}
