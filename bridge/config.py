@@ -75,6 +75,8 @@ class LedgerSettings:
     checkpoint_every: int = 1000
     checkpoint_interval_ms: int = 1000
     witness_keys: tuple[str, ...] = ()
+    # C2SP tlog-witness submission URLs: the writer asks each to cosign new checkpoints (docs/ledger.md)
+    tlog_witnesses: tuple[str, ...] = ()
 
     def signer_key(self) -> str | None:
         """The ledger's signed-note private key, read from ``key_file`` when it exists."""
@@ -305,6 +307,9 @@ class Settings:
                 checkpoint_interval_ms=_int(env, "FHIRBRIDGE_CHECKPOINT_INTERVAL_MS", 1000, minimum=0),
                 witness_keys=tuple(
                     k for k in env.get("FHIRBRIDGE_LEDGER_WITNESS_KEYS", "").split(",") if k.strip()
+                ),
+                tlog_witnesses=tuple(
+                    u.strip() for u in env.get("FHIRBRIDGE_LEDGER_TLOG_WITNESSES", "").split(",") if u.strip()
                 ),
             ),
             stores=StoreSettings(

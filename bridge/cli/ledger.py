@@ -1,4 +1,4 @@
-"""``fhirbridge ledger keygen|verify`` and ``fhirbridge witness run``.
+"""``fhirbridge ledger keygen|verify|cosign`` and ``fhirbridge witness run``.
 
 Heavy modules are imported inside the handlers so that building the CLI stays fast.
 """
@@ -19,7 +19,7 @@ PUBLIC_KEY_ENV = "FHIRBRIDGE_LEDGER_PUBLIC_KEY"
 
 
 def register(sub: Any, groups: dict[str, Any]) -> None:
-    """Add ``keygen`` and ``verify`` to the ``ledger`` group and ``run`` to the ``witness`` group."""
+    """Add ``keygen``, ``verify`` and ``cosign`` to the ``ledger`` group and ``run`` to the ``witness`` group."""
     ledger = groups["ledger"]
 
     p = ledger.add_parser(
@@ -54,6 +54,20 @@ def register(sub: Any, groups: dict[str, Any]) -> None:
         "--from-checkpoint", metavar="FILE", help="a signed checkpoint you kept; the log must match it"
     )
     p.set_defaults(func=_verify)
+
+    p = ledger.add_parser(
+        "cosign",
+        help="ask the configured C2SP tlog witnesses to cosign the latest checkpoint, and store their cosignatures",
+        description="Submit the latest signed checkpoint to each URL of FHIRBRIDGE_LEDGER_TLOG_WITNESSES "
+        "(C2SP tlog-witness add-checkpoint, with the consistency proof from the size the witness last cosigned), "
+        "check the cosignatures against FHIRBRIDGE_LEDGER_WITNESS_KEYS and store them with the checkpoint. "
+        "`fhirbridge ledger run` does this by itself for each new checkpoint. Exits 1 if a witness did not cosign.",
+    )
+    p.add_argument(
+        "--url", default=os.environ.get(DEFAULT_URL_ENV), help=f"ledger database (env {DEFAULT_URL_ENV})"
+    )
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per witness request (default 10)")
+    p.set_defaults(func=_cosign)
 
     p = groups["witness"].add_parser(
         "run",
@@ -169,6 +183,43 @@ def _verify(args: argparse.Namespace) -> int:
     for problem in report.problems:
         print(f"  - {problem}")
     return 1
+
+
+def _cosign(args: argparse.Namespace) -> int:
+    from bridge.config import Settings
+    from ledger.errors import LedgerError
+    from ledger.tlogwitness import TlogWitnessClient, parse_witness_urls
+
+    settings = Settings.from_env()
+    url = args.url or settings.ledger.url
+    if url.startswith("sqlite://") and not Path(url[len("sqlite://") :]).is_file():
+        return _err(f"no ledger database at {url[len('sqlite://') :]} (give --url or set {DEFAULT_URL_ENV})")
+    try:
+        urls = parse_witness_urls(settings.ledger.tlog_witnesses)
+        if not urls:
+            return _err("no tlog witness configured: set FHIRBRIDGE_LEDGER_TLOG_WITNESSES")
+        clients = [TlogWitnessClient(u, settings.ledger.witness_keys, timeout=args.timeout) for u in urls]
+        led = open_ledger(url, origin=settings.ledger.origin, witness_keys=list(settings.ledger.witness_keys))
+    except LedgerError as exc:
+        return _err(str(exc))
+    failed = 0
+    try:
+        latest = led.storage.latest_checkpoint()
+        if latest is None:
+            return _err("the ledger has no signed checkpoint yet")
+        size, note = latest
+        for client in clients:
+            try:
+                lines = client.submit(note, led.consistency_proof)
+                led.add_cosignatures(note + "".join(lines))
+            except LedgerError as exc:
+                print(f"FAILED: {client.url}: {exc}")
+                failed += 1
+                continue
+            print(f"cosigned: size {size} by {client.url} ({len(lines)} cosignature(s))")
+    finally:
+        led.close()
+    return 1 if failed else 0
 
 
 def _origin_from_keys(keys: list[str]) -> str:

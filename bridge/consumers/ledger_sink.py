@@ -16,9 +16,10 @@ from bridge.errors import ConfigError, TransientError
 from bridge.logging import get_logger
 from bridge.stores.ledger import open_configured_ledger
 from bridge.stream.producer import producer_config
-from ledger.errors import EntryTooLarge, InvalidEntry, InvalidKey, StorageUnavailable
+from ledger.errors import EntryTooLarge, InvalidEntry, InvalidKey, LedgerError, StorageUnavailable
 from ledger.log import Ledger, LedgerEntry
 from ledger.note import Signer
+from ledger.tlogwitness import CheckpointCosigner, TlogWitnessClient, parse_witness_urls
 
 log = get_logger(__name__)
 
@@ -34,8 +35,11 @@ class LedgerSink:
         checker: EnvelopeChecker,
         receipts: Any | None = None,
         receipts_topic: str = "ledger.receipts",
+        cosigner: CheckpointCosigner | None = None,
     ) -> None:
         self.ledger = ledger
+        # asks the tlog witnesses to cosign new checkpoints, on its own thread (never blocks appends)
+        self.cosigner = cosigner
         self.checker = checker
         self.receipts = receipts
         self.receipts_topic = receipts_topic
@@ -84,6 +88,8 @@ class LedgerSink:
                     indices = self.ledger.append(entries)
             except StorageUnavailable as exc:
                 raise TransientError(str(exc)) from exc
+            if self.cosigner is not None:
+                self.cosigner.notify()  # the append may have signed a checkpoint
             if self.receipts is not None:
                 t0 = time.thread_time()
                 futures = [
@@ -113,11 +119,15 @@ class LedgerSink:
         """Sign a checkpoint over entries appended since the last one, once the interval has passed."""
 
         try:
-            self.ledger.maybe_checkpoint()
+            signed = self.ledger.maybe_checkpoint()
         except StorageUnavailable as exc:
             raise TransientError(str(exc)) from exc
+        if signed is not None and self.cosigner is not None:
+            self.cosigner.notify()
 
     def close(self) -> None:
+        if self.cosigner is not None:
+            self.cosigner.close()
         self.ledger.close()
 
 
@@ -155,6 +165,7 @@ def build_ledger_sink(
 ) -> LedgerSink:
     if not unsigned:
         require_ledger_signer_key(settings)
+    witnesses = [] if unsigned else tlog_witness_clients(settings)
     producer = None
     if receipts:
         producer = KafkaProducer(
@@ -162,4 +173,16 @@ def build_ledger_sink(
         )
     # --unsigned signs nothing, even with a key file at hand (it said so, and signed)
     ledger = open_configured_ledger(settings, signer_key=None if unsigned else settings.ledger.signer_key())
-    return LedgerSink(ledger, load_checker(settings), producer, settings.kafka.topics.receipts)
+    cosigner = CheckpointCosigner(ledger, witnesses).start() if witnesses else None
+    return LedgerSink(ledger, load_checker(settings), producer, settings.kafka.topics.receipts, cosigner)
+
+
+def tlog_witness_clients(settings: Any) -> list[TlogWitnessClient]:
+    """A client per ``FHIRBRIDGE_LEDGER_TLOG_WITNESSES`` URL, or :class:`ConfigError` saying what is wrong."""
+    try:
+        urls = parse_witness_urls(settings.ledger.tlog_witnesses)
+        return [TlogWitnessClient(u, settings.ledger.witness_keys) for u in urls]
+    except LedgerError as exc:
+        raise ConfigError(
+            f"FHIRBRIDGE_LEDGER_TLOG_WITNESSES: {exc} (their keys go in FHIRBRIDGE_LEDGER_WITNESS_KEYS)"
+        ) from None
