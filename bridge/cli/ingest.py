@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,14 @@ def register(sub: Any, groups: dict[str, Any]) -> None:
     p.add_argument("--encounter-system", default=None, help="identifier system of the source's visit numbers")
     p.add_argument("--timezone", default="UTC", help="IANA zone for source times without an offset")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--failed-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="where records the broker did not acknowledge are kept for a retry "
+        "(default: DATA_DIR/ingest-failed/<UTC time>-<pid>; created only when one fails)",
+    )
     p.add_argument(
         "files",
         nargs="+",
@@ -65,18 +76,67 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     if missing:
         return fail(f"no such file: {missing[0]}", 2)
     tune_gc(config.gc_threshold)
+    failed_dir = args.failed_dir or (
+        config.data_dir / "ingest-failed" / f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}"
+    )
     try:
         summary = ingest_files(
-            Pipeline(adapter, source, publisher, options), args.files, progress=not args.no_progress
+            Pipeline(adapter, source, publisher, options),
+            args.files,
+            progress=not args.no_progress,
+            failed_dir=failed_dir,
         )
     finally:
         publisher.close()
     rate = summary.converted / summary.seconds if summary.seconds > 0 else 0.0
     print(
         f"converted {summary.converted}, published {summary.published}, rejected {summary.rejected}, "
-        f"warnings {summary.warnings} in {summary.seconds:.2f}s ({rate:.0f} bundles/s)",
+        f"failed {summary.failed_count}, warnings {summary.warnings} in {summary.seconds:.2f}s "
+        f"({rate:.0f} bundles/s)",
         file=sys.stderr,
     )
     for reason, n in sorted(summary.reasons.items(), key=lambda kv: -kv[1]):
         print(f"  rejected {n}x: {reason}", file=sys.stderr)
+    if summary.failed is not None and summary.failed.count:
+        _report_failed(summary, args)
+        return 1
     return 1 if summary.rejected else 0
+
+
+def _report_failed(summary: Any, args: argparse.Namespace) -> None:
+    """What failed to publish, where it is kept and how to retry it (docs/streams.md#fault-drills)."""
+    failed = summary.failed
+    print(
+        f"FAILED: {failed.count} records were not acknowledged by the broker ({failed.describe()}): "
+        f"{failed.bundles} bundles not published, {failed.dead_letters} dead letters not stored",
+        file=sys.stderr,
+    )
+    if summary.stopped:
+        print(f"  publishing stopped after repeated send failures: {summary.stopped}", file=sys.stderr)
+    print(
+        f"  each is listed with its location and error in {failed.directory / 'failed.jsonl'}",
+        file=sys.stderr,
+    )
+    if failed.bundles > failed.without_raw:
+        retry = ["fhirbridge", "ingest", "--adapter", args.adapter, "--source", args.source]
+        for opt in args.option:
+            retry += ["--option", opt]
+        for flag, value in (
+            ("--mrn-system", args.mrn_system),
+            ("--encounter-system", args.encounter_system),
+            ("--timezone", args.timezone),
+        ):
+            if value is not None:
+                retry += [flag, value]
+        retry.append(str(failed.records))
+        print(
+            f"  the {failed.bundles - failed.without_raw} failed records are in {failed.records}; "
+            f"retry them with: {shlex.join(retry)}",
+            file=sys.stderr,
+        )
+    if failed.without_raw:
+        print(
+            f"  {failed.without_raw} failed bundles have no original record (the adapter keeps none): "
+            f"their bundles are in failed.jsonl; ingest their input files again",
+            file=sys.stderr,
+        )
