@@ -23,12 +23,22 @@ class TopicSpec:
 
 
 def topic_specs(topics: Topics) -> list[TopicSpec]:
-    common = {"max.message.bytes": str(topics.max_message_bytes), "retention.ms": str(topics.retention_ms)}
+    # With 3 or more replicas an acks=all write needs 2 of them in sync: one broker lost (kill -9, a
+    # rolling restart) keeps the topic writable and every acknowledged record on two disks.
+    durable = {"min.insync.replicas": "2"} if topics.replication >= 3 else {}
+    common = {
+        "max.message.bytes": str(topics.max_message_bytes),
+        "retention.ms": str(topics.retention_ms),
+        **durable,
+    }
     return [
         TopicSpec(topics.bundles, topics.partitions, topics.replication, common),
         TopicSpec(topics.deadletter, 1, topics.replication, common),
         TopicSpec(
-            topics.receipts, topics.partitions, topics.replication, {"retention.ms": str(topics.retention_ms)}
+            topics.receipts,
+            topics.partitions,
+            topics.replication,
+            {"retention.ms": str(topics.retention_ms), **durable},
         ),
     ]
 
