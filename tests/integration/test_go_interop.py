@@ -249,6 +249,22 @@ def test_go_verifier_accepts_the_served_ledger_and_rejects_tampering(
             tampered = _verify(go_tools, base, log_key)
             assert tampered.returncode == 1, tampered.stdout + tampered.stderr
             assert "FAILED: entry 7: the leaf hash recomputed from the entry" in tampered.stderr
+
+            # the latest checkpoint's root changed in the database: its signature no longer holds
+            with sqlite3.connect(tmp_path / "ledger.db") as db:
+                ((size, note),) = db.execute(
+                    "SELECT size, note FROM ledger_checkpoints ORDER BY size DESC LIMIT 1"
+                )
+                origin, n, root, rest = note.split("\n", 3)
+                forged_root = base64.b64encode(bytes(32)).decode()
+                assert root != forged_root
+                db.execute(
+                    "UPDATE ledger_checkpoints SET note = ? WHERE size = ?",
+                    ("\n".join([origin, n, forged_root, rest]), size),
+                )
+            forged = _verify(go_tools, base, log_key, "-leaves", "1")
+            assert forged.returncode == 1, forged.stdout + forged.stderr
+            assert "FAILED: checkpoint: failed to verify signatures" in forged.stderr
     finally:
         led.close()
 
@@ -329,7 +345,10 @@ def _litewitness(tools: GoTools, log_key: str) -> Iterator[Litewitness]:
             )
         procs.append(witness)
         url = f"http://127.0.0.1:{port}"
-        _wait_http(url + "/", witness, "litewitness")
+        try:
+            _wait_http(url + "/", witness, "litewitness")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}:\n{log_file.read_text()[-3000:]}") from None
         # the key litewitness announces is the one derived here from the SSH public key
         assert f"vkey={vkey}" in log_file.read_text()
         yield Litewitness(url, vkey, db)
