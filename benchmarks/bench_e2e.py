@@ -19,7 +19,12 @@ the producer's I/O thread), the broker's process group (``/proc``), and each con
 ledger append, receipts, commit). 1,000 bundles/s on 2 cores leaves 2 ms per bundle for all of them.
 The ``fhirbridge ingest`` processes run at once, one per hospital (``--ingest-processes``).
 
-Usage: python benchmarks/bench_e2e.py [--messages 10000] [--broker noida|tansu] [--ingest-processes 2]
+Brokers (``--brokers``, each measured in turn in the same run, then a table side by side):
+``kafka`` (one Apache Kafka 4 node from Maven Central, bridge/stream/kafka.py), ``noida`` (the
+embedded default), ``kafka3`` (three Apache Kafka nodes, topics with replication factor 3 and
+``min.insync.replicas=2``) and ``tansu``.
+
+Usage: python benchmarks/bench_e2e.py [--messages 10000] [--brokers kafka,noida,kafka3] [--ingest-processes 2]
 """
 
 from __future__ import annotations
@@ -204,10 +209,44 @@ def measure_latency(
     }
 
 
+class Broker:
+    """A broker started for one measurement: its bootstrap, its processes' ids, the env it needs."""
+
+    def __init__(self, kind: str, data_dir: Path) -> None:
+        self.kind = kind
+        self.env: dict[str, str] = {}
+        if kind in ("kafka", "kafka3"):
+            from bridge.stream.kafka import start_cluster
+
+            nodes = 3 if kind == "kafka3" else 1
+            self.cluster = start_cluster(data_dir / "kafka", nodes)
+            self.bootstrap = self.cluster.bootstrap
+            self.pids = [n.pid for n in self.cluster.nodes if n.pid is not None]
+            self._stop = self.cluster.stop
+            if nodes == 3:
+                self.env = {"FHIRBRIDGE_REPLICATION": "3"}
+        else:
+            handle = start_local(kind, data_dir)
+            self.bootstrap = handle.bootstrap
+            assert handle.pid is not None
+            self.pids = [handle.pid]
+            self._stop = handle.stop
+
+    def cpu(self) -> float:
+        return sum(group_cpu(pid) for pid in self.pids)
+
+    def stop(self) -> None:
+        self._stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--messages", type=int, default=10_000)
-    ap.add_argument("--broker", default="noida", choices=["noida", "tansu"])
+    ap.add_argument(
+        "--brokers",
+        default="kafka,noida,kafka3",
+        help="comma-separated, measured in this order: kafka, noida, kafka3 (3 nodes, RF 3), tansu",
+    )
     ap.add_argument("--latency-messages", type=int, default=2000)
     ap.add_argument("--keep", action="store_true", help="keep the work directory (data, consumer logs)")
     ap.add_argument(
@@ -218,10 +257,35 @@ def main() -> None:
         "several; 0: one per org, one after the other (the set-up before issue 6)",
     )
     args = ap.parse_args()
+    kinds = [k.strip() for k in args.brokers.split(",") if k.strip()]
+    results = {}
+    for kind in kinds:
+        print(f"\n===== broker: {kind}")
+        results[kind] = run(kind, args)
+    if len(results) > 1:
+        print("\n===== side by side (same run)")
+        rows = [
+            ("end to end, bundles/s", "e2e_rate", "{:,.0f}"),
+            ("ingest, msgs/s", "ingest_rate", "{:,.0f}"),
+            ("CPU per bundle, all processes (ms)", "cpu_total_ms", "{:.3f}"),
+            ("  of which the broker (ms)", "cpu_broker_ms", "{:.3f}"),
+            ("p99 produce -> queryable at half rate (ms)", "index_p99", "{:.0f}"),
+            ("p99 produce -> ledger-committed (ms)", "ledger_p99", "{:.0f}"),
+            ("raw kafka-python produce, msgs/s", "raw_rate", "{:,.0f}"),
+            ("bridge Publisher, msgs/s", "pub_rate", "{:,.0f}"),
+            ("Publisher / raw", "pub_ratio", "{:.2f}"),
+        ]
+        print(f"{'':<46}" + "".join(f"{k:>12}" for k in results))
+        for label, key, fmt in rows:
+            print(f"{label:<46}" + "".join(f"{fmt.format(r[key]):>12}" for r in results.values()))
 
+
+def run(kind: str, args: argparse.Namespace) -> dict[str, float]:
+    """One broker's measurement; returns the figures of the side-by-side table."""
+    figures: dict[str, float] = {}
     work = Path(tempfile.mkdtemp(prefix="fhirbridge-bench-"))
     data_dir = work / "data"
-    broker = start_local(args.broker, data_dir)
+    broker = Broker(kind, data_dir)
     try:
         env = dict(
             os.environ,
@@ -229,6 +293,7 @@ def main() -> None:
             KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap,
             FHIRBRIDGE_LOG_LEVEL="warning",
             FHIRBRIDGE_LOG_FORMAT="json",
+            **broker.env,
         )
         settings = Settings.from_env(env)
         people = max(1, args.messages // 2)
@@ -238,7 +303,7 @@ def main() -> None:
         total = sum(len(v) for v in feeds.values())
         files = write_files(work / "feeds", feeds, per_file=500)
         size = sum(p.stat().st_size for fs in files.values() for p in fs)
-        print(f"broker {args.broker} at {broker.bootstrap}; {total} ADT messages, {size / 1e6:.1f} MB of ER7")
+        print(f"broker {kind} at {broker.bootstrap}; {total} ADT messages, {size / 1e6:.1f} MB of ER7")
 
         for org in feeds:
             subprocess.run(
@@ -266,7 +331,11 @@ def main() -> None:
 
         # -- peer: raw kafka-python produce of the same bytes
         raw_topic = Topics(
-            bundles="bench.raw", deadletter="bench.raw.dl", receipts="bench.raw.rc", partitions=3
+            bundles="bench.raw",
+            deadletter="bench.raw.dl",
+            receipts="bench.raw.rc",
+            partitions=3,
+            replication=settings.kafka.topics.replication,
         )
         ensure_topics(broker.bootstrap, raw_topic)
         prod = KafkaProducer(**producer_config(settings, broker.bootstrap))
@@ -278,6 +347,7 @@ def main() -> None:
         raw_s = time.perf_counter() - t0
         prod.close()
         raw_rate = len(converted) / raw_s
+        figures["raw_rate"] = raw_rate
         print(
             f"peer raw kafka-python produce (acks=all, idempotent): {raw_rate:,.0f} msgs/s, {payload / raw_s / 1e6:.1f} MB/s"
         )
@@ -306,7 +376,12 @@ def main() -> None:
             settings,
             kafka=replace(
                 settings.kafka,
-                topics=Topics(bundles="bench.pub", deadletter="bench.pub.dl", receipts="bench.pub.rc"),
+                topics=Topics(
+                    bundles="bench.pub",
+                    deadletter="bench.pub.dl",
+                    receipts="bench.pub.rc",
+                    replication=settings.kafka.topics.replication,
+                ),
             ),
         )
         ensure_topics(broker.bootstrap, pub_settings.kafka.topics)
@@ -319,6 +394,7 @@ def main() -> None:
         pub_s = time.perf_counter() - t0
         pub.close()
         pub_rate = len(converted) / pub_s
+        figures.update(pub_rate=pub_rate, pub_ratio=pub_rate / raw_rate)
         print(f"bridge Publisher (sign + produce): {pub_rate:,.0f} msgs/s = {pub_rate / raw_rate:.0%} of raw")
 
         # The peers' topics go before the stack runs: noida-db rewrites its whole store on every autosave,
@@ -340,8 +416,7 @@ def main() -> None:
         index = IndexStore.open(settings.stores.index_url)
         ledger = open_ledger(settings.ledger.url, origin=settings.ledger.origin)
         time.sleep(4)  # let both consumers join their groups before the clock starts
-        assert broker.pid is not None
-        cpu0 = {"broker": group_cpu(broker.pid), **{k: proc_cpu(p.pid) for k, p in procs.items()}}
+        cpu0 = {"broker": broker.cpu(), **{k: proc_cpu(p.pid) for k, p in procs.items()}}
         children0 = children_cpu()
         t0 = time.perf_counter()
         ienv = dict(env, FHIRBRIDGE_LOG_LEVEL="info")
@@ -387,7 +462,7 @@ def main() -> None:
             time.sleep(0.1)
         e2e_s = max(ledger_done or 0, index_done or 0)
         e2e_rate = total / e2e_s
-        cpu1 = {"broker": group_cpu(broker.pid), **{k: proc_cpu(p.pid) for k, p in procs.items()}}
+        cpu1 = {"broker": broker.cpu(), **{k: proc_cpu(p.pid) for k, p in procs.items()}}
         for cproc in procs.values():
             cproc.terminate()
         for cproc in procs.values():
@@ -410,7 +485,7 @@ def main() -> None:
         rows.append(("  convert + validate (adapter, main thread)", split["convert"] * 1000 / n))
         rows.append(("  sign + send (Publisher.publish, main thread)", split["publish"] * 1000 / n))
         rows.append(("  producer I/O thread, flush, rest", split["producer threads and the rest"] * 1000 / n))
-        rows.append((f"broker ({args.broker})", (cpu1["broker"] - cpu0["broker"]) * 1000 / n))
+        rows.append((f"broker ({kind})", (cpu1["broker"] - cpu0["broker"]) * 1000 / n))
         for name in ("ledger", "index"):
             rows.append((f"{name} consumer (process)", (cpu1[name] - cpu0[name]) * 1000 / n))
             st = stages[name]
@@ -418,6 +493,12 @@ def main() -> None:
                 if k not in ("records", "process"):
                     rows.append((f"  {k}", float(st[k])))
         print_budget(rows, n, e2e_s)
+        figures.update(
+            e2e_rate=e2e_rate,
+            ingest_rate=total / ingest_s,
+            cpu_total_ms=sum(ms for name, ms in rows if not name.startswith("  ")),
+            cpu_broker_ms=(cpu1["broker"] - cpu0["broker"]) * 1000 / n,
+        )
         print(
             f"ingest (fhirbridge ingest, {len(ingests)} processes, incl. start-up): {total / ingest_s:,.0f} msgs/s ({ingest_s:.1f}s)"
         )
@@ -450,6 +531,7 @@ def main() -> None:
             f"  produce -> ledger-committed: p50 {lat['ledger_p50']:.0f} ms, p99 {lat['ledger_p99']:.0f} ms"
         )
         print(f"  produce -> queryable:        p50 {lat['index_p50']:.0f} ms, p99 {lat['index_p99']:.0f} ms")
+        figures.update(lat)
         for cproc in procs.values():
             cproc.terminate()
             cproc.wait(30)
@@ -459,6 +541,7 @@ def main() -> None:
             print(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
+    return figures
 
 
 if __name__ == "__main__":
