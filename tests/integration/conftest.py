@@ -5,7 +5,8 @@
 so every Kafka test runs on both. With ``KAFKA_BOOTSTRAP_SERVERS`` set, the tests run once against that
 cluster instead. Apache Kafka needs Java 17 and Maven: without them its tests are skipped, except when
 ``CI=true``, where they fail. ``tansu`` can still be named; a test that cannot pass on it because of one
-of its documented quirks is marked ``@pytest.mark.tansu_quirk("<the quirk>")`` and skipped there.
+of its documented quirks is marked ``@pytest.mark.broker_quirk("tansu", "<the quirk>")`` and skipped
+there; likewise for a stand-in behaviour noida-db lacks (never for Apache Kafka).
 The run ends with a count of the tests that passed on each broker.
 """
 
@@ -83,11 +84,12 @@ def _kind_of(nodeid: str) -> str | None:
 
 @pytest.fixture(autouse=True)
 def _skip_quirks(request: pytest.FixtureRequest) -> None:
-    marker = request.node.get_closest_marker("tansu_quirk")
-    if marker is None or "broker" not in request.fixturenames:
+    if "broker" not in request.fixturenames:
         return
-    if request.getfixturevalue("broker").kind == "tansu":
-        pytest.skip(f"tansu quirk: {marker.args[0]}")
+    kind = request.getfixturevalue("broker").kind
+    for marker in request.node.iter_markers("broker_quirk"):
+        if marker.args[0] == kind:
+            pytest.skip(f"{kind} quirk: {marker.args[1]}")
 
 
 @pytest.fixture

@@ -153,7 +153,7 @@ def test_a_slow_sink_does_not_end_a_replay_early(stack: Stack, tmp_path: Path) -
     assert got == n and report.complete
 
 
-@pytest.mark.tansu_quirk("offsets_for_times uses the broker's store time")
+@pytest.mark.broker_quirk("tansu", "offsets_for_times uses the broker's store time")
 def test_time_based_replay(stack: Stack, tmp_path: Path) -> None:
     first = write_feeds(tmp_path / "a", 4, seed=1)
     _ingest(stack, first)
