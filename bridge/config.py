@@ -46,6 +46,41 @@ class Topics:
     max_message_bytes: int = 8 * 1024 * 1024
 
 
+KAFKA_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+KAFKA_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER")
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaSecurity:
+    """How every Kafka client connects (docs/streams.md#secured-connections): the security protocol, the
+    TLS files, and the SASL mechanism with its credentials; turned into kafka-python's keyword arguments
+    by :func:`bridge.stream.security.client_kwargs`. Secrets come from ``*_FILE`` variables or the
+    environment, never from the command line, and are kept out of ``repr``."""
+
+    protocol: str = "PLAINTEXT"  # PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL
+    ssl_cafile: Path | None = None  # the CA bundle the brokers' certificates chain to (None: the system's)
+    ssl_certfile: Path | None = None  # this client's certificate (mutual TLS), PEM
+    ssl_keyfile: Path | None = None  # its private key, PEM
+    ssl_key_password: str | None = field(default=None, repr=False)
+    ssl_crlfile: Path | None = None
+    ssl_check_hostname: bool = True
+    sasl_mechanism: str | None = None  # PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512 | OAUTHBEARER
+    sasl_username: str | None = None
+    sasl_password: str | None = field(default=None, repr=False)
+    sasl_oauth_token_file: Path | None = None  # OAUTHBEARER: read again for every authentication
+
+    @property
+    def tls(self) -> bool:
+        return self.protocol in ("SSL", "SASL_SSL")
+
+    def describe(self) -> str:
+        """``SASL_SSL, SCRAM-SHA-512 as 'alice'``: the protocol and mechanism, for messages (no secret)."""
+        if self.sasl_mechanism is None:
+            return self.protocol + (", client certificate" if self.ssl_certfile else "")
+        who = f" as {self.sasl_username!r}" if self.sasl_username else ""
+        return f"{self.protocol}, {self.sasl_mechanism}{who}"
+
+
 @dataclass(frozen=True, slots=True)
 class KafkaSettings:
     """The broker, the topics, and how producers and consumers talk to them (docs/streams.md)."""
@@ -63,6 +98,8 @@ class KafkaSettings:
     max_request_size: int = 8 * 1024 * 1024
     ingest_linger_ms: int = 50  # producer linger of `fhirbridge ingest` (MLLP and the consumers keep 10 ms)
     compression: str | None = "gzip"  # producer compression_type (None: off); docs/streams.md#producer
+    security: KafkaSecurity = field(default_factory=KafkaSecurity)  # docs/streams.md#secured-connections
+    bootstrap_timeout_ms: int = 15000  # a client's first metadata answer, else the command fails
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,6 +335,8 @@ class Settings:
                 max_request_size=_int(env, "FHIRBRIDGE_MAX_REQUEST_SIZE", 8 * 1024 * 1024),
                 ingest_linger_ms=_int(env, "FHIRBRIDGE_INGEST_LINGER_MS", 50, minimum=0),
                 compression=_compression(env.get("FHIRBRIDGE_COMPRESSION", "gzip")),
+                security=_kafka_security(env),
+                bootstrap_timeout_ms=_int(env, "FHIRBRIDGE_KAFKA_BOOTSTRAP_TIMEOUT_MS", 15000),
             ),
             ledger=LedgerSettings(
                 url=env.get("FHIRBRIDGE_LEDGER_URL") or f"sqlite://{data_dir / 'ledger.db'}",
@@ -363,6 +402,109 @@ def _tls(env: dict[str, str], prefix: str) -> TlsSettings:
         return Path(value) if value else None
 
     return TlsSettings(cert_file=path("CERT"), key_file=path("KEY"), client_ca_file=path("CLIENT_CA"))
+
+
+def _secret(env: dict[str, str], name: str) -> str | None:
+    """``<name>_FILE`` (the file's text, less its final newline) or ``<name>``; both set is an error."""
+    path, value = env.get(f"{name}_FILE", "").strip(), env.get(name, "")
+    if path and value:
+        raise ConfigError(f"set {name}_FILE or {name}, not both")
+    if not path:
+        return value or None
+    try:
+        text = Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigError(f"{name}_FILE: cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{name}_FILE: {path} is not UTF-8 text") from None
+    if not text:
+        raise ConfigError(f"{name}_FILE: {path} is empty")
+    return text
+
+
+def _kafka_security(env: dict[str, str]) -> KafkaSecurity:
+    """``FHIRBRIDGE_KAFKA_SECURITY_PROTOCOL``, ``FHIRBRIDGE_KAFKA_SSL_*`` and ``FHIRBRIDGE_KAFKA_SASL_*``
+    (docs/streams.md#secured-connections), checked together: a combination the broker would refuse, or a
+    file that is not there, is a ConfigError naming the variable."""
+    pre = "FHIRBRIDGE_KAFKA_"
+    protocol = env.get(f"{pre}SECURITY_PROTOCOL", "").strip().upper() or "PLAINTEXT"
+    if protocol not in KAFKA_SECURITY_PROTOCOLS:
+        raise ConfigError(
+            f"{pre}SECURITY_PROTOCOL must be one of {', '.join(KAFKA_SECURITY_PROTOCOLS)}, got {protocol!r}"
+        )
+    tls, sasl = protocol in ("SSL", "SASL_SSL"), protocol.startswith("SASL_")
+
+    def file(name: str) -> Path | None:
+        value = env.get(f"{pre}{name}", "").strip()
+        if not value:
+            return None
+        if not tls:
+            raise ConfigError(f"{pre}{name} is set, but {pre}SECURITY_PROTOCOL={protocol} does not use TLS")
+        if not Path(value).is_file():
+            raise ConfigError(f"{pre}{name}: no such file {value}")
+        return Path(value)
+
+    cafile, certfile, keyfile, crlfile = (
+        file(n) for n in ("SSL_CAFILE", "SSL_CERTFILE", "SSL_KEYFILE", "SSL_CRLFILE")
+    )
+    key_password = _secret(env, f"{pre}SSL_KEY_PASSWORD")
+    if keyfile is not None and certfile is None:
+        raise ConfigError(f"{pre}SSL_KEYFILE is set without {pre}SSL_CERTFILE (the client certificate)")
+    if key_password is not None and certfile is None:
+        raise ConfigError(f"{pre}SSL_KEY_PASSWORD is set without {pre}SSL_CERTFILE (the client certificate)")
+    hostname = env.get(f"{pre}SSL_CHECK_HOSTNAME", "").strip().lower() or "true"
+    if hostname not in ("true", "false", "1", "0", "yes", "no"):
+        raise ConfigError(f"{pre}SSL_CHECK_HOSTNAME must be true or false, got {hostname!r}")
+
+    mechanism = env.get(f"{pre}SASL_MECHANISM", "").strip().upper() or None
+    username = env.get(f"{pre}SASL_USERNAME", "").strip() or None
+    password = _secret(env, f"{pre}SASL_PASSWORD")
+    token = env.get(f"{pre}SASL_OAUTH_TOKEN_FILE", "").strip() or None
+    if mechanism is not None and not sasl:
+        raise ConfigError(
+            f"{pre}SASL_MECHANISM={mechanism} needs {pre}SECURITY_PROTOCOL SASL_SSL or SASL_PLAINTEXT, "
+            f"got {protocol}"
+        )
+    if sasl and mechanism is None:
+        raise ConfigError(f"{pre}SECURITY_PROTOCOL={protocol} needs {pre}SASL_MECHANISM")
+    if mechanism is not None and mechanism not in KAFKA_SASL_MECHANISMS:
+        raise ConfigError(
+            f"{pre}SASL_MECHANISM must be one of {', '.join(KAFKA_SASL_MECHANISMS)}, got {mechanism!r}"
+        )
+    given = {
+        f"{pre}SASL_USERNAME": username,
+        f"{pre}SASL_PASSWORD": password,
+        f"{pre}SASL_OAUTH_TOKEN_FILE": token,
+    }
+    if mechanism == "OAUTHBEARER":
+        needed: tuple[str, ...] = (f"{pre}SASL_OAUTH_TOKEN_FILE",)
+    elif mechanism is not None:
+        needed = (f"{pre}SASL_USERNAME", f"{pre}SASL_PASSWORD")
+    else:
+        needed = ()
+    for name, value in given.items():
+        if value is not None and name not in needed:
+            raise ConfigError(
+                f"{name} is set, but {pre}SASL_MECHANISM={mechanism or '(none)'} does not use it"
+            )
+        if value is None and name in needed:
+            how = " (or _FILE)" if name.endswith("PASSWORD") else ""
+            raise ConfigError(f"{pre}SASL_MECHANISM={mechanism} needs {name}{how}")
+    if token is not None and not Path(token).is_file():
+        raise ConfigError(f"{pre}SASL_OAUTH_TOKEN_FILE: no such file {token}")
+    return KafkaSecurity(
+        protocol=protocol,
+        ssl_cafile=cafile,
+        ssl_certfile=certfile,
+        ssl_keyfile=keyfile,
+        ssl_key_password=key_password,
+        ssl_crlfile=crlfile,
+        ssl_check_hostname=hostname in ("true", "1", "yes"),
+        sasl_mechanism=mechanism,
+        sasl_username=username,
+        sasl_password=password,
+        sasl_oauth_token_file=Path(token) if token else None,
+    )
 
 
 def _auth(env: dict[str, str], data_dir: Path) -> AuthSettings:

@@ -74,7 +74,7 @@ def cmd_topics_create(args: argparse.Namespace) -> int:
 
     config = settings()
     try:
-        created = ensure_topics(resolve_bootstrap(config), config.kafka.topics)
+        created = ensure_topics(resolve_bootstrap(config), config.kafka.topics, config.kafka)
     except ERROR_ROOTS as exc:
         return fail(str(exc))
     for spec in topic_specs(config.kafka.topics):

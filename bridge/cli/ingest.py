@@ -65,7 +65,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             timezone=args.timezone,
         )
         bootstrap = resolve_bootstrap(config)
-        ensure_topics(bootstrap, config.kafka.topics)
+        ensure_topics(bootstrap, config.kafka.topics, config.kafka)
         # Files are throughput work: a longer linger fills batches of ~10-20 records instead of 1-2,
         # which halves the producer's CPU per record (docs/streams.md#producer).
         publisher = Publisher(config, bootstrap, linger_ms=config.kafka.ingest_linger_ms)

@@ -168,9 +168,12 @@ def build_ledger_sink(
     witnesses = [] if unsigned else tlog_witness_clients(settings)
     producer = None
     if receipts:
-        producer = KafkaProducer(
-            **producer_config(settings, bootstrap, client_id="fhirbridge-ledger-receipts")
-        )
+        from bridge.stream.security import connecting  # TLS/SASL and a one-line failure (docs/streams.md)
+
+        with connecting(settings.kafka, bootstrap):
+            producer = KafkaProducer(
+                **producer_config(settings, bootstrap, client_id="fhirbridge-ledger-receipts")
+            )
     # --unsigned signs nothing, even with a key file at hand (it said so, and signed)
     ledger = open_configured_ledger(settings, signer_key=None if unsigned else settings.ledger.signer_key())
     cosigner = CheckpointCosigner(ledger, witnesses).start() if witnesses else None

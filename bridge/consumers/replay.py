@@ -31,6 +31,7 @@ from bridge.errors import ConfigError
 from bridge.logging import get_logger
 from bridge.stream import envelope
 from bridge.stream.producer import Publisher, producer_config
+from bridge.stream.security import connecting
 
 log = get_logger(__name__)
 
@@ -115,9 +116,12 @@ class Reader:
         self.topic = topic
         # no reset policy: a position past the end (--from-offset beyond the last record) must be reported
         # as "nothing to replay", not silently reset to the beginning
-        self.consumer = KafkaConsumer(
-            **consumer_config(settings, bootstrap, None, enable_auto_commit=False, auto_offset_reset="none")
-        )
+        with connecting(settings.kafka, bootstrap):
+            self.consumer = KafkaConsumer(
+                **consumer_config(
+                    settings, bootstrap, None, enable_auto_commit=False, auto_offset_reset="none"
+                )
+            )
 
     def partitions(self, only: Sequence[int] | None) -> list[TopicPartition]:
         deadline = time.monotonic() + 15
@@ -401,7 +405,8 @@ def _receipt_order(settings: Settings, bootstrap: str) -> dict[tuple[str, str], 
 def _copy(
     settings: Settings, bootstrap: str, batches: Iterator[list[Record]], report: ReplayReport, to_topic: str
 ) -> None:
-    producer = KafkaProducer(**producer_config(settings, bootstrap, client_id="fhirbridge-replay"))
+    with connecting(settings.kafka, bootstrap):
+        producer = KafkaProducer(**producer_config(settings, bootstrap, client_id="fhirbridge-replay"))
     try:
         for batch in batches:
             futures = [

@@ -45,6 +45,7 @@ from bridge.logging import get_logger
 from bridge.metrics import ConsumerMetrics
 from bridge.stream.broker import resolve_bootstrap
 from bridge.stream.producer import Publisher
+from bridge.stream.security import client_kwargs, connecting
 from bridge.stream.topics import ensure_topics
 
 log = get_logger(__name__)
@@ -182,7 +183,9 @@ def instance_id(settings: Settings, group_id: str) -> str:
 def consumer_config(
     settings: Settings, bootstrap: str, group_id: str | None, **overrides: Any
 ) -> dict[str, Any]:
+    """A consumer's kafka-python configuration: :func:`client_kwargs` (TLS, SASL) and the settings below."""
     cfg: dict[str, Any] = {
+        **client_kwargs(settings.kafka),
         "bootstrap_servers": bootstrap,
         "group_id": group_id,
         "client_id": f"fhirbridge-{group_id or 'reader'}",
@@ -225,9 +228,10 @@ class ConsumerRuntime:
         self.dead_letters = dead_letters
         self.group_id = group_id
         self.topics = list(topics or [settings.kafka.topics.bundles])
-        self.consumer = consumer or KafkaConsumer(
-            *self.topics, **consumer_config(settings, bootstrap, group_id)
-        )
+        if consumer is None:
+            with connecting(settings.kafka, bootstrap):
+                consumer = KafkaConsumer(*self.topics, **consumer_config(settings, bootstrap, group_id))
+        self.consumer = consumer
         self.metrics = metrics or ConsumerMetrics(group_id)
         self.max_backoff = max_backoff
         self._stop = threading.Event()
@@ -507,7 +511,7 @@ def run_consumer(
     """Run a consumer group member until SIGTERM/SIGINT (or, with ``exit_when_idle``, until that many
     seconds pass without a record): the topics made if missing, metrics served on ``metrics_port``."""
     bootstrap = resolve_bootstrap(settings)
-    ensure_topics(bootstrap, settings.kafka.topics)
+    ensure_topics(bootstrap, settings.kafka.topics, settings.kafka)
     sink = sink_factory(settings, bootstrap)
     dead = Publisher(settings, bootstrap)
     runtime = ConsumerRuntime(settings, bootstrap, sink, dead, group_id=group_id)

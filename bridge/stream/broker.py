@@ -171,8 +171,14 @@ def _ensure_executable(path: Path) -> None:
         path.chmod(mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
 
 
-def wait_ready(bootstrap: str, timeout: float = 30.0, process: subprocess.Popen[bytes] | None = None) -> None:
-    """Block until the broker answers a metadata request."""
+def wait_ready(
+    bootstrap: str,
+    timeout: float = 30.0,
+    process: subprocess.Popen[bytes] | None = None,
+    client: dict[str, object] | None = None,
+) -> None:
+    """Block until the broker answers a metadata request; ``client`` adds kafka-python keyword arguments
+    to the probe (``bridge.stream.security.client_kwargs``, for a listener that is not plain text)."""
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     host, _, port = bootstrap.partition(",")[0].rpartition(":")
@@ -185,7 +191,10 @@ def wait_ready(bootstrap: str, timeout: float = 30.0, process: subprocess.Popen[
             with socket.create_connection((host, int(port)), timeout=1):
                 pass
             admin = KafkaAdminClient(
-                bootstrap_servers=bootstrap, request_timeout_ms=5000, client_id="fhirbridge-probe"
+                **(client or {}),
+                bootstrap_servers=bootstrap,
+                request_timeout_ms=5000,
+                client_id="fhirbridge-probe",
             )
             try:
                 admin.list_topics()

@@ -18,6 +18,7 @@ from bridge.config import Settings
 from bridge.errors import BrokerUnavailable, ConfigError
 from bridge.stream.broker import resolve_bootstrap
 from bridge.stream.envelope import Envelope, OrgSigner, utc_now
+from bridge.stream.security import client_kwargs, connecting
 
 if TYPE_CHECKING:
     from kafka.producer.future import FutureRecordMetadata
@@ -38,7 +39,9 @@ DL_FILE = "fb-dl-file"
 
 
 def producer_config(settings: Settings, bootstrap: str, **overrides: Any) -> dict[str, Any]:
+    """A producer's kafka-python configuration: :func:`client_kwargs` (TLS, SASL) and the settings below."""
     cfg: dict[str, Any] = {
+        **client_kwargs(settings.kafka),
         "bootstrap_servers": bootstrap,
         "client_id": "fhirbridge-producer",
         "acks": "all",
@@ -76,10 +79,10 @@ class Publisher:
         """``overrides`` change :func:`producer_config` (``fhirbridge ingest`` lingers longer than MLLP)."""
         self.settings = settings
         self.topics = settings.kafka.topics
-        try:
-            self.producer = producer or KafkaProducer(**producer_config(settings, bootstrap, **overrides))
-        except KafkaError as exc:
-            raise BrokerUnavailable(f"no broker answers at {bootstrap}") from exc
+        if producer is None:
+            with connecting(settings.kafka, bootstrap):
+                producer = KafkaProducer(**producer_config(settings, bootstrap, **overrides))
+        self.producer = producer
         self._signers: dict[str, OrgSigner] = {}
 
     @classmethod

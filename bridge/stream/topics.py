@@ -8,8 +8,9 @@ from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
-from bridge.config import Topics
+from bridge.config import KafkaSettings, Topics
 from bridge.logging import get_logger
+from bridge.stream.security import client_kwargs, connecting
 
 log = get_logger(__name__)
 
@@ -43,14 +44,23 @@ def topic_specs(topics: Topics) -> list[TopicSpec]:
     ]
 
 
-def ensure_topics(bootstrap: str, topics: Topics) -> list[str]:
-    """Create any missing topic; returns the names created. Existing topics are left as they are."""
-    admin = KafkaAdminClient(
-        bootstrap_servers=bootstrap, client_id="fhirbridge-admin", request_timeout_ms=15000
-    )
+def ensure_topics(bootstrap: str, topics: Topics, kafka: KafkaSettings | None = None) -> list[str]:
+    """Create any missing topic; returns the names created. Existing topics are left as they are.
+
+    ``kafka`` says how to connect (its security settings, docs/streams.md#secured-connections); without
+    it, plain text. A broker that cannot be reached or refuses the client is a ``BrokerConnectFailed``."""
+    kafka = kafka or KafkaSettings()
+    with connecting(kafka, bootstrap):
+        admin = KafkaAdminClient(
+            **client_kwargs(kafka),
+            bootstrap_servers=bootstrap,
+            client_id="fhirbridge-admin",
+            request_timeout_ms=15000,
+        )
     created: list[str] = []
     try:
-        existing = set(admin.list_topics())
+        with connecting(kafka, bootstrap):
+            existing = set(admin.list_topics())
         for spec in topic_specs(topics):
             if spec.name in existing:
                 continue
