@@ -114,6 +114,8 @@ class LedgerSettings:
     witness_keys: tuple[str, ...] = ()
     # C2SP tlog-witness submission URLs: the writer asks each to cosign new checkpoints (docs/ledger.md)
     tlog_witnesses: tuple[str, ...] = ()
+    # single writer: a standby takes over this long after a leader stops answering (docs/deploy.md)
+    leader_lease_s: float = 10.0
 
     def signer_key(self) -> str | None:
         """The ledger's signed-note private key, read from ``key_file`` when it exists."""
@@ -350,6 +352,7 @@ class Settings:
                 tlog_witnesses=tuple(
                     u.strip() for u in env.get("FHIRBRIDGE_LEDGER_TLOG_WITNESSES", "").split(",") if u.strip()
                 ),
+                leader_lease_s=_int(env, "FHIRBRIDGE_LEDGER_LEADER_LEASE_S", 10, minimum=2),
             ),
             stores=StoreSettings(
                 index_url=env.get("FHIRBRIDGE_INDEX_URL") or f"sqlite://{data_dir / 'index.db'}",

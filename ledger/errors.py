@@ -75,3 +75,18 @@ class EntryTooLarge(InvalidEntry):
 
 class StorageUnavailable(LedgerError):
     """The database cannot be reached (refused, lost, locked); retry later, the Ledger reconnects."""
+
+
+class WriterFenced(LedgerError):
+    """Another writer claimed the log (a higher writer epoch): this one appends nothing more.
+
+    Raised inside the append (or checkpoint) transaction, which is rolled back. The writer that gets
+    it has lost its leadership and must stop without committing anything it consumed.
+    """
+
+    def __init__(self, ours: int, current: int) -> None:
+        super().__init__(
+            f"another ledger writer took over (writer epoch {current}, ours {ours}): this writer stops"
+        )
+        self.ours = ours
+        self.current = current

@@ -268,6 +268,18 @@ class Ledger:
             self._builder = None
             self._tile_cache.clear()
 
+    def claim_writer(self, holder: str) -> int:
+        """Make this handle the log's only writer: returns the new writer epoch. Any append or
+        checkpoint through another handle that claimed before is refused from now on
+        (:class:`~ledger.errors.WriterFenced`), as are this handle's once another one claims."""
+        with self._lock:
+            self._builder = None
+            return self._storage.claim_writer(holder)
+
+    def writer(self) -> tuple[int, str, float] | None:
+        """The current writer's epoch, name and claim time, or ``None`` if nobody claimed the log."""
+        return self._storage.writer()
+
     def close(self) -> None:
         """Close the database connection; safe to call twice."""
         self._storage.close()

@@ -33,6 +33,7 @@ import sqlite3
 import struct
 import sys
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -41,7 +42,7 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
-from ledger.errors import LedgerError, StorageUnavailable
+from ledger.errors import LedgerError, StorageUnavailable, WriterFenced
 from ledger.tiles import Tile, split_key, tile_key
 
 __all__ = [
@@ -143,6 +144,8 @@ class Storage(Protocol):
         self, size: int, witness: str, key_id: int, line: str, received_at: float
     ) -> bool: ...
     def reset(self) -> None: ...
+    def claim_writer(self, holder: str) -> int: ...
+    def writer(self) -> tuple[int, str, float] | None: ...
     def close(self) -> None: ...
 
 
@@ -163,6 +166,10 @@ _SCHEMA = [
         tile_key {key} PRIMARY KEY, width INTEGER NOT NULL, hashes {blob} NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS ledger_checkpoints (
         size BIGINT PRIMARY KEY, root {blob} NOT NULL, note TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL)""",
+    # the single writer's epoch (decision 38): claimed by a new leader, checked by every write
+    """CREATE TABLE IF NOT EXISTS ledger_writer (
+        id INTEGER PRIMARY KEY CHECK (id = 1), epoch BIGINT NOT NULL, holder TEXT NOT NULL,
+        since DOUBLE PRECISION NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS ledger_cosignatures (
         size BIGINT NOT NULL, witness TEXT NOT NULL, key_id BIGINT NOT NULL, line TEXT NOT NULL,
         received_at DOUBLE PRECISION NOT NULL, PRIMARY KEY (size, witness, key_id))""",
@@ -519,11 +526,55 @@ class _SqlBase:
             self._drop_conn()
 
     # -- writes -------------------------------------------------------------------------------------
+    #: The writer epoch this storage claimed (:meth:`claim_writer`); every write checks it is current.
+    fence: int | None = None
+
+    def claim_writer(self, holder: str) -> int:
+        """Become the log's writer: a new writer epoch, higher than any before; every later write of
+        this storage checks that it is still the current one (:class:`WriterFenced` otherwise).
+
+        The claim takes the writers' lock on ``ledger_meta`` first, so an append of the previous writer
+        that is under way commits before it, and any later one sees the new epoch and is refused.
+        """
+        with self._guard() as conn, self._begin(conn):
+            conn.execute(self._lock_meta_sql()).fetchone()
+            row = conn.execute("SELECT epoch FROM ledger_writer WHERE id = 1").fetchone()
+            epoch = (int(row[0]) if row else 0) + 1
+            if row is None:
+                conn.execute(
+                    self._q("INSERT INTO ledger_writer (id, epoch, holder, since) VALUES (1, ?, ?, ?)"),
+                    (epoch, holder, time.time()),
+                )
+            else:
+                conn.execute(
+                    self._q("UPDATE ledger_writer SET epoch = ?, holder = ?, since = ? WHERE id = 1"),
+                    (epoch, holder, time.time()),
+                )
+        self.fence = epoch
+        return epoch
+
+    def writer(self) -> tuple[int, str, float] | None:
+        """The current writer's epoch, name and claim time (``None`` before any claim)."""
+        rows = self._rows("SELECT epoch, holder, since FROM ledger_writer WHERE id = 1")
+        return (int(rows[0][0]), str(rows[0][1]), float(rows[0][2])) if rows else None
+
+    def _check_fence(self, conn: Any) -> None:
+        conn.execute(self._lock_meta_sql()).fetchone()  # after any claim under way has committed
+        row = conn.execute("SELECT epoch FROM ledger_writer WHERE id = 1").fetchone()
+        current = int(row[0]) if row else 0
+        if self.fence is not None and current != self.fence:
+            raise WriterFenced(self.fence, current)
+
     @contextlib.contextmanager
     def write(self) -> Iterator[Txn]:
-        """One durable transaction: committed when the block exits normally, rolled back otherwise."""
+        """One durable transaction: committed when the block exits normally, rolled back otherwise.
+
+        After :meth:`claim_writer`, it first checks that no other writer has claimed the log since.
+        """
         try:
             with self._guard() as conn, self._begin(conn):
+                if self.fence is not None:
+                    self._check_fence(conn)
                 yield _SqlTxn(self, conn)
         except BaseException:
             self._wtail = self._wmain = None  # they may hold rows or a merge that were rolled back

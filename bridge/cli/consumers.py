@@ -58,7 +58,7 @@ def cmd_ledger_run(args: argparse.Namespace) -> int:
     from bridge.logging import get_logger
 
     def factory(config: Any, bootstrap: str) -> Any:
-        return build_ledger_sink(config, bootstrap, unsigned=args.unsigned)
+        return build_ledger_sink(config, bootstrap, unsigned=args.unsigned, elect=True)
 
     if args.unsigned:
         get_logger("bridge.ledger").warning("ledger.unsigned", detail="no checkpoint will be signed")

@@ -3,6 +3,8 @@ a receipt per append to ``ledger.receipts`` before the offsets are committed (do
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -14,6 +16,7 @@ from bridge.consumers.checks import BadBundle, EnvelopeChecker, check_bundle, in
 from bridge.consumers.runtime import BadTimestamp, CpuClock, Record
 from bridge.errors import ConfigError, TransientError
 from bridge.logging import get_logger
+from bridge.stores.leader import LeaderLock, holder_name
 from bridge.stores.ledger import open_configured_ledger
 from bridge.stream.producer import producer_config
 from ledger.errors import EntryTooLarge, InvalidEntry, InvalidKey, LedgerError, StorageUnavailable
@@ -36,8 +39,11 @@ class LedgerSink:
         receipts: Any | None = None,
         receipts_topic: str = "ledger.receipts",
         cosigner: CheckpointCosigner | None = None,
+        leader: LeaderLock | None = None,
     ) -> None:
         self.ledger = ledger
+        # the single-writer lock this sink appends under (None: the caller guarantees one writer)
+        self.leader = leader
         # asks the tlog witnesses to cosign new checkpoints, on its own thread (never blocks appends)
         self.cosigner = cosigner
         self.checker = checker
@@ -46,6 +52,8 @@ class LedgerSink:
         self.cpu = CpuClock()
 
     def process(self, records: Sequence[Record]) -> list[tuple[Record, BaseException]]:
+        if self.leader is not None:
+            self.leader.check()  # a writer that lost its lock stops before touching the batch
 
         poison: list[tuple[Record, BaseException]] = []
         entries: list[LedgerEntry] = []
@@ -129,6 +137,9 @@ class LedgerSink:
         if self.cosigner is not None:
             self.cosigner.close()
         self.ledger.close()
+        if self.leader is not None:
+            self.leader.release()
+            self.leader.check()  # a lost leadership ends the process with an error, not with 0
 
 
 def require_ledger_signer_key(settings: Any) -> str:
@@ -161,8 +172,10 @@ def require_ledger_signer_key(settings: Any) -> str:
 
 
 def build_ledger_sink(
-    settings: Any, bootstrap: str, *, receipts: bool = True, unsigned: bool = False
+    settings: Any, bootstrap: str, *, receipts: bool = True, unsigned: bool = False, elect: bool = False
 ) -> LedgerSink:
+    """The ledger consumer's sink. ``elect``: first wait to be the log's only writer (``ledger run``);
+    a one-off tool (replay, tests) appends beside the writer, serialised by the database instead."""
     if not unsigned:
         require_ledger_signer_key(settings)
     witnesses = [] if unsigned else tlog_witness_clients(settings)
@@ -174,10 +187,41 @@ def build_ledger_sink(
             producer = KafkaProducer(
                 **producer_config(settings, bootstrap, client_id="fhirbridge-ledger-receipts")
             )
-    # --unsigned signs nothing, even with a key file at hand (it said so, and signed)
-    ledger = open_configured_ledger(settings, signer_key=None if unsigned else settings.ledger.signer_key())
+    leader = elect_writer(settings) if elect else None
+    try:
+        # --unsigned signs nothing, even with a key file at hand (it said so, and signed)
+        ledger = open_configured_ledger(
+            settings, signer_key=None if unsigned else settings.ledger.signer_key()
+        )
+        if leader is not None:
+            epoch = ledger.claim_writer(leader.holder)
+            log.info("ledger.writer", epoch=epoch, holder=leader.holder)
+    except BaseException:
+        if leader is not None:
+            leader.release()
+        raise
     cosigner = CheckpointCosigner(ledger, witnesses).start() if witnesses else None
-    return LedgerSink(ledger, load_checker(settings), producer, settings.kafka.topics.receipts, cosigner)
+    return LedgerSink(
+        ledger, load_checker(settings), producer, settings.kafka.topics.receipts, cosigner, leader
+    )
+
+
+def elect_writer(settings: Any) -> LeaderLock:
+    """Wait as a standby until this process is the ledger's only writer (decision 38).
+
+    Nothing is consumed while waiting. When the leadership is lost later, SIGTERM stops the consumer
+    loop at once, the sink refuses the batch in hand, and the process exits non-zero; the writer
+    epoch refuses any append it still had under way.
+    """
+    leader = LeaderLock(
+        settings.ledger.url,
+        f"ledger:{settings.ledger.origin}",
+        lease_s=settings.ledger.leader_lease_s,
+        on_lost=lambda: os.kill(os.getpid(), signal.SIGTERM),
+        holder=holder_name(settings.kafka.consumer_instance_id),
+    )
+    leader.acquire()
+    return leader
 
 
 def tlog_witness_clients(settings: Any) -> list[TlogWitnessClient]:
