@@ -118,20 +118,23 @@ def test_every_kafka_client_in_bridge_gets_the_security_settings() -> None:
     for path in sorted((ROOT / "bridge").rglob("*.py")):
         rel = path.relative_to(ROOT).as_posix()
         tree = ast.parse(path.read_text(encoding="utf-8"))
+        enclosing: dict[ast.AST, str] = {}  # each node -> the name of the function it is in
         for func in ast.walk(tree):
-            if not isinstance(func, ast.FunctionDef | ast.AsyncFunctionDef | ast.Module):
+            if isinstance(func, ast.FunctionDef | ast.AsyncFunctionDef):
+                for inner in ast.walk(func):
+                    enclosing.setdefault(inner, func.name)  # the outermost function wins
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
                 continue
-            for node in ast.walk(func) if not isinstance(func, ast.Module) else ():
-                if not isinstance(node, ast.Call):
-                    continue
-                callee = node.func
-                name = callee.id if isinstance(callee, ast.Name) else getattr(callee, "attr", None)
-                if name not in CLIENTS:
-                    continue
-                found += 1
-                if (rel, func.name) in ALLOWED or _spread_through(node):
-                    continue
-                offenders.append(f"{rel}:{node.lineno} {name}( in {func.name}")
+            callee = node.func
+            name = callee.id if isinstance(callee, ast.Name) else getattr(callee, "attr", None)
+            if name not in CLIENTS:
+                continue
+            found += 1
+            where = enclosing.get(node, "<module>")
+            if (rel, where) in ALLOWED or _spread_through(node):
+                continue
+            offenders.append(f"{rel}:{node.lineno} {name}( in {where}")
     assert found >= 7, "the scan found fewer client creation sites than the bridge has"
     assert not offenders, "Kafka clients made without bridge.stream.security.client_kwargs: " + ", ".join(
         offenders
