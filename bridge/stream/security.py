@@ -146,6 +146,9 @@ def failure_message(
     """One line: ``Kafka at <bootstrap> (<protocol, mechanism>): <what went wrong>``."""
     head = f"Kafka at {bootstrap} ({kafka.security.describe()})"
     seen = [*causes, exc]
+    ours = next((c for c in seen if isinstance(c, BrokerConnectFailed)), None)
+    if ours is not None:  # the OAUTHBEARER token file could not be read
+        return f"{head}: {ours}"
     auth = next((c for c in seen if isinstance(c, SaslAuthenticationFailedError)), None)
     if auth is not None:
         return f"{head}: authentication failed: {_reason(auth)}"

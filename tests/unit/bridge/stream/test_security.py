@@ -173,6 +173,10 @@ def test_failure_messages() -> None:
     denied = failure_message(kafka, "h:1", TopicAuthorizationFailedError("t"), [])
     assert ": not authorized: " in denied
     assert all("s3cret" not in m for m in (msg, closed, refused, denied))
+    token = failure_message(
+        kafka, "h:1", timeout, [BrokerConnectFailed("the OAUTHBEARER token file /t is empty")]
+    )
+    assert token.endswith("'alice'): the OAUTHBEARER token file /t is empty")
 
 
 def test_connecting_to_a_closed_port_fails_fast_with_one_line() -> None:
