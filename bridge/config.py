@@ -40,6 +40,8 @@ class Topics:
     bundles: str = "fhir.bundles"
     deadletter: str = "fhir.deadletter"
     receipts: str = "ledger.receipts"
+    #: the Patient versions the index keeps, for the MPI linker (FHIRBRIDGE_MPI_LINKER=topic, docs/mpi.md)
+    mpi: str = "mpi.patients"
     partitions: int = 3
     replication: int = 1
     retention_ms: int = -1  # keep forever: the topic is the replay source of truth
@@ -132,6 +134,9 @@ class StoreSettings:
 
     index_url: str = ""
     mpi_url: str = ""
+    #: who links Patients into persons: ``inline`` (each index consumer, in-process: only one may run)
+    #: or ``topic`` (index consumers publish to ``Topics.mpi``; ``fhirbridge mpi run`` links; docs/mpi.md)
+    mpi_linker: str = "inline"
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,6 +315,7 @@ class Settings:
             bundles=env.get("FHIRBRIDGE_TOPIC_BUNDLES", "fhir.bundles"),
             deadletter=env.get("FHIRBRIDGE_TOPIC_DEADLETTER", "fhir.deadletter"),
             receipts=env.get("FHIRBRIDGE_TOPIC_RECEIPTS", "ledger.receipts"),
+            mpi=env.get("FHIRBRIDGE_TOPIC_MPI", "mpi.patients"),
             partitions=_int(env, "FHIRBRIDGE_PARTITIONS", 3),
             replication=_int(env, "FHIRBRIDGE_REPLICATION", 1),
             retention_ms=_int(env, "FHIRBRIDGE_RETENTION_MS", -1, minimum=-1),
@@ -321,6 +327,9 @@ class Settings:
         key_file = env.get("FHIRBRIDGE_LEDGER_KEY_FILE")
         trust = env.get("FHIRBRIDGE_TRUST_REGISTRY")
         signing = env.get("FHIRBRIDGE_SIGNING_KEYS_DIR")
+        mpi_linker = env.get("FHIRBRIDGE_MPI_LINKER", "inline")
+        if mpi_linker not in ("inline", "topic"):
+            raise ConfigError(f"FHIRBRIDGE_MPI_LINKER must be 'inline' or 'topic', got {mpi_linker!r}")
         return cls(
             data_dir=data_dir,
             kafka=KafkaSettings(
@@ -357,6 +366,7 @@ class Settings:
             stores=StoreSettings(
                 index_url=env.get("FHIRBRIDGE_INDEX_URL") or f"sqlite://{data_dir / 'index.db'}",
                 mpi_url=env.get("FHIRBRIDGE_MPI_URL") or f"sqlite://{data_dir / 'mpi.db'}",
+                mpi_linker=mpi_linker,
             ),
             http=HttpSettings(
                 host=env.get("FHIRBRIDGE_HTTP_HOST", "127.0.0.1"),

@@ -1,4 +1,5 @@
-"""``fhirbridge mpi ...`` commands: ``link`` (batch linkage of a Patient NDJSON file)."""
+"""``fhirbridge mpi ...`` commands: ``link`` (batch linkage of a Patient NDJSON file) and ``run`` (the
+MPI linker, a consumer of the MPI topic: docs/mpi.md, "The linker as its own process")."""
 
 from __future__ import annotations
 
@@ -51,6 +52,44 @@ def register(sub: Any, groups: dict[str, Any]) -> None:
     p.add_argument("--no-tf", action="store_true", help="disable the term-frequency adjustment")
     p.add_argument("--model-out", metavar="MODEL.json", help="write the estimated parameters as JSON")
     p.set_defaults(func=_cmd_link)
+
+    p = groups["mpi"].add_parser(
+        "run",
+        help="link the Patient versions of the MPI topic into persons (FHIRBRIDGE_MPI_LINKER=topic)",
+        description=(
+            "Consumes FHIRBRIDGE_TOPIC_MPI (published by `index run` with FHIRBRIDGE_MPI_LINKER=topic) into the "
+            "MPI at FHIRBRIDGE_MPI_URL. Several may run: one links, the others wait as standbys until it "
+            "stops (a lock on the MPI database, a writer epoch checked by every MPI write). A linker that "
+            "loses its leadership stops without committing and exits 1."
+        ),
+    )
+    p.add_argument("--group", default=None, help="consumer group id (default fhirbridge-mpi)")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
+    p.add_argument(
+        "--exit-when-idle",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="exit after this many seconds without records (batch jobs, tests)",
+    )
+    p.set_defaults(func=_cmd_run)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from bridge.cli._common import fail, settings
+    from bridge.consumers.mpi_sink import MPI_GROUP, run_linker
+    from bridge.errors import ERROR_ROOTS
+
+    try:
+        run_linker(
+            settings(),
+            args.group or MPI_GROUP,
+            metrics_port=args.metrics_port,
+            exit_when_idle=args.exit_when_idle,
+        )
+    except ERROR_ROOTS as exc:
+        return fail(str(exc))
+    return 0
 
 
 def _cmd_link(args: argparse.Namespace) -> int:

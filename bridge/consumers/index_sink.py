@@ -1,6 +1,8 @@
 """The index sink: every resource upserted by its deterministic id, with its bundle's provenance; the
-Patient versions the index keeps feed the MPI (docs/query.md, docs/mpi.md). What the index keeps is R4:
-a bundle produced before the adapters mapped R4B to R4 is mapped here (docs/validation.md)."""
+Patient versions the index keeps feed the MPI (docs/query.md, docs/mpi.md): in-process
+(``FHIRBRIDGE_MPI_LINKER=inline``), or through the MPI topic to ``fhirbridge mpi run`` (``topic``). What
+the index keeps is R4: a bundle produced before the adapters mapped R4B to R4 is mapped here
+(docs/validation.md)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,9 @@ import contextlib
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
+
+from kafka import KafkaProducer
+from kafka.errors import KafkaError
 
 from adapters.r4 import NotR4, bundle_to_r4, may_need_mapping
 from bridge.consumers.checks import (
@@ -19,11 +24,15 @@ from bridge.consumers.checks import (
     load_checker,
     parse_bundle,
 )
+from bridge.consumers.mpi_sink import patient_key, patient_message
 from bridge.consumers.runtime import BadTimestamp, CpuClock, Record
 from bridge.errors import TransientError
 from bridge.logging import get_logger
 from bridge.stores.index.store import IncomingBundle, IndexStore, content_digest
 from bridge.stores.mpi import PersonIndex
+from bridge.stream.broker import resolve_bootstrap
+from bridge.stream.producer import producer_config
+from bridge.stream.security import connecting  # TLS/SASL and a one-line failure (docs/streams.md)
 
 log = get_logger(__name__)
 
@@ -43,6 +52,7 @@ class _PatientEntry(NamedTuple):
     record: Record
     #: the Patient's position in its bundle's ``entry`` array
     entry: int
+    bundle_sha256: str = ""
 
 
 class IndexSink:
@@ -56,11 +66,17 @@ class IndexSink:
         checker: EnvelopeChecker,
         mpi: PersonIndex | None = None,
         mpi_factory: Callable[[], PersonIndex] | None = None,
+        *,
+        mpi_producer: Any | None = None,
+        mpi_topic: str = "mpi.patients",
     ) -> None:
         self.store = store
         self.checker = checker
         self.mpi = mpi
         self.mpi_factory = mpi_factory
+        # FHIRBRIDGE_MPI_LINKER=topic: the kept Patient versions go to ``mpi_topic`` instead of the MPI
+        self.mpi_producer = mpi_producer
+        self.mpi_topic = mpi_topic
         self.cpu = CpuClock()
 
     def process(self, records: Sequence[Record]) -> list[tuple[Record, BaseException]]:
@@ -97,15 +113,50 @@ class IndexSink:
             )
             for i, e in enumerate(bundle["entry"]):
                 if e["resource"]["resourceType"] == "Patient":
-                    patients.append(_PatientEntry(env.source_org, e["resource"], rec, i))
+                    patients.append(_PatientEntry(env.source_org, e["resource"], rec, i, env.bundle_sha256))
         self.cpu.add("parse", time.thread_time() - t0)
         if incoming:
             with self.cpu.stage("store"):
                 self.store.apply(incoming)  # TransientError propagates: the runtime backs off
-        if patients and (self.mpi is not None or self.mpi_factory is not None):
+        if patients and self.mpi_producer is not None:
+            with self.cpu.stage("mpi_topic"):
+                self._publish_kept(patients)
+        elif patients and (self.mpi is not None or self.mpi_factory is not None):
             with self.cpu.stage("mpi"):
                 self._feed_mpi(patients, poison)
         return in_batch_order(records, poison)
+
+    def _kept(self, patients: list[_PatientEntry]) -> list[_PatientEntry]:
+        """The Patient versions the index keeps (see :meth:`_feed_mpi`)."""
+        current = self.store.current_versions("Patient", [p.resource["id"] for p in patients])
+        return [p for p in patients if current.get(p.resource["id"]) == content_digest(p.resource)]
+
+    def _publish_kept(self, patients: list[_PatientEntry]) -> None:
+        """Publish the kept Patient versions to the MPI topic for ``fhirbridge mpi run``, acknowledged by
+        every in-sync replica before this returns: the runtime commits the batch's offsets only after,
+        so nothing is acknowledged that the linker will not see. A broker that does not take them is
+        transient (the batch is retried; the index upserts and the messages are idempotent for it)."""
+        kept = self._kept(patients)
+        if not kept:
+            return
+        producer = self.mpi_producer
+        assert producer is not None
+        try:
+            futures = [
+                producer.send(
+                    self.mpi_topic,
+                    key=patient_key(p.source_org, p.resource["id"]),
+                    value=patient_message(p.source_org, p.resource, p.bundle_sha256, p.record),
+                )
+                for p in kept
+            ]
+            producer.flush(30)
+            for f in futures:
+                f.get(timeout=30)
+        except KafkaError as exc:
+            raise TransientError(
+                f"MPI topic {self.mpi_topic} did not take the Patients: {type(exc).__name__}: {exc}"
+            ) from exc
 
     def _feed_mpi(self, patients: list[_PatientEntry], poison: list[tuple[Record, BaseException]]) -> None:
         """Give the MPI the Patient versions the index keeps, and nothing else.
@@ -117,8 +168,7 @@ class IndexSink:
         the Patients are tried one by one, and the records of those it refuses go to the dead letters
         with the reason, so that one bad record cannot stop the consumer.
         """
-        current = self.store.current_versions("Patient", [p.resource["id"] for p in patients])
-        kept = [p for p in patients if current.get(p.resource["id"]) == content_digest(p.resource)]
+        kept = self._kept(patients)
         if not kept:
             return
         try:
@@ -170,9 +220,24 @@ class IndexSink:
         self.store.close()
         if self.mpi is not None:
             self.mpi.close()
+        if self.mpi_producer is not None:
+            with contextlib.suppress(Exception):
+                self.mpi_producer.close(timeout=10)
 
 
-def build_index_sink(settings: Any) -> IndexSink:
+def build_index_sink(settings: Any, bootstrap: str | None = None) -> IndexSink:
+    """The index consumer's sink. With ``FHIRBRIDGE_MPI_LINKER=topic`` it opens no MPI but a producer
+    for the MPI topic (``bootstrap``: the consumer's broker, else the configured one)."""
+    if settings.stores.mpi_linker == "topic":
+        bootstrap = bootstrap or resolve_bootstrap(settings)
+        with connecting(settings.kafka, bootstrap):
+            producer = KafkaProducer(**producer_config(settings, bootstrap, client_id="fhirbridge-index-mpi"))
+        return IndexSink(
+            IndexStore.open(settings.stores.index_url),
+            load_checker(settings),
+            mpi_producer=producer,
+            mpi_topic=settings.kafka.topics.mpi,
+        )
 
     def mpi_factory() -> PersonIndex:
         return PersonIndex.open(settings.stores.mpi_url)

@@ -41,6 +41,9 @@ def topic_specs(topics: Topics) -> list[TopicSpec]:
             topics.replication,
             {"retention.ms": str(topics.retention_ms), **durable},
         ),
+        # the Patient versions the index keeps, keyed by org and Patient id (docs/mpi.md); as many
+        # partitions as the bundles so a linker split by key later has room
+        TopicSpec(topics.mpi, topics.partitions, topics.replication, common),
     ]
 
 

@@ -52,6 +52,21 @@ class MpiConflict(MpiError):
     """A manual decision contradicts another manual decision."""
 
 
+class MpiWriterFenced(MpiError):
+    """Another linker claimed the MPI (a higher writer epoch, ``mpi_writer``): this one writes nothing more.
+
+    Raised inside the write transaction, which is rolled back. The linker that gets it has lost its
+    leadership: it stops without committing what it consumed and exits non-zero (docs/mpi.md).
+    """
+
+    def __init__(self, ours: int, current: int) -> None:
+        super().__init__(
+            f"another MPI linker took over (writer epoch {current}, ours {ours}): this linker stops"
+        )
+        self.ours = ours
+        self.current = current
+
+
 class MpiInputError(MpiError):
     """A patient resource cannot be indexed (not a Patient, no id, ...)."""
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -17,7 +18,7 @@ from typing import Any
 
 from bridge.errors import ConfigError
 from bridge.stores.db import DbUrl, SqliteTuning, WalCheckpointer, connect
-from bridge.stores.mpi.config import MpiError
+from bridge.stores.mpi.config import MpiError, MpiWriterFenced
 
 _ADVISORY_KEY = 0x6D7069  # "mpi"
 _INSERT = re.compile(r"(?s)^\s*(INSERT INTO \w+ \([^)]*\)) VALUES \([?, ]+\)(.*)$")
@@ -110,6 +111,13 @@ SCHEMA = [
     """CREATE TABLE IF NOT EXISTS mpi_meta (
         key TEXT PRIMARY KEY,
         value TEXT NOT NULL)""",
+    # the linker's writer epoch (`fhirbridge mpi run`, docs/mpi.md): claimed by a new leader, checked by
+    # every write transaction of a fenced connection; kept by reset()
+    """CREATE TABLE IF NOT EXISTS mpi_writer (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        epoch BIGINT NOT NULL,
+        holder TEXT NOT NULL,
+        since DOUBLE PRECISION NOT NULL)""",
 ]
 SCHEMA_PAIR = next(s for s in SCHEMA if "TABLE IF NOT EXISTS mpi_pair " in s)
 TABLES = ("mpi_patient", "mpi_block", "mpi_pair", "mpi_alias", "mpi_history", "mpi_tf", "mpi_meta")
@@ -139,6 +147,10 @@ def chunks(items: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
 
 class Database:
     """One connection to the MPI database. Thread-safe (a lock serialises use of the connection)."""
+
+    #: the writer epoch this connection writes under (:meth:`claim_writer`, :meth:`hold_writer`); every
+    #: write transaction checks it is still current (:class:`MpiWriterFenced`). None: no check.
+    fence: int | None = None
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -363,6 +375,7 @@ class Database:
                     with self._pg.transaction():
                         self._pg.execute("SELECT pg_advisory_xact_lock(%s)", (_ADVISORY_KEY,))
                         try:
+                            self._check_fence()
                             yield
                         except BaseException:
                             self._settle_pending(raise_error=False)  # before the rollback, not after
@@ -372,6 +385,7 @@ class Database:
                     assert self._lite is not None
                     self._lite.execute("BEGIN IMMEDIATE")
                     try:
+                        self._check_fence()
                         yield
                         self._lite.execute("COMMIT")
                         self._checkpoint_soon()
@@ -381,6 +395,48 @@ class Database:
                         raise
             finally:
                 self._in_write = False
+
+    def claim_writer(self, holder: str, *, lease_s: float | None = None) -> int:
+        """Become the MPI's only writer: a writer epoch higher than any before, checked by every later
+        write transaction of this connection (:class:`MpiWriterFenced` once another claims).
+
+        The claim is a write transaction, so it waits for one of the previous writer's under way and
+        any later one of that writer sees the new epoch. ``lease_s`` (PostgreSQL): the server ends this
+        session when it sits that long inside a transaction, so that a paused writer cannot hold the
+        writers' lock (and with it the next claim) while it sleeps.
+        """
+        self.hold_writer(None, lease_s=lease_s)
+        with self.write():
+            row = self.one("SELECT epoch FROM mpi_writer WHERE id = 1")
+            epoch = (int(row[0]) if row else 0) + 1
+            self.execute(
+                "INSERT INTO mpi_writer (id, epoch, holder, since) VALUES (1, ?, ?, ?) ON CONFLICT (id) "
+                "DO UPDATE SET epoch = excluded.epoch, holder = excluded.holder, since = excluded.since",
+                (epoch, holder, time.time()),
+            )
+        self.fence = epoch
+        return epoch
+
+    def hold_writer(self, epoch: int | None, *, lease_s: float | None = None) -> None:
+        """Write under ``epoch`` (claimed earlier, by :meth:`claim_writer` on a connection now lost)."""
+        if lease_s is not None and self._pg is not None:
+            with self._lock:
+                self._pg.execute(f"SET idle_in_transaction_session_timeout = {int(lease_s * 1000)}")
+        self.fence = epoch
+
+    def writer(self) -> tuple[int, str, float] | None:
+        """The current writer's epoch, name and claim time (None before any claim)."""
+        row = self.one("SELECT epoch, holder, since FROM mpi_writer WHERE id = 1")
+        return (int(row[0]), str(row[1]), float(row[2])) if row else None
+
+    def _check_fence(self) -> None:
+        """Inside a write transaction, after the writers' lock: refuse if another writer claimed since."""
+        if self.fence is None:
+            return
+        row = self.execute("SELECT epoch FROM mpi_writer WHERE id = 1").fetchone()
+        current = int(row[0]) if row else 0
+        if current != self.fence:
+            raise MpiWriterFenced(self.fence, current)
 
     def _after_background(self) -> None:
         """Statements run in order: before one of the writing thread's own, wait for those still on

@@ -62,6 +62,21 @@ class PersonIndex:
 
     # ------------------------------------------------------------------ writes
 
+    def claim_writer(self, holder: str, *, lease_s: float | None = None) -> int:
+        """Become the MPI's only writer (``fhirbridge mpi run``, after it won the leader lock): a new
+        writer epoch, which every later write transaction of this index checks first; once another
+        linker claims, they raise :class:`~bridge.stores.mpi.config.MpiWriterFenced` and write nothing.
+        ``lease_s``: PostgreSQL ends the session of a writer paused that long inside a transaction."""
+        return self._state.db.claim_writer(holder, lease_s=lease_s)
+
+    def hold_writer(self, epoch: int, *, lease_s: float | None = None) -> None:
+        """Write under an epoch this process claimed on an earlier connection (after a reconnection)."""
+        self._state.db.hold_writer(epoch, lease_s=lease_s)
+
+    def writer(self) -> tuple[int, str, float] | None:
+        """The current writer epoch, its holder and when it was claimed (None before any claim)."""
+        return self._state.db.writer()
+
     def upsert_patients(self, patients: Sequence[tuple[str, dict[str, Any]]]) -> None:
         """Index a batch of ``(source_org, Patient)`` in one transaction.
 

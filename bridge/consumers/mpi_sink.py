@@ -1,0 +1,271 @@
+"""The MPI linker (``fhirbridge mpi run``): links the Patient versions the index consumers keep, read from
+the MPI topic, as the MPI's only writer (docs/mpi.md, "The linker as its own process").
+
+With ``FHIRBRIDGE_MPI_LINKER=topic`` the index sink does not call the MPI: it publishes every Patient
+version it keeps (:func:`patient_message`) to ``FHIRBRIDGE_TOPIC_MPI``, keyed by source organisation and
+Patient id so that a patient's versions stay in order, and flushes them before its offsets are
+committed. This sink consumes that topic. It first waits as a standby for the linker's leader lock on
+the MPI database (:class:`~bridge.stores.leader.LeaderLock`), then claims a writer epoch in
+``mpi_writer`` that every MPI write transaction checks: a former leader that was paused and wakes up
+gets :class:`~bridge.stores.mpi.config.MpiWriterFenced`, commits nothing and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import orjson
+from prometheus_client import start_http_server
+
+from bridge.config import Settings
+from bridge.consumers.checks import LocatedError, in_batch_order, is_retryable
+from bridge.consumers.runtime import ConsumerRuntime, CpuClock, Record
+from bridge.errors import TransientError
+from bridge.gctune import tune_gc
+from bridge.logging import get_logger
+from bridge.stores.leader import LeaderLock, LeadershipLost, holder_name
+from bridge.stores.mpi import PersonIndex
+from bridge.stores.mpi.config import MpiWriterFenced
+from bridge.stream.broker import resolve_bootstrap
+from bridge.stream.producer import Publisher
+from bridge.stream.topics import ensure_topics
+
+log = get_logger(__name__)
+
+#: the linker's consumer group (one member links; a standby waits for the leader lock before joining)
+MPI_GROUP = "fhirbridge-mpi"
+#: the linker's leadership, a lock on the MPI database (one MPI, one linker)
+MPI_ROLE = "mpi:linker"
+
+
+class BadPatientMessage(LocatedError):
+    """A record of the MPI topic is not a Patient message of :func:`patient_message`."""
+
+
+class MpiRefused(LocatedError):
+    """The MPI could not index the record's Patient (the index keeps it)."""
+
+
+def patient_key(source_org: str, patient_id: str) -> bytes:
+    """The MPI topic's key: a patient's versions land on one partition, in the order the index kept them."""
+    return f"{source_org}|{patient_id}".encode()
+
+
+def patient_message(source_org: str, resource: dict[str, Any], bundle_sha256: str, record: Record) -> bytes:
+    """The MPI topic's value: the Patient the index kept, its organisation and where it came from."""
+    return orjson.dumps(
+        {
+            "source_org": source_org,
+            "resource": resource,
+            "bundle_sha256": bundle_sha256,
+            "topic": record.topic,
+            "partition": record.partition,
+            "offset": record.offset,
+        }
+    )
+
+
+def read_patient_message(value: bytes | None) -> tuple[str, dict[str, Any]]:
+    """``(source_org, Patient)`` of an MPI topic record, or :class:`BadPatientMessage`."""
+    try:
+        msg = orjson.loads(value or b"")
+    except orjson.JSONDecodeError as exc:
+        raise BadPatientMessage(f"not JSON: {exc}") from None
+    if not isinstance(msg, dict):
+        raise BadPatientMessage("not a JSON object")
+    org, resource = msg.get("source_org"), msg.get("resource")
+    if not isinstance(org, str) or not org:
+        raise BadPatientMessage("no source_org", "source_org")
+    if not isinstance(resource, dict) or resource.get("resourceType") != "Patient":
+        raise BadPatientMessage("resource is not a Patient", "resource")
+    if not isinstance(resource.get("id"), str):
+        raise BadPatientMessage("the Patient has no id", "resource.id")
+    return org, resource
+
+
+class MpiSink:
+    """Links the Patient messages of the MPI topic into persons, as the MPI's only writer."""
+
+    name = "mpi"
+
+    def __init__(
+        self,
+        mpi_factory: Callable[[], PersonIndex],
+        *,
+        leader: LeaderLock | None = None,
+        epoch: int | None = None,
+        lease_s: float | None = None,
+        mpi: PersonIndex | None = None,
+    ) -> None:
+        self.mpi_factory = mpi_factory
+        self.mpi = mpi
+        # the lock and the writer epoch this sink writes under (None: the caller guarantees one writer)
+        self.leader = leader
+        self.epoch = epoch
+        self.lease_s = lease_s
+        self.cpu = CpuClock()
+        self.linked = 0
+
+    def process(self, records: Sequence[Record]) -> list[tuple[Record, BaseException]]:
+        if self.leader is not None:
+            self.leader.check()  # a linker that lost its lock stops before touching the batch
+        poison: list[tuple[Record, BaseException]] = []
+        items: list[tuple[Record, str, dict[str, Any]]] = []
+        with self.cpu.stage("parse"):
+            for rec in records:
+                try:
+                    org, resource = read_patient_message(rec.value)
+                except BadPatientMessage as exc:
+                    poison.append((rec, exc))
+                    continue
+                items.append((rec, org, resource))
+        if items:
+            with self.cpu.stage("link"):
+                self._link(items, poison)
+        return in_batch_order(records, poison)
+
+    def _link(
+        self, items: list[tuple[Record, str, dict[str, Any]]], poison: list[tuple[Record, BaseException]]
+    ) -> None:
+        """One transaction for the batch; if the MPI refuses it for a reason of the records', the Patients
+        one by one, the refused ones to the dead letters (as the index sink's inline feed does). Upserting
+        a version the MPI already holds changes nothing, so redeliveries and replays are harmless."""
+        try:
+            self._upsert([(org, resource) for _, org, resource in items])
+            self.linked += len(items)
+            return
+        except (TransientError, MpiWriterFenced, LeadershipLost):
+            raise
+        except Exception as exc:
+            log.warning(
+                "mpi.batch_refused", error_class=type(exc).__name__, error=str(exc), patients=len(items)
+            )
+        for rec, org, resource in items:
+            try:
+                self._upsert([(org, resource)])
+                self.linked += 1
+            except (TransientError, MpiWriterFenced, LeadershipLost):
+                raise
+            except Exception as exc:
+                poison.append(
+                    (rec, MpiRefused(f"Patient/{resource['id']}: {type(exc).__name__}: {exc}", "resource"))
+                )
+
+    def _upsert(self, patients: list[tuple[str, dict[str, Any]]]) -> None:
+        """Upsert under the claimed epoch; a lost database connection is transient (reopened next time,
+        under the same epoch: a reconnection never claims anew)."""
+        try:
+            if self.mpi is None:
+                self.mpi = self.mpi_factory()
+                if self.epoch is not None:
+                    self.mpi.hold_writer(self.epoch, lease_s=self.lease_s)
+            self.mpi.upsert_patients(patients)
+        except MpiWriterFenced as exc:
+            log.error("mpi.writer_fenced", ours=exc.ours, current=exc.current)
+            raise
+        except Exception as exc:
+            if not is_retryable(exc):
+                raise
+            if self.mpi is not None:
+                with contextlib.suppress(Exception):
+                    self.mpi.close()
+            self.mpi = None
+            raise TransientError(f"MPI database unavailable: {type(exc).__name__}: {exc}") from exc
+
+    def close(self) -> None:
+        if self.mpi is not None:
+            with contextlib.suppress(Exception):
+                self.mpi.close()
+        if self.leader is not None:
+            self.leader.release()
+            self.leader.check()  # a lost leadership ends the process with an error, not with 0
+
+
+def transaction_lease_s(settings: Settings) -> float:
+    """How long a linker's MPI session may sit idle inside a transaction before PostgreSQL ends it: a
+    paused former leader would otherwise hold the writers' lock, and the new leader's claim with it.
+    Three leases: far longer than the linker computes between two statements."""
+    return 3 * settings.ledger.leader_lease_s
+
+
+def build_mpi_sink(settings: Settings, *, elect: bool = True) -> MpiSink:
+    """The linker's sink. ``elect``: first wait as a standby until this process is the MPI's only writer,
+    then claim a writer epoch (``fhirbridge mpi run``); without it the caller guarantees one writer."""
+    url = settings.stores.mpi_url
+
+    def mpi_factory() -> PersonIndex:
+        return PersonIndex.open(url)
+
+    if not elect:
+        return MpiSink(mpi_factory, mpi=mpi_factory())
+    leader = elect_linker(settings)
+    try:
+        mpi = mpi_factory()
+        lease = transaction_lease_s(settings)
+        epoch = mpi.claim_writer(leader.holder, lease_s=lease)
+        log.info("mpi.writer", epoch=epoch, holder=leader.holder)
+    except BaseException:
+        leader.release()
+        raise
+    return MpiSink(mpi_factory, leader=leader, epoch=epoch, lease_s=lease, mpi=mpi)
+
+
+def elect_linker(settings: Settings) -> LeaderLock:
+    """Wait as a standby until this process is the MPI's only linker (its lock on the MPI database).
+
+    Nothing is consumed while waiting: the consumer joins its group only once it leads. When the
+    leadership is lost later, SIGTERM stops the consumer loop, the sink refuses the batch in hand and
+    the process exits non-zero; the writer epoch refuses any write it still had under way.
+    """
+    leader = LeaderLock(
+        settings.stores.mpi_url,
+        MPI_ROLE,
+        lease_s=settings.ledger.leader_lease_s,
+        on_lost=lambda: os.kill(os.getpid(), signal.SIGTERM),
+        holder=holder_name(settings.kafka.consumer_instance_id),
+    )
+    leader.acquire()
+    return leader
+
+
+def run_linker(
+    settings: Settings,
+    group_id: str = MPI_GROUP,
+    *,
+    metrics_port: int | None = None,
+    exit_when_idle: float | None = None,
+    sink_factory: Callable[[Settings], MpiSink] | None = None,
+) -> ConsumerRuntime:
+    """:func:`bridge.consumers.runtime.run_consumer` for the MPI topic: until SIGTERM/SIGINT (or
+    ``exit_when_idle`` seconds without a record); returns the stopped runtime (its counts)."""
+    bootstrap = resolve_bootstrap(settings)
+    ensure_topics(bootstrap, settings.kafka.topics, settings.kafka)
+    sink = (sink_factory or build_mpi_sink)(settings)
+    dead = Publisher(settings, bootstrap)
+    runtime = ConsumerRuntime(
+        settings, bootstrap, sink, dead, group_id=group_id, topics=[settings.kafka.topics.mpi]
+    )
+    if metrics_port:
+        start_http_server(metrics_port, addr=settings.http.host)
+    tune_gc(settings.gc_threshold)
+    runtime.install_signal_handlers()
+    until = None
+    if exit_when_idle:
+        idle = {"since": time.monotonic(), "seen": 0}
+
+        def until() -> bool:
+            if runtime.processed + runtime.dead_lettered != idle["seen"]:
+                idle["seen"] = runtime.processed + runtime.dead_lettered
+                idle["since"] = time.monotonic()
+            return bool(time.monotonic() - idle["since"] > exit_when_idle)
+
+    try:
+        runtime.run(until=until)
+    finally:
+        dead.close()
+    return runtime
