@@ -25,7 +25,17 @@ def register(sub: Any, groups: dict[str, Any]) -> None:
 
 def _consumer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group", default=None, help="consumer group id")
-    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve /metrics (Prometheus), /livez and /readyz on this port",
+    )
+    p.add_argument(
+        "--metrics-host",
+        default=None,
+        help="address of that port (default FHIRBRIDGE_HTTP_HOST, 127.0.0.1; 0.0.0.0 in a container)",
+    )
     p.add_argument(
         "--exit-when-idle",
         type=float,
@@ -45,6 +55,7 @@ def _run(args: argparse.Namespace, sink_factory: Any, default_group: str) -> int
             sink_factory,
             args.group or default_group,
             metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
             exit_when_idle=args.exit_when_idle,
         )
     except ERROR_ROOTS as exc:

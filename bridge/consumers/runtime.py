@@ -36,11 +36,11 @@ import structlog
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import CommitFailedError, KafkaError, RebalanceInProgressError
 from kafka.structs import OffsetAndMetadata
-from prometheus_client import start_http_server
 
 from bridge.config import Settings
 from bridge.errors import FhirbridgeError, TransientError
 from bridge.gctune import tune_gc
+from bridge.health import Health, serve_health
 from bridge.logging import get_logger
 from bridge.metrics import ConsumerMetrics
 from bridge.stream.broker import resolve_bootstrap
@@ -222,6 +222,7 @@ class ConsumerRuntime:
         consumer: KafkaConsumer | None = None,
         metrics: ConsumerMetrics | None = None,
         max_backoff: float = 30.0,
+        health: Health | None = None,
     ) -> None:
         self.settings = settings
         self.sink = sink
@@ -234,6 +235,13 @@ class ConsumerRuntime:
         self.consumer = consumer
         self.metrics = metrics or ConsumerMetrics(group_id)
         self.max_backoff = max_backoff
+        self.backing_off = False
+        self.health = health or Health()
+        self.health.add_check("broker", self._broker_check)
+        self.health.add_check("group", self._group_check)
+        self.health.add_check(
+            "sink", lambda: (not self.backing_off, "backing off" if self.backing_off else "ok")
+        )
         self._stop = threading.Event()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sink-{sink.name}")
         self.processed = 0
@@ -256,12 +264,31 @@ class ConsumerRuntime:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
+    def _broker_check(self) -> tuple[bool, str]:
+        """Connected to at least one broker of the cluster (kafka-python keeps its fetch connections
+        open while it consumes; it has no public call for this)."""
+        client = getattr(self.consumer, "_client", None)
+        brokers = client.cluster.brokers() if client is not None else set()
+        ok = any(client.connected(b.node_id) for b in brokers) if client is not None else False
+        return ok, "connected" if ok else "unreachable"
+
+    def _group_check(self) -> tuple[bool, str]:
+        """Ready with partitions, or as a member the group gave none (more members than partitions)."""
+        assigned = len(self.consumer.assignment())
+        if assigned:
+            return True, f"{assigned} partitions"
+        coordinator = getattr(self.consumer, "_coordinator", None)
+        generation = getattr(getattr(coordinator, "_generation", None), "generation_id", -1)
+        return (generation > 0, "member without partitions" if generation > 0 else "joining")
+
     # -- main loop ------------------------------------------------------------------------------
     def run(self, *, until: Callable[[], bool] | None = None, poll_timeout_ms: int = 500) -> None:
         """Consume until :meth:`stop` (or ``until()`` returns True after a batch or an idle poll)."""
         log.info("consumer.start", group=self.group_id, topics=self.topics, sink=self.sink.name)
+        self.health.set_state("running")
         try:
             while not self._stop.is_set():
+                self.health.beat()
                 t0 = time.thread_time()
                 records = self.poll_batch(poll_timeout_ms)
                 self.cpu.add("poll", time.thread_time() - t0)
@@ -274,6 +301,7 @@ class ConsumerRuntime:
                 if until is not None and until():
                     break
         finally:
+            self.health.set_state("stopping")
             self.close()
 
     #: One kafka-python ``poll`` lasts at most this long; the runtime sleeps between polls instead.
@@ -334,7 +362,7 @@ class ConsumerRuntime:
                 poison = self._in_worker(lambda: self._process_and_dead_letter(records))
                 break
             except (TransientError, KafkaError) as exc:
-                paused = True
+                paused = self.backing_off = True
                 log.warning("consumer.backoff", sink=self.sink.name, error=str(exc), retry_in=round(delay, 2))
                 self.metrics.backoff()
                 # keep polling (partitions paused: returns nothing) so heartbeats continue and we stay in the group
@@ -344,6 +372,7 @@ class ConsumerRuntime:
                 delay = min(delay * 2, self.max_backoff)
         if paused:
             self.consumer.resume(*self.consumer.paused())
+            self.backing_off = False
             log.info("consumer.resumed", sink=self.sink.name)
         self.processed += len(records) - len(poison)
         self.dead_lettered += len(poison)
@@ -392,6 +421,7 @@ class ConsumerRuntime:
         later. Dropping them would move the position past them, and the next commit would make the
         skip permanent.
         """
+        self.health.beat()
         consumer = self.consumer
         unpaused = set(consumer.assignment()) - set(consumer.paused())
         if unpaused:
@@ -500,23 +530,39 @@ class ConsumerRuntime:
         )
 
 
+def _beat_while(health: Health, done: threading.Event) -> None:
+    """Keep a standby live: it waits (for the writer lock) without turning the consumer loop."""
+    while not done.wait(5.0):
+        health.beat()
+
+
 def run_consumer(
     settings: Settings,
     sink_factory: Callable[[Settings, str], Any],
     group_id: str,
     *,
     metrics_port: int | None = None,
+    metrics_host: str | None = None,
     exit_when_idle: float | None = None,
 ) -> None:
     """Run a consumer group member until SIGTERM/SIGINT (or, with ``exit_when_idle``, until that many
-    seconds pass without a record): the topics made if missing, metrics served on ``metrics_port``."""
+    seconds pass without a record): the topics made if missing; ``/metrics``, ``/livez`` and ``/readyz``
+    served on ``metrics_host``:``metrics_port`` (bridge/health.py) from before the sink is built, so a
+    standby (a ledger writer waiting for the lock) is live and ready while it waits."""
+    health = Health()
+    if metrics_port:
+        serve_health(health, metrics_host or settings.http.host, metrics_port)
     bootstrap = resolve_bootstrap(settings)
     ensure_topics(bootstrap, settings.kafka.topics, settings.kafka)
-    sink = sink_factory(settings, bootstrap)
+    health.set_state("standby")
+    waiting = threading.Event()
+    threading.Thread(target=_beat_while, args=(health, waiting), daemon=True).start()
+    try:
+        sink = sink_factory(settings, bootstrap)
+    finally:
+        waiting.set()
     dead = Publisher(settings, bootstrap)
-    runtime = ConsumerRuntime(settings, bootstrap, sink, dead, group_id=group_id)
-    if metrics_port:
-        start_http_server(metrics_port, addr=settings.http.host)
+    runtime = ConsumerRuntime(settings, bootstrap, sink, dead, group_id=group_id, health=health)
     tune_gc(settings.gc_threshold)
     runtime.install_signal_handlers()
     until = None

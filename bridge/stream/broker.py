@@ -235,7 +235,7 @@ def start_local(
 
 
 def _start_kafka(data_dir: Path, broker_dir: Path, port: int | None) -> BrokerHandle:
-    from bridge.stream.kafka import start_kafka
+    from bridge.stream.kafka import start_kafka  # kafka.py builds on this module's process helpers
 
     cluster = start_kafka(broker_dir, port)
     node = cluster.nodes[0]

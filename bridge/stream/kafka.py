@@ -25,6 +25,8 @@ import hashlib
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -34,6 +36,7 @@ from pathlib import Path
 
 from bridge.errors import BrokerUnavailable
 from bridge.logging import get_logger
+from bridge.stream.broker import free_port, stop_pid, wait_ready
 
 log = get_logger(__name__)
 
@@ -271,8 +274,6 @@ def launch(java: str, lib: Path, node: KafkaNode, heap: str = "512m") -> None:
 
 
 def _free_ports(count: int) -> list[int]:
-    from bridge.stream.broker import free_port
-
     ports: set[int] = set()
     while len(ports) < count:
         ports.add(free_port())
@@ -300,8 +301,6 @@ class KafkaCluster:
 
     def kill(self, node_id: int) -> None:
         """``kill -9`` one node (its whole process group)."""
-        import signal
-
         node = self.node(node_id)
         if node.process is not None and node.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -310,8 +309,6 @@ class KafkaCluster:
 
     def stop_node(self, node_id: int, timeout: float = 60.0) -> None:
         """SIGTERM one node (a controlled shutdown: leadership moves first), SIGKILL after ``timeout``."""
-        from bridge.stream.broker import stop_pid
-
         node = self.node(node_id)
         if node.process is not None:
             stop_pid(node.process.pid, timeout)
@@ -330,8 +327,6 @@ class KafkaCluster:
 
 def wait_node(node: KafkaNode, timeout: float = 90.0) -> None:
     """Until the node's client listener accepts connections and it answers a metadata request."""
-    from bridge.stream.broker import wait_ready
-
     if node.protocols[node.client_listener] != "PLAINTEXT":
         _wait_port(node, timeout)
         return
@@ -339,8 +334,6 @@ def wait_node(node: KafkaNode, timeout: float = 90.0) -> None:
 
 
 def _wait_port(node: KafkaNode, timeout: float) -> None:
-    import socket
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if node.process is not None and node.process.poll() is not None:

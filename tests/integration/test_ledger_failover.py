@@ -5,10 +5,15 @@ wakes up appends nothing more and exits non-zero."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,7 +21,7 @@ import pytest
 
 from bridge.config import Settings
 from bridge.stores.ledger import open_ledger
-from bridge.stream.broker import BrokerHandle
+from bridge.stream.broker import BrokerHandle, free_port
 from bridge.stream.producer import Publisher
 from tests.services.postgres import PostgresServer
 
@@ -73,6 +78,27 @@ def _wait_for(log: Path, event: str, timeout: float, proc=None) -> float:  # typ
     return time.monotonic() - start
 
 
+def _start_with_health(env: dict[str, str], log: Path, port: int) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "bridge.cli", "ledger", "run", "--metrics-port", str(port)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _probe(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            body = json.loads(resp.read())
+            return resp.status, body["state"]
+    except urllib.error.HTTPError as exc:
+        body = json.loads(exc.read())
+        return exc.code, body["state"]
+
+
 def _check_ledger(stack: Stack) -> None:
     ledger = open_ledger(stack.settings.ledger.url, origin=stack.settings.ledger.origin)
     try:
@@ -106,13 +132,20 @@ def test_kill_9_of_the_ledger_leader_hands_over_to_the_standby_losing_nothing(
     b = None
     try:
         _wait_for(logs["a"], "leader.acquired", 60, a)
-        b = start_consumer("ledger", _env(stack, "ledger-b"), logs["b"])
+        port = free_port()
+        b = _start_with_health(_env(stack, "ledger-b"), logs["b"], port)
         _wait_for(logs["b"], "leader.standby", 60, b)
+        assert _probe(port, "/readyz") == (200, "standby"), "a standby is live and ready"
         producer = _ingest_in_background(stack)
         time.sleep(2)
         kill9(a)
         took = _wait_for(logs["b"], "leader.acquired", 15, b)
         assert took < 15, f"the standby took {took:.1f}s to take over"
+        deadline = time.monotonic() + 20
+        while _probe(port, "/readyz") != (200, "running") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _probe(port, "/readyz") == (200, "running")
+        assert _probe(port, "/livez")[0] == 200
         producer.join()
         _check_ledger(stack)
         assert stop(b) == 0
