@@ -246,7 +246,7 @@ containers:
       {{- . | nindent 6 }}
     {{- end }}
     {{- with .probes }}
-    {{- . | nindent 4 }}
+    {{- . | trim | nindent 4 }}
     {{- end }}
     resources:
       {{- toYaml .values.resources | nindent 6 }}
