@@ -600,3 +600,60 @@ def test_every_variable_set_is_one_fhirbridge_reads(
     assert ours, names
     unknown = sorted(n for n in ours - PENDING_NAMES if n not in sources)
     assert not unknown, f"set but never read by fhirbridge: {unknown}"
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    return set(selector.get("matchLabels", {}).items()) <= set(labels.items())
+
+
+def _allowed(
+    policies: list[dict[str, Any]], direction: str, pod: dict[str, str], peer: dict[str, str], port: int
+) -> bool:
+    """Whether the NetworkPolicies let `pod` talk to (Egress) or hear from (Ingress) a pod labelled `peer`
+    of the same namespace on `port`: some policy of that direction selecting `pod` has a rule for it.
+    (Peers given by namespace or IP block match no same-namespace pod here.)"""
+    key, peers_key = ("egress", "to") if direction == "Egress" else ("ingress", "from")
+    for policy in policies:
+        spec = policy["spec"]
+        if direction not in spec.get("policyTypes", []) or not _selects(spec["podSelector"], pod):
+            continue
+        for rule in spec.get(key, []):
+            ports = [p["port"] for p in rule.get("ports", [])]
+            if ports and port not in ports:
+                continue
+            peers = rule.get(peers_key)
+            if not peers or any(
+                "podSelector" in p and "namespaceSelector" not in p and _selects(p["podSelector"], peer)
+                for p in peers
+            ):
+                return True
+    return False
+
+
+@pytest.mark.parametrize("values_file", [v.name for v in CI_VALUES])
+def test_network_policies_allow_what_the_components_need_and_no_more(
+    values_file: str, rendered: dict[str, list[dict[str, Any]]], values: dict[str, dict[str, Any]]
+) -> None:
+    objs, v = rendered[values_file], values[values_file]
+    policies = [o for o in objs if o["kind"] == "NetworkPolicy"]
+    labels = {component: _pod_labels(obj) for obj, component, _ in _pods(objs)}
+    kafka = v["kafka"]["podSelector"]["matchLabels"]
+    postgres = v["database"]["podSelector"]["matchLabels"]
+    serve_port, kafka_port, pg_port = v["serve"]["port"], v["kafka"]["port"], v["database"]["port"]
+    for component in ("serve", "mllp", "ledger", "index", "topics") + (
+        ("linker",) if v["linker"]["enabled"] else ()
+    ):
+        assert _allowed(policies, "Egress", labels[component], kafka, kafka_port), f"{component} → Kafka"
+    for component in ("serve", "ledger", "index", "audit"):
+        assert _allowed(policies, "Egress", labels[component], postgres, pg_port), f"{component} → PostgreSQL"
+    # the helm test pod and the witness reach serve, whatever serve.allowFrom says
+    for client in ("test",) + (("witness",) if v["witness"]["enabled"] else ()):
+        assert _allowed(policies, "Egress", labels[client], labels["serve"], serve_port), f"{client} → serve"
+        assert _allowed(policies, "Ingress", labels["serve"], labels[client], serve_port), f"serve ← {client}"
+    # and what nothing needs stays closed
+    assert not _allowed(policies, "Egress", labels["ledger"], labels["serve"], serve_port), "ledger → serve"
+    assert not _allowed(policies, "Egress", labels["audit"], kafka, kafka_port), "audit → Kafka"
+    assert not _allowed(policies, "Ingress", labels["ledger"], labels["serve"], 5432), "ledger ← serve"
+    assert not _allowed(policies, "Egress", labels["serve"], {"app": "anything-else"}, 443), (
+        "serve → elsewhere"
+    )
