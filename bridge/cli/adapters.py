@@ -56,6 +56,21 @@ def register(sub: Any, groups: dict[str, Any]) -> None:
         help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)",
     )
     mp.add_argument("--port", type=int, required=True)
+    mp.add_argument(
+        "--health-port",
+        type=int,
+        default=None,
+        help="serve /livez, /readyz and /metrics on this port (off by default)",
+    )
+    mp.add_argument(
+        "--health-host", default=None, help="address of the health port (default: the --host address)"
+    )
+    mp.add_argument(
+        "--grace",
+        type=float,
+        default=20.0,
+        help="on SIGTERM, seconds to answer the messages in hand before closing (default 20)",
+    )
     _source_args(mp)
     mp.add_argument(
         "--dedup-window",
@@ -278,6 +293,8 @@ def cmd_mllp(args: argparse.Namespace) -> int:
                 ack_timeout=args.ack_timeout,
                 workers=args.workers,
                 tls=config.mllp.tls.with_paths(args.tls_cert, args.tls_key, args.tls_client_ca),
+                health=(args.health_host or args.host, args.health_port) if args.health_port else None,
+                grace=args.grace,
             )
         )
     except ERROR_ROOTS as exc:

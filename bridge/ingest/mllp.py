@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import itertools
 import multiprocessing
+import signal
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -33,6 +34,9 @@ from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime
 from ssl import SSLContext
 from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from adapters.base import Adapter, ConvertedBundle, RejectedRecord, SourceInfo
 from adapters.bundle import validate_bundle
@@ -289,6 +293,12 @@ class MllpServer:
         self._lock = asyncio.Lock()
         self._publisher_lock = asyncio.Lock()
         self.server: asyncio.Server | None = None
+        #: stop taking work (SIGTERM): each connection ends after answering the message in hand
+        self.stopping = False
+        #: whether the broker took the last record we sent (None: nothing sent yet); /readyz reads it
+        self.broker_ok: bool | None = None
+        self._busy = 0  # messages read and not yet answered
+        self._writers: set[asyncio.StreamWriter] = set()
         self.stats = {
             "received": 0,
             "aa": 0,
@@ -343,8 +353,9 @@ class MllpServer:
         identity = client_identity(writer)  # mutual TLS: the verified certificate's subject
         if identity is not None:
             log.info("mllp.client", peer=str(peer), **identity.log_fields())
+        self._writers.add(writer)
         try:
-            while True:
+            while not self.stopping:
                 try:
                     await reader.readuntil(START)
                     # the frame ends at FS; its trailing CR, if the sender wrote one, is skipped by the
@@ -362,13 +373,32 @@ class MllpServer:
                     partial, message = message.rsplit(START, 1)
                     # the sender gets no ACK for the unfinished one and sends it again, as MLLP expects
                     log.warning("mllp.partial_frame_discarded", peer=str(peer), bytes=len(partial))
-                ack = await self.handle(message)
-                writer.write(frame(ack))
-                await writer.drain()
+                self._busy += 1
+                try:
+                    ack = await self.handle(message)
+                    writer.write(frame(ack))
+                    await writer.drain()
+                finally:
+                    self._busy -= 1
         except (ConnectionError, OSError) as exc:
             log.info("mllp.connection_lost", peer=str(peer), error=str(exc))
         finally:
+            self._writers.discard(writer)
             writer.close()  # no wait_closed(): the transport closes on its own, also at shutdown
+
+    async def drain(self, grace: float) -> None:
+        """Stop taking work: close the listening socket, let every message in hand be answered (for at
+        most ``grace`` seconds), then close the connections. A sender whose message got no answer
+        sends it again to the next listener, as MLLP expects; nothing answered AA is lost."""
+        self.stopping = True
+        if self.server is not None:
+            self.server.close()
+        deadline = asyncio.get_running_loop().time() + grace
+        while self._busy and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        for writer in list(self._writers):
+            writer.close()
+        log.info("mllp.drained", unanswered=self._busy)
 
     # ------------------------------------------------------------------------------ processing
     async def handle(self, message: bytes) -> bytes:
@@ -502,9 +532,12 @@ class MllpServer:
             publisher = await self._get_publisher()
             await asyncio.wait_for(_broker_ack(loop, send(publisher)), self.ack_timeout)
         except ERROR_ROOTS as exc:
+            self.broker_ok = self.broker_ok if not isinstance(exc, BrokerUnavailable) else False
             return self._reject(message, exc, reset=isinstance(exc, BrokerUnavailable))
         except Exception as exc:  # kafka errors (timeouts, not enough replicas, ...) -> retryable AR
+            self.broker_ok = False
             return self._reject(message, exc, reset=True)
+        self.broker_ok = True
         return None
 
     async def _dead_letter(self, message: bytes, err: ParseError) -> bytes | None:
@@ -615,10 +648,14 @@ async def serve_forever(
     ack_timeout: float = 30.0,
     workers: int = 0,
     tls: TlsSettings | None = None,
+    health: tuple[str, int] | None = None,
+    grace: float = 20.0,
 ) -> None:
-    """Run the listener with the configured Kafka publisher until cancelled. ``tls`` (default: the
-    ``FHIRBRIDGE_MLLP_TLS_*`` settings) is checked before anything starts: a
-    :class:`~bridge.errors.ConfigError` if it cannot be served as configured."""
+    """Run the listener with the configured Kafka publisher until SIGTERM or SIGINT (or cancelled).
+    ``tls`` (default: the ``FHIRBRIDGE_MLLP_TLS_*`` settings) is checked before anything starts: a
+    :class:`~bridge.errors.ConfigError` if it cannot be served as configured. ``health``: serve
+    ``/livez``, ``/readyz`` and ``/metrics`` on that address. On SIGTERM the listener stops taking
+    work and answers what it holds within ``grace`` seconds (:meth:`MllpServer.drain`)."""
     settings = Settings.from_env()
     tls = settings.mllp.tls if tls is None else tls
     context = server_context(tls, env_prefix="FHIRBRIDGE_MLLP_TLS") if tls.enabled else None
@@ -639,8 +676,52 @@ async def serve_forever(
         tls=context is not None,
         mutual_tls=context is not None and tls.client_ca_file is not None,
     )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    runner = await _serve_health(server, *health) if health is not None else None
     try:
         async with srv:
-            await srv.serve_forever()
+            await stop.wait()
+            log.info("mllp.stopping", grace_s=grace)
+            await server.drain(grace)
     finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
         await server.close()
+        if runner is not None:
+            await runner.cleanup()
+
+
+async def _serve_health(server: MllpServer, host: str, port: int) -> web.AppRunner:
+    """``/livez`` (the event loop answers), ``/readyz`` (listening, not stopping, and the broker took
+    the last record sent, if any) and ``/metrics``, on their own port."""
+
+    async def livez(_: web.Request) -> web.Response:
+        return web.json_response({"ok": True, "state": "stopping" if server.stopping else "running"})
+
+    async def readyz(_: web.Request) -> web.Response:
+        checks = {
+            "listener": "listening" if server.server is not None and not server.stopping else "closed",
+            "broker": {
+                None: "nothing sent yet",
+                True: "took the last record",
+                False: "refused the last record",
+            }[server.broker_ok],
+        }
+        ok = checks["listener"] == "listening" and server.broker_ok is not False
+        return web.json_response({"ok": ok, "checks": checks}, status=200 if ok else 503)
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/livez", livez)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    log.info("health.listening", host=host, port=port)
+    return runner

@@ -107,9 +107,10 @@ async def test_cli_mllp_command(settings: Settings, monkeypatch: pytest.MonkeyPa
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     assert main(["keys", "create", "--org", "st-mary"]) == 0
     assert main(["topics", "create"]) == 0
-    with socket.socket() as s:
+    with socket.socket() as s, socket.socket() as h:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        h.bind(("127.0.0.1", 0))
+        port, health_port = s.getsockname()[1], h.getsockname()[1]
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -122,6 +123,8 @@ async def test_cli_mllp_command(settings: Settings, monkeypatch: pytest.MonkeyPa
             str(port),
             "--source",
             "st-mary",
+            "--health-port",
+            str(health_port),
         ],
         env=env,
         stdout=subprocess.DEVNULL,
@@ -137,13 +140,39 @@ async def test_cli_mllp_command(settings: Settings, monkeypatch: pytest.MonkeyPa
                 assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
                 assert time.monotonic() < deadline, "mllp listener did not start"
                 await asyncio.sleep(0.2)
+        assert _health(health_port, "/livez")[0] == 200
+        assert _health(health_port, "/readyz") == (
+            200,
+            {"listener": "listening", "broker": "nothing sent yet"},
+        )
         acks = await send(port, MSG.replace(b"CTRL-1", b"CLI-1"))
         assert [a for a, _ in acks] == ["AA"]
+        assert _health(health_port, "/readyz")[1]["broker"] == "took the last record"
+        # SIGTERM with a sender still connected: the listener stops taking work, closes it, exits 0
+        idle = socket.create_connection(("127.0.0.1", port), timeout=5)
+        await asyncio.sleep(0.2)
+        proc.terminate()
+        assert proc.wait(timeout=20) == 0
+        idle.settimeout(5)
+        assert idle.recv(1) == b"", "the open connection was closed"
+        idle.close()
     finally:
         proc.terminate()
         proc.wait(timeout=20)
     got = records(settings, 1)
     assert [r.key for r in got] == [b"urn:fhirbridge:st-mary:mrn|MRN-77"]
+
+
+def _health(port: int, path: str) -> tuple[int, dict]:  # type: ignore[type-arg]
+    import json
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return resp.status, json.loads(resp.read()).get("checks", {})
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read()).get("checks", {})
 
 
 def test_a_producer_dropped_after_a_broker_failure_is_really_closed(tmp_path) -> None:  # type: ignore[no-untyped-def]
