@@ -202,7 +202,9 @@ def _check_mpi(stack: Stack, reference: tuple[set[frozenset[str]], dict[str, str
         assert len(got[1]) == len(digests), "every record linked, none twice"
         assert got[1] == digests, "every record at the version the index keeps"
         assert got[0] == persons, "the persons of a single-process inline run"
-        assert sum(len(g) > 1 for g in persons) >= PEOPLE // 3  # there was linking to compare
+        linked = sum(len(g) > 1 for g in persons)
+        assert linked >= PEOPLE // 3  # there was linking to compare
+        print(f"{len(digests)} records, {len(persons)} persons, {linked} of more than one record")
         writer = mpi.writer()
         assert writer is not None and writer[0] == 2 and writer[1].startswith("mpi-b:")
 
@@ -231,6 +233,7 @@ def test_kill_9_of_the_mpi_linker_hands_over_to_the_standby_and_the_persons_are_
         kill9(a)
         took = _wait_for(logs["mpi-b"], "leader.acquired", 15, b)
         assert took < 15, f"the standby took {took:.1f}s to take over"
+        print(f"kill -9: the standby leads {took:.1f}s later")
         producer.join()
         _check_mpi(stack, reference)
         assert stop(b) == 0
@@ -256,6 +259,7 @@ def test_a_paused_mpi_linker_that_wakes_after_the_takeover_writes_nothing_and_ex
         os.killpg(a.pid, signal.SIGSTOP)
         took = _wait_for(logs["mpi-b"], "leader.acquired", 15, b)
         assert took < 15, f"the standby took {took:.1f}s to take over"
+        print(f"SIGSTOP: the standby leads {took:.1f}s later")
         _wait_for(logs["mpi-b"], "mpi.writer", 3 * LEASE_S + 10, b)  # after a paused transaction ended
         os.killpg(a.pid, signal.SIGCONT)
         assert a.wait(30) != 0, "a linker that lost its lock exits non-zero"
