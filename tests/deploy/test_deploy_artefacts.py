@@ -657,3 +657,87 @@ def test_network_policies_allow_what_the_components_need_and_no_more(
     assert not _allowed(policies, "Egress", labels["serve"], {"app": "anything-else"}, 443), (
         "serve → elsewhere"
     )
+
+
+def test_dockerignore_lets_every_copied_path_into_the_context() -> None:
+    """.dockerignore excludes everything but what the Dockerfile copies: each COPY source is let back in."""
+    allowed = [
+        line[1:].rstrip("/")
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.startswith("!")
+    ]
+    assert (ROOT / ".dockerignore").read_text().splitlines().count("*") == 1, "everything excluded first"
+    for line in DOCKERFILE.read_text().splitlines():
+        if not line.startswith("COPY ") or "--from=" in line:
+            continue
+        sources = [w for w in line.split()[1:-1] if not w.startswith("--")]
+        for source in sources:
+            source = source.rstrip("/")
+            assert (ROOT / source).exists(), f"COPY {source}: no such path"
+            assert any(source == a or source.startswith(a + "/") for a in allowed), f"{source} is ignored"
+
+
+def test_kafka_examples_match_the_chart(values: dict[str, dict[str, Any]]) -> None:
+    """The Strimzi examples carry the topics, users and ACLs the chart's defaults expect."""
+    v = values["default-values.yaml"]
+    objects = [d for d in yaml.safe_load_all((DEPLOY / "kubernetes" / "kafka.yaml").read_text()) if d]
+    topics = {o["metadata"]["name"]: o["spec"] for o in objects if o["kind"] == "KafkaTopic"}
+    assert set(topics) == set(v["kafka"]["topics"].values())
+    for name, spec in topics.items():
+        expected = 1 if name == v["kafka"]["topics"]["deadletter"] else v["kafka"]["partitions"]
+        assert spec["partitions"] == expected and spec["replicas"] == v["kafka"]["replication"], name
+    users = {
+        o["metadata"]["name"]: o["spec"]["authorization"]["acls"] for o in objects if o["kind"] == "KafkaUser"
+    }
+    for component in ("serve", "mllp", "ledger", "index", "linker", "topics", "ingest"):
+        assert v[component]["kafkaUserSecret"] in users, f"no KafkaUser for {component}"
+
+    def granted(user: str, kind: str, name: str) -> set[str]:
+        ops: set[str] = set()
+        for acl in users[user]:
+            r = acl["resource"]
+            if r["type"] == kind and (
+                r.get("name") == name or (r.get("patternType") == "prefix" and name.startswith(r["name"]))
+            ):
+                ops |= set(acl["operations"])
+        return ops
+
+    t = v["kafka"]["topics"]
+    assert "Read" in granted(v["ledger"]["kafkaUserSecret"], "group", v["ledger"]["group"])
+    assert "Read" in granted(v["index"]["kafkaUserSecret"], "group", v["index"]["group"])
+    assert "Read" in granted(v["linker"]["kafkaUserSecret"], "group", "fhirbridge-mpi")
+    assert "Write" in granted(v["mllp"]["kafkaUserSecret"], "topic", t["bundles"])
+    assert "Write" not in granted(v["ledger"]["kafkaUserSecret"], "topic", t["bundles"])
+    assert "Create" in granted(v["topics"]["kafkaUserSecret"], "topic", t["bundles"])
+    kafka = next(o for o in objects if o["kind"] == "Kafka")
+    assert v["kafka"]["bootstrapServers"] == f"{kafka['metadata']['name']}-kafka-bootstrap:9093"
+    assert v["kafka"]["clusterCaSecret"]["name"] == f"{kafka['metadata']['name']}-cluster-ca-cert"
+    assert v["kafka"]["podSelector"]["matchLabels"] == {"strimzi.io/cluster": kafka["metadata"]["name"]}
+    cluster = next(
+        d
+        for d in yaml.safe_load_all((DEPLOY / "kubernetes" / "postgres.yaml").read_text())
+        if d["kind"] == "Cluster"
+    )
+    assert v["database"]["host"] == f"{cluster['metadata']['name']}-rw"
+    assert v["database"]["caSecret"]["name"] == f"{cluster['metadata']['name']}-ca"
+    sql = (
+        " ".join(cluster["spec"]["bootstrap"]["initdb"]["postInitSQL"])
+        + " "
+        + cluster["spec"]["bootstrap"]["initdb"]["database"]
+    )
+    for db in v["database"]["names"].values():
+        assert re.search(rf"\b{db}\b", sql), f"database {db} is not created by the example"
+
+
+def test_compose_creates_the_databases_its_urls_name(compose: dict[str, Any]) -> None:
+    init = (DEPLOY / "compose" / "postgres" / "10-fhirbridge.sh").read_text()
+    created = set(re.findall(r"CREATE DATABASE (\w+) OWNER fhirbridge", init))
+    named = {
+        m.group(1)
+        for s in compose["services"].values()
+        for value in (s.get("environment") or {}).values()
+        if (m := re.match(r"postgresql://fhirbridge@postgres:5432/(\w+)\?", str(value)))
+    }
+    assert named and named <= created, named - created
+    topics = compose["services"]["topics"]["environment"]
+    assert topics["FHIRBRIDGE_PARTITIONS"] == "12" and topics["FHIRBRIDGE_REPLICATION"] == "3"
