@@ -23,7 +23,7 @@ import pytest
 from adapters.base import ConvertedBundle, SourceInfo
 from adapters.bundle import BundleBuilder
 from bridge.config import Settings
-from bridge.stores.mpi import PersonIndex
+from bridge.stores.mpi import MpiError, PersonIndex
 from bridge.stream.broker import BrokerHandle
 from bridge.stream.producer import Publisher
 from tests.services.postgres import PostgresServer
@@ -275,3 +275,42 @@ def test_a_paused_mpi_linker_that_wakes_after_the_takeover_writes_nothing_and_ex
             os.killpg(a.pid, signal.SIGCONT)
         for p in (a, b, index):
             kill9(p)
+
+
+def test_a_leader_paused_inside_a_transaction_does_not_hold_up_the_next_claim(pg: PostgresServer) -> None:
+    """The writers' lock is held by a transaction: a former leader stopped inside one (SIGSTOP, a stalled
+    VM) would block the new leader's claim until it woke. PostgreSQL ends that session after the lease."""
+    url = pg.create_db("mpi")
+    old, new = PersonIndex.open(url), PersonIndex.open(url)
+    old.claim_writer("old:1", lease_s=1)
+    inside, release = threading.Event(), threading.Event()
+    outcome: list[BaseException | None] = []
+
+    def paused_writer() -> None:
+        try:
+            with old.db.write():
+                inside.set()
+                release.wait(30)  # idle inside the transaction, as a stopped process would be
+                old.db.execute("SELECT 1")
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=paused_writer)
+    thread.start()
+    try:
+        assert inside.wait(10)
+        t = time.monotonic()
+        assert new.claim_writer("new:2") == 2
+        assert time.monotonic() - t < 10, "the claim waited for the paused transaction to end"
+    finally:
+        release.set()
+        thread.join(30)
+    assert outcome and outcome[0] is not None, "the paused writer's transaction cannot commit"
+    with pytest.raises(MpiError):  # reconnected under its old epoch: fenced
+        old.close()
+        again = PersonIndex.open(url)
+        again.hold_writer(1)
+        again.upsert_patients([("org", {"resourceType": "Patient", "id": "p1", "name": [{"family": "X"}]})])
+    assert new.stats()["records"] == 0
+    new.close()
