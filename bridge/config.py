@@ -42,7 +42,9 @@ class Topics:
     receipts: str = "ledger.receipts"
     #: the Patient versions the index keeps, for the MPI linker (FHIRBRIDGE_MPI_LINKER=topic, docs/mpi.md)
     mpi: str = "mpi.patients"
-    partitions: int = 3
+    # room to scale: consumers of a group share partitions, and partitions cannot be added later without
+    # moving keys (a patient's versions) to other partitions, out of order (docs/deploy.md)
+    partitions: int = 12
     replication: int = 1
     retention_ms: int = -1  # keep forever: the topic is the replay source of truth
     max_message_bytes: int = 8 * 1024 * 1024
@@ -316,7 +318,7 @@ class Settings:
             deadletter=env.get("FHIRBRIDGE_TOPIC_DEADLETTER", "fhir.deadletter"),
             receipts=env.get("FHIRBRIDGE_TOPIC_RECEIPTS", "ledger.receipts"),
             mpi=env.get("FHIRBRIDGE_TOPIC_MPI", "mpi.patients"),
-            partitions=_int(env, "FHIRBRIDGE_PARTITIONS", 3),
+            partitions=_int(env, "FHIRBRIDGE_PARTITIONS", 12),
             replication=_int(env, "FHIRBRIDGE_REPLICATION", 1),
             retention_ms=_int(env, "FHIRBRIDGE_RETENTION_MS", -1, minimum=-1),
             max_message_bytes=_int(env, "FHIRBRIDGE_MAX_MESSAGE_BYTES", 8 * 1024 * 1024),
