@@ -97,10 +97,22 @@ def run(
 
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
-    """`docker compose config` of the stack (with the `jobs` profile: ingest), as JSON."""
+    """`docker compose config` of the stack (with the `jobs` and `linker` profiles), as JSON."""
     binary = tool("docker-compose")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "DOCKER_"))}
-    proc = run(binary, "-f", str(COMPOSE), "--profile", "jobs", "config", "--format", "json", env=env)
+    proc = run(
+        binary,
+        "-f",
+        str(COMPOSE),
+        "--profile",
+        "jobs",
+        "--profile",
+        "linker",
+        "config",
+        "--format",
+        "json",
+        env=env,
+    )
     return json.loads(proc.stdout)
 
 
@@ -119,6 +131,7 @@ def test_compose_config_is_valid_and_complete(compose: dict[str, Any]) -> None:
         "mllp",
         "witness",
         "ingest",
+        "linker",
     ):
         assert name in services, f"compose.yaml lacks the {name} service"
     for name, service in services.items():
@@ -138,7 +151,7 @@ def test_compose_config_is_valid_and_complete(compose: dict[str, Any]) -> None:
     assert "ssl.client.auth=required" in properties
     assert re.fullmatch(r"postgres:\d+\.\d+-\w+", services["postgres"]["image"])
     # the fhirbridge services run as the image's non-root user, read-only, without capabilities
-    for name in ("topics", "ledger", "index", "audit", "serve", "mllp", "witness", "ingest"):
+    for name in ("topics", "ledger", "index", "audit", "serve", "mllp", "witness", "ingest", "linker"):
         s = services[name]
         assert s["user"] == "10001:10001" and s["read_only"] is True and s["cap_drop"] == ["ALL"], name
 
@@ -447,7 +460,7 @@ def test_long_running_containers_have_probes(
         for c in spec["containers"]:
             where = f"{values_file}: {obj['kind']}/{obj['metadata']['name']} {c['name']}"
             assert "livenessProbe" in c and "readinessProbe" in c, f"{where}: liveness and readiness probes"
-            if probes_on and component in ("ledger", "index", "linker", "mllp"):
+            if probes_on and component in ("ledger", "index", "mllp"):
                 assert c["livenessProbe"]["httpGet"]["path"] == "/livez", where
                 assert c["readinessProbe"]["httpGet"]["path"] == "/readyz", where
 
