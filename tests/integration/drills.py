@@ -78,6 +78,21 @@ def topic_config(bootstrap: str, topic: str) -> dict[str, str]:
     return {k: v["value"] if isinstance(v, dict) else v for k, v in configs.items()}
 
 
+def set_topic_config(bootstrap: str, topic: str, configs: dict[str, str]) -> None:
+    """Set ``configs`` on ``topic`` (incrementally: its other configs stay)."""
+    client = admin(bootstrap)
+    try:
+        response = client.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic, configs=configs)])
+    finally:
+        client.close()
+    wait_until(
+        lambda: all(topic_config(bootstrap, topic).get(k) == v for k, v in configs.items()),
+        20,
+        f"{configs} on {topic}",
+        lambda: (response, topic_config(bootstrap, topic)),
+    )
+
+
 def wait_known_everywhere(cluster: KafkaCluster, topics: list[str], timeout: float = 30) -> None:
     """Until every node's metadata has every partition of ``topics`` with a leader.
 

@@ -38,6 +38,7 @@ from .drills import (
     kill_group,
     partitions,
     retry_failed,
+    set_topic_config,
     start_consumer,
     start_ingest,
     stop_all,
@@ -290,3 +291,46 @@ def test_second_index_consumer_joins_and_the_first_is_killed_mid_ingest(
         f"{run.code}, failed {run.failed}{f', retried {retried.published}' if retried else ''}; caught up "
         f"{caught_up:.1f}s after; {time.monotonic() - started:.0f}s in all"
     )
+
+
+def test_ingest_names_the_publishes_the_cluster_refuses_and_its_retry_publishes_them(
+    stack: Stack, cluster: KafkaCluster, messages: list[str], tmp_path: Path
+) -> None:
+    """The drills above never made a publish fail (the producer rode through each leader change), so
+    this one makes the brokers refuse: the topic needs all 3 replicas in sync and one node is stopped,
+    so every ``acks=all`` write is refused with NotEnoughReplicas. `ingest` exits 1 naming all of
+    them and keeps them; once 2 replicas suffice again, its printed retry command publishes each
+    exactly once. (``min.insync.replicas`` above the replication factor refuses nothing: Kafka caps
+    it at the number of replicas.)"""
+    n = 200
+    path, _ = _feed(messages, n, tmp_path)
+    topic = stack.settings.kafka.topics.bundles
+    env = settings_env(stack.settings)
+    set_topic_config(cluster.bootstrap, topic, {"min.insync.replicas": "3"})
+    victim = cluster.nodes[-1].node_id
+    log = tmp_path / "ingest.log"
+    cluster.stop_node(victim)  # a controlled shutdown: it leaves every ISR at once
+    try:
+        wait_until(
+            lambda: all(len(p["isr"]) == 2 for p in partitions(cluster.bootstrap, topic)),
+            30,
+            "the stopped node to leave the ISRs",
+        )
+        ingest = start_ingest(ingest_command(ORG, [path], tmp_path / "failed"), env, log)
+        try:
+            run = ingest_result(ingest, log)
+        finally:
+            kill_group(ingest)
+        check_ingest_report(run, n)
+        assert (run.code, run.published, run.failed) == (1, 0, n), run.describe()
+        assert f"FAILED: {n} records were not acknowledged by the broker (NotEnoughReplicasError {n}x)" in (
+            run.output
+        )
+        assert end_offsets(cluster.bootstrap, topic) == 0
+        set_topic_config(cluster.bootstrap, topic, {"min.insync.replicas": "2"})
+        retried = retry_failed(run, env, tmp_path / "ingest-retry.log")
+        assert retried is not None and retried.published == n
+        assert end_offsets(cluster.bootstrap, topic) == n, "each refused record published once by the retry"
+    finally:
+        cluster.start_node(victim)
+    wait_in_sync(cluster.bootstrap, [topic], 3)
