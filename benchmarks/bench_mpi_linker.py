@@ -93,7 +93,7 @@ def publish(settings: Settings, bootstrap: str, patients: list[tuple[str, dict[s
 def run_linker(settings: Settings, bootstrap: str, n: int) -> dict[str, float]:
     """The linker through the real consumer until ``n`` records are linked: seconds from start, from
     the first batch, and CPU seconds of this process from the first batch."""
-    sink: MpiSink = build_mpi_sink(settings)
+    sink: MpiSink = build_mpi_sink(settings, follow_index=False)  # the linker alone: no index here
     first: dict[str, float] = {}
     inside = {"wall": 0.0, "batches": 0.0}
     process = sink.process

@@ -28,6 +28,7 @@ from bridge.consumers.runtime import ConsumerRuntime, CpuClock, Record
 from bridge.errors import TransientError
 from bridge.gctune import tune_gc
 from bridge.logging import get_logger
+from bridge.stores.index.store import IndexStore, content_digest
 from bridge.stores.leader import LeaderLock, LeadershipLost, holder_name
 from bridge.stores.mpi import PersonIndex
 from bridge.stores.mpi.config import MpiWriterFenced
@@ -101,15 +102,21 @@ class MpiSink:
         epoch: int | None = None,
         lease_s: float | None = None,
         mpi: PersonIndex | None = None,
+        index_factory: Callable[[], IndexStore] | None = None,
     ) -> None:
         self.mpi_factory = mpi_factory
         self.mpi = mpi
+        # links only the versions this index holds as current (None: every message, e.g. a benchmark);
+        # opened at the first batch: a standby, or a leader before any message, leaves the index alone
+        self.index_factory = index_factory
+        self.index: IndexStore | None = None
         # the lock and the writer epoch this sink writes under (None: the caller guarantees one writer)
         self.leader = leader
         self.epoch = epoch
         self.lease_s = lease_s
         self.cpu = CpuClock()
         self.linked = 0
+        self.superseded = 0
 
     def process(self, records: Sequence[Record]) -> list[tuple[Record, BaseException]]:
         if self.leader is not None:
@@ -124,10 +131,37 @@ class MpiSink:
                     poison.append((rec, exc))
                     continue
                 items.append((rec, org, resource))
+        if items and self.index_factory is not None:
+            with self.cpu.stage("current"):
+                items = self._current(items)
         if items:
             with self.cpu.stage("link"):
                 self._link(items, poison)
         return in_batch_order(records, poison)
+
+    def _current(
+        self, items: list[tuple[Record, str, dict[str, Any]]]
+    ) -> list[tuple[Record, str, dict[str, Any]]]:
+        """The messages whose Patient version the index holds as current now. A message of a version
+        the index has since replaced is dropped (the newer one's message follows it, or preceded it
+        when two index consumers briefly shared a partition during a rebalance): the MPI takes every
+        upsert as the latest, so a late older version must not reach it (decision 25)."""
+        assert self.index_factory is not None
+        try:
+            if self.index is None:
+                self.index = self.index_factory()
+            current = self.index.current_versions("Patient", [r["id"] for _, _, r in items])
+        except Exception as exc:
+            if not is_retryable(exc):
+                raise
+            if self.index is not None:
+                with contextlib.suppress(Exception):
+                    self.index.close()
+            self.index = None
+            raise TransientError(f"index database unavailable: {type(exc).__name__}: {exc}") from exc
+        kept = [it for it in items if current.get(it[2]["id"]) == content_digest(it[2])]
+        self.superseded += len(items) - len(kept)
+        return kept
 
     def _link(
         self, items: list[tuple[Record, str, dict[str, Any]]], poison: list[tuple[Record, BaseException]]
@@ -169,7 +203,7 @@ class MpiSink:
             log.error("mpi.writer_fenced", ours=exc.ours, current=exc.current)
             raise
         except Exception as exc:
-            if not is_retryable(exc):
+            if not (is_retryable(exc) or _session_ended(exc)):
                 raise
             if self.mpi is not None:
                 with contextlib.suppress(Exception):
@@ -181,9 +215,18 @@ class MpiSink:
         if self.mpi is not None:
             with contextlib.suppress(Exception):
                 self.mpi.close()
+        if self.index is not None:
+            with contextlib.suppress(Exception):
+                self.index.close()
         if self.leader is not None:
             self.leader.release()
             self.leader.check()  # a lost leadership ends the process with an error, not with 0
+
+
+def _session_ended(exc: BaseException) -> bool:
+    """PostgreSQL ended the session (an idle-in-transaction timeout after a pause, an administrator):
+    the connection is gone, not the batch's fault; retried on a new connection."""
+    return getattr(exc, "sqlstate", None) in ("25P03", "57P01", "57P05")
 
 
 def transaction_lease_s(settings: Settings) -> float:
@@ -193,16 +236,21 @@ def transaction_lease_s(settings: Settings) -> float:
     return 3 * settings.ledger.leader_lease_s
 
 
-def build_mpi_sink(settings: Settings, *, elect: bool = True) -> MpiSink:
+def build_mpi_sink(settings: Settings, *, elect: bool = True, follow_index: bool = True) -> MpiSink:
     """The linker's sink. ``elect``: first wait as a standby until this process is the MPI's only writer,
-    then claim a writer epoch (``fhirbridge mpi run``); without it the caller guarantees one writer."""
+    then claim a writer epoch (``fhirbridge mpi run``); without it the caller guarantees one writer.
+    ``follow_index``: link only the versions the index (``FHIRBRIDGE_INDEX_URL``) holds as current."""
     url = settings.stores.mpi_url
 
     def mpi_factory() -> PersonIndex:
         return PersonIndex.open(url)
 
+    def index_factory() -> IndexStore:
+        return IndexStore.open(settings.stores.index_url)
+
+    index = index_factory if follow_index else None
     if not elect:
-        return MpiSink(mpi_factory, mpi=mpi_factory())
+        return MpiSink(mpi_factory, mpi=mpi_factory(), index_factory=index)
     leader = elect_linker(settings)
     try:
         mpi = mpi_factory()
@@ -212,7 +260,7 @@ def build_mpi_sink(settings: Settings, *, elect: bool = True) -> MpiSink:
     except BaseException:
         leader.release()
         raise
-    return MpiSink(mpi_factory, leader=leader, epoch=epoch, lease_s=lease, mpi=mpi)
+    return MpiSink(mpi_factory, leader=leader, epoch=epoch, lease_s=lease, mpi=mpi, index_factory=index)
 
 
 def elect_linker(settings: Settings) -> LeaderLock:

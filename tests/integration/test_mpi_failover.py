@@ -228,7 +228,7 @@ def test_kill_9_of_the_mpi_linker_hands_over_to_the_standby_and_the_persons_are_
     logs, index, a, b = _start(stack, tmp_path)
     try:
         producer = _ingest_in_background(stack, feed)
-        _wait_for(logs["mpi-a"], "mpi.cache_loaded", 30, a)  # it has linked a batch
+        _wait_for(logs["mpi-a"], "mpi.cache_loaded", 60, a)  # it has linked a batch
         time.sleep(1)
         kill9(a)
         took = _wait_for(logs["mpi-b"], "leader.acquired", 15, b)
@@ -254,7 +254,7 @@ def test_a_paused_mpi_linker_that_wakes_after_the_takeover_writes_nothing_and_ex
     logs, index, a, b = _start(stack, tmp_path)
     try:
         producer = _ingest_in_background(stack, feed)
-        _wait_for(logs["mpi-a"], "mpi.cache_loaded", 30, a)
+        _wait_for(logs["mpi-a"], "mpi.cache_loaded", 60, a)
         time.sleep(1)
         os.killpg(a.pid, signal.SIGSTOP)
         took = _wait_for(logs["mpi-b"], "leader.acquired", 15, b)

@@ -138,7 +138,7 @@ def test_topic_mode_publishes_what_inline_mode_feeds_and_the_linker_builds_the_s
     with PersonIndex.open(f"sqlite://{tmp_path / 'ref.db'}") as ref:
         for item in fed:
             ref.upsert_patients([item])
-        linker = build_mpi_sink(_settings(tmp_path / "mpi.db"), elect=False)
+        linker = build_mpi_sink(_settings(tmp_path / "mpi.db", tmp_path / "i2.db"), elect=False)
         records = _as_mpi_records(producer.sent)
         assert linker.process(records) == []
         mpi = linker.mpi
@@ -227,13 +227,39 @@ def test_a_linker_that_lost_its_lock_refuses_the_batch_and_close_raises(tmp_path
         sink.close()
 
 
-def _settings(path: Path) -> Any:
+def _settings(path: Path, index: Path) -> Any:
     from dataclasses import replace
 
     from bridge.config import Settings
 
     base = Settings.from_env({"FHIRBRIDGE_DATA_DIR": str(path.parent)})
-    return replace(base, stores=replace(base.stores, mpi_url=f"sqlite://{path}", mpi_linker="topic"))
+    return replace(
+        base,
+        stores=replace(
+            base.stores, mpi_url=f"sqlite://{path}", index_url=f"sqlite://{index}", mpi_linker="topic"
+        ),
+    )
+
+
+def test_the_linker_links_only_what_the_index_holds_as_current(tmp_path: Path) -> None:
+    """Two index consumers that briefly share a partition (a rebalance) can publish a patient's versions
+    out of order; the MPI takes every upsert as the latest, so the linker follows the index instead."""
+    signer, checker = _checker()
+    producer = _Producer()
+    topic = IndexSink(IndexStore.open(f"sqlite://{tmp_path / 'idx.db'}"), checker, mpi_producer=producer)
+    stream = _stream(signer)
+    for rec in stream[:3]:  # p1 Springfield, p2, p1 Shelbyville
+        topic.process([rec])
+    topic.close()
+    v1, p2, v2 = _as_mpi_records(producer.sent)
+    linker = build_mpi_sink(_settings(tmp_path / "mpi.db", tmp_path / "idx.db"), elect=False)
+    assert linker.process([v2, p2]) == [] and linker.process([v1]) == []  # v1 arrives last
+    assert linker.linked == 2 and linker.superseded == 1
+    assert linker.mpi is not None
+    row = linker.mpi.db.one("SELECT features FROM mpi_patient WHERE patient_id = 'p1'")
+    assert row is not None and orjson.loads(row[0])["c"] == "shelbyville"
+    assert "current" in linker.cpu.seconds
+    linker.close()
 
 
 def test_settings_read_the_linker_mode_and_topic() -> None:
