@@ -64,7 +64,12 @@ def register(sub: Any, groups: dict[str, Any]) -> None:
         ),
     )
     p.add_argument("--group", default=None, help="consumer group id (default fhirbridge-mpi)")
-    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
+    p.add_argument(
+        "--metrics-port", type=int, default=None, help="serve /metrics, /livez and /readyz on this port"
+    )
+    p.add_argument(
+        "--metrics-host", default=None, help="the address to serve them on (default FHIRBRIDGE_HTTP_HOST)"
+    )
     p.add_argument(
         "--exit-when-idle",
         type=float,
@@ -85,6 +90,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             settings(),
             args.group or MPI_GROUP,
             metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
             exit_when_idle=args.exit_when_idle,
         )
     except ERROR_ROOTS as exc:

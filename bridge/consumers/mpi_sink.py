@@ -15,18 +15,19 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
-from prometheus_client import start_http_server
 
 from bridge.config import Settings
 from bridge.consumers.checks import LocatedError, in_batch_order, is_retryable
 from bridge.consumers.runtime import ConsumerRuntime, CpuClock, Record
 from bridge.errors import TransientError
 from bridge.gctune import tune_gc
+from bridge.health import Health, serve_health
 from bridge.logging import get_logger
 from bridge.stores.index.store import IndexStore, content_digest
 from bridge.stores.leader import LeaderLock, LeadershipLost, holder_name
@@ -286,20 +287,36 @@ def run_linker(
     group_id: str = MPI_GROUP,
     *,
     metrics_port: int | None = None,
+    metrics_host: str | None = None,
     exit_when_idle: float | None = None,
     sink_factory: Callable[[Settings], MpiSink] | None = None,
 ) -> ConsumerRuntime:
     """:func:`bridge.consumers.runtime.run_consumer` for the MPI topic: until SIGTERM/SIGINT (or
-    ``exit_when_idle`` seconds without a record); returns the stopped runtime (its counts)."""
+    ``exit_when_idle`` seconds without a record); ``/metrics``, ``/livez`` and ``/readyz`` on
+    ``metrics_host``:``metrics_port`` from before the leader lock is awaited (a standby is live and
+    ready). Returns the stopped runtime (its counts)."""
+    health = Health()
+    if metrics_port:
+        serve_health(health, metrics_host or settings.http.host, metrics_port)
     bootstrap = resolve_bootstrap(settings)
     ensure_topics(bootstrap, settings.kafka.topics, settings.kafka)
-    sink = (sink_factory or build_mpi_sink)(settings)
+    if settings.stores.mpi_linker != "topic":
+        log.warning(
+            "mpi.linker_mode",
+            detail="FHIRBRIDGE_MPI_LINKER is not 'topic' here: index consumers configured alike link inline "
+            "and publish nothing to the MPI topic",
+        )
+    health.set_state("standby")
+    waiting = threading.Event()
+    threading.Thread(target=_beat_while, args=(health, waiting), daemon=True).start()
+    try:
+        sink = (sink_factory or build_mpi_sink)(settings)
+    finally:
+        waiting.set()
     dead = Publisher(settings, bootstrap)
     runtime = ConsumerRuntime(
-        settings, bootstrap, sink, dead, group_id=group_id, topics=[settings.kafka.topics.mpi]
+        settings, bootstrap, sink, dead, group_id=group_id, topics=[settings.kafka.topics.mpi], health=health
     )
-    if metrics_port:
-        start_http_server(metrics_port, addr=settings.http.host)
     tune_gc(settings.gc_threshold)
     runtime.install_signal_handlers()
     until = None
@@ -317,3 +334,9 @@ def run_linker(
     finally:
         dead.close()
     return runtime
+
+
+def _beat_while(health: Health, done: threading.Event) -> None:
+    """Keep a standby live while it waits for the leader lock (the consumer loop is not turning yet)."""
+    while not done.wait(5.0):
+        health.beat()

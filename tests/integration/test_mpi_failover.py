@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +28,7 @@ from adapters.base import ConvertedBundle, SourceInfo
 from adapters.bundle import BundleBuilder
 from bridge.config import Settings
 from bridge.stores.mpi import MpiError, PersonIndex
-from bridge.stream.broker import BrokerHandle
+from bridge.stream.broker import BrokerHandle, free_port
 from bridge.stream.producer import Publisher
 from tests.services.postgres import PostgresServer
 from tests.support.demodata import Person, population_noisy, population_person
@@ -214,8 +218,19 @@ def _start(stack: Stack, tmp_path: Path) -> tuple[dict[str, Path], Any, Any, Any
     index = start_consumer("index", _env(stack, "index-1"), logs["index"])
     a = start_consumer("mpi", _env(stack, "mpi-a"), logs["mpi-a"])
     _wait_for(logs["mpi-a"], "mpi.writer", 60, a)
-    b = start_consumer("mpi", _env(stack, "mpi-b"), logs["mpi-b"])
+    port = free_port()
+    with open(logs["mpi-b"], "ab") as out:
+        b = subprocess.Popen(
+            [sys.executable, "-m", "bridge.cli", "mpi", "run", "--metrics-port", str(port)],
+            env=_env(stack, "mpi-b"),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     _wait_for(logs["mpi-b"], "leader.standby", 60, b)
+    for probe in ("livez", "readyz"):  # a standby is live and ready while it waits for the lock
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/{probe}", timeout=5) as resp:
+            assert resp.status == 200 and json.loads(resp.read())["state"] == "standby"
     _wait_for(logs["mpi-a"], "consumer.start", 30, a)
     return logs, index, a, b
 
