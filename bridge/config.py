@@ -99,6 +99,7 @@ class KafkaSettings:
     consumer_batch_size: int = 500
     consumer_linger_ms: int = 50  # wait this long after a batch's first record for more (docs/streams.md)
     consumer_idle_sleep_ms: int = 20  # sleep between polls that return less than a full batch
+    consumer_idle_max_sleep_ms: int = 100  # ...doubling while nothing arrives, up to this (decision 37)
     max_request_size: int = 8 * 1024 * 1024
     ingest_linger_ms: int = 50  # producer linger of `fhirbridge ingest` (MLLP and the consumers keep 10 ms)
     compression: str | None = "gzip"  # producer compression_type (None: off); docs/streams.md#producer
@@ -345,6 +346,7 @@ class Settings:
                 consumer_batch_size=_int(env, "FHIRBRIDGE_CONSUMER_BATCH", 500),
                 consumer_linger_ms=_int(env, "FHIRBRIDGE_CONSUMER_LINGER_MS", 50, minimum=0),
                 consumer_idle_sleep_ms=_int(env, "FHIRBRIDGE_CONSUMER_IDLE_SLEEP_MS", 20),
+                consumer_idle_max_sleep_ms=_int(env, "FHIRBRIDGE_CONSUMER_IDLE_MAX_SLEEP_MS", 100),
                 max_request_size=_int(env, "FHIRBRIDGE_MAX_REQUEST_SIZE", 8 * 1024 * 1024),
                 ingest_linger_ms=_int(env, "FHIRBRIDGE_INGEST_LINGER_MS", 50, minimum=0),
                 compression=_compression(env.get("FHIRBRIDGE_COMPRESSION", "gzip")),

@@ -231,11 +231,14 @@ class ConsumerRuntime:
         self.topics = list(topics or [settings.kafka.topics.bundles])
         if consumer is None:
             with connecting(settings.kafka, bootstrap):
-                consumer = KafkaConsumer(*self.topics, **consumer_config(settings, bootstrap, group_id))
+                consumer = KafkaConsumer(**consumer_config(settings, bootstrap, group_id))
+            _await_partitions(consumer, self.topics)
+            consumer.subscribe(self.topics)
         self.consumer = consumer
         self.metrics = metrics or ConsumerMetrics(group_id)
         self.max_backoff = max_backoff
         self.backing_off = False
+        self._quiet = 0  # batches in a row that came back empty
         self.health = health or Health()
         self.health.add_check("broker", self._broker_check)
         self.health.add_check("group", self._group_check)
@@ -315,13 +318,16 @@ class ConsumerRuntime:
         answers an empty fetch at once instead of holding it for ``fetch_max_wait_ms``. A consumer that
         has caught up therefore spun through thousands of empty fetches a second (a whole core between
         the two consumers and the broker). So the runtime polls in short slices and sleeps between
-        them. Waiting up to ``consumer_linger_ms`` for a fuller batch also makes every per-batch cost
+        them: ``consumer_idle_sleep_ms``, doubling after each empty batch up to
+        ``consumer_idle_max_sleep_ms`` (on Apache Kafka too: an idle consumer polling every 20 ms cost about
+        10% of a core, and as much again on the broker; decision 37). Waiting up to ``consumer_linger_ms`` for a fuller batch also makes every per-batch cost
         (the sink's transaction, the offset commit, the receipts' acknowledgement) rarer while the
         stream trickles in; a backlog fills a batch at once and is not delayed.
         """
         size = self.settings.kafka.consumer_batch_size
         linger = self.settings.kafka.consumer_linger_ms / 1000
         idle_sleep = self.settings.kafka.consumer_idle_sleep_ms / 1000
+        idle_max = max(idle_sleep, self.settings.kafka.consumer_idle_max_sleep_ms / 1000)
         start = time.monotonic()
         first_at: float | None = None
         records: list[Record] = []
@@ -339,8 +345,12 @@ class ConsumerRuntime:
             else:
                 left = start + timeout_ms / 1000 - now
             if len(records) >= size or left <= 0 or self._stop.is_set():
+                self._quiet = 0 if records else self._quiet + 1
                 return records
-            time.sleep(min(left, idle_sleep))
+            # caught up for a while: sleep longer between polls, up to consumer_idle_max_sleep_ms
+            # (each empty poll costs a fetch on the broker and about 2 ms of CPU here)
+            pause = idle_sleep if records else min(idle_sleep * 2 ** min(self._quiet, 6), idle_max)
+            time.sleep(min(left, pause))
 
     def handle_batch(self, records: list[Record]) -> None:
         """Process one batch with retry, dead-letter its poison records, then commit.
@@ -528,6 +538,24 @@ class ConsumerRuntime:
             pid=os.getpid(),
             cpu_ms_per_record=self.cpu_report(),
         )
+
+
+def _await_partitions(consumer: KafkaConsumer, topics: Sequence[str], timeout: float = 30.0) -> None:
+    """Subscribe only once the broker we ask knows every topic's partitions.
+
+    A topic created a moment ago on a cluster is not yet in every broker's metadata. A static member
+    that joined its group in that moment was seen, on a three-node Apache Kafka, to keep an empty
+    assignment for minutes (kafka-python does not implement KIP-814, so a rejoining static leader gets
+    its cached, empty assignment back). Waiting costs nothing once the topics are known.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        missing = [t for t in topics if not consumer.partitions_for_topic(t)]
+        if not missing or time.monotonic() > deadline:
+            if missing:
+                log.warning("consumer.no_partition_metadata", topics=missing, waited_s=timeout)
+            return
+        time.sleep(0.2)
 
 
 def _beat_while(health: Health, done: threading.Event) -> None:
