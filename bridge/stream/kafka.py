@@ -1,6 +1,6 @@
 """Apache Kafka on this machine: the broker's classpath from Maven Central, and KRaft nodes started from it.
 
-``fhirbridge broker start --kind kafka`` and the integration tests use this module (decision 34):
+``fhirbridge broker start --kind kafka`` and the integration tests use this module (decision 37):
 
 * :func:`classpath` resolves the jars that ``kafka-pom.xml`` (shipped next to this file) names, with
   Maven's ``dependency:copy-dependencies``, into ``$FHIRBRIDGE_KAFKA_CACHE`` (default
