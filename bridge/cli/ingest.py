@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -79,14 +81,18 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     failed_dir = args.failed_dir or (
         config.data_dir / "ingest-failed" / f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}"
     )
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())  # stop reading, settle, report
     try:
         summary = ingest_files(
             Pipeline(adapter, source, publisher, options),
             args.files,
             progress=not args.no_progress,
             failed_dir=failed_dir,
+            stop=stop,
         )
     finally:
+        signal.signal(signal.SIGTERM, previous)
         publisher.close()
     rate = summary.converted / summary.seconds if summary.seconds > 0 else 0.0
     print(
@@ -97,10 +103,16 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     )
     for reason, n in sorted(summary.reasons.items(), key=lambda kv: -kv[1]):
         print(f"  rejected {n}x: {reason}", file=sys.stderr)
+    if summary.interrupted:
+        print(
+            f"STOPPED: asked to stop (SIGTERM); reading stopped at {summary.interrupted}. What was read is"
+            " settled above; running the same command again is safe (the ledger and the index deduplicate)",
+            file=sys.stderr,
+        )
     if summary.failed is not None and summary.failed.count:
         _report_failed(summary, args)
         return 1
-    return 1 if summary.rejected else 0
+    return 1 if summary.rejected or summary.interrupted else 0
 
 
 def _report_failed(summary: Any, args: argparse.Namespace) -> None:

@@ -241,6 +241,14 @@ def _witness_run(args: argparse.Namespace) -> int:
     host, _, port = args.listen.rpartition(":")
     if not port.isdigit():
         return _err("--listen must be host:port")
-    return asyncio.run(
-        run_witness(witness, args.log_url, args.interval, host or "127.0.0.1", int(port), args.once)
-    )
+    import signal
+
+    # SIGTERM as Ctrl-C: asyncio.run cancels the loop, the listener is cleaned up, state files are
+    # only ever replaced whole (os.replace), so a stop between two polls loses nothing
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        return asyncio.run(
+            run_witness(witness, args.log_url, args.interval, host or "127.0.0.1", int(port), args.once)
+        )
+    except KeyboardInterrupt:
+        return 0

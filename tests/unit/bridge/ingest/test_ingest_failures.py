@@ -216,3 +216,26 @@ def test_settle_waits_no_longer_than_the_delivery_timeout_and_a_margin(tmp_path:
     summary = ingest_files(pipeline, [feed], progress=False, failed_dir=tmp_path / "failed")
     assert summary.failed_count == 1
     assert 0 < waits[0] <= 1 + ingest_files_mod.SETTLE_MARGIN_S
+
+
+def test_a_stop_request_ends_reading_settles_what_was_sent_and_says_where_it_stopped(tmp_path: Path) -> None:
+    import threading
+
+    stop = threading.Event()
+
+    def verdict(n: int) -> BaseException | None:
+        if n == 4:
+            stop.set()  # SIGTERM arrives while the fourth record is being sent
+        return None
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    feed = tmp_path / "feed.hl7"
+    feed.write_bytes(b"\n".join(message(i) for i in range(1, 11)) + b"\n")
+    other = tmp_path / "second.hl7"
+    other.write_bytes(message(11) + b"\n")
+    publisher = FakePublisher(verdict, lambda n: False)
+    pipeline = Pipeline(HL7v2Adapter(), SourceInfo("st-mary"), publisher)  # type: ignore[arg-type]
+    summary = ingest_files(pipeline, [feed, other], progress=False, failed_dir=tmp_path / "failed", stop=stop)
+    assert (summary.converted, summary.published, summary.failed_count) == (4, 4, 0)
+    assert publisher.bundles == ["C1", "C2", "C3", "C4"]
+    assert summary.interrupted == f"{feed}, after record 4"
