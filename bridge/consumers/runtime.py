@@ -239,6 +239,7 @@ class ConsumerRuntime:
         self.max_backoff = max_backoff
         self.backing_off = False
         self._quiet = 0  # batches in a row that came back empty
+        self._delivered_at = time.monotonic()  # when the last batch came (the stall check)
         self.health = health or Health()
         self.health.add_check("broker", self._broker_check)
         self.health.add_check("group", self._group_check)
@@ -297,8 +298,10 @@ class ConsumerRuntime:
                 self.cpu.add("poll", time.thread_time() - t0)
                 if records:
                     self.handle_batch(records)
+                    self._delivered_at = time.monotonic()
                 else:
                     self._idle()
+                    self._unstick()
                 with self.cpu.stage("lag"):
                     self._update_lag()
                 if until is not None and until():
@@ -492,6 +495,36 @@ class ConsumerRuntime:
             log.warning("consumer.commit_failed", error=str(exc))
             return
         self.metrics.committed(offsets)
+
+    #: Seconds without a record after which the runtime checks that it is not stalled behind data.
+    STALL_S = 30.0
+
+    def _unstick(self) -> None:
+        """Between batches nothing should be paused, and an assignment with records behind it should
+        deliver them. Seen on a three-node Apache Kafka: after an offset commit refused during a
+        rebalance, a static member held all the partitions (the broker said so) and fetched nothing
+        for minutes. So a pause left over between batches is lifted, and a consumer that got nothing
+        for ``STALL_S`` seconds while its partitions have records past its positions rejoins."""
+        paused = self.consumer.paused()
+        if paused:
+            log.warning("consumer.stale_pause_resumed", partitions=len(paused))
+            self.consumer.resume(*paused)
+        if time.monotonic() - self._delivered_at < self.STALL_S:
+            return
+        self._delivered_at = time.monotonic()  # check again one STALL_S later
+        assigned = list(self.consumer.assignment())
+        if not assigned:
+            return
+        try:
+            ends = self.consumer.end_offsets(assigned)
+            behind = [tp for tp in assigned if ends.get(tp, 0) > self.consumer.position(tp, timeout_ms=5000)]
+        except KafkaError as exc:
+            log.warning("consumer.stall_check_failed", error=f"{type(exc).__name__}: {exc}")
+            return
+        if behind:
+            log.warning("consumer.stalled_rejoin", partitions=len(behind), seconds=self.STALL_S)
+            self.consumer.unsubscribe()
+            self.consumer.subscribe(self.topics)
 
     def _update_lag(self) -> None:
         for tp in self.consumer.assignment():

@@ -264,3 +264,38 @@ def test_records_assigned_by_a_rebalance_during_a_batch_are_not_skipped(mode: st
     assert consumer.committed[consumer.p1] == 300
     assert {o for p, o in seen if p == 1} == set(range(300))
     assert {o for p, o in seen if p == 0} == set(range(20))
+
+
+def test_between_batches_a_leftover_pause_is_lifted_and_a_stalled_consumer_rejoins() -> None:
+    """A static member that held its partitions and fetched nothing behind records (seen on a
+    three-node Apache Kafka after a commit refused during a rebalance) rejoins after STALL_S."""
+    from bridge.consumers.runtime import ConsumerRuntime
+
+    consumer = _RebalancingConsumer()
+    consumer.log_end[consumer.p0] = 0
+    consumer.state[consumer.p0]["paused"] = True  # left over from a rebalance inside a batch
+    calls: list[str] = []
+    consumer.end_offsets = lambda tps: {tp: 5 for tp in tps}  # type: ignore[attr-defined]
+    consumer.position = lambda tp, timeout_ms=None: 0  # type: ignore[method-assign]
+    consumer.unsubscribe = lambda: calls.append("unsubscribe")  # type: ignore[attr-defined]
+    consumer.subscribe = lambda topics: calls.append(f"subscribe {topics}")  # type: ignore[attr-defined]
+
+    class _Sink:
+        name = "test"
+
+        def process(self, records: Any) -> list[Any]:
+            return []
+
+        def close(self) -> None:
+            pass
+
+    rt = ConsumerRuntime(Settings.from_env({}), "127.0.0.1:1", _Sink(), None, group_id="g", consumer=consumer)  # type: ignore[arg-type]
+    rt._unstick()
+    assert consumer.paused() == set() and calls == [], "a leftover pause is lifted; no rejoin yet"
+    rt._delivered_at -= rt.STALL_S + 1
+    rt._unstick()
+    assert calls == ["unsubscribe", "subscribe ['fhir.bundles']"]
+    rt._delivered_at -= rt.STALL_S + 1
+    consumer.end_offsets = lambda tps: {tp: 0 for tp in tps}  # type: ignore[attr-defined]
+    rt._unstick()
+    assert len(calls) == 2, "nothing behind its positions: a quiet topic, not a stall"
