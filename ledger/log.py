@@ -268,13 +268,13 @@ class Ledger:
             self._builder = None
             self._tile_cache.clear()
 
-    def claim_writer(self, holder: str) -> int:
+    def claim_writer(self, holder: str, idle_in_transaction_ms: int | None = None) -> int:
         """Make this handle the log's only writer: returns the new writer epoch. Any append or
         checkpoint through another handle that claimed before is refused from now on
         (:class:`~ledger.errors.WriterFenced`), as are this handle's once another one claims."""
         with self._lock:
             self._builder = None
-            return self._storage.claim_writer(holder)
+            return self._storage.claim_writer(holder, idle_in_transaction_ms)
 
     def writer(self) -> tuple[int, str, float] | None:
         """The current writer's epoch, name and claim time, or ``None`` if nobody claimed the log."""

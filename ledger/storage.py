@@ -144,7 +144,7 @@ class Storage(Protocol):
         self, size: int, witness: str, key_id: int, line: str, received_at: float
     ) -> bool: ...
     def reset(self) -> None: ...
-    def claim_writer(self, holder: str) -> int: ...
+    def claim_writer(self, holder: str, idle_in_transaction_ms: int | None = None) -> int: ...
     def writer(self) -> tuple[int, str, float] | None: ...
     def close(self) -> None: ...
 
@@ -211,8 +211,14 @@ class _SqlBase:
         self._rtail = (_KeyIndex(), _KeyIndex())  # dkeys, lkeys
 
     # -- subclass hooks ------------------------------------------------------------------------------
+    #: statements run on every new connection (a writer's transaction time limit, see claim_writer)
+    session_sql: tuple[str, ...] = ()
+
     def _connect(self) -> Any:
-        return self._connector()
+        conn = self._connector()
+        for stmt in self.session_sql:
+            conn.execute(stmt)
+        return conn
 
     def _is_unavailable(self, exc: BaseException) -> bool:
         return self._connector.is_unavailable(exc, self._conn)
@@ -529,13 +535,19 @@ class _SqlBase:
     #: The writer epoch this storage claimed (:meth:`claim_writer`); every write checks it is current.
     fence: int | None = None
 
-    def claim_writer(self, holder: str) -> int:
+    def claim_writer(self, holder: str, idle_in_transaction_ms: int | None = None) -> int:
         """Become the log's writer: a new writer epoch, higher than any before; every later write of
         this storage checks that it is still the current one (:class:`WriterFenced` otherwise).
 
         The claim takes the writers' lock on ``ledger_meta`` first, so an append of the previous writer
         that is under way commits before it, and any later one sees the new epoch and is refused.
+        ``idle_in_transaction_ms`` (PostgreSQL): from now on the server ends this writer's session if
+        it sits in an open transaction that long, so a writer paused mid-append cannot hold the
+        writers' lock, and with it the next writer's claim, for longer.
         """
+        if idle_in_transaction_ms is not None and self.ph == "%s":
+            self.session_sql = (f"SET idle_in_transaction_session_timeout = {int(idle_in_transaction_ms)}",)
+            self._drop_conn()  # the next connection runs it
         with self._guard() as conn, self._begin(conn):
             conn.execute(self._lock_meta_sql()).fetchone()
             row = conn.execute("SELECT epoch FROM ledger_writer WHERE id = 1").fetchone()

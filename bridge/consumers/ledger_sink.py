@@ -194,7 +194,9 @@ def build_ledger_sink(
             settings, signer_key=None if unsigned else settings.ledger.signer_key()
         )
         if leader is not None:
-            epoch = ledger.claim_writer(leader.holder)
+            epoch = ledger.claim_writer(
+                leader.holder, idle_in_transaction_ms=int(3 * settings.ledger.leader_lease_s * 1000)
+            )
             log.info("ledger.writer", epoch=epoch, holder=leader.holder)
     except BaseException:
         if leader is not None:

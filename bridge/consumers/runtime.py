@@ -240,6 +240,7 @@ class ConsumerRuntime:
         self.backing_off = False
         self._quiet = 0  # batches in a row that came back empty
         self._delivered_at = time.monotonic()  # when the last batch came (the stall check)
+        self._behind: dict[Any, int] = {}  # partitions behind at the last stall check, and positions
         self.health = health or Health()
         self.health.add_check("broker", self._broker_check)
         self.health.add_check("group", self._group_check)
@@ -504,7 +505,7 @@ class ConsumerRuntime:
         deliver them. Seen on a three-node Apache Kafka: after an offset commit refused during a
         rebalance, a static member held all the partitions (the broker said so) and fetched nothing
         for minutes. So a pause left over between batches is lifted, and a consumer that got nothing
-        for ``STALL_S`` seconds while its partitions have records past its positions rejoins."""
+        for ``STALL_S`` seconds, twice in a row at the same positions behind records, rejoins."""
         paused = self.consumer.paused()
         if paused:
             log.warning("consumer.stale_pause_resumed", partitions=len(paused))
@@ -516,13 +517,19 @@ class ConsumerRuntime:
         if not assigned:
             return
         try:
-            ends = self.consumer.end_offsets(assigned)
-            behind = [tp for tp in assigned if ends.get(tp, 0) > self.consumer.position(tp, timeout_ms=5000)]
+            ends = self.consumer.end_offsets(assigned, timeout_ms=3000)
+            positions = {tp: self.consumer.position(tp, timeout_ms=2000) for tp in assigned}
         except KafkaError as exc:
             log.warning("consumer.stall_check_failed", error=f"{type(exc).__name__}: {exc}")
             return
-        if behind:
-            log.warning("consumer.stalled_rejoin", partitions=len(behind), seconds=self.STALL_S)
+        behind = {tp: pos for tp, pos in positions.items() if pos is not None and ends.get(tp, 0) > pos}
+        # stalled: behind at two checks in a row without moving (a record that came after the last
+        # fetch is behind once, not twice at the same position)
+        stalled = [tp for tp, pos in behind.items() if self._behind.get(tp) == pos]
+        self._behind = behind
+        if stalled:
+            log.warning("consumer.stalled_rejoin", partitions=len(stalled), seconds=self.STALL_S)
+            self._behind = {}
             self.consumer.unsubscribe()
             self.consumer.subscribe(self.topics)
 

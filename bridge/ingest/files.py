@@ -139,7 +139,7 @@ def ingest_files(
                 if len(pending) >= SETTLE_EVERY:
                     summary.published += _settle(pending, publisher, summary)
             bar.finish_file()
-        summary.published += _settle(pending, publisher, summary)
+        summary.published += _settle(pending, publisher, summary, stopping=summary.interrupted is not None)
     summary.seconds = time.perf_counter() - started
     cpu["producer threads and the rest"] = (
         time.process_time() - cpu["start-up"] - cpu["convert"] - cpu["publish"]
@@ -156,15 +156,23 @@ def ingest_files(
     return summary
 
 
-def _settle(pending: list[Sent], publisher: Publisher, summary: Summary) -> int:
+#: once asked to stop, wait at most this long for the broker's verdicts (a pod's grace period is short)
+STOP_SETTLE_S = 20.0
+
+
+def _settle(pending: list[Sent], publisher: Publisher, summary: Summary, stopping: bool = False) -> int:
     """Wait for the broker's verdict on every pending record; returns how many bundles were acked.
 
     A record the broker refused, or that the producer gave up on, is counted and kept in
     ``summary.failed``. The wait is bounded by the producer's delivery timeout (after which it fails
     the record itself) plus a margin, so that a record reported failed is one the producer gave up on.
+    When ``stopping`` (SIGTERM), at most :data:`STOP_SETTLE_S`: a record without a verdict by then is
+    kept and reported as failed (it may still arrive; sending it again is deduplicated downstream).
     """
     config = getattr(publisher.producer, "config", None) or {}
     wait_s = float(config.get("delivery_timeout_ms", 120000)) / 1000 + SETTLE_MARGIN_S
+    if stopping:
+        wait_s = min(wait_s, STOP_SETTLE_S)
     deadline = time.monotonic() + wait_s
     try:
         publisher.flush(wait_s)

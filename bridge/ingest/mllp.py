@@ -297,6 +297,7 @@ class MllpServer:
         self.stopping = False
         #: whether the broker took the last record we sent (None: nothing sent yet); /readyz reads it
         self.broker_ok: bool | None = None
+        self.broker_failed_at = 0.0  # monotonic time of the last refusal
         self._busy = 0  # messages read and not yet answered
         self._writers: set[asyncio.StreamWriter] = set()
         self.stats = {
@@ -367,6 +368,8 @@ class MllpServer:
                     log.warning("mllp.frame_too_large", peer=str(peer), limit=MAX_FRAME)
                     writer.write(frame(build_ack(b"", "AR", f"frame larger than {MAX_FRAME} bytes")))
                     await writer.drain()
+                    break
+                if self.stopping:  # read while draining: no answer, so the sender sends it again
                     break
                 message = data[: -len(FS)]
                 if START in message:  # a new frame started before the previous ended: keep the last
@@ -532,10 +535,11 @@ class MllpServer:
             publisher = await self._get_publisher()
             await asyncio.wait_for(_broker_ack(loop, send(publisher)), self.ack_timeout)
         except ERROR_ROOTS as exc:
-            self.broker_ok = self.broker_ok if not isinstance(exc, BrokerUnavailable) else False
+            if isinstance(exc, BrokerUnavailable):
+                self.broker_ok, self.broker_failed_at = False, time.monotonic()
             return self._reject(message, exc, reset=isinstance(exc, BrokerUnavailable))
         except Exception as exc:  # kafka errors (timeouts, not enough replicas, ...) -> retryable AR
-            self.broker_ok = False
+            self.broker_ok, self.broker_failed_at = False, time.monotonic()
             return self._reject(message, exc, reset=True)
         self.broker_ok = True
         return None
@@ -694,6 +698,10 @@ async def serve_forever(
             await runner.cleanup()
 
 
+#: seconds after the broker's last refusal during which /readyz says not ready
+READY_AFTER_REFUSAL_S = 30.0
+
+
 async def _serve_health(server: MllpServer, host: str, port: int) -> web.AppRunner:
     """``/livez`` (the event loop answers), ``/readyz`` (listening, not stopping, and the broker took
     the last record sent, if any) and ``/metrics``, on their own port."""
@@ -702,6 +710,10 @@ async def _serve_health(server: MllpServer, host: str, port: int) -> web.AppRunn
         return web.json_response({"ok": True, "state": "stopping" if server.stopping else "running"})
 
     async def readyz(_: web.Request) -> web.Response:
+        # a refusal counts for READY_AFTER_REFUSAL_S only: an unready listener gets no new traffic, so
+        # nothing would ever clear it (and every replica hit by the same broker blip stays out)
+        if server.broker_ok is False and time.monotonic() - server.broker_failed_at > READY_AFTER_REFUSAL_S:
+            server.broker_ok = None
         checks = {
             "listener": "listening" if server.server is not None and not server.stopping else "closed",
             "broker": {

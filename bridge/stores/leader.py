@@ -5,7 +5,7 @@
   the socket); a leader that is paused (SIGSTOP, a stalled VM) or cut off loses it when PostgreSQL ends
   the session, after ``idle_session_timeout`` (the lease, set on the session) or the TCP keepalives set
   on it. A live leader keeps the session busy with a ``SELECT 1`` every quarter of the lease.
-* **SQLite** (one machine): an exclusive ``flock`` on ``<database>.writer.lock``, which the kernel
+* **SQLite** (one machine): an exclusive ``flock`` on ``<database>.<role hash>.writer.lock``, which the kernel
   releases when the process dies.
 
 The lock alone cannot stop a paused leader from appending once it wakes up: it does not know yet that
@@ -94,7 +94,10 @@ class LeaderLock:
         return self._try_postgres()
 
     def _try_file(self) -> bool:
-        path = Path(self.url[len("sqlite://") :] + ".writer.lock")
+        # one lock file per role (the ledger and the MPI may share a directory, or a database file)
+        suffix = hashlib.sha256(self.role.encode()).hexdigest()[:8]
+        path = Path(self.url[len("sqlite://") :] + f".{suffix}.writer.lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
         fh = open(path, "a+")  # noqa: SIM115 - held for as long as we lead
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -117,6 +120,8 @@ class LeaderLock:
                 keepalives_idle=max(1, int(self.lease_s / 4)),
                 keepalives_interval=1,
                 keepalives_count=3,
+                # a keepalive query unanswered this long (a partition) fails instead of hanging
+                tcp_user_timeout=lease_ms,
             )
         except psycopg.Error as exc:
             log.warning("leader.database_unavailable", role=self.role, error=type(exc).__name__)
@@ -136,6 +141,8 @@ class LeaderLock:
         if not (row and row[0]):
             conn.close()
             return False
+        self.lost.clear()
+        self._closed.clear()
         self._conn = conn
         self._watch = threading.Thread(target=self._keepalive, name=f"leader-{self.role}", daemon=True)
         self._watch.start()

@@ -57,8 +57,17 @@ def broker(
                 pytest.skip(f"Apache Kafka unavailable here: {exc}")
             raise
         _brokers[kind] = handle
-        request.addfinalizer(handle.stop)
     yield handle
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_brokers() -> Iterator[None]:
+    """Stop the brokers at the very end. Not in ``broker``'s own teardown: pytest tears a parametrised
+    session fixture down whenever the order of tests switches its parameter (as it does under
+    ``pytest -n``), and the next test of that broker would then get the stopped one from the cache."""
+    yield
+    while _brokers:
+        _brokers.popitem()[1].stop()
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

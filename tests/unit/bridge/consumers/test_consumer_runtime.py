@@ -275,7 +275,7 @@ def test_between_batches_a_leftover_pause_is_lifted_and_a_stalled_consumer_rejoi
     consumer.log_end[consumer.p0] = 0
     consumer.state[consumer.p0]["paused"] = True  # left over from a rebalance inside a batch
     calls: list[str] = []
-    consumer.end_offsets = lambda tps: {tp: 5 for tp in tps}  # type: ignore[attr-defined]
+    consumer.end_offsets = lambda tps, timeout_ms=None: {tp: 5 for tp in tps}  # type: ignore[attr-defined]
     consumer.position = lambda tp, timeout_ms=None: 0  # type: ignore[method-assign]
     consumer.unsubscribe = lambda: calls.append("unsubscribe")  # type: ignore[attr-defined]
     consumer.subscribe = lambda topics: calls.append(f"subscribe {topics}")  # type: ignore[attr-defined]
@@ -294,8 +294,18 @@ def test_between_batches_a_leftover_pause_is_lifted_and_a_stalled_consumer_rejoi
     assert consumer.paused() == set() and calls == [], "a leftover pause is lifted; no rejoin yet"
     rt._delivered_at -= rt.STALL_S + 1
     rt._unstick()
-    assert calls == ["unsubscribe", "subscribe ['fhir.bundles']"]
+    assert calls == [], "behind once: a record may have come after the last fetch"
     rt._delivered_at -= rt.STALL_S + 1
-    consumer.end_offsets = lambda tps: {tp: 0 for tp in tps}  # type: ignore[attr-defined]
     rt._unstick()
+    assert calls == ["unsubscribe", "subscribe ['fhir.bundles']"], "behind twice at the same position"
+    consumer.end_offsets = lambda tps, timeout_ms=None: {tp: 0 for tp in tps}  # type: ignore[attr-defined]
+    for _ in range(2):
+        rt._delivered_at -= rt.STALL_S + 1
+        rt._unstick()
     assert len(calls) == 2, "nothing behind its positions: a quiet topic, not a stall"
+    consumer.end_offsets = lambda tps, timeout_ms=None: {tp: 5 for tp in tps}  # type: ignore[attr-defined]
+    consumer.position = lambda tp, timeout_ms=None: None  # type: ignore[method-assign,assignment,return-value]
+    for _ in range(2):
+        rt._delivered_at -= rt.STALL_S + 1
+        rt._unstick()
+    assert len(calls) == 2, "a position not known in time is not a stall (nor a crash)"
