@@ -2,6 +2,8 @@
 #   make demo   install into .venv, then run the whole stack with the shipped demo data
 #               (the data is kept in .demo/ and reused; `make demo FRESH=1` starts over)
 #   make test   install into .venv, then ruff (format check and lint), mypy and the whole test suite
+#               (two pytest processes, a test file each at a time: most integration tests wait on
+#               brokers and child processes, so two share the 2 cores well)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 BIN     = $(VENV)/bin
@@ -48,7 +50,7 @@ test: $(STAMP) $(NODE_CLIENTS) $(CHROMIUM)
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/pytest -q -p no:cacheprovider --ignore=tests/browser
+	$(BIN)/pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=25 --ignore=tests/browser
 	$(BIN)/pytest -q -p no:cacheprovider tests/browser
 
 unit: $(STAMP)

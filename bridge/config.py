@@ -15,6 +15,14 @@ from kafka import codec
 from bridge.errors import ConfigError
 
 
+def _choice(env: dict[str, str], name: str, choices: tuple[str, ...]) -> str:
+    """One of ``choices`` (the first is the default), or a ConfigError naming the variable."""
+    value = env.get(name, choices[0]).strip().lower() or choices[0]
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
 def _int(env: dict[str, str], name: str, default: int, minimum: int | None = 1) -> int:
     raw = env.get(name)
     if raw is None or raw == "":
@@ -96,6 +104,7 @@ class KafkaSettings:
     heartbeat_interval_ms: int = 1500
     max_poll_interval_ms: int = 20000
     consumer_instance_id: str | None = None
+    static_membership: str = "auto"  # auto | on | off (bridge/consumers/runtime.py static_membership)
     consumer_batch_size: int = 500
     consumer_linger_ms: int = 50  # wait this long after a batch's first record for more (docs/streams.md)
     consumer_idle_sleep_ms: int = 20  # sleep between polls that return less than a full batch
@@ -343,6 +352,9 @@ class Settings:
                 heartbeat_interval_ms=_int(env, "FHIRBRIDGE_HEARTBEAT_INTERVAL_MS", 1500),
                 max_poll_interval_ms=_int(env, "FHIRBRIDGE_MAX_POLL_INTERVAL_MS", 20000),
                 consumer_instance_id=env.get("FHIRBRIDGE_CONSUMER_INSTANCE_ID") or None,
+                static_membership=_choice(
+                    env, "FHIRBRIDGE_CONSUMER_STATIC_MEMBERSHIP", ("auto", "on", "off")
+                ),
                 consumer_batch_size=_int(env, "FHIRBRIDGE_CONSUMER_BATCH", 500),
                 consumer_linger_ms=_int(env, "FHIRBRIDGE_CONSUMER_LINGER_MS", 50, minimum=0),
                 consumer_idle_sleep_ms=_int(env, "FHIRBRIDGE_CONSUMER_IDLE_SLEEP_MS", 20),

@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
 import structlog
-from kafka import KafkaConsumer, TopicPartition
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.errors import CommitFailedError, KafkaError, RebalanceInProgressError
 from kafka.structs import OffsetAndMetadata
 
@@ -201,10 +201,43 @@ def consumer_config(
         # this long on some brokers. The runtime polls even while it backs off, so this can be short.
         "max_poll_interval_ms": settings.kafka.max_poll_interval_ms,
     }
-    if group_id is not None:
+    if group_id is not None and static_membership(settings, bootstrap):
         cfg["group_instance_id"] = instance_id(settings, group_id)
     cfg.update(overrides)
     return cfg
+
+
+_broker_versions: dict[str, tuple[int, ...]] = {}
+
+
+def static_membership(settings: Settings, bootstrap: str) -> bool:
+    """Whether consumers join as static members (``FHIRBRIDGE_CONSUMER_STATIC_MEMBERSHIP``).
+
+    ``auto``: on brokers older than Apache Kafka 4 (noida-db answers as 3.3), off on Apache Kafka 4.
+    noida-db never evicts a dead dynamic member, so there it is required (decision 6). On Apache Kafka
+    4 with kafka-python 3.0.12, static members that rejoined after a rebalance were seen to hold their
+    partitions without fetching, or to retry commits refused as "rebalance in progress" for minutes
+    (decision 37); a dynamic member costs one session timeout (6 s) per restart instead.
+    """
+    mode = settings.kafka.static_membership
+    if mode != "auto":
+        return mode == "on"
+    version = _broker_versions.get(bootstrap)
+    if version is None:
+        try:
+            with connecting(settings.kafka, bootstrap):
+                admin = KafkaAdminClient(
+                    **client_kwargs(settings.kafka), bootstrap_servers=bootstrap, client_id="fhirbridge-probe"
+                )
+            try:
+                version = tuple(admin._client.get_broker_version())
+            finally:
+                admin.close()
+        except Exception as exc:  # unknown: keep the membership that works on every broker we know
+            log.warning("consumer.broker_version_unknown", error=type(exc).__name__)
+            return True
+        _broker_versions[bootstrap] = version
+    return version < (4, 0)
 
 
 class ConsumerRuntime:
@@ -241,6 +274,7 @@ class ConsumerRuntime:
         self._quiet = 0  # batches in a row that came back empty
         self._delivered_at = time.monotonic()  # when the last batch came (the stall check)
         self._behind: dict[Any, int] = {}  # partitions behind at the last stall check, and positions
+        self._uncommitted: dict[TopicPartition, OffsetAndMetadata] = {}  # a refused commit's offsets
         self.health = health or Health()
         self.health.add_check("broker", self._broker_check)
         self.health.add_check("group", self._group_check)
@@ -493,8 +527,30 @@ class ConsumerRuntime:
             self.consumer.commit(offsets)
         except (CommitFailedError, RebalanceInProgressError) as exc:
             # The group rebalanced while we worked: the new owner will redeliver; the sink is idempotent.
+            # If the partitions stay ours, the commit is tried again when the consumer is next idle.
             log.warning("consumer.commit_failed", error=str(exc))
+            for tp, om in offsets.items():
+                if tp not in self._uncommitted or self._uncommitted[tp].offset < om.offset:
+                    self._uncommitted[tp] = om
             return
+        for tp in offsets:
+            self._uncommitted.pop(tp, None)
+        self.metrics.committed(offsets)
+
+    def _commit_again(self) -> None:
+        """Commit what a refused commit left, for the partitions that are still ours."""
+        assigned = self.consumer.assignment()
+        offsets = {tp: om for tp, om in self._uncommitted.items() if tp in assigned}
+        self._uncommitted.clear()
+        if not offsets:
+            return
+        try:
+            self.consumer.commit(offsets)
+        except (CommitFailedError, RebalanceInProgressError, KafkaError) as exc:
+            log.info("consumer.commit_retry_failed", error=f"{type(exc).__name__}")
+            self._uncommitted.update(offsets)
+            return
+        log.info("consumer.commit_retried", partitions=len(offsets))
         self.metrics.committed(offsets)
 
     #: Seconds without a record after which the runtime checks that it is not stalled behind data.
@@ -510,6 +566,8 @@ class ConsumerRuntime:
         if paused:
             log.warning("consumer.stale_pause_resumed", partitions=len(paused))
             self.consumer.resume(*paused)
+        if self._uncommitted:
+            self._commit_again()
         if time.monotonic() - self._delivered_at < self.STALL_S:
             return
         self._delivered_at = time.monotonic()  # check again one STALL_S later

@@ -8,6 +8,7 @@ import structlog
 
 from bridge.config import Settings
 from bridge.consumers.runtime import Record, batch_context, consumer_config, instance_id
+from bridge.errors import ConfigError
 
 
 def test_batch_log_context_names_topic_partitions_and_offsets() -> None:
@@ -20,14 +21,33 @@ def test_batch_log_context_names_topic_partitions_and_offsets() -> None:
 
 
 def test_consumer_config_never_keeps_the_45s_session_default_and_is_static() -> None:
-    s = Settings.from_env({})
+    s = Settings.from_env({"FHIRBRIDGE_CONSUMER_STATIC_MEMBERSHIP": "on"})
     cfg = consumer_config(s, "127.0.0.1:1", "fhirbridge-ledger")
     assert (cfg["session_timeout_ms"], cfg["heartbeat_interval_ms"]) == (6000, 1500)
     assert cfg["enable_auto_commit"] is False
     assert cfg["group_instance_id"] == instance_id(s, "fhirbridge-ledger")
     assert "group_instance_id" not in consumer_config(s, "127.0.0.1:1", None)
-    s2 = Settings.from_env({"FHIRBRIDGE_CONSUMER_INSTANCE_ID": "ledger-2"})
+    s2 = Settings.from_env(
+        {"FHIRBRIDGE_CONSUMER_INSTANCE_ID": "ledger-2", "FHIRBRIDGE_CONSUMER_STATIC_MEMBERSHIP": "on"}
+    )
     assert consumer_config(s2, "127.0.0.1:1", "g")["group_instance_id"] == "ledger-2"
+    off = Settings.from_env({"FHIRBRIDGE_CONSUMER_STATIC_MEMBERSHIP": "off"})
+    assert "group_instance_id" not in consumer_config(off, "127.0.0.1:1", "g")
+
+
+def test_static_membership_auto_is_on_below_apache_kafka_4(monkeypatch: pytest.MonkeyPatch) -> None:
+    """noida-db answers as Kafka 3.3 and never evicts a dead dynamic member; on Kafka 4 kafka-python's
+    static members were seen to stall after a rebalance (decision 37)."""
+    from bridge.consumers import runtime
+
+    monkeypatch.setattr(runtime, "_broker_versions", {"noida:1": (3, 3), "kafka:1": (4, 1)})
+    s = Settings.from_env({})
+    assert "group_instance_id" in consumer_config(s, "noida:1", "g")
+    assert "group_instance_id" not in consumer_config(s, "kafka:1", "g")
+    with pytest.raises(
+        ConfigError, match="FHIRBRIDGE_CONSUMER_STATIC_MEMBERSHIP must be one of auto, on, off"
+    ):
+        Settings.from_env({"FHIRBRIDGE_CONSUMER_STATIC_MEMBERSHIP": "sometimes"})
 
 
 def test_record_timestamp_is_rfc3339_utc() -> None:
@@ -309,3 +329,36 @@ def test_between_batches_a_leftover_pause_is_lifted_and_a_stalled_consumer_rejoi
         rt._delivered_at -= rt.STALL_S + 1
         rt._unstick()
     assert len(calls) == 2, "a position not known in time is not a stall (nor a crash)"
+
+
+def test_a_commit_refused_during_a_rebalance_is_retried_for_the_partitions_still_ours() -> None:
+    from kafka.errors import RebalanceInProgressError
+
+    from bridge.consumers.runtime import ConsumerRuntime, Record
+
+    consumer = _RebalancingConsumer()
+    refuse = [True]
+
+    def commit(offsets: Any) -> None:
+        if refuse.pop(0) if refuse else False:
+            raise RebalanceInProgressError("rebalancing")
+        for tp, om in offsets.items():
+            consumer.committed[tp] = om.offset
+
+    consumer.commit = commit  # type: ignore[method-assign]
+
+    class _Sink:
+        name = "test"
+
+        def process(self, records: Any) -> list[Any]:
+            return []
+
+        def close(self) -> None:
+            pass
+
+    rt = ConsumerRuntime(Settings.from_env({}), "127.0.0.1:1", _Sink(), None, group_id="g", consumer=consumer)  # type: ignore[arg-type]
+    records = [Record.from_kafka(_Msg(o, partition=0)) for o in range(5)]
+    rt._commit(records)
+    assert consumer.committed[consumer.p0] == 0 and rt._uncommitted, "refused: kept for later"
+    rt._unstick()  # the consumer idles: the commit is tried again
+    assert consumer.committed[consumer.p0] == 5 and not rt._uncommitted

@@ -92,7 +92,7 @@ def test_oauthbearer_reads_the_token_file_for_each_authentication(tmp_path: Path
 
 
 def test_producer_and_consumer_configs_carry_the_security_settings() -> None:
-    base = Settings.from_env({})
+    base = Settings.from_env({"FHIRBRIDGE_CONSUMER_STATIC_MEMBERSHIP": "on"})
     settings = replace(base, kafka=replace(base.kafka, security=SCRAM))
     expected = client_kwargs(settings.kafka)
     for cfg in (producer_config(settings, "h:1"), consumer_config(settings, "h:1", "g")):
