@@ -115,6 +115,11 @@ def test_postgres_restart_pauses_and_resumes_without_loss(
         procs = {k: start_consumer(k, env, tmp_path / f"{k}.log") for k in ("ledger", "index")}
         request.addfinalizer(lambda: [kill9(p) for p in procs.values()])
         publish_synthetic(Publisher(s, s.kafka.bootstrap_servers or ""), "st-mary", n // 2)
+        _wait(  # both at work (a busy machine starts them slowly): the outage is to come mid-stream
+            lambda: all('"consumer.start"' in (tmp_path / f"{k}.log").read_text() for k in procs),
+            60,
+            "both consumers to start",
+        )
         time.sleep(1.5)
         pg.stop("immediate")  # PostgreSQL goes away mid-stream
         publish_synthetic(Publisher(s, s.kafka.bootstrap_servers or ""), "st-mary", n // 2, start=n // 2)
