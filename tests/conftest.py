@@ -68,3 +68,30 @@ def _reset_structlog() -> Iterator[None]:
     import bridge.logging
 
     bridge.logging._configured = False
+
+
+# In the root conftest: under pytest -n the controller process, which prints the summary, loads only
+# this one (tests/integration/conftest.py is loaded by the workers that collect that directory).
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """A line per broker: how many integration tests passed on it (CI's log shows Kafka ran)."""
+    counts: dict[str, int] = {}
+    for report in terminalreporter.stats.get("passed", []):
+        kind = _kind_of(report.nodeid)
+        if kind is not None and report.when == "call":
+            counts[kind] = counts.get(kind, 0) + 1
+    if counts:
+        terminalreporter.write_sep("-", "integration tests passed per broker")
+        for kind, count in sorted(counts.items()):
+            name = {"kafka": "Apache Kafka", "noida": "noida-db"}.get(kind, kind)
+            terminalreporter.write_line(f"{name}: {count} passed")
+
+
+def _kind_of(nodeid: str) -> str | None:
+    if "tests/integration/" not in nodeid:
+        return None
+    if "/test_kafka_" in nodeid:  # the drills and the security tests start Apache Kafka nodes of their own
+        return "kafka"
+    if "[" not in nodeid:
+        return None
+    params = nodeid.rsplit("[", 1)[1].rstrip("]").split("-")
+    return next((p for p in params if p in ("kafka", "noida", "tansu", "external")), None)

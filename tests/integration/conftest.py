@@ -70,27 +70,6 @@ def _stop_brokers() -> Iterator[None]:
         _brokers.popitem()[1].stop()
 
 
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """A line per broker: how many integration tests passed on it (CI's log shows Kafka ran)."""
-    counts: dict[str, int] = {}
-    for report in terminalreporter.stats.get("passed", []):
-        kind = _kind_of(report.nodeid)
-        if kind is not None and report.when == "call":
-            counts[kind] = counts.get(kind, 0) + 1
-    if counts:
-        terminalreporter.write_sep("-", "integration tests passed per broker")
-        for kind, count in sorted(counts.items()):
-            name = {"kafka": "Apache Kafka", "noida": "noida-db"}.get(kind, kind)
-            terminalreporter.write_line(f"{name}: {count} passed")
-
-
-def _kind_of(nodeid: str) -> str | None:
-    if "tests/integration/" not in nodeid or "[" not in nodeid:
-        return None
-    params = nodeid.rsplit("[", 1)[1].rstrip("]").split("-")
-    return next((p for p in params if p in ("kafka", "noida", "tansu", "external")), None)
-
-
 @pytest.fixture(autouse=True)
 def _skip_quirks(request: pytest.FixtureRequest) -> None:
     if "broker" not in request.fixturenames:
