@@ -15,8 +15,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import threading
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,18 +22,13 @@ import orjson
 
 from bridge.config import Settings
 from bridge.consumers.checks import LocatedError, in_batch_order, is_retryable
-from bridge.consumers.runtime import ConsumerRuntime, CpuClock, Record
+from bridge.consumers.runtime import ConsumerRuntime, CpuClock, Record, run_consumer
 from bridge.errors import TransientError
-from bridge.gctune import tune_gc
-from bridge.health import Health, serve_health
 from bridge.logging import get_logger
 from bridge.stores.index.store import IndexStore, content_digest
 from bridge.stores.leader import LeaderLock, LeadershipLost, holder_name
 from bridge.stores.mpi import PersonIndex
 from bridge.stores.mpi.config import MpiWriterFenced
-from bridge.stream.broker import resolve_bootstrap
-from bridge.stream.producer import Publisher
-from bridge.stream.topics import ensure_topics
 
 log = get_logger(__name__)
 
@@ -295,48 +288,19 @@ def run_linker(
     ``exit_when_idle`` seconds without a record); ``/metrics``, ``/livez`` and ``/readyz`` on
     ``metrics_host``:``metrics_port`` from before the leader lock is awaited (a standby is live and
     ready). Returns the stopped runtime (its counts)."""
-    health = Health()
-    if metrics_port:
-        serve_health(health, metrics_host or settings.http.host, metrics_port)
-    bootstrap = resolve_bootstrap(settings)
-    ensure_topics(bootstrap, settings.kafka.topics, settings.kafka)
     if settings.stores.mpi_linker != "topic":
         log.warning(
             "mpi.linker_mode",
             detail="FHIRBRIDGE_MPI_LINKER is not 'topic' here: index consumers configured alike link inline "
             "and publish nothing to the MPI topic",
         )
-    health.set_state("standby")
-    waiting = threading.Event()
-    threading.Thread(target=_beat_while, args=(health, waiting), daemon=True).start()
-    try:
-        sink = (sink_factory or build_mpi_sink)(settings)
-    finally:
-        waiting.set()
-    dead = Publisher(settings, bootstrap)
-    runtime = ConsumerRuntime(
-        settings, bootstrap, sink, dead, group_id=group_id, topics=[settings.kafka.topics.mpi], health=health
+    factory = sink_factory or build_mpi_sink
+    return run_consumer(
+        settings,
+        lambda config, _bootstrap: factory(config),
+        group_id,
+        metrics_port=metrics_port,
+        metrics_host=metrics_host,
+        exit_when_idle=exit_when_idle,
+        topics=[settings.kafka.topics.mpi],
     )
-    tune_gc(settings.gc_threshold)
-    runtime.install_signal_handlers()
-    until = None
-    if exit_when_idle:
-        idle = {"since": time.monotonic(), "seen": 0}
-
-        def until() -> bool:
-            if runtime.processed + runtime.dead_lettered != idle["seen"]:
-                idle["seen"] = runtime.processed + runtime.dead_lettered
-                idle["since"] = time.monotonic()
-            return bool(time.monotonic() - idle["since"] > exit_when_idle)
-
-    try:
-        runtime.run(until=until)
-    finally:
-        dead.close()
-    return runtime
-
-
-def _beat_while(health: Health, done: threading.Event) -> None:
-    """Keep a standby live while it waits for the leader lock (the consumer loop is not turning yet)."""
-    while not done.wait(5.0):
-        health.beat()

@@ -670,7 +670,8 @@ def run_consumer(
     metrics_port: int | None = None,
     metrics_host: str | None = None,
     exit_when_idle: float | None = None,
-) -> None:
+    topics: Sequence[str] | None = None,
+) -> ConsumerRuntime:
     """Run a consumer group member until SIGTERM/SIGINT (or, with ``exit_when_idle``, until that many
     seconds pass without a record): the topics made if missing; ``/metrics``, ``/livez`` and ``/readyz``
     served on ``metrics_host``:``metrics_port`` (bridge/health.py) from before the sink is built, so a
@@ -688,7 +689,9 @@ def run_consumer(
     finally:
         waiting.set()
     dead = Publisher(settings, bootstrap)
-    runtime = ConsumerRuntime(settings, bootstrap, sink, dead, group_id=group_id, health=health)
+    runtime = ConsumerRuntime(
+        settings, bootstrap, sink, dead, group_id=group_id, topics=topics, health=health
+    )
     tune_gc(settings.gc_threshold)
     runtime.install_signal_handlers()
     until = None
@@ -705,3 +708,4 @@ def run_consumer(
         runtime.run(until=until)
     finally:
         dead.close()
+    return runtime
