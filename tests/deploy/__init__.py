@@ -1,0 +1,1 @@
+"""Offline checks of the deployment artefacts in deploy/ (docs/deploy.md)."""
