@@ -23,6 +23,7 @@ import pytest
 from bridge.config import Settings, Topics
 from bridge.errors import BrokerUnavailable
 from bridge.stream.broker import BrokerHandle, start_local
+from tests.services.postgres import PostgresServer
 
 
 def _broker_kinds() -> list[str]:
@@ -58,6 +59,15 @@ def broker(
             raise
         _brokers[kind] = handle
     yield handle
+
+
+@pytest.fixture
+def pg() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of the test's own (the failover drills stop and pause processes around it)."""
+    server = PostgresServer()
+    server.start()
+    yield server
+    server.destroy()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -36,14 +36,6 @@ N = 3000
 
 
 @pytest.fixture
-def pg() -> PostgresServer:
-    server = PostgresServer()
-    server.start()
-    yield server  # type: ignore[misc]
-    server.destroy()
-
-
-@pytest.fixture
 def stack(
     settings: Settings, monkeypatch: pytest.MonkeyPatch, pg: PostgresServer, broker: BrokerHandle
 ) -> Stack:

@@ -119,14 +119,6 @@ def _persons(mpi: PersonIndex) -> tuple[set[frozenset[str]], dict[str, str]]:
 
 
 @pytest.fixture
-def pg() -> Any:
-    server = PostgresServer()
-    server.start()
-    yield server
-    server.destroy()
-
-
-@pytest.fixture
 def stack(
     settings: Settings, monkeypatch: pytest.MonkeyPatch, pg: PostgresServer, broker: BrokerHandle
 ) -> Stack:
