@@ -31,9 +31,14 @@ _MEMBER = textwrap.dedent(
     import json, sys, time
     from kafka import KafkaConsumer
     bootstrap, topic, group, instance = sys.argv[1:5]
-    c = KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=group, group_instance_id=instance or None,
+    c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, group_instance_id=instance or None,
                       session_timeout_ms=6000, heartbeat_interval_ms=1500, enable_auto_commit=False,
                       auto_offset_reset="earliest")
+    # as the runtime does (_await_partitions): a member that joins before the broker knows the new
+    # topic's partitions may keep an empty assignment (kafka-python, no KIP-814)
+    while not c.partitions_for_topic(topic):
+        time.sleep(0.2)
+    c.subscribe([topic])
     last = None
     while True:
         c.poll(timeout_ms=100)
