@@ -38,7 +38,7 @@ class Health:
     def __init__(self, stale_after: float = 60.0) -> None:
         self.stale_after = stale_after
         self._beat = time.monotonic()
-        self.state = "starting"  # starting | standby | running | stopping
+        self.state = "starting"  # starting | waiting (for a database) | standby | running | stopping
         self._checks: dict[str, Check] = {}
         self._lock = threading.Lock()
 

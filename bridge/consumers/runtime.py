@@ -656,6 +656,43 @@ def _await_partitions(consumer: KafkaConsumer, topics: Sequence[str], timeout: f
         time.sleep(0.2)
 
 
+def build_sink_when_reachable(
+    factory: Callable[[Settings, str], Any],
+    settings: Settings,
+    bootstrap: str,
+    health: Health,
+    *,
+    first_delay: float = 0.5,
+    max_backoff: float = 30.0,
+) -> Any:
+    """``factory(settings, bootstrap)``, once the sink's database answers.
+
+    A consumer started before its database (a pod scheduled before PostgreSQL is ready, a restart in
+    the middle of a database restart) waits, logging each try and not ready (``/readyz`` 503, state
+    ``waiting``), instead of exiting with the driver's error. Only a database that cannot be reached
+    or is locked is waited for (:func:`bridge.consumers.checks.is_retryable`); anything else, such as
+    a malformed URL or a missing table, raises at once.
+    """
+    from bridge.consumers.checks import is_retryable
+
+    delay = first_delay
+    while True:
+        try:
+            sink = factory(settings, bootstrap)
+        except Exception as exc:
+            if not is_retryable(exc):
+                raise
+            health.set_state("waiting")
+            log.warning("consumer.database_unreachable", error=type(exc).__name__, retry_in_s=delay)
+            time.sleep(delay)
+            delay = min(delay * 2, max_backoff)
+            continue
+        if health.state == "waiting":
+            log.info("consumer.database_reached")
+            health.set_state("standby")
+        return sink
+
+
 def _beat_while(health: Health, done: threading.Event) -> None:
     """Keep a standby live: it waits (for the writer lock) without turning the consumer loop."""
     while not done.wait(5.0):
@@ -685,7 +722,7 @@ def run_consumer(
     waiting = threading.Event()
     threading.Thread(target=_beat_while, args=(health, waiting), daemon=True).start()
     try:
-        sink = sink_factory(settings, bootstrap)
+        sink = build_sink_when_reachable(sink_factory, settings, bootstrap, health)
     finally:
         waiting.set()
     dead = Publisher(settings, bootstrap)

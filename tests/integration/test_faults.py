@@ -131,8 +131,19 @@ def test_postgres_restart_pauses_and_resumes_without_loss(
         assert procs["ledger"].wait(30) != 0
         assert "leader.lost" in (tmp_path / "ledger.log").read_text()
         procs["ledger"] = start_consumer("ledger", env, tmp_path / "ledger.log")
-        time.sleep(2)
+        # an index consumer that starts while the database is down (a pod rescheduled in the outage)
+        # waits for it instead of exiting
+        kill9(procs["index"])
+        procs["index"] = start_consumer("index", env, tmp_path / "index2.log")
+        _wait(
+            lambda: "consumer.database_unreachable" in (tmp_path / "index2.log").read_text(),
+            60,
+            "the restarted index consumer to wait for the database",
+            logs=[tmp_path / "index2.log"],
+        )
+        time.sleep(1)
         assert procs["ledger"].poll() is None, "a restarted writer waits for the database"
+        assert procs["index"].poll() is None, "a restarted index consumer waits for the database"
         pg.start()
         pg.wait_ready()
 
@@ -143,13 +154,13 @@ def test_postgres_restart_pauses_and_resumes_without_loss(
             120,
             "consumers to resume after the restart",
             lambda: (ledger.size(), index.counts()),
-            [tmp_path / "ledger.log", tmp_path / "index.log"],
+            [tmp_path / "ledger.log", tmp_path / "index.log", tmp_path / "index2.log"],
         )
         for p in procs.values():
             assert stop(p) == 0
         assert ledger.size() == n and index.counts()["bundles"] == n
-        logs = (tmp_path / "index.log").read_text()
-        assert "consumer.backoff" in logs and "consumer.resumed" in logs
+        assert "consumer.backoff" in (tmp_path / "index.log").read_text()
+        assert "consumer.database_reached" in (tmp_path / "index2.log").read_text()
         ledger.close()
         index.close()
     finally:

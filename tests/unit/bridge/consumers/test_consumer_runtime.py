@@ -50,6 +50,46 @@ def test_static_membership_auto_is_on_below_apache_kafka_4(monkeypatch: pytest.M
         Settings.from_env({"FHIRBRIDGE_CONSUMER_STATIC_MEMBERSHIP": "sometimes"})
 
 
+def test_a_sink_whose_database_is_down_is_waited_for_not_ready_and_other_errors_raise() -> None:
+    """A consumer started before its database waits (state ``waiting``, not ready) and logs each try
+    without the driver's message; a configuration error is not waited for."""
+    import psycopg
+
+    from bridge.consumers.runtime import build_sink_when_reachable
+    from bridge.health import Health
+
+    health = Health()
+    health.set_state("standby")
+    tries: list[str] = []
+    states: list[str] = []
+
+    def factory(settings: Settings, bootstrap: str) -> str:
+        states.append(health.state)
+        tries.append(bootstrap)
+        if len(tries) < 3:
+            raise psycopg.OperationalError("connection to server at 10.0.0.9 port 5432 failed: refused")
+        return "the sink"
+
+    with structlog.testing.capture_logs() as logs:
+        sink = build_sink_when_reachable(factory, Settings.from_env({}), "b:1", health, first_delay=0.01)
+    assert sink == "the sink" and tries == ["b:1"] * 3
+    assert states == ["standby", "waiting", "waiting"] and health.state == "standby"
+    waits = [e for e in logs if e["event"] == "consumer.database_unreachable"]
+    assert [e["retry_in_s"] for e in waits] == [0.01, 0.02]
+    assert all(e["error"] == "OperationalError" and "10.0.0.9" not in str(e) for e in waits)
+    assert [e["event"] for e in logs][-1] == "consumer.database_reached"
+
+    def broken(settings: Settings, bootstrap: str) -> str:
+        raise ValueError("not a database URL")
+
+    with pytest.raises(ValueError):
+        build_sink_when_reachable(broken, Settings.from_env({}), "b:1", Health(), first_delay=0.01)
+
+    waiting = Health()
+    waiting.set_state("waiting")
+    assert waiting.live()[0] and not waiting.ready()[0]
+
+
 def test_record_timestamp_is_rfc3339_utc() -> None:
     assert Record("t", 0, 0, 1_767_225_600_123, None, None).timestamp_iso == "2026-01-01T00:00:00.123Z"
 
