@@ -101,6 +101,17 @@ class _Handler(BaseHTTPRequestHandler):
         return  # probes come every few seconds: no access log
 
 
+def beat_while(health: Health, done: threading.Event, every: float = 5.0) -> None:
+    """Keep a process live from a daemon thread until ``done`` is set: a standby waits (for a writer
+    lock, for its database) without turning its main loop."""
+
+    def beat() -> None:
+        while not done.wait(every):
+            health.beat()
+
+    threading.Thread(target=beat, name="health-beat", daemon=True).start()
+
+
 def serve_health(health: Health, host: str, port: int) -> ThreadingHTTPServer:
     """Serve ``/livez``, ``/readyz`` and ``/metrics`` on ``host``:``port`` from a daemon thread."""
     handler = type("HealthHandler", (_Handler,), {"health": health})

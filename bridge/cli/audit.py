@@ -6,6 +6,7 @@ import argparse
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,15 @@ def register(sub: Any, groups: dict[str, Any]) -> None:
         help="append new audit rows to the audit log and sign its checkpoints (one per log)",
         description="Append the hash of every new AuditEvent (FHIRBRIDGE_AUDIT_URL) to the audit log "
         "(FHIRBRIDGE_AUDIT_LOG_URL), in seq order, and sign checkpoints with FHIRBRIDGE_AUDIT_KEY_FILE. "
-        "Exactly one may run per audit log.",
+        "Several may run: one appends, the others wait as standbys until it stops (a lock on the audit "
+        "log's database, a writer epoch checked by every append). One that loses its leadership stops "
+        "and exits 1.",
+    )
+    p.add_argument(
+        "--metrics-port", type=int, default=None, help="serve /livez, /readyz and /metrics on this port"
+    )
+    p.add_argument(
+        "--metrics-host", default=None, help="the address to serve them on (default FHIRBRIDGE_HTTP_HOST)"
     )
     p.add_argument(
         "--unsigned",
@@ -95,9 +104,15 @@ def _read_key(value: str) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from bridge.consumers.audit_log import AppendProgress, require_audit_signer_key, run_audit_log
+    from bridge.consumers.audit_log import (
+        AppendProgress,
+        elect_audit_writer,
+        require_audit_signer_key,
+        run_audit_log,
+    )
     from bridge.errors import ERROR_ROOTS, ConfigError
     from bridge.gctune import tune_gc
+    from bridge.health import Health, beat_while, serve_health
     from bridge.logging import get_logger
 
     cfg = settings()
@@ -108,21 +123,34 @@ def cmd_run(args: argparse.Namespace) -> int:
             require_audit_signer_key(cfg)
         except ConfigError as exc:
             return fail(str(exc))
-    stopping = False
+    stopping = threading.Event()
 
     def stop(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
+        stopping.set()
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     idle = args.exit_when_idle
 
     def until(progress: AppendProgress) -> bool:
-        return stopping or (idle is not None and progress.caught_up and progress.idle_seconds >= idle)
+        return stopping.is_set() or (
+            idle is not None and progress.caught_up and progress.idle_seconds >= idle
+        )
 
+    health = Health()
+    if args.metrics_port:
+        serve_health(health, args.metrics_host or cfg.http.host, args.metrics_port)
     tune_gc(cfg.gc_threshold)
     try:
-        progress = run_audit_log(cfg, until=until, unsigned=args.unsigned)
+        health.set_state("standby")
+        waiting = threading.Event()
+        beat_while(health, waiting)
+        try:
+            leader = elect_audit_writer(cfg, stopping)
+        finally:
+            waiting.set()
+        if leader is None:  # stopped while a standby
+            return 0
+        progress = run_audit_log(cfg, until=until, unsigned=args.unsigned, leader=leader, health=health)
     except ERROR_ROOTS as exc:
         return fail(str(exc))
     finally:

@@ -26,6 +26,7 @@ whose body, hash or indexed columns no longer match its leaf (**altered**), or a
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ import orjson
 
 from bridge.config import Settings
 from bridge.errors import ConfigError, TransientError
+from bridge.health import Health
 from bridge.logging import get_logger
 from bridge.stores.audit import (
     NO_ORGANIZATION,
@@ -45,6 +47,7 @@ from bridge.stores.audit import (
     leaf_entry,
     open_audit_log,
 )
+from bridge.stores.leader import LeaderLock, holder_name
 from bridge.stores.ledger import open_ledger
 from ledger.audit import AuditReport, audit
 from ledger.entry import LedgerEntry
@@ -182,6 +185,20 @@ def require_audit_signer_key(settings: Settings) -> str:
     return text
 
 
+def elect_audit_writer(settings: Settings, stop: threading.Event) -> LeaderLock | None:
+    """Wait as a standby until this process is the audit log's only appender (as the ledger's writer
+    is elected, decision 38): ``None`` when ``stop`` is set first. A leadership lost later sets
+    ``stop``; the loop then raises :class:`~bridge.stores.leader.LeadershipLost`."""
+    leader = LeaderLock(
+        settings.audit.log_url,
+        f"audit:{settings.audit.origin}",
+        lease_s=settings.ledger.leader_lease_s,
+        on_lost=stop.set,
+        holder=holder_name(settings.kafka.consumer_instance_id),
+    )
+    return leader if leader.acquire(stop) else None
+
+
 def run_audit_log(
     settings: Settings,
     *,
@@ -190,6 +207,8 @@ def run_audit_log(
     batch: int = BATCH,
     idle_sleep: float = 0.1,
     max_backoff: float = 5.0,
+    leader: LeaderLock | None = None,
+    health: Health | None = None,
 ) -> AppendProgress:
     """The appender's loop: append new audit rows, sign checkpoints (in the append when
     ``checkpoint_every`` entries or ``checkpoint_interval_ms`` have passed; while idle, over the tail of
@@ -199,6 +218,12 @@ def run_audit_log(
     ``until(progress)`` is true (checked after every step), then signs a checkpoint over everything
     appended and returns the progress.
 
+    With ``leader`` (:func:`elect_audit_writer`), the appender claims a new writer epoch in the log
+    first, so that a former appender that wakes up late has every append refused
+    (:class:`~ledger.errors.WriterFenced`), and checks its leadership before every step: a lost one
+    raises :class:`~bridge.stores.leader.LeadershipLost` without signing anything more. ``health``,
+    when given, is beaten every turn of the loop and not ready while a database is unavailable.
+
     Raises :class:`ConfigError` without a usable signing key (unless ``unsigned``),
     :class:`AuditLogConflict` when another writer appends to the log.
     """
@@ -207,6 +232,11 @@ def run_audit_log(
     store = AuditStore.open(settings.audit.url)
     try:
         audit_log = open_audit_log(settings, signer_key=signer)
+        if leader is not None:
+            epoch = audit_log.claim_writer(
+                leader.holder, idle_in_transaction_ms=int(3 * settings.ledger.leader_lease_s * 1000)
+            )
+            log.info("audit.writer", epoch=epoch, holder=leader.holder)
     except BaseException:
         store.close()
         raise
@@ -215,15 +245,27 @@ def run_audit_log(
     backoff = 0.0
     idle_since = time.monotonic()
     last_sign = 0.0
+    reachable = {"database": True}
+    if health is not None:
+        health.add_check(
+            "database", lambda: (reachable["database"], "ok" if reachable["database"] else "unavailable")
+        )
+        health.set_state("running")
     try:
         while True:
+            if leader is not None:
+                leader.check()
+            if health is not None:
+                health.beat()
             try:
                 n = appender.step()
                 if n == 0 and signer is not None and time.monotonic() - last_sign >= interval:
                     audit_log.maybe_checkpoint()
                     last_sign = time.monotonic()
                 backoff = 0.0
+                reachable["database"] = True
             except (TransientError, StorageUnavailable) as exc:
+                reachable["database"] = False
                 backoff = min(max(backoff * 2, 0.05), max_backoff)
                 log.warning("audit.log_backoff", retry_in=backoff, error=type(exc).__name__)
                 time.sleep(backoff)
@@ -238,6 +280,10 @@ def run_audit_log(
                 break
             if n == 0:
                 time.sleep(idle_sleep)
+        if leader is not None:
+            leader.check()  # a lost leadership signs nothing more and ends the process with an error
+        if health is not None:
+            health.set_state("stopping")
         if signer is not None:
             audit_log.checkpoint_now()
         log.info("audit.log_stopped", appended=progress.appended, size=audit_log.size())
@@ -245,6 +291,8 @@ def run_audit_log(
     finally:
         audit_log.close()
         store.close()
+        if leader is not None:
+            leader.release()
 
 
 # -- verification ---------------------------------------------------------------------------------

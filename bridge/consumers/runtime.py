@@ -40,7 +40,7 @@ from kafka.structs import OffsetAndMetadata
 from bridge.config import Settings
 from bridge.errors import FhirbridgeError, TransientError
 from bridge.gctune import tune_gc
-from bridge.health import Health, serve_health
+from bridge.health import Health, beat_while, serve_health
 from bridge.logging import get_logger
 from bridge.metrics import ConsumerMetrics
 from bridge.stream.broker import resolve_bootstrap
@@ -693,12 +693,6 @@ def build_sink_when_reachable(
         return sink
 
 
-def _beat_while(health: Health, done: threading.Event) -> None:
-    """Keep a standby live: it waits (for the writer lock) without turning the consumer loop."""
-    while not done.wait(5.0):
-        health.beat()
-
-
 def run_consumer(
     settings: Settings,
     sink_factory: Callable[[Settings, str], Any],
@@ -720,7 +714,7 @@ def run_consumer(
     ensure_topics(bootstrap, settings.kafka.topics, settings.kafka)
     health.set_state("standby")
     waiting = threading.Event()
-    threading.Thread(target=_beat_while, args=(health, waiting), daemon=True).start()
+    beat_while(health, waiting)
     try:
         sink = build_sink_when_reachable(sink_factory, settings, bootstrap, health)
     finally:

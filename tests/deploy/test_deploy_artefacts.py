@@ -50,9 +50,6 @@ RELEASE = "fhb"
 
 WORKLOADS = ("Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob", "Pod")
 LONG_RUNNING = ("Deployment", "StatefulSet", "DaemonSet")
-# `fhirbridge audit run` serves no health endpoint (issue 26 gives them to the consumers and mllp):
-# it has probes only once probes.enabled turns on /livez and /readyz... which it does not serve either
-NO_PROBES = {"audit"}
 SECRET_NAME = re.compile(r"(PASSWORD|PASSWD|SECRET|TOKEN|PRIVATE_KEY|_KEY)$")
 SECRET_VALUE = re.compile(r"-----BEGIN|PRIVATE\+KEY|://[^/@\s:]+:[^/@\s]+@")
 
@@ -449,14 +446,21 @@ def test_long_running_containers_have_probes(
 ) -> None:
     probes_on = values[values_file]["probes"]["enabled"]
     for obj, component, spec in _pods(rendered[values_file]):
-        if obj["kind"] not in LONG_RUNNING or component in NO_PROBES:
+        if obj["kind"] not in LONG_RUNNING:
             continue
         for c in spec["containers"]:
             where = f"{values_file}: {obj['kind']}/{obj['metadata']['name']} {c['name']}"
             assert "livenessProbe" in c and "readinessProbe" in c, f"{where}: liveness and readiness probes"
-            if probes_on and component in ("ledger", "index", "mllp"):
+            if probes_on and component in ("ledger", "index", "linker", "audit", "mllp"):
                 assert c["livenessProbe"]["httpGet"]["path"] == "/livez", where
                 assert c["readinessProbe"]["httpGet"]["path"] == "/readyz", where
+                # the port the process serves them on, on every address (not only the pod's loopback)
+                port = c["livenessProbe"]["httpGet"]["port"]
+                assert port in {p["containerPort"] for p in c.get("ports", [])}, where
+                args = c.get("args", [])
+                flag = "--health-port" if component == "mllp" else "--metrics-port"
+                assert args[args.index(flag) + 1] == str(port), where
+                assert args[args.index(flag.replace("port", "host")) + 1] == "0.0.0.0", where
 
 
 @pytest.mark.parametrize("values_file", [v.name for v in CI_VALUES])
@@ -533,8 +537,11 @@ def test_consumers_are_statefulsets_with_static_membership(
     for component in ("serve", "mllp"):
         assert by_component[component]["kind"] == "Deployment"
     pdbs = {o["metadata"]["name"] for o in objs if o["kind"] == "PodDisruptionBudget"}
-    for component in ("serve", "mllp", "ledger", "index"):
+    for component in ("serve", "mllp", "ledger", "index", "audit"):
         assert f"{RELEASE}-fhirbridge-{component}" in pdbs
+    # the single writers run a standby beside the writer (leader-elected, decision 38)
+    for component in ("ledger", "audit") + (("linker",) if v["linker"]["enabled"] else ()):
+        assert by_component[component]["spec"]["replicas"] >= 2, component
     scaled = [o for o in objs if o["kind"] == "ScaledObject"]
     if v["keda"]["enabled"]:
         (so,) = scaled

@@ -289,18 +289,20 @@ volumes:
   {{- end }}
 {{- end -}}
 
-{{/* Probes of a process served by bridge/health.py (`--metrics-port`), with a fallback */}}
+{{/* Probes of a process served by bridge/health.py (the consumers' `--metrics-port`, mllp's
+`--health-port`: .port, default probes.port), with a fallback when probes are off */}}
 {{- define "fhirbridge.healthProbes" -}}
 {{- $p := .ctx.Values.probes -}}
+{{- $port := .port | default $p.port -}}
 {{- if $p.enabled }}
 livenessProbe:
-  httpGet: {path: {{ $p.livenessPath }}, port: {{ $p.port }}}
+  httpGet: {path: {{ $p.livenessPath }}, port: {{ $port }}}
   initialDelaySeconds: {{ $p.initialDelaySeconds }}
   periodSeconds: {{ $p.periodSeconds }}
   timeoutSeconds: {{ $p.timeoutSeconds }}
   failureThreshold: {{ $p.failureThreshold }}
 readinessProbe:
-  httpGet: {path: {{ $p.readinessPath }}, port: {{ $p.port }}}
+  httpGet: {path: {{ $p.readinessPath }}, port: {{ $port }}}
   periodSeconds: {{ $p.periodSeconds }}
   timeoutSeconds: {{ $p.timeoutSeconds }}
   failureThreshold: 3
