@@ -84,4 +84,4 @@ def cmd_ledger_run(args: argparse.Namespace) -> int:
 def cmd_index_run(args: argparse.Namespace) -> int:
     from bridge.consumers.index_sink import build_index_sink
 
-    return _run(args, lambda config, bootstrap: build_index_sink(config), "fhirbridge-index")
+    return _run(args, lambda config, bootstrap: build_index_sink(config, elect=True), "fhirbridge-index")

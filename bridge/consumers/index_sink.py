@@ -24,12 +24,14 @@ from bridge.consumers.checks import (
     load_checker,
     parse_bundle,
 )
-from bridge.consumers.mpi_sink import patient_key, patient_message
+from bridge.consumers.mpi_sink import elect_linker, patient_key, patient_message, transaction_lease_s
 from bridge.consumers.runtime import BadTimestamp, CpuClock, Record
 from bridge.errors import TransientError
 from bridge.logging import get_logger
 from bridge.stores.index.store import IncomingBundle, IndexStore, content_digest
+from bridge.stores.leader import LeaderLock, LeadershipLost
 from bridge.stores.mpi import PersonIndex
+from bridge.stores.mpi.config import MpiWriterFenced
 from bridge.stream.broker import resolve_bootstrap
 from bridge.stream.producer import producer_config
 from bridge.stream.security import connecting  # TLS/SASL and a one-line failure (docs/streams.md)
@@ -69,17 +71,23 @@ class IndexSink:
         *,
         mpi_producer: Any | None = None,
         mpi_topic: str = "mpi.patients",
+        leader: LeaderLock | None = None,
     ) -> None:
         self.store = store
         self.checker = checker
         self.mpi = mpi
         self.mpi_factory = mpi_factory
+        # linking inline under the MPI's leader lock and writer epoch (``index run``); None: the caller
+        # guarantees one MPI writer (replay, tests)
+        self.leader = leader
         # FHIRBRIDGE_MPI_LINKER=topic: the kept Patient versions go to ``mpi_topic`` instead of the MPI
         self.mpi_producer = mpi_producer
         self.mpi_topic = mpi_topic
         self.cpu = CpuClock()
 
     def process(self, records: Sequence[Record]) -> list[tuple[Record, BaseException]]:
+        if self.leader is not None:
+            self.leader.check()  # an inline linker that lost its lock stops before touching the batch
         poison: list[tuple[Record, BaseException]] = []
         incoming: list[IncomingBundle] = []
         patients: list[_PatientEntry] = []
@@ -174,7 +182,7 @@ class IndexSink:
         try:
             self._upsert_mpi([(p.source_org, p.resource) for p in kept])
             return
-        except TransientError:
+        except (TransientError, MpiWriterFenced, LeadershipLost):
             raise
         except Exception as exc:  # the record's fault, or the MPI's: find the Patients it refuses
             log.warning(
@@ -186,7 +194,7 @@ class IndexSink:
                 continue
             try:
                 self._upsert_mpi([(p.source_org, p.resource)])
-            except TransientError:
+            except (TransientError, MpiWriterFenced, LeadershipLost):
                 raise
             except Exception as exc:
                 refused.add(id(p.record))
@@ -207,6 +215,9 @@ class IndexSink:
                 assert self.mpi_factory is not None
                 self.mpi = self.mpi_factory()
             self.mpi.upsert_patients(patients)
+        except MpiWriterFenced as exc:
+            log.error("mpi.writer_fenced", ours=exc.ours, current=exc.current)
+            raise
         except Exception as exc:
             if not is_retryable(exc):
                 raise
@@ -223,11 +234,21 @@ class IndexSink:
         if self.mpi_producer is not None:
             with contextlib.suppress(Exception):
                 self.mpi_producer.close(timeout=10)
+        if self.leader is not None:
+            self.leader.release()
+            self.leader.check()  # a lost leadership ends the process with an error, not with 0
 
 
-def build_index_sink(settings: Any, bootstrap: str | None = None) -> IndexSink:
+def build_index_sink(settings: Any, bootstrap: str | None = None, *, elect: bool = False) -> IndexSink:
     """The index consumer's sink. With ``FHIRBRIDGE_MPI_LINKER=topic`` it opens no MPI but a producer
-    for the MPI topic (``bootstrap``: the consumer's broker, else the configured one)."""
+    for the MPI topic (``bootstrap``: the consumer's broker, else the configured one).
+
+    Inline (``FHIRBRIDGE_MPI_LINKER=inline``), the index consumer is the MPI's linker, which has one
+    writer (decisions 21-25). With ``elect`` (``fhirbridge index run``) it first waits as a standby for
+    the linker's lock on the MPI database, as ``fhirbridge mpi run`` does, then claims a writer epoch
+    that every MPI write checks: a second inline index consumer, or an inline one beside a linker,
+    waits instead of writing the MPI beside it. Without ``elect`` the caller guarantees one writer.
+    """
     if settings.stores.mpi_linker == "topic":
         bootstrap = bootstrap or resolve_bootstrap(settings)
         with connecting(settings.kafka, bootstrap):
@@ -242,6 +263,30 @@ def build_index_sink(settings: Any, bootstrap: str | None = None) -> IndexSink:
     def mpi_factory() -> PersonIndex:
         return PersonIndex.open(settings.stores.mpi_url)
 
-    return IndexSink(
-        IndexStore.open(settings.stores.index_url), load_checker(settings), mpi_factory(), mpi_factory
+    if not elect:
+        return IndexSink(
+            IndexStore.open(settings.stores.index_url), load_checker(settings), mpi_factory(), mpi_factory
+        )
+    log.info(
+        "index.inline_linking",
+        detail="this index consumer links the MPI in-process (FHIRBRIDGE_MPI_LINKER=inline), one at a time:"
+        " another one waits as a standby. To scale index consumers out, set FHIRBRIDGE_MPI_LINKER=topic and"
+        " run `fhirbridge mpi run`",
     )
+    leader = elect_linker(settings)
+    lease = transaction_lease_s(settings)
+    try:
+        mpi = mpi_factory()
+        epoch = mpi.claim_writer(leader.holder, lease_s=lease)
+        log.info("mpi.writer", epoch=epoch, holder=leader.holder)
+        store = IndexStore.open(settings.stores.index_url)
+    except BaseException:
+        leader.release()
+        raise
+
+    def held_factory() -> PersonIndex:  # a reconnection writes under the same epoch, never claims anew
+        reopened = mpi_factory()
+        reopened.hold_writer(epoch, lease_s=lease)
+        return reopened
+
+    return IndexSink(store, load_checker(settings), mpi, held_factory, leader=leader)

@@ -86,7 +86,7 @@ def run(
 
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
-    """`docker compose config` of the stack (with the `jobs` and `linker` profiles), as JSON."""
+    """`docker compose config` of the stack (with the `jobs` profile), as JSON."""
     binary = tool("docker-compose")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "DOCKER_"))}
     proc = run(
@@ -95,8 +95,6 @@ def compose() -> dict[str, Any]:
         str(COMPOSE),
         "--profile",
         "jobs",
-        "--profile",
-        "linker",
         "config",
         "--format",
         "json",
@@ -291,6 +289,22 @@ def test_values_schema_refuses_what_the_chart_must_not_do(helm: Any) -> None:
         with pytest.raises(helm.HelmValuesError, match=r"(?i)schema") as refused:
             _render(helm, helm.parse_set_string(bad))
         assert refused.value is not None, f"--set {bad} was accepted"
+
+
+def test_the_chart_refuses_several_index_consumers_that_link_inline(helm: Any) -> None:
+    """Without the linker each index consumer links the MPI inline under the linker's lock (one writer,
+    decisions 21-25, 39): a second one would only stand by, so the chart says so instead."""
+    for bad in ("linker.enabled=false", "linker.enabled=false,index.replicas=1,keda.enabled=true"):
+        with pytest.raises(helm.HelmRenderError, match=r"needs linker\.enabled"):
+            _render(helm, helm.parse_set_string(bad))
+    objs = _render(helm, helm.parse_set_string("linker.enabled=false,index.replicas=1"))
+    (index,) = [o for o, c, _ in _pods(objs) if c == "index"]
+    env = {e["name"]: e.get("value") for e in index["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert "FHIRBRIDGE_MPI_LINKER" not in env and not [c for _, c, _ in _pods(objs) if c == "linker"]
+    default = _render(helm, {})
+    (index,) = [o for o, c, _ in _pods(default) if c == "index"]
+    env = {e["name"]: e.get("value") for e in index["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["FHIRBRIDGE_MPI_LINKER"] == "topic", "by default the index consumers scale out"
 
 
 # ---- schemas

@@ -103,6 +103,10 @@ def _kill_and_check(stack, producer, procs, env, logs, rng, n) -> None:  # type:
 def test_postgres_restart_pauses_and_resumes_without_loss(
     stack: Stack, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
+    """A consumer that is not a single writer pauses through a PostgreSQL restart and resumes; the
+    ledger's single writer loses its lock with the database and exits (its supervisor restarts it).
+    The index consumer publishes its Patients for a linker (FHIRBRIDGE_MPI_LINKER=topic): inline, it
+    would be the MPI's single writer, and go the ledger's way."""
     pg = PostgresServer()
     pg.start()
     try:
@@ -111,7 +115,7 @@ def test_postgres_restart_pauses_and_resumes_without_loss(
             ledger=replace(stack.settings.ledger, url=pg.create_db("ledger")),
             stores=replace(stack.settings.stores, index_url=pg.create_db("idx"), mpi_url=pg.create_db("mpi")),
         )
-        env = settings_env(s)
+        env = dict(settings_env(s), FHIRBRIDGE_MPI_LINKER="topic")
         n = 3000
         procs = {k: start_consumer(k, env, tmp_path / f"{k}.log") for k in ("ledger", "index")}
         request.addfinalizer(lambda: [kill9(p) for p in procs.values()])

@@ -245,15 +245,19 @@ def test_second_index_consumer_joins_and_the_first_is_killed_mid_ingest(
 ) -> None:
     """A second index consumer joins the group while `ingest` publishes; once it holds partitions the
     first is killed with kill -9; the second takes over the first's partitions (after its session
-    timeout: static membership keeps a dead member's partitions that long) and indexes everything once."""
+    timeout) and indexes everything once. Two index consumers at once means the MPI is linked by its
+    own process (FHIRBRIDGE_MPI_LINKER=topic, `mpi run`), which ends with every patient linked once."""
     from bridge.stores.index.store import IndexStore
+    from bridge.stores.mpi import PersonIndex
 
     started = time.monotonic()
     n = N_SWAP
     path, mrns = _feed(messages, n, tmp_path)
     topic = stack.settings.kafka.topics.bundles
-    env = settings_env(stack.settings)
+    env = dict(settings_env(stack.settings), FHIRBRIDGE_MPI_LINKER="topic")
     procs, logs = _consumers(stack, tmp_path, env)
+    logs["mpi"] = tmp_path / "mpi.log"
+    procs["mpi"] = start_consumer("mpi", env, logs["mpi"], f"drill-mpi-{topic.rsplit('.', 1)[1]}", "mpi-1")
     ingests: list[subprocess.Popen[bytes]] = []
     group = f"drill-index-{topic.rsplit('.', 1)[1]}"
     index = IndexStore.open(stack.settings.stores.index_url)
@@ -282,7 +286,15 @@ def test_second_index_consumer_joins_and_the_first_is_killed_mid_ingest(
         run = ingest_result(ingest, log)
         check_ingest_report(run, n)
         retried = retry_failed(run, env, tmp_path / "ingest-retry.log")
-        caught_up = _finish(stack, n, mrns, procs, all_logs)
+        caught_up = check_stack(stack, n, mrns, procs, all_logs)
+        mpi = PersonIndex.open(stack.settings.stores.mpi_url)
+        try:
+            wait_until(lambda: mpi.stats()["records"] >= n, 120, "the linker", lambda: str(mpi.stats()))
+            assert mpi.stats()["records"] == n, "every patient linked once"
+        finally:
+            mpi.close()
+        codes = stop_all(procs)
+        assert all(code == 0 for code in codes.values()), f"a consumer died: {codes}"
     finally:
         index.close()
         for proc in procs.values():

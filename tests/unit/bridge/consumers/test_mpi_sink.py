@@ -262,6 +262,47 @@ def test_the_linker_links_only_what_the_index_holds_as_current(tmp_path: Path) -
     linker.close()
 
 
+def test_inline_index_consumers_link_one_at_a_time_and_a_superseded_one_is_fenced(tmp_path: Path) -> None:
+    """Inline, the index consumer is the MPI's linker: `index run` waits for the linker's lock as
+    `mpi run` does, so a second one (or one beside a linker) stands by instead of writing the MPI
+    beside it; a former writer's MPI write after the take-over is refused, not dead-lettered."""
+    from dataclasses import replace
+
+    from bridge.consumers.index_sink import build_index_sink
+
+    signer, checker = _checker()
+    topic_mode = _settings(tmp_path / "mpi.db", tmp_path / "idx.db")
+    settings = replace(topic_mode, stores=replace(topic_mode.stores, mpi_linker="inline"))
+    stream = _stream(signer)
+    first = build_index_sink(settings, elect=True)
+    first.checker = checker
+    got: dict[str, IndexSink] = {}
+    second_started = threading.Thread(
+        target=lambda: got.setdefault("sink", build_index_sink(settings, elect=True)), daemon=True
+    )
+    second_started.start()
+    second_started.join(1.5)
+    assert second_started.is_alive(), "a second inline index consumer waits as a standby"
+    assert first.process(stream[:1]) == []
+    first.close()
+    second_started.join(10)
+    assert not second_started.is_alive(), "the standby takes over once the first one ends"
+    second = got["sink"]
+    second.checker = checker
+    assert second.mpi is not None and second.mpi.writer() is not None
+    assert second.mpi.writer()[0] == 2  # type: ignore[index]
+    assert second.process(stream[1:2]) == []
+
+    stale_mpi = PersonIndex.open(settings.stores.mpi_url)
+    stale_mpi.hold_writer(1)  # what the first writer would still hold had it kept running
+    stale = IndexSink(IndexStore.open(settings.stores.index_url), checker, stale_mpi)
+    with pytest.raises(MpiWriterFenced):
+        stale.process(stream[2:3])
+    stale.close()
+    assert second.mpi.stats()["records"] == 2
+    second.close()
+
+
 def test_settings_read_the_linker_mode_and_topic() -> None:
     from bridge.config import Settings
     from bridge.errors import ConfigError
