@@ -6,15 +6,14 @@ the dead letters with the located reason, never into a store as valid.
 from __future__ import annotations
 
 import re
-import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
 import orjson
-import psycopg
 
 from bridge.consumers.runtime import Record
-from bridge.errors import FhirbridgeError, TransientError
+from bridge.errors import FhirbridgeError
+from bridge.stores.db import is_retryable as is_retryable  # the sinks' name for it
 from bridge.stream import envelope
 
 
@@ -107,12 +106,3 @@ def load_checker(settings: Any) -> EnvelopeChecker:
     """The envelope checker over the configured trust registry (none configured: every record is refused)."""
     path = settings.trust.registry_file or settings.data_dir / "trust.json"
     return EnvelopeChecker(envelope.TrustRegistry.load(path) if path.is_file() else None)
-
-
-def is_retryable(exc: BaseException) -> bool:
-    """A database connection lost, refused or locked: worth retrying, never the record's fault."""
-    if isinstance(exc, TransientError):
-        return True
-    if isinstance(exc, sqlite3.OperationalError):
-        return "locked" in str(exc) or "busy" in str(exc)
-    return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)

@@ -43,6 +43,7 @@ from bridge.gctune import tune_gc
 from bridge.health import Health, beat_while, serve_health
 from bridge.logging import get_logger
 from bridge.metrics import ConsumerMetrics
+from bridge.stores.db import is_retryable
 from bridge.stream.broker import resolve_bootstrap
 from bridge.stream.producer import Publisher
 from bridge.stream.security import client_kwargs, connecting
@@ -275,6 +276,7 @@ class ConsumerRuntime:
         self._delivered_at = time.monotonic()  # when the last batch came (the stall check)
         self._behind: dict[Any, int] = {}  # partitions behind at the last stall check, and positions
         self._uncommitted: dict[TopicPartition, OffsetAndMetadata] = {}  # a refused commit's offsets
+        self._refused_since: float | None = None  # first commit refused since the last one accepted
         self.health = health or Health()
         self.health.add_check("broker", self._broker_check)
         self.health.add_check("group", self._group_check)
@@ -400,6 +402,7 @@ class ConsumerRuntime:
         with self.cpu.stage("metrics"):
             self.metrics.consumed(records)
         with structlog.contextvars.bound_contextvars(**batch_context(records)):
+            log.debug("consumer.batch", records=len(records))
             self._handle_batch(records)
 
     def _handle_batch(self, records: list[Record]) -> None:
@@ -410,12 +413,18 @@ class ConsumerRuntime:
                 poison = self._in_worker(lambda: self._process_and_dead_letter(records))
                 break
             except (TransientError, KafkaError) as exc:
+                if self._stop.is_set():
+                    # SIGTERM while the database or the broker is away: hand the batch back (its offsets
+                    # stay uncommitted, so whoever takes the partitions gets it again) and stop, within
+                    # the grace period, instead of retrying until the outage ends
+                    log.warning("consumer.batch_handed_back", sink=self.sink.name, records=len(records))
+                    return
                 paused = self.backing_off = True
                 log.warning("consumer.backoff", sink=self.sink.name, error=str(exc), retry_in=round(delay, 2))
                 self.metrics.backoff()
                 # keep polling (partitions paused: returns nothing) so heartbeats continue and we stay in the group
                 end = time.monotonic() + delay
-                while time.monotonic() < end:
+                while time.monotonic() < end and not self._stop.is_set():
                     self._poll_paused(min(200, int(delay * 1000)))
                 delay = min(delay * 2, self.max_backoff)
         if paused:
@@ -532,7 +541,9 @@ class ConsumerRuntime:
             for tp, om in offsets.items():
                 if tp not in self._uncommitted or self._uncommitted[tp].offset < om.offset:
                     self._uncommitted[tp] = om
+            self._refused_since = self._refused_since or time.monotonic()
             return
+        self._refused_since = None
         for tp in offsets:
             self._uncommitted.pop(tp, None)
         self.metrics.committed(offsets)
@@ -549,12 +560,24 @@ class ConsumerRuntime:
         except (CommitFailedError, RebalanceInProgressError, KafkaError) as exc:
             log.info("consumer.commit_retry_failed", error=f"{type(exc).__name__}")
             self._uncommitted.update(offsets)
+            refused_for = time.monotonic() - (self._refused_since or time.monotonic())
+            if refused_for > self.REFUSED_REJOIN_S:
+                # the broker keeps saying "rebalance in progress" while the client believes its
+                # membership stable (static members rejoining on noida-db and on Apache Kafka 4 with
+                # kafka-python 3.0.12): only a new join ends that
+                log.warning("consumer.refused_rejoin", seconds=round(refused_for, 1))
+                self._refused_since = time.monotonic()
+                self.consumer.unsubscribe()
+                self.consumer.subscribe(self.topics)
             return
+        self._refused_since = None
         log.info("consumer.commit_retried", partitions=len(offsets))
         self.metrics.committed(offsets)
 
     #: Seconds without a record after which the runtime checks that it is not stalled behind data.
     STALL_S = 30.0
+    #: Seconds of commits refused in a row after which the runtime rejoins its group.
+    REFUSED_REJOIN_S = 20.0
 
     def _unstick(self) -> None:
         """Between batches nothing should be paused, and an assignment with records behind it should
@@ -670,11 +693,9 @@ def build_sink_when_reachable(
     A consumer started before its database (a pod scheduled before PostgreSQL is ready, a restart in
     the middle of a database restart) waits, logging each try and not ready (``/readyz`` 503, state
     ``waiting``), instead of exiting with the driver's error. Only a database that cannot be reached
-    or is locked is waited for (:func:`bridge.consumers.checks.is_retryable`); anything else, such as
-    a malformed URL or a missing table, raises at once.
+    or is locked is waited for (:func:`bridge.stores.db.is_retryable`); anything else, such as a
+    malformed URL or a missing table, raises at once.
     """
-    from bridge.consumers.checks import is_retryable
-
     delay = first_delay
     while True:
         try:

@@ -105,6 +105,16 @@ def connect(url: str | DbUrl, tuning: SqliteTuning | None = None, *, connect_tim
     return conn
 
 
+def is_retryable(exc: BaseException) -> bool:
+    """A database connection lost, refused or locked: worth retrying, never the record's fault (and,
+    unlike :func:`is_unavailable`, not a SQLite file that cannot be opened at all)."""
+    if isinstance(exc, TransientError):
+        return True
+    if isinstance(exc, sqlite3.OperationalError):
+        return "locked" in str(exc) or "busy" in str(exc)
+    return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+
+
 def is_unavailable(exc: BaseException, conn: Any = None) -> bool:
     """Whether ``exc`` means the database cannot be talked to now (lost, refused, locked, busy, I/O).
 

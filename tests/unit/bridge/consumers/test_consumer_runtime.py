@@ -326,6 +326,41 @@ def test_records_assigned_by_a_rebalance_during_a_batch_are_not_skipped(mode: st
     assert {o for p, o in seen if p == 0} == set(range(20))
 
 
+def test_a_stop_during_a_back_off_hands_the_batch_back_uncommitted_and_returns_at_once() -> None:
+    """SIGTERM while the database is down (a pod rescheduled in an outage): the runtime stops within
+    the grace period instead of retrying until the database returns, and commits nothing of the
+    batch it could not apply, so that whoever takes the partitions gets it again."""
+    from bridge.consumers.runtime import ConsumerRuntime
+    from bridge.errors import TransientError
+
+    consumer = _RebalancingConsumer()
+    rt: ConsumerRuntime | None = None
+
+    class _DownSink:
+        name = "test"
+        calls = 0
+
+        def process(self, records: Any) -> list[Any]:
+            self.calls += 1
+            if self.calls == 3 and rt is not None:
+                rt.stop(15, None)  # SIGTERM arrives during the outage
+            raise TransientError("database down")
+
+        def close(self) -> None:
+            pass
+
+    sink = _DownSink()
+    settings = Settings.from_env({"FHIRBRIDGE_CONSUMER_LINGER_MS": "5"})
+    rt = ConsumerRuntime(settings, "127.0.0.1:1", sink, None, group_id="g", consumer=consumer)  # type: ignore[arg-type]
+    started = time.monotonic()
+    with structlog.testing.capture_logs() as logs:
+        rt.run(poll_timeout_ms=50)
+    assert time.monotonic() - started < 5, "stopped at once, not after the back-off grew"
+    assert sink.calls == 3 and rt.processed == 0
+    assert consumer.committed == {consumer.p0: 0, consumer.p1: 0}, "nothing of the batch committed"
+    assert "consumer.batch_handed_back" in [e["event"] for e in logs]
+
+
 def test_between_batches_a_leftover_pause_is_lifted_and_a_stalled_consumer_rejoins() -> None:
     """A static member that held its partitions and fetched nothing behind records (seen on a
     three-node Apache Kafka after a commit refused during a rebalance) rejoins after STALL_S."""
@@ -402,3 +437,47 @@ def test_a_commit_refused_during_a_rebalance_is_retried_for_the_partitions_still
     assert consumer.committed[consumer.p0] == 0 and rt._uncommitted, "refused: kept for later"
     rt._unstick()  # the consumer idles: the commit is tried again
     assert consumer.committed[consumer.p0] == 5 and not rt._uncommitted
+
+
+def test_commits_refused_for_long_rejoin_the_group_and_an_accepted_one_resets_the_clock() -> None:
+    """A broker that keeps refusing commits as "rebalance in progress" while the client believes its
+    membership stable (a static member that rejoined, on noida-db and on Kafka 4): after
+    ``REFUSED_REJOIN_S`` of refusals the runtime rejoins; the offsets stay kept for the next try."""
+    from kafka.errors import RebalanceInProgressError
+
+    from bridge.consumers.runtime import ConsumerRuntime, Record
+
+    consumer = _RebalancingConsumer()
+    calls: list[str] = []
+    refusing = [True]
+
+    def commit(offsets: Any) -> None:
+        if refusing[0]:
+            raise RebalanceInProgressError("rebalancing")
+        for tp, om in offsets.items():
+            consumer.committed[tp] = om.offset
+
+    consumer.commit = commit  # type: ignore[method-assign]
+    consumer.unsubscribe = lambda: calls.append("unsubscribe")  # type: ignore[attr-defined]
+    consumer.subscribe = lambda topics: calls.append(f"subscribe {topics}")  # type: ignore[attr-defined]
+
+    class _Sink:
+        name = "test"
+
+        def process(self, records: Any) -> list[Any]:
+            return []
+
+        def close(self) -> None:
+            pass
+
+    rt = ConsumerRuntime(Settings.from_env({}), "127.0.0.1:1", _Sink(), None, group_id="g", consumer=consumer)  # type: ignore[arg-type]
+    rt._commit([Record.from_kafka(_Msg(o, partition=0)) for o in range(5)])
+    rt._unstick()
+    assert calls == [] and rt._uncommitted, "refused for a moment: retried, no rejoin"
+    assert rt._refused_since is not None
+    rt._refused_since -= rt.REFUSED_REJOIN_S + 1
+    rt._unstick()
+    assert calls == ["unsubscribe", "subscribe ['fhir.bundles']"] and rt._uncommitted
+    refusing[0] = False
+    rt._unstick()
+    assert consumer.committed[consumer.p0] == 5 and not rt._uncommitted and rt._refused_since is None
