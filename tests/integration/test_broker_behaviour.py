@@ -28,31 +28,44 @@ pytestmark = [pytest.mark.integration]
 
 _MEMBER = textwrap.dedent(
     """
-    import json, sys, time
-    from kafka import KafkaConsumer
+    import json, os, sys, time
+    from bridge.config import Settings
+    from bridge.consumers.runtime import ConsumerRuntime
     bootstrap, topic, group, instance = sys.argv[1:5]
-    c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, group_instance_id=instance or None,
-                      session_timeout_ms=6000, heartbeat_interval_ms=1500, enable_auto_commit=False,
-                      auto_offset_reset="earliest")
-    # as the runtime does (_await_partitions): a member that joins before the broker knows the new
-    # topic's partitions may keep an empty assignment (kafka-python, no KIP-814)
-    while not c.partitions_for_topic(topic):
-        time.sleep(0.2)
-    c.subscribe([topic])
-    last = None
-    while True:
-        c.poll(timeout_ms=100)
-        now = sorted(tp.partition for tp in c.assignment())
-        if now != last:
-            print(json.dumps({"t": time.time(), "partitions": now}), flush=True)
-            last = now
+    env = dict(os.environ, FHIRBRIDGE_CONSUMER_STATIC_MEMBERSHIP="on" if instance else "off")
+    if instance:
+        env["FHIRBRIDGE_CONSUMER_INSTANCE_ID"] = instance
+    settings = Settings.from_env(env)
+    print(json.dumps({"t": time.time(), "imported": True}), flush=True)
+
+    class Printer:
+        name = "behaviour"
+        last = None
+        runtime = None
+
+        def process(self, records):
+            return []
+
+        def idle(self):
+            now = sorted(tp.partition for tp in self.runtime.consumer.assignment())
+            if now != self.last:
+                print(json.dumps({"t": time.time(), "partitions": now}), flush=True)
+                self.last = now
+
+        def close(self):
+            pass
+
+    sink = Printer()
+    sink.runtime = ConsumerRuntime(settings, bootstrap, sink, None, group_id=group, topics=[topic])
+    sink.runtime.run(poll_timeout_ms=100)
     """
 )
 
 
 class Member:
-    """A group member in its own process, printing each assignment it gets: static when ``instance``
-    is given, dynamic when it is ``None``."""
+    """A group member in its own process, the consumer runtime the product runs (its configuration, its
+    polling, its recovery), printing each assignment it gets: static when ``instance`` is given,
+    dynamic when it is ``None``."""
 
     def __init__(self, bootstrap: str, topic: str, group: str, instance: str | None, log: Path) -> None:
         self.log = log
@@ -64,7 +77,7 @@ class Member:
 
     def assignments(self) -> list[dict]:  # type: ignore[type-arg]
         lines = self.log.read_text().splitlines() if self.log.exists() else []
-        return [json.loads(line) for line in lines if line.startswith("{")]
+        return [e for e in (json.loads(line) for line in lines if line.startswith("{")) if "partitions" in e]
 
     def partitions(self) -> list[int]:
         got = self.assignments()
@@ -151,13 +164,14 @@ def test_a_member_killed_is_replaced_within_the_session_timeout_and_rejoins(
         assert joined < 10, f"joining an empty group took {joined:.1f}s"
         b = Member(broker.bootstrap, topic, group, _instance(broker, "member-b"), tmp_path / "b.log")
         survivor = b
-        _until(lambda: _split(a, survivor), 30, "the group to split 2/2")
+        _until(lambda: _split(a, survivor), 60, "the group to split 2/2")
         a.kill9()
         evicted = _until(lambda: len(survivor.partitions()) == 4, 30, "the survivor to take every partition")
         assert evicted < 6 + 6, f"a killed member held its partitions for {evicted:.1f}s"
         a = Member(broker.bootstrap, topic, group, _instance(broker, "member-a"), tmp_path / "a2.log")
-        back = _until(lambda: _split(a, survivor), 30, "the restarted member to rejoin")
-        assert back < 15, f"the restarted member took {back:.1f}s to get its share"
+        # about 2 s on an idle machine; 16-28 s measured with both cores busy (the survivor rejoins late)
+        back = _until(lambda: _split(a, survivor), 60, "the restarted member to rejoin")
+        assert back < 45, f"the restarted member took {back:.1f}s to get its share"
     finally:
         a.kill9()
         if b is not None:
@@ -181,7 +195,7 @@ def test_a_static_member_restarted_at_once_gets_its_own_partitions_back_without_
     a = Member(broker.bootstrap, topic, group, "member-a", tmp_path / "a.log")
     b = Member(broker.bootstrap, topic, group, "member-b", tmp_path / "b.log")
     try:
-        _until(lambda: _split(a, b), 30, "the group to split 2/2")
+        _until(lambda: _split(a, b), 60, "the group to split 2/2")
         time.sleep(1)
         mine, theirs, changes = a.partitions(), b.partitions(), len(b.assignments())
         a.kill9()
