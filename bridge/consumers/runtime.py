@@ -542,6 +542,7 @@ class ConsumerRuntime:
                 if tp not in self._uncommitted or self._uncommitted[tp].offset < om.offset:
                     self._uncommitted[tp] = om
             self._refused_since = self._refused_since or time.monotonic()
+            self._rejoin_if_refused_too_long()
             return
         self._refused_since = None
         for tp in offsets:
@@ -560,19 +561,26 @@ class ConsumerRuntime:
         except (CommitFailedError, RebalanceInProgressError, KafkaError) as exc:
             log.info("consumer.commit_retry_failed", error=f"{type(exc).__name__}")
             self._uncommitted.update(offsets)
-            refused_for = time.monotonic() - (self._refused_since or time.monotonic())
-            if refused_for > self.REFUSED_REJOIN_S:
-                # the broker keeps saying "rebalance in progress" while the client believes its
-                # membership stable (static members rejoining on noida-db and on Apache Kafka 4 with
-                # kafka-python 3.0.12): only a new join ends that
-                log.warning("consumer.refused_rejoin", seconds=round(refused_for, 1))
-                self._refused_since = time.monotonic()
-                self.consumer.unsubscribe()
-                self.consumer.subscribe(self.topics)
+            self._refused_since = self._refused_since or time.monotonic()
+            self._rejoin_if_refused_too_long()
             return
         self._refused_since = None
         log.info("consumer.commit_retried", partitions=len(offsets))
         self.metrics.committed(offsets)
+
+    def _rejoin_if_refused_too_long(self) -> None:
+        """The broker keeps saying "rebalance in progress" while kafka-python believes its membership
+        stable: seen for static members rejoining on noida-db and Apache Kafka 4, and for a dynamic
+        member on Kafka 4 after another joined (it kept consuming every partition, the new member's
+        too, and never rejoined). Only a new join ends that; the records it handled meanwhile are
+        redelivered to their owners, which the sinks take as no-ops."""
+        refused_for = time.monotonic() - (self._refused_since or time.monotonic())
+        if refused_for <= self.REFUSED_REJOIN_S:
+            return
+        log.warning("consumer.refused_rejoin", seconds=round(refused_for, 1))
+        self._refused_since = time.monotonic()
+        self.consumer.unsubscribe()
+        self.consumer.subscribe(self.topics)
 
     #: Seconds without a record after which the runtime checks that it is not stalled behind data.
     STALL_S = 30.0

@@ -481,3 +481,38 @@ def test_commits_refused_for_long_rejoin_the_group_and_an_accepted_one_resets_th
     refusing[0] = False
     rt._unstick()
     assert consumer.committed[consumer.p0] == 5 and not rt._uncommitted and rt._refused_since is None
+
+
+def test_a_busy_consumer_whose_commits_keep_being_refused_rejoins_too() -> None:
+    """On a live feed the consumer is never idle, so the rejoin must not wait for an idle retry: a
+    member with a stale assignment kept consuming every partition for minutes, each commit refused."""
+    from kafka.errors import RebalanceInProgressError
+
+    from bridge.consumers.runtime import ConsumerRuntime, Record
+
+    consumer = _RebalancingConsumer()
+    calls: list[str] = []
+
+    def commit(offsets: Any) -> None:
+        raise RebalanceInProgressError("rebalancing")
+
+    consumer.commit = commit  # type: ignore[method-assign]
+    consumer.unsubscribe = lambda: calls.append("unsubscribe")  # type: ignore[attr-defined]
+    consumer.subscribe = lambda topics: calls.append(f"subscribe {topics}")  # type: ignore[attr-defined]
+
+    class _Sink:
+        name = "test"
+
+        def process(self, records: Any) -> list[Any]:
+            return []
+
+        def close(self) -> None:
+            pass
+
+    rt = ConsumerRuntime(Settings.from_env({}), "127.0.0.1:1", _Sink(), None, group_id="g", consumer=consumer)  # type: ignore[arg-type]
+    rt._commit([Record.from_kafka(_Msg(0, partition=0))])
+    assert calls == []
+    assert rt._refused_since is not None
+    rt._refused_since -= rt.REFUSED_REJOIN_S + 1
+    rt._commit([Record.from_kafka(_Msg(1, partition=0))])
+    assert calls == ["unsubscribe", "subscribe ['fhir.bundles']"]
