@@ -364,27 +364,11 @@ def test_a_stop_during_a_back_off_hands_the_batch_back_uncommitted_and_returns_a
 def test_between_batches_a_leftover_pause_is_lifted_and_a_stalled_consumer_rejoins() -> None:
     """A static member that held its partitions and fetched nothing behind records (seen on a
     three-node Apache Kafka after a commit refused during a rebalance) rejoins after STALL_S."""
-    from bridge.consumers.runtime import ConsumerRuntime
-
-    consumer = _RebalancingConsumer()
+    rt, consumer, calls = _refusing_runtime([False])
     consumer.log_end[consumer.p0] = 0
     consumer.state[consumer.p0]["paused"] = True  # left over from a rebalance inside a batch
-    calls: list[str] = []
     consumer.end_offsets = lambda tps, timeout_ms=None: {tp: 5 for tp in tps}  # type: ignore[attr-defined]
     consumer.position = lambda tp, timeout_ms=None: 0  # type: ignore[method-assign]
-    consumer.unsubscribe = lambda: calls.append("unsubscribe")  # type: ignore[attr-defined]
-    consumer.subscribe = lambda topics: calls.append(f"subscribe {topics}")  # type: ignore[attr-defined]
-
-    class _Sink:
-        name = "test"
-
-        def process(self, records: Any) -> list[Any]:
-            return []
-
-        def close(self) -> None:
-            pass
-
-    rt = ConsumerRuntime(Settings.from_env({}), "127.0.0.1:1", _Sink(), None, group_id="g", consumer=consumer)  # type: ignore[arg-type]
     rt._unstick()
     assert consumer.paused() == set() and calls == [], "a leftover pause is lifted; no rejoin yet"
     rt._delivered_at -= rt.STALL_S + 1
@@ -407,49 +391,26 @@ def test_between_batches_a_leftover_pause_is_lifted_and_a_stalled_consumer_rejoi
 
 
 def test_a_commit_refused_during_a_rebalance_is_retried_for_the_partitions_still_ours() -> None:
-    from kafka.errors import RebalanceInProgressError
+    from bridge.consumers.runtime import Record
 
-    from bridge.consumers.runtime import ConsumerRuntime, Record
-
-    consumer = _RebalancingConsumer()
-    refuse = [True]
-
-    def commit(offsets: Any) -> None:
-        if refuse.pop(0) if refuse else False:
-            raise RebalanceInProgressError("rebalancing")
-        for tp, om in offsets.items():
-            consumer.committed[tp] = om.offset
-
-    consumer.commit = commit  # type: ignore[method-assign]
-
-    class _Sink:
-        name = "test"
-
-        def process(self, records: Any) -> list[Any]:
-            return []
-
-        def close(self) -> None:
-            pass
-
-    rt = ConsumerRuntime(Settings.from_env({}), "127.0.0.1:1", _Sink(), None, group_id="g", consumer=consumer)  # type: ignore[arg-type]
-    records = [Record.from_kafka(_Msg(o, partition=0)) for o in range(5)]
-    rt._commit(records)
+    refusing = [True]
+    rt, consumer, _ = _refusing_runtime(refusing)
+    rt._commit([Record.from_kafka(_Msg(o, partition=0)) for o in range(5)])
     assert consumer.committed[consumer.p0] == 0 and rt._uncommitted, "refused: kept for later"
+    refusing[0] = False
     rt._unstick()  # the consumer idles: the commit is tried again
     assert consumer.committed[consumer.p0] == 5 and not rt._uncommitted
 
 
-def test_commits_refused_for_long_rejoin_the_group_and_an_accepted_one_resets_the_clock() -> None:
-    """A broker that keeps refusing commits as "rebalance in progress" while the client believes its
-    membership stable (a static member that rejoined, on noida-db and on Kafka 4): after
-    ``REFUSED_REJOIN_S`` of refusals the runtime rejoins; the offsets stay kept for the next try."""
+def _refusing_runtime(refusing: list[bool]) -> tuple[Any, _RebalancingConsumer, list[str]]:
+    """A runtime whose broker refuses every commit as "rebalance in progress" while ``refusing[0]``;
+    the consumer's unsubscribe/subscribe calls (a rejoin) are recorded."""
     from kafka.errors import RebalanceInProgressError
 
-    from bridge.consumers.runtime import ConsumerRuntime, Record
+    from bridge.consumers.runtime import ConsumerRuntime
 
     consumer = _RebalancingConsumer()
     calls: list[str] = []
-    refusing = [True]
 
     def commit(offsets: Any) -> None:
         if refusing[0]:
@@ -471,6 +432,17 @@ def test_commits_refused_for_long_rejoin_the_group_and_an_accepted_one_resets_th
             pass
 
     rt = ConsumerRuntime(Settings.from_env({}), "127.0.0.1:1", _Sink(), None, group_id="g", consumer=consumer)  # type: ignore[arg-type]
+    return rt, consumer, calls
+
+
+def test_commits_refused_for_long_rejoin_the_group_and_an_accepted_one_resets_the_clock() -> None:
+    """A broker that keeps refusing commits as "rebalance in progress" while the client believes its
+    membership stable (a static member that rejoined, on noida-db and on Kafka 4): after
+    ``REFUSED_REJOIN_S`` of refusals the runtime rejoins; the offsets stay kept for the next try."""
+    from bridge.consumers.runtime import Record
+
+    refusing = [True]
+    rt, consumer, calls = _refusing_runtime(refusing)
     rt._commit([Record.from_kafka(_Msg(o, partition=0)) for o in range(5)])
     rt._unstick()
     assert calls == [] and rt._uncommitted, "refused for a moment: retried, no rejoin"
@@ -486,30 +458,9 @@ def test_commits_refused_for_long_rejoin_the_group_and_an_accepted_one_resets_th
 def test_a_busy_consumer_whose_commits_keep_being_refused_rejoins_too() -> None:
     """On a live feed the consumer is never idle, so the rejoin must not wait for an idle retry: a
     member with a stale assignment kept consuming every partition for minutes, each commit refused."""
-    from kafka.errors import RebalanceInProgressError
+    from bridge.consumers.runtime import Record
 
-    from bridge.consumers.runtime import ConsumerRuntime, Record
-
-    consumer = _RebalancingConsumer()
-    calls: list[str] = []
-
-    def commit(offsets: Any) -> None:
-        raise RebalanceInProgressError("rebalancing")
-
-    consumer.commit = commit  # type: ignore[method-assign]
-    consumer.unsubscribe = lambda: calls.append("unsubscribe")  # type: ignore[attr-defined]
-    consumer.subscribe = lambda topics: calls.append(f"subscribe {topics}")  # type: ignore[attr-defined]
-
-    class _Sink:
-        name = "test"
-
-        def process(self, records: Any) -> list[Any]:
-            return []
-
-        def close(self) -> None:
-            pass
-
-    rt = ConsumerRuntime(Settings.from_env({}), "127.0.0.1:1", _Sink(), None, group_id="g", consumer=consumer)  # type: ignore[arg-type]
+    rt, _, calls = _refusing_runtime([True])
     rt._commit([Record.from_kafka(_Msg(0, partition=0))])
     assert calls == []
     assert rt._refused_since is not None
